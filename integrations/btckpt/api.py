@@ -1,0 +1,74 @@
+"""One-shot, synchronous save and load of a single checkpoint folder, and ``latest``."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .discovery import inspect, latest, scan
+from .distributed import World
+from .errors import CheckpointError, ConfigError, NoCheckpointFound
+from .layout import fill_refs, flatten_group, plan_layout
+from .loading import restore_first
+from .rng import capture_rng
+from .saving import SaveJob, run_save
+from .snapshot import Stager
+from .statedict import group_value
+
+__all__ = ["save", "load", "latest"]
+
+
+def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
+         max_shard_size: int = 5 * 10**9, save_rng: bool = True,
+         extra_files: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``state`` as a committed checkpoint folder at ``path`` (atomically; it must not exist).
+
+    ``step`` defaults to the number in a ``checkpoint-<N>`` name, else 0. Returns the folder.
+    """
+    target = Path(path)
+    if step is None:
+        m = re.match(r"^checkpoint-(\d+)$", target.name)
+        step = int(m.group(1)) if m else 0
+    if target.exists():
+        raise CheckpointError(f"{target} already exists; btckpt never overwrites a checkpoint in place")
+    if not isinstance(state, Mapping) or not state:
+        raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
+    flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()]
+    layout = plan_layout(flat, max_shard_size=max_shard_size)
+    fill_refs(flat, layout)
+    stager = Stager()
+    try:
+        staged = stager.stage(flat, layout, async_keys=set(), sync=True)
+        job = SaveJob(step=step, root=target.parent, tag=f"{os.getpid()}-oneshot", world=World(), flat=flat,
+                      staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}))
+        committed = run_save(job)
+    finally:
+        stager.close()
+    if committed != target:
+        os.rename(committed, target)
+    return target
+
+
+def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, strict: bool = True,
+         load_rng: bool = True) -> int:
+    """Load a checkpoint into ``state`` in place and return its step.
+
+    ``path`` is a checkpoint folder (btckpt, or a plain HF model folder for weights only) or a folder
+    holding checkpoints (the newest complete one is used, falling back past damaged ones).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise NoCheckpointFound(f"{p} does not exist")
+    infos = [i for i in scan(p) if i.complete] if not (p / "btckpt.json").exists() else [inspect(p)]
+    if not infos:
+        raise NoCheckpointFound(f"no complete checkpoint at or under {p}")
+    info = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
+    if info is None:
+        raise NoCheckpointFound(f"no checkpoint under {p} could be read (see the warnings above)")
+    return info.step
+
+
+latest = latest

@@ -1,0 +1,112 @@
+"""The one configuration object of a Checkpointer, validated at construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+from .storage import is_url, local_path
+
+__all__ = ["CheckpointConfig", "resolve_dir", "resolve_load_dir", "DEFAULT_DIR"]
+
+DEFAULT_DIR = "./checkpoints"
+
+
+def resolve_dir(value: str | os.PathLike[str] | None) -> str:
+    """``value``, else ``$BT_CHECKPOINT_DIR``, else ``./checkpoints`` (URLs kept as strings)."""
+    if value is None:
+        value = os.environ.get("BT_CHECKPOINT_DIR") or DEFAULT_DIR
+    return os.fspath(value)
+
+
+def resolve_load_dir(value: str | os.PathLike[str] | None) -> str | None:
+    """``value``, else ``$BT_LOAD_CHECKPOINT_DIR``, else None."""
+    if value is None:
+        value = os.environ.get("BT_LOAD_CHECKPOINT_DIR") or None
+    return os.fspath(value) if value is not None else None
+
+
+def _check_local_dir(path: str, what: str) -> None:
+    p = local_path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a file, not a folder; point it at a folder "
+                          "(it is created when missing)")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} cannot be created: {str(q)!r} is a file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Every option of a :class:`~btckpt.Checkpointer` (all keyword-only, all optional).
+
+    ``dir``/``load_dir``: where to save / where a previous job's checkpoints were downloaded
+    (defaults from ``$BT_CHECKPOINT_DIR`` / ``$BT_LOAD_CHECKPOINT_DIR``). ``keep_last``: committed
+    checkpoints kept (None keeps all). ``async_save``: snapshot and return, write in the background.
+    ``max_shard_size``: bytes per safetensors file before sharding. ``save_rng``: save/restore RNGs.
+    ``every_steps``/``every_seconds``: when :meth:`maybe_save` saves. ``on_missing``: what restore does when
+    ``load_dir`` is set but holds no checkpoint (``"raise"`` or ``"start_fresh"``). ``on_error``: what a
+    failed background save does (``"raise"`` at the next call, or ``"warn"`` and go on).
+    ``space_margin``: bytes kept free beyond the checkpoint's size (preflight).
+    ``memory_budget``: bytes of staging memory (None: from available memory / local ranks).
+    ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
+    save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
+    """
+
+    dir: str | None = None
+    load_dir: str | None = None
+    keep_last: int | None = 3
+    async_save: bool = True
+    max_shard_size: int = 5 * 10**9
+    save_rng: bool = True
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    on_missing: Literal["raise", "start_fresh"] = "raise"
+    on_error: Literal["raise", "warn"] = "raise"
+    space_margin: int = 16 << 20
+    memory_budget: int | None = None
+    barrier_timeout: float = 600.0
+    preemption_grace: float = 120.0
+    handle_sigterm: bool = True
+    protect: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", resolve_dir(self.dir))
+        object.__setattr__(self, "load_dir", resolve_load_dir(self.load_dir))
+        assert self.dir is not None
+        if not is_url(self.dir):
+            src = "dir" if os.environ.get("BT_CHECKPOINT_DIR") != self.dir else "$BT_CHECKPOINT_DIR"
+            _check_local_dir(self.dir, src)
+        if self.load_dir is not None and not is_url(self.load_dir):
+            p = local_path(self.load_dir)
+            if p.exists() and not p.is_dir():
+                raise ConfigError(f"load_dir / $BT_LOAD_CHECKPOINT_DIR {self.load_dir!r} is a file, not a folder")
+        if self.keep_last is not None and (not isinstance(self.keep_last, int) or self.keep_last < 1):
+            raise ConfigError(f"keep_last={self.keep_last!r}: must be a positive integer or None (keep all)")
+        if not isinstance(self.max_shard_size, int) or self.max_shard_size < 1:
+            raise ConfigError(f"max_shard_size={self.max_shard_size!r}: must be a positive number of bytes")
+        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
+            raise ConfigError(f"every_steps={self.every_steps!r}: must be a positive integer or None")
+        if self.every_seconds is not None and not self.every_seconds > 0:
+            raise ConfigError(f"every_seconds={self.every_seconds!r}: must be positive or None")
+        if self.on_missing not in ("raise", "start_fresh"):
+            raise ConfigError(f"on_missing={self.on_missing!r}: use 'raise' or 'start_fresh'")
+        if self.on_error not in ("raise", "warn"):
+            raise ConfigError(f"on_error={self.on_error!r}: use 'raise' or 'warn'")
+        if self.memory_budget is not None and self.memory_budget < 1 << 20:
+            raise ConfigError(f"memory_budget={self.memory_budget!r}: must be at least 1 MiB")
+        if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
+            raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
+
+    @property
+    def local_dir(self) -> Path:
+        """``dir`` as a local Path (raises for URLs)."""
+        assert self.dir is not None
+        if is_url(self.dir):
+            raise ConfigError(f"dir={self.dir!r} is a URL; this operation needs a local folder")
+        return local_path(self.dir)

@@ -1,0 +1,125 @@
+"""Who this process is (rank, world, node) and how ranks agree, without blocking training's collectives.
+
+All coordination goes through the c10d *store* (thread-safe key/value, no collectives), so the background
+writer can wait for peers without deadlocking with training's all-reduces. Every wait has a timeout and
+turns into :class:`CoordinationError` naming the missing ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CoordinationError
+
+__all__ = ["World", "world"]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.strip().isdigit() else default
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: global ``rank``/``size``, ``local_rank``/``local_size`` and node index/count.
+
+    ``store`` is the default process group's store when torch.distributed is initialised, else None
+    (then every coordination call is a no-op for the single process).
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    node_rank: int = 0
+    nodes: int = 1
+    store: Any = None
+
+    @property
+    def is_leader(self) -> bool:
+        """Global rank 0: decides names, records a checkpoint complete."""
+        return self.rank == 0
+
+    @property
+    def is_local_leader(self) -> bool:
+        """Local rank 0: owns this node's folder (lock, temp folder, manifest, rename)."""
+        return self.local_rank == 0
+
+    def as_json(self) -> dict[str, int]:
+        return {"size": self.size, "nodes": self.nodes, "node_rank": self.node_rank}
+
+    # -- store-based agreement (safe from any thread) -------------------------------------------------
+    def barrier(self, tag: str, *, timeout: float, ranks: int | None = None) -> None:
+        """Wait until every rank (or ``ranks`` of them) called ``barrier(tag)``; raise after ``timeout`` s."""
+        if self.store is None or self.size == 1:
+            return
+        need = self.size if ranks is None else ranks
+        key = f"btckpt/{tag}"
+        self.store.add(f"{key}/arrived", 1)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            fail = self._check(f"{key}/fail")
+            if fail is not None:
+                raise CoordinationError(f"rank {fail} failed during {tag!r}; nothing was committed")
+            n = int(self.store.add(f"{key}/arrived", 0))
+            if n >= need:
+                return
+            if time.monotonic() > deadline:
+                raise CoordinationError(
+                    f"rank {self.rank}: only {n} of {need} ranks reached {tag!r} within {timeout:.0f}s; a peer "
+                    "died or hung. Nothing was committed; raise barrier_timeout if saves are just slow")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def fail(self, tag: str) -> None:
+        """Tell peers waiting in ``barrier(tag)`` that this rank failed (they raise at once)."""
+        if self.store is not None and self.size > 1:
+            self.store.set(f"btckpt/{tag}/fail", str(self.rank))
+
+    def _check(self, key: str) -> str | None:
+        if self.store.check([key]):
+            return bytes(self.store.get(key)).decode()
+        return None
+
+    def publish(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key`` for peers."""
+        if self.store is not None and self.size > 1:
+            self.store.set(f"btckpt/{key}", json.dumps(value))
+
+    def collect(self, key: str, *, timeout: float) -> Any:
+        """Wait for and return the JSON value published under ``key``."""
+        full = f"btckpt/{key}"
+        deadline = time.monotonic() + timeout
+        while not self.store.check([full]):
+            if time.monotonic() > deadline:
+                raise CoordinationError(f"rank {self.rank}: no value for {key!r} within {timeout:.0f}s; "
+                                        "a peer died or hung")
+            time.sleep(0.002)
+        return json.loads(bytes(self.store.get(full)).decode())
+
+
+def world() -> World:
+    """Describe this process from torch.distributed (when initialised) and the launcher's environment."""
+    from .discovery import node_rank
+
+    try:
+        import torch.distributed as dist
+
+        initialized = dist.is_available() and dist.is_initialized()
+    except ImportError:  # pragma: no cover
+        initialized = False
+    if not initialized:
+        return World(node_rank=node_rank(), nodes=max(1, _env_int("BT_GROUP_SIZE", 1)))
+    rank, size = dist.get_rank(), dist.get_world_size()
+    local_size = _env_int("LOCAL_WORLD_SIZE", size)
+    local_rank = _env_int("LOCAL_RANK", rank % max(local_size, 1))
+    nodes = max(1, size // max(local_size, 1))
+    node = _env_int("GROUP_RANK", _env_int("BT_NODE_RANK", rank // max(local_size, 1)))
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return World(rank, size, local_rank, local_size, node, nodes, _get_default_store())

@@ -1,0 +1,60 @@
+"""Exceptions raised by btckpt.
+
+Every error btckpt raises is a :class:`CheckpointError`; the subclasses say what went wrong so callers
+can react (fall back, free space, fix a config). Messages name the path or key involved and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpoint",
+    "IncompleteCheckpoint",
+    "InsufficientSpace",
+    "NoCheckpointFound",
+    "StateMismatch",
+    "UnsafeCheckpoint",
+    "UnsupportedValue",
+    "CoordinationError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error btckpt raises."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A configuration value (argument or environment variable) is unusable."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed checkpoint's bytes do not match its manifest (checksum, size, malformed header)."""
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint folder lacks its manifest or one of its files (it never committed)."""
+
+
+class InsufficientSpace(CheckpointError):
+    """The target filesystem cannot hold the checkpoint; nothing was written."""
+
+
+class NoCheckpointFound(CheckpointError):
+    """A resume was asked for (``load_dir`` set) but no complete checkpoint exists anywhere."""
+
+
+class StateMismatch(CheckpointError):
+    """The checkpoint's keys, shapes or dtypes do not match the state it is restored into."""
+
+
+class UnsafeCheckpoint(CorruptCheckpoint):
+    """A manifest or index names a path outside its folder (absolute, ``..``, a link out)."""
+
+
+class UnsupportedValue(CheckpointError, TypeError):
+    """A state value is neither a tensor nor JSON data (btckpt never pickles)."""
+
+
+class CoordinationError(CheckpointError):
+    """Ranks or nodes did not agree in time (a peer died or hung during a save)."""

@@ -1,0 +1,74 @@
+"""Fault injection for tests: make a named phase of the save/commit/upload fail on purpose.
+
+Phases call :func:`point`; a test arms one with :func:`arm` (in process) or the environment variable
+``BTCKPT_FAULT=phase:action[,phase:action]`` (for subprocesses). Actions: ``raise`` (OSError EIO),
+``enospc`` (OSError ENOSPC), ``eio``, ``kill`` (SIGKILL this process), ``exit`` (os._exit(17)).
+:func:`reached` tells a test which points were hit, so it can fail if a configured point never was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+
+__all__ = ["PHASES", "arm", "disarm", "point", "reached"]
+
+PHASES = (
+    "stage", "write_data", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
+    "before_rename", "after_rename", "retention", "upload_file", "upload_manifest",
+)
+
+_lock = threading.Lock()
+_armed: dict[str, str] = {}
+_reached: set[str] = set()
+_env_loaded = False
+
+
+def _load_env() -> None:
+    global _env_loaded
+    if _env_loaded:
+        return
+    _env_loaded = True
+    for item in filter(None, os.environ.get("BTCKPT_FAULT", "").split(",")):
+        phase, _, action = item.partition(":")
+        _armed.setdefault(phase.strip(), action.strip() or "raise")
+
+
+def arm(phase: str, action: str = "raise") -> None:
+    """Make the next time ``phase`` is reached fail with ``action`` (until disarmed)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown fault phase {phase!r}; known: {', '.join(PHASES)}")
+    with _lock:
+        _armed[phase] = action
+
+
+def disarm() -> None:
+    """Clear every armed fault and the record of reached points."""
+    with _lock:
+        _armed.clear()
+        _reached.clear()
+
+
+def reached() -> set[str]:
+    """The phases reached since the last :func:`disarm`."""
+    with _lock:
+        return set(_reached)
+
+
+def point(phase: str) -> None:
+    """Mark ``phase`` reached and fail if a fault is armed for it. Costs a dict lookup otherwise."""
+    _load_env()
+    with _lock:
+        _reached.add(phase)
+        action = _armed.get(phase)
+    if action is None:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "exit":
+        os._exit(17)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, f"injected ENOSPC at {phase}")
+    raise OSError(errno.EIO, f"injected I/O error at {phase}")

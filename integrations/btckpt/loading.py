@@ -1,0 +1,82 @@
+"""Restore: pick a checkpoint, read and verify what the state asks for, then load it in place.
+
+Everything requested is read and checksum-verified *before* the first byte is loaded into the state,
+so a corrupt checkpoint never leaves the model half-restored; the caller can fall back to an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .discovery import CheckpointInfo, inspect
+from .errors import CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
+from .reader import CheckpointReader, read_verified_bytes
+from .rng import restore_rng, rng_file
+from .statedict import apply_group
+
+__all__ = ["read_for_state", "load_into", "restore_first"]
+
+log = logging.getLogger("btckpt")
+
+
+def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, want_rng: bool,
+                   strict: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read and verify the groups in ``names`` (and this rank's RNG state) from one checkpoint."""
+    reader = CheckpointReader(info.path, info.manifest)
+    available = set(reader.groups)
+    loaded: dict[str, Any] = {}
+    for name in names:
+        if name not in available:
+            if info.kind == "hf":
+                log.info("btckpt: %s is a plain model folder; %r is not in it and stays as it is", info.path, name)
+                continue
+            if strict:
+                raise StateMismatch(f"{info.path}: the checkpoint has no group {name!r} (it has "
+                                    f"{sorted(available)}); remove it from the state or pass strict=False")
+            continue
+        loaded[name] = reader.load_group(name)
+    rng = None
+    if want_rng and info.manifest is not None:
+        fname = rng_file(rank)
+        if fname in info.manifest.files:
+            try:
+                rng = json.loads(read_verified_bytes(info.path, info.manifest, fname))
+            except ValueError:
+                raise CorruptCheckpoint(f"{info.path}/{fname}: not valid JSON") from None
+        else:
+            log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
+                        "restored", info.path, rank)
+    return loaded, rng
+
+
+def load_into(state: MutableMapping[str, Any], loaded: dict[str, Any], rng: dict[str, Any] | None, *,
+              strict: bool, where: Path) -> None:
+    """Load verified groups into ``state`` in place (and set the RNGs)."""
+    for name, value in loaded.items():
+        state[name] = apply_group(name, state[name], value, strict=strict)
+    if rng is not None:
+        restore_rng(rng, where=str(where))
+
+
+def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
+                  want_rng: bool, strict: bool) -> CheckpointInfo | None:
+    """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones."""
+    for cand in candidates:
+        info = cand if isinstance(cand, CheckpointInfo) else inspect(cand)
+        if not info.complete:
+            why = info.status + (f": {info.reason}" if info.reason else "")
+            log.warning("btckpt: skipping %s (%s)", info.path, why)
+            continue
+        try:
+            loaded, rng = read_for_state(info, list(state), rank=rank, want_rng=want_rng, strict=strict)
+        except (CorruptCheckpoint, IncompleteCheckpoint) as exc:
+            log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s", info.path, exc)
+            continue
+        load_into(state, loaded, rng, strict=strict, where=info.path)
+        log.info("btckpt: restored step %d from %s", info.step, info.path)
+        return info
+    return None

@@ -1,0 +1,384 @@
+"""The Checkpointer: when to save, the async worker, retention, resume discovery, error hand-off.
+
+Policy lives here; mechanism in snapshot (copy), saving (write + commit), loading (read + verify).
+Each rank creates one Checkpointer with the same arguments. ``save()`` is called by every rank at the
+same step; it returns once the snapshot is safe (small tensors copied, large ones copying behind the
+step gate) and the background worker writes and commits. A background error is logged at once and
+raised exactly once, from the next ``save()``, ``wait()`` or ``close()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .commit import checkpoint_name, delete_checkpoint, remove_stale_temps
+from .config import CheckpointConfig
+from .discovery import CheckpointInfo, inspect, scan
+from .distributed import World, world
+from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
+from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
+from .loading import restore_first
+from .retention import select_for_deletion
+from .rng import capture_rng
+from .saving import SaveJob, run_save
+from .snapshot import Stager, StepGate
+from .statedict import group_value, optimizers_in, unwrap_model
+from .storage import free_bytes
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger("btckpt")
+
+
+def _writer_init() -> None:
+    try:  # the writer competes with training for CPU: let training win
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):  # pragma: no cover
+        pass
+
+
+def _close_at_exit(ref: Any) -> None:
+    ckpt = ref()
+    if ckpt is not None:
+        ckpt.close()
+
+
+class Checkpointer:
+    """Saves and restores training state; see :class:`~btckpt.config.CheckpointConfig` for the options.
+
+    Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then
+    ``ckpt.save(step, state)`` (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()``
+    at the end (or use it as a context manager). All ranks call every method.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.config = CheckpointConfig(**options)
+        self.world: World = world()
+        self.root = self.config.local_dir
+        self._lock_fd: int | None = None
+        self._stager = Stager()
+        self._gate = StepGate()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
+        self._pending: Future[Path] | None = None
+        self._error: BaseException | None = None
+        self._layout: Layout | None = None
+        self._protected: set[Path] = {Path(p) for p in self.config.protect}
+        self._closed = False
+        self._last_save_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._preempted = threading.Event()
+        self._prev_handler: Any = None
+        self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
+        self._session = self._agree_session()
+        if self.world.is_local_leader:
+            self._take_lock()
+            removed = remove_stale_temps(self.root)
+            if removed:
+                log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
+                            len(removed), ", ".join(p.name for p in removed))
+        if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _agree_session(self) -> str:
+        mine = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.world.size == 1 or self.world.store is None:
+            return mine
+        if self.world.is_leader:
+            self.world.publish(f"session/{self.config.dir}", mine)
+        return str(self.world.collect(f"session/{self.config.dir}", timeout=self.config.barrier_timeout))
+
+    def _take_lock(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".btckpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"checkpoint dir {str(self.root)!r} is not writable ({exc.strerror}); point dir / "
+                              "$BT_CHECKPOINT_DIR at a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CheckpointError(f"another process ({owner or 'unknown'}) is already saving checkpoints into "
+                                  f"{self.root}; give each job (and each node) its own checkpoint dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        self._lock_fd = fd
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("btckpt: SIGTERM received; a final checkpoint will be saved at the next step boundary")
+        self._preempted.set()
+
+    # -- saving -----------------------------------------------------------------------------------------
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM arrived (the next :meth:`maybe_save` saves and exits)."""
+        return self._preempted.is_set()
+
+    def protect(self, path: str | os.PathLike[str]) -> None:
+        """Never delete this checkpoint in retention (e.g. the best model so far)."""
+        self._protected.add(Path(path))
+
+    def save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
+             meta: Mapping[str, Any] | None = None) -> None:
+        """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
+
+        ``extra_files`` (name -> bytes) are written into the folder too (integrations use it for
+        ``config.json`` and the like); ``meta`` is stored in the manifest.
+        """
+        t0 = time.perf_counter()
+        self._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step={step!r}: must be a non-negative integer")
+        if not isinstance(state, Mapping) or not state:
+            raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
+        self._raise_pending()
+        if self._pending is not None and not self._pending.done():
+            log.warning("btckpt: save at step %d waits for the previous save to finish writing; the save "
+                        "interval is shorter than the write time", step)
+        self._drain()
+        final = self.root / checkpoint_name(step)
+        if final.exists():
+            info = inspect(final)
+            if info.complete:
+                log.warning("btckpt: %s already exists; not saving step %d again", final, step)
+                return
+            raise CheckpointError(f"{final} exists but is not a complete btckpt checkpoint ({info.reason}); "
+                                  "btckpt never overwrites a folder in place: move or delete it")
+        writes_groups = self.world.is_local_leader
+        flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()] if writes_groups else []
+        layout = None
+        if writes_groups:
+            sig = signature(flat, self.config.max_shard_size)
+            if self._layout is None or self._layout.signature != sig:
+                self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
+            layout = self._layout
+            fill_refs(flat, layout)
+            self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+        staged = None
+        if layout is not None:
+            async_keys = self._async_keys(state, flat) if self.config.async_save else set()
+            staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+            self._gate.watch(optimizers_in(state))
+            self._gate.arm(staged)
+        job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
+                      rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
+                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout)
+        self._last_save_step, self._last_save_time = step, time.monotonic()
+        self.stats["saves"] += 1
+        if self.config.async_save:
+            self._pending = self._pool.submit(self._background, job)
+            self.stats["save_block_s"] += time.perf_counter() - t0
+        else:
+            try:
+                self._finish(job)
+            finally:
+                self.stats["save_block_s"] += time.perf_counter() - t0
+
+    def _async_keys(self, state: Mapping[str, Any], flat: list[Any]) -> set[tuple[str, str]]:
+        """Tensors the step gate protects: module parameters and optimizer state."""
+        keys: set[tuple[str, str]] = set()
+        for g in flat:
+            obj = state[g.name]
+            if isinstance(obj, torch.nn.Module):
+                params = {n for n, _ in unwrap_model(obj).named_parameters()}
+                keys |= {(g.name, k) for k in g.tensors if k in params}
+            elif isinstance(obj, torch.optim.Optimizer):
+                keys |= {(g.name, k) for k in g.tensors}
+        return keys
+
+    def _preflight(self, nbytes: int) -> None:
+        need = nbytes + self.config.space_margin
+        free = free_bytes(self.root)
+        if free < need:
+            raise InsufficientSpace(f"{self.root}: the checkpoint needs {nbytes / 1e6:.1f} MB plus a "
+                                    f"{self.config.space_margin / 1e6:.0f} MB margin, but only {free / 1e6:.1f} MB "
+                                    "are free; free space, lower keep_last, or point dir at a larger volume. "
+                                    "Nothing was written")
+
+    def _background(self, job: SaveJob) -> Path:
+        try:
+            return self._finish(job)
+        except BaseException as exc:
+            log.error("btckpt: background save of step %d failed: %s", job.step, exc)
+            raise
+
+    def _finish(self, job: SaveJob) -> Path:
+        t0 = time.perf_counter()
+        path = run_save(job)
+        self.stats["last_write_s"] = time.perf_counter() - t0
+        if self.world.is_local_leader:
+            self._apply_retention(keep=path)
+        return path
+
+    def _apply_retention(self, *, keep: Path) -> None:
+        doomed = select_for_deletion(scan(self.root), keep_last=self.config.keep_last,
+                                     protected=self._protected | {keep})
+        for path in doomed:
+            try:
+                delete_checkpoint(path)
+                log.info("btckpt: retention removed %s", path)
+            except OSError as exc:
+                log.warning("btckpt: retention could not remove %s: %s", path, exc)
+
+    def _drain(self) -> None:
+        """Wait for the pending save; keep its error for :meth:`_raise_pending`."""
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return
+        self._gate.wait()
+        exc = fut.exception()
+        if exc is not None:
+            self._error = exc
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._pending is not None and self._pending.done():
+            self._drain()
+            return
+        err, self._error = self._error, None
+        if err is not None:
+            if self.config.on_error == "warn":
+                log.warning("btckpt: a background save failed (continuing, on_error='warn'): %s", err)
+                return
+            raise err
+
+    def maybe_save(self, step: int, state: Mapping[str, Any]) -> bool:
+        """Call every step: saves when ``every_steps``/``every_seconds`` says so, or at preemption.
+
+        After SIGTERM it saves this step, waits for the commit (up to ``preemption_grace`` seconds) and
+        exits the process with status 0. Returns True when it saved.
+        """
+        if self.preempted:
+            self.finish_preemption(step, state)
+            raise SystemExit(0)
+        due = False
+        if self.config.every_steps is not None and step % self.config.every_steps == 0 and step > 0:
+            due = True
+        secs = self.config.every_seconds
+        if secs is not None and time.monotonic() - self._last_save_time >= secs:
+            due = True
+        if due and step != self._last_save_step:
+            self.save(step, state)
+            return True
+        return False
+
+    def finish_preemption(self, step: int, state: Mapping[str, Any]) -> None:
+        """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this)."""
+        if step != self._last_save_step:
+            self.save(step, state)
+        fut = self._pending
+        if fut is not None:
+            try:
+                fut.result(timeout=self.config.preemption_grace)
+            except TimeoutError:
+                log.error("btckpt: the preemption save did not commit within %.0fs; exiting without it "
+                          "(older checkpoints are intact)", self.config.preemption_grace)
+                return
+            except BaseException:  # noqa: BLE001 - raised below through the usual path
+                pass
+        self.wait()
+        log.warning("btckpt: preemption checkpoint for step %d committed", step)
+
+    def fence(self) -> None:
+        """Block until the current snapshot's copies are done: call before writing into saved tensors in
+        place outside ``optimizer.step()`` (EMA updates, manual weight edits)."""
+        self._gate.wait()
+
+    def wait(self) -> None:
+        """Block until every save so far is committed; raise the first background error (once)."""
+        self._check_open()
+        self._drain()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Wait for pending saves, release the arena, the lock and the hooks. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._drain()
+        finally:
+            self._closed = True
+            self._gate.close()
+            self._stager.close()
+            self._pool.shutdown(wait=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            if self._prev_handler is not None and threading.current_thread() is threading.main_thread():
+                try:
+                    signal.signal(signal.SIGTERM, self._prev_handler)
+                except (ValueError, TypeError):  # pragma: no cover
+                    pass
+        self._raise_pending()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this Checkpointer is closed; create a new one")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- restoring --------------------------------------------------------------------------------------
+    def candidates(self) -> list[CheckpointInfo]:
+        """Complete checkpoints to resume from, in order of preference: own dir newest first, then load_dir."""
+        own = [i for i in scan(self.root) if i.complete]
+        other = [i for i in scan(self.config.load_dir) if i.complete] if self.config.load_dir else []
+        return own + other
+
+    def latest(self) -> Path | None:
+        """The checkpoint :meth:`restore` would load first, or None."""
+        c = self.candidates()
+        return c[0].path if c else None
+
+    def restore(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
+        """Load the newest complete checkpoint into ``state`` in place; return its step, or None.
+
+        Groups of the checkpoint that ``state`` does not name are left alone. A damaged checkpoint is
+        skipped with a warning (older ones are tried). ``strict=False`` loads what matches.
+        """
+        self._check_open()
+        cands = self.candidates()
+        if self.world.size > 1 and self.world.store is not None:
+            cands = self._agree_on_step(cands)
+        info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
+        if info is None:
+            if self.config.load_dir and self.config.on_missing == "raise":
+                raise NoCheckpointFound(
+                    f"$BT_LOAD_CHECKPOINT_DIR / load_dir {self.config.load_dir!r} holds no complete checkpoint and "
+                    f"{self.root} has none either, so this run would silently start from scratch. Check the "
+                    "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
+            return None
+        self._last_save_step = info.step
+        return info.step
+
+    def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """All ranks load the same step: global rank 0 picks, the others follow (store, no collectives)."""
+        key = f"{self._session}/restore-step"
+        if self.world.is_leader:
+            self.world.publish(key, cands[0].step if cands else -1)
+        step = self.world.collect(key, timeout=self.config.barrier_timeout)
+        picked = [c for c in cands if c.step == step]
+        if step >= 0 and not picked:
+            raise NoCheckpointFound(f"rank {self.world.rank}: rank 0 resumes from step {step}, but this node has "
+                                    f"no complete part of it under {self.root} or {self.config.load_dir}")
+        return picked

@@ -1,0 +1,110 @@
+"""The write job of one save: files from the staged arena into a temp folder, then the commit.
+
+Mechanism only (when and how many is the manager's business). Runs on the background worker (async)
+or the caller's thread (sync), on every rank. Call order per rank: the node's leader creates the temp
+folder; every rank writes its files (the leader: tensor groups and index files; each rank: its RNG
+file); ranks publish what they wrote through the store; the node's leader writes the manifest and
+renames. With several nodes, node 0 commits its part last, after every other node committed, so a
+complete node-0 part certifies the whole checkpoint. Any failure aborts the temp folder and tells peers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .commit import LocalCommit, write_small_file
+from .distributed import World
+from .layout import FlatState
+from .manifest import Manifest
+from .rng import rng_file
+from .snapshot import Staged
+from .storage import space_error
+from .writer import write_arena_file
+
+__all__ = ["SaveJob", "run_save"]
+
+log = logging.getLogger("btckpt")
+
+
+@dataclass
+class SaveJob:
+    """Everything the writer needs; built on the training thread by ``save()``."""
+
+    step: int
+    root: Path
+    tag: str
+    world: World
+    flat: FlatState
+    staged: Staged | None
+    rng: dict[str, Any] | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    barrier_timeout: float = 600.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run_save(job: SaveJob) -> Path:
+    """Write and commit one checkpoint; return the committed folder. Raises on any failure (nothing committed)."""
+    w = job.world
+    commit = LocalCommit(job.root, job.step, tag=job.tag)
+    key = f"{job.tag}/{job.step}"
+    leader = w.is_local_leader
+    nbytes = 0
+    try:
+        if leader:
+            commit.begin()
+        w.barrier(f"{key}/begin", timeout=job.barrier_timeout)
+        written: dict[str, dict[str, Any]] = {}
+        try:
+            if job.staged is not None:
+                job.staged.wait()
+                if job.staged.error is not None:
+                    raise job.staged.error
+                for fp in job.staged.layout.files:
+                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, job.staged.data(fp.begin, fp.size))
+                    written[fp.name] = {"size": size, "xxh3_64": digest}
+                for name, data in job.staged.layout.index_files.items():
+                    size, digest = write_small_file(commit.tmp / name, data)
+                    written[name] = {"size": size, "xxh3_64": digest}
+            for name, data in job.extra_files.items():
+                size, digest = write_small_file(commit.tmp / name, data)
+                written[name] = {"size": size, "xxh3_64": digest}
+            if job.rng is not None:
+                name = rng_file(w.rank)
+                size, digest = write_small_file(commit.tmp / name, json.dumps(job.rng).encode())
+                written[name] = {"size": size, "xxh3_64": digest}
+        except OSError as exc:
+            raise space_error(exc, commit.tmp) from exc
+        nbytes = sum(v["size"] for v in written.values())
+        w.publish(f"{key}/files/{w.rank}", written)
+        w.barrier(f"{key}/written", timeout=job.barrier_timeout)
+        if leader:
+            for r in range(w.rank, w.rank + w.local_size):
+                files = written if r == w.rank else w.collect(f"{key}/files/{r}", timeout=job.barrier_timeout)
+                for name, info in files.items():
+                    commit.record(name, info["size"], info["xxh3_64"])
+            manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},
+                                world=w.as_json(), meta=job.meta)
+            if w.node_rank != 0:
+                commit.commit(manifest)
+        w.barrier(f"{key}/parts", timeout=job.barrier_timeout)
+        if leader and w.node_rank == 0:
+            commit.commit(manifest)
+        w.barrier(f"{key}/committed", timeout=job.barrier_timeout)
+    except BaseException:
+        w.fail(f"{key}/begin")
+        w.fail(f"{key}/written")
+        w.fail(f"{key}/parts")
+        w.fail(f"{key}/committed")
+        if leader:
+            commit.abort()
+        raise
+    dt = time.perf_counter() - job.started
+    log.info("btckpt: committed %s (%.1f MB in %.2fs, %.0f MB/s)", commit.final, nbytes / 1e6, dt,
+             nbytes / 1e6 / max(dt, 1e-9))
+    return commit.final

@@ -1,0 +1,107 @@
+"""Turn the user's state objects into saveable trees, and load trees back into them in place.
+
+A state value is an object with ``state_dict()``/``load_state_dict()`` (module, optimizer, scheduler,
+grad scaler...), a tensor, or plain data. Wrapped models (DDP/DataParallel ``module.``, torch.compile
+``_orig_mod.``) are unwrapped, so weights are saved under the plain model's keys and restore into either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import StateMismatch
+
+__all__ = ["unwrap_model", "group_value", "apply_group", "optimizers_in"]
+
+
+def unwrap_model(obj: Any) -> Any:
+    """The plain module inside DDP / DataParallel / torch.compile / FSDP1-style wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(obj, "_orig_mod") and isinstance(obj, torch.nn.Module):
+            obj = obj._orig_mod
+        elif isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            obj = obj.module
+        else:
+            break
+    return obj
+
+
+def group_value(obj: Any) -> Any:
+    """What to save for one state group."""
+    if isinstance(obj, torch.nn.Module):
+        return dict(unwrap_model(obj).state_dict())
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    sd = getattr(obj, "state_dict", None)
+    if callable(sd) and not isinstance(obj, Mapping):
+        return sd()
+    return obj
+
+
+def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
+    """The optimizers among the state's top-level values (the step gate hooks these)."""
+    return [v for v in state.values() if isinstance(v, torch.optim.Optimizer)]
+
+
+def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    own = module.state_dict()
+    missing = [k for k in own if k not in loaded]
+    unexpected = [k for k in loaded if k not in own]
+    mismatched = []
+    for k, v in own.items():
+        lv = loaded.get(k)
+        if isinstance(v, torch.Tensor) and isinstance(lv, torch.Tensor):
+            if tuple(v.shape) != tuple(lv.shape) or v.dtype != lv.dtype:
+                mismatched.append(f"{k}: checkpoint {lv.dtype}{list(lv.shape)} vs model {v.dtype}{list(v.shape)}")
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"state group {name!r} does not match the checkpoint:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {missing[:20]}")
+        if unexpected:
+            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {unexpected[:20]}")
+        if mismatched:
+            lines.append(f"  shape/dtype mismatch ({len(mismatched)}): {mismatched[:20]}")
+        lines.append("  fix the model definition, or pass strict=False to load only what matches")
+        raise StateMismatch("\n".join(lines))
+    bad = {m.split(":")[0] for m in mismatched}
+    return {k: v for k, v in loaded.items() if k in own and k not in bad}
+
+
+def apply_group(name: str, target: Any, loaded: Any, *, strict: bool) -> Any:
+    """Load ``loaded`` into ``target`` in place; return the value to keep in the user's state dict."""
+    if isinstance(target, torch.nn.Module):
+        module = unwrap_model(target)
+        if not isinstance(loaded, Mapping):
+            raise StateMismatch(f"state group {name!r}: the checkpoint holds {type(loaded).__name__}, not a state_dict")
+        matched = _module_mismatch(name, module, loaded, strict)
+        module.load_state_dict(matched, strict=strict)
+        return target
+    if isinstance(target, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != target.shape or loaded.dtype != target.dtype:
+            got = f"{loaded.dtype}{list(loaded.shape)}" if isinstance(loaded, torch.Tensor) else type(loaded).__name__
+            raise StateMismatch(f"state group {name!r}: checkpoint has {got}, the state has "
+                                f"{target.dtype}{list(target.shape)}")
+        with torch.no_grad():
+            target.copy_(loaded)
+        return target
+    lsd = getattr(target, "load_state_dict", None)
+    if callable(lsd) and not isinstance(target, Mapping):
+        try:
+            lsd(loaded)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise StateMismatch(f"state group {name!r}: {type(target).__name__}.load_state_dict refused the "
+                                f"checkpoint's state: {exc}") from exc
+        return target
+    if isinstance(target, dict) and isinstance(loaded, Mapping):
+        target.clear()
+        target.update(loaded)
+        return target
+    if isinstance(target, list) and isinstance(loaded, list):
+        target[:] = loaded
+        return target
+    return loaded

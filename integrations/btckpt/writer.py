@@ -1,0 +1,44 @@
+"""Write one safetensors file from the staging arena: header, then the data section in large writes.
+
+Mechanism only: the caller (the background worker or a sync save) decides where and when. The data
+section is a slice of the arena, written as is: no serialization buffer, no second copy. The checksum
+is computed on the same chunks as they are written (xxh3-64), and the file is fsynced before return.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import faults
+from .storage import fsync_file, new_hasher
+
+__all__ = ["write_arena_file", "WRITE_CHUNK"]
+
+WRITE_CHUNK = 32 << 20
+
+
+def write_arena_file(path: Path, header: bytes, data: memoryview, *, chunk: int = WRITE_CHUNK) -> tuple[int, str]:
+    """Create ``path`` (must not exist), write ``header + data``, fsync; return ``(size, checksum)``."""
+    h = new_hasher()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        h.update(header)
+        _write_all(fd, memoryview(header))
+        faults.point("write_data")
+        for off in range(0, len(data), chunk):
+            piece = data[off:off + chunk]
+            h.update(piece)
+            _write_all(fd, piece)
+        faults.point("before_fsync")
+        fsync_file(fd)
+        faults.point("after_fsync")
+    finally:
+        os.close(fd)
+    return len(header) + len(data), h.hexdigest()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,83 @@
+"""Shared fixtures. Every test runs under a leak check: threads, child processes, temp checkpoint
+folders under /tmp and tmpfs mounts left behind fail the test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _children() -> set[int]:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return set()
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _tmpfs_mounts() -> set[str]:
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:  # pragma: no cover
+        return set()
+    return {ln.split()[1] for ln in lines if ln.split()[2] == "tmpfs" and ln.split()[1].startswith("/tmp/")}
+
+
+def _threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest):
+    """Fail a test that leaves threads, child processes, tmpfs mounts or stale temp folders behind."""
+    threads0, kids0, mounts0 = _threads(), _children(), _tmpfs_mounts()
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        extra_threads = [t for t in _threads() - threads0 if not t.name.startswith(("pydevd", "asyncio_"))]
+        extra_kids = _children() - kids0
+        if not extra_threads and not extra_kids:
+            break
+        time.sleep(0.05)
+    extra_mounts = _tmpfs_mounts() - mounts0
+    problems = []
+    if extra_threads:
+        problems.append(f"threads left running: {[t.name for t in extra_threads]}")
+    if extra_kids:
+        problems.append(f"child processes left running: {sorted(extra_kids)}")
+    if extra_mounts:
+        problems.append(f"tmpfs mounts left: {sorted(extra_mounts)}")
+    if problems and not request.node.get_closest_marker("allow_leaks"):
+        pytest.fail("; ".join(problems))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Each test starts without the platform's variables, in its own working directory."""
+    for var in ("BT_CHECKPOINT_DIR", "BT_LOAD_CHECKPOINT_DIR", "BT_NODE_RANK", "BTCKPT_FAULT", "BT_GROUP_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    from btckpt import faults
+
+    faults.disarm()
+    logging.getLogger("btckpt").setLevel(logging.INFO)
+    yield
+    faults.disarm()
+
+
+def run_py(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300, **kw):
+    """Run a Python script as a real subprocess with the repo's package importable."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([PY, *args], env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
