@@ -39,7 +39,7 @@ from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in, unwrap_model
 from .storage import free_bytes
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "default_budget"]
 
 log = logging.getLogger("btckpt")
 
@@ -49,6 +49,19 @@ def _writer_init() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (OSError, AttributeError):  # pragma: no cover
         pass
+
+
+def default_budget(local_ranks: int) -> int:
+    """Half the host's available memory, shared among the node's local ranks."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()[1].isdigit()}
+        avail = info.get("MemAvailable", info.get("MemFree", 0))
+    except OSError:  # pragma: no cover
+        avail = 0
+    if not avail:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(64 << 20, avail // 2 // max(1, local_ranks))
 
 
 def _close_at_exit(ref: Any) -> None:
@@ -70,7 +83,7 @@ class Checkpointer:
         self.world: World = world()
         self.root = self.config.local_dir
         self._lock_fd: int | None = None
-        self._stager = Stager()
+        self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size))
         self._gate = StepGate()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._pending: Future[Path] | None = None

@@ -22,7 +22,7 @@ from .distributed import World
 from .layout import FlatState
 from .manifest import Manifest
 from .rng import rng_file
-from .snapshot import Staged
+from .snapshot import ChunkedStaged, Snapshot
 from .storage import space_error
 from .writer import write_arena_file
 
@@ -40,7 +40,7 @@ class SaveJob:
     tag: str
     world: World
     flat: FlatState
-    staged: Staged | None
+    staged: Snapshot | None
     rng: dict[str, Any] | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -62,11 +62,9 @@ def run_save(job: SaveJob) -> Path:
         written: dict[str, dict[str, Any]] = {}
         try:
             if job.staged is not None:
-                job.staged.wait()
-                if job.staged.error is not None:
-                    raise job.staged.error
                 for fp in job.staged.layout.files:
-                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, job.staged.data(fp.begin, fp.size))
+                    pieces = job.staged.pieces(fp.begin, fp.size)
+                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces)
                     written[fp.name] = {"size": size, "xxh3_64": digest}
                 for name, data in job.staged.layout.index_files.items():
                     size, digest = write_small_file(commit.tmp / name, data)
@@ -97,6 +95,8 @@ def run_save(job: SaveJob) -> Path:
             commit.commit(manifest)
         w.barrier(f"{key}/committed", timeout=job.barrier_timeout)
     except BaseException:
+        if isinstance(job.staged, ChunkedStaged):
+            job.staged.abandon()
         w.fail(f"{key}/begin")
         w.fail(f"{key}/written")
         w.fail(f"{key}/parts")

@@ -14,14 +14,14 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from .layout import FlatState, Layout
 
-__all__ = ["ThreadStream", "CudaStream", "Staged", "Stager", "StepGate", "PAGE"]
+__all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "Snapshot", "Stager", "StepGate", "PAGE"]
 
 PAGE = 4096
 
@@ -85,7 +85,11 @@ class CudaStream:
 
 
 class Staged:
-    """A snapshot in flight: the arena view per file, and the events its async copies signal."""
+    """A snapshot in flight over a full arena: the events its async copies signal.
+
+    ``wait()`` (the step gate, the fence) blocks until every copy is done; ``pieces()`` (the writer)
+    yields the arena bytes of one file in large slices, after the copies are done.
+    """
 
     def __init__(self, arena: torch.Tensor, layout: Layout, events: list[Any], host: ThreadStream) -> None:
         self.arena = arena
@@ -93,7 +97,6 @@ class Staged:
         self._events = events
         self._host = host
         self.error: BaseException | None = None
-        self.copied_at: float | None = None if events else time.perf_counter()
 
     def done(self) -> bool:
         """True once every async copy finished (never blocks)."""
@@ -111,52 +114,128 @@ class Staged:
         err = self._host.take_error()
         if err is not None:
             self.error = err
-        if self.copied_at is None:
-            self.copied_at = time.perf_counter()
         return time.perf_counter() - t0
 
-    def data(self, begin: int, size: int) -> memoryview:
-        """The arena bytes ``[begin, begin+size)`` as a memoryview (for the writer)."""
-        return memoryview(self.arena.numpy())[begin:begin + size]  # type: ignore[arg-type]
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        """The arena bytes ``[begin, begin+size)`` in slices of at most ``chunk`` bytes."""
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        mv = memoryview(self.arena.numpy())  # type: ignore[arg-type]
+        for off in range(begin, begin + size, chunk):
+            yield mv[off:min(off + chunk, begin + size)]
+
+
+class ChunkedStaged:
+    """A snapshot larger than the memory budget: the writer copies one window of the (virtual) arena
+    at a time into a budget-sized buffer and writes it. The step gate holds ``optimizer.step()`` until
+    the last window was copied (more stall, bounded memory). Volatile tensors were cloned at ``save()``.
+    """
+
+    def __init__(self, buf: torch.Tensor, layout: Layout, sources: dict[tuple[str, str], torch.Tensor]) -> None:
+        self.buf = buf
+        self.layout = layout
+        self.error: BaseException | None = None
+        self._sources = sources
+        self._slots = sorted(layout.slots.items(), key=lambda kv: kv[1].offset)
+        self._window = -1
+        self._copied = threading.Event()
+        if layout.arena_size == 0:
+            self._copied.set()
+
+    def done(self) -> bool:
+        return self._copied.is_set()
+
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - t0
+
+    def abandon(self) -> None:
+        """Release the gate when the writer gives up (the error is raised elsewhere)."""
+        self._copied.set()
+
+    def _fill(self, w: int) -> None:
+        size = self.buf.numel()
+        lo, hi = w * size, min((w + 1) * size, self.layout.arena_size)
+        with torch.no_grad():
+            for key, s in self._slots:
+                a, b = max(lo, s.offset), min(hi, s.offset + s.nbytes)
+                if a >= b:
+                    continue
+                src = self._sources[key]
+                flat = src.detach().contiguous().reshape(-1).view(torch.uint8)
+                self.buf[a - lo:b - lo].copy_(flat[a - s.offset:b - s.offset])
+        self._window = w
+        if hi >= self.layout.arena_size:
+            self._copied.set()
+
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        wsize = self.buf.numel()
+        mv = memoryview(self.buf.numpy())  # type: ignore[arg-type]
+        pos, end = begin, begin + size
+        while pos < end:
+            w = pos // wsize
+            if w != self._window:
+                self._fill(w)
+            stop = min((w + 1) * wsize, end, pos + chunk)
+            yield mv[pos - w * wsize:stop - w * wsize]
+            pos = stop
+        if end >= self.layout.arena_size:
+            self._copied.set()
+
+
+Snapshot = Staged | ChunkedStaged
 
 
 class Stager:
-    """Owns the staging arena and the copy streams of one Checkpointer (one per rank)."""
+    """Owns the staging arena and the copy streams of one Checkpointer (one per rank).
 
-    def __init__(self, *, small_bytes: int = 1 << 20) -> None:
+    ``budget``: the most bytes of staging memory; a larger snapshot is staged in windows
+    (:class:`ChunkedStaged`). ``device_stream``/``is_device`` let tests drive the CUDA code path on CPU.
+    """
+
+    def __init__(self, *, small_bytes: int = 1 << 20, budget: int | None = None,
+                 device_stream: Callable[[torch.device], Any] | None = None,
+                 is_device: Callable[[torch.Tensor], bool] | None = None) -> None:
         self.small_bytes = small_bytes
+        self.budget = budget
         self.allocations = 0
         self._arena: torch.Tensor | None = None
         self._arena_pinned = False
         self._views: dict[tuple[str, str], torch.Tensor] = {}
         self._views_sig: Any = None
         self._host = ThreadStream()
-        self._cuda: dict[torch.device, CudaStream] = {}
+        self._streams: dict[torch.device, Any] = {}
+        self._device_stream = device_stream or CudaStream
+        self._is_device = is_device or (lambda t: t.is_cuda)
 
     @property
     def arena_bytes(self) -> int:
         return 0 if self._arena is None else self._arena.numel()
 
-    def _ensure_arena(self, layout: Layout, pinned: bool) -> torch.Tensor:
-        need = layout.arena_size
+    def _alloc(self, need: int, pinned: bool) -> torch.Tensor:
         if self._arena is None or self._arena.numel() < need or (pinned and not self._arena_pinned):
             self._arena = None
             self._views = {}
+            self._views_sig = None
             raw = torch.empty(max(need, 1) + PAGE, dtype=torch.uint8, pin_memory=pinned)
             shift = (-raw.data_ptr()) % PAGE
             self._arena = raw[shift:shift + max(need, 1)]
             self._arena_pinned = pinned
             self.allocations += 1
-        if self._views_sig != layout.signature:
-            self._views = {key: self._arena[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-                           for key, s in layout.slots.items()}
-            self._views_sig = layout.signature
         return self._arena
 
-    def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Staged:
+    def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Snapshot:
         """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
-        on_cuda = any(t.is_cuda for g in flat for t in g.tensors.values())
-        arena = self._ensure_arena(layout, pinned=on_cuda and torch.cuda.is_available())
+        pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
+        if self.budget is not None and layout.arena_size > self.budget:
+            return self._stage_chunked(flat, layout, async_keys, pinned)
+        arena = self._alloc(layout.arena_size, pinned)
+        if self._views_sig != layout.signature:
+            self._views = {key: arena[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                           for key, s in layout.slots.items()}
+            self._views_sig = layout.signature
         later_host: list[tuple[torch.Tensor, torch.Tensor]] = []
         later_dev: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with torch.no_grad():
@@ -165,22 +244,33 @@ class Stager:
                     dst = self._views[(g.name, key)]
                     if sync or (g.name, key) not in async_keys or t.numel() * t.element_size() < self.small_bytes:
                         dst.copy_(t)
-                    elif t.is_cuda:
+                    elif self._is_device(t):
                         later_dev.setdefault(t.device, []).append((dst, t))
                     else:
                         later_host.append((dst, t))
         events: list[Any] = []
         for dev, pairs in later_dev.items():
-            cs = self._cuda.get(dev)
+            cs = self._streams.get(dev)
             if cs is None:
-                cs = self._cuda[dev] = CudaStream(dev)
+                cs = self._streams[dev] = self._device_stream(dev)
             cs.start_after_compute()
             cs.run(functools.partial(_copy_all, pairs, non_blocking=True))
             events.append(cs.record())
         if later_host:
-            self._host.run(lambda: _copy_all(later_host, non_blocking=False))
+            self._host.run(functools.partial(_copy_all, later_host, non_blocking=False))
             events.append(self._host.record())
         return Staged(arena, layout, events, self._host)
+
+    def _stage_chunked(self, flat: FlatState, layout: Layout, async_keys: set[tuple[str, str]],
+                       pinned: bool) -> ChunkedStaged:
+        assert self.budget is not None
+        buf = self._alloc(max(PAGE, self.budget // PAGE * PAGE), pinned)
+        sources: dict[tuple[str, str], torch.Tensor] = {}
+        for g in flat:
+            for key, t in g.tensors.items():
+                volatile = (g.name, key) not in async_keys or t.numel() * t.element_size() < self.small_bytes
+                sources[(g.name, key)] = t.detach().to("cpu", copy=True) if volatile else t
+        return ChunkedStaged(buf, layout, sources)
 
     def close(self) -> None:
         self._host.close()
@@ -202,7 +292,7 @@ class StepGate:
     """
 
     def __init__(self) -> None:
-        self._staged: Staged | None = None
+        self._staged: Snapshot | None = None
         self._handles: dict[int, Any] = {}
         self.waited = 0.0
         self.waits = 0
@@ -212,7 +302,7 @@ class StepGate:
             if id(opt) not in self._handles:
                 self._handles[id(opt)] = opt.register_step_pre_hook(lambda *_a, **_k: self.wait())
 
-    def arm(self, staged: Staged) -> None:
+    def arm(self, staged: Snapshot) -> None:
         self._staged = staged
 
     def wait(self) -> None:

@@ -8,34 +8,34 @@ is computed on the same chunks as they are written (xxh3-64), and the file is fs
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import faults
 from .storage import fsync_file, new_hasher
 
-__all__ = ["write_arena_file", "WRITE_CHUNK"]
-
-WRITE_CHUNK = 32 << 20
+__all__ = ["write_arena_file"]
 
 
-def write_arena_file(path: Path, header: bytes, data: memoryview, *, chunk: int = WRITE_CHUNK) -> tuple[int, str]:
-    """Create ``path`` (must not exist), write ``header + data``, fsync; return ``(size, checksum)``."""
+def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview]) -> tuple[int, str]:
+    """Create ``path`` (must not exist), write ``header`` then each piece, fsync; return ``(size, checksum)``."""
     h = new_hasher()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         h.update(header)
         _write_all(fd, memoryview(header))
         faults.point("write_data")
-        for off in range(0, len(data), chunk):
-            piece = data[off:off + chunk]
+        size = len(header)
+        for piece in pieces:
             h.update(piece)
             _write_all(fd, piece)
+            size += len(piece)
         faults.point("before_fsync")
         fsync_file(fd)
         faults.point("after_fsync")
     finally:
         os.close(fd)
-    return len(header) + len(data), h.hexdigest()
+    return size, h.hexdigest()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
