@@ -54,6 +54,8 @@ class CheckpointConfig:
     failed background save does (``"raise"`` at the next call, or ``"warn"`` and go on).
     ``space_margin``: bytes kept free beyond the checkpoint's size (preflight).
     ``memory_budget``: bytes of staging memory (None: from available memory / local ranks).
+    ``copy_inline_bytes``: tensors smaller than this are copied before ``save()`` returns; larger
+    parameters and optimizer moments copy in the background behind the step gate.
     ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
     save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
     """
@@ -70,6 +72,7 @@ class CheckpointConfig:
     on_error: Literal["raise", "warn"] = "raise"
     space_margin: int = 16 << 20
     memory_budget: int | None = None
+    copy_inline_bytes: int = 1 << 20
     barrier_timeout: float = 600.0
     preemption_grace: float = 120.0
     handle_sigterm: bool = True
@@ -100,6 +103,8 @@ class CheckpointConfig:
             raise ConfigError(f"on_error={self.on_error!r}: use 'raise' or 'warn'")
         if self.memory_budget is not None and self.memory_budget < 1 << 20:
             raise ConfigError(f"memory_budget={self.memory_budget!r}: must be at least 1 MiB")
+        if not isinstance(self.copy_inline_bytes, int) or self.copy_inline_bytes < 0:
+            raise ConfigError(f"copy_inline_bytes={self.copy_inline_bytes!r}: must be a non-negative integer")
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
 

@@ -83,7 +83,8 @@ class Checkpointer:
         self.world: World = world()
         self.root = self.config.local_dir
         self._lock_fd: int | None = None
-        self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size))
+        self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
+                              small_bytes=self.config.copy_inline_bytes)
         self._gate = StepGate()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._pending: Future[Path] | None = None
