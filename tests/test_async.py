@@ -221,7 +221,7 @@ class FakeCudaStream:
         self.q.clear()
 
         def later() -> None:
-            time.sleep(0.05)
+            time.sleep(1.0)  # long enough that the training step reaches optimizer.step first
             for fn in work:
                 fn()
             FakeCudaStream.log.append("copied")
@@ -240,6 +240,18 @@ class FakeCudaStream:
 
         return Event()
 
+    @staticmethod
+    def query(ev) -> bool:  # type: ignore[no-untyped-def]
+        return ev.query()
+
+    @staticmethod
+    def sync(ev) -> None:  # type: ignore[no-untyped-def]
+        ev.synchronize()
+
+    def gate(self, ev) -> None:  # type: ignore[no-untyped-def]
+        FakeCudaStream.log.append("gate")
+        ev.synchronize()  # a real CUDA stream makes the compute stream wait instead of the host
+
 
 def test_cuda_stream_protocol_on_cpu_with_a_fake_stream(tmp_path: Path) -> None:
     FakeCudaStream.log = []
@@ -255,7 +267,7 @@ def test_cuda_stream_protocol_on_cpu_with_a_fake_stream(tmp_path: Path) -> None:
         _train_step(model, opt, 32)  # the step waits on the fake stream's event
         ckpt.wait()
         ckpt._stager.close()
-    assert FakeCudaStream.log == ["wait_compute", "copy", "record", "copied", "step"]
+    assert FakeCudaStream.log == ["wait_compute", "copy", "record", "gate", "copied", "step"]
     assert _equal_tree(_saved(tmp_path / "checkpoint-1", "model"), dict(expect))
 
 

@@ -55,6 +55,16 @@ class ThreadStream:
         self._q.put(ev.set)
         return ev
 
+    @staticmethod
+    def query(ev: threading.Event) -> bool:
+        return ev.is_set()
+
+    @staticmethod
+    def sync(ev: threading.Event) -> None:
+        ev.wait()
+
+    gate = sync  # host copies: the training thread itself must wait
+
     def take_error(self) -> BaseException | None:
         err, self._error = self._error, None
         return err
@@ -83,15 +93,29 @@ class CudaStream:
         ev.record(self.stream)
         return ev
 
+    @staticmethod
+    def query(ev: Any) -> bool:
+        return bool(ev.query())
+
+    @staticmethod
+    def sync(ev: Any) -> None:
+        ev.synchronize()
+
+    def gate(self, ev: Any) -> None:
+        """Order the compute stream after the copy: the host does not block, the GPU waits if needed."""
+        ev.wait(torch.cuda.current_stream(self.device))
+
 
 class Staged:
     """A snapshot in flight over a full arena: the events its async copies signal.
 
-    ``wait()`` (the step gate, the fence) blocks until every copy is done; ``pieces()`` (the writer)
-    yields the arena bytes of one file in large slices, after the copies are done.
+    ``gate()`` (the step gate, the fence) orders what follows after the copies: the host waits for host
+    copies; for device copies the compute stream waits on the copy event (no host stall). ``wait()``
+    blocks the host until every copy is done; ``pieces()`` (the writer) yields the arena bytes of one
+    file in large slices, after the copies are done. ``events`` holds ``(stream, event)`` pairs.
     """
 
-    def __init__(self, arena: torch.Tensor, layout: Layout, events: list[Any], host: ThreadStream) -> None:
+    def __init__(self, arena: torch.Tensor, layout: Layout, events: list[tuple[Any, Any]], host: ThreadStream) -> None:
         self.arena = arena
         self.layout = layout
         self._events = events
@@ -100,16 +124,20 @@ class Staged:
 
     def done(self) -> bool:
         """True once every async copy finished (never blocks)."""
-        return all((e.is_set() if isinstance(e, threading.Event) else e.query()) for e in self._events)
+        return all(stream.query(ev) for stream, ev in self._events)
+
+    def gate(self) -> float:
+        """Make what the training thread does next run after the copies; return host seconds waited."""
+        t0 = time.perf_counter()
+        for stream, ev in list(self._events):
+            stream.gate(ev)
+        return time.perf_counter() - t0
 
     def wait(self) -> float:
         """Block until every copy finished; return seconds waited. A copy error lands in ``error``."""
         t0 = time.perf_counter()
-        for e in self._events:
-            if isinstance(e, threading.Event):
-                e.wait()
-            else:
-                e.synchronize()
+        for stream, ev in list(self._events):
+            stream.sync(ev)
         self._events = []
         err = self._host.take_error()
         if err is not None:
@@ -150,6 +178,8 @@ class ChunkedStaged:
         t0 = time.perf_counter()
         self._copied.wait()
         return time.perf_counter() - t0
+
+    gate = wait
 
     def abandon(self) -> None:
         """Release the gate when the writer gives up (the error is raised elsewhere)."""
@@ -248,17 +278,17 @@ class Stager:
                         later_dev.setdefault(t.device, []).append((dst, t))
                     else:
                         later_host.append((dst, t))
-        events: list[Any] = []
+        events: list[tuple[Any, Any]] = []
         for dev, pairs in later_dev.items():
             cs = self._streams.get(dev)
             if cs is None:
                 cs = self._streams[dev] = self._device_stream(dev)
             cs.start_after_compute()
             cs.run(functools.partial(_copy_all, pairs, non_blocking=True))
-            events.append(cs.record())
+            events.append((cs, cs.record()))
         if later_host:
             self._host.run(functools.partial(_copy_all, later_host, non_blocking=False))
-            events.append(self._host.record())
+            events.append((self._host, self._host.record()))
         return Staged(arena, layout, events, self._host)
 
     def _stage_chunked(self, flat: FlatState, layout: Layout, async_keys: set[tuple[str, str]],
@@ -311,7 +341,7 @@ class StepGate:
             return
         if not staged.done():
             self.waits += 1
-        self.waited += staged.wait()
+        self.waited += staged.gate()
         self._staged = None
 
     def close(self) -> None:

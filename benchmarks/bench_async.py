@@ -1,0 +1,367 @@
+"""Stall per save (btckpt async vs sync vs the peers), training throughput loss, and host memory.
+
+    python benchmarks/bench_async.py --rounds 3 --dir /tmp/btckpt-bench-async
+
+State: a ~1 GiB training state of many tensors (five 4096x4096 linears, biases and 64 small LayerNorms,
+plus Adam's two moments). Stall = time the save call blocks + time btckpt's step gate holds the next
+``optimizer.step()``. Contenders alternate round by round; medians and spread are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fsync_path, summary  # noqa: E402
+
+import btckpt  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width: int = 4096, depth: int = 5, norms: int = 64) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(256) for _ in range(norms))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        y = x[:, :256]
+        for n in self.norms:
+            y = n(y)
+        return x.mean() + y.mean()
+
+
+def build(width: int) -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Net(width)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step(model, opt, width)  # materialise Adam's moments
+    return model, opt
+
+
+def step(model: Net, opt: torch.optim.Optimizer, width: int) -> None:
+    loss = model(torch.randn(16, width))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def state_bytes(model: Net, opt: torch.optim.Optimizer) -> int:
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for s in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
+    return n
+
+
+def flat_tensors(model: Net, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            out[f"optim.{i}.{k}"] = v
+    return out
+
+
+class Contender:
+    """One way to save; ``save`` returns the seconds it stalled training, ``settle`` waits (untimed)."""
+
+    name = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / self.name.replace(" ", "_").replace("+", "_")
+        self.root.mkdir(parents=True)
+        self.n = 0
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def gate_wait(self) -> float:
+        return 0.0
+
+
+class BtckptAsync(Contender):
+    name = "btckpt async"
+    sync = False
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.ck = btckpt.Checkpointer(dir=self.root, keep_last=1, async_save=not self.sync, save_rng=False,
+                                      handle_sigterm=False)
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        self.n += 1
+        t0 = time.perf_counter()
+        self.ck.save(self.n, {"model": model, "optimizer": opt})
+        return time.perf_counter() - t0
+
+    def gate_wait(self) -> float:
+        return self.ck._gate.waited
+
+    def settle(self) -> None:
+        self.ck.wait()
+
+    def close(self) -> None:
+        self.ck.close()
+
+
+class BtckptSync(BtckptAsync):
+    name = "btckpt sync"
+    sync = True
+
+
+class TorchSave(Contender):
+    name = "torch.save+fsync"
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        p = self.root / "ckpt.pt"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, p)
+        fsync_path(p)
+        return time.perf_counter() - t0
+
+
+class SaveFile(Contender):
+    name = "save_file+fsync"
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        p = self.root / "ckpt.safetensors"
+        save_file(flat_tensors(model, opt), p)
+        fsync_path(p)
+        return time.perf_counter() - t0
+
+
+class DcpThread(Contender):
+    name = "DCP async_save (thread)"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fut: Any = None
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        import torch.distributed.checkpoint as dcp
+
+        self.n += 1
+        t0 = time.perf_counter()
+        sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        self.fut = dcp.async_save(sd, checkpoint_id=str(self.root / f"step-{self.n}"), no_dist=True)
+        return time.perf_counter() - t0
+
+    def settle(self) -> None:
+        if self.fut is not None:
+            self.fut.result()
+            shutil.rmtree(self.root / f"step-{self.n}", ignore_errors=True)
+
+
+class DcpProcess(Contender):
+    name = "DCP async_save (process, cached stager)"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
+        cuda = torch.cuda.is_available()
+        # torchtitan's "async_with_pinned_mem": pinned + shared memory, cached staging buffers
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
+                                                   use_async_staging=cuda, use_non_blocking_copy=cuda))
+        self.resp: Any = None
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        self.n += 1
+        t0 = time.perf_counter()
+        sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        self.resp = dcp.async_save(sd, checkpoint_id=str(self.root / f"step-{self.n}"),
+                                   async_checkpointer_type=AsyncCheckpointerType.PROCESS, async_stager=self.stager)
+        staged = getattr(self.resp, "staging_completion", None)
+        if staged is not None:  # the step may not run before staging finished
+            staged.result()
+        return time.perf_counter() - t0
+
+    def settle(self) -> None:
+        fut = getattr(self.resp, "upload_completion", self.resp)
+        if fut is not None:
+            fut.result()
+            shutil.rmtree(self.root / f"step-{self.n}", ignore_errors=True)
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+class LightningAsync(Contender):
+    name = "Lightning AsyncCheckpointIO"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+        self.io = AsyncCheckpointIO(TorchCheckpointIO())
+
+    def save(self, model: Net, opt: torch.optim.Optimizer) -> float:
+        self.n += 1
+        t0 = time.perf_counter()
+        self.io.save_checkpoint({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]},
+                                self.root / f"step-{self.n}.ckpt")
+        return time.perf_counter() - t0
+
+    def settle(self) -> None:
+        self.io.teardown()
+        for p in self.root.glob("*.ckpt"):
+            p.unlink()
+
+
+ALL = [BtckptAsync, BtckptSync, TorchSave, SaveFile, DcpThread, DcpProcess, LightningAsync]
+
+
+def bench_stall(root: Path, rounds: int, width: int) -> dict[str, list[float]]:
+    model, opt = build(width)
+    print(f"state: {state_bytes(model, opt) / 2**30:.2f} GiB in {len(flat_tensors(model, opt))} tensors", flush=True)
+    contenders: list[Contender] = []
+    for cls in ALL:
+        try:
+            contenders.append(cls(root))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"skipping {cls.name}: {type(exc).__name__}: {exc}")
+    stalls: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(rounds):
+        order = contenders if r % 2 == 0 else list(reversed(contenders))
+        for c in order:
+            g0 = c.gate_wait()
+            try:
+                blocked = c.save(model, opt)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {c.name} failed: {type(exc).__name__}: {exc}")
+                continue
+            step(model, opt, width)  # training goes on; btckpt's gate may hold this step's optimizer.step
+            stalls[c.name].append(blocked + c.gate_wait() - g0)
+            c.settle()
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in stalls.items() if v), flush=True)
+    for c in contenders:
+        c.close()
+    return stalls
+
+
+def bench_throughput(root: Path, rounds: int, width: int, steps: int, every: int) -> dict[str, list[float]]:
+    model, opt = build(width)
+    out: dict[str, list[float]] = {"no saves": [], "btckpt async": [], "DCP async_save (thread)": []}
+    for r in range(rounds):
+        names = list(out) if r % 2 == 0 else list(reversed(out))
+        for name in names:
+            c: Contender | None = None
+            if name == "btckpt async":
+                c = BtckptAsync(root / f"tp{r}")
+            elif name.startswith("DCP"):
+                c = DcpThread(root / f"tp{r}")
+            t0 = time.perf_counter()
+            for i in range(1, steps + 1):
+                step(model, opt, width)
+                if c is not None and i % every == 0:
+                    c.settle() if isinstance(c, DcpThread) else None  # DCP: one save in flight at a time
+                    c.save(model, opt)
+            dt = (time.perf_counter() - t0) / steps
+            if c is not None:
+                c.settle()
+                c.close()
+            out[name].append(dt)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s/step" for k, v in out.items() if v), flush=True)
+    return out
+
+
+def bench_memory(root: Path, saves: int, width: int) -> tuple[int, list[int]]:
+    import psutil
+
+    model, opt = build(width)
+    nbytes = state_bytes(model, opt)
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peaks: list[int] = []
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    with btckpt.Checkpointer(dir=root / "mem", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
+        for i in range(1, saves + 1):
+            ck.save(i, {"model": model, "optimizer": opt})
+            step(model, opt, width)
+            ck.wait()
+            peaks.append(peak[0] - base)
+    stop.set()
+    th.join()
+    return nbytes, peaks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--dir", default="/tmp/btckpt-bench-async")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--mem-saves", type=int, default=50)
+    ap.add_argument("--parts", default="stall,throughput,memory")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    parts = set(args.parts.split(","))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if "stall" in parts:
+        stalls = bench_stall(root, args.rounds, args.width)
+        print("\n| contender | stall per save (save() + step gate) |\n|---|---|")
+        for k, v in stalls.items():
+            if v:
+                print(f"| {k} | {summary(v)} |")
+        med = {k: statistics.median(v) for k, v in stalls.items() if v}
+        a = med.get("btckpt async")
+        if a is not None:
+            for peer in ("torch.save+fsync", "DCP async_save (thread)", "DCP async_save (process, cached stager)"):
+                if peer in med:
+                    print(f"  btckpt async stall / {peer} = {a / med[peer]:.3f}x")
+    if "throughput" in parts:
+        tp = bench_throughput(root, max(2, args.rounds - 1), args.width, args.steps, args.every)
+        base = statistics.median(tp["no saves"])
+        print(f"\n| training loop (save every {args.every} steps) | s/step | throughput loss vs no saves |\n|---|---|---|")
+        for k, v in tp.items():
+            m = statistics.median(v)
+            print(f"| {k} | {summary(v)} | {100 * (m - base) / base:+.1f}% |")
+    if "memory" in parts:
+        nbytes, peaks = bench_memory(root, args.mem_saves, args.width)
+        print(f"\nhost memory over {len(peaks)} saves: state {nbytes / 2**30:.2f} GiB; peak extra RSS "
+              f"{max(peaks) / 2**30:.2f} GiB = {max(peaks) / nbytes:.3f}x state; after save 1 "
+              f"{peaks[0] / nbytes:.3f}x, after save {len(peaks)} {peaks[-1] / nbytes:.3f}x (growth "
+              f"{(peaks[-1] - peaks[0]) / 2**20:.1f} MiB)")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

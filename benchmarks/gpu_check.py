@@ -1,0 +1,215 @@
+"""One short GPU run: snapshot correctness with kernels in flight, D2H bandwidth, stall vs DCP.
+
+    python benchmarks/gpu_check.py --gib 4 --rounds 3 --dir /tmp/btckpt-gpu
+
+(a) checks that a checkpoint equals the state at the save() call while kernels that write the
+parameters are still queued before it and optimizer steps follow it; (b) measures device->host
+bandwidth into btckpt's arena vs a plain pinned copy of the same bytes (target >= 0.8x) and a pageable
+copy; (c) measures stall per save (save() + step gate) for btckpt async vs DCP async_save on a multi-GiB
+state; (d) prints one table. ``--device cpu --gib 0.1`` runs the same code on CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import btckpt
+from btckpt.layout import flatten_group, plan_layout
+from btckpt.manifest import read_manifest
+from btckpt.reader import CheckpointReader
+from btckpt.snapshot import Stager
+
+warnings.filterwarnings("ignore")
+rows: list[tuple[str, str, str]] = []
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_model(gib: float, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+    """Linear layers whose params + Adam moments total about ``gib`` GiB."""
+    width = 8192 if gib >= 1 else 1024
+    per_layer = width * width * 4 * 3
+    depth = max(1, int(gib * 2**30 // per_layer))
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.LayerNorm(width)]
+    model = torch.nn.Sequential(*layers).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    train_step(model, opt, width, device)
+    return model, opt, width
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, width: int, device: torch.device) -> None:
+    loss = model(torch.randn(64, width, device=device)).float().pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def check_correctness(root: Path, device: torch.device) -> None:
+    model, opt, width = make_model(0.5 if device.type == "cuda" else 0.05, device)
+    big = [p for p in model.parameters() if p.dim() == 2]
+    with btckpt.Checkpointer(dir=root / "a", keep_last=None, save_rng=False, handle_sigterm=False) as ck:
+        ok = True
+        for s in range(1, 4):
+            with torch.no_grad():  # long in-place kernels still queued when save() is called
+                for p in big:
+                    for _ in range(20):
+                        p.mul_(1.0001).add_(1e-6)
+            expect = {k: v.clone() for k, v in model.state_dict().items()}  # queued after those kernels
+            ck.save(s, {"model": model, "optimizer": opt})
+            train_step(model, opt, width, device)  # gated optimizer.step; more kernels after save()
+            train_step(model, opt, width, device)
+            ck.wait()
+            path = root / "a" / f"checkpoint-{s}"
+            got = CheckpointReader(path, read_manifest(path)).load_group("model")
+            for k, v in expect.items():
+                if not torch.equal(got[k], v.cpu()):
+                    ok = False
+                    print(f"  MISMATCH at step {s}: {k}")
+    rows.append(("(a) snapshot == state at save() with kernels in flight", "PASS" if ok else "FAIL", ""))
+    if not ok:
+        print("correctness check FAILED", file=sys.stderr)
+
+
+def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
+    n = int(gib * 2**30) // 4
+    src = torch.randn(n, device=device)
+    tensors = dict(enumerate(src.split(max(1, n // 64))))
+    flat = [flatten_group("model", {str(k): v for k, v in tensors.items()})]
+    layout = plan_layout(flat, max_shard_size=1 << 62)
+    stager = Stager(small_bytes=0)
+    pinned = torch.empty(n, dtype=torch.float32, pin_memory=device.type == "cuda")
+    pageable = torch.empty(n, dtype=torch.float32)
+    pageable.zero_()
+    keys = {("model", k) for k in flat[0].tensors}
+    times: dict[str, list[float]] = {"btckpt arena (side stream)": [], "plain pinned copy": [], "pageable copy": []}
+    stager.stage(flat, layout, async_keys=keys, sync=False).wait()  # allocate the arena once
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        stager.stage(flat, layout, async_keys=keys, sync=False).wait()
+        times["btckpt arena (side stream)"].append(time.perf_counter() - t0)
+        sync(device)
+        t0 = time.perf_counter()
+        pinned.copy_(src, non_blocking=True)
+        sync(device)
+        times["plain pinned copy"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pageable.copy_(src)
+        sync(device)
+        times["pageable copy"].append(time.perf_counter() - t0)
+    stager.close()
+    nbytes = n * 4
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        rows.append((f"(b) D2H {k}", f"{nbytes / v / 2**30:.2f} GiB/s", f"median of {rounds}, {nbytes / 2**30:.1f} GiB"))
+    ratio = med["plain pinned copy"] / med["btckpt arena (side stream)"]
+    rows.append(("(b) arena / plain pinned bandwidth", f"{ratio:.2f}x", "target >= 0.8x"))
+
+
+def stall(root: Path, device: torch.device, gib: float, rounds: int) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    model, opt, width = make_model(gib, device)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor))
+    ck = btckpt.Checkpointer(dir=root / "c", keep_last=1, save_rng=False, handle_sigterm=False)
+    stager: Any = None
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if device.type == "cuda":
+            stager = DefaultStager(StagingOptions(True, False, True, True))
+    except ImportError:  # pragma: no cover
+        pass
+    res: dict[str, list[float]] = {"btckpt async": [], "DCP async_save": []}
+    if stager is not None:
+        res["DCP async_save (pinned, async stager)"] = []
+    step_t: list[float] = []
+    for r in range(rounds):
+        for name in (list(res) if r % 2 == 0 else list(reversed(res))):
+            sync(device)
+            t0 = time.perf_counter()
+            if name == "btckpt async":
+                g0 = ck._gate.waited
+                ck.save(r + 1, {"model": model, "optimizer": opt})
+                blocked = time.perf_counter() - t0
+                train_step(model, opt, width, device)
+                sync(device)
+                res[name].append(blocked + ck._gate.waited - g0)
+                ck.wait()
+            else:
+                sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+                kw: dict[str, Any] = {"checkpoint_id": str(root / f"dcp-{name[-6:]}-{r}"), "no_dist": True}
+                if "pinned" in name:
+                    kw["async_stager"] = stager
+                fut = dcp.async_save(sd, **kw)
+                staged = getattr(fut, "staging_completion", None)
+                if staged is not None:
+                    staged.result()
+                res[name].append(time.perf_counter() - t0)
+                train_step(model, opt, width, device)
+                done = getattr(fut, "upload_completion", fut)
+                done.result()
+        sync(device)
+        t0 = time.perf_counter()
+        train_step(model, opt, width, device)
+        sync(device)
+        step_t.append(time.perf_counter() - t0)
+    ck.close()
+    if stager is not None:
+        stager.close()
+    rows.append(("(c) state size", f"{nbytes / 2**30:.2f} GiB", f"train step {statistics.median(step_t):.3f}s"))
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    for k, v in med.items():
+        rows.append((f"(c) stall per save: {k}", f"{v:.3f}s", f"min {min(res[k]):.3f} max {max(res[k]):.3f}"))
+    for k, v in med.items():
+        if k != "btckpt async":
+            rows.append((f"(c) btckpt stall / {k}", f"{med['btckpt async'] / v:.3f}x", "target <= 0.5x"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gib", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/btckpt-gpu")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    t0 = time.perf_counter()
+    check_correctness(root, device)
+    print(f"(a) done in {time.perf_counter() - t0:.0f}s", flush=True)
+    bandwidth(device, args.gib, args.rounds)
+    print(f"(b) done in {time.perf_counter() - t0:.0f}s", flush=True)
+    stall(root, device, args.gib, args.rounds)
+    print(f"(c) done in {time.perf_counter() - t0:.0f}s\n", flush=True)
+    print(f"| check on {name} | result | note |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    shutil.rmtree(root, ignore_errors=True)
+    if any(r[1] == "FAIL" for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
