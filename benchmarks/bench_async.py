@@ -23,9 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fsync_path, summary  # noqa: E402
-
 import btckpt  # noqa: E402
+from _common import fsync_path, summary  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import StateModule, dd_write, drop_caches, fsync_path, summary, transformer_like_state  # noqa: E402
-
 import btckpt  # noqa: E402
+from _common import StateModule, dd_write, drop_caches, fsync_path, summary, transformer_like_state  # noqa: E402
 
 
 def main() -> None:
