@@ -56,6 +56,8 @@ class CheckpointConfig:
     ``memory_budget``: bytes of staging memory (None: from available memory / local ranks).
     ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
     save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
+    ``upload_to``: an fsspec URL; a separate uploader process (``btckpt upload --watch``) mirrors each
+    committed checkpoint there, and :meth:`close` waits for its final pass.
     """
 
     dir: str | None = None
@@ -74,6 +76,7 @@ class CheckpointConfig:
     preemption_grace: float = 120.0
     handle_sigterm: bool = True
     protect: tuple[str, ...] = field(default_factory=tuple)
+    upload_to: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -100,6 +103,8 @@ class CheckpointConfig:
             raise ConfigError(f"on_error={self.on_error!r}: use 'raise' or 'warn'")
         if self.memory_budget is not None and self.memory_budget < 1 << 20:
             raise ConfigError(f"memory_budget={self.memory_budget!r}: must be at least 1 MiB")
+        if self.upload_to is not None and (not isinstance(self.upload_to, str) or "://" not in self.upload_to):
+            raise ConfigError(f"upload_to={self.upload_to!r}: must be an fsspec URL such as 's3://bucket/run'")
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
 
