@@ -120,14 +120,18 @@ def _resolve(target: str) -> tuple[CheckpointInfo, str]:
 def _console(stream: Any = None) -> Any:
     from rich.console import Console
 
-    return Console(file=stream or sys.stdout, highlight=False, soft_wrap=False)
+    f = stream or sys.stdout
+    width = None
+    if not (hasattr(f, "isatty") and f.isatty()):  # piped: never truncate columns
+        width = int(os.environ.get("COLUMNS") or 0) or 200
+    return Console(file=f, highlight=False, soft_wrap=False, width=width)
 
 
 def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[str]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_edge=False)
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
