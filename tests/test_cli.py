@@ -7,12 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-from test_upload import moto, s3  # noqa: F401 - fixtures
-
-import btckpt
 from btckpt.cli import main
+from test_upload import moto, s3  # noqa: F401,F811 - fixtures
 
 CREATED = "2026-01-02T03:04:05.000000Z"
 
@@ -52,7 +51,7 @@ STEP   NAME            TYPE                SIZE   CREATED               STATUS  
   40   checkpoint-40   full                 7 B   -                     incomplete   no btckpt.json: never committed{tail}
   30   checkpoint-30   LoRA             4.0 KiB   2026-01-02 03:04:05   complete
   20   checkpoint-20   training-state   8.1 KiB   2026-01-02 03:04:05   complete
-  10   checkpoint-10   full             4.1 KiB   2026-01-02 03:04:05   complete"""
+  10   checkpoint-10   full             4.1 KiB   2026-01-02 03:04:05   complete"""  # noqa: E501
 
 SHOW_TABLE = """\
 {path}
@@ -115,7 +114,7 @@ def test_local_outputs(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     _check_outputs(capsys, str(root), remote=False)
 
 
-def test_s3_outputs(capsys: pytest.CaptureFixture[str], s3: str, tmp_path: Path):
+def test_s3_outputs(capsys: pytest.CaptureFixture[str], s3: str, tmp_path: Path):  # noqa: F811
     import fsspec
 
     local = make_tree(tmp_path / "ck")
@@ -124,7 +123,7 @@ def test_s3_outputs(capsys: pytest.CaptureFixture[str], s3: str, tmp_path: Path)
     _check_outputs(capsys, f"{s3}/run", remote=True)
 
 
-def test_verify_names_the_bad_file(capsys: pytest.CaptureFixture[str], s3: str, tmp_path: Path):
+def test_verify_names_the_bad_file(capsys: pytest.CaptureFixture[str], s3: str, tmp_path: Path):  # noqa: F811
     import fsspec
 
     root = make_tree(tmp_path / "ck")

@@ -15,10 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt.upload import Uploader
 
 BIN = Path(sys.executable).parent
@@ -107,7 +106,8 @@ def test_kill_mid_file_then_resume_and_restore(s3, tmp_path: Path):
     src = tmp_path / "ck"
     states = make_ckpts(src, [5], numel=3 * 2**20)  # 12 MiB model file: three 5 MiB parts
     dest = f"{s3}/run"
-    r = upload_cli(src, dest, "--part-size", str(5 << 20), "--concurrency", "1", env={"BTCKPT_FAULT": "upload_file:kill"})
+    r = upload_cli(src, dest, "--part-size", str(5 << 20), "--concurrency", "1",
+                   env={"BTCKPT_FAULT": "upload_file:kill"})
     assert r.returncode == -9, r.stderr
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()

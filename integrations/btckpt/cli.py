@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
@@ -280,7 +279,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                for r in rows]
         if any(r["reason"] for r in rows):
             cols.append(("DETAIL", "left"))
-            for o, r in zip(out, rows):
+            for o, r in zip(out, rows, strict=True):
                 o.append(r["reason"])
         _console().print(_table(None, cols, out))
     return 0

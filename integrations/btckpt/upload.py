@@ -247,7 +247,7 @@ class Uploader:
                             listing.get(n), task) for n in names]
         errors = []
         sent = 0
-        for n, f in zip(names, futs):
+        for n, f in zip(names, futs, strict=True):
             try:
                 sent += f.result()
             except _LocalProblem:
