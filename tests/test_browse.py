@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import torch
-
 import btckpt
+import torch
 from btckpt.browse import BrowseApp, CheckpointScreen, fuzzy_score
 
 
