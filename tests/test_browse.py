@@ -8,6 +8,7 @@ from pathlib import Path
 import btckpt
 import torch
 from btckpt.browse import BrowseApp, CheckpointScreen, fuzzy_score
+from test_upload import moto, s3  # noqa: F401,F811 - fixtures
 
 
 def _tree(root: Path) -> None:
@@ -60,5 +61,28 @@ def test_pick_open_safetensors_and_json(tmp_path: Path):
             await pilot.press("escape")
             await pilot.pause()
             assert not isinstance(app.screen, CheckpointScreen)
+
+    asyncio.run(drive())
+
+
+def test_browse_s3_checkpoint(s3: str, tmp_path: Path):  # noqa: F811
+    import fsspec
+
+    _tree(tmp_path / "ck")
+    fsspec.filesystem("s3").put(str(tmp_path / "ck") + "/", f"{s3[5:]}/run/", recursive=True)
+
+    async def drive() -> None:
+        app = BrowseApp(f"{s3}/run")
+        async with app.run_test(size=(140, 40)) as pilot:
+            await pilot.pause()
+            assert app.query_one("#checkpoints").option_count == 2
+            await pilot.press("enter")  # newest first: checkpoint-7
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, CheckpointScreen) and screen.info.step == 7
+            screen.open_file("model.safetensors")
+            await pilot.pause()
+            table = screen.query_one("#tensors")
+            assert [table.get_row_at(i)[0] for i in range(table.row_count)] == ["embed.weight", "head.bias"]
 
     asyncio.run(drive())

@@ -247,14 +247,17 @@ class Uploader:
                             listing.get(n), task) for n in names]
         errors = []
         sent = 0
-        for n, f in zip(names, futs, strict=True):
+        local_problem: _LocalProblem | None = None
+        for n, f in zip(names, futs, strict=True):  # wait for all before acting: no upload left running
             try:
                 sent += f.result()
-            except _LocalProblem:
-                raise
+            except _LocalProblem as exc:
+                local_problem = local_problem or exc
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"{n}: {exc}")
         res.bytes_sent += sent
+        if local_problem is not None:
+            raise local_problem
         if errors:
             raise RuntimeError("; ".join(errors))
         if rman is not None:  # identical manifest already there
