@@ -8,7 +8,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .discovery import inspect, latest, scan
+from .discovery import _is_url, inspect, latest, scan
 from .distributed import World
 from .errors import CheckpointError, ConfigError, NoCheckpointFound
 from .layout import fill_refs, flatten_group, plan_layout
@@ -59,7 +59,15 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     ``path`` is a checkpoint folder (btckpt, or a plain HF model folder for weights only) or a folder
     holding checkpoints (the newest complete one is used, falling back past damaged ones).
     """
-    p = Path(path)
+    if _is_url(path):
+        infos = [i for i in scan(path) if i.complete]
+        if not infos:
+            raise NoCheckpointFound(f"no complete checkpoint at or under {path}")
+        found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
+        if found is None:
+            raise NoCheckpointFound(f"no checkpoint under {path} could be read (see the warnings above)")
+        return found.step
+    p = Path(os.fspath(path).removeprefix("file://"))
     if not p.exists():
         raise NoCheckpointFound(f"{p} does not exist")
     infos = [i for i in scan(p) if i.complete] if not (p / "btckpt.json").exists() else [inspect(p)]

@@ -58,6 +58,8 @@ class CheckpointConfig:
     parameters and optimizer moments copy in the background behind the step gate.
     ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
     save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
+    ``upload_to``: an fsspec URL; a separate uploader process (``btckpt upload --watch``) mirrors each
+    committed checkpoint there, and :meth:`close` waits for its final pass.
     """
 
     dir: str | None = None
@@ -77,6 +79,7 @@ class CheckpointConfig:
     preemption_grace: float = 120.0
     handle_sigterm: bool = True
     protect: tuple[str, ...] = field(default_factory=tuple)
+    upload_to: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -105,6 +108,8 @@ class CheckpointConfig:
             raise ConfigError(f"memory_budget={self.memory_budget!r}: must be at least 1 MiB")
         if not isinstance(self.copy_inline_bytes, int) or self.copy_inline_bytes < 0:
             raise ConfigError(f"copy_inline_bytes={self.copy_inline_bytes!r}: must be a non-negative integer")
+        if self.upload_to is not None and (not isinstance(self.upload_to, str) or "://" not in self.upload_to):
+            raise ConfigError(f"upload_to={self.upload_to!r}: must be an fsspec URL such as 's3://bucket/run'")
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
 

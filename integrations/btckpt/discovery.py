@@ -124,8 +124,15 @@ def _candidates(root: Path, rank: int) -> list[Path]:
 
 
 def scan(path: str | os.PathLike[str], *, rank: int | None = None) -> list[CheckpointInfo]:
-    """All checkpoint folders under ``path`` in every supported layout, newest first (complete or not)."""
-    root = Path(path)
+    """All checkpoint folders under ``path`` in every supported layout, newest first (complete or not).
+
+    ``path`` may be an fsspec URL (``s3://...``): then :func:`btckpt.remote.scan_url` does the work.
+    """
+    if _is_url(path):
+        from .remote import scan_url
+
+        return list(scan_url(os.fspath(path), rank=rank))
+    root = Path(os.fspath(path).removeprefix("file://"))
     if not root.is_dir():
         return []
     if (root / MANIFEST).exists() or STEP_DIR.match(root.name) or any((root / n).is_file() for n in HF_WEIGHTS):
@@ -135,9 +142,22 @@ def scan(path: str | os.PathLike[str], *, rank: int | None = None) -> list[Check
     return infos
 
 
-def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | None:
-    """The newest complete checkpoint under ``path`` (any supported layout), or None."""
+def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
+    """The newest complete checkpoint under ``path`` (any supported layout), or None.
+
+    For an fsspec URL the answer is the checkpoint's URL (a ``str``).
+    """
+    if _is_url(path):
+        from .remote import latest_url
+
+        return latest_url(os.fspath(path), rank=rank)
+    path = os.fspath(path).removeprefix("file://")
     for info in scan(path, rank=rank):
         if info.complete:
             return info.path
     return None
+
+
+def _is_url(path: str | os.PathLike[str]) -> bool:
+    s = os.fspath(path)
+    return "://" in s and not s.startswith("file://")

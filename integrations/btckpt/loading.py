@@ -67,6 +67,10 @@ def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMap
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones."""
     for cand in candidates:
         info = cand if isinstance(cand, CheckpointInfo) else inspect(cand)
+        if info.complete and hasattr(info, "url"):  # behind an fsspec URL: download to the local cache first
+            from .remote import fetch
+
+            info = fetch(info)  # type: ignore[arg-type]
         if not info.complete:
             why = info.status + (f": {info.reason}" if info.reason else "")
             log.warning("btckpt: skipping %s (%s)", info.path, why)

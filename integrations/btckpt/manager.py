@@ -104,6 +104,12 @@ class Checkpointer:
             if removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
                             len(removed), ", ".join(p.name for p in removed))
+        self._uploader: Any = None
+        if self.config.upload_to and self.world.is_local_leader:
+            from .upload import UploadSupervisor
+
+            self._uploader = UploadSupervisor(self.root, self.config.upload_to)
+            self._uploader.start()
         if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -239,6 +245,8 @@ class Checkpointer:
         self.stats["last_write_s"] = time.perf_counter() - t0
         if self.world.is_local_leader:
             self._apply_retention(keep=path)
+            if self._uploader is not None:
+                self._uploader.poke()
         return path
 
     def _apply_retention(self, *, keep: Path) -> None:
@@ -329,6 +337,9 @@ class Checkpointer:
             self._drain()
         finally:
             self._closed = True
+            if self._uploader is not None:
+                self._uploader.stop()
+                self._uploader = None
             self._gate.close()
             self._stager.close()
             self._pool.shutdown(wait=True)

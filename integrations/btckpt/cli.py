@@ -1,0 +1,378 @@
+"""The ``btckpt`` command: ``ls``, ``show``, ``verify``, ``upload``, ``browse`` on local folders and fsspec URLs.
+
+Starts fast: never imports torch, transformers or lightning (only the torch-free modules: discovery,
+manifest, sthead, storage, remote). Remote URLs take their options from fsspec's environment
+variables (e.g. ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
+Exit status: 0 ok, 1 a checkpoint failed verification or is not complete, 2 usage / not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any
+
+from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
+from .errors import CheckpointError
+from .manifest import check_relative_name
+from .storage import file_checksum, is_url, local_path
+
+__all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def human(n: int) -> str:
+    """Bytes in binary units (``1.5 MiB``)."""
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if f < 1024 or unit == "TiB":
+            return f"{int(f)} B" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _when(created: str) -> str:
+    return created[:19].replace("T", " ") if created else "-"
+
+
+def _where(info: CheckpointInfo) -> str:
+    return getattr(info, "url", "") or str(info.path)
+
+
+def _names(info: CheckpointInfo) -> list[str]:
+    if info.manifest is not None:
+        return list(info.manifest.files)
+    sizes = getattr(info, "sizes", None)
+    if sizes is not None:
+        return list(sizes)
+    return [f.name for f in info.path.iterdir() if f.is_file()] if info.path.is_dir() else []
+
+
+def checkpoint_type(info: CheckpointInfo) -> str:
+    """``LoRA`` (adapter weights), ``training-state`` (optimizer or other tensor groups beside the model),
+    ``full`` (model weights only), ``state`` (plain data only) or ``-`` (unreadable)."""
+    if info.status == "corrupt" and info.manifest is None:
+        return "-"
+    names = _names(info)
+    if any(n.startswith("adapter_model") for n in names):
+        return "LoRA"
+    groups = set(info.manifest.state) if info.manifest is not None else set()
+    st_groups = {n.split(".")[0].split("-0")[0] for n in names if n.endswith(".safetensors")}
+    if "optimizer" in groups or st_groups - {"model"}:
+        return "training-state"
+    if "model" in st_groups or any(n in names for n in HF_WEIGHTS):
+        return "full"
+    return "state"
+
+
+def _rel(info: CheckpointInfo, root: str) -> str:
+    where = _where(info).rstrip("/")
+    base = root.rstrip("/")
+    if where.startswith(base + "/"):
+        return where[len(base) + 1:]
+    return info.path.name
+
+
+def _scan(target: str) -> list[CheckpointInfo]:
+    if is_url(target):
+        return scan(target)
+    return scan(local_path(target))
+
+
+def _row(info: CheckpointInfo, root: str) -> dict[str, Any]:
+    return {"step": info.step, "name": _rel(info, root), "type": checkpoint_type(info), "size": info.size,
+            "created": info.created, "status": info.status, "reason": info.reason, "path": _where(info)}
+
+
+def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc") -> list[dict[str, Any]]:
+    """The rows ``btckpt ls`` prints (dicts: step, name, type, size, created, status, reason, path)."""
+    rows = [_row(i, target) for i in _scan(target)]
+    rows.sort(key=lambda r: (r[sort], r["step"]), reverse=(order == "desc"))
+    return rows
+
+
+def _resolve(target: str) -> tuple[CheckpointInfo, str]:
+    """One checkpoint: ``target`` itself, else the newest complete one under it (with a note)."""
+    if is_url(target):
+        from .storage import remote_fs
+
+        infos = scan(target)
+        here = remote_fs(target)[1].rstrip("/")
+        if len(infos) == 1 and str(infos[0].path).rstrip("/") == here.rstrip("/"):
+            return infos[0], ""
+    else:
+        p = local_path(target)
+        if (p / MANIFEST).exists() or STEP_DIR.match(p.name) or any((p / n).is_file() for n in HF_WEIGHTS):
+            return inspect(p), ""
+        infos = scan(p)
+    if not infos:
+        raise CheckpointError(f"{target}: no checkpoint there (nothing in any supported layout)")
+    for i in infos:
+        if i.complete:
+            return i, f"newest complete checkpoint under {target}"
+    return infos[0], f"newest checkpoint under {target} (none is complete)"
+
+
+def _console(stream: Any = None) -> Any:
+    from rich.console import Console
+
+    f = stream or sys.stdout
+    width = None
+    if not (hasattr(f, "isatty") and f.isatty()):  # piped: never truncate columns
+        width = int(os.environ.get("COLUMNS") or 0) or 200
+    return Console(file=f, highlight=False, soft_wrap=False, width=width)
+
+
+def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[str]]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_edge=False)
+    for name, justify in columns:
+        t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+# -- show --------------------------------------------------------------------------------------------------
+def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict[str, Any]:
+    from .sthead import read_header
+
+    out: dict[str, Any] = {}
+    fs = getattr(info, "fs", None)
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            check_relative_name(name, where=_where(info))
+            if fs is not None:
+                from .remote import join, read_header_url
+
+                p = join(str(info.path), name)
+                size = (getattr(info, "sizes", None) or {}).get(name) or int(fs.size(p))
+                out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
+            else:
+                p2 = info.path / name
+                with open(p2, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    h = read_header(f, size, where=str(p2))
+                counter[0] += h.data_start
+                out[name] = h
+        except (CheckpointError, OSError) as exc:
+            out[name] = exc
+    return out
+
+
+def describe(target: str) -> dict[str, Any]:
+    """What ``btckpt show`` prints: the checkpoint, its files, its tensors (headers only) and totals."""
+    info, note = _resolve(target)
+    names = _names(info)
+    sizes = getattr(info, "sizes", None)
+    files = []
+    for n in names:
+        entry = info.manifest.files.get(n, {}) if info.manifest else {}
+        size = entry.get("size")
+        if size is None:
+            size = sizes.get(n, 0) if sizes is not None else (info.path / n).stat().st_size
+        files.append({"name": n, "size": size, "xxh3_64": entry.get("xxh3_64", "")})
+    counter = [0]
+    tensors, errors = [], []
+    totals: dict[str, Any] = {"tensors": 0, "parameters": 0, "bytes": 0, "by_dtype": {}}
+    for fname, h in _headers(info, names, counter).items():
+        if isinstance(h, Exception):
+            errors.append(f"{fname}: {h}")
+            continue
+        for e in h.entries:
+            nbytes = e.end - e.begin
+            tensors.append({"file": fname, "name": e.name, "dtype": e.dtype, "shape": list(e.shape),
+                            "parameters": e.numel, "bytes": nbytes})
+            totals["tensors"] += 1
+            totals["parameters"] += e.numel
+            totals["bytes"] += nbytes
+            d = totals["by_dtype"].setdefault(e.dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["parameters"] += e.numel
+            d["bytes"] += nbytes
+    return {"path": _where(info), "note": note, "step": info.step, "status": info.status, "reason": info.reason,
+            "type": checkpoint_type(info), "created": info.created, "size": info.size,
+            "groups": sorted(info.manifest.state) if info.manifest else [],
+            "world": info.manifest.world if info.manifest else {}, "files": files, "tensors": tensors,
+            "totals": totals, "errors": errors, "header_bytes_read": counter[0]}
+
+
+def _print_show(d: dict[str, Any], console: Any) -> None:
+    console.print(f"[bold]{d['path']}[/bold]" + (f"  ({d['note']})" if d["note"] else ""))
+    status = d["status"] + (f": {d['reason']}" if d["reason"] else "")
+    console.print(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
+                  f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else ""))
+    console.print(_table("Files", [("FILE", "left"), ("SIZE", "right"), ("XXH3_64", "left")],
+                         [[f["name"], human(f["size"]), f["xxh3_64"] or "-"] for f in d["files"]]))
+    rows = [[t["file"], t["name"], t["dtype"], str(tuple(t["shape"])) if t["shape"] else "()",
+             f"{t['parameters']:,}", human(t["bytes"])] for t in d["tensors"]]
+    console.print(_table("Tensors", [("FILE", "left"), ("NAME", "left"), ("DTYPE", "left"), ("SHAPE", "left"),
+                                     ("PARAMS", "right"), ("BYTES", "right")], rows))
+    tot = d["totals"]
+    by = ", ".join(f"{k} {v['parameters']:,} ({human(v['bytes'])})" for k, v in sorted(tot["by_dtype"].items()))
+    console.print(f"total: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {human(tot['bytes'])}"
+                  + (f"  [{by}]" if by else ""))
+    for e in d["errors"]:
+        console.print(f"[red]error[/red] {e}")
+
+
+# -- verify ------------------------------------------------------------------------------------------------
+def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
+    """Check every file against the manifest (size and xxh3-64). Returns the checkpoint and its problems."""
+    info, _ = _resolve(target)
+    if info.status == "corrupt" or (info.manifest is None and info.kind != "hf"):
+        return info, [f"{info.status}: {info.reason}"]
+    if hasattr(info, "url"):
+        from .remote import verify_url
+
+        return info, verify_url(info)  # type: ignore[arg-type]
+    if info.manifest is None:
+        return info, ["no manifest: a plain model folder has no checksums to verify"]
+    problems = []
+    root = info.path.resolve()
+    for name, entry in info.manifest.files.items():
+        p = info.path / name
+        real = p.resolve()
+        if root not in real.parents:
+            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
+            continue
+        try:
+            size, digest = file_checksum(p)
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if size != entry["size"]:
+            problems.append(f"{name}: size {size} != {entry['size']} (truncated or replaced)")
+        elif digest != entry["xxh3_64"]:
+            problems.append(f"{name}: checksum mismatch (xxh3_64 {digest} != {entry['xxh3_64']})")
+    return info, problems
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+def _cmd_ls(args: argparse.Namespace) -> int:
+    fmt = "json" if args.json else args.format
+    rows = list_checkpoints(args.target, sort=args.sort, order=args.order)
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["step", "name", "type", "size", "created", "status", "reason"])
+        for r in rows:
+            w.writerow([r["step"], r["name"], r["type"], r["size"], r["created"], r["status"], r["reason"]])
+    else:
+        if not rows:
+            print(f"no checkpoints under {args.target}", file=sys.stderr)
+            return 0
+        cols = [("STEP", "right"), ("NAME", "left"), ("TYPE", "left"), ("SIZE", "right"), ("CREATED", "left"),
+                ("STATUS", "left")]
+        out = [[str(r["step"]), r["name"], r["type"], human(r["size"]), _when(r["created"]), r["status"]]
+               for r in rows]
+        if any(r["reason"] for r in rows):
+            cols.append(("DETAIL", "left"))
+            for o, r in zip(out, rows, strict=True):
+                o.append(r["reason"])
+        _console().print(_table(None, cols, out))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    d = describe(args.target)
+    if args.json or args.format == "json":
+        print(json.dumps(d, indent=1))
+    else:
+        _print_show(d, _console())
+    return 0 if not d["errors"] else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    info, problems = verify(args.target)
+    if args.json or args.format == "json":
+        print(json.dumps({"path": _where(info), "step": info.step, "ok": not problems, "problems": problems},
+                         indent=1))
+    else:
+        n = len(info.manifest.files) if info.manifest else 0
+        if problems:
+            for p in problems:
+                print(f"BAD {_where(info)}: {p}", file=sys.stderr)
+            print(f"FAILED {_where(info)} (step {info.step}): {len(problems)} problem(s) in {n} file(s)")
+        else:
+            print(f"OK {_where(info)} (step {info.step}): {n} files, {human(info.size)}, checksums match")
+    return 1 if problems else 0
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from .upload import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from .browse import run
+
+    run(args.target)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``btckpt`` command."""
+    p = argparse.ArgumentParser(prog="btckpt", description="Inspect, verify, upload and browse btckpt checkpoints "
+                                "(local folders or fsspec URLs such as s3://bucket/run).")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list checkpoints: step, name, type, size, created, status")
+    ls.add_argument("target", nargs="?", default=os.environ.get("BT_CHECKPOINT_DIR") or "./checkpoints",
+                    metavar="DIR|URL")
+    ls.add_argument("--sort", choices=["step", "size", "created"], default="step")
+    ls.add_argument("--order", choices=["asc", "desc"], default="desc")
+    ls.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    ls.add_argument("--json", action="store_true", help="same as --format json")
+    ls.set_defaults(func=_cmd_ls)
+    for name, func, hlp in (("show", _cmd_show, "files and tensor summary (safetensors headers only)"),
+                            ("verify", _cmd_verify, "check every file's size and checksum against the manifest")):
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("target", metavar="CKPT", help="a checkpoint folder or URL (or a folder holding them: "
+                        "the newest complete one)")
+        sp.add_argument("--format", choices=["table", "json"], default="table")
+        sp.add_argument("--json", action="store_true", help="same as --format json")
+        sp.set_defaults(func=func)
+    from .upload import add_arguments
+
+    up = sub.add_parser("upload", help="mirror committed checkpoints to a URL (a separate process)")
+    add_arguments(up)
+    up.set_defaults(func=_cmd_upload)
+    br = sub.add_parser("browse", help="terminal UI: pick a checkpoint, walk files, tensor tables")
+    br.add_argument("target", nargs="?", default=os.environ.get("BT_CHECKPOINT_DIR") or "./checkpoints",
+                    metavar="DIR|URL")
+    br.set_defaults(func=_cmd_browse)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``btckpt`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CheckpointError as exc:
+        print(f"btckpt: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"btckpt: not found: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # pragma: no cover - `btckpt ls | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,426 @@
+"""``btckpt upload SRC URL``: mirror committed checkpoints to any fsspec URL, as a separate process.
+
+Torch-free, so it starts fast and never competes with training for the GPU. Rules:
+
+- only committed folders (a complete manifest); temp folders are never looked at;
+- data files first, the manifest last: on an object store the manifest's presence is the commit, so a
+  reader never sees a half-uploaded checkpoint as complete;
+- resumable: a journal (``SRC/.btckpt-upload/<dest-hash>.jsonl``) records every verified file; after a
+  kill, a restart skips remote files whose size matches and whose checksum matches (journal, or the S3
+  ETag computed locally, or a read-back where neither is available) and uploads the rest;
+- verified: the local file is hashed against the manifest before upload (a corrupt local file is never
+  uploaded) and the remote object is checked after (S3: ETag = MD5 / multipart MD5; others: read back);
+- retries with exponential backoff and jitter, bounded concurrency (``--concurrency`` files at once);
+- ``--keep-local K``: after a verified upload, delete local checkpoints beyond the newest K; a checkpoint
+  not yet uploaded is never deleted;
+- ``--mirror-retention``: delete remote checkpoints this uploader uploaded whose local folder was
+  removed by the training job's own retention (not those ``--keep-local`` offloaded).
+
+``--watch`` keeps going until SIGTERM/SIGINT, then makes one final pass and exits (status 1 when that
+pass left something not uploaded). ``Checkpointer(upload_to=URL)`` runs this module for you.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import faults
+from .discovery import CheckpointInfo, scan
+from .manifest import MANIFEST
+from .remote import join
+from .storage import local_path, new_hasher, remote_fs
+from .uploadsup import Callback, Journal, UploadSupervisor, s3_etag
+
+__all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag"]
+
+log = logging.getLogger("btckpt.upload")
+_CHUNK = 8 << 20
+
+
+class _LocalProblem(Exception):
+    """The local file is missing or does not match its manifest: retrying will not help."""
+
+
+@dataclass
+class PassResult:
+    """What one pass did (remote paths of checkpoints)."""
+
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    deleted_local: list[str] = field(default_factory=list)
+    deleted_remote: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+
+
+class Uploader:
+    """Mirrors committed checkpoints under ``src`` to ``dest`` (see the module docstring)."""
+
+    def __init__(self, src: str | os.PathLike[str], dest: str, *, concurrency: int = 4, retries: int = 5,
+                 backoff: float = 0.5, keep_local: int | None = None, mirror_retention: bool = False,
+                 part_size: int = 64 << 20, progress: bool = False) -> None:
+        self.src = local_path(src)
+        self.dest = dest.rstrip("/")
+        self.fs, self.root = remote_fs(self.dest)
+        self.root = self.root.rstrip("/")
+        self.s3 = hasattr(self.fs, "call_s3")
+        self.concurrency, self.retries, self.backoff = max(1, concurrency), max(0, retries), backoff
+        self.keep_local, self.mirror_retention = keep_local, mirror_retention
+        self.part_size = max(part_size, 5 << 20) if self.s3 else part_size
+        key = hashlib.sha1(self.dest.encode()).hexdigest()[:12]
+        self.journal = Journal(self.src / ".btckpt-upload" / f"{key}.jsonl")
+        self.progress: Any = None
+        if progress:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+            self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), transient=True)
+
+    # -- one pass ----------------------------------------------------------------------------------------
+    def _local(self) -> list[CheckpointInfo]:
+        return sorted((i for i in scan(self.src) if i.complete and i.kind == "btckpt"), key=lambda i: i.step)
+
+    def _remote_dir(self, info: CheckpointInfo) -> str:
+        rel = info.path.relative_to(self.src).as_posix() if info.path != self.src else info.path.name
+        return join(self.root, rel)
+
+    def run_pass(self) -> PassResult:
+        """Upload everything committed and not yet uploaded (oldest first), then apply keep-local/mirroring."""
+        res = PassResult()
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache()
+        if self.progress is not None:
+            self.progress.start()
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="btckpt-upload") as pool:
+                for info in self._local():
+                    rdir = self._remote_dir(info)
+                    try:
+                        status = self._upload_checkpoint(info, rdir, pool, res)
+                    except _LocalProblem as exc:
+                        log.warning("not uploading %s: %s", info.path, exc)
+                        res.failed.append(rdir)
+                        self._drop_partial(rdir)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - logged; retried at the next pass
+                        log.error("upload of %s to %s failed: %s", info.path, rdir, exc)
+                        res.failed.append(rdir)
+                        continue
+                    (res.uploaded if status == "uploaded" else res.skipped).append(rdir)
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+        if self.keep_local is not None:
+            self._offload(res)
+        if self.mirror_retention:
+            self._mirror(res)
+        return res
+
+    def _upload_checkpoint(self, info: CheckpointInfo, rdir: str, pool: ThreadPoolExecutor, res: PassResult) -> str:
+        assert info.manifest is not None
+        try:
+            man_bytes = (info.path / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise _LocalProblem("the checkpoint was deleted locally (retention) before it was uploaded") from None
+        mh = new_hasher()
+        mh.update(man_bytes)
+        mhash = mh.hexdigest()
+        if self.journal.ckpts.get(rdir) == mhash:
+            return "skipped"
+        listing = _listing_detail(self.fs, rdir)
+        task = None
+        total = sum(int(e["size"]) for e in info.manifest.files.values())
+        if self.progress is not None:
+            task = self.progress.add_task(info.path.name, total=total)
+        rman = listing.get(MANIFEST)
+        if rman is not None and self.fs.cat_file(join(rdir, MANIFEST)) != man_bytes:
+            log.warning("%s holds a different checkpoint; un-committing it (manifest first) before the upload", rdir)
+            self.fs.rm_file(join(rdir, MANIFEST))
+            rman = None
+        names = sorted(info.manifest.files, key=lambda n: info.manifest.files[n]["size"])  # type: ignore[union-attr]
+        futs = [pool.submit(self._upload_file, info.path / n, join(rdir, n), info.manifest.files[n],
+                            listing.get(n), task) for n in names]
+        errors = []
+        sent = 0
+        local_problem: _LocalProblem | None = None
+        for n, f in zip(names, futs, strict=True):  # wait for all before acting: no upload left running
+            try:
+                sent += f.result()
+            except _LocalProblem as exc:
+                local_problem = local_problem or exc
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{n}: {exc}")
+        res.bytes_sent += sent
+        if local_problem is not None:
+            raise local_problem
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        if rman is not None:  # identical manifest already there
+            self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
+            return "uploaded" if sent else "skipped"
+        self._retry(lambda: self._put_manifest(rdir, man_bytes), f"{rdir}/{MANIFEST}")
+        self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
+        log.info("uploaded %s -> %s (%d files, %d bytes)", info.path, rdir, len(names), total)
+        return "uploaded"
+
+    def _put_manifest(self, rdir: str, data: bytes) -> None:
+        faults.point("upload_manifest")
+        target = join(rdir, MANIFEST)
+        if self.s3:
+            self.fs.pipe_file(target, data)  # one PUT: atomic on an object store
+        else:
+            tmp = join(rdir, f".{MANIFEST}.tmp-{os.getpid()}")
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, target)
+        self.fs.invalidate_cache(target) if hasattr(self.fs, "invalidate_cache") else None
+        if self.fs.cat_file(target) != data:
+            raise OSError(f"{target}: read-back differs from the local manifest")
+
+    def _upload_file(self, local: Path, rpath: str, entry: dict[str, Any], remote: dict[str, Any] | None,
+                     task: Any) -> int:
+        size = int(entry["size"])
+        j = self.journal.files.get(rpath)
+        if remote is not None and remote["size"] == size:
+            if (j and j["size"] == size and j["xxh3_64"] == entry["xxh3_64"]
+                    and (not self.s3 or j.get("etag") == remote.get("ETag"))):
+                self._advance(task, size)
+                return 0
+            if self._remote_matches(local, rpath, entry, remote):
+                self._advance(task, size)
+                return 0
+        return self._retry(lambda: self._send(local, rpath, entry, task), rpath)
+
+    def _advance(self, task: Any, n: int) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.update(task, advance=n)
+
+    def _local_digest(self, local: Path, entry: dict[str, Any]) -> str | None:
+        """Hash the local file (and its S3 ETag); refuse it when it does not match the manifest."""
+        try:
+            if self.s3:
+                digest, etag = s3_etag(local, part_size=self.part_size)
+            else:
+                from .storage import file_checksum
+
+                _, digest = file_checksum(local)
+                etag = None
+        except FileNotFoundError:
+            raise _LocalProblem(f"{local} vanished (deleted locally before upload)") from None
+        if digest != entry["xxh3_64"]:
+            raise _LocalProblem(f"{local}: checksum {digest} differs from the manifest's {entry['xxh3_64']}; "
+                                "the local file is corrupt and is not uploaded")
+        return etag
+
+    def _remote_matches(self, local: Path, rpath: str, entry: dict[str, Any], remote: dict[str, Any]) -> bool:
+        if self.s3:
+            etag = self._local_digest(local, entry)
+            ok = etag == remote.get("ETag")
+        else:
+            from .storage import file_checksum
+
+            _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
+            ok = digest == entry["xxh3_64"]
+            etag = None
+        if ok:
+            self.journal.add(t="file", remote=rpath, size=int(entry["size"]), xxh3_64=entry["xxh3_64"], etag=etag)
+        return ok
+
+    def _send(self, local: Path, rpath: str, entry: dict[str, Any], task: Any) -> int:
+        size = int(entry["size"])
+        etag = self._local_digest(local, entry)
+        cb = Callback(size, self.progress, task)
+        try:
+            if self.s3:
+                self.fs.put_file(str(local), rpath, callback=cb, chunksize=self.part_size)
+            else:
+                self.fs.makedirs(self.fs._parent(rpath), exist_ok=True)
+                with open(local, "rb") as src, self.fs.open(rpath, "wb") as dst:
+                    while True:
+                        chunk = src.read(_CHUNK)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                        cb.relative_update(len(chunk))
+        except FileNotFoundError as exc:
+            if not local.exists():
+                raise _LocalProblem(f"{local} vanished during the upload") from None
+            raise exc
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache(rpath)
+        info = self.fs.info(rpath)
+        if int(info["size"]) != size:
+            raise OSError(f"{rpath}: remote size {info['size']} != {size} after upload")
+        if self.s3:
+            if info.get("ETag") != etag:
+                raise OSError(f"{rpath}: remote ETag {info.get('ETag')} != expected {etag} after upload")
+        else:
+            from .storage import file_checksum
+
+            _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
+            if digest != entry["xxh3_64"]:
+                raise OSError(f"{rpath}: remote checksum {digest} != {entry['xxh3_64']} after upload")
+        self.journal.add(t="file", remote=rpath, size=size, xxh3_64=entry["xxh3_64"], etag=info.get("ETag"))
+        return size
+
+    def _retry(self, fn: Any, what: str) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except _LocalProblem:
+                raise
+            except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
+                if attempt == self.retries:
+                    raise
+                delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random())
+                log.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_partial(self, rdir: str) -> None:
+        try:
+            if not self.fs.exists(join(rdir, MANIFEST)) and self.fs.exists(rdir):
+                self.fs.rm(rdir, recursive=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not remove the partial upload %s: %s", rdir, exc)
+
+    # -- retention ---------------------------------------------------------------------------------------
+    def _offload(self, res: PassResult) -> None:
+        from .commit import delete_checkpoint
+
+        keep = max(0, self.keep_local or 0)
+        local = list(reversed(self._local()))  # newest first
+        for info in local[keep:]:
+            rdir = self._remote_dir(info)
+            try:
+                mh = new_hasher()
+                mh.update((info.path / MANIFEST).read_bytes())
+            except FileNotFoundError:
+                continue
+            if self.journal.ckpts.get(rdir) != mh.hexdigest() or not self.fs.exists(join(rdir, MANIFEST)):
+                continue  # not uploaded (or not verified): never delete it
+            self.journal.add(t="offloaded", remote=rdir)
+            try:
+                delete_checkpoint(info.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not delete %s after upload: %s", info.path, exc)
+                continue
+            log.info("deleted local %s (uploaded and verified at %s; --keep-local %d)", info.path, rdir, keep)
+            res.deleted_local.append(str(info.path))
+
+    def _mirror(self, res: PassResult) -> None:
+        local = {self._remote_dir(i) for i in scan(self.src)}
+        for rdir in list(self.journal.ckpts):
+            if rdir in local or rdir in self.journal.offloaded:
+                continue
+            try:
+                self.fs.rm_file(join(rdir, MANIFEST))  # un-commit first: never a complete-looking partial
+                self.fs.rm(rdir, recursive=True)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                log.warning("mirror retention could not delete %s: %s", rdir, exc)
+                continue
+            self.journal.add(t="gone", remote=rdir)
+            log.info("mirror retention deleted %s (removed locally)", rdir)
+            res.deleted_remote.append(rdir)
+
+    # -- watch -------------------------------------------------------------------------------------------
+    def watch(self, stop: threading.Event, *, poll: float = 1.0, wake: threading.Event | None = None) -> PassResult:
+        """Pass after pass until ``stop`` is set; then one final pass. Returns that final pass.
+
+        ``wake`` (set when the supervising Checkpointer reports a commit) starts a pass at once.
+        """
+        wake = wake or stop
+        while not stop.is_set():
+            self.run_pass()
+            wake.wait(poll)
+            if wake is not stop:
+                wake.clear()
+        log.info("stopping: final pass")
+        return self.run_pass()
+
+
+def _listing_detail(fs: Any, path: str) -> dict[str, dict[str, Any]]:
+    try:
+        found = fs.find(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    base = path.rstrip("/") + "/"
+    return {n[len(base):]: {"size": int(i.get("size") or 0), "ETag": i.get("ETag")} for n, i in found.items()
+            if n.startswith(base) and i.get("type", "file") != "directory"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The upload options (shared by ``btckpt upload`` and ``python -m btckpt.upload``)."""
+    p.add_argument("src", metavar="SRC", help="local checkpoint folder (e.g. $BT_CHECKPOINT_DIR)")
+    p.add_argument("dest", metavar="URL", help="destination fsspec URL, e.g. s3://bucket/run")
+    p.add_argument("--watch", action="store_true", help="keep uploading new checkpoints until SIGTERM/SIGINT")
+    p.add_argument("--keep-local", type=int, default=None, metavar="K",
+                   help="after a verified upload, delete local checkpoints beyond the newest K")
+    p.add_argument("--mirror-retention", action="store_true",
+                   help="delete remote checkpoints whose local folder the training job's retention removed")
+    p.add_argument("--concurrency", type=int, default=4, help="files uploaded at once (default 4)")
+    p.add_argument("--retries", type=int, default=5, help="retries per file on transient errors (default 5)")
+    p.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time")
+    p.add_argument("--part-size", type=int, default=64 << 20, help="multipart part size in bytes (S3: >= 5 MiB)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between passes with --watch")
+    p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)  # stdin: line = pass, EOF = stop
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bar (auto: tty)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run an upload from parsed arguments; the exit status (1 when something was left not uploaded)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s btckpt-upload[%(process)d] %(levelname)s %(message)s")
+    progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    up = Uploader(args.src, args.dest, concurrency=args.concurrency, retries=args.retries, backoff=args.backoff,
+                  keep_local=args.keep_local, mirror_retention=args.mirror_retention, part_size=args.part_size,
+                  progress=progress)
+    if not args.watch:
+        res = up.run_pass()
+    else:
+        stop, wake = threading.Event(), threading.Event()
+
+        def on_stop(*_: Any) -> None:
+            stop.set()
+            wake.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_stop)
+        if args.supervised:
+            def read_stdin() -> None:
+                for _ in sys.stdin.buffer:
+                    wake.set()
+                on_stop()
+
+            threading.Thread(target=read_stdin, name="btckpt-upload-stdin", daemon=True).start()
+        res = up.watch(stop, poll=args.poll, wake=wake)
+    log.info("done: %d uploaded, %d already there, %d failed, %d local deleted, %d remote deleted",
+             len(res.uploaded), len(res.skipped), len(res.failed), len(res.deleted_local), len(res.deleted_remote))
+    return 1 if res.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m btckpt.upload SRC URL [--watch] ...``"""
+    p = argparse.ArgumentParser(prog="btckpt upload", description=__doc__.split("\n")[0] if __doc__ else None)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

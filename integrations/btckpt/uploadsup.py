@@ -1,0 +1,189 @@
+"""Parts of the uploader that are not the upload loop: the S3 ETag, the journal, the progress callback,
+and the supervisor that runs ``btckpt upload --watch`` beside training (``Checkpointer(upload_to=URL)``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import faults
+from .storage import new_hasher
+
+__all__ = ["s3_etag", "Journal", "Callback", "UploadSupervisor"]
+
+log = logging.getLogger("btckpt.upload")
+_CHUNK = 8 << 20
+
+
+def s3_etag(path: Path, *, part_size: int) -> tuple[str, str]:
+    """``(xxh3_64, etag)`` of a local file: the ETag S3 gives it when uploaded with ``part_size`` parts."""
+    size = path.stat().st_size
+    h = new_hasher()
+    parts = []
+    single = size < min(5 * 2**30, 2 * part_size)
+    whole = hashlib.md5(usedforsecurity=False) if single else None
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            part = hashlib.md5(usedforsecurity=False)
+            left = part_size
+            got = 0
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                (whole or part).update(chunk)
+                left -= len(chunk)
+                got += len(chunk)
+            if got and not single:
+                parts.append(part.digest())
+            if got < part_size:
+                break
+    if whole is not None:
+        return h.hexdigest(), f'"{whole.hexdigest()}"'
+    return h.hexdigest(), f'"{hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"'
+
+
+class Journal:
+    """Append-only record of verified uploads (one JSON object a line), safe across kills."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: dict[str, dict[str, Any]] = {}
+        self.ckpts: dict[str, str] = {}
+        self.offloaded: set[str] = set()
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill
+                self._apply(r)
+
+    def _apply(self, r: dict[str, Any]) -> None:
+        t = r.get("t")
+        if t == "file":
+            self.files[r["remote"]] = r
+        elif t == "ckpt":
+            self.ckpts[r["remote"]] = r["manifest"]
+        elif t == "gone":
+            self.ckpts.pop(r["remote"], None)
+        elif t == "offloaded":
+            self.offloaded.add(r["remote"])
+
+    def add(self, **r: Any) -> None:
+        with self._lock:
+            self._apply(r)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+class Callback:
+    """fsspec-style progress callback: feeds the progress bar and the ``upload_file`` fault point."""
+
+    def __init__(self, size: int, progress: Any, task: Any) -> None:
+        self.size, self.sent, self.progress, self.task = size, 0, progress, task
+
+    def set_size(self, size: int) -> None:
+        self.size = size
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.sent += inc
+        if self.progress is not None:
+            self.progress.update(self.task, advance=inc)
+        if 0 < self.sent < self.size:
+            faults.point("upload_file")  # mid-file: tests kill the uploader here
+
+    def absolute_update(self, value: int) -> None:
+        self.relative_update(value - self.sent)
+
+    def branched(self, *a: Any, **k: Any) -> None:
+        return None
+
+    def call(self, *a: Any, **k: Any) -> None:
+        return None
+
+
+class UploadSupervisor:
+    """Runs ``python -m btckpt.upload SRC URL --watch --supervised`` beside training (``upload_to=URL``).
+
+    The uploader reads its stdin: a line starts a pass at once (:meth:`poke`, after each commit), end of
+    input (:meth:`stop`, or this process dying) makes it do a final pass and exit: no signal races at
+    start-up, no orphan uploader after a crash. :meth:`check` restarts a dead uploader (up to
+    ``max_restarts`` times).
+    """
+
+    def __init__(self, src: str | os.PathLike[str], dest: str, *, extra_args: list[str] | None = None,
+                 max_restarts: int = 5) -> None:
+        self.src, self.dest = os.fspath(src), dest
+        self.extra_args = list(extra_args or [])
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.proc: Any = None
+
+    def start(self) -> None:
+        """Start the uploader process (its logs go to this process's stderr)."""
+        import subprocess
+
+        env = dict(os.environ)
+        pkg_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "btckpt.upload", self.src, self.dest, "--watch",
+                                      "--supervised", "--progress", "off", *self.extra_args], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        log.info("started uploader pid %d: %s -> %s", self.proc.pid, self.src, self.dest)
+
+    def check(self) -> None:
+        """Restart the uploader if it died (training never waits on it)."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        if self.restarts >= self.max_restarts:
+            return
+        self.restarts += 1
+        log.warning("uploader pid %d exited with status %s; restarting it (%d/%d)", self.proc.pid,
+                    self.proc.returncode, self.restarts, self.max_restarts)
+        self.start()
+
+    def poke(self) -> None:
+        """Ask the uploader for a pass now (a checkpoint just committed)."""
+        self.check()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b"\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):  # it died just now: check() restarts it next time
+                pass
+
+    def stop(self, *, timeout: float | None = 3600.0) -> int | None:
+        """SIGTERM: the uploader makes a final pass and exits; wait for it (kill after ``timeout``)."""
+        import subprocess
+
+        if self.proc is None:
+            return None
+        self.check()
+        try:
+            self.proc.stdin.close()  # end of input: final pass, then exit
+        except OSError:  # pragma: no cover
+            pass
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("uploader pid %d did not finish its final pass within %.0fs; killing it (re-run "
+                      "`btckpt upload %s %s` to finish)", self.proc.pid, timeout, self.src, self.dest)
+            self.proc.kill()
+            rc = self.proc.wait()
+        if rc:
+            log.warning("uploader exited with status %s: not everything was uploaded; re-run `btckpt upload "
+                        "%s %s`", rc, self.src, self.dest)
+        self.proc = None
+        return int(rc)
