@@ -83,10 +83,6 @@ class Checkpointer:
         self.world: World = world()
         self.root = self.config.local_dir
         self._lock_fd: int | None = None
-        self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
-                              small_bytes=self.config.copy_inline_bytes)
-        self._gate = StepGate()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None
         self._layout: Layout | None = None
@@ -104,6 +100,11 @@ class Checkpointer:
             if removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
                             len(removed), ", ".join(p.name for p in removed))
+        # threads start only once nothing above can fail (a failed constructor leaks nothing)
+        self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
+                              small_bytes=self.config.copy_inline_bytes)
+        self._gate = StepGate()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._uploader: Any = None
         if self.config.upload_to and self.world.is_local_leader:
             from .upload import UploadSupervisor
