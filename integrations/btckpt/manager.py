@@ -372,13 +372,12 @@ class Checkpointer:
         return info.step
 
     def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """All ranks load the same step: global rank 0 picks, the others follow (store, no collectives)."""
-        key = f"{self._session}/restore-step"
-        if self.world.is_leader:
-            self.world.publish(key, cands[0].step if cands else -1)
-        step = self.world.collect(key, timeout=self.config.barrier_timeout)
-        picked = [c for c in cands if c.step == step]
-        if step >= 0 and not picked:
-            raise NoCheckpointFound(f"rank {self.world.rank}: rank 0 resumes from step {step}, but this node has "
-                                    f"no complete part of it under {self.root} or {self.config.load_dir}")
-        return picked
+        """All ranks load the same step: the newest one complete on every node (store, no collectives)."""
+        step = self.world.agree_step(f"{self._session}/restore", [c.step for c in cands],
+                                     timeout=self.config.barrier_timeout)
+        newer = sorted({c.step for c in cands if c.step > step}, reverse=True)
+        if newer:
+            log.warning("btckpt: rank %d: checkpoint-%d is not complete on every node (a part is missing or "
+                        "incomplete); resuming from %s", self.world.rank, newer[0],
+                        f"step {step}" if step >= 0 else "scratch")
+        return [c for c in cands if c.step == step]
