@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .commit import LocalCommit, write_small_file
 from .distributed import World
 from .layout import FlatState
@@ -75,6 +76,7 @@ def run_save(job: SaveJob) -> Path:
                 size, digest = write_small_file(commit.tmp / name, data)
                 written[name] = {"size": size, "xxh3_64": digest}
             if job.rng is not None:
+                faults.point("write_rng")
                 name = rng_file(w.rank)
                 size, digest = write_small_file(commit.tmp / name, json.dumps(job.rng).encode())
                 written[name] = {"size": size, "xxh3_64": digest}
