@@ -46,6 +46,7 @@ class SaveJob:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
+    sharded: Any = None  # btckpt.sharded.ShardedPart: this rank's shards (FSDP2/DTensor groups)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -84,6 +85,8 @@ def run_save(job: SaveJob) -> Path:
             raise space_error(exc, commit.tmp) from exc
         nbytes = sum(v["size"] for v in written.values())
         w.publish(f"{key}/files/{w.rank}", written)
+        if job.sharded is not None:
+            job.sharded.publish(w, key)
         w.barrier(f"{key}/written", timeout=job.barrier_timeout)
         if leader:
             for r in range(w.rank, w.rank + w.local_size):
@@ -92,6 +95,8 @@ def run_save(job: SaveJob) -> Path:
                     commit.record(name, info["size"], info["xxh3_64"])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},
                                 world=w.as_json(), meta=job.meta)
+            if job.sharded is not None:
+                job.sharded.finish_manifest(manifest, w, key, timeout=job.barrier_timeout)
             if w.node_rank != 0:
                 commit.commit(manifest)
         w.barrier(f"{key}/parts", timeout=job.barrier_timeout)
