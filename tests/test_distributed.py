@@ -10,34 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import assert_same, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line  # noqa: E402
+from dist_launch import env_with, finish, kill_and_resume, kill_session, raw_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _run(tmp: Path, ckdir: str, out: str, *extra: str, mode: str = "ddp", nproc: int = 2) -> str:
-    env = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir))
-    rc, text = finish(torchrun("dist_train.py", ["--mode", mode, "--out", str(tmp / out), *extra], nproc=nproc,
-                               env=env), timeout=180)
-    assert rc == 0, text[-4000:]
-    return text
-
-
-def kill_and_resume(tmp: Path, mode: str, nproc: int = 2) -> None:
-    _run(tmp, "ref", "ref.st", mode=mode, nproc=nproc)
-    env = env_with(BT_CHECKPOINT_DIR=str(tmp / "run"), PROGRESS=str(tmp / "progress"))
-    job = torchrun("dist_train.py", ["--mode", mode, "--sleep", "0.15"], nproc=nproc, env=env)
-    try:
-        wait_for_line(tmp / "progress", "STEP", count=8, timeout=150, proc=job)
-    finally:
-        kill_session(job)  # SIGKILL the agent and every rank at once
-        job.communicate(timeout=60)
-    assert not (tmp / "run" / "checkpoint-12").exists()
-    text = _run(tmp, "run", "resumed.st", mode=mode, nproc=nproc)
-    resumed = [ln for ln in text.splitlines() if "resumed from" in ln]
-    assert len(resumed) == nproc and all("resumed from None" not in ln for ln in resumed), text[-3000:]
-    assert_same(tmp / "ref.st", tmp / "resumed.st")
-    assert not [p for p in (tmp / "run").iterdir() if p.name.startswith(".checkpoint-")]
 
 
 def test_ddp_sigkill_whole_job_then_resume_is_bit_identical(tmp_path: Path) -> None:

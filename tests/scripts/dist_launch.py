@@ -103,3 +103,28 @@ def assert_same(a: Path, b: Path) -> None:
     assert sorted(ta) == sorted(tb), (sorted(ta), sorted(tb))
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{k} differs"
+
+
+def run_job(tmp: Path, ckdir: str, out: str, *extra: str, mode: str = "ddp", nproc: int = 2) -> str:
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir))
+    rc, text = finish(torchrun("dist_train.py", ["--mode", mode, "--out", str(tmp / out), *extra], nproc=nproc,
+                               env=env), timeout=180)
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def kill_and_resume(tmp: Path, mode: str, nproc: int = 2) -> None:
+    run_job(tmp, "ref", "ref.st", mode=mode, nproc=nproc)
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp / "run"), PROGRESS=str(tmp / "progress"))
+    job = torchrun("dist_train.py", ["--mode", mode, "--sleep", "0.15"], nproc=nproc, env=env)
+    try:
+        wait_for_line(tmp / "progress", "STEP", count=8, timeout=150, proc=job)
+    finally:
+        kill_session(job)  # SIGKILL the agent and every rank at once
+        job.communicate(timeout=60)
+    assert not (tmp / "run" / "checkpoint-12").exists()
+    text = run_job(tmp, "run", "resumed.st", mode=mode, nproc=nproc)
+    resumed = [ln for ln in text.splitlines() if "resumed from" in ln]
+    assert len(resumed) == nproc and all("resumed from None" not in ln for ln in resumed), text[-3000:]
+    assert_same(tmp / "ref.st", tmp / "resumed.st")
+    assert not [p for p in (tmp / "run").iterdir() if p.name.startswith(".checkpoint-")]

@@ -16,10 +16,9 @@ import os
 import sys
 import time
 
+import btckpt
 import torch
 import torch.distributed as dist
-
-import btckpt
 
 
 def build(mode: str, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
