@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ from .storage import free_bytes
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger("btckpt")
+_SESSIONS = itertools.count()  # every rank creates its Checkpointers in the same order
 
 
 def _writer_init() -> None:
@@ -99,9 +101,11 @@ class Checkpointer:
         mine = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if self.world.size == 1 or self.world.store is None:
             return mine
+        # Keyed by creation order, not by dir: each node of a multi-node job has its own dir.
+        key = f"session/{next(_SESSIONS)}"
         if self.world.is_leader:
-            self.world.publish(f"session/{self.config.dir}", mine)
-        return str(self.world.collect(f"session/{self.config.dir}", timeout=self.config.barrier_timeout))
+            self.world.publish(key, mine)
+        return str(self.world.collect(key, timeout=self.config.barrier_timeout))
 
     def _take_lock(self) -> None:
         try:
