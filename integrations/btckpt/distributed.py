@@ -159,7 +159,9 @@ def world() -> World:
     local_size = _env_int("LOCAL_WORLD_SIZE", size)
     local_rank = _env_int("LOCAL_RANK", rank % max(local_size, 1))
     nodes = max(1, size // max(local_size, 1))
-    node = _env_int("GROUP_RANK", _env_int("BT_NODE_RANK", rank // max(local_size, 1)))
+    # $BT_NODE_RANK names this node's folder (the platform uploads it as rank-<node>); torchrun's
+    # GROUP_RANK follows rendezvous arrival order under --rdzv-backend=c10d, so it is only the fallback.
+    node = _env_int("BT_NODE_RANK", _env_int("GROUP_RANK", rank // max(local_size, 1)))
     from torch.distributed.distributed_c10d import _get_default_store
 
     return World(rank, size, local_rank, local_size, node, nodes, _get_default_store())
