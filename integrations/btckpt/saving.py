@@ -73,7 +73,7 @@ def run_save(job: SaveJob) -> Path:
                 for name, data in job.staged.layout.index_files.items():
                     size, digest = write_small_file(commit.tmp / name, data)
                     written[name] = {"size": size, "xxh3_64": digest}
-            for name, data in job.extra_files.items():
+            for name, data in (job.extra_files.items() if leader else ()):  # one copy per node
                 size, digest = write_small_file(commit.tmp / name, data)
                 written[name] = {"size": size, "xxh3_64": digest}
             if job.rng is not None:
