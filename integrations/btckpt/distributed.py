@@ -17,6 +17,13 @@ from .errors import CoordinationError
 
 __all__ = ["World", "world"]
 
+_STORE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ConnectionError, OSError)
+
+
+def _lost(rank: int, what: str, exc: BaseException) -> CoordinationError:
+    return CoordinationError(f"rank {rank}: lost the coordination store during {what!r} ({exc}); the rank hosting "
+                             "it (global rank 0) died or the network failed. Nothing was committed")
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -57,6 +64,14 @@ class World:
         """Wait until every rank (or ``ranks`` of them) called ``barrier(tag)``; raise after ``timeout`` s."""
         if self.store is None or self.size == 1:
             return
+        try:
+            self._barrier(tag, timeout=timeout, ranks=ranks)
+        except CoordinationError:
+            raise
+        except _STORE_ERRORS as exc:
+            raise _lost(self.rank, tag, exc) from exc
+
+    def _barrier(self, tag: str, *, timeout: float, ranks: int | None) -> None:
         need = self.size if ranks is None else ranks
         key = f"btckpt/{tag}"
         self.store.add(f"{key}/arrived", 1)
@@ -79,7 +94,10 @@ class World:
     def fail(self, tag: str) -> None:
         """Tell peers waiting in ``barrier(tag)`` that this rank failed (they raise at once)."""
         if self.store is not None and self.size > 1:
-            self.store.set(f"btckpt/{tag}/fail", str(self.rank))
+            try:
+                self.store.set(f"btckpt/{tag}/fail", str(self.rank))
+            except _STORE_ERRORS:  # the store is gone: peers find out on their own
+                pass
 
     def _check(self, key: str) -> str | None:
         if self.store.check([key]):
@@ -89,18 +107,40 @@ class World:
     def publish(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` for peers."""
         if self.store is not None and self.size > 1:
-            self.store.set(f"btckpt/{key}", json.dumps(value))
+            try:
+                self.store.set(f"btckpt/{key}", json.dumps(value))
+            except _STORE_ERRORS as exc:
+                raise _lost(self.rank, key, exc) from exc
 
     def collect(self, key: str, *, timeout: float) -> Any:
         """Wait for and return the JSON value published under ``key``."""
         full = f"btckpt/{key}"
         deadline = time.monotonic() + timeout
-        while not self.store.check([full]):
-            if time.monotonic() > deadline:
-                raise CoordinationError(f"rank {self.rank}: no value for {key!r} within {timeout:.0f}s; "
-                                        "a peer died or hung")
-            time.sleep(0.002)
-        return json.loads(bytes(self.store.get(full)).decode())
+        try:
+            while not self.store.check([full]):
+                if time.monotonic() > deadline:
+                    raise CoordinationError(f"rank {self.rank}: no value for {key!r} within {timeout:.0f}s; "
+                                            "a peer died or hung")
+                time.sleep(0.002)
+            return json.loads(bytes(self.store.get(full)).decode())
+        except _STORE_ERRORS as exc:
+            raise _lost(self.rank, key, exc) from exc
+
+    def agree_step(self, key: str, steps: list[int], *, timeout: float) -> int:
+        """The newest step that every rank lists in ``steps`` (its complete checkpoints), or -1.
+
+        Each rank publishes its list; global rank 0 intersects them and publishes the answer. A multi-node
+        checkpoint whose part is missing (or incomplete) on some node is therefore never picked.
+        """
+        if self.store is None or self.size == 1:
+            return max(steps, default=-1)
+        self.publish(f"{key}/steps/{self.rank}", sorted(set(steps)))
+        if self.is_leader:
+            common = set(steps)
+            for r in range(1, self.size):
+                common &= set(self.collect(f"{key}/steps/{r}", timeout=timeout))
+            self.publish(f"{key}/agreed", max(common, default=-1))
+        return int(self.collect(f"{key}/agreed", timeout=timeout))
 
 
 def world() -> World:
@@ -119,7 +159,9 @@ def world() -> World:
     local_size = _env_int("LOCAL_WORLD_SIZE", size)
     local_rank = _env_int("LOCAL_RANK", rank % max(local_size, 1))
     nodes = max(1, size // max(local_size, 1))
-    node = _env_int("GROUP_RANK", _env_int("BT_NODE_RANK", rank // max(local_size, 1)))
+    # $BT_NODE_RANK names this node's folder (the platform uploads it as rank-<node>); torchrun's
+    # GROUP_RANK follows rendezvous arrival order under --rdzv-backend=c10d, so it is only the fallback.
+    node = _env_int("BT_NODE_RANK", _env_int("GROUP_RANK", rank // max(local_size, 1)))
     from torch.distributed.distributed_c10d import _get_default_store
 
     return World(rank, size, local_rank, local_size, node, nodes, _get_default_store())

@@ -3,6 +3,7 @@
 Phases call :func:`point`; a test arms one with :func:`arm` (in process) or the environment variable
 ``BTCKPT_FAULT=phase:action[,phase:action]`` (for subprocesses). Actions: ``raise`` (OSError EIO),
 ``enospc`` (OSError ENOSPC), ``eio``, ``kill`` (SIGKILL this process), ``exit`` (os._exit(17)).
+An action may end in ``@<rank>`` (e.g. ``write_data:kill@1``): it then fires only where ``$RANK`` is that rank.
 :func:`reached` tells a test which points were hit, so it can fail if a configured point never was.
 """
 
@@ -16,7 +17,7 @@ import threading
 __all__ = ["PHASES", "arm", "disarm", "point", "reached"]
 
 PHASES = (
-    "stage", "write_data", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
+    "stage", "write_data", "write_rng", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
     "before_rename", "after_rename", "retention", "upload_file", "upload_manifest",
 )
 
@@ -33,6 +34,9 @@ def _load_env() -> None:
     _env_loaded = True
     for item in filter(None, os.environ.get("BTCKPT_FAULT", "").split(",")):
         phase, _, action = item.partition(":")
+        action, _, rank = action.partition("@")
+        if rank.strip() and rank.strip() != os.environ.get("RANK", "0").strip():
+            continue
         _armed.setdefault(phase.strip(), action.strip() or "raise")
 
 

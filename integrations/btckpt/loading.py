@@ -62,6 +62,20 @@ def load_into(state: MutableMapping[str, Any], loaded: dict[str, Any], rng: dict
         restore_rng(rng, where=str(where))
 
 
+def _reshard_groups(info: CheckpointInfo, state: MutableMapping[str, Any]) -> dict[str, str]:
+    if info.manifest is None or not (info.manifest.meta.get("btckpt.sharded") or _has_dtensor(state)):
+        return {}
+    from .dcp_bridge import groups_to_reshard
+
+    return groups_to_reshard(info, state)
+
+
+def _has_dtensor(state: MutableMapping[str, Any]) -> bool:
+    from .sharded import sharded_groups
+
+    return bool(sharded_groups(state))
+
+
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
                   want_rng: bool, strict: bool) -> CheckpointInfo | None:
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones."""
@@ -75,12 +89,22 @@ def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMap
             why = info.status + (f": {info.reason}" if info.reason else "")
             log.warning("btckpt: skipping %s (%s)", info.path, why)
             continue
+        resharded, groups = None, _reshard_groups(info, state)
         try:
-            loaded, rng = read_for_state(info, list(state), rank=rank, want_rng=want_rng, strict=strict)
+            loaded, rng = read_for_state(info, [n for n in state if n not in groups], rank=rank, want_rng=want_rng,
+                                         strict=strict)
+            if groups:  # sharded groups (FSDP2/DTensor): DCP's planner reshards; every rank takes part
+                from .dcp_bridge import read_sharded
+
+                resharded = read_sharded(info, state, groups, strict=strict)
         except (CorruptCheckpoint, IncompleteCheckpoint) as exc:
             log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s", info.path, exc)
             continue
         load_into(state, loaded, rng, strict=strict, where=info.path)
+        if resharded is not None:
+            from .dcp_bridge import apply_sharded
+
+            apply_sharded(state, resharded, groups, strict=strict)
         log.info("btckpt: restored step %d from %s", info.step, info.path)
         return info
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ from .storage import free_bytes
 __all__ = ["Checkpointer", "default_budget"]
 
 log = logging.getLogger("btckpt")
+_SESSIONS = itertools.count()  # every rank creates its Checkpointers in the same order
 
 
 def _writer_init() -> None:
@@ -120,9 +122,11 @@ class Checkpointer:
         mine = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if self.world.size == 1 or self.world.store is None:
             return mine
+        # Keyed by creation order, not by dir: each node of a multi-node job has its own dir.
+        key = f"session/{next(_SESSIONS)}"
         if self.world.is_leader:
-            self.world.publish(f"session/{self.config.dir}", mine)
-        return str(self.world.collect(f"session/{self.config.dir}", timeout=self.config.barrier_timeout))
+            self.world.publish(key, mine)
+        return str(self.world.collect(key, timeout=self.config.barrier_timeout))
 
     def _take_lock(self) -> None:
         try:
@@ -183,9 +187,14 @@ class Checkpointer:
             raise CheckpointError(f"{final} exists but is not a complete btckpt checkpoint ({info.reason}); "
                                   "btckpt never overwrites a folder in place: move or delete it")
         writes_groups = self.world.is_local_leader
-        flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()] if writes_groups else []
+        part = self._sharded_part(state)
+        skip = set(part.groups) if part is not None else set()
+        flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()
+                if name not in skip] if writes_groups else []
+        if part is not None:  # every rank writes its own shards
+            flat += part.flat
         layout = None
-        if writes_groups:
+        if flat:
             sig = signature(flat, self.config.max_shard_size)
             if self._layout is None or self._layout.signature != sig:
                 self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
@@ -195,12 +204,14 @@ class Checkpointer:
         staged = None
         if layout is not None:
             async_keys = self._async_keys(state, flat) if self.config.async_save else set()
+            if part is not None and self.config.async_save:
+                async_keys |= part.async_keys
             staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
             self._gate.watch(optimizers_in(state))
             self._gate.arm(staged)
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
-                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout)
+                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part)
         self._last_save_step, self._last_save_time = step, time.monotonic()
         self.stats["saves"] += 1
         if self.config.async_save:
@@ -212,11 +223,18 @@ class Checkpointer:
             finally:
                 self.stats["save_block_s"] += time.perf_counter() - t0
 
+    def _sharded_part(self, state: Mapping[str, Any]) -> Any:
+        """This rank's shards of the FSDP2/DTensor groups of ``state`` (None when nothing is sharded)."""
+        from .sharded import prepare, sharded_groups
+
+        groups = sharded_groups(state)
+        return prepare(state, self.world, groups) if groups else None
+
     def _async_keys(self, state: Mapping[str, Any], flat: list[Any]) -> set[tuple[str, str]]:
         """Tensors the step gate protects: module parameters and optimizer state."""
         keys: set[tuple[str, str]] = set()
         for g in flat:
-            obj = state[g.name]
+            obj = state.get(g.name)
             if isinstance(obj, torch.nn.Module):
                 params = {n for n, _ in unwrap_model(obj).named_parameters()}
                 keys |= {(g.name, k) for k in g.tensors if k in params}
@@ -398,13 +416,12 @@ class Checkpointer:
         return info.step
 
     def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """All ranks load the same step: global rank 0 picks, the others follow (store, no collectives)."""
-        key = f"{self._session}/restore-step"
-        if self.world.is_leader:
-            self.world.publish(key, cands[0].step if cands else -1)
-        step = self.world.collect(key, timeout=self.config.barrier_timeout)
-        picked = [c for c in cands if c.step == step]
-        if step >= 0 and not picked:
-            raise NoCheckpointFound(f"rank {self.world.rank}: rank 0 resumes from step {step}, but this node has "
-                                    f"no complete part of it under {self.root} or {self.config.load_dir}")
-        return picked
+        """All ranks load the same step: the newest one complete on every node (store, no collectives)."""
+        step = self.world.agree_step(f"{self._session}/restore", [c.step for c in cands],
+                                     timeout=self.config.barrier_timeout)
+        newer = sorted({c.step for c in cands if c.step > step}, reverse=True)
+        if newer:
+            log.warning("btckpt: rank %d: checkpoint-%d is not complete on every node (a part is missing or "
+                        "incomplete); resuming from %s", self.world.rank, newer[0],
+                        f"step {step}" if step >= 0 else "scratch")
+        return [c for c in cands if c.step == step]

@@ -115,6 +115,16 @@ class CheckpointReader:
             return sorted({check_relative_name(v, where=str(index)) for v in wm.values()})
         return ["model.safetensors"] if (self.folder / "model.safetensors").is_file() else []
 
+    def _chunk(self, node: int, file: str, key: str) -> torch.Tensor:
+        here = int(self.manifest.world.get("node_rank", 0)) if self.manifest is not None else 0
+        if node != here:
+            raise IncompleteCheckpoint(f"{self.folder}: a shard lives in node {node}'s part of this checkpoint; "
+                                       "read it with btckpt.dcp_bridge (every node's part side by side)")
+        tensors = self._file(file)
+        if key not in tensors:
+            raise CorruptCheckpoint(f"{self.folder}/{file}: tensor {key!r} is missing")
+        return tensors[key]
+
     def load_group(self, group: str) -> Any:
         """The group's value as saved: JSON data with tensors (checksums verified as files are read)."""
         if self.manifest is None:
@@ -130,6 +140,10 @@ class CheckpointReader:
                                        f"(it has {sorted(self.manifest.state)})")
 
         def load(ref: Any) -> torch.Tensor:
+            if isinstance(ref, dict) and isinstance(ref.get("sharded"), dict):  # saved by every rank (FSDP2)
+                from .sharded import assemble
+
+                return assemble(ref["sharded"], self._chunk)
             if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or "key" not in ref:
                 raise CorruptCheckpoint(f"{self.folder}: bad tensor reference {ref!r} in group {group!r}")
             tensors = self._file(ref["file"])

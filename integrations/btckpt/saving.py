@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .commit import LocalCommit, write_small_file
 from .distributed import World
 from .layout import FlatState
@@ -45,6 +46,7 @@ class SaveJob:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
+    sharded: Any = None  # btckpt.sharded.ShardedPart: this rank's shards (FSDP2/DTensor groups)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -69,10 +71,11 @@ def run_save(job: SaveJob) -> Path:
                 for name, data in job.staged.layout.index_files.items():
                     size, digest = write_small_file(commit.tmp / name, data)
                     written[name] = {"size": size, "xxh3_64": digest}
-            for name, data in job.extra_files.items():
+            for name, data in (job.extra_files.items() if leader else ()):  # one copy per node
                 size, digest = write_small_file(commit.tmp / name, data)
                 written[name] = {"size": size, "xxh3_64": digest}
             if job.rng is not None:
+                faults.point("write_rng")
                 name = rng_file(w.rank)
                 size, digest = write_small_file(commit.tmp / name, json.dumps(job.rng).encode())
                 written[name] = {"size": size, "xxh3_64": digest}
@@ -80,6 +83,8 @@ def run_save(job: SaveJob) -> Path:
             raise space_error(exc, commit.tmp) from exc
         nbytes = sum(v["size"] for v in written.values())
         w.publish(f"{key}/files/{w.rank}", written)
+        if job.sharded is not None:
+            job.sharded.publish(w, key)
         w.barrier(f"{key}/written", timeout=job.barrier_timeout)
         if leader:
             for r in range(w.rank, w.rank + w.local_size):
@@ -88,6 +93,8 @@ def run_save(job: SaveJob) -> Path:
                     commit.record(name, info["size"], info["xxh3_64"])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},
                                 world=w.as_json(), meta=job.meta)
+            if job.sharded is not None:
+                job.sharded.finish_manifest(manifest, w, key, timeout=job.barrier_timeout)
             if w.node_rank != 0:
                 commit.commit(manifest)
         w.barrier(f"{key}/parts", timeout=job.barrier_timeout)

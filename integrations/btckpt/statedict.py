@@ -45,7 +45,14 @@ def group_value(obj: Any) -> Any:
 
 def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
     """The optimizers among the state's top-level values (the step gate hooks these)."""
-    return [v for v in state.values() if isinstance(v, torch.optim.Optimizer)]
+    out = []
+    for v in state.values():
+        inner = getattr(v, "optimizer", None)  # Accelerate's AcceleratedOptimizer wraps the real one
+        if isinstance(inner, torch.optim.Optimizer):
+            v = inner
+        if isinstance(v, torch.optim.Optimizer):
+            out.append(v)
+    return out
 
 
 def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, Any], strict: bool) -> dict[str, Any]:

@@ -1,0 +1,239 @@
+"""Restore sharded groups through torch.distributed.checkpoint (DCP): resharding N -> M ranks.
+
+:class:`BtckptStorageReader` is a DCP ``StorageReader`` over a committed btckpt checkpoint: its metadata
+lists every tensor of the requested groups with its global shape and saved chunks (from the manifest),
+and ``read_data`` reads the safetensors files (checksums verified as read), narrows each chunk to the
+slice DCP's ``DefaultLoadPlanner`` asks for, and hands it to the planner. DCP computes which saved
+chunks overlap which local shards, so any saved sharding loads into any target sharding (FSDP2 with
+another world size, DDP, or a plain single-process model). Plain (unsharded) btckpt groups are exposed
+as one chunk each, so a DDP checkpoint also restores into an FSDP2 model.
+
+Nothing is applied before every rank has read everything: :func:`read_sharded` loads into fresh
+tensors shaped like the target; :func:`apply_sharded` then calls ``set_model_state_dict`` /
+``set_optimizer_state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
+
+from ._tree import decode_tree, encode_tree
+from .discovery import CheckpointInfo
+from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
+from .layout import ST_TO_DTYPE
+from .manifest import Manifest, read_manifest
+from .reader import CheckpointReader
+from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
+
+__all__ = ["BtckptStorageReader", "part_folder", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
+
+
+def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
+    """Where node ``node``'s part of this checkpoint lives, seen from this node's part ``folder``.
+
+    Same node: ``folder``. Else the sibling of the platform's nested layout:
+    ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
+    """
+    here = int(manifest.world.get("node_rank", 0))
+    if node == here:
+        return folder
+    rank_dir = folder.parent
+    if rank_dir.name != f"rank-{here}":
+        raise IncompleteCheckpoint(f"{folder}: node {node}'s part of this multi-node checkpoint is needed to "
+                                   "reshard, but this part is not in a rank-<node>/ layout; put every node's "
+                                   "part side by side as <dir>/rank-<node>/checkpoint-<step>/")
+    return rank_dir.parent / f"rank-{node}" / folder.name
+
+
+def tensor_refs(tree: Any) -> list[dict[str, Any]]:
+    """Every tensor reference of a manifest tree, sharded or plain, as a sharded-style record."""
+    out: list[dict[str, Any]] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, list):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            if set(x) == {"__tensor__"} and isinstance(x["__tensor__"], dict):
+                out.append(x["__tensor__"])
+            else:
+                for v in x.values():
+                    visit(v)
+
+    visit(tree)
+    return out
+
+
+class _Parts:
+    """Readers of this checkpoint's parts (one per node), opened lazily, checksums verified."""
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self._readers: dict[int, CheckpointReader] = {}
+
+    def tensor(self, node: int, file: str, key: str) -> torch.Tensor:
+        rd = self._readers.get(node)
+        if rd is None:
+            folder = part_folder(self.folder, self.manifest, node)
+            man = self.manifest if folder == self.folder else read_manifest(folder)
+            if man.step != self.manifest.step:
+                raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
+            rd = self._readers[node] = CheckpointReader(folder, man)
+        tensors = rd._file(file)
+        if key not in tensors:
+            raise CorruptCheckpoint(f"{rd.folder}/{file}: tensor {key!r} is missing")
+        return tensors[key]
+
+
+class BtckptStorageReader(StorageReader):
+    """A DCP StorageReader over the groups ``groups`` of one committed btckpt checkpoint (see module doc)."""
+
+    def __init__(self, folder: str | os.PathLike[str], manifest: Manifest, groups: list[str]) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.groups = groups
+        self._parts = _Parts(self.folder, manifest)
+        self._storage: dict[MetadataIndex, tuple[int, str, str]] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._parts = _Parts(self.folder, self.manifest)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md: dict[str, Any] = {}
+        storage: dict[MetadataIndex, tuple[int, str, str]] = {}
+        here = int(self.manifest.world.get("node_rank", 0))
+        for group in self.groups:
+            for ref in tensor_refs(self.manifest.state[group]):
+                if "sharded" in ref:
+                    s = ref["sharded"]
+                    fqn, shape, dtype, chunks = f"{group}/{s['key']}", s["shape"], s["dtype"], s["chunks"]
+                else:  # a plain btckpt tensor: one whole chunk in this folder (shape from the file header)
+                    t = self._parts.tensor(here, ref["file"], ref["key"])
+                    fqn, shape = f"{group}/{ref['key']}", list(t.shape)
+                    dtype = next(k for k, v in ST_TO_DTYPE.items() if v == t.dtype)
+                    chunks = [{"offsets": [0] * len(shape), "sizes": shape, "file": ref["file"], "key": ref["key"],
+                               "node": here}]
+                if dtype not in ST_TO_DTYPE:
+                    raise CorruptCheckpoint(f"{self.folder}: tensor {fqn!r} has unknown dtype {dtype!r}")
+                metas = []
+                for i, c in enumerate(chunks):
+                    metas.append(ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"])))
+                    storage[MetadataIndex(fqn, c["offsets"], i)] = (int(c["node"]), c["file"], c["key"])
+                md[fqn] = TensorStorageMetadata(TensorProperties(dtype=ST_TO_DTYPE[dtype]), torch.Size(shape), metas)
+        self._storage = storage
+        return Metadata(state_dict_metadata=md, storage_data=storage)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._storage = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            node, file, key = self._storage[item.storage_index]
+            src = self._parts.tensor(node, file, key)
+            for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                src = src.narrow(dim, off, length)
+            dst = planner.resolve_tensor(item).detach()
+            if dst.shape != src.shape:
+                raise CorruptCheckpoint(f"{self.folder}/{file}: chunk {key!r} has shape {list(src.shape)}, the "
+                                        f"plan expects {list(dst.shape)}")
+            dst.copy_(src)
+            planner.commit_tensor(item, dst)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+def groups_to_reshard(info: CheckpointInfo, state: Mapping[str, Any]) -> dict[str, str]:
+    """The groups of ``state`` that go through DCP: saved sharded, or targets holding DTensors."""
+    saved = dict((info.manifest.meta.get(META_KEY) or {}) if info.manifest is not None else {})
+    out = {n: k for n, k in saved.items() if n in state}
+    if info.manifest is not None:
+        for n, k in sharded_groups(state).items():
+            if n in info.manifest.state and k == "model":  # a plain (DDP) model group into an FSDP2 model
+                out.setdefault(n, k)
+    return out
+
+
+def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[str, str], *,
+                 strict: bool) -> dict[str, Any]:
+    """Read ``groups`` from ``info`` into fresh tensors laid out like the targets (all ranks call this)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    assert info.manifest is not None
+    dest: dict[str, torch.Tensor] = {}
+    for name, kind in groups.items():
+        target = group_state_dict(name, kind, state[name], state)
+
+        def on_tensor(p: tuple[Any, ...], t: torch.Tensor, name: str = name) -> dict[str, Any]:
+            dest[f"{name}/{'.'.join(str(x) for x in p) or name}"] = torch.empty_like(t)
+            return {}
+
+        encode_tree(target, on_tensor, is_tensor=lambda x: isinstance(x, torch.Tensor), path=())
+    reader = BtckptStorageReader(info.path, info.manifest, list(groups))
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    try:
+        dcp.load(dest, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=not strict),
+                 no_dist=no_dist)
+    except CheckpointException as exc:
+        failures = list(getattr(exc, "failures", {}).values())
+        causes = [f[0] if isinstance(f, tuple) else f for f in failures]
+        for c in causes:
+            if isinstance(c, (CorruptCheckpoint, IncompleteCheckpoint)):
+                raise type(c)(f"{info.path}: {c}") from exc
+        if any(isinstance(c, CheckpointError) for c in causes):
+            raise next(c for c in causes if isinstance(c, CheckpointError)) from exc
+        raise StateMismatch(f"{info.path}: resharded load failed: {exc}") from exc
+    except RuntimeError as exc:  # DCP's planner: missing keys / size mismatches
+        raise StateMismatch(f"{info.path}: the checkpoint does not fit the state ({exc}); pass strict=False to "
+                            "load what matches") from exc
+    out: dict[str, Any] = {}
+    for name in groups:
+        def load(ref: Any, name: str = name) -> Any:
+            key = ref["sharded"]["key"] if "sharded" in ref else ref["key"]
+            return dest.get(f"{name}/{key}")
+
+        out[name] = decode_tree(info.manifest.state[name], load)
+    return out
+
+
+def apply_sharded(state: Mapping[str, Any], loaded: dict[str, Any], groups: dict[str, str], *, strict: bool) -> None:
+    """Load what :func:`read_sharded` returned into the state's modules/optimizers (all ranks call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(strict=strict)
+    for name, kind in groups.items():
+        if kind == "model":
+            set_model_state_dict(state[name], loaded[name], options=opts)
+    for name, kind in groups.items():
+        if kind == "optimizer":
+            opt = state[name]
+            set_optimizer_state_dict(owning_module(opt, state), opt, loaded[name], options=opts)

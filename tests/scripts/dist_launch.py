@@ -1,0 +1,130 @@
+"""Helpers for the distributed tests: launch torchrun / raw ranks as real subprocesses, kill them cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("BTCKPT_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def torchrun(script: str, args: list[str], *, nproc: int = 2, env: dict[str, str], port: int | None = None,
+             nnodes: int = 1, node_rank: int = 0, rdzv: bool = False) -> subprocess.Popen[str]:
+    """Start ``torchrun`` in its own session (so the whole job can be SIGKILLed at once)."""
+    port = port or free_port()
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if rdzv:
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=btckpt-test", "--max-restarts=0"]
+    else:
+        cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0"]
+    cmd += [str(SCRIPTS / script), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def raw_ranks(script: str, args: list[str], *, world: int, env: dict[str, str]) -> list[subprocess.Popen[str]]:
+    """Start ``world`` ranks directly (no elastic agent, so survivors of a dead rank keep running)."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        e = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world),
+                 LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
+        procs.append(subprocess.Popen([PY, str(SCRIPTS / script), *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return procs
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """Wait for ``proc`` (killing its whole session on timeout); return (returncode, output)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
+    kill_session(proc)  # stray grandchildren, if any
+    return proc.returncode, out
+
+
+def kill_session(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for_line(path: Path, prefix: str, *, count: int, timeout: float, proc: subprocess.Popen[str]) -> None:
+    """Wait until ``path`` holds ``count`` lines starting with ``prefix``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and sum(ln.startswith(prefix) for ln in path.read_text().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"job ended early (rc={proc.returncode}):\n{out[-4000:]}")
+        time.sleep(0.05)
+    kill_session(proc)
+    raise AssertionError(f"{path} never reached {count} x {prefix!r}")
+
+
+def load_st(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same(a: Path, b: Path) -> None:
+    import torch
+
+    ta, tb = load_st(a), load_st(b)
+    assert sorted(ta) == sorted(tb), (sorted(ta), sorted(tb))
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{k} differs"
+
+
+def run_job(tmp: Path, ckdir: str, out: str, *extra: str, mode: str = "ddp", nproc: int = 2) -> str:
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir))
+    rc, text = finish(torchrun("dist_train.py", ["--mode", mode, "--out", str(tmp / out), *extra], nproc=nproc,
+                               env=env), timeout=180)
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def kill_and_resume(tmp: Path, mode: str, nproc: int = 2) -> None:
+    run_job(tmp, "ref", "ref.st", mode=mode, nproc=nproc)
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp / "run"), PROGRESS=str(tmp / "progress"))
+    job = torchrun("dist_train.py", ["--mode", mode, "--sleep", "0.15"], nproc=nproc, env=env)
+    try:
+        wait_for_line(tmp / "progress", "STEP", count=8, timeout=150, proc=job)
+    finally:
+        kill_session(job)  # SIGKILL the agent and every rank at once
+        job.communicate(timeout=60)
+    assert not (tmp / "run" / "checkpoint-12").exists()
+    text = run_job(tmp, "run", "resumed.st", mode=mode, nproc=nproc)
+    resumed = [ln for ln in text.splitlines() if "resumed from" in ln]
+    assert len(resumed) == nproc and all("resumed from None" not in ln for ln in resumed), text[-3000:]
+    assert_same(tmp / "ref.st", tmp / "resumed.st")
+    assert not [p for p in (tmp / "run").iterdir() if p.name.startswith(".checkpoint-")]
