@@ -69,7 +69,7 @@ def consolidate(src: str | os.PathLike[str], out: str | os.PathLike[str], *, gro
         found = latest(src_p)
         if found is None:
             raise NoCheckpointFound(f"no complete checkpoint at or under {src_p}")
-        src_p = found
+        src_p = Path(found)
     tensors = _model_tensors(src_p, group)
     info = inspect(src_p)
     assert info.manifest is not None
