@@ -16,11 +16,10 @@ import torch
 
 pytest.importorskip("lightning")
 
-from conftest import run_py  # noqa: E402
-
 from btckpt import UnsafeCheckpoint, UnsupportedValue  # noqa: E402
 from btckpt.errors import CheckpointError  # noqa: E402
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
+from conftest import run_py  # noqa: E402
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_train.py")
 SRC = str(Path(__file__).resolve().parents[1] / "integrations")
@@ -69,7 +68,8 @@ def _wait_step(proc: subprocess.Popen[str], step: int) -> list[str]:
         if line.strip() == f"step {step}":
             return lines
     proc.wait()
-    raise AssertionError("child ended before step %d:\n%s" % (step, "".join(lines[-30:])))
+    tail = "".join(lines[-30:])
+    raise AssertionError(f"child ended before step {step}:\n{tail}")
 
 
 @pytest.fixture(scope="module")

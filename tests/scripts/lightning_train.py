@@ -14,9 +14,8 @@ import time
 
 import lightning as L
 import torch
-from safetensors.torch import save_file
-
 from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
+from safetensors.torch import save_file
 
 
 class Batches:
