@@ -22,10 +22,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from btckpt.lightning import SafetensorsCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
-
-from btckpt.lightning import SafetensorsCheckpointIO
 
 
 class Net(L.LightningModule):

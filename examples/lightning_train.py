@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-
 from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
 
 
