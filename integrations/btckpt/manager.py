@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ import torch
 from .commit import checkpoint_name, delete_checkpoint, remove_stale_temps
 from .config import CheckpointConfig
 from .discovery import CheckpointInfo, inspect, scan
-from .distributed import World, world
+from .distributed import World
+from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
 from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
 from .loading import restore_first
@@ -78,11 +79,14 @@ class Checkpointer:
     Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then
     ``ckpt.save(step, state)`` (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()``
     at the end (or use it as a context manager). All ranks call every method.
+
+    ``world`` overrides the process's place (default: from torch.distributed); ``World()`` makes a
+    Checkpointer that coordinates with nobody, for frameworks where only rank 0 saves (Lightning).
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, world: World | None = None, **options: Any) -> None:
         self.config = CheckpointConfig(**options)
-        self.world: World = world()
+        self.world: World = _world() if world is None else world
         self.root = self.config.local_dir
         self._lock_fd: int | None = None
         self._pending: Future[Path] | None = None
@@ -161,11 +165,13 @@ class Checkpointer:
         self._protected.add(Path(path))
 
     def save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
-             meta: Mapping[str, Any] | None = None) -> None:
+             meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:
         """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
 
         ``extra_files`` (name -> bytes) are written into the folder too (integrations use it for
-        ``config.json`` and the like); ``meta`` is stored in the manifest.
+        ``config.json`` and the like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on
+        the writer after the commit (integrations use it to publish names that point at the folder);
+        its error counts as the save's error.
         """
         t0 = time.perf_counter()
         self._check_open()
@@ -211,7 +217,8 @@ class Checkpointer:
             self._gate.arm(staged)
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
-                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part)
+                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part,
+                      on_commit=on_commit)
         self._last_save_step, self._last_save_time = step, time.monotonic()
         self.stats["saves"] += 1
         if self.config.async_save:
@@ -266,6 +273,8 @@ class Checkpointer:
             self._apply_retention(keep=path)
             if self._uploader is not None:
                 self._uploader.poke()
+        if job.on_commit is not None:
+            job.on_commit(path)
         return path
 
     def _apply_retention(self, *, keep: Path) -> None:

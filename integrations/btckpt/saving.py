@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class SaveJob:
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
     sharded: Any = None  # btckpt.sharded.ShardedPart: this rank's shards (FSDP2/DTensor groups)
+    on_commit: Callable[[Path], None] | None = None
     started: float = field(default_factory=time.perf_counter)
 
 

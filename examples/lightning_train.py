@@ -1,0 +1,49 @@
+"""Lightning + btckpt in a few lines: atomic, async, pickle-free checkpoints and resume (CPU, seconds).
+
+    python examples/lightning_train.py            # run twice: the second run resumes where the first stopped
+    BT_CHECKPOINT_DIR=/tmp/ck python examples/lightning_train.py
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
+
+
+class Regressor(L.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+def main() -> None:
+    L.seed_everything(0)
+    x = torch.randn(512, 8)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=200, logger=False, enable_progress_bar=False,
+        plugins=[SafetensorsCheckpointIO()],
+        # btckpt's ModelCheckpoint: dirpath defaults to $BT_CHECKPOINT_DIR (else ./checkpoints);
+        # SIGTERM saves last.ckpt at the next batch end and stops cleanly.
+        callbacks=[ModelCheckpoint(every_n_train_steps=50, save_top_k=2, monitor="step", mode="max",
+                                   save_last=True)],
+    )
+    ckpt = resume_path()  # newest complete checkpoint in $BT_CHECKPOINT_DIR, else $BT_LOAD_CHECKPOINT_DIR, else None
+    print(f"resuming from {ckpt}" if ckpt else "starting fresh")
+    trainer.fit(Regressor(), data, ckpt_path=ckpt)
+    print(f"done at step {trainer.global_step}; checkpoints in {trainer.checkpoint_callback.dirpath}")
+
+
+if __name__ == "__main__":
+    main()

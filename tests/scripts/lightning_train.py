@@ -1,0 +1,130 @@
+"""Tiny deterministic Lightning run used by tests/test_lightning.py (CPU, seconds).
+
+Prints ``step <N>`` after every optimizer step (flushed), so a parent can kill it at a chosen step.
+--io safetensors|torch|async; --resume: fit(ckpt_path=resume_path()) (or --ckpt-path PATH / "last");
+--dump FILE: write the final parameters and optimizer moments as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import lightning as L
+import torch
+from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
+from safetensors.torch import save_file
+
+
+class Batches:
+    """A resumable, deterministic loader: epoch-seeded shuffle, mid-epoch position in state_dict()."""
+
+    def __init__(self, n: int = 64, bs: int = 4, seed: int = 7) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x.sum(1, keepdim=True) * 0.5 + torch.randn(n, 1, generator=g) * 0.1
+        self.bs, self.seed, self.epoch, self.sampler = bs, seed, 0, self
+        self._skip = 0
+        self._yielded = 0  # batches handed out in this epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x) // self.bs
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        start, self._skip = self._skip, 0
+        for i in range(start, len(self)):
+            self._yielded = i + 1
+            idx = perm[i * self.bs:(i + 1) * self.bs]
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict:
+        # Lightning saves at a batch end, before fetching the next batch: resume after the last one handed out
+        return {"epoch": self.epoch, "next": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._skip = state["epoch"], state["next"]
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, lr: float = 0.01, sleep: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 1))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen += len(x)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        print(f"step {self.global_step}", flush=True)
+        if self.hparams.sleep:
+            time.sleep(self.hparams.sleep)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--monitor", default="step")
+    ap.add_argument("--no-last", action="store_true")
+    ap.add_argument("--io", default="safetensors", choices=["safetensors", "torch", "async"])
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--ckpt-path", default=None)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--filename", default=None)
+    ap.add_argument("--strategy", default="auto")
+    ap.add_argument("--devices", type=int, default=1)
+    a = ap.parse_args()
+
+    L.seed_everything(0, verbose=False)
+    model = Tiny(sleep=a.sleep)
+    plugins = []
+    if a.io == "safetensors":
+        plugins = [SafetensorsCheckpointIO()]
+    elif a.io == "async":
+        from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+        plugins = [AsyncCheckpointIO()]
+    cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every, save_top_k=a.top_k,
+                         monitor=a.monitor or None, mode="max", save_last=not a.no_last)
+    trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
+                        plugins=plugins, callbacks=[cb], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
+                        use_distributed_sampler=False)
+    ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
+    print(f"resume from {ckpt}", flush=True)
+    trainer.fit(model, train_dataloaders=Batches(), ckpt_path=ckpt)
+    if a.dump and trainer.is_global_zero:
+        out = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        opt = trainer.optimizers[0]
+        for i, p in enumerate(opt.param_groups[0]["params"]):
+            for k, v in opt.state[p].items():
+                out[f"opt.{i}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
+        out["rng"] = torch.get_rng_state()
+        save_file(out, a.dump, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
+    print("done", flush=True)
+    sys.stdout.flush()
+    os._exit(0) if os.environ.get("FAST_EXIT") else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from btckpt import UnsafeCheckpoint, UnsupportedValue  # noqa: E402
+from btckpt.errors import CheckpointError  # noqa: E402
+from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
+from conftest import run_py  # noqa: E402
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_train.py")
+SRC = str(Path(__file__).resolve().parents[1] / "integrations")
+
+
+def _env() -> dict[str, str]:
+    """The children import this checkout's btckpt, whatever the cwd."""
+    old = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": SRC + (os.pathsep + old if old else "")}
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    r = run_py([SCRIPT, *args], env=_env(), timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _load_dump(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    ta, ma = _load_dump(a)
+    tb, mb = _load_dump(b)
+    assert ma == mb
+    assert sorted(ta) == sorted(tb)
+    bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not bad, f"differs after resume: {bad}"
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **_env()})
+
+
+def _wait_step(proc: subprocess.Popen[str], step: int) -> list[str]:
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == f"step {step}":
+            return lines
+    proc.wait()
+    tail = "".join(lines[-30:])
+    raise AssertionError(f"child ended before step {step}:\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 30-step run's final parameters, optimizer moments and RNG."""
+    d = tmp_path_factory.mktemp("ref")
+    _run(["--dir", str(d / "ck"), "--steps", "30", "--dump", str(d / "full.st")])
+    return d / "full.st"
+
+
+def _link_target(p: Path) -> str:
+    obj = json.loads(p.read_text())
+    assert obj["format"] == LINK_FORMAT
+    return obj["checkpoint"]
+
+
+def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path: Path, reference: Path) -> None:
+    seed = random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    kill_at = rnd.randrange(4, 26)
+    ck = tmp_path / "ck"
+    proc = _start(["--dir", str(ck), "--steps", "30", "--sleep", "0.03"])
+    try:
+        _wait_step(proc, kill_at)
+        time.sleep(rnd.uniform(0, 0.03))  # anywhere in the next step, saves included
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert resume_path(dir=ck) is not None, f"seed={seed} kill_at={kill_at}"
+    r = _run(["--dir", str(ck), "--steps", "30", "--resume", "--dump", str(tmp_path / "res.st")])
+    assert "resume from" in r.stdout and "resume from None" not in r.stdout
+    _assert_same(reference, tmp_path / "res.st")
+    # no orphans: every folder is named by a link, every link names a complete folder
+    folders = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
+    links = {_link_target(p) for p in ck.glob("*.ckpt")}
+    assert folders == links, (folders, links)
+    assert not [p for p in ck.iterdir() if ".tmp-" in p.name]
+
+
+def test_sigterm_saves_at_next_batch_end_exits_zero_and_resumes_exactly(tmp_path: Path, reference: Path) -> None:
+    ck = tmp_path / "ck"
+    proc = _start(["--dir", str(ck), "--steps", "30", "--sleep", "0.05", "--every", "100"])
+    try:
+        _wait_step(proc, 11)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0, out
+    assert "done" not in out.splitlines()[-1:]  # stopped early, not finished
+    target = _link_target(ck / "last.ckpt")
+    step = int(target.split("-")[1])
+    assert 11 <= step < 30
+    assert (ck / target / "btckpt.json").is_file()
+    _run(["--dir", str(ck), "--steps", "30", "--every", "100", "--ckpt-path", "last", "--dump",
+          str(tmp_path / "res.st")])
+    _assert_same(reference, tmp_path / "res.st")
+
+
+def _names(d: Path) -> set[str]:
+    return {p.name for p in d.glob("*.ckpt")}
+
+
+@pytest.mark.parametrize("args", [
+    ["--steps", "12", "--every", "3", "--top-k", "2"],
+    ["--steps", "10", "--every", "4", "--top-k", "-1", "--no-last"],
+    ["--steps", "9", "--every", "2", "--top-k", "1", "--monitor", "", "--filename", "m-{step}"],
+])
+def test_topk_last_every_n_match_lightnings_own_io(tmp_path: Path, args: list[str]) -> None:
+    for io in ("torch", "safetensors"):
+        _run(["--dir", str(tmp_path / io), "--io", io, *args])
+    ours = tmp_path / "safetensors"
+    assert _names(ours) == _names(tmp_path / "torch")
+    folders = {p.name for p in ours.iterdir() if p.is_dir()}
+    assert folders == {_link_target(p) for p in ours.glob("*.ckpt")}
+    for p in ours.glob("*.ckpt"):
+        step = int(_link_target(p).split("-")[1])
+        if "step=" in p.name:
+            assert p.name.split("step=")[1].split(".")[0].split("-")[0] == str(step)
+    torch_last = tmp_path / "torch" / "last.ckpt"
+    if torch_last.exists():  # last.ckpt names the same global step in both
+        step = torch.load(torch_last, weights_only=True)["global_step"]
+        assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
+
+
+def _payload_file(path: Path, marker: Path) -> None:
+    class Boom:
+        def __reduce__(self):  # noqa: D105
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {}, "x": Boom()}, path)
+
+
+def test_loading_never_unpickles(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bait = tmp_path / "bait.ckpt"
+    _payload_file(bait, marker)
+    # sanity: torch.load(weights_only=False) would run it
+    torch.load(bait, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    io = SafetensorsCheckpointIO()
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    # 1. a pickle planted where a link is expected (last.ckpt): refused, not executed
+    (ck / "last.ckpt").write_bytes(bait.read_bytes())
+    with pytest.raises(UnsafeCheckpoint, match="never unpickles"):
+        io.load_checkpoint(ck / "last.ckpt")
+    # 2. a pickle planted as a tensor file inside a committed folder: checksum refuses it
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(4)}, "loops": {}}, ck / "a.ckpt")
+    io.teardown()
+    folder = ck / "checkpoint-3"
+    st = folder / "model.safetensors"
+    st.write_bytes(bait.read_bytes())
+    with pytest.raises(CheckpointError):
+        io.load_checkpoint(ck / "a.ckpt")
+    # 3. the same with the manifest's size/checksum forged to match: the safetensors parser refuses it
+    from btckpt.storage import file_checksum
+
+    man = json.loads((folder / "btckpt.json").read_text())
+    size, digest = file_checksum(st)
+    man["files"]["model.safetensors"] = {"size": size, "xxh3_64": digest}
+    (folder / "btckpt.json").write_text(json.dumps(man))
+    with pytest.raises(CheckpointError):
+        io.load_checkpoint(ck / "a.ckpt")
+    # 4. a link that points out of the folder
+    (ck / "evil.ckpt").write_text(json.dumps({"format": LINK_FORMAT, "checkpoint": "../../etc"}))
+    with pytest.raises(UnsafeCheckpoint):
+        io.load_checkpoint(ck / "evil.ckpt")
+    io.teardown()
+    assert not marker.exists()
+
+
+def test_dict_roundtrip_hparams_conversion_and_clear_errors(tmp_path: Path) -> None:
+    import enum
+
+    class Mode(enum.Enum):
+        A = "a"
+
+    io = SafetensorsCheckpointIO(async_save=False)
+    sd = {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    ckpt = {
+        "epoch": 1, "global_step": 7, "pytorch-lightning_version": "2.6.6", "state_dict": sd,
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.ones(2, 3)}},
+                              "param_groups": [{"lr": 0.1, "params": [0], "betas": (0.9, 0.99)}]}],
+        "lr_schedulers": [{"last_epoch": 7, "_last_lr": [0.1]}],
+        "loops": {"fit_loop": {"x": 1}}, "callbacks": {"ModelCheckpoint{'a': 1}": {"best_model_score": None}},
+        "hyper_parameters": {"path": Path("/data"), "dtype": torch.float16, "mode": Mode.A},
+        "model": "a user key that collides with a group name",
+    }
+    io.save_checkpoint(ckpt, tmp_path / "x.ckpt")
+    got = io.load_checkpoint(tmp_path / "x.ckpt")
+    assert set(got) == set(ckpt)
+    assert torch.equal(got["state_dict"]["w"], sd["w"]) and got["state_dict"]["b"].dtype == torch.bfloat16
+    opt = got["optimizer_states"][0]
+    assert torch.equal(opt["state"][0]["exp_avg"], torch.ones(2, 3)) and opt["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert got["hyper_parameters"] == {"path": "/data", "dtype": "torch.float16", "mode": "a"}
+    assert got["model"] == ckpt["model"] and got["pytorch-lightning_version"] == "2.6.6"
+    # the weights load with plain safetensors under the module's own keys
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "checkpoint-7" / "model.safetensors")) == {"w", "b"}
+    # folder path and the dir itself load too
+    assert io.load_checkpoint(tmp_path / "checkpoint-7")["global_step"] == 7
+    assert io.load_checkpoint(tmp_path)["global_step"] == 7
+
+    class Opaque:
+        pass
+
+    with pytest.raises(UnsupportedValue, match="'callbacks'.*Opaque"):
+        io.save_checkpoint({"global_step": 8, "state_dict": sd, "callbacks": {"cb": {"obj": Opaque()}}},
+                           tmp_path / "y.ckpt")
+    assert not (tmp_path / "checkpoint-8").exists() and not (tmp_path / "y.ckpt").exists()
+    # removing the name removes the folder (rename, then delete)
+    io.remove_checkpoint(tmp_path / "x.ckpt")
+    assert not (tmp_path / "checkpoint-7").exists()
+    io.teardown()
+
+
+def test_shared_folder_survives_until_last_name_removed(tmp_path: Path) -> None:
+    io = SafetensorsCheckpointIO()
+    ckpt = {"global_step": 5, "state_dict": {"w": torch.ones(3)}}
+    io.save_checkpoint(ckpt, tmp_path / "epoch=0-step=5.ckpt")
+    io.save_checkpoint(ckpt, tmp_path / "last.ckpt")  # same step: shares the folder
+    io.wait()
+    assert _link_target(tmp_path / "last.ckpt") == "checkpoint-5"
+    io.remove_checkpoint(tmp_path / "epoch=0-step=5.ckpt")
+    assert (tmp_path / "checkpoint-5" / "btckpt.json").is_file()
+    io.remove_checkpoint(tmp_path / "last.ckpt")
+    assert not (tmp_path / "checkpoint-5").exists()
+    io.teardown()
+
+
+def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own, load = tmp_path / "own", tmp_path / "loaded"
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
+    monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(load))
+    assert resume_path() is None
+    io = SafetensorsCheckpointIO(async_save=False)
+    io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(1)}}, load / "job1" / "rank-0" / "x.ckpt")
+    assert resume_path() == str(load / "job1" / "rank-0" / "checkpoint-4")
+    io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.ones(1)}}, own / "y.ckpt")
+    (own / ".checkpoint-9.tmp-1-x").mkdir()  # an unfinished save is never picked
+    assert resume_path() == str(own / "checkpoint-2")
+    io.teardown()
+
+
+def test_model_checkpoint_default_dir_is_bt_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from btckpt.lightning import ModelCheckpoint
+
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(tmp_path / "bt"))
+    assert ModelCheckpoint().dirpath == str(tmp_path / "bt")
+    monkeypatch.delenv("BT_CHECKPOINT_DIR")
+    assert ModelCheckpoint().dirpath == os.path.realpath("checkpoints")
+    assert ModelCheckpoint(dirpath=tmp_path / "x").dirpath == str(tmp_path / "x")
