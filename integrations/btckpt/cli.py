@@ -323,6 +323,13 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from .consolidate import main as consolidate_main
+
+    argv = [args.ckpt, args.out, "--group", args.group, "--max-shard-size", str(args.max_shard_size)]
+    return consolidate_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``btckpt`` command."""
     p = argparse.ArgumentParser(prog="btckpt", description="Inspect, verify, upload and browse btckpt checkpoints "
@@ -349,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", help="mirror committed checkpoints to a URL (a separate process)")
     add_arguments(up)
     up.set_defaults(func=_cmd_upload)
+    co = sub.add_parser("consolidate", help="write an HF-named, from_pretrained-loadable model folder from a "
+                        "(sharded) checkpoint")
+    co.add_argument("ckpt", metavar="CKPT")
+    co.add_argument("out", metavar="OUT")
+    co.add_argument("--group", default="model")
+    co.add_argument("--max-shard-size", type=int, default=5 * 10**9)
+    co.set_defaults(func=_cmd_consolidate)
     br = sub.add_parser("browse", help="terminal UI: pick a checkpoint, walk files, tensor tables")
     br.add_argument("target", nargs="?", default=os.environ.get("BT_CHECKPOINT_DIR") or "./checkpoints",
                     metavar="DIR|URL")
