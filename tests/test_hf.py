@@ -207,9 +207,8 @@ def _tiny_trainer(out: Path, callbacks: list, **kw):
 
 
 def test_checkpoint_folder_is_servable_and_hf_writes_nothing(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from btckpt.hf import CheckpointCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ck = tmp_path / "ck"
     trainer, hf_train = _tiny_trainer(tmp_path / "out", [CheckpointCallback(dir=str(ck))], max_steps=4, save_steps=2)

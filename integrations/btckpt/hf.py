@@ -175,7 +175,8 @@ class CheckpointCallback(TrainerCallback):
     # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
-            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"), load_dir=self.options.get("load_dir"))
+            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
+                                                       load_dir=self.options.get("load_dir"))
             if resume_from_checkpoint is None:
                 raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
                                  f"{resolve_dir(self.options.get('dir'))} or the load dir")
@@ -276,12 +277,13 @@ class CheckpointCallback(TrainerCallback):
                     ckpt.unprotect(self._best)
                 ckpt.protect(best)
                 self._best = best
+        stateful: Any = tr.state.stateful_callbacks  # as HF's _save_checkpoint records callback state
         for cb in [c for c in tr.callback_handler.callbacks + [tr.control] if isinstance(c, ExportableState)]:
             name = cb.__class__.__name__
-            if isinstance(tr.state.stateful_callbacks.get(name), list):
-                tr.state.stateful_callbacks[name].append(cb.state())
+            if isinstance(stateful.get(name), list):
+                stateful[name].append(cb.state())
             else:
-                tr.state.stateful_callbacks[name] = cb.state()
+                stateful[name] = cb.state()
         files = self._files() if ckpt.world.is_local_leader else {}
         import transformers
 
