@@ -132,6 +132,7 @@ class CheckpointCallback(TrainerCallback):
         self._best: Path | None = None
         self._saved: set[int] = set()
         self._static_files: dict[str, bytes] | None = None
+        self.stats: dict[str, float] = {}  # the last Checkpointer's stats (save_block_s, gate_wait_s, ...)
 
     # -- wiring ----------------------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -170,7 +171,10 @@ class CheckpointCallback(TrainerCallback):
         """Wait for pending saves and release the Checkpointer (done at the end of ``train()``)."""
         ckpt, self.ckpt = self.ckpt, None
         if ckpt is not None:
-            ckpt.close()
+            try:
+                ckpt.close()
+            finally:
+                self.stats = dict(ckpt.stats)
 
     # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
