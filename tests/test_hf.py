@@ -288,3 +288,43 @@ def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, 
     assert resume_checkpoint() == str(own / "checkpoint-3")
     shutil.rmtree(own / "checkpoint-3")
     assert resume_checkpoint() == str(load / "checkpoint-9")
+
+
+def test_peft_lora_saves_adapter_files_that_peft_loads_and_resumes(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from btckpt.hf import CheckpointCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import hf_train
+    finally:
+        sys.path.pop(0)
+
+    def lora():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+        return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+
+    def run(steps: int) -> Trainer:
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, save_steps=2, learning_rate=1e-2,
+                                 per_device_train_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True)
+        tr = Trainer(model=lora(), args=args, train_dataset=hf_train.Synthetic(24, 1),
+                     callbacks=[CheckpointCallback(dir=str(tmp_path / "ck"))])
+        tr.train()
+        return tr
+
+    tr = run(4)
+    folder = tmp_path / "ck" / "checkpoint-4"
+    files = {f.name for f in folder.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"} <= files
+    assert "model.safetensors" not in files
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+    served = peft.PeftModel.from_pretrained(plain, folder).eval()
+    ids = hf_train.Synthetic(2, 5).ids
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, tr.model.eval()(ids).logits)
+    tr2 = run(6)  # the callback resumes from checkpoint-4 by itself
+    assert tr2.state.global_step == 6
+    assert json.loads((tmp_path / "ck" / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
