@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import torch
+from btckpt.hf import CheckpointCallback, resume_checkpoint
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -21,8 +22,6 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-
-from btckpt.hf import CheckpointCallback, resume_checkpoint
 
 VOCAB, SEQ, STEPS = 64, 16, 12
 
