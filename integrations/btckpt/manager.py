@@ -162,7 +162,11 @@ class Checkpointer:
 
     def protect(self, path: str | os.PathLike[str]) -> None:
         """Never delete this checkpoint in retention (e.g. the best model so far)."""
-        self._protected.add(Path(path))
+        self._protected = self._protected | {Path(path)}  # rebind: the writer thread may be reading the set
+
+    def unprotect(self, path: str | os.PathLike[str]) -> None:
+        """Undo :meth:`protect` (e.g. when a newer checkpoint became the best); retention may delete it again."""
+        self._protected = self._protected - {Path(path)}
 
     def save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
              meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:

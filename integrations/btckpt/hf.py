@@ -1,0 +1,381 @@
+"""Hugging Face ``Trainer`` integration: one callback, async safetensors checkpoints, exact resume.
+
+Usage::
+
+    from btckpt.hf import CheckpointCallback, resume_checkpoint
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[CheckpointCallback()])
+    trainer.train(resume_from_checkpoint=resume_checkpoint())   # None when there is nothing to resume
+
+(``trainer.train()`` alone resumes too: the callback fills in ``resume_checkpoint()`` when the argument is
+not given; pass ``resume_from_checkpoint=False`` to start fresh.)
+
+How it plugs in: when the Trainer is built, the callback finds it (the callback API hands callbacks no
+Trainer) and replaces a few of its checkpoint methods on that instance only. ``_save_checkpoint`` becomes
+one async btckpt save of the same step at the same moment HF would save (after logging, evaluation and the
+best-metric update), so HF writes nothing itself. The resume loaders (``_load_from_checkpoint``,
+``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``) read a btckpt folder, verified,
+at the points where HF loads its own files, so data position, RNG streams and gradient accumulation
+come out exactly as in an uninterrupted run. Folders without ``btckpt.json`` go to HF's own loaders.
+
+Each ``checkpoint-<step>`` folder is servable (``model.safetensors`` or shards + index with the model's
+own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files; for PEFT models
+``adapter_model.safetensors`` + ``adapter_config.json``) and resumable (``optimizer.safetensors``,
+``scheduler``/``scaler`` state in the manifest, ``rng_state_<rank>.json``, ``trainer_state.json``).
+Supported: one process, DDP (torchrun, several nodes). FSDP and DeepSpeed raise :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .config import resolve_dir, resolve_load_dir
+from .discovery import CheckpointInfo, inspect, scan
+from .errors import ConfigError
+from .manifest import MANIFEST
+from .reader import CheckpointReader, read_verified_bytes
+from .rng import restore_rng, rng_file
+from .statedict import apply_group, unwrap_model
+
+__all__ = ["CheckpointCallback", "resume_checkpoint"]
+
+log = logging.getLogger("btckpt")
+
+_PATCHED = ("train", "_save_checkpoint", "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_scaler",
+            "_load_rng_state", "_load_best_model", "_maybe_log_save_evaluate")
+
+
+def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
+                      load_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """Path of the newest complete checkpoint to resume from, or None.
+
+    Looks in ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``: a restarted job's own
+    checkpoints) first, then in ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``, in any of its layouts,
+    nested ``<job>/rank-<node>/checkpoint-<step>/`` included). Incomplete folders are skipped; a plain HF
+    Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
+    """
+    roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
+    for root in roots:
+        if root is None:
+            continue
+        for info in scan(root):
+            if _resumable(info):
+                return str(info.path)
+    if roots[1] is not None:
+        log.warning("btckpt: $BT_LOAD_CHECKPOINT_DIR / load_dir %s holds no complete checkpoint; starting fresh",
+                    roots[1])
+    return None
+
+
+def _resumable(info: CheckpointInfo) -> bool:
+    if not info.complete:
+        return False
+    if info.kind == "btckpt":
+        return info.manifest is not None and "trainer_state.json" in info.manifest.files
+    return (info.path / "trainer_state.json").is_file()
+
+
+def _btckpt_info(path: str | os.PathLike[str] | None) -> CheckpointInfo | None:
+    """The checkpoint at ``path`` when it is a btckpt folder (raises when it is one but is damaged)."""
+    if path is None or not (Path(path) / MANIFEST).exists():
+        return None
+    info = inspect(path)
+    if not info.complete:
+        raise ConfigError(f"cannot resume from {path}: {info.status} ({info.reason}); pass resume_checkpoint() "
+                          "to pick the newest complete checkpoint")
+    return info
+
+
+def _find_trainer() -> Trainer | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
+
+
+class CheckpointCallback(TrainerCallback):
+    """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``) and resume.
+
+    Saves happen when the Trainer's own save would (``save_strategy`` steps/epoch/best, ``save_steps``);
+    ``save_total_limit`` becomes ``keep_last`` and the best checkpoint is protected from retention.
+    A SIGTERM saves at the next step boundary, waits for the commit and exits the process with status 0
+    (``exit_on_preemption=False``: ``train()`` returns instead). ``auto_resume``: ``train()`` without
+    ``resume_from_checkpoint`` resumes from :func:`resume_checkpoint`. Other keyword options go to
+    :class:`btckpt.Checkpointer` (``dir``, ``load_dir``, ``keep_last``, ``async_save``, ``max_shard_size``...).
+    """
+
+    def __init__(self, *, auto_resume: bool = True, exit_on_preemption: bool = True, **options: Any) -> None:
+        self.options = dict(options)
+        self.auto_resume = auto_resume
+        self.exit_on_preemption = exit_on_preemption
+        self.trainer: Trainer | None = None
+        self.ckpt: Any = None
+        self.preempted_at: int | None = None
+        self._orig: dict[str, Callable[..., Any]] = {}
+        self._best: Path | None = None
+        self._saved: set[int] = set()
+        self._static_files: dict[str, bytes] | None = None
+        self.stats: dict[str, float] = {}  # the last Checkpointer's stats (save_block_s, gate_wait_s, ...)
+
+    # -- wiring ----------------------------------------------------------------------------------------
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = _find_trainer()
+        if trainer is None:
+            raise ConfigError("CheckpointCallback could not find its Trainer; pass it in Trainer(callbacks=[...])")
+        self.attach(trainer)
+
+    def attach(self, trainer: Trainer) -> None:
+        """Bind to ``trainer`` (done automatically when the Trainer is built with this callback)."""
+        if self.trainer is trainer:
+            return
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            what = "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else "FSDP"
+            raise ConfigError(
+                f"btckpt.hf.CheckpointCallback does not support {what}: its model and optimizer state are sharded "
+                "across ranks and btckpt's HF integration saves replicated (single-process/DDP) state only. "
+                "Remove the callback to use the Trainer's own checkpointing under " + what)
+        self.trainer = trainer
+        for name in _PATCHED:
+            self._orig[name] = getattr(trainer, name)
+            setattr(trainer, name, getattr(self, f"_p{name}" if name.startswith("_") else f"_p_{name}"))
+
+    def _checkpointer(self) -> Any:
+        if self.ckpt is None:
+            from .manager import Checkpointer
+
+            opts = dict(self.options)
+            limit = self.trainer.args.save_total_limit if self.trainer is not None else None
+            opts.setdefault("keep_last", limit if limit and limit > 0 else None)
+            self.ckpt = Checkpointer(**opts)
+            self._best, self._saved, self.preempted_at = None, set(), None
+        return self.ckpt
+
+    def close(self) -> None:
+        """Wait for pending saves and release the Checkpointer (done at the end of ``train()``)."""
+        ckpt, self.ckpt = self.ckpt, None
+        if ckpt is not None:
+            try:
+                ckpt.close()
+            finally:
+                self.stats = dict(ckpt.stats)
+
+    # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
+    def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
+            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
+                                                       load_dir=self.options.get("load_dir"))
+            if resume_from_checkpoint is None:
+                raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
+                                 f"{resolve_dir(self.options.get('dir'))} or the load dir")
+        elif resume_from_checkpoint is None and self.auto_resume:
+            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
+                                                       load_dir=self.options.get("load_dir"))
+            if resume_from_checkpoint is not None:
+                log.warning("btckpt: resuming from %s", resume_from_checkpoint)
+        self._checkpointer()
+        try:
+            out = self._orig["train"](resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.close()
+        if self.preempted_at is not None and self.exit_on_preemption:
+            log.warning("btckpt: preempted; checkpoint-%d is committed, exiting with status 0", self.preempted_at)
+            raise SystemExit(0)
+        return out
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._checkpointer()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.ckpt is not None:
+            self.ckpt.wait()
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        tr = self.trainer
+        assert tr is not None
+        model = unwrap_model(tr.model)
+        groups: dict[str, Any] = {}
+        if _is_peft(model):
+            from peft import get_peft_model_state_dict
+
+            groups["adapter_model"] = get_peft_model_state_dict(model)
+        else:
+            groups["model"] = model
+        if not tr.args.save_only_model:
+            opt = tr.optimizer
+            groups["optimizer"] = getattr(opt, "optimizer", opt)
+            if tr.lr_scheduler is not None:
+                groups["scheduler"] = tr.lr_scheduler
+            scaler = getattr(tr.accelerator, "scaler", None)
+            if scaler is not None:
+                groups["scaler"] = scaler
+        return groups
+
+    def _files(self) -> dict[str, bytes]:
+        """config.json, generation_config.json, tokenizer/processor files, trainer_state.json, training_args.json."""
+        tr = self.trainer
+        assert tr is not None
+        model = unwrap_model(tr.model)
+        out: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="btckpt-hf-") as tmp:
+            if _is_peft(model):
+                model.peft_config[model.active_adapter].save_pretrained(tmp)
+            else:
+                cfg = getattr(model, "config", None)
+                if cfg is not None and hasattr(cfg, "save_pretrained"):
+                    cfg.save_pretrained(tmp)
+                gen = getattr(model, "generation_config", None)
+                can_generate = getattr(model, "can_generate", lambda: False)
+                if gen is not None and can_generate():
+                    gen.save_pretrained(tmp)
+            tr.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
+            for f in Path(tmp).iterdir():
+                if f.is_file():
+                    out[f.name] = f.read_bytes()
+        if self._static_files is None:
+            self._static_files = {}
+            proc = getattr(tr, "processing_class", None)
+            if proc is not None and hasattr(proc, "save_pretrained"):
+                with tempfile.TemporaryDirectory(prefix="btckpt-hf-") as tmp:
+                    proc.save_pretrained(tmp)
+                    for f in Path(tmp).rglob("*"):
+                        if f.is_file():
+                            self._static_files[f.relative_to(tmp).as_posix()] = f.read_bytes()
+        out.update(self._static_files)
+        out["training_args.json"] = tr.args.to_json_string().encode()
+        return out
+
+    def _p_save_checkpoint(self, model: Any, trial: Any = None, *args: Any, **kwargs: Any) -> None:
+        """Replaces ``Trainer._save_checkpoint``: the same bookkeeping, one async btckpt save, no HF write."""
+        from transformers.trainer_utils import SaveStrategy
+
+        tr = self.trainer
+        assert tr is not None
+        ckpt = self._checkpointer()
+        step = int(tr.state.global_step)
+        if tr.hp_search_backend is None and trial is None:
+            tr.store_flos()
+        best_step = tr.state.best_global_step
+        if tr.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+            best = ckpt.root / f"checkpoint-{best_step}"
+            if best_step == step or best_step in self._saved or best.exists():
+                tr.state.best_model_checkpoint = str(best)
+                if self._best is not None and self._best != best:
+                    ckpt.unprotect(self._best)
+                ckpt.protect(best)
+                self._best = best
+        stateful: Any = tr.state.stateful_callbacks  # as HF's _save_checkpoint records callback state
+        for cb in [c for c in tr.callback_handler.callbacks + [tr.control] if isinstance(c, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(stateful.get(name), list):
+                stateful[name].append(cb.state())
+            else:
+                stateful[name] = cb.state()
+        files = self._files() if ckpt.world.is_local_leader else {}
+        import transformers
+
+        ckpt.save(step, self._state(), extra_files=files,
+                  meta={"integration": "transformers", "transformers_version": transformers.__version__})
+        self._saved.add(step)
+
+    def _p_maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._orig["_maybe_log_save_evaluate"](*args, **kwargs)
+        tr = self.trainer
+        if tr is not None and self.ckpt is not None and self.preempted_at is None and self._preempted_everywhere():
+            step = int(tr.state.global_step)
+            if step not in self._saved:
+                self._p_save_checkpoint(tr.model_wrapped, None)
+            self.ckpt.finish_preemption(step, self._state())
+            self.preempted_at = step
+            tr.control.should_training_stop = True
+            log.warning("btckpt: SIGTERM: saved checkpoint-%d; stopping training", step)
+        return out
+
+    def _preempted_everywhere(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks agree, so they stop at the same step)."""
+        flag = bool(self.ckpt.preempted)
+        if self.ckpt.world.size <= 1:
+            return flag
+        import torch.distributed as dist
+
+        assert self.trainer is not None
+        t = torch.tensor([1.0 if flag else 0.0], device=self.trainer.args.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _p_load_best_model(self, *args: Any, **kwargs: Any) -> Any:
+        if self.preempted_at is not None:
+            return None
+        if self.ckpt is not None:
+            self.ckpt.wait()  # the best checkpoint may still be writing
+        return self._orig["_load_best_model"](*args, **kwargs)
+
+    # -- resuming -----------------------------------------------------------------------------------------
+    def _p_load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> Any:
+        info = _btckpt_info(resume_from_checkpoint)
+        target = unwrap_model(model if model is not None else self.trainer.model)  # type: ignore[union-attr]
+        if info is None or _is_peft(target) or "model" not in (info.manifest.state if info.manifest else {}):
+            return self._orig["_load_from_checkpoint"](resume_from_checkpoint, model)
+        loaded = CheckpointReader(info.path, info.manifest).load_group("model")
+        apply_group("model", target, loaded, strict=True)
+        log.info("btckpt: loaded model weights from %s", info.path)
+        return None
+
+    def _p_load_optimizer_and_scheduler(self, checkpoint: str | None) -> Any:
+        info = _btckpt_info(checkpoint)
+        if info is None:
+            return self._orig["_load_optimizer_and_scheduler"](checkpoint)
+        tr = self.trainer
+        assert tr is not None and info.manifest is not None
+        reader = CheckpointReader(info.path, info.manifest)
+        groups = info.manifest.state
+        if "optimizer" not in groups:
+            log.warning("btckpt: %s holds no optimizer state (save_only_model?); the optimizer starts fresh", info.path)
+            return None
+        opt_state = reader.load_group("optimizer")
+        sched_state = reader.load_group("scheduler") if "scheduler" in groups and tr.lr_scheduler is not None else None
+        opt = getattr(tr.optimizer, "optimizer", tr.optimizer)
+        apply_group("optimizer", opt, opt_state, strict=True)
+        if sched_state is not None:
+            apply_group("scheduler", tr.lr_scheduler, sched_state, strict=True)
+        return None
+
+    def _p_load_scaler(self, checkpoint: str | None) -> Any:
+        info = _btckpt_info(checkpoint)
+        if info is None:
+            return self._orig["_load_scaler"](checkpoint)
+        scaler = getattr(self.trainer.accelerator, "scaler", None)  # type: ignore[union-attr]
+        if scaler is not None and info.manifest is not None and "scaler" in info.manifest.state:
+            apply_group("scaler", scaler, CheckpointReader(info.path, info.manifest).load_group("scaler"), strict=True)
+        return None
+
+    def _p_load_rng_state(self, checkpoint: str | None) -> Any:
+        info = _btckpt_info(checkpoint)
+        if info is None:
+            return self._orig["_load_rng_state"](checkpoint)
+        assert info.manifest is not None
+        rank = self.trainer.args.process_index  # type: ignore[union-attr]
+        name = rng_file(rank)
+        if name not in info.manifest.files:
+            log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
+                        "restored, the resumed run is not bit-exact", info.path, rank)
+            return None
+        restore_rng(json.loads(read_verified_bytes(info.path, info.manifest, name)), where=str(info.path))
+        return None

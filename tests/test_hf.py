@@ -1,0 +1,330 @@
+"""HF Trainer integration: real Trainer runs on CPU (tiny GPT-2 from a config), real SIGKILL/SIGTERM,
+real torchrun. Exactness is checked bit for bit against an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import tqdm  # noqa: E402
+
+tqdm.tqdm.monitor_interval = 0  # from_pretrained's progress bar would start tqdm's monitor thread (a "leak")
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "hf_train.py"
+PY = sys.executable
+SEED = int(os.environ.get("BTCKPT_TEST_SEED", time.time_ns() % 100000))
+RNG = random.Random(SEED)
+
+
+def _env(ckpt_dir: Path | None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for var in ("BT_CHECKPOINT_DIR", "BT_LOAD_CHECKPOINT_DIR"):
+        env.pop(var, None)
+    if ckpt_dir is not None:
+        env["BT_CHECKPOINT_DIR"] = str(ckpt_dir)
+    env.update(extra)
+    return env
+
+
+def train(cwd: Path, *args: str, ckpt_dir: Path | None = None, env: dict[str, str] | None = None,
+          torchrun: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [PY, str(SCRIPT), "--out", str(cwd / "hf_out"), *args]
+    if torchrun:
+        port = str(29400 + RNG.randrange(1000))
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *cmd[1:]]
+    full = _env(ckpt_dir, **(env or {}))
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def resumed_from(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESUME ")]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return lines[0].split(" ", 1)[1]
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        assert sum(k.startswith("opt/") for k in fa.keys()) > 0
+        bad = [k for k in fa.keys() if not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
+        assert not bad, f"{len(bad)} tensors differ (seed {SEED}), e.g. {bad[:5]}"
+        assert fa.metadata() == fb.metadata()
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs without any checkpointing, computed once per config on first use."""
+    root = tmp_path_factory.mktemp("baseline")
+    cache: dict[str, Path] = {}
+
+    def get(name: str, *args: str, torchrun: bool = False) -> Path:
+        if name not in cache:
+            d = root / name
+            d.mkdir()
+            ok(train(d, "--mode", "none", "--resume", "none", "--dump", str(d / "final.st"), *args, torchrun=torchrun))
+            cache[name] = d / "final.st"
+        return cache[name]
+
+    return get  # type: ignore[return-value]
+
+
+def test_kill_mid_epoch_then_resume_from_nested_load_dir_is_exact(tmp_path: Path, baselines) -> None:
+    kill = RNG.randint(5, 11)  # checkpoints every 4 steps, 6 steps per epoch: resumes from step 4 or 8
+    ck = tmp_path / "ck"
+    proc = train(tmp_path, "--kill-at", str(kill), ckpt_dir=ck)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "DONE" not in proc.stdout
+    # the next job gets the checkpoints through $BT_LOAD_CHECKPOINT_DIR in the platform's nested layout
+    load = tmp_path / "loaded"
+    (load / "job42").mkdir(parents=True)
+    shutil.move(str(ck), str(load / "job42" / "rank-0"))
+    proc = train(tmp_path, "--dump", str(tmp_path / "final.st"), ckpt_dir=tmp_path / "ck_new",
+                 env={"BT_LOAD_CHECKPOINT_DIR": str(load)})
+    ok(proc)
+    start = resumed_from(proc)
+    assert "job42/rank-0/checkpoint-" in start, start
+    step = int(start.rsplit("-", 1)[1])
+    assert step in (4, 8) and step % 6 != 0, (start, kill, SEED)
+    assert_identical(baselines("plain"), tmp_path / "final.st")
+    assert not list((tmp_path / "hf_out").glob("checkpoint-*"))
+
+
+def test_kill_at_end_of_epoch_boundary_then_resume_is_exact(tmp_path: Path, baselines) -> None:
+    kill = RNG.randint(8, 17)  # save_strategy=epoch: checkpoints 6, 12 (epoch boundaries)
+    ck = tmp_path / "ck"
+    proc = train(tmp_path, "--save-strategy", "epoch", "--kill-at", str(kill), ckpt_dir=ck)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    proc = train(tmp_path, "--save-strategy", "epoch", "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
+    ok(proc)
+    start = resumed_from(proc)
+    assert start.endswith(("checkpoint-6", "checkpoint-12")), (start, kill, SEED)
+    assert_identical(baselines("plain"), tmp_path / "final.st")
+
+
+def test_kill_with_gradient_accumulation_and_zero_touch_resume_is_exact(tmp_path: Path, baselines) -> None:
+    kill = RNG.randint(3, 8)  # ga=2: 3 optimizer steps per epoch, checkpoints every 2
+    ck = tmp_path / "ck"
+    proc = train(tmp_path, "--ga", "2", "--save-steps", "2", "--kill-at", str(kill), ckpt_dir=ck)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # --resume auto: plain trainer.train(); the callback alone finds and loads the checkpoint
+    proc = train(tmp_path, "--ga", "2", "--save-steps", "2", "--resume", "auto", "--dump", str(tmp_path / "final.st"),
+                 ckpt_dir=ck)
+    ok(proc)
+    assert "btckpt: resuming from" in proc.stderr
+    assert_identical(baselines("ga2", "--ga", "2"), tmp_path / "final.st")
+
+
+def test_sigterm_saves_at_next_step_and_exits_zero_then_resume_is_exact(tmp_path: Path, baselines) -> None:
+    ck, progress = tmp_path / "ck", tmp_path / "progress.txt"
+    at = RNG.randint(5, 10)
+    child = subprocess.Popen([PY, str(SCRIPT), "--out", str(tmp_path / "hf_out"), "--save-steps", "100",
+                              "--step-sleep", "0.3", "--progress", str(progress)],
+                             cwd=tmp_path, env=_env(ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and child.poll() is None:
+            steps = progress.read_text().split() if progress.exists() else []
+            if len(steps) >= at:
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err[-4000:]
+    assert "DONE" not in out
+    saved = sorted(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    assert len(saved) == 1 and at <= saved[0] < 18, (saved, at)  # save_steps=100: only the preemption save
+    proc = train(tmp_path, "--save-steps", "100", "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
+    ok(proc)
+    assert resumed_from(proc).endswith(f"checkpoint-{saved[0]}")
+    assert_identical(baselines("plain"), tmp_path / "final.st")
+
+
+def test_ddp_two_processes_kill_and_resume_is_exact(tmp_path: Path, baselines) -> None:
+    kill = RNG.randint(5, 11)
+    ck = tmp_path / "ck"
+    proc = train(tmp_path, "--bs", "2", "--kill-at", str(kill), ckpt_dir=ck, torchrun=True)
+    assert proc.returncode != 0
+    assert "DONE" not in proc.stdout
+    names = sorted(p.name for p in ck.glob("checkpoint-*"))
+    assert names, proc.stderr[-3000:]
+    for p in ck.glob("checkpoint-*"):  # rank 0 writes the weights once, every rank its RNG
+        files = {f.name for f in p.iterdir()}
+        assert {"model.safetensors", "rng_state_0.json", "rng_state_1.json"} <= files
+    proc = train(tmp_path, "--bs", "2", "--dump", str(tmp_path / "final.st"), ckpt_dir=ck, torchrun=True)
+    ok(proc)
+    assert "checkpoint-" in resumed_from(proc)
+    assert_identical(baselines("ddp", "--bs", "2", torchrun=True), tmp_path / "final.st")
+
+
+# ---- in-process runs -------------------------------------------------------------------------------------
+
+def _tiny_trainer(out: Path, callbacks: list, **kw):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import hf_train
+    finally:
+        sys.path.pop(0)
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    eval_kw = kw.pop("eval", False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=hf_train.VOCAB, n_positions=hf_train.SEQ, n_layer=2, n_embd=32,
+                                       n_head=2))
+    extra = {}
+    if eval_kw:
+        extra = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=False)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to="none", use_cpu=True, disable_tqdm=True, seed=0, logging_steps=1,
+                             **extra, **kw)
+    return Trainer(model=model, args=args, train_dataset=hf_train.Synthetic(24, 1),
+                   eval_dataset=hf_train.Synthetic(8, 2) if eval_kw else None,
+                   processing_class=hf_train.tiny_tokenizer(), callbacks=callbacks), hf_train
+
+
+def test_checkpoint_folder_is_servable_and_hf_writes_nothing(tmp_path: Path) -> None:
+    from btckpt.hf import CheckpointCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ck = tmp_path / "ck"
+    trainer, hf_train = _tiny_trainer(tmp_path / "out", [CheckpointCallback(dir=str(ck))], max_steps=4, save_steps=2)
+    trainer.train()
+    assert not list((tmp_path / "out").glob("checkpoint-*")), "the Trainer wrote its own checkpoint"
+    folder = ck / "checkpoint-4"
+    files = {f.name for f in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "trainer_state.json", "optimizer.safetensors", "rng_state_0.json", "btckpt.json"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin"))], files  # nothing pickled
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    live = trainer.model.eval()
+    served = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = hf_train.Synthetic(3, 7).ids
+    with torch.no_grad():
+        assert torch.equal(live(ids).logits, served(ids).logits)
+        assert not torch.equal(live(ids).logits,
+                               AutoModelForCausalLM.from_pretrained(ck / "checkpoint-2").eval()(ids).logits)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.convert_tokens_to_ids("t5") == 5
+
+
+def test_save_total_limit_and_best_model_match_plain_hf(tmp_path: Path) -> None:
+    from btckpt.hf import CheckpointCallback
+
+    ck = tmp_path / "ck"
+    ours, _ = _tiny_trainer(tmp_path / "a", [CheckpointCallback(dir=str(ck))], eval=True, max_steps=12,
+                            save_steps=2, save_total_limit=2)
+    ours.train()
+    native, _ = _tiny_trainer(tmp_path / "b", [], eval=True, max_steps=12, save_steps=2, save_total_limit=2)
+    native.train()
+    assert ours.state.best_global_step == native.state.best_global_step
+    best = Path(ours.state.best_model_checkpoint)
+    assert best.parent == ck and best.name == Path(native.state.best_model_checkpoint).name
+    kept = {p.name for p in ck.glob("checkpoint-*")}
+    kept_hf = {p.name for p in (tmp_path / "b").glob("checkpoint-*")}
+    # HF counts the best inside the limit; btckpt keeps the newest `limit` plus the best: a superset
+    assert kept_hf <= kept and best.name in kept and "checkpoint-12" in kept
+    assert len(kept) <= 3
+    # load_best_model_at_end loaded the best weights into the live model
+    from safetensors.torch import load_file
+
+    best_sd = load_file(best / "model.safetensors")
+    live = ours.model.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in best_sd.items())
+    # and the two runs trained identically
+    assert all(torch.equal(v, native.model.state_dict()[k]) for k, v in live.items())
+
+
+def test_fsdp_and_deepspeed_are_refused_clearly() -> None:
+    from types import SimpleNamespace
+
+    from btckpt import ConfigError
+    from btckpt.hf import CheckpointCallback
+
+    for flag in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        with pytest.raises(ConfigError, match="does not support"):
+            CheckpointCallback().attach(SimpleNamespace(**{flag: True}))  # type: ignore[arg-type]
+
+
+def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, monkeypatch) -> None:
+    from btckpt.hf import resume_checkpoint
+
+    assert resume_checkpoint() is None
+    import btckpt
+
+    own, load = tmp_path / "own", tmp_path / "load" / "j1" / "rank-0"
+    model = torch.nn.Linear(2, 2)
+    ts = {"trainer_state.json": b"{}"}
+    btckpt.save(load / "checkpoint-9", {"model": model}, extra_files=ts)
+    btckpt.save(own / "checkpoint-3", {"model": model}, extra_files=ts)
+    btckpt.save(own / "checkpoint-2", {"model": model})  # not a Trainer checkpoint: skipped
+    (own / "checkpoint-5").mkdir()  # never committed
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
+    monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(tmp_path / "load"))
+    assert resume_checkpoint() == str(own / "checkpoint-3")
+    shutil.rmtree(own / "checkpoint-3")
+    assert resume_checkpoint() == str(load / "checkpoint-9")
+
+
+def test_peft_lora_saves_adapter_files_that_peft_loads_and_resumes(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from btckpt.hf import CheckpointCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import hf_train
+    finally:
+        sys.path.pop(0)
+
+    def lora():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+        return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+
+    def run(steps: int) -> Trainer:
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, save_steps=2, learning_rate=1e-2,
+                                 per_device_train_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True)
+        tr = Trainer(model=lora(), args=args, train_dataset=hf_train.Synthetic(24, 1),
+                     callbacks=[CheckpointCallback(dir=str(tmp_path / "ck"))])
+        tr.train()
+        return tr
+
+    tr = run(4)
+    folder = tmp_path / "ck" / "checkpoint-4"
+    files = {f.name for f in folder.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"} <= files
+    assert "model.safetensors" not in files
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+    served = peft.PeftModel.from_pretrained(plain, folder).eval()
+    ids = hf_train.Synthetic(2, 5).ids
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, tr.model.eval()(ids).logits)
+    tr2 = run(6)  # the callback resumes from checkpoint-4 by itself
+    assert tr2.state.global_step == 6
+    assert json.loads((tmp_path / "ck" / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
