@@ -166,7 +166,8 @@ def test_sigterm_saves_at_next_step_and_exits_zero_then_resume_is_exact(tmp_path
 def test_ddp_two_processes_kill_and_resume_is_exact(tmp_path: Path, baselines) -> None:
     kill = RNG.randint(5, 11)
     ck = tmp_path / "ck"
-    proc = train(tmp_path, "--bs", "2", "--kill-at", str(kill), ckpt_dir=ck, torchrun=True)
+    # steps slowed down so that (on a loaded 2-core machine) the step-4 save commits before the kill
+    proc = train(tmp_path, "--bs", "2", "--kill-at", str(kill), "--step-sleep", "0.15", ckpt_dir=ck, torchrun=True)
     assert proc.returncode != 0
     assert "DONE" not in proc.stdout
     names = sorted(p.name for p in ck.glob("checkpoint-*"))

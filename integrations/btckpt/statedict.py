@@ -44,14 +44,19 @@ def group_value(obj: Any) -> Any:
 
 
 def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
-    """The optimizers among the state's top-level values (the step gate hooks these)."""
+    """The optimizers among the state's top-level values (the step gate hooks these).
+
+    A wrapper that is itself an Optimizer and delegates to ``.optimizer`` (Accelerate's
+    AcceleratedOptimizer) is unwrapped to the optimizer whose ``step()`` really runs. Other objects that
+    merely hold an optimizer (LR schedulers) are not optimizers.
+    """
     out = []
     for v in state.values():
-        inner = getattr(v, "optimizer", None)  # Accelerate's AcceleratedOptimizer wraps the real one
-        if isinstance(inner, torch.optim.Optimizer):
-            v = inner
-        if isinstance(v, torch.optim.Optimizer):
-            out.append(v)
+        if not isinstance(v, torch.optim.Optimizer):
+            continue
+        while isinstance(getattr(v, "optimizer", None), torch.optim.Optimizer):
+            v = v.optimizer
+        out.append(v)
     return out
 
 
