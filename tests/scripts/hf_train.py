@@ -53,6 +53,14 @@ class Faults(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         if self.kill_at is not None and state.global_step == self.kill_at:
+            # On a loaded machine the first save may still be in flight: the kill must leave something to
+            # resume from (later saves may still be caught mid-write), so wait for one commit (bounded).
+            import btckpt
+
+            root = os.environ.get("BT_CHECKPOINT_DIR", "./checkpoints")
+            deadline = time.monotonic() + 60
+            while btckpt.latest(root) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_step_end(self, args, state, control, **kw):
