@@ -94,6 +94,9 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path: Path, ref
     proc = _start(["--dir", str(ck), "--steps", "30", "--sleep", "0.03"])
     try:
         _wait_step(proc, kill_at)
+        deadline = time.monotonic() + 60  # on a loaded machine the first save may still be in flight
+        while resume_path(dir=ck) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(rnd.uniform(0, 0.03))  # anywhere in the next step, saves included
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -260,8 +260,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         with self._lock:
             self._pending.clear()
         if folder.exists() and inspect(folder).complete:
-            log.warning("btckpt: replacing %s, left by an earlier run at the same step", folder)
-            delete_checkpoint(folder)
+            # an earlier run committed this step (e.g. the checkpoint this run resumed from): btckpt never
+            # deletes a committed checkpoint before a newer one committed, so the name points at it
+            log.info("btckpt: %s was committed by an earlier run at this step; naming it %s", folder, link.name)
+            if link != folder:
+                self._relink(link, folder)
+            self._mine.add(folder)
+            return
         groups, keys = _to_groups(checkpoint)
         with self._lock:
             self._pending[folder] = [] if link == folder else [link]
