@@ -17,6 +17,7 @@ from .rng import capture_rng
 from .saving import SaveJob, run_save
 from .snapshot import Stager
 from .statedict import group_value
+from .storage import space_error
 
 __all__ = ["save", "load", "latest"]
 
@@ -41,7 +42,10 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
     fill_refs(flat, layout)
     stager = Stager()
     try:
-        staged = stager.stage(flat, layout, async_keys=set(), sync=True)
+        try:
+            staged = stager.stage(flat, layout, async_keys=set(), sync=True)
+        except OSError as exc:
+            raise space_error(exc, target) from exc
         job = SaveJob(step=step, root=target.parent, tag=f"{os.getpid()}-oneshot", world=World(), flat=flat,
                       staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}))
         committed = run_save(job)

@@ -37,7 +37,7 @@ from .rng import capture_rng
 from .saving import SaveJob, run_save
 from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in, unwrap_model
-from .storage import free_bytes
+from .storage import free_bytes, space_error
 
 __all__ = ["Checkpointer"]
 
@@ -174,7 +174,10 @@ class Checkpointer:
         staged = None
         if layout is not None:
             async_keys = self._async_keys(state, flat) if self.config.async_save else set()
-            staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+            try:
+                staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+            except OSError as exc:
+                raise space_error(exc, self.root / checkpoint_name(step)) from exc
             self._gate.watch(optimizers_in(state))
             self._gate.arm(staged)
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import faults
 from .layout import FlatState, Layout
 
 __all__ = ["ThreadStream", "CudaStream", "Staged", "Stager", "StepGate", "PAGE"]
@@ -155,6 +156,7 @@ class Stager:
 
     def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Staged:
         """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
+        faults.point("stage")
         on_cuda = any(t.is_cuda for g in flat for t in g.tensors.values())
         arena = self._ensure_arena(layout, pinned=on_cuda and torch.cuda.is_available())
         later_host: list[tuple[torch.Tensor, torch.Tensor]] = []
