@@ -34,6 +34,7 @@ class SavePath:
 
     name: str
     argv: Callable[[Path, Path], list[str]]  # (checkpoint dir, digest output file) -> argv after python
+    final_step: int = 60  # the step at which the run ends (a run resumed there has nothing left to do)
     phases: tuple[str, ...] = LOCAL_PHASES
     env: dict[str, str] = field(default_factory=dict)
 
@@ -110,11 +111,12 @@ def _start(path: SavePath, root: Path, out: Path, env: dict[str, str]) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root.parent))
 
 
-def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    if proc.poll() is None:
+def _stop(proc: subprocess.Popen[str], *, kill: bool = True) -> tuple[str, str]:
+    """Reap ``proc`` (killing it first unless ``kill`` is False: then wait for it to finish)."""
+    if kill and proc.poll() is None:
         proc.kill()
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:  # pragma: no cover
         proc.kill()
         out, err = proc.communicate()
@@ -137,12 +139,16 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
                 trial.restored = line.split()[1]
             if line.startswith("TRAINING"):
                 break
-        if phase is None and proc.poll() is None:
+        if phase is not None:
+            _, err = _stop(proc, kill=False)
+        elif proc.poll() is None:
             time.sleep(rng.uniform(0, max_delay))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 trial.killed = True
-        _, err = _stop(proc)
+            _, err = _stop(proc, kill=False)
+        else:
+            _, err = _stop(proc, kill=False)
     finally:
         if proc.poll() is None:  # pragma: no cover
             proc.kill()
@@ -150,6 +156,8 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
     trial.rc = proc.returncode
     if phase is not None:
         trial.killed = proc.returncode == -signal.SIGKILL
+        if proc.returncode == 0:
+            raise AssertionError(f"{path.name}: the injected fault point {phase!r} was never reached")
         if proc.returncode not in (0, -signal.SIGKILL):
             raise AssertionError(f"{path.name} crashed with rc={proc.returncode} at {phase}:\n{err[-3000:]}")
     elif proc.returncode not in (0, -signal.SIGKILL):
@@ -160,9 +168,10 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
 
 def reference_digest(path: SavePath, workdir: Path) -> str:
     """The final digest of an uninterrupted run."""
+    workdir.mkdir(parents=True, exist_ok=True)
     root, out = workdir / "ref-ckpt", workdir / "ref.json"
     proc = _start(path, root, out, {})
-    _, err = _stop(proc)
+    _, err = _stop(proc, kill=False)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.read_text())["digest"]
 
@@ -184,14 +193,14 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
             out.unlink()
         trial.complete_after = check_restart_invariants(root)
         newest = trial.complete_after[0] if trial.complete_after else None
-        if not trial.killed and trial.rc == 0:
-            import shutil
+        if (not trial.killed and trial.rc == 0) or newest == path.final_step:
+            import shutil  # the run is over: start the next trials from an empty folder
 
             shutil.rmtree(root)
             newest = None
         trials.append(trial)
     proc = _start(path, root, out, {})
-    _, err = _stop(proc)
+    _, err = _stop(proc, kill=False)
     assert proc.returncode == 0, err[-3000:]
     check_restart_invariants(root)
     if expect_digest is not None:
