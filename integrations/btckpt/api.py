@@ -10,14 +10,14 @@ from typing import Any
 
 from .discovery import inspect, latest, scan
 from .distributed import World
-from .errors import CheckpointError, ConfigError, NoCheckpointFound
+from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
 from .layout import fill_refs, flatten_group, plan_layout
 from .loading import restore_first
 from .rng import capture_rng
 from .saving import SaveJob, run_save
 from .snapshot import Stager
 from .statedict import group_value
-from .storage import space_error
+from .storage import free_bytes, space_error
 
 __all__ = ["save", "load", "latest"]
 
@@ -40,6 +40,11 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
     flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()]
     layout = plan_layout(flat, max_shard_size=max_shard_size)
     fill_refs(flat, layout)
+    nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
+    free = free_bytes(target.parent)
+    if free < nbytes:
+        raise InsufficientSpace(f"{target}: the checkpoint needs {nbytes / 1e6:.1f} MB but only {free / 1e6:.1f} MB "
+                                "are free there; free space or save elsewhere. Nothing was written")
     stager = Stager()
     try:
         try:

@@ -170,7 +170,13 @@ class Checkpointer:
                 self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
             layout = self._layout
             fill_refs(flat, layout)
-            self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+            try:
+                self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+            except InsufficientSpace as exc:
+                if self.config.on_error != "warn":
+                    raise
+                log.warning("btckpt: step %d not saved (continuing, on_error='warn'): %s", step, exc)
+                return
         staged = None
         if layout is not None:
             async_keys = self._async_keys(state, flat) if self.config.async_save else set()
@@ -191,6 +197,10 @@ class Checkpointer:
         else:
             try:
                 self._finish(job)
+            except CheckpointError as exc:
+                if self.config.on_error != "warn":
+                    raise
+                log.warning("btckpt: saving step %d failed (continuing, on_error='warn'): %s", step, exc)
             finally:
                 self.stats["save_block_s"] += time.perf_counter() - t0
 
