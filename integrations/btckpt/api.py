@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, MutableMapping
@@ -10,9 +11,16 @@ from typing import Any
 
 from .discovery import inspect, latest, scan
 from .distributed import World
-from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpoint,
+    IncompleteCheckpoint,
+    InsufficientSpace,
+    NoCheckpointFound,
+)
 from .layout import fill_refs, flatten_group, plan_layout
-from .loading import restore_first
+from .loading import load_into, read_for_state, restore_first
 from .rng import capture_rng
 from .saving import SaveJob, run_save
 from .snapshot import Stager
@@ -20,6 +28,8 @@ from .statedict import group_value
 from .storage import free_bytes, space_error
 
 __all__ = ["save", "load", "latest"]
+
+log = logging.getLogger("btckpt")
 
 
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
@@ -71,13 +81,23 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     p = Path(path)
     if not p.exists():
         raise NoCheckpointFound(f"{p} does not exist")
-    infos = [i for i in scan(p) if i.complete] if not (p / "btckpt.json").exists() else [inspect(p)]
-    if not infos:
+    infos = scan(p) if not (p / "btckpt.json").exists() else [inspect(p)]
+    if len(infos) == 1 and infos[0].path == p:  # one named checkpoint: its own error, no fallback
+        info = infos[0]
+        if not info.complete:
+            cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
+            raise cls(f"{p}: {info.reason}" if str(p) not in info.reason else info.reason)
+        loaded, rng = read_for_state(info, list(state), rank=0, want_rng=load_rng, strict=strict)
+        load_into(state, loaded, rng, strict=strict, where=p)
+        return info.step
+    if not any(i.complete for i in infos):  # damaged ones stay listed so that restore_first names them
+        for i in infos:
+            log.warning("btckpt: skipping %s (%s: %s)", i.path, i.status, i.reason)
         raise NoCheckpointFound(f"no complete checkpoint at or under {p}")
-    info = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
-    if info is None:
+    found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
+    if found is None:
         raise NoCheckpointFound(f"no checkpoint under {p} could be read (see the warnings above)")
-    return info.step
+    return found.step
 
 
 latest = latest

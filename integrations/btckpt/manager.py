@@ -370,9 +370,11 @@ class Checkpointer:
         skipped with a warning (older ones are tried). ``strict=False`` loads what matches.
         """
         self._check_open()
-        cands = self.candidates()
+        cands: list[CheckpointInfo] = self.candidates()
         if self.world.size > 1 and self.world.store is not None:
             cands = self._agree_on_step(cands)
+        else:  # damaged folders stay in the list, so restore_first names each one it skips
+            cands = scan(self.root) + (scan(self.config.load_dir) if self.config.load_dir else [])
         info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
         if info is None:
             if self.config.load_dir and self.config.on_missing == "raise":
