@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
@@ -33,6 +36,7 @@ def main() -> int:
     ap.add_argument("--phase-share", type=float, default=0.5, help="share of kills at an injected phase")
     ap.add_argument("--max-delay", type=float, default=0.8, help="random kills land within this many s of start")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=2, help="chains run in parallel (each in its own folder)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args()
 
@@ -42,31 +46,43 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="btckpt-soak-") as tmp:
         work = Path(tmp)
         ref = reference_digest(paths[0], work / "ref")
+        plan = []  # (chain id, save path, phases): save paths alternate chain by chain
         done = 0
-        chains = 0
+        while done < args.trials:
+            for sp in paths:
+                n = min(args.chain, args.trials - done)
+                if n > 0:
+                    phases = [rng.choice(sp.phases) if rng.random() < args.phase_share else None for _ in range(n)]
+                    plan.append((len(plan), sp, phases, rng.randrange(1 << 30)))
+                    done += n
         trials = []
         failures: list[str] = []
         per_path: Counter[str] = Counter()
-        while done < args.trials:
-            for sp in paths:  # alternate save paths chain by chain
-                n = min(args.chain, args.trials - done)
-                if n <= 0:
-                    break
-                phases = [rng.choice(sp.phases) if rng.random() < args.phase_share else None for _ in range(n)]
-                wd = work / f"chain-{chains}-{sp.name}"
-                wd.mkdir(parents=True)
-                try:
-                    got = run_chain(sp, wd, phases=phases, seed=rng.randrange(1 << 30), max_delay=args.max_delay,
-                                    expect_digest=ref)
-                    trials += [(sp.name, t) for t in got]
-                except AssertionError as exc:
-                    failures.append(f"chain {chains} ({sp.name}): {exc}")
-                    print(f"VIOLATION chain {chains} ({sp.name}): {exc}", flush=True)
-                chains += 1
-                done += n
-                per_path[sp.name] += n
-                print(f"{done}/{args.trials} kills, {len(failures)} violations, "
+        lock = threading.Lock()
+        progress = [0]
+
+        def one(item: tuple) -> None:
+            cid, sp, phases, seed = item
+            wd = work / f"chain-{cid}-{sp.name}"
+            wd.mkdir(parents=True)
+            try:
+                got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay, expect_digest=ref)
+                with lock:
+                    trials.extend((sp.name, t) for t in got)
+            except AssertionError as exc:
+                with lock:
+                    failures.append(f"chain {cid} ({sp.name}): {exc}")
+                print(f"VIOLATION chain {cid} ({sp.name}): {exc}", flush=True)
+            shutil.rmtree(wd, ignore_errors=True)
+            with lock:
+                per_path[sp.name] += len(phases)
+                progress[0] += len(phases)
+                print(f"{progress[0]}/{args.trials} kills, {len(failures)} violations, "
                       f"{time.monotonic() - t_start:.0f}s", flush=True)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(one, plan))
+        chains = len(plan)
     landed = [t for _, t in trials if t.killed]
     kinds = Counter(t.kind for _, t in trials if t.killed)
     resumed = Counter("fresh" if t.restored == "none" else "resumed" for _, t in trials)
@@ -76,7 +92,7 @@ def main() -> int:
         "runs_finished_before_kill": sum(1 for _, t in trials if not t.killed),
         "random_kills": kinds.get("random", 0), "phase_kills": {k[6:]: v for k, v in sorted(kinds.items())
                                                                  if k.startswith("phase:")},
-        "per_path": dict(per_path), "chains": chains, "final_state_compared": chains,
+        "per_path": dict(per_path), "chains": chains, "jobs": args.jobs, "final_state_compared": chains,
         "restarts_checked": len(trials), "starts": dict(resumed),
         "violations": len(failures), "seconds_total": round(time.monotonic() - t_start, 1),
         "seconds_per_trial_median": round(statistics.median(secs), 2) if secs else None,
