@@ -22,7 +22,7 @@ from .errors import (
 from .layout import fill_refs, flatten_group, plan_layout
 from .loading import load_into, read_for_state, restore_first
 from .rng import capture_rng
-from .saving import SaveJob, run_save
+from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
 from .storage import free_bytes, space_error
@@ -50,6 +50,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
     flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()]
     layout = plan_layout(flat, max_shard_size=max_shard_size)
     fill_refs(flat, layout)
+    extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
     nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
     free = free_bytes(target.parent)
     if free < nbytes:
