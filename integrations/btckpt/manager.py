@@ -34,7 +34,7 @@ from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
 from .loading import restore_first
 from .retention import select_for_deletion
 from .rng import capture_rng
-from .saving import SaveJob, run_save
+from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in, unwrap_model
 from .storage import free_bytes, space_error
@@ -83,13 +83,21 @@ class Checkpointer:
         self._preempted = threading.Event()
         self._prev_handler: Any = None
         self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
-        self._session = self._agree_session()
-        if self.world.is_local_leader:
-            self._take_lock()
-            removed = remove_stale_temps(self.root)
-            if removed:
-                log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
-                            len(removed), ", ".join(p.name for p in removed))
+        try:
+            self._session = self._agree_session()
+            if self.world.is_local_leader:
+                self._take_lock()
+                removed = remove_stale_temps(self.root)
+                if removed:
+                    log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
+                                len(removed), ", ".join(p.name for p in removed))
+        except BaseException:  # a refused start must not leave the copy thread or the lock behind
+            self._stager.close()
+            self._pool.shutdown(wait=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            raise
         if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -170,6 +178,7 @@ class Checkpointer:
                 self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
             layout = self._layout
             fill_refs(flat, layout)
+            extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
             try:
                 self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
             except InsufficientSpace as exc:
