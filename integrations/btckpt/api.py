@@ -21,6 +21,7 @@ from .errors import (
 )
 from .layout import fill_refs, flatten_group, plan_layout
 from .loading import load_into, read_for_state, restore_first
+from .manifest import read_manifest
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
@@ -86,6 +87,8 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     if len(infos) == 1 and infos[0].path == p:  # one named checkpoint: its own error, no fallback
         info = infos[0]
         if not info.complete:
+            if info.status == "corrupt" and info.manifest is None:
+                read_manifest(p)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
             cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
             raise cls(f"{p}: {info.reason}" if str(p) not in info.reason else info.reason)
         loaded, rng = read_for_state(info, list(state), rank=0, want_rng=load_rng, strict=strict)
