@@ -10,10 +10,9 @@ import random
 import shutil
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt.discovery import inspect
 from btckpt.errors import CheckpointError
 from btckpt.reader import CheckpointReader

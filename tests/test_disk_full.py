@@ -12,10 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt import manager as manager_mod
 from btckpt.discovery import scan
 from btckpt.errors import InsufficientSpace

@@ -10,10 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt import faults
 from btckpt.discovery import scan
 from btckpt.errors import CheckpointError, InsufficientSpace

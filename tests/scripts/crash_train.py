@@ -18,10 +18,9 @@ import random
 import sys
 import time
 
+import btckpt
 import numpy as np
 import torch
-
-import btckpt
 
 
 def build(width: int) -> dict:
