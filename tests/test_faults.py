@@ -176,3 +176,17 @@ def test_upload_phases_belong_to_the_upload_path(phase: str) -> None:
 def test_arm_rejects_unknown_phase() -> None:
     with pytest.raises(ValueError, match="unknown fault phase"):
         faults.arm("no_such_phase")
+
+
+def test_leak_check_sees_stale_temp_folders(tmp_path: Path) -> None:
+    """The autouse leak fixture (conftest) fails a test that leaves a checkpoint temp folder behind."""
+    from conftest import _stale_temps
+
+    stale = tmp_path / "a" / "b" / ".checkpoint-4.tmp-123-abcdef01"
+    stale.mkdir(parents=True)
+    scratch = tmp_path / "_tmp" / "btckpt-scratch"
+    scratch.mkdir(parents=True)
+    assert _stale_temps(tmp_path) == ["_tmp/btckpt-scratch", "a/b/.checkpoint-4.tmp-123-abcdef01"]
+    stale.rmdir()
+    scratch.rmdir()
+    assert _stale_temps(tmp_path) == []
