@@ -26,6 +26,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~26 process starts; about 2 min on an idle 2-core machine, far more when shared
 @pytest.mark.parametrize("name", sorted(SAVE_PATHS))
 def test_kill_and_resume(tmp_path: Path, name: str, reference: str) -> None:
     path = SAVE_PATHS[name]
