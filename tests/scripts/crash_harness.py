@@ -49,6 +49,7 @@ def _crash_train(mode: str, steps: int = 60, every: int = 3) -> Callable[[Path, 
 SAVE_PATHS: dict[str, SavePath] = {
     "sync": SavePath("sync", _crash_train("sync")),
     "async": SavePath("async", _crash_train("async")),
+    "oneshot": SavePath("oneshot", _crash_train("oneshot"), phases=tuple(p for p in LOCAL_PHASES if p != "retention")),
 }
 
 

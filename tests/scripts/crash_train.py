@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", choices=("sync", "async"), default="sync")
+    ap.add_argument("--mode", choices=("sync", "async", "oneshot"), default="sync")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=3)
     ap.add_argument("--keep-last", type=int, default=2)
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     state = build(args.width)
+    if args.mode == "oneshot":
+        return oneshot(args, state)
     with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=args.keep_last,
                              space_margin=0) as ckpt:
         start = ckpt.restore(state)
@@ -109,6 +111,27 @@ def main(argv: list[str] | None = None) -> int:
             if args.step_sleep:
                 time.sleep(args.step_sleep)
         ckpt.wait()
+    with open(args.out, "w") as f:
+        json.dump({"step": args.steps, "digest": digest(state, args.steps)}, f)
+    print("DONE", flush=True)
+    return 0
+
+
+def oneshot(args: argparse.Namespace, state: dict) -> int:
+    """The same run through the one-shot API: btckpt.latest + btckpt.load to resume, btckpt.save to save."""
+    from pathlib import Path
+
+    root = Path(args.dir)
+    found = btckpt.latest(root) if root.is_dir() else None
+    start = btckpt.load(found, state) if found is not None else None
+    print(f"RESTORED {start if start is not None else 'none'}", flush=True)
+    print("TRAINING", flush=True)
+    for step in range((start or 0) + 1, args.steps + 1):
+        loss = train_step(state, args.width)
+        state["extra"]["loss_sum"] += loss
+        state["extra"]["seen"].append(step)
+        if step % args.every == 0 or step == args.steps:
+            btckpt.save(root / f"checkpoint-{step}", state)
     with open(args.out, "w") as f:
         json.dump({"step": args.steps, "digest": digest(state, args.steps)}, f)
     print("DONE", flush=True)
