@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="chains run in parallel (each in its own folder)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--keep-failed", type=Path, help="copy a failing chain's folder here")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
@@ -46,6 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="btckpt-soak-") as tmp:
         work = Path(tmp)
         ref = reference_digest(paths[0], work / "ref")
+        ref_dir = work / "ref" / "ref-ckpt"
         plan = []  # (chain id, save path, phases): save paths alternate chain by chain
         done = 0
         while done < args.trials:
@@ -66,13 +68,18 @@ def main() -> int:
             wd = work / f"chain-{cid}-{sp.name}"
             wd.mkdir(parents=True)
             try:
-                got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay, expect_digest=ref)
+                got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay, expect_digest=ref,
+                                ref_dir=ref_dir)
                 with lock:
                     trials.extend((sp.name, t) for t in got)
             except AssertionError as exc:
                 with lock:
                     failures.append(f"chain {cid} ({sp.name}): {exc}")
                 print(f"VIOLATION chain {cid} ({sp.name}): {exc}", flush=True)
+                if args.keep_failed:
+                    kept = args.keep_failed / wd.name
+                    shutil.copytree(wd, kept, symlinks=True)
+                    print(f"kept {kept}", flush=True)
             shutil.rmtree(wd, ignore_errors=True)
             with lock:
                 per_path[sp.name] += len(phases)

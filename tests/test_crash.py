@@ -22,20 +22,27 @@ KILLS_PER_PATH = 17  # one per injected phase, the rest at random instants: 51 k
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return reference_digest(SAVE_PATHS["sync"], tmp_path_factory.mktemp("ref"))
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    work = tmp_path_factory.mktemp("ref")
+    return reference_digest(SAVE_PATHS["sync"], work), work / "ref-ckpt"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: tuple[str, Path]) -> str:
+    return reference_run[0]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # ~26 process starts; about 2 min on an idle 2-core machine, far more when shared
 @pytest.mark.parametrize("name", sorted(SAVE_PATHS))
-def test_kill_and_resume(tmp_path: Path, name: str, reference: str) -> None:
+def test_kill_and_resume(tmp_path: Path, name: str, reference_run: tuple[str, Path]) -> None:
+    reference, ref_dir = reference_run
     path = SAVE_PATHS[name]
     random_kills = KILLS_PER_PATH - len(path.phases)
     phases: list[str | None] = [*path.phases, *([None] * random_kills)]
     random.Random(name).shuffle(phases)
     trials = run_chain(path, tmp_path, phases=phases, seed=hash(name) & 0xFFFF, max_delay=0.8,
-                       expect_digest=reference)
+                       expect_digest=reference, ref_dir=ref_dir)
     assert len(trials) == len(phases)
     injected = [t for t in trials if t.kind.startswith("phase:")]
     assert all(t.killed for t in injected), [(t.kind, t.rc) for t in injected if not t.killed]

@@ -68,6 +68,18 @@ def temp_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith(".checkpoint-"))
 
 
+def same_as_reference(root: Path, ref: Path, steps: list[int]) -> None:
+    """Each complete checkpoint is bit-identical to the uninterrupted run's checkpoint of that step
+    (same files with the same checksums, same plain-data state): no checkpoint holds a torn snapshot."""
+    from btckpt.manifest import read_manifest
+
+    for step in steps:
+        got, want = read_manifest(root / f"checkpoint-{step}"), read_manifest(ref / f"checkpoint-{step}")
+        assert got.files == want.files, f"checkpoint-{step} differs from the uninterrupted run's: " + ", ".join(
+            n for n in sorted(set(got.files) | set(want.files)) if got.files.get(n) != want.files.get(n))
+        assert got.state == want.state, f"checkpoint-{step}: plain-data state differs from the uninterrupted run's"
+
+
 def check_restart_invariants(root: Path) -> list[int]:
     """What every restart must see: returns the steps of the complete checkpoints, newest first.
 
@@ -168,17 +180,17 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
 
 
 def reference_digest(path: SavePath, workdir: Path) -> str:
-    """The final digest of an uninterrupted run."""
+    """The final digest of an uninterrupted run (its checkpoints, every step kept, in ``workdir/ref-ckpt``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     root, out = workdir / "ref-ckpt", workdir / "ref.json"
-    proc = _start(path, root, out, {})
+    proc = _start(path, root, out, {"CRASH_KEEP_ALL": "1"})
     _, err = _stop(proc, kill=False)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.read_text())["digest"]
 
 
 def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: int, max_delay: float = 0.5,
-              expect_digest: str | None = None) -> list[Trial]:
+              expect_digest: str | None = None, ref_dir: Path | None = None) -> list[Trial]:
     """Kill the run once per entry of ``phases`` (None: a random instant), checking the restart invariants
     after every kill; then let it finish and compare its final digest with an uninterrupted run's."""
     rng = random.Random(seed)
@@ -193,18 +205,30 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
         if out.exists():  # the run finished before the kill: start over from a fresh folder
             out.unlink()
         trial.complete_after = check_restart_invariants(root)
+        trials.append(trial)
+        if ref_dir is not None:
+            try:
+                same_as_reference(root, ref_dir, trial.complete_after)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\ntrials so far: {history(trials)}") from None
         newest = trial.complete_after[0] if trial.complete_after else None
         if (not trial.killed and trial.rc == 0) or newest == path.final_step:
             import shutil  # the run is over: start the next trials from an empty folder
 
             shutil.rmtree(root)
             newest = None
-        trials.append(trial)
     proc = _start(path, root, out, {})
     _, err = _stop(proc, kill=False)
     assert proc.returncode == 0, err[-3000:]
-    check_restart_invariants(root)
+    final = check_restart_invariants(root)
+    if ref_dir is not None:
+        same_as_reference(root, ref_dir, final)
     if expect_digest is not None:
         got = json.loads(out.read_text())["digest"]
-        assert got == expect_digest, "the resumed run's final state differs from an uninterrupted run's"
+        assert got == expect_digest, (f"the resumed run's final state differs from an uninterrupted run's "
+                                      f"(resumed from {newest}); trials: {history(trials)}")
     return trials
+
+
+def history(trials: list[Trial]) -> str:
+    return "; ".join(f"{t.kind} rc={t.rc} restored={t.restored} complete={t.complete_after}" for t in trials)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import time
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     state = build(args.width)
     if args.mode == "oneshot":
         return oneshot(args, state)
-    with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=args.keep_last,
+    keep = None if os.environ.get("CRASH_KEEP_ALL") else args.keep_last  # reference runs keep every step
+    with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=keep,
                              space_margin=0) as ckpt:
         start = ckpt.restore(state)
         print(f"RESTORED {start if start is not None else 'none'}", flush=True)
