@@ -36,8 +36,31 @@ def _threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.is_alive()}
 
 
+def _stale_temps(root: Path, depth: int = 6) -> list[str]:
+    """``.checkpoint-*.tmp-*`` folders (unfinished or half-deleted checkpoints) and ``btckpt*`` scratch
+    folders under ``root`` (the test's own tmp_path, which is also its $TMPDIR)."""
+    found: list[str] = []
+
+    def walk(d: Path, level: int) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if e.name.startswith(".checkpoint-") and ".tmp-" in e.name:
+                    found.append(str(Path(e.path).relative_to(root)))
+                elif d == root / "_tmp" and e.name.startswith("btckpt"):
+                    found.append(str(Path(e.path).relative_to(root)))
+                elif level < depth:
+                    walk(Path(e.path), level + 1)
+
+    walk(root, 0)
+    return sorted(found)
+
+
 @pytest.fixture(autouse=True)
-def no_leaks(request: pytest.FixtureRequest):
+def no_leaks(request: pytest.FixtureRequest, tmp_path: Path):
     """Fail a test that leaves threads, child processes, tmpfs mounts or stale temp folders behind."""
     threads0, kids0, mounts0 = _threads(), _children(), _tmpfs_mounts()
     yield
@@ -49,6 +72,7 @@ def no_leaks(request: pytest.FixtureRequest):
             break
         time.sleep(0.05)
     extra_mounts = _tmpfs_mounts() - mounts0
+    stale = _stale_temps(tmp_path)
     problems = []
     if extra_threads:
         problems.append(f"threads left running: {[t.name for t in extra_threads]}")
@@ -56,6 +80,8 @@ def no_leaks(request: pytest.FixtureRequest):
         problems.append(f"child processes left running: {sorted(extra_kids)}")
     if extra_mounts:
         problems.append(f"tmpfs mounts left: {sorted(extra_mounts)}")
+    if stale:
+        problems.append(f"checkpoint temp folders left: {stale}")
     if problems and not request.node.get_closest_marker("allow_leaks"):
         pytest.fail("; ".join(problems))
 
@@ -66,6 +92,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     for var in ("BT_CHECKPOINT_DIR", "BT_LOAD_CHECKPOINT_DIR", "BT_NODE_RANK", "BTCKPT_FAULT", "BT_GROUP_SIZE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "_tmp"  # the test's $TMPDIR: the leak check looks for btckpt leftovers in it
+    scratch.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     from btckpt import faults
 
     faults.disarm()
@@ -81,3 +113,30 @@ def run_py(args: list[str], *, env: dict[str, str] | None = None, timeout: float
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run([PY, *args], env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def tmpfs(request: pytest.FixtureRequest, tmp_path: Path):
+    """``tmpfs(size_bytes, name="fs") -> Path``: mount a small tmpfs under the test's tmp_path (root only;
+    the test is skipped with that reason otherwise). Every mount is unmounted at teardown."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: int, name: str = "fs") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (mount -t tmpfs); run the suite as root to cover disk-full")
+        where = tmp_path / name
+        where.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"mount -t tmpfs failed here ({res.stderr.strip()}); disk-full cases need it")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        res = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+        if res.returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, text=True)

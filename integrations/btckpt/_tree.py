@@ -84,16 +84,23 @@ def decode_tree(value: Any, load_tensor: Callable[[Any], Any], *, depth: int = 0
         if tag == "__tensor__":
             return load_tensor(inner)
         if tag == "__tuple__":
+            if not isinstance(inner, list):
+                raise CorruptCheckpoint(f"bad tuple tag {inner!r} in the manifest (needs a list)")
             return tuple(decode_tree(v, load_tensor, depth=depth + 1) for v in inner)
         if tag == "__float__":
             if inner not in ("inf", "-inf", "nan"):
                 raise CorruptCheckpoint(f"bad float tag {inner!r} in the manifest")
             return float(inner)
         if tag == "__dict__":
+            if not isinstance(inner, list) or not all(isinstance(p, list) and len(p) == 2 for p in inner):
+                raise CorruptCheckpoint("bad dict tag in the manifest (needs a list of [key, value] pairs)")
             out = {}
-            for pair in inner:
-                k, v = pair
+            for k, v in inner:
                 k = decode_tree(k, load_tensor, depth=depth + 1)
+                try:
+                    hash(k)
+                except TypeError:
+                    raise CorruptCheckpoint(f"bad dict key {k!r} in the manifest (not hashable)") from None
                 out[k] = decode_tree(v, load_tensor, depth=depth + 1)
             return out
     return {k: decode_tree(v, load_tensor, depth=depth + 1) for k, v in value.items()}

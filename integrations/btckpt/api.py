@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, MutableMapping
@@ -10,15 +11,26 @@ from typing import Any
 
 from .discovery import _is_url, inspect, latest, scan
 from .distributed import World
-from .errors import CheckpointError, ConfigError, NoCheckpointFound
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpoint,
+    IncompleteCheckpoint,
+    InsufficientSpace,
+    NoCheckpointFound,
+)
 from .layout import fill_refs, flatten_group, plan_layout
-from .loading import restore_first
+from .loading import load_into, read_for_state, restore_first
+from .manifest import read_manifest
 from .rng import capture_rng
-from .saving import SaveJob, run_save
+from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
+from .storage import free_bytes, space_error
 
 __all__ = ["save", "load", "latest"]
+
+log = logging.getLogger("btckpt")
 
 
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
@@ -39,9 +51,18 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
     flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()]
     layout = plan_layout(flat, max_shard_size=max_shard_size)
     fill_refs(flat, layout)
+    extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
+    nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
+    free = free_bytes(target.parent)
+    if free < nbytes:
+        raise InsufficientSpace(f"{target}: the checkpoint needs {nbytes / 1e6:.1f} MB but only {free / 1e6:.1f} MB "
+                                "are free there; free space or save elsewhere. Nothing was written")
     stager = Stager()
     try:
-        staged = stager.stage(flat, layout, async_keys=set(), sync=True)
+        try:
+            staged = stager.stage(flat, layout, async_keys=set(), sync=True)
+        except OSError as exc:
+            raise space_error(exc, target) from exc
         job = SaveJob(step=step, root=target.parent, tag=f"{os.getpid()}-oneshot", world=World(), flat=flat,
                       staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}))
         committed = run_save(job)
@@ -70,13 +91,25 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     p = Path(os.fspath(path).removeprefix("file://"))
     if not p.exists():
         raise NoCheckpointFound(f"{p} does not exist")
-    infos = [i for i in scan(p) if i.complete] if not (p / "btckpt.json").exists() else [inspect(p)]
-    if not infos:
+    infos = scan(p) if not (p / "btckpt.json").exists() else [inspect(p)]
+    if len(infos) == 1 and infos[0].path == p:  # one named checkpoint: its own error, no fallback
+        info = infos[0]
+        if not info.complete:
+            if info.status == "corrupt" and info.manifest is None:
+                read_manifest(p)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
+            cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
+            raise cls(f"{p}: {info.reason}" if str(p) not in info.reason else info.reason)
+        loaded, rng = read_for_state(info, list(state), rank=0, want_rng=load_rng, strict=strict)
+        load_into(state, loaded, rng, strict=strict, where=p)
+        return info.step
+    if not any(i.complete for i in infos):  # damaged ones stay listed so that restore_first names them
+        for i in infos:
+            log.warning("btckpt: skipping %s (%s: %s)", i.path, i.status, i.reason)
         raise NoCheckpointFound(f"no complete checkpoint at or under {p}")
-    info = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
-    if info is None:
+    found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
+    if found is None:
         raise NoCheckpointFound(f"no checkpoint under {p} could be read (see the warnings above)")
-    return info.step
+    return found.step
 
 
 latest = latest

@@ -97,11 +97,24 @@ class LocalCommit:
                         "saving the same step into the same folder. Give each job its own checkpoint dir"
                     ) from None
                 raise
-            faults.point("after_rename")
-            fsync_dir(self.root)
+            try:
+                faults.point("after_rename")
+                fsync_dir(self.root)
+            except OSError as exc:
+                self._unpublish(exc)
+                raise
         except OSError as exc:
             raise space_error(exc, self.tmp) from exc
         return self.final
+
+    def _unpublish(self, exc: OSError) -> None:
+        """The rename happened but could not be made durable: take it back, so an error means "not committed"."""
+        try:
+            os.rename(self.final, self.tmp)
+        except OSError:
+            raise CheckpointError(f"{self.final} was renamed into place but the parent folder could not be "
+                                  f"synced ({exc}); it may not survive a power loss. Verify it, or delete it "
+                                  "and save again") from exc
 
     def abort(self) -> None:
         """Remove the temp folder (best effort); the commit never becomes visible."""

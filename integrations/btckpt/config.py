@@ -51,7 +51,8 @@ class CheckpointConfig:
     ``max_shard_size``: bytes per safetensors file before sharding. ``save_rng``: save/restore RNGs.
     ``every_steps``/``every_seconds``: when :meth:`maybe_save` saves. ``on_missing``: what restore does when
     ``load_dir`` is set but holds no checkpoint (``"raise"`` or ``"start_fresh"``). ``on_error``: what a
-    failed background save does (``"raise"`` at the next call, or ``"warn"`` and go on).
+    failed save does (``"raise"``: sync saves raise at once, async ones at the next call; or ``"warn"``: log,
+    skip that checkpoint and go on; a save the preflight check refuses for lack of space counts too).
     ``space_margin``: bytes kept free beyond the checkpoint's size (preflight).
     ``memory_budget``: bytes of staging memory (None: from available memory / local ranks).
     ``copy_inline_bytes``: tensors smaller than this are copied before ``save()`` returns; larger

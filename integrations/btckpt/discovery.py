@@ -67,6 +67,11 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Classify one folder (does not read data, only the manifest and file sizes)."""
     p = Path(path)
     if not (p / MANIFEST).exists() and not (p / MANIFEST).is_symlink():
+        traces = _btckpt_traces(p)
+        if traces:  # written by btckpt, so not a plain HF folder: its manifest is gone
+            return CheckpointInfo(p, _step_of(p, None), "incomplete", "btckpt", None, 0, "",
+                                  f"no {MANIFEST} (deleted, or never written) although btckpt wrote "
+                                  f"{', '.join(traces[:3])}; not loading it")
         hf = any((p / n).is_file() for n in HF_WEIGHTS) and (p / "config.json").is_file()
         size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else 0
         created = ""
@@ -101,6 +106,18 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
                               f"folder name says step {p.name[11:]}, manifest says {man.step}")
     return CheckpointInfo(p, man.step, "complete", "btckpt", man, man.total_bytes, man.created)
+
+
+_BTCKPT_ONLY = re.compile(r"^(rng_state_\d+\.json|(?!model|adapter_model)[A-Za-z0-9_][A-Za-z0-9_.-]*"
+                          r"\.safetensors(\.index\.json)?)$")
+
+
+def _btckpt_traces(p: Path) -> list[str]:
+    """Files only btckpt writes (per-rank RNG JSON, tensor groups other than the model's)."""
+    try:
+        return sorted(f.name for f in p.iterdir() if _BTCKPT_ONLY.match(f.name))
+    except OSError:
+        return []
 
 
 def _candidates(root: Path, rank: int) -> list[Path]:

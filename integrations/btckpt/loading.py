@@ -27,6 +27,10 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
                    strict: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Read and verify the groups in ``names`` (and this rank's RNG state) from one checkpoint."""
     reader = CheckpointReader(info.path, info.manifest)
+    if info.manifest is not None:  # the small side files (index, RNG, config JSON) are cheap: verify them all
+        for fname in info.manifest.files:
+            if not fname.endswith(".safetensors"):
+                read_verified_bytes(info.path, info.manifest, fname)
     available = set(reader.groups)
     loaded: dict[str, Any] = {}
     for name in names:

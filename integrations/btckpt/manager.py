@@ -36,10 +36,10 @@ from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
 from .loading import restore_first
 from .retention import select_for_deletion
 from .rng import capture_rng
-from .saving import SaveJob, run_save
+from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in, unwrap_model
-from .storage import free_bytes
+from .storage import free_bytes, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -102,7 +102,12 @@ class Checkpointer:
         self._session = self._agree_session()
         if self.world.is_local_leader:
             self._take_lock()
-            removed = remove_stale_temps(self.root)
+            try:
+                removed = remove_stale_temps(self.root)
+            except BaseException:  # a refused start must not leave the lock behind
+                os.close(self._lock_fd)  # type: ignore[arg-type]
+                self._lock_fd = None
+                raise
             if removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
                             len(removed), ", ".join(p.name for p in removed))
@@ -210,13 +215,23 @@ class Checkpointer:
                 self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
             layout = self._layout
             fill_refs(flat, layout)
-            self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+            extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
+            try:
+                self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+            except InsufficientSpace as exc:
+                if self.config.on_error != "warn":
+                    raise
+                log.warning("btckpt: step %d not saved (continuing, on_error='warn'): %s", step, exc)
+                return
         staged = None
         if layout is not None:
             async_keys = self._async_keys(state, flat) if self.config.async_save else set()
             if part is not None and self.config.async_save:
                 async_keys |= part.async_keys
-            staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+            try:
+                staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+            except OSError as exc:
+                raise space_error(exc, self.root / checkpoint_name(step)) from exc
             self._gate.watch(optimizers_in(state))
             self._gate.arm(staged)
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
@@ -231,6 +246,10 @@ class Checkpointer:
         else:
             try:
                 self._finish(job)
+            except CheckpointError as exc:
+                if self.config.on_error != "warn":
+                    raise
+                log.warning("btckpt: saving step %d failed (continuing, on_error='warn'): %s", step, exc)
             finally:
                 self.stats["save_block_s"] += time.perf_counter() - t0
 
@@ -414,9 +433,11 @@ class Checkpointer:
         skipped with a warning (older ones are tried). ``strict=False`` loads what matches.
         """
         self._check_open()
-        cands = self.candidates()
+        cands: list[CheckpointInfo] = self.candidates()
         if self.world.size > 1 and self.world.store is not None:
             cands = self._agree_on_step(cands)
+        else:  # damaged folders stay in the list, so restore_first names each one it skips
+            cands = scan(self.root) + (scan(self.config.load_dir) if self.config.load_dir else [])
         info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
         if info is None:
             if self.config.load_dir and self.config.on_missing == "raise":

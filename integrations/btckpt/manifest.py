@@ -52,9 +52,14 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
+        """The manifest's bytes; the last field, ``checksum``, is the xxh3-64 of these bytes with the
+        checksum's own 16 hex digits zeroed, so any change to the manifest is detected."""
         obj = {"format": FORMAT, "step": self.step, "created": self.created, "world": self.world,
-               "files": self.files, "state": self.state, "meta": self.meta}
-        return json.dumps(obj, indent=1, allow_nan=False).encode()
+               "files": self.files, "state": self.state, "meta": self.meta, "checksum": _ZERO}
+        raw = json.dumps(obj, indent=1, allow_nan=False).encode()
+        pos = raw.rfind(_needle(_ZERO))
+        digest = _digest(raw)
+        return raw[:pos] + _needle(digest) + raw[pos + len(_needle(digest)):]
 
     @property
     def total_bytes(self) -> int:
@@ -69,6 +74,12 @@ class Manifest:
                                     "use an older one or delete this folder") from None
         if not isinstance(obj, dict):
             raise CorruptCheckpoint(f"{where}: manifest is not a JSON object")
+        unknown = sorted(set(obj) - _FIELDS)
+        if unknown:
+            raise CorruptCheckpoint(f"{where}: manifest has unknown fields {unknown}; the file is damaged or "
+                                    "was written by a newer btckpt")
+        if "checksum" in obj:  # absent only in manifests written by hand; then there is nothing to check
+            _check_digest(raw, obj["checksum"], where=where)
         if obj.get("format") != FORMAT:
             raise CorruptCheckpoint(f"{where}: manifest format {obj.get('format')!r} is not {FORMAT!r}")
         step = obj.get("step")
@@ -92,6 +103,33 @@ class Manifest:
             raise CorruptCheckpoint(f"{where}: manifest 'world' is not an object")
         return cls(step=step, files=files, state=state, world=world, created=str(obj.get("created", "")),
                    meta=obj.get("meta") or {})
+
+
+_ZERO = "0" * 16
+_FIELDS = {"format", "step", "created", "world", "files", "state", "meta", "checksum"}
+
+
+def _needle(digest: str) -> bytes:
+    return b'"checksum": "' + digest.encode() + b'"'
+
+
+def _digest(raw: bytes) -> str:
+    import xxhash
+
+    return xxhash.xxh3_64(raw).hexdigest().rjust(16, "0")
+
+
+def _check_digest(raw: bytes, digest: Any, *, where: str) -> None:
+    if not isinstance(digest, str) or len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):
+        raise CorruptCheckpoint(f"{where}: manifest checksum {digest!r} is malformed; the file is damaged")
+    pos = raw.rfind(_needle(digest))
+    if pos < 0:
+        raise CorruptCheckpoint(f"{where}: manifest checksum field is not where btckpt writes it; the file "
+                                "was damaged or rewritten")
+    zeroed = raw[:pos] + _needle(_ZERO) + raw[pos + len(_needle(_ZERO)):]
+    if _digest(zeroed) != digest:
+        raise CorruptCheckpoint(f"{where}: manifest checksum mismatch; the manifest was damaged or edited. "
+                                "Use an older checkpoint or delete this folder")
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:

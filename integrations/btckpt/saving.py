@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,38 @@ from typing import Any
 from . import faults
 from .commit import LocalCommit, write_small_file
 from .distributed import World
+from .errors import ConfigError, UnsafeCheckpoint
 from .layout import FlatState
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest, check_relative_name
 from .rng import rng_file
 from .snapshot import ChunkedStaged, Snapshot
 from .storage import space_error
 from .writer import write_arena_file
 
-__all__ = ["SaveJob", "run_save"]
+__all__ = ["SaveJob", "run_save", "check_extra_files"]
 
 log = logging.getLogger("btckpt")
+
+RNG_NAME = re.compile(r"^rng_state_\d+\.json$")
+
+
+def check_extra_files(extra: Mapping[str, Any] | None, reserved: Iterable[str]) -> dict[str, bytes]:
+    """Validate ``extra_files`` (plain file names inside the folder, bytes, no clash with btckpt's own files)."""
+    out: dict[str, bytes] = {}
+    taken = set(reserved) | {MANIFEST}
+    for name, data in (extra or {}).items():
+        try:
+            check_relative_name(name, where="extra_files")
+        except UnsafeCheckpoint as exc:
+            raise ConfigError(str(exc)) from None
+        if "/" in name or name.startswith(".") or RNG_NAME.match(name) or name in taken:
+            raise ConfigError(f"extra_files name {name!r} is not allowed: use a plain file name (no folders, not "
+                              f"hidden) that is not one of btckpt's own files ({MANIFEST}, rng_state_<rank>.json, "
+                              "tensor files and their indexes)")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"extra_files[{name!r}] is {type(data).__name__}; pass the file's bytes")
+        out[name] = bytes(data)
+    return out
 
 
 @dataclass

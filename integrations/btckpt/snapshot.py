@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import faults
 from .layout import FlatState, Layout
 
 __all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "Snapshot", "Stager", "StepGate", "PAGE"]
@@ -258,6 +259,7 @@ class Stager:
 
     def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Snapshot:
         """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
+        faults.point("stage")
         pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
         if self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)

@@ -55,7 +55,7 @@ def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
         if not isinstance(v, torch.optim.Optimizer):
             continue
         while isinstance(getattr(v, "optimizer", None), torch.optim.Optimizer):
-            v = v.optimizer
+            v = v.optimizer  # type: ignore[attr-defined]
         out.append(v)
     return out
 
