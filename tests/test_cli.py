@@ -17,10 +17,11 @@ CREATED = "2026-01-02T03:04:05.000000Z"
 
 
 def _pin_created(folder: Path) -> None:
-    man = folder / "btckpt.json"
-    obj = json.loads(man.read_text())
-    obj["created"] = CREATED
-    man.write_text(json.dumps(obj, indent=1))  # the manifest does not list itself: checksums stay valid
+    from btckpt.manifest import read_manifest
+
+    man = read_manifest(folder)
+    man.created = CREATED
+    (folder / "btckpt.json").write_bytes(man.to_json())  # re-sealed with the manifest's own checksum
 
 
 def make_tree(root: Path) -> Path:

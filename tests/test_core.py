@@ -136,7 +136,7 @@ def test_preflight_refuses_a_save_that_cannot_fit(tmp_path: Path, monkeypatch: p
     with _ck(tmp_path) as ck:
         with pytest.raises(btckpt.InsufficientSpace, match=r"needs 0\.\d MB plus a 17 MB margin, but only 0\.0 MB"):
             ck.save(1, {"model": _model()})
-    assert [p.name for p in tmp_path.iterdir()] == [".btckpt.lock"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "_tmp"] == [".btckpt.lock"]
 
 
 def test_second_writer_on_the_same_dir_gets_a_clear_error(tmp_path: Path) -> None:

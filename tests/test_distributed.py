@@ -37,6 +37,12 @@ def test_ddp_leader_killed_during_write(tmp_path: Path) -> None:
     rc, out = results[1]
     assert rc != 0 and "CoordinationError" in out, out[-3000:]
     assert not (tmp_path / "ck" / "checkpoint-3").exists()
+    # the dead leader's temp folder is never listed, and the next start removes it
+    import btckpt
+
+    assert btckpt.latest(tmp_path / "ck") is None
+    btckpt.Checkpointer(dir=tmp_path / "ck", handle_sigterm=False).close()
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".checkpoint-")]
 
 
 def test_ddp_follower_killed_during_write(tmp_path: Path) -> None:

@@ -285,6 +285,7 @@ def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkey
     (own / ".checkpoint-9.tmp-1-x").mkdir()  # an unfinished save is never picked
     assert resume_path() == str(own / "checkpoint-2")
     io.teardown()
+    (own / ".checkpoint-9.tmp-1-x").rmdir()  # (the next Checkpointer start would remove it)
 
 
 def test_model_checkpoint_default_dir_is_bt_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
