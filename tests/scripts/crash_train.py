@@ -25,6 +25,10 @@ import torch
 
 
 def build(width: int) -> dict:
+    # One intra-op thread: a chase of the soak's one unexplained mismatch found an *uninterrupted* reference
+    # run whose weights differed from eight identical runs (MKL with 2 threads on a loaded box is not
+    # always bitwise reproducible across processes); the harness compares runs bit for bit, so pin it.
+    torch.set_num_threads(1)
     torch.manual_seed(1234)
     random.seed(1234)
     np.random.seed(1234)
