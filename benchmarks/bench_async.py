@@ -290,15 +290,15 @@ def bench_throughput(root: Path, rounds: int, width: int, steps: int, every: int
     return out
 
 
-def bench_memory(root: Path, saves: int, width: int) -> tuple[int, list[int]]:
+def bench_memory(root: Path, saves: int, width: int) -> tuple[int, int, list[int]]:
+    """Peak RSS of the training loop with a save every step, minus the peak of the same loop without saves
+    (Adam's temporaries and the gradients come and go in both)."""
     import psutil
 
     model, opt = build(width)
     nbytes = state_bytes(model, opt)
     proc = psutil.Process()
-    base = proc.memory_info().rss
-    peaks: list[int] = []
-    peak = [base]
+    peak = [proc.memory_info().rss]
     stop = threading.Event()
 
     def sample() -> None:
@@ -308,6 +308,10 @@ def bench_memory(root: Path, saves: int, width: int) -> tuple[int, list[int]]:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
+    for _ in range(10):
+        step(model, opt, width)
+    base = peak[0]
+    peaks: list[int] = []
     with btckpt.Checkpointer(dir=root / "mem", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
         for i in range(1, saves + 1):
             ck.save(i, {"model": model, "optimizer": opt})
@@ -316,7 +320,7 @@ def bench_memory(root: Path, saves: int, width: int) -> tuple[int, list[int]]:
             peaks.append(peak[0] - base)
     stop.set()
     th.join()
-    return nbytes, peaks
+    return nbytes, base, peaks
 
 
 def main() -> None:
@@ -354,8 +358,9 @@ def main() -> None:
             m = statistics.median(v)
             print(f"| {k} | {summary(v)} | {100 * (m - base) / base:+.1f}% |")
     if "memory" in parts:
-        nbytes, peaks = bench_memory(root, args.mem_saves, args.width)
-        print(f"\nhost memory over {len(peaks)} saves: state {nbytes / 2**30:.2f} GiB; peak extra RSS "
+        nbytes, base, peaks = bench_memory(root, args.mem_saves, args.width)
+        print(f"\nhost memory over {len(peaks)} saves: state {nbytes / 2**30:.2f} GiB; peak RSS of the loop without "
+              f"saves {base / 2**30:.2f} GiB; peak extra RSS with a save every step "
               f"{max(peaks) / 2**30:.2f} GiB = {max(peaks) / nbytes:.3f}x state; after save 1 "
               f"{peaks[0] / nbytes:.3f}x, after save {len(peaks)} {peaks[-1] / nbytes:.3f}x (growth "
               f"{(peaks[-1] - peaks[0]) / 2**20:.1f} MiB)")
