@@ -353,7 +353,8 @@ def main() -> None:
     if "throughput" in parts:
         tp = bench_throughput(root, max(2, args.rounds - 1), args.width, args.steps, args.every)
         base = statistics.median(tp["no saves"])
-        print(f"\n| training loop (save every {args.every} steps) | s/step | throughput loss vs no saves |\n|---|---|---|")
+        print(f"\n| training loop (save every {args.every} steps) | s/step | throughput loss vs no saves |")
+        print("|---|---|---|")
         for k, v in tp.items():
             m = statistics.median(v)
             print(f"| {k} | {summary(v)} | {100 * (m - base) / base:+.1f}% |")

@@ -115,7 +115,8 @@ def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
     nbytes = n * 4
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        rows.append((f"(b) D2H {k}", f"{nbytes / v / 2**30:.2f} GiB/s", f"median of {rounds}, {nbytes / 2**30:.1f} GiB"))
+        rows.append((f"(b) D2H {k}", f"{nbytes / v / 2**30:.2f} GiB/s",
+                     f"median of {rounds}, {nbytes / 2**30:.1f} GiB"))
     ratio = med["plain pinned copy"] / med["btckpt arena (side stream)"]
     rows.append(("(b) arena / plain pinned bandwidth", f"{ratio:.2f}x", "target >= 0.8x"))
 
@@ -185,7 +186,8 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int) -> None:
         rows.append((f"(c) stall per save: {k}", f"{v:.3f}s",
                      f"(save + next step) - plain step; min {min(res[k]):.3f} max {max(res[k]):.3f}"))
     for k, v in host.items():
-        rows.append((f"(c) host blocked per save: {k}", f"{statistics.median(v):.3f}s", "save call + step-gate host wait"))
+        rows.append((f"(c) host blocked per save: {k}", f"{statistics.median(v):.3f}s",
+                     "save call + step-gate host wait"))
     for k, v in med.items():
         if k != "btckpt async":
             rows.append((f"(c) btckpt stall / {k}", f"{med['btckpt async'] / v:.3f}x", "target <= 0.5x"))

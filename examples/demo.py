@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import btckpt
+import torch
 from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader
 

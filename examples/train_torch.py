@@ -13,10 +13,9 @@ import argparse
 import random
 import time
 
+import btckpt
 import numpy as np
 import torch
-
-import btckpt
 
 
 def batch(step: int, *, size: int = 32, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

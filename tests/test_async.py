@@ -11,18 +11,17 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import btckpt
 import btckpt.snapshot as snapshot_mod
+import pytest
+import torch
 from btckpt import faults
 from btckpt.errors import CheckpointError
 from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader
 from btckpt.snapshot import Stager
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def _model(widths: list[int]) -> torch.nn.Module:

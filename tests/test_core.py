@@ -7,10 +7,9 @@ import logging
 import os
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt.discovery import scan
 
 

@@ -6,16 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-import btckpt
 from btckpt.errors import UnsupportedValue
 from btckpt.layout import DTYPE_TO_ST
 from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 def _roundtrip(tmp_path: Path, state: dict, **kw) -> tuple[dict, Path]:
@@ -106,7 +105,8 @@ def test_json_values_roundtrip_exactly(tmp_path: Path) -> None:
     assert math.isnan(got.pop("nan")) and math.isnan(extra["nan"])
     want = {k: v for k, v in extra.items() if k != "nan"}
     assert got == want
-    assert isinstance(got["t"], tuple) and isinstance(got["t"][1], tuple) and isinstance(got["nested"]["deep"]["x"][0]["y"], tuple)
+    assert isinstance(got["t"], tuple) and isinstance(got["t"][1], tuple)
+    assert isinstance(got["nested"]["deep"]["x"][0]["y"], tuple)
     raw = (path / "btckpt.json").read_text()
     assert "NaN" not in raw and "Infinity" not in raw  # strict JSON
     json.loads(raw)

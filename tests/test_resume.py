@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import btckpt
 import pytest
 import torch
-
-import btckpt
 from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader
 
@@ -113,7 +112,8 @@ def test_resume_asked_for_but_nothing_there_is_an_error(tmp_path: Path) -> None:
     res = _run(env)
     assert res.returncode != 0
     assert "NoCheckpointFound" in res.stderr and "on_missing='start_fresh'" in res.stderr
-    assert not (tmp_path / "ck").exists() or not any(p.name.startswith("checkpoint-") for p in (tmp_path / "ck").iterdir())
+    ck = tmp_path / "ck"
+    assert not ck.exists() or not any(p.name.startswith("checkpoint-") for p in ck.iterdir())
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path: Path, reference: dict) -> None:
