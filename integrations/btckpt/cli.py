@@ -17,7 +17,7 @@ from typing import Any
 
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
 from .errors import CheckpointError
-from .manifest import check_relative_name
+from .manifest import check_relative_name, entry_problem
 from .storage import file_checksum, is_url, local_path
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
@@ -251,10 +251,9 @@ def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
         except OSError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        if size != entry["size"]:
-            problems.append(f"{name}: size {size} != {entry['size']} (truncated or replaced)")
-        elif digest != entry["xxh3_64"]:
-            problems.append(f"{name}: checksum mismatch (xxh3_64 {digest} != {entry['xxh3_64']})")
+        problem = entry_problem(name, size, digest, entry)
+        if problem:
+            problems.append(problem)
     return info, problems
 
 

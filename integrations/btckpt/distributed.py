@@ -34,8 +34,9 @@ def _env_int(name: str, default: int) -> int:
 class World:
     """This process's place: global ``rank``/``size``, ``local_rank``/``local_size`` and node index/count.
 
-    ``store`` is the default process group's store when torch.distributed is initialised, else None
-    (then every coordination call is a no-op for the single process).
+    ``store`` is the default process group's store while torch.distributed is initialised, else None
+    (then every coordination call is a no-op for the single process). It is looked up at each use and
+    never held, so nothing of btckpt keeps the store alive past ``destroy_process_group()``.
     """
 
     rank: int = 0
@@ -44,7 +45,27 @@ class World:
     local_size: int = 1
     node_rank: int = 0
     nodes: int = 1
-    store: Any = None
+    distributed: bool = False
+
+    @property
+    def store(self) -> Any:
+        """The default process group's c10d store (None when not distributed or already destroyed)."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+
+    def _st(self) -> Any:
+        store = self.store
+        if store is None:
+            raise CoordinationError(f"rank {self.rank}: the process group was destroyed while btckpt was "
+                                    "coordinating a save; call ckpt.close() before destroy_process_group()")
+        return store
 
     @property
     def is_leader(self) -> bool:
@@ -74,14 +95,14 @@ class World:
     def _barrier(self, tag: str, *, timeout: float, ranks: int | None) -> None:
         need = self.size if ranks is None else ranks
         key = f"btckpt/{tag}"
-        self.store.add(f"{key}/arrived", 1)
+        self._st().add(f"{key}/arrived", 1)
         deadline = time.monotonic() + timeout
         delay = 0.001
         while True:
             fail = self._check(f"{key}/fail")
             if fail is not None:
                 raise CoordinationError(f"rank {fail} failed during {tag!r}; nothing was committed")
-            n = int(self.store.add(f"{key}/arrived", 0))
+            n = int(self._st().add(f"{key}/arrived", 0))
             if n >= need:
                 return
             if time.monotonic() > deadline:
@@ -95,20 +116,20 @@ class World:
         """Tell peers waiting in ``barrier(tag)`` that this rank failed (they raise at once)."""
         if self.store is not None and self.size > 1:
             try:
-                self.store.set(f"btckpt/{tag}/fail", str(self.rank))
+                self._st().set(f"btckpt/{tag}/fail", str(self.rank))
             except _STORE_ERRORS:  # the store is gone: peers find out on their own
                 pass
 
     def _check(self, key: str) -> str | None:
-        if self.store.check([key]):
-            return bytes(self.store.get(key)).decode()
+        if self._st().check([key]):
+            return bytes(self._st().get(key)).decode()
         return None
 
     def publish(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` for peers."""
         if self.store is not None and self.size > 1:
             try:
-                self.store.set(f"btckpt/{key}", json.dumps(value))
+                self._st().set(f"btckpt/{key}", json.dumps(value))
             except _STORE_ERRORS as exc:
                 raise _lost(self.rank, key, exc) from exc
 
@@ -117,12 +138,12 @@ class World:
         full = f"btckpt/{key}"
         deadline = time.monotonic() + timeout
         try:
-            while not self.store.check([full]):
+            while not self._st().check([full]):
                 if time.monotonic() > deadline:
                     raise CoordinationError(f"rank {self.rank}: no value for {key!r} within {timeout:.0f}s; "
                                             "a peer died or hung")
                 time.sleep(0.002)
-            return json.loads(bytes(self.store.get(full)).decode())
+            return json.loads(bytes(self._st().get(full)).decode())
         except _STORE_ERRORS as exc:
             raise _lost(self.rank, key, exc) from exc
 
@@ -162,6 +183,4 @@ def world() -> World:
     # $BT_NODE_RANK names this node's folder (the platform uploads it as rank-<node>); torchrun's
     # GROUP_RANK follows rendezvous arrival order under --rdzv-backend=c10d, so it is only the fallback.
     node = _env_int("BT_NODE_RANK", _env_int("GROUP_RANK", rank // max(local_size, 1)))
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    return World(rank, size, local_rank, local_size, node, nodes, _get_default_store())
+    return World(rank, size, local_rank, local_size, node, nodes, distributed=True)

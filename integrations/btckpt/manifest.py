@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
 
-__all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "read_manifest", "utc_now"]
+__all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "entry_problem", "read_manifest", "utc_now"]
 
 FORMAT = "btckpt/1"
 MANIFEST = "btckpt.json"
@@ -130,6 +130,15 @@ def _check_digest(raw: bytes, digest: Any, *, where: str) -> None:
     if _digest(zeroed) != digest:
         raise CorruptCheckpoint(f"{where}: manifest checksum mismatch; the manifest was damaged or edited. "
                                 "Use an older checkpoint or delete this folder")
+
+
+def entry_problem(name: str, size: int, digest: str, entry: dict[str, Any]) -> str | None:
+    """How a file read back (``size``, xxh3-64 ``digest``) differs from its manifest ``entry``, or None."""
+    if size != entry["size"]:
+        return f"{name}: size {size} != {entry['size']} (truncated or replaced)"
+    if digest != entry["xxh3_64"]:
+        return f"{name}: checksum mismatch (xxh3_64 {digest} != {entry['xxh3_64']})"
+    return None
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:

@@ -17,7 +17,7 @@ import torch
 from ._tree import decode_tree
 from .errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
 from .layout import ST_TO_DTYPE
-from .manifest import Manifest, check_relative_name
+from .manifest import Manifest, check_relative_name, entry_problem
 from .sthead import Header, read_header
 from .storage import new_hasher
 
@@ -170,10 +170,9 @@ class CheckpointReader:
             except (UnsafeCheckpoint, OSError) as exc:
                 problems.append(f"{name}: {exc}")
                 continue
-            if size != info["size"]:
-                problems.append(f"{name}: size {size} != {info['size']}")
-            elif digest != info["xxh3_64"]:
-                problems.append(f"{name}: checksum mismatch")
+            problem = entry_problem(name, size, digest, info)
+            if problem:
+                problems.append(problem)
         return problems
 
 

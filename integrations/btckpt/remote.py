@@ -22,7 +22,7 @@ from typing import Any
 
 from .discovery import HF_WEIGHTS, STEP_DIR, CheckpointInfo, inspect, node_rank
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint
-from .manifest import MANIFEST, MAX_MANIFEST, Manifest
+from .manifest import MANIFEST, MAX_MANIFEST, Manifest, entry_problem
 from .sthead import Header, parse_header
 from .storage import file_checksum, remote_fs
 
@@ -189,10 +189,9 @@ def verify_url(info: RemoteCheckpointInfo) -> list[str]:
         except FileNotFoundError:
             problems.append(f"{name}: missing")
             continue
-        if size != entry["size"]:
-            problems.append(f"{name}: size {size} != {entry['size']}")
-        elif digest != entry["xxh3_64"]:
-            problems.append(f"{name}: checksum mismatch (xxh3_64 {digest} != {entry['xxh3_64']})")
+        problem = entry_problem(name, size, digest, entry)
+        if problem:
+            problems.append(problem)
     return problems
 
 
