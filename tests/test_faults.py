@@ -167,10 +167,12 @@ def test_error_raised_from_close(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("phase", UPLOAD_PHASES)
-def test_upload_phases_belong_to_the_upload_path(phase: str) -> None:
-    """The upload phases are reached only by the upload path (another branch); the local paths never
-    reach them. When the upload path lands, add it as a SavePath in tests/scripts/crash_harness.py."""
-    pytest.skip(f"{phase}: no upload save path on this branch yet")
+def test_upload_phases_belong_to_the_upload_path(phase: str, tmp_path: Path) -> None:
+    """A local save never reaches an upload phase (those faults are exercised by tests/test_upload.py,
+    e.g. ``upload_file:kill`` mid-file and ``upload_manifest:raise`` under --keep-local)."""
+    with btckpt.Checkpointer(dir=str(tmp_path / "ck"), async_save=False) as ck:
+        ck.save(1, make_state())
+    assert "after_rename" in faults.reached() and phase not in faults.reached()
 
 
 def test_arm_rejects_unknown_phase() -> None:
