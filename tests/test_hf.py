@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -51,9 +52,10 @@ def train(cwd: Path, *args: str, ckpt_dir: Path | None = None, env: dict[str, st
 
 
 def resumed_from(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESUME ")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return lines[0].split(" ", 1)[1]
+    # under torchrun both ranks print to one pipe, so their lines can run together: match, don't split
+    found = re.findall(r"RESUME (.*?)(?=RESUME |$)", proc.stdout, flags=re.M)
+    assert found, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return found[0]
 
 
 def assert_identical(a: Path, b: Path) -> None:

@@ -313,6 +313,8 @@ class Stager:
 def _copy_all(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bool) -> None:
     with torch.no_grad():
         for dst, src in pairs:
+            if src.is_cuda:  # on the side stream: keep the caching allocator from reusing src until the copy ran
+                src.record_stream(torch.cuda.current_stream(src.device))
             dst.copy_(src, non_blocking=non_blocking)
 
 
