@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -229,3 +230,39 @@ def test_memory_resume_journal_and_mirror_retention(tmp_path: Path):
     finally:
         if fs.exists(dest[len("memory://"):]):
             fs.rm(dest[len("memory://"):], recursive=True)
+
+
+def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
+    """``dir=s3://...``: commits stage locally, wait() publishes them (manifest last), retention is mirrored,
+    and a restarted job on a machine without the staging folder resumes from the bucket."""
+    import fsspec
+
+    from btckpt.remote import inspect_url, verify_url
+    from btckpt.remotedir import staging_root
+
+    model = torch.nn.Linear(8, 4)
+    dest = f"{s3}/urljob"
+    with btckpt.Checkpointer(dir=dest, keep_last=2) as ck:
+        assert ck.remote == dest and ck.root == staging_root(dest)
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            ck.save(step, {"model": model})
+        ck.wait()  # every save so far is published, not only committed locally
+        fs = fsspec.filesystem("s3")
+        fs.invalidate_cache()
+        published = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(dest.removeprefix("s3://")))
+        assert btckpt.latest(dest) == f"{dest}/checkpoint-3"
+        staging = ck.root
+    assert [p for p in published if p.startswith("checkpoint-")] == ["checkpoint-2", "checkpoint-3"]
+    assert verify_url(inspect_url(f"{dest}/checkpoint-3")) == []  # published bytes match the manifest
+    shutil.rmtree(staging)  # a fresh machine: nothing local, the bucket is the only copy
+    fresh = torch.nn.Linear(8, 4)
+    with btckpt.Checkpointer(dir=dest) as ck2:
+        assert ck2.restore({"model": fresh}) == 3
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+def test_dir_url_and_upload_to_together_is_refused(tmp_path: Path):
+    with pytest.raises(btckpt.ConfigError, match="upload_to"):
+        btckpt.Checkpointer(dir="s3://bucket/run", upload_to="s3://bucket/other")

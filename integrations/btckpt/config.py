@@ -59,6 +59,9 @@ class CheckpointConfig:
     parameters and optimizer moments copy in the background behind the step gate.
     ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
     save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
+    ``dir`` may be an fsspec URL (``s3://bucket/run``): checkpoints commit in a local staging folder under the
+    btckpt cache and the uploader publishes them there (manifest last), mirroring retention; ``wait()``
+    and ``close()`` include its pass.
     ``upload_to``: an fsspec URL; a separate uploader process (``btckpt upload --watch``) mirrors each
     committed checkpoint there, and :meth:`close` waits for its final pass.
     """
@@ -111,6 +114,9 @@ class CheckpointConfig:
             raise ConfigError(f"copy_inline_bytes={self.copy_inline_bytes!r}: must be a non-negative integer")
         if self.upload_to is not None and (not isinstance(self.upload_to, str) or "://" not in self.upload_to):
             raise ConfigError(f"upload_to={self.upload_to!r}: must be an fsspec URL such as 's3://bucket/run'")
+        if self.upload_to is not None and is_url(self.dir):
+            raise ConfigError(f"dir={self.dir!r} is already a URL (checkpoints are published there); upload_to "
+                              "mirrors a local dir: set one of them")
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
 

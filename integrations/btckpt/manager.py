@@ -34,12 +34,13 @@ from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
 from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
 from .loading import restore_first
+from .remotedir import finish_upload, remote_target, staging_root
 from .retention import select_for_deletion
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in, unwrap_model
-from .storage import free_bytes, space_error
+from .storage import free_bytes, is_url, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -87,7 +88,12 @@ class Checkpointer:
     def __init__(self, *, world: World | None = None, **options: Any) -> None:
         self.config = CheckpointConfig(**options)
         self.world: World = _world() if world is None else world
-        self.root = self.config.local_dir
+        self.remote: str | None = None  # dir=URL: this node's checkpoints are published there
+        if is_url(self.config.dir or ""):
+            self.remote = remote_target(str(self.config.dir), nodes=self.world.nodes, node_rank=self.world.node_rank)
+            self.root = staging_root(self.remote)
+        else:
+            self.root = self.config.local_dir
         self._lock_fd: int | None = None
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None
@@ -117,10 +123,11 @@ class Checkpointer:
         self._gate = StepGate()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._uploader: Any = None
-        if self.config.upload_to and self.world.is_local_leader:
+        dest = self.config.upload_to or self.remote
+        if dest and self.world.is_local_leader:
             from .upload import UploadSupervisor
 
-            self._uploader = UploadSupervisor(self.root, self.config.upload_to)
+            self._uploader = UploadSupervisor(self.root, dest, extra_args=["--mirror-retention"] if self.remote else [])
             self._uploader.start()
         if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -375,10 +382,15 @@ class Checkpointer:
         self._gate.wait()
 
     def wait(self) -> None:
-        """Block until every save so far is committed; raise the first background error (once)."""
+        """Block until every save so far is committed; raise the first background error (once).
+
+        With ``dir=URL`` that includes publishing: the uploader's pass over every commit so far.
+        """
         self._check_open()
         self._drain()
         self._raise_pending()
+        if self.remote is not None and self._uploader is not None:
+            finish_upload(self._uploader, self.remote, restart=True)
 
     def close(self) -> None:
         """Wait for pending saves, release the arena, the lock and the hooks. Idempotent."""
@@ -389,7 +401,13 @@ class Checkpointer:
         finally:
             self._closed = True
             if self._uploader is not None:
-                self._uploader.stop()
+                if self.remote is None:
+                    self._uploader.stop()
+                else:
+                    try:
+                        finish_upload(self._uploader, self.remote, restart=False)
+                    except CheckpointError as exc:
+                        self._error = self._error or exc
                 self._uploader = None
             self._gate.close()
             self._stager.close()
@@ -417,9 +435,19 @@ class Checkpointer:
     # -- restoring --------------------------------------------------------------------------------------
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints to resume from, in order of preference: own dir newest first, then load_dir."""
-        own = [i for i in scan(self.root) if i.complete]
+        own = [i for i in self._own_scan() if i.complete]
         other = [i for i in scan(self.config.load_dir) if i.complete] if self.config.load_dir else []
         return own + other
+
+    def _own_scan(self) -> list[CheckpointInfo]:
+        """This job's checkpoints, newest first: the local dir, and with ``dir=URL`` the published ones
+        not also present locally (a restarted job on a fresh machine finds them there)."""
+        local = scan(self.root)
+        if self.remote is None:
+            return local
+        steps = {i.step for i in local if i.complete}
+        remote = [i for i in scan(self.remote) if i.step not in steps]
+        return sorted(local + remote, key=lambda i: i.step, reverse=True)
 
     def latest(self) -> Path | None:
         """The checkpoint :meth:`restore` would load first, or None."""
@@ -437,7 +465,7 @@ class Checkpointer:
         if self.world.size > 1 and self.world.store is not None:
             cands = self._agree_on_step(cands)
         else:  # damaged folders stay in the list, so restore_first names each one it skips
-            cands = scan(self.root) + (scan(self.config.load_dir) if self.config.load_dir else [])
+            cands = self._own_scan() + (scan(self.config.load_dir) if self.config.load_dir else [])
         info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
         if info is None:
             if self.config.load_dir and self.config.on_missing == "raise":

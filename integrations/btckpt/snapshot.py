@@ -22,7 +22,8 @@ import torch
 from . import faults
 from .layout import FlatState, Layout
 
-__all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "Snapshot", "Stager", "StepGate", "PAGE"]
+__all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "DirectStaged", "Snapshot", "Stager", "StepGate",
+           "PAGE"]
 
 PAGE = 4096
 
@@ -216,7 +217,39 @@ class ChunkedStaged:
             self._copied.set()
 
 
-Snapshot = Staged | ChunkedStaged
+class DirectStaged:
+    """A synchronous save of host tensors: the writer reads the tensors themselves, no arena copy.
+
+    Only for a sync save, where ``save()`` returns after the write, so nothing mutates the tensors while
+    they are read. The bytes written are the same as an arena's (same layout, same order).
+    """
+
+    def __init__(self, flat: FlatState, layout: Layout) -> None:
+        self.layout = layout
+        self.error: BaseException | None = None
+        self._sources = {(g.name, k): t for g in flat for k, t in g.tensors.items()}
+        self._slots = sorted((s.offset, s.nbytes, key) for key, s in layout.slots.items())
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> float:
+        return 0.0
+
+    gate = wait
+
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        end = begin + size
+        for off, nbytes, key in self._slots:
+            if nbytes == 0 or not begin <= off < end:
+                continue
+            t = self._sources[key].detach().resolve_conj().resolve_neg().contiguous()
+            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            for a in range(0, nbytes, chunk):
+                yield mv[a:a + chunk]
+
+
+Snapshot = Staged | ChunkedStaged | DirectStaged
 
 
 class Stager:
@@ -260,6 +293,8 @@ class Stager:
     def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Snapshot:
         """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
         faults.point("stage")
+        if sync and all(t.device.type == "cpu" and not self._is_device(t) for g in flat for t in g.tensors.values()):
+            return DirectStaged(flat, layout)
         pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
         if self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)

@@ -2,19 +2,23 @@
 
 Mechanism only: the caller (the background worker or a sync save) decides where and when. The data
 section is a slice of the arena, written as is: no serialization buffer, no second copy. The checksum
-is computed on the same chunks as they are written (xxh3-64), and the file is fsynced before return.
+is computed on the same chunks as they are written (xxh3-64, on a second thread while the first writes:
+both release the GIL), and the file is fsynced before return.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import faults
 from .storage import fsync_file, new_hasher
 
-__all__ = ["write_arena_file"]
+__all__ = ["write_arena_file", "HASH_ASIDE"]
+
+HASH_ASIDE = 1 << 20  # pieces at least this large are hashed on a second thread while being written
 
 
 def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview]) -> tuple[int, str]:
@@ -26,10 +30,18 @@ def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview]) ->
         _write_all(fd, memoryview(header))
         faults.point("write_data")
         size = len(header)
-        for piece in pieces:
-            h.update(piece)
-            _write_all(fd, piece)
-            size += len(piece)
+        with ThreadPoolExecutor(1, thread_name_prefix="btckpt-hash") as pool:
+            for piece in pieces:
+                if len(piece) < HASH_ASIDE:
+                    h.update(piece)
+                    _write_all(fd, piece)
+                else:  # hash on a second thread while this one writes the same bytes (both release the GIL)
+                    hashed = pool.submit(h.update, piece)
+                    try:
+                        _write_all(fd, piece)
+                    finally:
+                        hashed.result()
+                size += len(piece)
         faults.point("before_fsync")
         fsync_file(fd)
         faults.point("after_fsync")
