@@ -174,13 +174,16 @@ class Checkpointer:
         self._protected = self._protected - {Path(path)}
 
     def save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
-             meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:
+             meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
+             peer_rng: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
 
         ``extra_files`` (name -> bytes) are written into the folder too (integrations use it for
         ``config.json`` and the like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on
         the writer after the commit (integrations use it to publish names that point at the folder);
-        its error counts as the save's error.
+        its error counts as the save's error. ``peer_rng`` (rank -> :func:`~btckpt.rng.capture_rng` data)
+        adds ``rng_state_<rank>.json`` for ranks that do not call ``save`` (frameworks where only rank 0
+        saves, e.g. Lightning), written inside the same commit.
         """
         t0 = time.perf_counter()
         self._check_open()
@@ -237,7 +240,8 @@ class Checkpointer:
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
                       meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part,
-                      on_commit=on_commit)
+                      on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
+                                                     if int(r) != self.world.rank})
         self._last_save_step, self._last_save_time = step, time.monotonic()
         self.stats["saves"] += 1
         if self.config.async_save:
