@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from btckpt.errors import CheckpointError  # noqa: E402
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
 from conftest import run_py  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_train.py")
 SRC = str(Path(__file__).resolve().parents[1] / "integrations")
 
@@ -164,6 +167,25 @@ def test_topk_last_every_n_match_lightnings_own_io(tmp_path: Path, args: list[st
         assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
 
 
+def test_train_time_interval_saves_as_lightnings_own_io(tmp_path: Path) -> None:
+    """ModelCheckpoint(train_time_interval=4 s) against a clock advancing 1 s per step (patched in the child):
+    the same checkpoints as TorchCheckpointIO, at the same steps, each named folder complete."""
+    args = ["--steps", "14", "--every", "0", "--time-interval", "4", "--fake-clock", "--top-k", "-1",
+            "--monitor", ""]
+    for io in ("torch", "safetensors"):
+        _run(["--dir", str(tmp_path / io), "--io", io, *args])
+    ours = tmp_path / "safetensors"
+    assert _names(ours) == _names(tmp_path / "torch")
+    steps = {int(_link_target(p).split("-")[1]) for p in ours.glob("*.ckpt")}
+    assert steps == {4, 8, 12}, steps  # every 4 fake seconds = every 4 steps
+    for p in ours.glob("*.ckpt"):
+        if "step=" in p.name:
+            assert _link_target(p) == f"checkpoint-{p.name.split('step=')[1].split('.')[0]}"
+        assert (ours / _link_target(p) / "btckpt.json").is_file()
+    step = torch.load(tmp_path / "torch" / "last.ckpt", weights_only=True)["global_step"]
+    assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
+
+
 def _payload_file(path: Path, marker: Path) -> None:
     class Boom:
         def __reduce__(self):  # noqa: D105
@@ -296,3 +318,69 @@ def test_model_checkpoint_default_dir_is_bt_checkpoint_dir(tmp_path: Path, monke
     monkeypatch.delenv("BT_CHECKPOINT_DIR")
     assert ModelCheckpoint().dirpath == os.path.realpath("checkpoints")
     assert ModelCheckpoint(dirpath=tmp_path / "x").dirpath == str(tmp_path / "x")
+
+
+# -- DDP, 2 processes (real torchrun, gloo) ------------------------------------------------------------------
+DDP = ["--strategy", "ddp", "--devices", "2", "--steps", "30", "--every", "3", "--top-k", "2"]
+
+
+def _ddp_run(args: list[str]) -> str:
+    from dist_launch import env_with, finish, torchrun
+
+    rc, out = finish(torchrun("lightning_train.py", [*DDP, *args], env=env_with()), timeout=300)
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def _steps_done(progress: Path) -> int:
+    if not progress.exists():
+        return 0
+    return max((int(x) for x in re.findall(r"STEP (\d+)", progress.read_text())), default=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_sigkill_then_resume_is_exact_with_every_ranks_rng(tmp_path: Path) -> None:
+    """SIGKILL a 2-process DDP job (agent and both ranks) after a commit, resume with resume_path():
+    parameters, optimizer moments and *each rank's* RNG match an uninterrupted run bit for bit. Each rank
+    draws its own dropout masks, so restoring only rank 0's RNG (the control) gives different weights."""
+    from dist_launch import env_with, kill_session, torchrun
+
+    _ddp_run(["--dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "ref.{rank}.st")])
+    seed = random.randrange(1 << 30)
+    kill_at = random.Random(seed).randrange(5, 22)
+    ck, progress = tmp_path / "ck", tmp_path / "progress"
+    job = torchrun("lightning_train.py", [*DDP, "--dir", str(ck), "--sleep", "0.1", "--progress", str(progress)],
+                   env=env_with())
+    try:
+        deadline = time.monotonic() + 240
+        while not (_steps_done(Path(f"{progress}.0")) >= kill_at and resume_path(dir=ck) is not None):
+            assert job.poll() is None, f"job ended before the kill (seed={seed}):\n{job.communicate()[0][-3000:]}"
+            assert time.monotonic() < deadline, f"no commit / step {kill_at} within 240 s (seed={seed})"
+            time.sleep(0.02)
+    finally:
+        kill_session(job)  # SIGKILL torchrun's agent and both ranks at once
+        job.communicate(timeout=60)
+    killed_at = _steps_done(Path(f"{progress}.0"))
+    assert killed_at < 30, f"the job finished before the kill (seed={seed})"
+    start = Path(resume_path(dir=ck) or "")
+    assert {"rng_state_0.json", "rng_state_1.json"} <= {p.name for p in start.iterdir()}, start
+    rng = [json.loads((start / f"rng_state_{r}.json").read_text())["torch"] for r in (0, 1)]
+    assert rng[0] != rng[1]  # the ranks' RNGs differ, so rank 1's own state must come back
+    control = tmp_path / "control"
+    shutil.copytree(ck, control)
+
+    out = _ddp_run(["--dir", str(ck), "--resume", "--dump", str(tmp_path / "res.{rank}.st")])
+    resumed = re.findall(r"resume from (\S+)", out)  # both ranks' lines may share one line: match, don't split
+    assert resumed == [str(start)] * 2, (resumed, seed)
+    for r in (0, 1):
+        _assert_same(tmp_path / f"ref.{r}.st", tmp_path / f"res.{r}.st")
+    assert not [p for p in ck.iterdir() if p.name.startswith(".checkpoint-")]  # the killed save's temp is gone
+    folders = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
+    assert folders == {_link_target(p) for p in ck.glob("*.ckpt")}
+
+    # control: the same resume with only rank 0 restoring its RNG (what saving rank 0's alone amounts to)
+    _ddp_run(["--dir", str(control), "--resume", "--restore-rng-ranks", "0", "--dump",
+              str(tmp_path / "ctl.{rank}.st")])
+    ref, ctl = _load_dump(tmp_path / "ref.0.st")[0], _load_dump(tmp_path / "ctl.0.st")[0]
+    assert any(not torch.equal(ref[k], ctl[k]) for k in ref if k.startswith("param.net")), \
+        "rank 1's RNG made no difference: the test would not catch a missing rng_state_1.json"
