@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -278,6 +279,50 @@ def test_dict_roundtrip_hparams_conversion_and_clear_errors(tmp_path: Path) -> N
     # removing the name removes the folder (rename, then delete)
     io.remove_checkpoint(tmp_path / "x.ckpt")
     assert not (tmp_path / "checkpoint-7").exists()
+    io.teardown()
+
+
+def test_background_copy_behind_the_step_gate_saves_the_pre_step_values(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """gate_with(): parameters and moments (plain tensors in Lightning's dict) copy in the background; the
+    next optimizer.step() waits, so the checkpoint holds the values at the save, not after the step."""
+    from btckpt.snapshot import Stager
+
+    seen: list[set[tuple[str, str]]] = []
+    stage = Stager.stage
+
+    def spy(self: Stager, flat: Any, layout: Any, *, async_keys: set[tuple[str, str]], sync: bool) -> Any:
+        seen.append(set(async_keys))
+        return stage(self, flat, layout, async_keys=async_keys, sync=sync)
+
+    monkeypatch.setattr(Stager, "stage", spy)
+    lin = torch.nn.Linear(1024, 512)  # 2 MB weight: above the inline-copy threshold
+    lin.register_buffer("count", torch.zeros(300_000))  # a big buffer: never deferred (not the optimizer's)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+
+    def step() -> None:
+        lin(torch.randn(4, 1024)).pow(2).sum().backward()
+        opt.step()
+        lin.count += 1
+
+    step()
+    io = SafetensorsCheckpointIO()
+    for n in (1, 2):
+        ckpt = {"global_step": n, "state_dict": lin.state_dict(), "optimizer_states": [opt.state_dict()],
+                "loops": {}}
+        want = {k: v.clone() for k, v in lin.state_dict().items()}
+        want_m = opt.state[lin.weight]["exp_avg"].clone()
+        if n == 1:
+            io.gate_with(ckpt, [opt])
+        io.save_checkpoint(ckpt, tmp_path / f"s{n}.ckpt")
+        step()  # optimizer.step() waits for the background copy
+        io.wait()
+        got = io.load_checkpoint(tmp_path / f"s{n}.ckpt")
+        assert all(torch.equal(got["state_dict"][k], want[k]) for k in want)
+        assert torch.equal(got["optimizer_states"][0]["state"][0]["exp_avg"], want_m)
+    assert {("model", "weight"), ("model", "bias")} <= seen[0] and ("model", "count") not in seen[0]
+    assert any(k[0] == "optimizer" and k[1].endswith("exp_avg") for k in seen[0])
+    assert seen[1] == set()  # no gate_with(): everything copied before save_checkpoint returned
     io.teardown()
 
 

@@ -13,9 +13,15 @@ folder committed. Several names at one step (a top-k name and ``last.ckpt``) sha
 goes away when the last name pointing at it is removed (``save_top_k``). A path already named
 ``checkpoint-<N>`` is the folder itself.
 
-Async: ``save_checkpoint`` copies every tensor of the dict into btckpt's reusable staging arena before it
-returns (the dict holds live parameters and optimizer moments; the stall is one memcpy), and the write,
-checksums, commit and link run on btckpt's background writer.
+Async: the write, checksums, commit and link run on btckpt's background writer. The dict holds live
+parameters and optimizer moments, so they are copied into btckpt's reusable staging arena first. With
+:class:`ModelCheckpoint` (this module's), a save made at a training batch end registers the trainer's
+optimizers with btckpt's step gate: parameters and moments then copy in the background while the next
+forward/backward runs, and the next ``optimizer.step()`` waits for that copy (``background_copy=False``
+turns this off). Saves at an epoch's last batch, the final step, or from validation copy everything
+before returning (epoch-end callbacks such as SWA write parameters in place). A callback that writes
+parameters in place in ``on_train_batch_start``/``on_before_optimizer_step`` must call
+:meth:`SafetensorsCheckpointIO.fence` first. Otherwise ``save_checkpoint`` returns after one memcpy.
 
 Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on rank 0 only. With
 :class:`ModelCheckpoint` (this module's) every rank's RNG state is still saved: each rank hands its state to
@@ -74,12 +80,15 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     Options: ``async_save`` (write in the background; default True), ``max_shard_size``, ``save_rng``
     (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``,
-    ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save).
+    ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save), ``background_copy``
+    (copy parameters and optimizer moments behind the step gate; module doc).
     """
 
     def __init__(self, *, async_save: bool = True, max_shard_size: int = 5 * 10**9, save_rng: bool = True,
-                 restore_rng: bool = True, rng_timeout: float = 600.0) -> None:
+                 restore_rng: bool = True, rng_timeout: float = 600.0, background_copy: bool = True) -> None:
         self.async_save = async_save
+        self.background_copy = background_copy
+        self._gate_next: tuple[dict[str, Any], list[torch.optim.Optimizer]] | None = None
         self.rng_timeout = rng_timeout
         self._warned_rng = False
         self.max_shard_size = max_shard_size
@@ -133,6 +142,17 @@ class SafetensorsCheckpointIO(CheckpointIO):
         for ck in list(self._ckpts.values()):
             ck.wait()
 
+    def fence(self) -> None:
+        """Block until the last save's background copies are done (before writing parameters in place
+        outside ``optimizer.step()``)."""
+        for ck in list(self._ckpts.values()):
+            ck.fence()
+
+    def gate_with(self, checkpoint: dict[str, Any], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Let the save of ``checkpoint`` copy tensors owned by ``optimizers`` behind their step gate
+        (:class:`ModelCheckpoint` calls this at safe points; module doc)."""
+        self._gate_next = (checkpoint, list(optimizers)) if self.background_copy and optimizers else None
+
     # -- CheckpointIO -----------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Snapshot ``checkpoint`` into ``<dir>/checkpoint-<global_step>`` and name it ``path`` once committed."""
@@ -145,6 +165,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._warned_rng = True
             log.warning("btckpt: only rank 0's RNG state is saved; use btckpt.lightning.ModelCheckpoint so every "
                         "rank's RNG is saved and a resume is exact")
+        gate, self._gate_next = self._gate_next, None
+        optimizers = gate[1] if gate is not None and gate[0] is checkpoint else []
         link = Path(os.path.abspath(path))
         step = int(checkpoint.get("global_step", 0))
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
@@ -175,7 +197,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._pending[folder] = [] if link == folder else [link]
         try:
             ck.save(step, groups, meta={"lightning": {"keys": keys}}, on_commit=self._committed,
-                    peer_rng=peer_rng if self.save_rng else None)
+                    peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers)
         except UnsupportedValue as exc:
             with self._lock:
                 self._pending.pop(folder, None)
@@ -307,11 +329,16 @@ class ModelCheckpoint(_ModelCheckpoint):
         self._ck: Checkpointer | None = None
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """On every rank: hand this rank's RNG state to rank 0's plugin (module doc)."""
+        """On every rank: hand this rank's RNG state to rank 0's plugin; at a mid-epoch training batch end,
+        let rank 0's plugin copy parameters and moments behind the step gate (module doc)."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, SafetensorsCheckpointIO) and io.save_rng:
+        if not isinstance(io, SafetensorsCheckpointIO):
+            return
+        if io.save_rng:
             _rng.note(checkpoint)
+        if trainer.is_global_zero and _safe_for_background_copy(trainer):
+            io.gate_with(checkpoint, list(trainer.optimizers))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -336,6 +363,16 @@ class ModelCheckpoint(_ModelCheckpoint):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._ck = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _safe_for_background_copy(trainer: Any) -> bool:
+    """True at a training batch end after which the next write to parameters is ``optimizer.step()``."""
+    if not trainer.training or trainer.sanity_checking or trainer.should_stop:
+        return False
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return not progress.is_last_batch
 
 
 def resume_path(*, dir: str | os.PathLike[str] | None = None,
