@@ -1,8 +1,12 @@
 """Stall per save and throughput loss: TorchCheckpointIO vs AsyncCheckpointIO vs SafetensorsCheckpointIO.
 
 One process, CPU. Each round runs every contender once (order rotated round by round): a Lightning fit of
-``--steps`` steps with ``ModelCheckpoint(every_n_train_steps=--every, save_top_k=2)``, plus a no-save
-baseline. Stall = time inside ``CheckpointIO.save_checkpoint`` (what the training thread waits).
+``--steps`` steps with btckpt's ``ModelCheckpoint(every_n_train_steps=--every, save_top_k=2)`` (Lightning's
+own, plus btckpt's hooks, which do nothing for the other IOs), plus a no-save baseline. Contenders:
+``safetensors`` (default: parameters and moments copied behind the optimizer step gate) and
+``safetensors-sync`` (``background_copy=False``: everything copied before ``save_checkpoint`` returns).
+Stall = time inside ``CheckpointIO.save_checkpoint`` plus, for btckpt, the time the next
+``optimizer.step()`` waited at the step gate (what the training thread waits in all).
 Train time = on_train_start -> on_train_end; "flush" = the rest of fit (teardown waits for async writes).
 Prints medians and min-max over rounds.
 
@@ -22,8 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from btckpt.lightning import SafetensorsCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 
@@ -42,9 +45,13 @@ class Net(L.LightningModule):
 class Clock(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
+        self.gate_s = 0.0
 
     def on_train_end(self, trainer, pl_module):
         self.train_s = time.perf_counter() - self.t0
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafetensorsCheckpointIO):  # before teardown closes the Checkpointers
+            self.gate_s = sum(ck._gate.waited for ck in io._ckpts.values())
 
 
 def timed(io):
@@ -67,6 +74,8 @@ def make(kind: str):
         return AsyncCheckpointIO(TorchCheckpointIO())
     if kind == "safetensors":
         return SafetensorsCheckpointIO()
+    if kind == "safetensors-sync":
+        return SafetensorsCheckpointIO(background_copy=False)
     return None
 
 
@@ -94,8 +103,9 @@ def run(kind: str, a: argparse.Namespace, root: Path) -> dict[str, float]:
     total = time.perf_counter() - t0
     shutil.rmtree(d, ignore_errors=True)
     clock = cbs[0]
-    return {"train_s": clock.train_s, "flush_s": total - clock.train_s - 0.0, "stall_med_s":
-            statistics.median(stalls) if stalls else 0.0, "saves": len(stalls)}
+    return {"train_s": clock.train_s, "flush_s": total - clock.train_s, "saves": len(stalls),
+            "save_med_s": statistics.median(stalls) if stalls else 0.0,
+            "stall_s": (sum(stalls) + clock.gate_s) / max(1, len(stalls)), "gate_s": clock.gate_s}
 
 
 def main() -> None:
@@ -112,7 +122,7 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     root = Path(a.dir or tempfile.mkdtemp(prefix="bench_lightning_"))
-    kinds = ["none", "torch", "async", "safetensors"]
+    kinds = ["none", "torch", "async", "safetensors-sync", "safetensors"]
     nparams = a.layers * (a.width * a.width + a.width)
     print(f"model {nparams / 1e6:.1f}M params; checkpoint ~{nparams * 12 / 1e6:.0f} MB (fp32 weights + AdamW "
           f"moments); {a.steps} steps, save every {a.every}; {a.rounds} rounds; dir {root}")
@@ -123,14 +133,19 @@ def main() -> None:
             res[k].append(run(k, a, root))
         print(f"round {r + 1}: " + ", ".join(f"{k} {res[k][-1]['train_s']:.2f}s" for k in kinds), flush=True)
     base = statistics.median(x["train_s"] for x in res["none"])
-    print(f"\n{'contender':<12}{'stall/save ms (med, min-max)':>32}{'train s':>10}{'loss %':>9}{'flush s':>9}")
+    print(f"\n{'contender':<18}{'save_checkpoint ms/save':>26}{'stall ms/save (+gate)':>26}{'train s':>18}"
+          f"{'loss %':>9}{'flush s':>9}")
+
+    def cell(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
     for k in kinds:
-        st = [x["stall_med_s"] * 1e3 for x in res[k]]
+        sv = [x["save_med_s"] * 1e3 for x in res[k]]
+        st = [x["stall_s"] * 1e3 for x in res[k]]
         tr = [x["train_s"] for x in res[k]]
         fl = statistics.median(x["flush_s"] for x in res[k])
         med = statistics.median(tr)
-        print(f"{k:<12}{statistics.median(st):>14.1f} ({min(st):.1f}-{max(st):.1f}){'':>8}{med:>10.2f}"
-              f"{(med / base - 1) * 100:>8.1f}%{fl:>9.2f}")
+        print(f"{k:<18}{cell(sv):>26}{cell(st):>26}{cell(tr):>18}{(med / base - 1) * 100:>8.1f}%{fl:>9.2f}")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from btckpt.errors import CheckpointError  # noqa: E402
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
 from conftest import run_py  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_train.py")
 SRC = str(Path(__file__).resolve().parents[1] / "integrations")
 
@@ -164,6 +168,25 @@ def test_topk_last_every_n_match_lightnings_own_io(tmp_path: Path, args: list[st
         assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
 
 
+def test_train_time_interval_saves_as_lightnings_own_io(tmp_path: Path) -> None:
+    """ModelCheckpoint(train_time_interval=4 s) against a clock advancing 1 s per step (patched in the child):
+    the same checkpoints as TorchCheckpointIO, at the same steps, each named folder complete."""
+    args = ["--steps", "14", "--every", "0", "--time-interval", "4", "--fake-clock", "--top-k", "-1",
+            "--monitor", ""]
+    for io in ("torch", "safetensors"):
+        _run(["--dir", str(tmp_path / io), "--io", io, *args])
+    ours = tmp_path / "safetensors"
+    assert _names(ours) == _names(tmp_path / "torch")
+    steps = {int(_link_target(p).split("-")[1]) for p in ours.glob("*.ckpt")}
+    assert steps == {4, 8, 12}, steps  # every 4 fake seconds = every 4 steps
+    for p in ours.glob("*.ckpt"):
+        if "step=" in p.name:
+            assert _link_target(p) == f"checkpoint-{p.name.split('step=')[1].split('.')[0]}"
+        assert (ours / _link_target(p) / "btckpt.json").is_file()
+    step = torch.load(tmp_path / "torch" / "last.ckpt", weights_only=True)["global_step"]
+    assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
+
+
 def _payload_file(path: Path, marker: Path) -> None:
     class Boom:
         def __reduce__(self):  # noqa: D105
@@ -259,6 +282,50 @@ def test_dict_roundtrip_hparams_conversion_and_clear_errors(tmp_path: Path) -> N
     io.teardown()
 
 
+def test_background_copy_behind_the_step_gate_saves_the_pre_step_values(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """gate_with(): parameters and moments (plain tensors in Lightning's dict) copy in the background; the
+    next optimizer.step() waits, so the checkpoint holds the values at the save, not after the step."""
+    from btckpt.snapshot import Stager
+
+    seen: list[set[tuple[str, str]]] = []
+    stage = Stager.stage
+
+    def spy(self: Stager, flat: Any, layout: Any, *, async_keys: set[tuple[str, str]], sync: bool) -> Any:
+        seen.append(set(async_keys))
+        return stage(self, flat, layout, async_keys=async_keys, sync=sync)
+
+    monkeypatch.setattr(Stager, "stage", spy)
+    lin = torch.nn.Linear(1024, 512)  # 2 MB weight: above the inline-copy threshold
+    lin.register_buffer("count", torch.zeros(300_000))  # a big buffer: never deferred (not the optimizer's)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+
+    def step() -> None:
+        lin(torch.randn(4, 1024)).pow(2).sum().backward()
+        opt.step()
+        lin.count += 1
+
+    step()
+    io = SafetensorsCheckpointIO()
+    for n in (1, 2):
+        ckpt = {"global_step": n, "state_dict": lin.state_dict(), "optimizer_states": [opt.state_dict()],
+                "loops": {}}
+        want = {k: v.clone() for k, v in lin.state_dict().items()}
+        want_m = opt.state[lin.weight]["exp_avg"].clone()
+        if n == 1:
+            io.gate_with(ckpt, [opt])
+        io.save_checkpoint(ckpt, tmp_path / f"s{n}.ckpt")
+        step()  # optimizer.step() waits for the background copy
+        io.wait()
+        got = io.load_checkpoint(tmp_path / f"s{n}.ckpt")
+        assert all(torch.equal(got["state_dict"][k], want[k]) for k in want)
+        assert torch.equal(got["optimizer_states"][0]["state"][0]["exp_avg"], want_m)
+    assert {("model", "weight"), ("model", "bias")} <= seen[0] and ("model", "count") not in seen[0]
+    assert any(k[0] == "optimizer" and k[1].endswith("exp_avg") for k in seen[0])
+    assert seen[1] == set()  # no gate_with(): everything copied before save_checkpoint returned
+    io.teardown()
+
+
 def test_shared_folder_survives_until_last_name_removed(tmp_path: Path) -> None:
     io = SafetensorsCheckpointIO()
     ckpt = {"global_step": 5, "state_dict": {"w": torch.ones(3)}}
@@ -296,3 +363,69 @@ def test_model_checkpoint_default_dir_is_bt_checkpoint_dir(tmp_path: Path, monke
     monkeypatch.delenv("BT_CHECKPOINT_DIR")
     assert ModelCheckpoint().dirpath == os.path.realpath("checkpoints")
     assert ModelCheckpoint(dirpath=tmp_path / "x").dirpath == str(tmp_path / "x")
+
+
+# -- DDP, 2 processes (real torchrun, gloo) ------------------------------------------------------------------
+DDP = ["--strategy", "ddp", "--devices", "2", "--steps", "30", "--every", "3", "--top-k", "2"]
+
+
+def _ddp_run(args: list[str]) -> str:
+    from dist_launch import env_with, finish, torchrun
+
+    rc, out = finish(torchrun("lightning_train.py", [*DDP, *args], env=env_with()), timeout=300)
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def _steps_done(progress: Path) -> int:
+    if not progress.exists():
+        return 0
+    return max((int(x) for x in re.findall(r"STEP (\d+)", progress.read_text())), default=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_sigkill_then_resume_is_exact_with_every_ranks_rng(tmp_path: Path) -> None:
+    """SIGKILL a 2-process DDP job (agent and both ranks) after a commit, resume with resume_path():
+    parameters, optimizer moments and *each rank's* RNG match an uninterrupted run bit for bit. Each rank
+    draws its own dropout masks, so restoring only rank 0's RNG (the control) gives different weights."""
+    from dist_launch import env_with, kill_session, torchrun
+
+    _ddp_run(["--dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "ref.{rank}.st")])
+    seed = random.randrange(1 << 30)
+    kill_at = random.Random(seed).randrange(5, 22)
+    ck, progress = tmp_path / "ck", tmp_path / "progress"
+    job = torchrun("lightning_train.py", [*DDP, "--dir", str(ck), "--sleep", "0.1", "--progress", str(progress)],
+                   env=env_with())
+    try:
+        deadline = time.monotonic() + 240
+        while not (_steps_done(Path(f"{progress}.0")) >= kill_at and resume_path(dir=ck) is not None):
+            assert job.poll() is None, f"job ended before the kill (seed={seed}):\n{job.communicate()[0][-3000:]}"
+            assert time.monotonic() < deadline, f"no commit / step {kill_at} within 240 s (seed={seed})"
+            time.sleep(0.02)
+    finally:
+        kill_session(job)  # SIGKILL torchrun's agent and both ranks at once
+        job.communicate(timeout=60)
+    killed_at = _steps_done(Path(f"{progress}.0"))
+    assert killed_at < 30, f"the job finished before the kill (seed={seed})"
+    start = Path(resume_path(dir=ck) or "")
+    assert {"rng_state_0.json", "rng_state_1.json"} <= {p.name for p in start.iterdir()}, start
+    rng = [json.loads((start / f"rng_state_{r}.json").read_text())["torch"] for r in (0, 1)]
+    assert rng[0] != rng[1]  # the ranks' RNGs differ, so rank 1's own state must come back
+    control = tmp_path / "control"
+    shutil.copytree(ck, control)
+
+    out = _ddp_run(["--dir", str(ck), "--resume", "--dump", str(tmp_path / "res.{rank}.st")])
+    resumed = re.findall(r"resume from (\S+)", out)  # both ranks' lines may share one line: match, don't split
+    assert resumed == [str(start)] * 2, (resumed, seed)
+    for r in (0, 1):
+        _assert_same(tmp_path / f"ref.{r}.st", tmp_path / f"res.{r}.st")
+    assert not [p for p in ck.iterdir() if p.name.startswith(".checkpoint-")]  # the killed save's temp is gone
+    folders = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
+    assert folders == {_link_target(p) for p in ck.glob("*.ckpt")}
+
+    # control: the same resume with only rank 0 restoring its RNG (what saving rank 0's alone amounts to)
+    _ddp_run(["--dir", str(control), "--resume", "--restore-rng-ranks", "0", "--dump",
+              str(tmp_path / "ctl.{rank}.st")])
+    ref, ctl = _load_dump(tmp_path / "ref.0.st")[0], _load_dump(tmp_path / "ctl.0.st")[0]
+    assert any(not torch.equal(ref[k], ctl[k]) for k in ref if k.startswith("param.net")), \
+        "rank 1's RNG made no difference: the test would not catch a missing rng_state_1.json"

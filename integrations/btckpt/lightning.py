@@ -13,22 +13,29 @@ folder committed. Several names at one step (a top-k name and ``last.ckpt``) sha
 goes away when the last name pointing at it is removed (``save_top_k``). A path already named
 ``checkpoint-<N>`` is the folder itself.
 
-Async: ``save_checkpoint`` copies every tensor of the dict into btckpt's reusable staging arena before it
-returns (the dict holds live parameters and optimizer moments; the stall is one memcpy), and the write,
-checksums, commit and link run on btckpt's background writer.
+Async: the write, checksums, commit and link run on btckpt's background writer. The dict holds live
+parameters and optimizer moments, so they are copied into btckpt's reusable staging arena first. With
+:class:`ModelCheckpoint` (this module's), a save made at a training batch end registers the trainer's
+optimizers with btckpt's step gate: parameters and moments then copy in the background while the next
+forward/backward runs, and the next ``optimizer.step()`` waits for that copy (``background_copy=False``
+turns this off). Saves at an epoch's last batch, the final step, or from validation copy everything
+before returning (epoch-end callbacks such as SWA write parameters in place). A callback that writes
+parameters in place in ``on_train_batch_start``/``on_before_optimizer_step`` must call
+:meth:`SafetensorsCheckpointIO.fence` first. Otherwise ``save_checkpoint`` returns after one memcpy.
+
+Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on rank 0 only. With
+:class:`ModelCheckpoint` (this module's) every rank's RNG state is still saved: each rank hands its state to
+rank 0 through the c10d store while Lightning builds the dict, and the one commit holds
+``rng_state_<rank>.json`` for every rank; on resume each rank restores its own.
 """
 
 from __future__ import annotations
 
-import argparse
-import enum
 import json
 import logging
 import os
 import threading
-import uuid
-from collections.abc import Mapping
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,71 +43,30 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from . import _lightning_rng as _rng
+from ._lightning_state import (
+    LINK_FORMAT,
+    MAX_LINK,
+    map_tree,
+    name_bad_key,
+    read_link,
+    repair_links,
+    to_groups,
+    write_link,
+)
 from .commit import checkpoint_name, delete_checkpoint
 from .config import resolve_dir, resolve_load_dir
 from .discovery import STEP_DIR, inspect, scan
 from .distributed import World
 from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
-from .layout import GROUP_NAME, flatten_group
 from .manager import Checkpointer
 from .reader import CheckpointReader, read_verified_bytes
 from .rng import restore_rng, rng_file
-from .storage import fsync_dir, fsync_file, is_url
+from .storage import fsync_dir, is_url
 
 __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "resume_path", "LINK_FORMAT"]
 
 log = logging.getLogger("btckpt")
-
-LINK_FORMAT = "btckpt-lightning-link/1"
-MAX_LINK = 64 * 1024
-_RENAMED = {"state_dict": "model", "optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
-_HPARAMS = ("hyper_parameters", "datamodule_hyper_parameters")
-
-
-def _plain_hparams(value: Any) -> Any:
-    """Documented conversions for hyper-parameters only: Path -> str, torch.dtype -> str ("torch.float32"),
-    Enum -> its value, argparse.Namespace -> dict. Anything else non-JSON is refused by flatten."""
-    if isinstance(value, Mapping):
-        return {k: _plain_hparams(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_hparams(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain_hparams(v) for v in value)
-    if isinstance(value, PurePath) or isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return _plain_hparams(value.value)
-    if isinstance(value, argparse.Namespace):
-        return _plain_hparams(vars(value))
-    return value
-
-
-def _to_groups(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Lightning's dict -> (btckpt groups, group name -> Lightning key)."""
-    groups: dict[str, Any] = {}
-    keys: dict[str, str] = {}
-    taken = set(_RENAMED.values())
-    for n, (key, value) in enumerate(checkpoint.items()):
-        if not isinstance(key, str):
-            raise UnsupportedValue(f"Lightning checkpoint key {key!r} is not a string; btckpt stores top-level "
-                                   "keys as group names")
-        name = _RENAMED.get(key)
-        if name is None:
-            name = key if GROUP_NAME.match(key) and key not in taken else f"extra-{n}"
-        if key in _HPARAMS:
-            value = _plain_hparams(value)
-        groups[name] = value
-        keys[name] = key
-    return groups, keys
-
-
-def _name_bad_key(groups: Mapping[str, Any], keys: Mapping[str, str], exc: UnsupportedValue) -> UnsupportedValue:
-    for name, value in groups.items():
-        try:
-            flatten_group(name, value)
-        except UnsupportedValue as inner:
-            return UnsupportedValue(f"Lightning checkpoint key {keys[name]!r}: {inner}")
-    return exc
 
 
 def _rank() -> int:
@@ -109,69 +75,22 @@ def _rank() -> int:
     return 0
 
 
-def _map(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _map(v, device) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_map(v, device) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_map(v, device) for v in tree)
-    return tree
-
-
-def read_link(path: Path) -> Path:
-    """The checkpoint folder a link file names. Refuses anything else (a pickle ``.ckpt`` included)."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_LINK + 1)
-    what = (f"{path} is not a btckpt link file (a torch/pickle .ckpt?). btckpt never unpickles; load a "
-            "Lightning .ckpt you trust with TorchCheckpointIO")
-    if len(raw) > MAX_LINK or not raw.lstrip().startswith(b"{"):
-        raise UnsafeCheckpoint(what)
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise UnsafeCheckpoint(what) from None
-    name = obj.get("checkpoint") if isinstance(obj, dict) else None
-    if not isinstance(obj, dict) or obj.get("format") != LINK_FORMAT or not isinstance(name, str) \
-            or not STEP_DIR.match(name):
-        raise UnsafeCheckpoint(f"{path}: not a valid btckpt link (needs format {LINK_FORMAT!r} and a sibling "
-                               f"'checkpoint-<step>' folder name); refusing it")
-    return path.parent / name
-
-
-def _repair_links(folder: Path, callbacks: Any) -> None:
-    """Re-create names of ``folder`` lost to a crash between its commit and its link files.
-
-    Saves are serialized and each waits for the previous one's links, so a name that a ModelCheckpoint
-    state (saved inside ``folder``) lists in the same directory but that is missing can only be ``folder``'s.
-    """
-    if not isinstance(callbacks, dict):
-        return
-    names: set[str] = set()
-    for state in callbacks.values():
-        if isinstance(state, dict):
-            names |= {k for k in state.get("best_k_models") or {} if isinstance(k, str)}
-            names |= {state[k] for k in ("best_model_path", "kth_best_model_path", "last_model_path")
-                      if isinstance(state.get(k), str) and state[k]}
-    for name in names:
-        p = Path(name)
-        if p.parent == folder.parent and p.suffix == ".ckpt" and not p.exists() and not p.is_symlink():
-            SafetensorsCheckpointIO._write_link(p, folder)
-            log.info("btckpt: re-created %s -> %s (lost to a crash right after the commit)", p.name, folder.name)
-
-
 class SafetensorsCheckpointIO(CheckpointIO):
     """Lightning ``CheckpointIO`` writing atomic, asynchronous, pickle-free btckpt folders (module doc).
 
     Options: ``async_save`` (write in the background; default True), ``max_shard_size``, ``save_rng``
-    (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``.
+    (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``,
+    ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save), ``background_copy``
+    (copy parameters and optimizer moments behind the step gate; module doc).
     """
 
     def __init__(self, *, async_save: bool = True, max_shard_size: int = 5 * 10**9, save_rng: bool = True,
-                 restore_rng: bool = True) -> None:
+                 restore_rng: bool = True, rng_timeout: float = 600.0, background_copy: bool = True) -> None:
         self.async_save = async_save
+        self.background_copy = background_copy
+        self._gate_next: tuple[dict[str, Any], list[torch.optim.Optimizer]] | None = None
+        self.rng_timeout = rng_timeout
+        self._warned_rng = False
         self.max_shard_size = max_shard_size
         self.save_rng = save_rng
         self.restore_rng = restore_rng
@@ -210,7 +129,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 old = read_link(link)
             except (UnsafeCheckpoint, OSError):
                 old = None
-        self._write_link(link, folder)
+        write_link(link, folder)
         with self._lock:
             busy = old in self._pending
         if old is not None and old != folder and not busy and old.is_dir() and not self._named(old):
@@ -218,23 +137,21 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._mine.discard(old)
             log.info("btckpt: removed %s (its last name, %s, now names %s)", old.name, link.name, folder.name)
 
-    @staticmethod
-    def _write_link(link: Path, folder: Path) -> None:
-        data = json.dumps({"format": LINK_FORMAT, "checkpoint": folder.name}).encode()
-        tmp = link.parent / f".{link.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, data)
-            fsync_file(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, link)
-        fsync_dir(link.parent)
-
     def wait(self) -> None:
         """Block until every save so far committed and its names are written (raises a save's error)."""
         for ck in list(self._ckpts.values()):
             ck.wait()
+
+    def fence(self) -> None:
+        """Block until the last save's background copies are done (before writing parameters in place
+        outside ``optimizer.step()``)."""
+        for ck in list(self._ckpts.values()):
+            ck.fence()
+
+    def gate_with(self, checkpoint: dict[str, Any], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Let the save of ``checkpoint`` copy tensors owned by ``optimizers`` behind their step gate
+        (:class:`ModelCheckpoint` calls this at safe points; module doc)."""
+        self._gate_next = (checkpoint, list(optimizers)) if self.background_copy and optimizers else None
 
     # -- CheckpointIO -----------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -242,6 +159,14 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if storage_options is not None:
             raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
                             "SafetensorsCheckpointIO")
+        peer_rng = _rng.gather(checkpoint, timeout=self.rng_timeout)  # also frees the store keys
+        if peer_rng is None and self.save_rng and not self._warned_rng and _rng.peer_world() is not None \
+                and "loops" in checkpoint:
+            self._warned_rng = True
+            log.warning("btckpt: only rank 0's RNG state is saved; use btckpt.lightning.ModelCheckpoint so every "
+                        "rank's RNG is saved and a resume is exact")
+        gate, self._gate_next = self._gate_next, None
+        optimizers = gate[1] if gate is not None and gate[0] is checkpoint else []
         link = Path(os.path.abspath(path))
         step = int(checkpoint.get("global_step", 0))
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
@@ -267,15 +192,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 self._relink(link, folder)
             self._mine.add(folder)
             return
-        groups, keys = _to_groups(checkpoint)
+        groups, keys = to_groups(checkpoint)
         with self._lock:
             self._pending[folder] = [] if link == folder else [link]
         try:
-            ck.save(step, groups, meta={"lightning": {"keys": keys}}, on_commit=self._committed)
+            ck.save(step, groups, meta={"lightning": {"keys": keys}}, on_commit=self._committed,
+                    peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers)
         except UnsupportedValue as exc:
             with self._lock:
                 self._pending.pop(folder, None)
-            raise _name_bad_key(groups, keys, exc) from None
+            raise name_bad_key(groups, keys, exc) from None
         except BaseException:
             with self._lock:
                 self._pending.pop(folder, None)
@@ -318,13 +244,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         keys = meta.get("keys", {"model": "state_dict"}) if isinstance(meta, dict) else {}
         out = {keys.get(g, g): reader.load_group(g) for g in reader.groups}
         if map_location is not None and isinstance(map_location, (str, torch.device)):
-            out = _map(out, torch.device(map_location))
+            out = map_tree(out, torch.device(map_location))
         if self.restore_rng and "loops" in out and info.manifest is not None:
             name = rng_file(_rank())
             if name in info.manifest.files:
                 restore_rng(json.loads(read_verified_bytes(folder, info.manifest, name)), where=str(folder))
+            elif any(n.startswith("rng_state_") for n in info.manifest.files):
+                log.warning("btckpt: %s holds no RNG state for rank %d (saved by fewer ranks, or without "
+                            "btckpt.lightning.ModelCheckpoint); this rank's RNG is not restored", folder, _rank())
         if "loops" in out and _rank() == 0:
-            _repair_links(folder, out.get("callbacks"))
+            repair_links(folder, out.get("callbacks"))
         self._mine.add(folder)
         return out
 
@@ -389,7 +318,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
 class ModelCheckpoint(_ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with the platform's defaults (same arguments, same state key).
 
-    ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. With
+    ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. Under DDP it makes every
+    rank's RNG state part of the checkpoint (module doc). With
     :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
     the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0).
     """
@@ -397,6 +327,18 @@ class ModelCheckpoint(_ModelCheckpoint):
     def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(resolve_dir(dirpath), *args, **kwargs)
         self._ck: Checkpointer | None = None
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """On every rank: hand this rank's RNG state to rank 0's plugin; at a mid-epoch training batch end,
+        let rank 0's plugin copy parameters and moments behind the step gate (module doc)."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, SafetensorsCheckpointIO):
+            return
+        if io.save_rng:
+            _rng.note(checkpoint)
+        if trainer.is_global_zero and _safe_for_background_copy(trainer):
+            io.gate_with(checkpoint, list(trainer.optimizers))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -421,6 +363,16 @@ class ModelCheckpoint(_ModelCheckpoint):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._ck = None
         super().teardown(trainer, pl_module, stage)
+
+
+def _safe_for_background_copy(trainer: Any) -> bool:
+    """True at a training batch end after which the next write to parameters is ``optimizer.step()``."""
+    if not trainer.training or trainer.sanity_checking or trainer.should_stop:
+        return False
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return not progress.is_last_batch
 
 
 def resume_path(*, dir: str | os.PathLike[str] | None = None,

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -181,13 +181,19 @@ class Checkpointer:
         self._protected = self._protected - {Path(path)}
 
     def save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
-             meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None) -> None:
+             meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
+             peer_rng: Mapping[int, Mapping[str, Any]] | None = None,
+             optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
         """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
 
         ``extra_files`` (name -> bytes) are written into the folder too (integrations use it for
         ``config.json`` and the like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on
         the writer after the commit (integrations use it to publish names that point at the folder);
-        its error counts as the save's error.
+        its error counts as the save's error. ``peer_rng`` (rank -> :func:`~btckpt.rng.capture_rng` data)
+        adds ``rng_state_<rank>.json`` for ranks that do not call ``save`` (frameworks where only rank 0
+        saves, e.g. Lightning), written inside the same commit. ``optimizers``: for states given as plain
+        tensors (framework dicts), the optimizers whose ``step()`` alone writes their parameters and
+        state; tensors of ``state`` sharing storage with those copy in the background behind their step gate.
         """
         t0 = time.perf_counter()
         self._check_open()
@@ -232,19 +238,20 @@ class Checkpointer:
                 return
         staged = None
         if layout is not None:
-            async_keys = self._async_keys(state, flat) if self.config.async_save else set()
+            async_keys = self._async_keys(state, flat, optimizers) if self.config.async_save else set()
             if part is not None and self.config.async_save:
                 async_keys |= part.async_keys
             try:
                 staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
             except OSError as exc:
                 raise space_error(exc, self.root / checkpoint_name(step)) from exc
-            self._gate.watch(optimizers_in(state))
+            self._gate.watch([*optimizers_in(state), *optimizers])
             self._gate.arm(staged)
         job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
                       meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part,
-                      on_commit=on_commit)
+                      on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
+                                                     if int(r) != self.world.rank})
         self._last_save_step, self._last_save_time = step, time.monotonic()
         self.stats["saves"] += 1
         if self.config.async_save:
@@ -267,9 +274,17 @@ class Checkpointer:
         groups = sharded_groups(state)
         return prepare(state, self.world, groups) if groups else None
 
-    def _async_keys(self, state: Mapping[str, Any], flat: list[Any]) -> set[tuple[str, str]]:
-        """Tensors the step gate protects: module parameters and optimizer state."""
+    def _async_keys(self, state: Mapping[str, Any], flat: list[Any],
+                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> set[tuple[str, str]]:
+        """Tensors the step gate protects: module parameters and optimizer state (also as plain tensors that
+        share storage with ``optimizers``' parameters and state)."""
         keys: set[tuple[str, str]] = set()
+        owned = {t.untyped_storage().data_ptr() for o in optimizers for g in o.param_groups for t in g["params"]}
+        owned |= {v.untyped_storage().data_ptr() for o in optimizers for st in o.state.values()
+                  for v in st.values() if isinstance(v, torch.Tensor)}
+        owned.discard(0)
+        if owned:
+            keys |= {(g.name, k) for g in flat for k, t in g.tensors.items() if t.untyped_storage().data_ptr() in owned}
         for g in flat:
             obj = state.get(g.name)
             if isinstance(obj, torch.nn.Module):

@@ -67,6 +67,7 @@ class SaveJob:
     flat: FlatState
     staged: Snapshot | None
     rng: dict[str, Any] | None = None
+    peer_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # other ranks' RNG (rank-0-only savers)
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
@@ -103,6 +104,10 @@ def run_save(job: SaveJob) -> Path:
                 faults.point("write_rng")
                 name = rng_file(w.rank)
                 size, digest = write_small_file(commit.tmp / name, json.dumps(job.rng).encode())
+                written[name] = {"size": size, "xxh3_64": digest}
+            for r, state in (sorted(job.peer_rng.items()) if leader else ()):
+                name = rng_file(r)
+                size, digest = write_small_file(commit.tmp / name, json.dumps(state).encode())
                 written[name] = {"size": size, "xxh3_64": digest}
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc

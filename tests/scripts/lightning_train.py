@@ -2,7 +2,12 @@
 
 Prints ``step <N>`` after every optimizer step (flushed), so a parent can kill it at a chosen step.
 --io safetensors|torch|async; --resume: fit(ckpt_path=resume_path()) (or --ckpt-path PATH / "last");
---dump FILE: write the final parameters and optimizer moments as safetensors.
+--dump FILE: write the final parameters and optimizer moments as safetensors ("{rank}" in FILE: every rank
+writes its own, with its RNG). Under torchrun (--strategy ddp --devices 2) each rank trains on its own shard
+with its own dropout RNG (seeded per rank in setup()), so a resume is exact only if every rank's RNG is restored.
+--progress FILE: every rank appends "STEP <N>" to FILE.<rank> after each step (for kill tests).
+--time-interval S with --fake-clock: ModelCheckpoint(train_time_interval=S seconds) against a clock that
+advances exactly 1 s per training step (deterministic saves).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from datetime import timedelta
 
 import lightning as L
 import torch
@@ -21,10 +27,11 @@ from safetensors.torch import save_file
 class Batches:
     """A resumable, deterministic loader: epoch-seeded shuffle, mid-epoch position in state_dict()."""
 
-    def __init__(self, n: int = 64, bs: int = 4, seed: int = 7) -> None:
+    def __init__(self, n: int = 64, bs: int = 4, seed: int = 7, rank: int = 0, world: int = 1) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 8, generator=g)
         self.y = self.x.sum(1, keepdim=True) * 0.5 + torch.randn(n, 1, generator=g) * 0.1
+        self.x, self.y = self.x[rank::world], self.y[rank::world]  # this rank's shard
         self.bs, self.seed, self.epoch, self.sampler = bs, seed, 0, self
         self._skip = 0
         self._yielded = 0  # batches handed out in this epoch
@@ -51,15 +58,32 @@ class Batches:
         self.epoch, self._skip = state["epoch"], state["next"]
 
 
+CLOCK = [0.0]  # the fake clock's time (--fake-clock): one second per training step
+
+
+class FakeTime:
+    """Stands in for the ``time`` module inside Lightning's model_checkpoint (monotonic() only)."""
+
+    @staticmethod
+    def monotonic() -> float:
+        return CLOCK[0]
+
+
 class Tiny(L.LightningModule):
-    def __init__(self, lr: float = 0.01, sleep: float = 0.0) -> None:
+    def __init__(self, lr: float = 0.01, sleep: float = 0.0, progress: str = "") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.ReLU(),
                                        torch.nn.Linear(16, 1))
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
 
+    def setup(self, stage: str) -> None:
+        # after Lightning's DDP reset_seed() and before a checkpoint's RNG restore: each rank its own RNG
+        if self.trainer.world_size > 1:
+            torch.manual_seed(1000 + self.global_rank)
+
     def training_step(self, batch, batch_idx):
+        CLOCK[0] += 1.0
         x, y = batch
         self.seen += len(x)
         loss = torch.nn.functional.mse_loss(self.net(x), y)
@@ -68,6 +92,9 @@ class Tiny(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         print(f"step {self.global_step}", flush=True)
+        if self.hparams.progress:
+            with open(f"{self.hparams.progress}.{self.global_rank}", "a") as f:
+                f.write(f"STEP {self.global_step}\n")
         if self.hparams.sleep:
             time.sleep(self.hparams.sleep)
 
@@ -93,18 +120,30 @@ def main() -> None:
     ap.add_argument("--filename", default=None)
     ap.add_argument("--strategy", default="auto")
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--progress", default="")
+    ap.add_argument("--restore-rng-ranks", default="all", help="comma list of ranks that restore their RNG")
+    ap.add_argument("--time-interval", type=float, default=None)
+    ap.add_argument("--fake-clock", action="store_true")
     a = ap.parse_args()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if a.fake_clock:
+        import lightning.pytorch.callbacks.model_checkpoint as mc
+
+        mc.time = FakeTime  # type: ignore[assignment]
 
     L.seed_everything(0, verbose=False)
-    model = Tiny(sleep=a.sleep)
+    model = Tiny(sleep=a.sleep, progress=a.progress)
     plugins = []
     if a.io == "safetensors":
-        plugins = [SafetensorsCheckpointIO()]
+        restore = a.restore_rng_ranks == "all" or str(rank) in a.restore_rng_ranks.split(",")
+        plugins = [SafetensorsCheckpointIO(restore_rng=restore)]
     elif a.io == "async":
         from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
         plugins = [AsyncCheckpointIO()]
-    cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every, save_top_k=a.top_k,
+    interval = None if a.time_interval is None else timedelta(seconds=a.time_interval)
+    cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every or None,
+                         train_time_interval=interval, save_top_k=a.top_k,
                          monitor=a.monitor or None, mode="max", save_last=not a.no_last)
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
                         plugins=plugins, callbacks=[cb], logger=False, enable_progress_bar=False,
@@ -112,15 +151,16 @@ def main() -> None:
                         use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
     print(f"resume from {ckpt}", flush=True)
-    trainer.fit(model, train_dataloaders=Batches(), ckpt_path=ckpt)
-    if a.dump and trainer.is_global_zero:
+    trainer.fit(model, train_dataloaders=Batches(rank=rank, world=world), ckpt_path=ckpt)
+    dump = a.dump.format(rank=rank) if a.dump else None
+    if dump and (trainer.is_global_zero or dump != a.dump):
         out = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         opt = trainer.optimizers[0]
         for i, p in enumerate(opt.param_groups[0]["params"]):
             for k, v in opt.state[p].items():
                 out[f"opt.{i}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
         out["rng"] = torch.get_rng_state()
-        save_file(out, a.dump, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
+        save_file(out, dump, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
     print("done", flush=True)
     sys.stdout.flush()
     os._exit(0) if os.environ.get("FAST_EXIT") else None
