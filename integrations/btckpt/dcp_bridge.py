@@ -38,7 +38,7 @@ from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, St
 from .layout import ST_TO_DTYPE
 from .manifest import Manifest, read_manifest
 from .reader import CheckpointReader
-from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
+from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups, uncovered
 
 __all__ = ["BtckptStorageReader", "part_folder", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
 
@@ -133,6 +133,9 @@ class BtckptStorageReader(StorageReader):
                     dtype = next(k for k, v in ST_TO_DTYPE.items() if v == t.dtype)
                     chunks = [{"offsets": [0] * len(shape), "sizes": shape, "file": ref["file"], "key": ref["key"],
                                "node": here}]
+                if uncovered(shape, chunks):
+                    raise CorruptCheckpoint(f"{self.folder}: the saved chunks of {fqn!r} do not cover its shape "
+                                            f"{shape} (saved by a btckpt that misread its DTensor placements)")
                 if dtype not in ST_TO_DTYPE:
                     raise CorruptCheckpoint(f"{self.folder}: tensor {fqn!r} has unknown dtype {dtype!r}")
                 metas = []
