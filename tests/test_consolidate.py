@@ -128,3 +128,16 @@ def test_save_time_consolidation_errors(tmp_path: Path) -> None:
         ck.wait()
     ck.close()
     assert (tmp_path / "nm" / "checkpoint-1" / "btckpt.json").is_file()
+
+
+def test_one_shot_save_beside_a_checkpoint_of_the_same_step(tmp_path: Path) -> None:
+    """consolidate(ck/checkpoint-3, ck/served): the output commits under its own name, never by way of
+    <parent>/checkpoint-3 (which exists here)."""
+    import btckpt
+    import torch
+    from btckpt.consolidate import consolidate
+
+    btckpt.save(tmp_path / "checkpoint-3", {"model": torch.nn.Linear(2, 2)})
+    dest = consolidate(tmp_path / "checkpoint-3", tmp_path / "served")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "served"]
+    assert btckpt.load(dest, {"model": torch.nn.Linear(2, 2)}) == 3
