@@ -137,7 +137,8 @@ def test_one_shot_save_beside_a_checkpoint_of_the_same_step(tmp_path: Path) -> N
     import torch
     from btckpt.consolidate import consolidate
 
-    btckpt.save(tmp_path / "checkpoint-3", {"model": torch.nn.Linear(2, 2)})
-    dest = consolidate(tmp_path / "checkpoint-3", tmp_path / "served")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "served"]
+    d = tmp_path / "ck"
+    btckpt.save(d / "checkpoint-3", {"model": torch.nn.Linear(2, 2)})
+    dest = consolidate(d / "checkpoint-3", d / "served")
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoint-3", "served"]
     assert btckpt.load(dest, {"model": torch.nn.Linear(2, 2)}) == 3
