@@ -48,10 +48,10 @@ def _free_port() -> int:
 
 def worker(args: argparse.Namespace) -> None:
     import btckpt
-    from btckpt.consolidate import consolidate
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from btckpt.consolidate import consolidate
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 

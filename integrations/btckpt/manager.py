@@ -87,6 +87,9 @@ class Checkpointer:
         self._prev_handler: Any = None
         self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
         self._session = self._agree_session()
+        from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
+
+        self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
             self._take_lock()
             try:
@@ -104,9 +107,6 @@ class Checkpointer:
         self._gate = StepGate()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
         self._uploader: Any = None
-        from .consolidate import Consolidator
-
-        self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.config.upload_to and self.world.is_local_leader:
             from .upload import UploadSupervisor
 
