@@ -6,6 +6,12 @@ btckpt (Checkpointer, sync and async) vs DCP ``save`` (FileSystemWriter) and ``a
 Contenders alternate within each round. Times are wall seconds on rank 0, between barriers:
 ``block`` = time the training loop was blocked (save() return / async_save return), ``total`` = until the
 checkpoint is durable/committed. Bytes per rank = bytes that rank wrote into the checkpoint folder.
+
+A second table compares writers on the model's FSDP2 state dict alone (DCP's HuggingFaceStorageWriter
+cannot write optimizer param groups): btckpt (sync) vs ``dcp.save`` with ``HuggingFaceStorageWriter(
+save_distributed=True)``, and with servable full weights as well: btckpt + ``btckpt.consolidate`` on rank 0
+(sync), btckpt async with ``consolidate=True`` (background on rank 0; total = until the consolidated folder
+is committed) vs the HF writer's ``enable_consolidation=True``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ HERE = Path(__file__).resolve()
 def _rank_bytes(folder: Path, rank: int, kind: str) -> int:
     if kind == "btckpt":
         return sum(f.stat().st_size for f in folder.iterdir() if f"rank{rank:05d}" in f.name)
+    if kind == "hf":
+        return sum(f.stat().st_size for f in folder.rglob(f"shard-{rank + 1:05d}-*"))
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(f"__{rank}_"))
 
 
@@ -43,6 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from btckpt.consolidate import consolidate
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -68,12 +77,59 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         results.setdefault(f"{name}.block", []).append(block)
         results.setdefault(f"{name}.total", []).append(total)
-        kind = "btckpt" if name.startswith("btckpt") else "dcp"
+        kind = "btckpt" if name.startswith(("btckpt", "bt_")) else "hf" if name.startswith("hf") else "dcp"
         nbytes[name] = _rank_bytes(folder, rank, kind)
 
     ckpts = {m: btckpt.Checkpointer(dir=str(root / f"bt-{m}"), keep_last=1, async_save=m == "async", save_rng=False)
              for m in ("sync", "async")}
     state = {"model": model, "optimizer": opt}
+    mck = btckpt.Checkpointer(dir=str(root / "btm"), keep_last=1, async_save=False, save_rng=False)
+    cck = btckpt.Checkpointer(dir=str(root / "btc"), keep_last=1, async_save=True, save_rng=False, consolidate=True)
+
+    def model_only(step: int) -> None:
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        def bt_model():  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            mck.save(step, {"model": model})
+            return time.perf_counter() - t0, root / "btm" / f"checkpoint-{step}"
+
+        def bt_model_consol():  # type: ignore[no-untyped-def]
+            folder = root / f"btmc-{step}"
+            t0 = time.perf_counter()
+            ck = btckpt.Checkpointer(dir=str(folder), keep_last=None, async_save=False, save_rng=False)
+            ck.save(step, {"model": model})
+            ck.close()
+            if rank == 0:
+                consolidate(folder / f"checkpoint-{step}", folder / "served")
+            dist.barrier()
+            return time.perf_counter() - t0, folder / f"checkpoint-{step}"
+
+        def bt_async_bg_consol():  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            cck.save(step, {"model": model})
+            block = time.perf_counter() - t0
+            cck.wait()
+            if cck._consolidator is not None:
+                cck._consolidator.close()
+            dist.barrier()
+            return block, root / "btc" / f"checkpoint-{step}"
+
+        def hf(consol: bool):  # type: ignore[no-untyped-def]
+            folder = root / f"hf{int(consol)}-{step}"
+            msd = get_model_state_dict(model)
+            t0 = time.perf_counter()
+            dcp.save(msd, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True,
+                                                                  enable_consolidation=consol))
+            return time.perf_counter() - t0, folder
+
+        timed("bt_model", bt_model)
+        timed("hf_writer", lambda: hf(False))
+        timed("bt_model+consolidate", bt_model_consol)
+        timed("bt_async+bg_consolidate", bt_async_bg_consol)
+        timed("hf_writer+consolidation", lambda: hf(True))
+
     step = 0
     for _ in range(args.rounds):
         step += 1
@@ -105,7 +161,8 @@ def worker(args: argparse.Namespace) -> None:
 
         timed("dcp_save", run_dcp)
         timed("dcp_async_save", run_dcp_async)
-    for ck in ckpts.values():
+        model_only(step)
+    for ck in (*ckpts.values(), mck, cck):
         ck.close()
     gathered: list = [None] * world
     dist.all_gather_object(gathered, nbytes)
@@ -147,14 +204,19 @@ def main() -> None:
             raise SystemExit(f"world {world}: no result")
         res = json.loads(line[7:])
         print(f"\nworld size {world}")
-        print(f"  {'contender':<16} {'MB/rank (r0..)':<28} {'block s median [min-max]':<28} total s median [min-max]")
-        for name in ("btckpt_sync", "btckpt_async", "dcp_save", "dcp_async_save"):
+        print(f"  {'contender':<24} {'MB/rank (r0..)':<20} {'block s median [min-max]':<28} total s median [min-max]")
+        names = ["btckpt_sync", "btckpt_async", "dcp_save", "dcp_async_save", "", "bt_model", "hf_writer",
+                 "bt_model+consolidate", "bt_async+bg_consolidate", "hf_writer+consolidation"]
+        for name in names:
+            if not name:
+                print("  model state only (HF writer comparison):")
+                continue
             per_rank = " ".join(f"{b[name] / 1e6:.1f}" for b in res["bytes_per_rank"])
             cells = []
             for part in ("block", "total"):
                 v = res["times"][f"{name}.{part}"]
                 cells.append(f"{statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]")
-            print(f"  {name:<16} {per_rank:<28} {cells[0]:<28} {cells[1]}")
+            print(f"  {name:<24} {per_rank:<20} {cells[0]:<28} {cells[1]}")
 
 
 if __name__ == "__main__":

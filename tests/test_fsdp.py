@@ -83,3 +83,30 @@ def test_fsdp_rank_killed_during_write(tmp_path: Path) -> None:
     rc, out = results[0]
     assert rc != 0 and "CoordinationError" in out, out[-3000:]
     assert not (tmp_path / "ck" / "checkpoint-2").exists()
+
+
+def test_ddp_checkpoint_restores_into_fsdp_model_and_optimizer(tmp_path: Path) -> None:
+    """A DDP checkpoint (plain, replicated optimizer state numbered 0..n-1) restores into FSDP2's DTensor model
+    *and* optimizer: equal full state, and training on from it matches DDP training on bit for bit."""
+    run_job(tmp_path, "a", "saved.st", "--steps", "4", "--every", "4", "--width", WIDTH, mode="ddp", nproc=2)
+    for d in ("b", "c", "d"):
+        shutil.copytree(tmp_path / "a", tmp_path / d)
+    run_job(tmp_path, "b", "restored.st", "--steps", "4", "--expect-resume", "4", "--width", WIDTH, mode="fsdp")
+    assert_same(tmp_path / "saved.st", tmp_path / "restored.st")
+    on = ["--steps", "8", "--every", "100", "--expect-resume", "4", "--width", WIDTH]
+    run_job(tmp_path, "c", "fsdp8.st", *on, mode="fsdp")  # the optimizer's moments are DTensors now
+    run_job(tmp_path, "d", "ddp8.st", *on, mode="ddp")
+    assert_same(tmp_path / "ddp8.st", tmp_path / "fsdp8.st")
+
+
+def test_plain_optimizer_into_sharded_needs_matching_param_groups(tmp_path: Path) -> None:
+    from btckpt.dcp_bridge import _plain_optimizer_as_fqn
+    from btckpt.errors import StateMismatch
+
+    tree = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    with pytest.raises(StateMismatch, match="param groups do not match"):
+        _plain_optimizer_as_fqn("optimizer", tree, {"param_groups": [{"params": ["w"]}]}, None, 0,  # type: ignore[arg-type]
+                                tmp_path)
+    ok = _plain_optimizer_as_fqn("optimizer", tree, {"param_groups": [{"params": ["w", "b"]}]}, None, 0,  # type: ignore[arg-type]
+                                 tmp_path)
+    assert ok == {"state": {}, "param_groups": [{"lr": 0.1, "params": ["w", "b"]}]}

@@ -69,3 +69,40 @@ def test_sharded_multinode_reshards_onto_one_node(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(load))
     run_job(env_dir, "ck", "b.st", "--steps", "4", "--expect-resume", "4", mode="fsdp", nproc=2)
     assert_same(tmp_path / "a.st", env_dir / "b.st")
+
+
+def _two_node_consolidate(tmp: Path, dirs: list[Path]) -> list[tuple[int, str]]:
+    port = free_port()
+    jobs = []
+    try:
+        for node in (0, 1):
+            env = env_with(BT_CHECKPOINT_DIR=str(dirs[node]), BT_NODE_RANK=str(node))
+            jobs.append(torchrun("dist_consolidate.py", [str(tmp), "2"], nproc=1, env=env, port=port, nnodes=2,
+                                 node_rank=node, rdzv=True))
+            time.sleep(0.5)
+        return [finish(j, timeout=240) for j in jobs]
+    finally:
+        for j in jobs:
+            kill_session(j)
+
+
+def test_save_time_consolidation_across_two_nodes(tmp_path: Path) -> None:
+    """consolidate=True on 2 nodes x 1 rank (FSDP2): with every node's dir at <shared>/rank-<node>, global rank 0
+    reads both parts and writes the full model; in any other layout every rank refuses at construction."""
+    import torch
+    from safetensors.torch import load_file
+
+    shared = tmp_path / "shared"
+    results = _two_node_consolidate(tmp_path, [shared / "rank-0", shared / "rank-1"])
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    zero = next(n for n in (0, 1) if (shared / f"rank-{n}" / "consolidated").is_dir())
+    dest = shared / f"rank-{zero}" / "consolidated" / "checkpoint-3"
+    assert not (shared / f"rank-{1 - zero}" / "consolidated").exists()  # only global rank 0 consolidates
+    want = load_file(str(tmp_path / "full-3.st"))
+    got = load_file(str(dest / "model.safetensors"))
+    assert set(want) == set(got) and all(torch.equal(v, got[k]) for k, v in want.items())
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # keep_last=2
+    results = _two_node_consolidate(tmp_path, [tmp_path / "node0", tmp_path / "node1"])
+    for rc, out in results:
+        assert rc != 0 and "rank-<node> layout" in out, out[-3000:]

@@ -64,12 +64,11 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
         except OSError as exc:
             raise space_error(exc, target) from exc
         job = SaveJob(step=step, root=target.parent, tag=f"{os.getpid()}-oneshot", world=World(), flat=flat,
-                      staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}))
-        committed = run_save(job)
+                      staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}),
+                      name=target.name)
+        run_save(job)  # committed straight under its own name (no detour through <parent>/checkpoint-<step>)
     finally:
         stager.close()
-    if committed != target:
-        os.rename(committed, target)
     return target
 
 

@@ -55,12 +55,12 @@ def write_small_file(path: Path, data: bytes) -> tuple[int, str]:
 class LocalCommit:
     """One checkpoint's commit into a local folder. See the module docstring for the call order."""
 
-    def __init__(self, root: Path, step: int, *, tag: str | None = None) -> None:
+    def __init__(self, root: Path, step: int, *, tag: str | None = None, name: str | None = None) -> None:
         self.root = Path(root)
         self.step = step
         self.tag = tag or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = self.root / f".{checkpoint_name(step)}.tmp-{self.tag}"
-        self.final = self.root / checkpoint_name(step)
+        self.final = self.root / (name or checkpoint_name(step))  # name: one-shot saves to a chosen folder
         self.files: dict[str, dict[str, Any]] = {}
 
     def begin(self) -> Path:

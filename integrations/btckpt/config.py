@@ -10,7 +10,7 @@ from typing import Literal
 from .errors import ConfigError
 from .storage import is_url, local_path
 
-__all__ = ["CheckpointConfig", "resolve_dir", "resolve_load_dir", "DEFAULT_DIR"]
+__all__ = ["CheckpointConfig", "resolve_dir", "resolve_load_dir", "default_budget", "DEFAULT_DIR"]
 
 DEFAULT_DIR = "./checkpoints"
 
@@ -41,6 +41,19 @@ def _check_local_dir(path: str, what: str) -> None:
         raise ConfigError(f"{what} {str(p)!r} cannot be created: {str(q)!r} is a file")
 
 
+def default_budget(local_ranks: int) -> int:
+    """Half the host's available memory, shared among the node's local ranks (``memory_budget=None``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()[1].isdigit()}
+        avail = info.get("MemAvailable", info.get("MemFree", 0))
+    except OSError:  # pragma: no cover
+        avail = 0
+    if not avail:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(64 << 20, avail // 2 // max(1, local_ranks))
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Every option of a :class:`~btckpt.Checkpointer` (all keyword-only, all optional).
@@ -64,6 +77,12 @@ class CheckpointConfig:
     and ``close()`` include its pass.
     ``upload_to``: an fsspec URL; a separate uploader process (``btckpt upload --watch``) mirrors each
     committed checkpoint there, and :meth:`close` waits for its final pass.
+    ``consolidate``: after each commit, global rank 0 writes the checkpoint's ``model`` group as a
+    servable HF folder (full tensors, HF file names, the checkpoint's ``config.json`` & co.) in a
+    background thread, committed atomically as ``<consolidate dir>/checkpoint-<step>/``. ``True`` puts
+    them under ``<dir>/consolidated/``; a path puts them there. The checkpoint itself is never changed.
+    Retention keeps as many consolidated folders as checkpoints (``keep_last``), and those of protected
+    checkpoints. See :mod:`btckpt.consolidate` (multi-node needs every node's part visible to rank 0).
     """
 
     dir: str | None = None
@@ -84,6 +103,7 @@ class CheckpointConfig:
     handle_sigterm: bool = True
     protect: tuple[str, ...] = field(default_factory=tuple)
     upload_to: str | None = None
+    consolidate: bool | str = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -117,8 +137,33 @@ class CheckpointConfig:
         if self.upload_to is not None and is_url(self.dir):
             raise ConfigError(f"dir={self.dir!r} is already a URL (checkpoints are published there); upload_to "
                               "mirrors a local dir: set one of them")
+        self._check_consolidate()
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
+
+    def _check_consolidate(self) -> None:
+        c = self.consolidate
+        if isinstance(c, os.PathLike):
+            c = os.fspath(c)
+            object.__setattr__(self, "consolidate", c)
+        if isinstance(c, bool):
+            return
+        if not isinstance(c, str) or not c or is_url(c):
+            raise ConfigError(f"consolidate={c!r}: use True (<dir>/consolidated/), False, or a local folder path")
+        assert self.dir is not None
+        if not is_url(self.dir) and local_path(c).resolve() == local_path(self.dir).resolve():
+            raise ConfigError(f"consolidate={c!r} is the checkpoint dir itself; consolidated folders would clash "
+                              "with the checkpoints: use another folder (or True for <dir>/consolidated/)")
+        _check_local_dir(c, "consolidate")
+
+    @property
+    def consolidate_dir(self) -> Path | None:
+        """Where save-time consolidated model folders go (None: off)."""
+        if self.consolidate is False:
+            return None
+        if self.consolidate is True:
+            return self.local_dir / "consolidated"
+        return local_path(str(self.consolidate))
 
     @property
     def local_dir(self) -> Path:

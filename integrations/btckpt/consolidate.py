@@ -5,23 +5,45 @@ node's part side by side as ``rank-<node>/checkpoint-<step>``), assembles full t
 and writes ``OUT`` atomically: ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` + index)
 under the model's own keys, plus the checkpoint's non-tensor files such as ``config.json``,
 ``generation_config.json`` and tokenizer files, so ``from_pretrained(OUT)`` loads it.
+
+Save-time consolidation (``Checkpointer(consolidate=True | PATH)``, :class:`Consolidator`): after each
+commit, global rank 0 consolidates the new checkpoint on a background thread (niced; training never
+waits for it, except :meth:`~btckpt.Checkpointer.close`, which lets the last one finish). Output goes to
+``<dir>/consolidated/checkpoint-<step>/`` (or ``PATH/checkpoint-<step>/``): a sibling tree, because a
+committed checkpoint folder never changes, and named ``checkpoint-<step>`` so ``btckpt.latest()`` and
+HF's ``get_last_checkpoint`` find the newest. Each folder is committed atomically (temp folder + rename,
+the checkpoint protocol); stale temp folders are removed at start. The checkpoint being read is
+protected from retention until done; when saves outpace consolidation, only the newest waiting
+checkpoint is consolidated. Retention keeps ``keep_last`` consolidated folders plus those of protected
+checkpoints. A failure is logged and raised once from the next ``save()``/``wait()``/``close()`` (or
+only logged with ``on_error='warn'``).
+
+Multi-node: rank 0 reads every node's part, so each node's dir must be ``<shared>/rank-<node>`` on a
+filesystem rank 0 sees (the platform's nested layout on shared storage). Any other multi-node layout
+is refused with :class:`~btckpt.errors.ConfigError` at construction; run ``btckpt consolidate`` after
+gathering the parts instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .discovery import inspect, latest
-from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound
+from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
 
-__all__ = ["consolidate", "main"]
+__all__ = ["consolidate", "Consolidator", "main"]
+
+log = logging.getLogger("btckpt")
 
 _SKIP = re.compile(r"^(rng_state_\d+\.json|.+-rank\d{5}(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
                    r"|[A-Za-z0-9_.-]+(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?)$")
@@ -83,6 +105,123 @@ def consolidate(src: str | os.PathLike[str], out: str | os.PathLike[str], *, gro
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     return save(out, {"model": contiguous}, step=info.step, max_shard_size=max_shard_size, save_rng=False,
                 extra_files=extra)
+
+
+class Consolidator:
+    """Save-time consolidation on global rank 0, one background thread (see the module doc)."""
+
+    def __init__(self, out: Path, *, keep_last: int | None, group: str = "model",
+                 max_shard_size: int = 5 * 10**9) -> None:
+        from .commit import remove_stale_temps
+
+        self.out, self.keep_last, self.group, self.max_shard_size = out, keep_last, group, max_shard_size
+        self._lock = threading.Lock()
+        self._next: Path | None = None
+        self._current: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._protected: frozenset[Path] = frozenset()
+        self.done: list[Path] = []
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"consolidate: cannot create {out} ({exc.strerror})") from None
+        removed = remove_stale_temps(out)
+        if removed:
+            log.warning("btckpt: removed %d unfinished consolidated folder(s): %s", len(removed),
+                        ", ".join(p.name for p in removed))
+
+    @classmethod
+    def create(cls, config: Any, world: Any, root: Path) -> Consolidator | None:
+        """The Checkpointer's consolidator: None when off or not global rank 0 (every rank validates)."""
+        out = config.consolidate_dir
+        if out is None:
+            return None
+        if world.nodes > 1 and root.name != f"rank-{world.node_rank}":
+            raise ConfigError(
+                f"consolidate: this is a {world.nodes}-node job and global rank 0 must read every node's part, "
+                f"but dir {str(root)!r} is not in the <shared>/rank-<node> layout on storage every node shares. "
+                "Use dir=<shared>/rank-<node> on each node, or drop consolidate= and run `btckpt consolidate "
+                "<dir>/rank-0/checkpoint-<step> OUT` once every node's part sits side by side")
+        if not world.is_leader:
+            return None
+        return cls(out, keep_last=config.keep_last, max_shard_size=config.max_shard_size)
+
+    @property
+    def busy(self) -> set[Path]:
+        """Checkpoints being read or waiting (retention must not delete them yet)."""
+        with self._lock:
+            return {p for p in (self._current, self._next) if p is not None}
+
+    def submit(self, ckpt: Path, *, protected: Iterable[Path] = ()) -> None:
+        """Consolidate the committed checkpoint ``ckpt`` in the background (newest wins when behind)."""
+        with self._lock:
+            self._protected = frozenset(protected)
+            if self._next is not None:
+                log.info("btckpt: consolidation of %s skipped: %s is newer", self._next, ckpt)
+            self._next = ckpt
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="btckpt-consolidate")
+                self._thread.start()
+
+    def _run(self) -> None:
+        try:  # let training win the CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        except (OSError, AttributeError):  # pragma: no cover
+            pass
+        while True:
+            with self._lock:
+                src, self._next = self._next, None
+                self._current = src
+                if src is None:
+                    self._thread = None
+                    return
+            try:
+                self._one(src)
+            except BaseException as exc:  # noqa: BLE001 - reported through take_error()
+                if not src.exists():
+                    log.warning("btckpt: consolidation of %s skipped: retention removed it first (raise "
+                                "keep_last)", src)
+                else:
+                    log.error("btckpt: consolidation of %s failed: %s", src, exc)
+                    with self._lock:
+                        self._error = self._error or exc
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _one(self, src: Path) -> None:
+        from .commit import delete_checkpoint
+        from .discovery import scan
+        from .retention import select_for_deletion
+
+        dest = self.out / src.name
+        if dest.exists() and inspect(dest).complete:
+            return
+        consolidate(src, dest, group=self.group, max_shard_size=self.max_shard_size)
+        log.info("btckpt: consolidated %s -> %s", src, dest)
+        self.done.append(dest)
+        keep = {dest} | {self.out / p.name for p in self._protected}
+        for path in select_for_deletion(scan(self.out), keep_last=self.keep_last, protected=keep):
+            try:
+                delete_checkpoint(path)
+            except OSError as exc:
+                log.warning("btckpt: retention could not remove %s: %s", path, exc)
+
+    def take_error(self) -> BaseException | None:
+        """The first failure since the last call (once), or None."""
+        with self._lock:
+            err, self._error = self._error, None
+        return err
+
+    def close(self) -> None:
+        """Wait for the running and waiting consolidations."""
+        while True:
+            with self._lock:
+                t = self._thread
+            if t is None:
+                return
+            t.join()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ tensors shaped like the target; :func:`apply_sharded` then calls ``set_model_sta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +39,7 @@ from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, St
 from .layout import ST_TO_DTYPE
 from .manifest import Manifest, read_manifest
 from .reader import CheckpointReader
-from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
+from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups, uncovered
 
 __all__ = ["BtckptStorageReader", "part_folder", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
 
@@ -133,6 +134,9 @@ class BtckptStorageReader(StorageReader):
                     dtype = next(k for k, v in ST_TO_DTYPE.items() if v == t.dtype)
                     chunks = [{"offsets": [0] * len(shape), "sizes": shape, "file": ref["file"], "key": ref["key"],
                                "node": here}]
+                if uncovered(shape, chunks):
+                    raise CorruptCheckpoint(f"{self.folder}: the saved chunks of {fqn!r} do not cover its shape "
+                                            f"{shape} (saved by a btckpt that misread its DTensor placements)")
                 if dtype not in ST_TO_DTYPE:
                     raise CorruptCheckpoint(f"{self.folder}: tensor {fqn!r} has unknown dtype {dtype!r}")
                 metas = []
@@ -175,9 +179,50 @@ def groups_to_reshard(info: CheckpointInfo, state: Mapping[str, Any]) -> dict[st
     out = {n: k for n, k in saved.items() if n in state}
     if info.manifest is not None:
         for n, k in sharded_groups(state).items():
-            if n in info.manifest.state and k == "model":  # a plain (DDP) model group into an FSDP2 model
+            if n in info.manifest.state:  # a plain (DDP) model / optimizer group into an FSDP2 / TP one
                 out.setdefault(n, k)
     return out
+
+
+class _Ref:
+    def __init__(self, ref: dict[str, Any]) -> None:
+        self.ref = ref
+
+
+def _plain_optimizer_as_fqn(name: str, tree: Any, target: Mapping[str, Any], parts: _Parts, here: int,
+                            where: Path) -> Any:
+    """A plain ``optimizer.state_dict()`` tree (parameters numbered 0..n-1, as DDP saves it) rewritten in
+    DCP's FQN form, so it reshards into a DTensor optimizer. Parameter ``i`` of the checkpoint is the
+    ``i``-th parameter of the target optimizer's param groups (both optimizers built over the same
+    parameters in the same order, as ``torch.optim`` numbers them)."""
+    saved = decode_tree(tree, _Ref)
+    bad = StateMismatch(f"{where}: optimizer group {name!r} was saved as a plain optimizer state dict whose param "
+                        "groups do not match the target optimizer's (same parameters, same order and grouping "
+                        "are needed to map them onto the sharded model); build the optimizer as in the saving "
+                        "run, or pass strict=False and leave the optimizer out of the state")
+    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
+            and isinstance(saved.get("state"), dict) and len(saved["param_groups"]) == len(target["param_groups"])):
+        raise bad
+    fqn_of: dict[Any, str] = {}
+    groups = []
+    for spg, tpg in zip(saved["param_groups"], target["param_groups"], strict=True):
+        if not isinstance(spg, dict) or len(spg.get("params", ())) != len(tpg["params"]):
+            raise bad
+        fqn_of.update(zip(spg["params"], tpg["params"], strict=True))
+        groups.append(dict(spg, params=list(tpg["params"])))
+    if not set(saved["state"]) <= set(fqn_of):
+        raise bad
+    fqn_tree = {"state": {fqn_of[i]: st for i, st in saved["state"].items()}, "param_groups": groups}
+
+    def on_tensor(p: tuple[Any, ...], r: _Ref) -> dict[str, Any]:
+        t = parts.tensor(here, r.ref["file"], r.ref["key"])
+        dtype = next(k for k, v in ST_TO_DTYPE.items() if v == t.dtype)
+        chunk = {"offsets": [0] * t.dim(), "sizes": list(t.shape), "file": r.ref["file"], "key": r.ref["key"],
+                 "node": here}
+        return {"sharded": {"key": ".".join(str(x) for x in p), "shape": list(t.shape), "dtype": dtype,
+                            "chunks": [chunk]}}
+
+    return encode_tree(fqn_tree, on_tensor, is_tensor=lambda x: isinstance(x, _Ref), path=())
 
 
 def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[str, str], *,
@@ -189,16 +234,22 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
     from torch.distributed.checkpoint.api import CheckpointException
 
     assert info.manifest is not None
+    man = info.manifest
+    saved_sharded = man.meta.get(META_KEY) or {}
     dest: dict[str, torch.Tensor] = {}
     for name, kind in groups.items():
         target = group_state_dict(name, kind, state[name], state)
+        if kind == "optimizer" and name not in saved_sharded:  # DDP-saved optimizer into a sharded one
+            here = int(man.world.get("node_rank", 0))
+            tree = _plain_optimizer_as_fqn(name, man.state[name], target, _Parts(info.path, man), here, info.path)
+            man = dataclasses.replace(man, state=dict(man.state, **{name: tree}))
 
         def on_tensor(p: tuple[Any, ...], t: torch.Tensor, name: str = name) -> dict[str, Any]:
             dest[f"{name}/{'.'.join(str(x) for x in p) or name}"] = torch.empty_like(t)
             return {}
 
         encode_tree(target, on_tensor, is_tensor=lambda x: isinstance(x, torch.Tensor), path=())
-    reader = BtckptStorageReader(info.path, info.manifest, list(groups))
+    reader = BtckptStorageReader(info.path, man, list(groups))
     no_dist = not (dist.is_available() and dist.is_initialized())
     try:
         dcp.load(dest, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=not strict),
@@ -221,7 +272,7 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
             key = ref["sharded"]["key"] if "sharded" in ref else ref["key"]
             return dest.get(f"{name}/{key}")
 
-        out[name] = decode_tree(info.manifest.state[name], load)
+        out[name] = decode_tree(man.state[name], load)
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .commit import checkpoint_name, delete_checkpoint, remove_stale_temps
-from .config import CheckpointConfig
+from .config import CheckpointConfig, default_budget
 from .discovery import CheckpointInfo, inspect, scan
 from .distributed import World
 from .distributed import world as _world
@@ -53,19 +53,6 @@ def _writer_init() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (OSError, AttributeError):  # pragma: no cover
         pass
-
-
-def default_budget(local_ranks: int) -> int:
-    """Half the host's available memory, shared among the node's local ranks."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()[1].isdigit()}
-        avail = info.get("MemAvailable", info.get("MemFree", 0))
-    except OSError:  # pragma: no cover
-        avail = 0
-    if not avail:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(64 << 20, avail // 2 // max(1, local_ranks))
 
 
 def _close_at_exit(ref: Any) -> None:
@@ -106,6 +93,9 @@ class Checkpointer:
         self._prev_handler: Any = None
         self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
         self._session = self._agree_session()
+        from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
+
+        self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
             self._take_lock()
             try:
@@ -318,19 +308,24 @@ class Checkpointer:
             self._apply_retention(keep=path)
             if self._uploader is not None:
                 self._uploader.poke()
+        if self._consolidator is not None:  # global rank 0 only; runs on its own thread
+            self._consolidator.submit(path, protected=self._protected)
         if job.on_commit is not None:
             job.on_commit(path)
         return path
 
     def _apply_retention(self, *, keep: Path) -> None:
         doomed = select_for_deletion(scan(self.root), keep_last=self.config.keep_last,
-                                     protected=self._protected | {keep})
+                                     protected=self._protected | {keep} | self._reading())
         for path in doomed:
             try:
                 delete_checkpoint(path)
                 log.info("btckpt: retention removed %s", path)
             except OSError as exc:
                 log.warning("btckpt: retention could not remove %s: %s", path, exc)
+
+    def _reading(self) -> set[Path]:
+        return self._consolidator.busy if self._consolidator is not None else set()
 
     def _drain(self) -> None:
         """Wait for the pending save; keep its error for :meth:`_raise_pending`."""
@@ -348,6 +343,8 @@ class Checkpointer:
             self._drain()
             return
         err, self._error = self._error, None
+        if err is None and self._consolidator is not None:
+            err = self._consolidator.take_error()
         if err is not None:
             if self.config.on_error == "warn":
                 log.warning("btckpt: a background save failed (continuing, on_error='warn'): %s", err)
@@ -415,6 +412,8 @@ class Checkpointer:
             self._drain()
         finally:
             self._closed = True
+            if self._consolidator is not None:
+                self._consolidator.close()
             if self._uploader is not None:
                 if self.remote is None:
                     self._uploader.stop()

@@ -73,13 +73,14 @@ class SaveJob:
     barrier_timeout: float = 600.0
     sharded: Any = None  # btckpt.sharded.ShardedPart: this rank's shards (FSDP2/DTensor groups)
     on_commit: Callable[[Path], None] | None = None
+    name: str | None = None  # the committed folder's name (default checkpoint-<step>)
     started: float = field(default_factory=time.perf_counter)
 
 
 def run_save(job: SaveJob) -> Path:
     """Write and commit one checkpoint; return the committed folder. Raises on any failure (nothing committed)."""
     w = job.world
-    commit = LocalCommit(job.root, job.step, tag=job.tag)
+    commit = LocalCommit(job.root, job.step, tag=job.tag, name=job.name)
     key = f"{job.tag}/{job.step}"
     leader = w.is_local_leader
     nbytes = 0

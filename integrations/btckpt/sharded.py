@@ -29,7 +29,7 @@ from .layout import DTYPE_TO_ST, FlatGroup
 from .manifest import Manifest
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
-           "owning_module", "rank_group", "assemble"]
+           "owning_module", "rank_group", "assemble", "uncovered"]
 
 META_KEY = "btckpt.sharded"
 
@@ -95,7 +95,9 @@ def _chunk_of(path: str, t: Any) -> tuple[Any, list[int], list[int], bool]:
         if p.is_partial():
             raise UnsupportedValue(f"tensor {path!r} is a Partial DTensor (pending reduction); reduce it "
                                    "(redistribute to Replicate/Shard) before saving")
-        if not p.is_shard() and coord is not None and coord[i] != 0:
+        # Replicate: one copy, from coordinate 0. Anything else shards (Shard, and _StridedShard, which FSDP2
+        # uses over TP on the same dim and whose is_shard() is False): every coordinate holds its own piece.
+        if p.is_replicate() and coord is not None and coord[i] != 0:
             owned = False
     local = t.to_local()
     sizes, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
@@ -143,9 +145,21 @@ def _merge(trees: list[Any], *, path: str) -> Any:
         if not chunks:
             raise UnsupportedValue(f"no rank holds a shard of {path!r}; cannot save it")
         head = refs[0]
+        missing = uncovered(head["shape"], chunks)
+        if missing:
+            raise UnsupportedValue(f"the shards of {path!r} cover {missing} elements too few of its shape "
+                                   f"{head['shape']}; its DTensor placements are not understood, so nothing "
+                                   "is committed rather than a checkpoint with holes")
         return {"__tensor__": {"sharded": {"key": head["key"], "shape": head["shape"], "dtype": head["dtype"],
                                            "chunks": chunks}}}
     return {k: _merge([t[k] for t in trees], path=f"{path}.{k}") for k in first}
+
+
+def uncovered(shape: list[int], chunks: list[dict[str, Any]]) -> int:
+    """How many elements of ``shape`` the (disjoint) ``chunks`` leave out (0: complete)."""
+    import math
+
+    return math.prod(shape) - sum(math.prod(c["sizes"]) for c in chunks)
 
 
 def prepare(state: Mapping[str, Any], w: World, groups: dict[str, str]) -> ShardedPart:
@@ -190,6 +204,10 @@ def assemble(ref: Mapping[str, Any], chunk: Any) -> torch.Tensor:
         from .errors import CorruptCheckpoint
 
         raise CorruptCheckpoint(f"tensor {ref.get('key')!r} has unknown dtype {ref['dtype']!r}")
+    if uncovered(ref["shape"], ref["chunks"]):
+        from .errors import CorruptCheckpoint
+
+        raise CorruptCheckpoint(f"the saved chunks of {ref.get('key')!r} do not cover its shape {ref['shape']}")
     out = torch.empty(ref["shape"], dtype=dtype)
     for c in ref["chunks"]:
         view = out

@@ -1,0 +1,54 @@
+"""Tiny Llama under FSDP2 (gloo, CPU) with save-time consolidation: ``Checkpointer(consolidate=True)``.
+
+Saves at steps 1, 2 and 3 (keep_last=1) with a training step between; after each save, rank 0 dumps the
+full model state dict to ``OUT/full-<step>.st`` for the test to compare with ``<dir>/consolidated/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import btckpt
+import torch
+import torch.distributed as dist
+
+
+def main() -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(sys.argv[1])
+    keep_last = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = {"model": model, "optimizer": opt}
+    with btckpt.Checkpointer(keep_last=keep_last, consolidate=True) as ckpt:
+        for step in (1, 2, 3):
+            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ckpt.save(step, state, extra_files={"config.json": cfg.to_json_string().encode()})
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in full.items()}, str(out / f"full-{step}.st"))
+        print(f"rank {rank}: consolidator on this rank: {ckpt._consolidator is not None}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
