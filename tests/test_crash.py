@@ -29,7 +29,7 @@ KILLS_PER_PATH = 17  # core paths: one per injected phase, the rest at random in
 CI_PHASES: dict[str, list[str | None]] = {
     "hf": ["before_rename", None],  # HF: manifest written in the temp folder, never renamed
     "lightning": ["after_rename", None],  # committed, but the link files (last.ckpt, top-k) not yet written
-    "torchrun": ["write_data", None],  # one rank (chosen by the seed) dies mid-write: nobody commits
+    "torchrun": ["write_rng", None],  # a rank (drawn by the seed) dies writing its files: nobody commits
     "upload": ["upload_file", None],  # the uploader takes the job down mid-file
 }
 

@@ -5,9 +5,9 @@ fault is injected into it, and the invariants particular to it.
 - ``hf``: HF ``Trainer`` + ``btckpt.hf.CheckpointCallback`` (crash_hf.py);
 - ``lightning``: ``SafetensorsCheckpointIO`` + ``ModelCheckpoint`` (crash_lightning.py); also checks that
   every link file (``last.ckpt``...) names a complete folder and that no link temp file survives;
-- ``torchrun``: 2 ranks (gloo, DDP) under torchrun (crash_dist.py); an injected fault kills one rank (leader
-  phases on rank 0, the others on a random rank) and torchrun tears the job down; a random kill takes the
-  agent and both ranks at once;
+- ``torchrun``: 2 ranks (gloo, DDP) under torchrun (crash_dist.py); an injected fault kills one rank (rank 0
+  at the phases only the leader reaches, a random rank at ``write_rng``) and torchrun tears the job down;
+  a random kill takes the agent and both ranks at once;
 - ``upload``: crash_train.py with ``upload_to=file://<root>-remote``; a fault kills the whole process group
   (``killpg``: uploader and training, as a node crash would). After every kill: every remote folder with a
   manifest is complete, verifies, and equals the uninterrupted run's checkpoint; then one upload pass (what
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 LOCAL_PHASES = ("stage", "write_data", "write_rng", "before_fsync", "after_fsync", "before_manifest",
                 "after_manifest", "before_rename", "after_rename", "retention")
 UPLOAD_PHASES = ("upload_file", "upload_manifest")
-LEADER_PHASES = ("before_manifest", "after_manifest", "before_rename", "after_rename", "retention")
+RANK_PHASES = ("write_rng",)  # reached by every rank of a DDP job (the rest by rank 0, the local leader, only)
 
 
 def kill_fault(phase: str, rng: random.Random) -> str:
@@ -94,8 +94,9 @@ def _torchrun(root: Path, out: Path) -> list[str]:
 
 
 def _rank_fault(phase: str, rng: random.Random) -> str:
-    """Leader phases happen on rank 0; the others on every rank: kill a random one there."""
-    return f"{phase}:kill@{0 if phase in LEADER_PHASES else rng.randrange(2)}"
+    """Under DDP (replicated state) only rank 0 stages and writes the groups and commits; every rank writes
+    its RNG file: kill a random rank there, rank 0 elsewhere."""
+    return f"{phase}:kill@{rng.randrange(2) if phase in RANK_PHASES else 0}"
 
 
 def _rank_killed(rc: int, log: str) -> bool:
