@@ -64,7 +64,10 @@ def main() -> int:
             opt.step()
             sched.step()
             extra["step"] = step
-            extra["losses"].append(float(loss.detach()))
+            # plain state of a replicated group must be the same on every rank (rank 0 saves it): the mean loss
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            extra["losses"].append(float(mean) / dist.get_world_size())
             if step % a.every == 0 or step == a.steps:
                 ckpt.save(step, state)
             if a.sleep:
