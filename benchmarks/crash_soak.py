@@ -2,11 +2,13 @@
 
     PYTHONPATH=integrations python benchmarks/crash_soak.py --trials 500
 
-Each trial kills one run of a save path (tests/scripts/crash_harness.py: sync and async Checkpointer by
-default; other paths plug in there), then checks the restart invariants (no temp folder survives the
-restart, every listed checkpoint is complete and verifies, the run resumes from the newest complete
-one). Every ``--chain`` kills the run is allowed to finish and its final state is compared bit for bit
-with an uninterrupted run. Prints totals, kills per phase, and every violation (exit status 1 if any).
+Each trial kills one run of a save path (tests/scripts/crash_paths.py: sync, async, oneshot, hf, lightning,
+torchrun, upload; ``--paths`` picks some), then checks the restart invariants (no temp folder survives the
+restart, every listed checkpoint is complete, verifies and equals the uninterrupted run's, the run resumes
+from the newest complete one, plus each path's own: Lightning's link files, the upload's remote side).
+Every ``--chain`` kills the run is allowed to finish and its final state is compared bit for bit with an
+uninterrupted run of the same path. Prints totals, kills per path and per phase, and every violation
+(exit status 1 if any).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
 from crash_harness import SAVE_PATHS, reference_digest, run_chain  # noqa: E402
+from crash_paths import FINDINGS  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +37,8 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(sorted(SAVE_PATHS)), help="comma-separated save paths")
     ap.add_argument("--chain", type=int, default=25, help="kills before a run is let finish and compared")
     ap.add_argument("--phase-share", type=float, default=0.5, help="share of kills at an injected phase")
-    ap.add_argument("--max-delay", type=float, default=0.8, help="random kills land within this many s of start")
+    ap.add_argument("--max-delay", type=float, default=0.8,
+                    help="random kills land within this many s of TRAINING (paths that set their own keep it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="chains run in parallel (each in its own folder)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
@@ -46,15 +50,26 @@ def main() -> int:
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="btckpt-soak-") as tmp:
         work = Path(tmp)
-        ref = reference_digest(paths[0], work / "ref")
-        ref_dir = work / "ref" / "ref-ckpt"
+        refs: dict[str, tuple[str, Path]] = {}  # one uninterrupted run per reference group
+        for sp in paths:
+            if sp.ref_key not in refs:
+                wd = work / f"ref-{sp.ref_key}"
+                refs[sp.ref_key] = (reference_digest(sp, wd), wd / "ref-ckpt")
         plan = []  # (chain id, save path, phases): save paths alternate chain by chain
         done = 0
+        decks: dict[str, list[str]] = {}  # each path's phases dealt in shuffled rounds: every phase gets its turn
+
+        def deal(sp) -> str:
+            deck = decks.setdefault(sp.name, [])
+            if not deck:
+                deck.extend(rng.sample(sp.phases, len(sp.phases)))
+            return deck.pop()
+
         while done < args.trials:
             for sp in paths:
                 n = min(args.chain, args.trials - done)
                 if n > 0:
-                    phases = [rng.choice(sp.phases) if rng.random() < args.phase_share else None for _ in range(n)]
+                    phases = [deal(sp) if rng.random() < args.phase_share else None for _ in range(n)]
                     plan.append((len(plan), sp, phases, rng.randrange(1 << 30)))
                     done += n
         trials = []
@@ -68,6 +83,7 @@ def main() -> int:
             wd = work / f"chain-{cid}-{sp.name}"
             wd.mkdir(parents=True)
             try:
+                ref, ref_dir = refs[sp.ref_key]
                 got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay, expect_digest=ref,
                                 ref_dir=ref_dir)
                 with lock:
@@ -92,6 +108,11 @@ def main() -> int:
         chains = len(plan)
     landed = [t for _, t in trials if t.killed]
     kinds = Counter(t.kind for _, t in trials if t.killed)
+    by_path: dict[str, Counter[str]] = {}
+    for name, t in trials:
+        if t.killed:
+            by_path.setdefault(name, Counter())[t.kind] += 1
+    fault_values = Counter(t.fault.split(":", 1)[1] for _, t in trials if t.killed and t.fault)
     resumed = Counter("fresh" if t.restored == "none" else "resumed" for _, t in trials)
     secs = [t.seconds for _, t in trials]
     fig = {
@@ -99,16 +120,23 @@ def main() -> int:
         "runs_finished_before_kill": sum(1 for _, t in trials if not t.killed),
         "random_kills": kinds.get("random", 0), "phase_kills": {k[6:]: v for k, v in sorted(kinds.items())
                                                                  if k.startswith("phase:")},
-        "per_path": dict(per_path), "chains": chains, "jobs": args.jobs, "final_state_compared": chains,
+        "per_path": dict(per_path),
+        "landed_per_path": {n: {"random": c.get("random", 0), "phase": sum(v for k, v in c.items() if k != "random"),
+                                "phases": {k[6:]: v for k, v in sorted(c.items()) if k != "random"}}
+                            for n, c in sorted(by_path.items())},
+        "fault_actions": dict(fault_values), "chains": chains, "jobs": args.jobs, "final_state_compared": chains,
         "restarts_checked": len(trials), "starts": dict(resumed),
-        "violations": len(failures), "seconds_total": round(time.monotonic() - t_start, 1),
+        "violations": len(failures), "findings": len(FINDINGS), "seconds_total": round(time.monotonic() - t_start, 1),
         "seconds_per_trial_median": round(statistics.median(secs), 2) if secs else None,
     }
     print(json.dumps(fig, indent=1))
     for f in failures:
         print("VIOLATION:", f)
+    for name, what in FINDINGS:
+        print(f"FINDING ({name}): {what}")
     if args.json:
-        args.json.write_text(json.dumps({"figures": fig, "violations": failures}, indent=1))
+        args.json.write_text(json.dumps({"figures": fig, "violations": failures,
+                                         "findings": [f"{n}: {w}" for n, w in FINDINGS]}, indent=1))
     return 1 if failures else 0
 
 

@@ -1,8 +1,9 @@
 """Fault points per phase: an injected failure (EIO or ENOSPC) at every phase of a save, for the sync and
 async Checkpointer and the one-shot ``btckpt.save``. Each must give a clear CheckpointError (InsufficientSpace
 for ENOSPC), raised once; commit nothing; leave no temp folder after the next start; leave the older
-checkpoints intact and verifying; and leave the Checkpointer usable. A configured point that is never
-reached fails the test."""
+checkpoints intact and verifying; and leave the Checkpointer usable. An upload phase (mid-file, the remote
+manifest) fails one upload pass: nothing shows complete remotely, the next pass finishes the upload.
+A configured point that is never reached fails the test."""
 
 from __future__ import annotations
 
@@ -166,13 +167,37 @@ def test_error_raised_from_close(tmp_path: Path) -> None:
     assert scan(root) == [] and temp_folders(root) == []
 
 
+@pytest.mark.parametrize("action", ["raise", "enospc"])
 @pytest.mark.parametrize("phase", UPLOAD_PHASES)
-def test_upload_phases_belong_to_the_upload_path(phase: str, tmp_path: Path) -> None:
-    """A local save never reaches an upload phase (those faults are exercised by tests/test_upload.py,
-    e.g. ``upload_file:kill`` mid-file and ``upload_manifest:raise`` under --keep-local)."""
-    with btckpt.Checkpointer(dir=str(tmp_path / "ck"), async_save=False) as ck:
-        ck.save(1, make_state())
-    assert "after_rename" in faults.reached() and phase not in faults.reached()
+def test_fault_in_upload(tmp_path: Path, phase: str, action: str) -> None:
+    """A failure mid-file or at the remote manifest: the pass reports the checkpoint failed, the remote side
+    never shows it complete (no manifest; the older upload intact), the local checkpoints are untouched, and
+    the next pass finishes the upload (verified). A local save never reaches an upload phase."""
+    from btckpt.manifest import MANIFEST
+    from btckpt.upload import Uploader
+
+    src, remote = tmp_path / "ck", tmp_path / "remote"
+    big = {"model": {"w": torch.arange(3 * 2**20, dtype=torch.float32)}, "extra": {"n": 1}}  # 12 MiB: > 1 chunk
+    with btckpt.Checkpointer(dir=str(src), async_save=False, keep_last=None) as ck:
+        ck.save(1, big)
+        assert "after_rename" in faults.reached() and not faults.reached() & set(UPLOAD_PHASES)
+        up = Uploader(src, f"file://{remote}", retries=1, backoff=0.01)
+        assert up.run_pass().uploaded == [str(remote / "checkpoint-1")]
+        ck.save(2, big)
+    faults.disarm()
+    faults.arm(phase, action)
+    res = Uploader(src, f"file://{remote}", retries=1, backoff=0.01).run_pass()
+    assert phase in faults.reached(), f"fault point {phase!r} was never reached"
+    faults.disarm()
+    assert res.failed == [str(remote / "checkpoint-2")] and not res.uploaded, res
+    assert not (remote / "checkpoint-2" / MANIFEST).exists()
+    assert [(i.step, i.status) for i in scan(remote) if i.complete] == [(1, "complete")]
+    assert [i.step for i in scan(src) if i.complete] == [2, 1]
+    res = Uploader(src, f"file://{remote}", retries=0).run_pass()
+    assert res.uploaded == [str(remote / "checkpoint-2")] and not res.failed, res
+    for i in scan(remote):
+        assert i.complete and CheckpointReader(i.path, i.manifest).verify_all() == [], i.path
+        assert (i.path / MANIFEST).read_bytes() == (src / i.path.name / MANIFEST).read_bytes()
 
 
 def test_arm_rejects_unknown_phase() -> None:

@@ -2,7 +2,9 @@
 
 Phases call :func:`point`; a test arms one with :func:`arm` (in process) or the environment variable
 ``BTCKPT_FAULT=phase:action[,phase:action]`` (for subprocesses). Actions: ``raise`` (OSError EIO),
-``enospc`` (OSError ENOSPC), ``eio``, ``kill`` (SIGKILL this process), ``exit`` (os._exit(17)).
+``enospc`` (OSError ENOSPC), ``eio``, ``kill`` (SIGKILL this process), ``killpg`` (SIGKILL this process's
+whole process group: e.g. the uploader takes the training process down with it, as a node crash would),
+``exit`` (os._exit(17)).
 An action may end in ``@<rank>`` (e.g. ``write_data:kill@1``): it then fires only where ``$RANK`` is that rank.
 :func:`reached` tells a test which points were hit, so it can fail if a configured point never was.
 """
@@ -71,6 +73,8 @@ def point(phase: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "killpg":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     if action == "exit":
         os._exit(17)
     if action == "enospc":

@@ -2,8 +2,10 @@
 
 A *save path* is a way of producing checkpoints that the crash harness can kill and resume: a training
 script (following the contract in ``crash_train.py``'s docstring) plus the injected phases it reaches.
-Other save paths (HF Trainer, Lightning, torchrun, upload) plug in by adding a :class:`SavePath` to
-:data:`SAVE_PATHS` (or passing one to :func:`run_chain`); nothing else in the harness changes.
+They are registered in crash_paths.py (:data:`SAVE_PATHS`: sync, async, oneshot, hf, lightning, torchrun,
+upload); a new one plugs in there, with its own extra invariants if it has any. Every run starts in a
+session of its own and a kill takes its whole process tree at once (the uploader; torchrun's agent and
+its ranks, which torchrun starts in sessions of their own).
 """
 
 from __future__ import annotations
@@ -11,46 +13,28 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PY = sys.executable
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-# Phases every local save reaches (upload_* belong to the upload path; retention needs old checkpoints).
-LOCAL_PHASES = ("stage", "write_data", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
-                "before_rename", "after_rename", "retention")
+from crash_paths import LOCAL_PHASES, SAVE_PATHS, UPLOAD_PHASES, SavePath  # noqa: E402
 
-
-@dataclass(frozen=True)
-class SavePath:
-    """A training script the harness can run, kill, and resume (by running the same command again)."""
-
-    name: str
-    argv: Callable[[Path, Path], list[str]]  # (checkpoint dir, digest output file) -> argv after python
-    final_step: int = 60  # the step at which the run ends (a run resumed there has nothing left to do)
-    phases: tuple[str, ...] = LOCAL_PHASES
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def _crash_train(mode: str, steps: int = 60, every: int = 3) -> Callable[[Path, Path], list[str]]:
-    def argv(root: Path, out: Path) -> list[str]:
-        return [str(HERE / "crash_train.py"), "--dir", str(root), "--out", str(out), "--mode", mode,
-                "--steps", str(steps), "--every", str(every), "--keep-last", "2"]
-    return argv
-
-
-SAVE_PATHS: dict[str, SavePath] = {
-    "sync": SavePath("sync", _crash_train("sync")),
-    "async": SavePath("async", _crash_train("async")),
-    "oneshot": SavePath("oneshot", _crash_train("oneshot"), phases=tuple(p for p in LOCAL_PHASES if p != "retention")),
-}
+__all__ = ["LOCAL_PHASES", "REFERENCE_SECONDS", "SAVE_PATHS", "UPLOAD_PHASES", "Run", "SavePath", "Trial",
+           "check_restart_invariants", "child_env", "history", "kill_once", "reference_digest", "run_chain",
+           "same_as_reference", "temp_folders"]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -68,16 +52,22 @@ def temp_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith(".checkpoint-"))
 
 
-def same_as_reference(root: Path, ref: Path, steps: list[int]) -> None:
+def same_as_reference(root: Path, ref: Path, steps: list[int], path: SavePath | None = None) -> None:
     """Each complete checkpoint is bit-identical to the uninterrupted run's checkpoint of that step
-    (same files with the same checksums, same plain-data state): no checkpoint holds a torn snapshot."""
+    (same files with the same checksums, same plain-data state): no checkpoint holds a torn snapshot.
+    ``path.compare`` picks the files compared (paths that write run-specific files: absolute paths in
+    Lightning's callback state, HF's training_args.json)."""
     from btckpt.manifest import read_manifest
 
+    keep = path.compare if path is not None and path.compare is not None else (lambda name: True)
     for step in steps:
         got, want = read_manifest(root / f"checkpoint-{step}"), read_manifest(ref / f"checkpoint-{step}")
-        assert got.files == want.files, f"checkpoint-{step} differs from the uninterrupted run's: " + ", ".join(
-            n for n in sorted(set(got.files) | set(want.files)) if got.files.get(n) != want.files.get(n))
-        assert got.state == want.state, f"checkpoint-{step}: plain-data state differs from the uninterrupted run's"
+        gf = {n: v for n, v in got.files.items() if keep(n)}
+        wf = {n: v for n, v in want.files.items() if keep(n)}
+        assert gf == wf, f"checkpoint-{step} differs from the uninterrupted run's: " + ", ".join(
+            n for n in sorted(set(gf) | set(wf)) if gf.get(n) != wf.get(n))
+        if path is None or path.compare_state:
+            assert got.state == want.state, f"checkpoint-{step}: plain-data state differs from the uninterrupted run's"
 
 
 def check_restart_invariants(root: Path) -> list[int]:
@@ -117,76 +107,178 @@ class Trial:
     complete_after: list[int] = field(default_factory=list)
     killed: bool = False
     seconds: float = 0.0
+    fault: str = ""  # the BTCKPT_FAULT value of an injected kill
 
 
-def _start(path: SavePath, root: Path, out: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([PY, *path.argv(root, out)], env=child_env({**path.env, **env}), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(root.parent))
+class Run:
+    """One start of a save path: in a session of its own, output to files, its process tree tracked so that
+    a kill reaches every process at once (torchrun starts its ranks in sessions of their own)."""
+
+    _count = 0
+
+    def __init__(self, path: SavePath, root: Path, out: Path, env: dict[str, str], logdir: Path) -> None:
+        Run._count += 1
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.out_file, self.err_file = logdir / f"run-{Run._count}.out", logdir / f"run-{Run._count}.err"
+        self.tree: dict[int, float] = {}
+        with open(self.out_file, "wb") as fo, open(self.err_file, "wb") as fe:
+            self.proc = subprocess.Popen([PY, *path.argv(root, out)], env=child_env({**path.env, **env}),
+                                         stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=str(root.parent),
+                                         start_new_session=True)
+
+    def track(self) -> None:
+        try:
+            for c in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.tree.setdefault(c.pid, c.create_time())
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stdout(self) -> str:
+        return self.out_file.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_file.read_text(errors="replace")
+
+    def wait_for(self, marker: str, timeout: float) -> None:
+        """Until ``marker`` is printed or the run ends."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and marker not in self.stdout():
+            self.track()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"no {marker!r} within {timeout}s:\n{self.stderr()[-3000:]}")
+            time.sleep(0.01)
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.alive() and time.monotonic() < deadline:
+            self.track()
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once: the session's process group, then every other descendant."""
+        self.track()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        for pid, created in self.tree.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    p.kill()
+            except psutil.Error:
+                pass
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            self.track()
+            if time.monotonic() > deadline:
+                self.kill()
+                self.proc.wait()
+                raise AssertionError(f"still running after {timeout}s:\n{self.stderr()[-3000:]}")
+            time.sleep(0.02)
+        return int(self.proc.returncode)
+
+    def cleanup(self) -> None:
+        """No process of this run outlives it (a rank whose agent died, an uploader...)."""
+        if self.alive():
+            self.kill()
+        self.proc.wait()
+        self._kill_strays()
+        for pid, created in self.tree.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    p.wait(timeout=30)
+            except psutil.Error:
+                pass
 
 
-def _stop(proc: subprocess.Popen[str], *, kill: bool = True) -> tuple[str, str]:
-    """Reap ``proc`` (killing it first unless ``kill`` is False: then wait for it to finish)."""
-    if kill and proc.poll() is None:
-        proc.kill()
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        proc.kill()
-        out, err = proc.communicate()
-    return out, err
+# seconds from TRAINING to the end of each reference run (by ref key): random kills of auto_delay paths
+# land within that window, so they fall during training and saving however loaded the machine is
+REFERENCE_SECONDS: dict[str, float] = {}
+
+
+def _restored(text: str) -> str | None:
+    m = re.search(r"RESTORED (none|\d+)", text)  # ranks share stdout: match, never split lines
+    return m.group(1) if m else None
 
 
 def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: random.Random,
-              max_delay: float) -> Trial:
-    """Run the save path once: let it kill itself at ``phase`` or SIGKILL it after a random delay."""
+              max_delay: float, logdir: Path | None = None) -> Trial:
+    """Run the save path once: let a fault kill it at ``phase`` or SIGKILL its tree after a random delay."""
     t0 = time.monotonic()
     trial = Trial(kind=f"phase:{phase}" if phase else "random")
-    env = {"BTCKPT_FAULT": f"{phase}:kill"} if phase else {}
-    proc = _start(path, root, out, env)
+    trial.fault = path.fault(phase, rng) if phase else ""
+    env = {"BTCKPT_FAULT": trial.fault} if phase else {}
+    bound = path.max_delay if path.max_delay is not None else max_delay
+    if path.auto_delay and path.ref_key in REFERENCE_SECONDS:
+        bound = REFERENCE_SECONDS[path.ref_key]
+    delay = rng.uniform(0, bound)
+    run = Run(path, root, out, env, logdir or root.parent / "logs")
     try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:  # RESTORED ..., then TRAINING
-            lines.append(line.strip())
-            if line.startswith("RESTORED"):
-                trial.restored = line.split()[1]
-            if line.startswith("TRAINING"):
-                break
-        if phase is not None:
-            _, err = _stop(proc, kill=False)
-        elif proc.poll() is None:
-            time.sleep(rng.uniform(0, max_delay))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+        run.wait_for("TRAINING", timeout=300)
+        if phase is None and run.alive():
+            run.sleep(delay)
+            if run.alive():
+                run.kill()
                 trial.killed = True
-            _, err = _stop(proc, kill=False)
-        else:
-            _, err = _stop(proc, kill=False)
+        rc = run.wait(timeout=300)
     finally:
-        if proc.poll() is None:  # pragma: no cover
-            proc.kill()
-            proc.wait()
-    trial.rc = proc.returncode
+        run.cleanup()
+    trial.rc = rc
+    trial.restored = _restored(run.stdout())
+    err = run.stderr()
     if phase is not None:
-        trial.killed = proc.returncode == -signal.SIGKILL
-        if proc.returncode == 0:
-            raise AssertionError(f"{path.name}: the injected fault point {phase!r} was never reached")
-        if proc.returncode not in (0, -signal.SIGKILL):
-            raise AssertionError(f"{path.name} crashed with rc={proc.returncode} at {phase}:\n{err[-3000:]}")
-    elif proc.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(f"{path.name} failed with rc={proc.returncode}:\n{err[-3000:]}")
+        if rc == 0:
+            raise AssertionError(f"{path.name}: the injected fault point {trial.fault!r} was never reached")
+        trial.killed = path.phase_killed(rc, err)
+        if not trial.killed:
+            raise AssertionError(f"{path.name} crashed with rc={rc} at {trial.fault}:\n{err[-3000:]}")
+    elif not trial.killed and rc != 0:
+        raise AssertionError(f"{path.name} failed with rc={rc}:\n{err[-3000:]}")
     trial.seconds = time.monotonic() - t0
+    for f in (run.out_file, run.err_file):
+        f.unlink(missing_ok=True)
     return trial
+
+
+def _finish(path: SavePath, root: Path, out: Path, env: dict[str, str], logdir: Path) -> float:
+    """Run to the end; returns the seconds from TRAINING to the end."""
+    run = Run(path, root, out, env, logdir)
+    try:
+        run.wait_for("TRAINING", timeout=600)
+        t0 = time.monotonic()
+        rc = run.wait(timeout=600)
+    finally:
+        run.cleanup()
+    assert rc == 0, f"{path.name}: an uninterrupted run failed (rc={rc}):\n{run.stderr()[-3000:]}"
+    return time.monotonic() - t0
 
 
 def reference_digest(path: SavePath, workdir: Path) -> str:
     """The final digest of an uninterrupted run (its checkpoints, every step kept, in ``workdir/ref-ckpt``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     root, out = workdir / "ref-ckpt", workdir / "ref.json"
-    proc = _start(path, root, out, {"CRASH_KEEP_ALL": "1"})
-    _, err = _stop(proc, kill=False)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.read_text())["digest"]
+    REFERENCE_SECONDS[path.ref_key] = _finish(path, root, out, {"CRASH_KEEP_ALL": "1"}, workdir / "logs")
+    return str(json.loads(out.read_text())["digest"])
+
+
+def _reset(root: Path) -> None:
+    """The run is over: later trials start from nothing (its folder and siblings: remote, HF output)."""
+    for p in root.parent.glob(root.name + "*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: int, max_delay: float = 0.5,
@@ -194,41 +286,45 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
     """Kill the run once per entry of ``phases`` (None: a random instant), checking the restart invariants
     after every kill; then let it finish and compare its final digest with an uninterrupted run's."""
     rng = random.Random(seed)
-    root, out = workdir / "ckpt", workdir / "final.json"
+    root, out, logdir = workdir / "ckpt", workdir / "final.json", workdir / "logs"
     trials: list[Trial] = []
     newest: int | None = None
     for phase in phases:
-        trial = kill_once(path, root, out, phase=phase, rng=rng, max_delay=max_delay)
-        # the run resumed from the newest complete checkpoint the previous restart check saw
-        expect = str(newest) if newest is not None else "none"
-        assert trial.restored == expect, f"resumed from {trial.restored}, newest complete was {expect}"
-        if out.exists():  # the run finished before the kill: start over from a fresh folder
-            out.unlink()
-        trial.complete_after = check_restart_invariants(root)
+        trial = kill_once(path, root, out, phase=phase, rng=rng, max_delay=max_delay, logdir=logdir)
         trials.append(trial)
-        if ref_dir is not None:
-            try:
-                same_as_reference(root, ref_dir, trial.complete_after)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\ntrials so far: {history(trials)}") from None
+        try:
+            # the run resumed from the newest complete checkpoint the previous restart check saw
+            expect = str(newest) if newest is not None else "none"
+            assert trial.restored == expect, f"resumed from {trial.restored}, newest complete was {expect}"
+            if out.exists():  # the run finished before the kill: start over from a fresh folder
+                out.unlink()
+            trial.complete_after = check_restart_invariants(root)
+            if ref_dir is not None:
+                same_as_reference(root, ref_dir, trial.complete_after, path)
+            if path.check is not None:
+                path.check(root, ref_dir, False)
+        except AssertionError as exc:
+            raise AssertionError(f"{path.name}: {exc}\ntrials so far: {history(trials)}") from None
         newest = trial.complete_after[0] if trial.complete_after else None
         if (not trial.killed and trial.rc == 0) or newest == path.final_step:
-            import shutil  # the run is over: start the next trials from an empty folder
-
-            shutil.rmtree(root)
+            _reset(root)
             newest = None
-    proc = _start(path, root, out, {})
-    _, err = _stop(proc, kill=False)
-    assert proc.returncode == 0, err[-3000:]
-    final = check_restart_invariants(root)
-    if ref_dir is not None:
-        same_as_reference(root, ref_dir, final)
-    if expect_digest is not None:
-        got = json.loads(out.read_text())["digest"]
-        assert got == expect_digest, (f"the resumed run's final state differs from an uninterrupted run's "
-                                      f"(resumed from {newest}); trials: {history(trials)}")
+    _finish(path, root, out, {}, logdir)
+    try:
+        final = check_restart_invariants(root)
+        if ref_dir is not None:
+            same_as_reference(root, ref_dir, final, path)
+        if path.check is not None:
+            path.check(root, ref_dir, True)
+        if expect_digest is not None:
+            got = json.loads(out.read_text())["digest"]
+            assert got == expect_digest, f"the resumed run's final state differs from an uninterrupted run's " \
+                                         f"(resumed from {newest})"
+    except AssertionError as exc:
+        raise AssertionError(f"{path.name}: {exc}\ntrials: {history(trials)}") from None
     return trials
 
 
 def history(trials: list[Trial]) -> str:
-    return "; ".join(f"{t.kind} rc={t.rc} restored={t.restored} complete={t.complete_after}" for t in trials)
+    return "; ".join(f"{t.fault or t.kind} rc={t.rc} restored={t.restored} complete={t.complete_after}"
+                     for t in trials)

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-last", type=int, default=2)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--upload-to", default=None, help="Checkpointer(upload_to=URL): the upload save path")
     args = ap.parse_args(argv)
 
     state = build(args.width)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return oneshot(args, state)
     keep = None if os.environ.get("CRASH_KEEP_ALL") else args.keep_last  # reference runs keep every step
     with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=keep,
-                             space_margin=0) as ckpt:
+                             space_margin=0, upload_to=args.upload_to) as ckpt:
         start = ckpt.restore(state)
         print(f"RESTORED {start if start is not None else 'none'}", flush=True)
         start = start or 0

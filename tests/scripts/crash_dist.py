@@ -1,0 +1,95 @@
+"""The crash harness's torchrun save path: 2 ranks (gloo on CPU), DDP, an async Checkpointer on
+``--dir``; run it under ``torchrun --nproc_per_node=2``.
+
+Follows the contract in ``crash_train.py``'s docstring, from rank 0 only (ranks share torchrun's stdout):
+``RESTORED <step|none>``, ``TRAINING``, and on a normal finish ``{"step", "digest"}`` in ``--out``: the model
+and optimizer (replicated by DDP), the scheduler, the step, and the next draws of every rank's RNGs
+(gathered), so a resumed job must match an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import btckpt
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from crash_train import _plain, _tensors  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--every", type=int, default=3)
+    ap.add_argument("--sleep", type=float, default=0.02)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 3))
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    extra = {"step": 0, "losses": []}
+    state = {"model": ddp, "optimizer": opt, "scheduler": sched, "extra": extra}
+    torch.manual_seed(1000 + rank)  # per-rank data and dropout streams
+    random.seed(rank)
+    np.random.seed(rank)
+    keep = None if os.environ.get("CRASH_KEEP_ALL") else 2
+    with btckpt.Checkpointer(dir=a.dir, keep_last=keep, async_save=True, barrier_timeout=120,
+                             handle_sigterm=False) as ckpt:
+        start = ckpt.restore(state)
+        if rank == 0:
+            print(f"RESTORED {start if start is not None else 'none'}", flush=True)
+            print("TRAINING", flush=True)
+        for step in range((start or 0) + 1, a.steps + 1):
+            x = torch.randn(8, 6) * (1 + random.random())
+            y = torch.from_numpy(np.random.rand(8, 3).astype("float32"))
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            extra["step"] = step
+            # plain state of a replicated group must be the same on every rank (rank 0 saves it): the mean loss
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            extra["losses"].append(float(mean) / dist.get_world_size())
+            if step % a.every == 0 or step == a.steps:
+                ckpt.save(step, state)
+            if a.sleep:
+                time.sleep(a.sleep)
+    draws = [torch.rand(4).numpy().tobytes().hex(), repr(random.random()), np.random.rand(4).tobytes().hex(),
+             extra["losses"]]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, draws)
+    if rank == 0:
+        h = hashlib.sha256()
+        for sd in (net.state_dict(), opt.state_dict(), sched.state_dict()):
+            h.update(json.dumps(_plain(sd), sort_keys=True).encode())
+            for t in _tensors(sd):
+                h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps([extra["step"], every]).encode())
+        with open(a.out, "w") as f:
+            json.dump({"step": extra["step"], "digest": h.hexdigest()}, f)
+        print("DONE", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
