@@ -45,8 +45,8 @@ def train(cwd: Path, *args: str, ckpt_dir: Path | None = None, env: dict[str, st
           torchrun: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     cmd = [PY, str(SCRIPT), "--out", str(cwd / "hf_out"), *args]
     if torchrun:
-        port = str(29400 + RNG.randrange(1000))
-        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *cmd[1:]]
+        # --standalone: the agent binds a free port itself (a random fixed port can collide)
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *cmd[1:]]
     full = _env(ckpt_dir, **(env or {}))
     return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 

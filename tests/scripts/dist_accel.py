@@ -78,6 +78,7 @@ def main() -> int:
 
         save_file({k: v.contiguous() for k, v in full.items()}, args.out)
     acc.wait_for_everyone()
+    acc.end_training()  # destroy_process_group() while the interpreter is fully alive, after ckpt.close()
     return 0
 
 

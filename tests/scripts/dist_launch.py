@@ -26,6 +26,7 @@ def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank killed by a signal (SIGABRT at exit) prints every thread's stack
     env.pop("BTCKPT_FAULT", None)
     env.update(extra)
     return env
@@ -33,14 +34,19 @@ def env_with(**extra: str) -> dict[str, str]:
 
 def torchrun(script: str, args: list[str], *, nproc: int = 2, env: dict[str, str], port: int | None = None,
              nnodes: int = 1, node_rank: int = 0, rdzv: bool = False) -> subprocess.Popen[str]:
-    """Start ``torchrun`` in its own session (so the whole job can be SIGKILLed at once)."""
-    port = port or free_port()
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    """Start ``torchrun`` in its own session (so the whole job can be SIGKILLed at once).
+
+    A single-node job runs ``--standalone``: the agent binds a free port itself, so nothing can take the
+    port between choosing and binding it. Several launches forming one job (``rdzv``) share ``port``.
+    """
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max-restarts=0"]
     if rdzv:
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=btckpt-test", "--max-restarts=0"]
+                f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", "--rdzv-id=btckpt-test"]
+    elif port is not None:
+        cmd += ["--master-addr=127.0.0.1", f"--master-port={port}"]
     else:
-        cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0"]
+        cmd += ["--standalone"]
     cmd += [str(SCRIPTS / script), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -109,7 +115,7 @@ def assert_same(a: Path, b: Path) -> None:
 def run_job(tmp: Path, ckdir: str, out: str, *extra: str, mode: str = "ddp", nproc: int = 2) -> str:
     env = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir))
     rc, text = finish(torchrun("dist_train.py", ["--mode", mode, "--out", str(tmp / out), *extra], nproc=nproc,
-                               env=env), timeout=180)
+                               env=env), timeout=300)
     assert rc == 0, text[-4000:]
     return text
 

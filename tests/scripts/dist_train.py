@@ -21,6 +21,13 @@ import torch
 import torch.distributed as dist
 
 
+def say(msg: str) -> None:
+    """Print one line in one write(): ranks share torchrun's stdout, and ``print`` under ``python -u``
+    writes the text and the newline separately, so two ranks' lines could run together."""
+    sys.stdout.flush()
+    os.write(1, (msg + "\n").encode())
+
+
 def build(mode: str, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.ReLU(), torch.nn.Dropout(0.2),
@@ -83,9 +90,9 @@ def main() -> int:
     ckpt = btckpt.Checkpointer(keep_last=2, async_save=not args.sync, barrier_timeout=args.timeout,
                                on_missing="start_fresh")
     start = ckpt.restore(state)
-    print(f"rank {rank}: resumed from {start}", flush=True)
+    say(f"rank {rank}: resumed from {start}")
     if args.expect_resume != -2 and (start if start is not None else -1) != args.expect_resume:
-        print(f"rank {rank}: expected resume {args.expect_resume}, got {start}", flush=True)
+        say(f"rank {rank}: expected resume {args.expect_resume}, got {start}")
         ckpt.close()
         return 3
     step = start or 0
@@ -105,7 +112,7 @@ def main() -> int:
             ckpt.save(step, state)
             ckpt.wait()
             ckpt.close()
-            print(f"rank {rank}: saved once at {step}", flush=True)
+            say(f"rank {rank}: saved once at {step}")
             return 0
         if args.save_once_at < 0 and step % args.every == 0:
             ckpt.save(step, state)
@@ -123,7 +130,7 @@ def main() -> int:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    print(f"rank {rank}: done at {step}", flush=True)
+    say(f"rank {rank}: done at {step}")
     return 0
 
 
