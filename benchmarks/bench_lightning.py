@@ -101,6 +101,7 @@ def run(kind: str, a: argparse.Namespace, root: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     tr.fit(model, data)
     total = time.perf_counter() - t0
+    assert tr.global_step == a.steps, (kind, tr.global_step)
     shutil.rmtree(d, ignore_errors=True)
     clock = cbs[0]
     return {"train_s": clock.train_s, "flush_s": total - clock.train_s, "saves": len(stalls),
@@ -117,12 +118,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir on /tmp)")
+    ap.add_argument("--only", default="", help="comma list of contenders (default: all)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     root = Path(a.dir or tempfile.mkdtemp(prefix="bench_lightning_"))
-    kinds = ["none", "torch", "async", "safetensors-sync", "safetensors"]
+    kinds = [k for k in ["none", "torch", "async", "safetensors-sync", "safetensors"]
+             if not a.only or k in a.only.split(",")]
     nparams = a.layers * (a.width * a.width + a.width)
     print(f"model {nparams / 1e6:.1f}M params; checkpoint ~{nparams * 12 / 1e6:.0f} MB (fp32 weights + AdamW "
           f"moments); {a.steps} steps, save every {a.every}; {a.rounds} rounds; dir {root}")

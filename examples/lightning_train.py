@@ -2,9 +2,15 @@
 
     python examples/lightning_train.py            # run twice: the second run resumes where the first stopped
     BT_CHECKPOINT_DIR=/tmp/ck python examples/lightning_train.py
+    torchrun --nproc_per_node=2 examples/lightning_train.py --ddp    # 2 CPU processes (gloo)
+
+Under DDP only rank 0 writes, but btckpt's ModelCheckpoint puts every rank's RNG state into the same
+checkpoint, and each rank restores its own on resume.
 """
 
 from __future__ import annotations
+
+import sys
 
 import lightning as L
 import torch
@@ -31,6 +37,7 @@ def main() -> None:
     L.seed_everything(0)
     x = torch.randn(512, 8)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32)
+    ddp = {"strategy": "ddp", "devices": 2} if "--ddp" in sys.argv else {}
     trainer = L.Trainer(
         accelerator="cpu", max_steps=200, logger=False, enable_progress_bar=False,
         plugins=[SafetensorsCheckpointIO()],
@@ -38,6 +45,7 @@ def main() -> None:
         # SIGTERM saves last.ckpt at the next batch end and stops cleanly.
         callbacks=[ModelCheckpoint(every_n_train_steps=50, save_top_k=2, monitor="step", mode="max",
                                    save_last=True)],
+        **ddp,
     )
     ckpt = resume_path()  # newest complete checkpoint in $BT_CHECKPOINT_DIR, else $BT_LOAD_CHECKPOINT_DIR, else None
     print(f"resuming from {ckpt}" if ckpt else "starting fresh")
