@@ -129,9 +129,9 @@ def test_stale_temps_removed_and_existing_step_not_overwritten(tmp_path: Path,
 
 
 def test_preflight_refuses_a_save_that_cannot_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import btckpt.manager as manager
+    import btckpt.storage as storage
 
-    monkeypatch.setattr(manager, "free_bytes", lambda p: 10_000)
+    monkeypatch.setattr(storage, "free_bytes", lambda p: 10_000)
     with _ck(tmp_path) as ck:
         with pytest.raises(btckpt.InsufficientSpace, match=r"needs 0\.\d MB plus a 17 MB margin, but only 0\.0 MB"):
             ck.save(1, {"model": _model()})

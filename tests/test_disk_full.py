@@ -15,7 +15,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt import manager as manager_mod
+from btckpt import storage as storage_mod
 from btckpt.discovery import scan
 from btckpt.errors import InsufficientSpace
 from btckpt.reader import CheckpointReader
@@ -49,7 +49,7 @@ def assert_only(root: Path, steps: list[int]) -> None:
 
 def lie_about_free_space(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the preflight pass, as if another process filled the disk right after it checked."""
-    monkeypatch.setattr(manager_mod, "free_bytes", lambda _p: 1 << 50)
+    monkeypatch.setattr(storage_mod, "free_bytes", lambda _p: 1 << 50)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -138,9 +138,7 @@ def test_oneshot_save_preflight_and_mid_save(tmpfs, monkeypatch: pytest.MonkeyPa
     with pytest.raises(InsufficientSpace, match="Nothing was written"):
         btckpt.save(fs / "checkpoint-1", make_state(4.0))
     assert list(fs.iterdir()) == []
-    from btckpt import api
-
-    monkeypatch.setattr(api, "free_bytes", lambda _p: 1 << 50)
+    monkeypatch.setattr(storage_mod, "free_bytes", lambda _p: 1 << 50)
     with pytest.raises(InsufficientSpace, match="ran out of space"):
         btckpt.save(fs / "checkpoint-1", make_state(4.0))
     assert list(fs.iterdir()) == []

@@ -236,7 +236,6 @@ def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
     """``dir=s3://...``: commits stage locally, wait() publishes them (manifest last), retention is mirrored,
     and a restarted job on a machine without the staging folder resumes from the bucket."""
     import fsspec
-
     from btckpt.remote import inspect_url, verify_url
     from btckpt.remotedir import staging_root
 

@@ -16,7 +16,6 @@ from .errors import (
     ConfigError,
     CorruptCheckpoint,
     IncompleteCheckpoint,
-    InsufficientSpace,
     NoCheckpointFound,
 )
 from .layout import fill_refs, flatten_group, plan_layout
@@ -26,7 +25,7 @@ from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
-from .storage import free_bytes, space_error
+from .storage import preflight, space_error
 
 __all__ = ["save", "load", "latest"]
 
@@ -53,10 +52,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
     fill_refs(flat, layout)
     extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
     nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
-    free = free_bytes(target.parent)
-    if free < nbytes:
-        raise InsufficientSpace(f"{target}: the checkpoint needs {nbytes / 1e6:.1f} MB but only {free / 1e6:.1f} MB "
-                                "are free there; free space or save elsewhere. Nothing was written")
+    preflight(target.parent, nbytes, margin=0)
     stager = Stager()
     try:
         try:

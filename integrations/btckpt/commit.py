@@ -11,6 +11,7 @@ step is never overwritten; a temp folder is never listed or loaded and is remove
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST, Manifest
 from .storage import fsync_dir, fsync_file, space_error
 
-__all__ = ["LocalCommit", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
+__all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
            "write_small_file"]
 
 TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp-(.+)$")
@@ -165,3 +166,41 @@ def delete_checkpoint(path: Path) -> None:
     os.rename(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+class DirLock:
+    """The one writer of a checkpoint dir: an exclusive ``flock`` on ``<dir>/.btckpt.lock``.
+
+    Taken by each node's local leader when its Checkpointer starts (creating the dir), then stale temp
+    folders of dead writers are removed; released by :meth:`release` (``close()``). A second process
+    saving into the same dir gets a :class:`CheckpointError` naming the holder; nothing is touched.
+    """
+
+    def __init__(self, root: Path) -> None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / ".btckpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"checkpoint dir {str(root)!r} is not writable ({exc.strerror}); point dir / "
+                              "$BT_CHECKPOINT_DIR at a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CheckpointError(f"another process ({owner or 'unknown'}) is already saving checkpoints into "
+                                  f"{root}; give each job (and each node) its own checkpoint dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        self._fd: int | None = fd
+        try:
+            self.removed = remove_stale_temps(root)
+        except BaseException:  # a refused start must not leave the lock behind
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

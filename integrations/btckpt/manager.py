@@ -10,7 +10,6 @@ raised exactly once, from the next ``save()``, ``wait()`` or ``close()``.
 from __future__ import annotations
 
 import atexit
-import fcntl
 import itertools
 import logging
 import os
@@ -26,21 +25,21 @@ from typing import Any
 
 import torch
 
-from .commit import checkpoint_name, delete_checkpoint, remove_stale_temps
+from .commit import DirLock, checkpoint_name, delete_checkpoint
 from .config import CheckpointConfig, default_budget
 from .discovery import CheckpointInfo, inspect, scan
 from .distributed import World
 from .distributed import world as _world
-from .errors import CheckpointError, ConfigError, InsufficientSpace, NoCheckpointFound
+from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
-from .loading import restore_first
 from .remotedir import finish_upload, remote_target, staging_root
+from .resume import Resume
 from .retention import select_for_deletion
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
-from .statedict import group_value, optimizers_in, unwrap_model
-from .storage import free_bytes, is_url, space_error
+from .statedict import gated_keys, group_value, optimizers_in
+from .storage import is_url, preflight, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -81,7 +80,7 @@ class Checkpointer:
             self.root = staging_root(self.remote)
         else:
             self.root = self.config.local_dir
-        self._lock_fd: int | None = None
+        self._lock: DirLock | None = None
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None
         self._layout: Layout | None = None
@@ -93,20 +92,16 @@ class Checkpointer:
         self._prev_handler: Any = None
         self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
         self._session = self._agree_session()
+        self._resume = Resume(config=self.config, world=self.world, root=self.root, remote=self.remote,
+                              session=self._session)
         from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
 
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
-            self._take_lock()
-            try:
-                removed = remove_stale_temps(self.root)
-            except BaseException:  # a refused start must not leave the lock behind
-                os.close(self._lock_fd)  # type: ignore[arg-type]
-                self._lock_fd = None
-                raise
-            if removed:
+            self._lock = DirLock(self.root)
+            if self._lock.removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
-                            len(removed), ", ".join(p.name for p in removed))
+                            len(self._lock.removed), ", ".join(p.name for p in self._lock.removed))
         # threads start only once nothing above can fail (a failed constructor leaks nothing)
         self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
                               small_bytes=self.config.copy_inline_bytes)
@@ -133,24 +128,6 @@ class Checkpointer:
         if self.world.is_leader:
             self.world.publish(key, mine)
         return str(self.world.collect(key, timeout=self.config.barrier_timeout))
-
-    def _take_lock(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".btckpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"checkpoint dir {str(self.root)!r} is not writable ({exc.strerror}); point dir / "
-                              "$BT_CHECKPOINT_DIR at a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise CheckpointError(f"another process ({owner or 'unknown'}) is already saving checkpoints into "
-                                  f"{self.root}; give each job (and each node) its own checkpoint dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
-        self._lock_fd = fd
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.warning("btckpt: SIGTERM received; a final checkpoint will be saved at the next step boundary")
@@ -220,7 +197,8 @@ class Checkpointer:
             fill_refs(flat, layout)
             extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
             try:
-                self._preflight(layout.total_bytes + sum(len(v) for v in (extra_files or {}).values()))
+                nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
+                preflight(self.root, nbytes, margin=self.config.space_margin)
             except InsufficientSpace as exc:
                 if self.config.on_error != "warn":
                     raise
@@ -228,7 +206,7 @@ class Checkpointer:
                 return
         staged = None
         if layout is not None:
-            async_keys = self._async_keys(state, flat, optimizers) if self.config.async_save else set()
+            async_keys = gated_keys(state, flat, optimizers) if self.config.async_save else set()
             if part is not None and self.config.async_save:
                 async_keys |= part.async_keys
             try:
@@ -263,35 +241,6 @@ class Checkpointer:
 
         groups = sharded_groups(state)
         return prepare(state, self.world, groups) if groups else None
-
-    def _async_keys(self, state: Mapping[str, Any], flat: list[Any],
-                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> set[tuple[str, str]]:
-        """Tensors the step gate protects: module parameters and optimizer state (also as plain tensors that
-        share storage with ``optimizers``' parameters and state)."""
-        keys: set[tuple[str, str]] = set()
-        owned = {t.untyped_storage().data_ptr() for o in optimizers for g in o.param_groups for t in g["params"]}
-        owned |= {v.untyped_storage().data_ptr() for o in optimizers for st in o.state.values()
-                  for v in st.values() if isinstance(v, torch.Tensor)}
-        owned.discard(0)
-        if owned:
-            keys |= {(g.name, k) for g in flat for k, t in g.tensors.items() if t.untyped_storage().data_ptr() in owned}
-        for g in flat:
-            obj = state.get(g.name)
-            if isinstance(obj, torch.nn.Module):
-                params = {n for n, _ in unwrap_model(obj).named_parameters()}
-                keys |= {(g.name, k) for k in g.tensors if k in params}
-            elif isinstance(obj, torch.optim.Optimizer):
-                keys |= {(g.name, k) for k in g.tensors}
-        return keys
-
-    def _preflight(self, nbytes: int) -> None:
-        need = nbytes + self.config.space_margin
-        free = free_bytes(self.root)
-        if free < need:
-            raise InsufficientSpace(f"{self.root}: the checkpoint needs {nbytes / 1e6:.1f} MB plus a "
-                                    f"{self.config.space_margin / 1e6:.0f} MB margin, but only {free / 1e6:.1f} MB "
-                                    "are free; free space, lower keep_last, or point dir at a larger volume. "
-                                    "Nothing was written")
 
     def _background(self, job: SaveJob) -> Path:
         try:
@@ -426,9 +375,8 @@ class Checkpointer:
             self._gate.close()
             self._stager.close()
             self._pool.shutdown(wait=True)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._lock is not None:
+                self._lock.release()
             if self._prev_handler is not None and threading.current_thread() is threading.main_thread():
                 try:
                     signal.signal(signal.SIGTERM, self._prev_handler)
@@ -446,22 +394,10 @@ class Checkpointer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- restoring --------------------------------------------------------------------------------------
+    # -- restoring (policy in btckpt.resume) -----------------------------------------------------------
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints to resume from, in order of preference: own dir newest first, then load_dir."""
-        own = [i for i in self._own_scan() if i.complete]
-        other = [i for i in scan(self.config.load_dir) if i.complete] if self.config.load_dir else []
-        return own + other
-
-    def _own_scan(self) -> list[CheckpointInfo]:
-        """This job's checkpoints, newest first: the local dir, and with ``dir=URL`` the published ones
-        not also present locally (a restarted job on a fresh machine finds them there)."""
-        local = scan(self.root)
-        if self.remote is None:
-            return local
-        steps = {i.step for i in local if i.complete}
-        remote = [i for i in scan(self.remote) if i.step not in steps]
-        return sorted(local + remote, key=lambda i: i.step, reverse=True)
+        return self._resume.candidates()
 
     def latest(self) -> Path | None:
         """The checkpoint :meth:`restore` would load first, or None."""
@@ -471,33 +407,13 @@ class Checkpointer:
     def restore(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
         """Load the newest complete checkpoint into ``state`` in place; return its step, or None.
 
-        Groups of the checkpoint that ``state`` does not name are left alone. A damaged checkpoint is
-        skipped with a warning (older ones are tried). ``strict=False`` loads what matches.
+        Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A
+        damaged checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what
+        matches. Raises ``NoCheckpointFound`` when ``load_dir`` is set but nothing is found anywhere
+        (unless ``on_missing='start_fresh'``).
         """
         self._check_open()
-        cands: list[CheckpointInfo] = self.candidates()
-        if self.world.size > 1 and self.world.store is not None:
-            cands = self._agree_on_step(cands)
-        else:  # damaged folders stay in the list, so restore_first names each one it skips
-            cands = self._own_scan() + (scan(self.config.load_dir) if self.config.load_dir else [])
-        info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
-        if info is None:
-            if self.config.load_dir and self.config.on_missing == "raise":
-                raise NoCheckpointFound(
-                    f"$BT_LOAD_CHECKPOINT_DIR / load_dir {self.config.load_dir!r} holds no complete checkpoint and "
-                    f"{self.root} has none either, so this run would silently start from scratch. Check the "
-                    "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
-            return None
-        self._last_save_step = info.step
-        return info.step
-
-    def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """All ranks load the same step: the newest one complete on every node (store, no collectives)."""
-        step = self.world.agree_step(f"{self._session}/restore", [c.step for c in cands],
-                                     timeout=self.config.barrier_timeout)
-        newer = sorted({c.step for c in cands if c.step > step}, reverse=True)
-        if newer:
-            log.warning("btckpt: rank %d: checkpoint-%d is not complete on every node (a part is missing or "
-                        "incomplete); resuming from %s", self.world.rank, newer[0],
-                        f"step {step}" if step >= 0 else "scratch")
-        return [c for c in cands if c.step == step]
+        step = self._resume.restore(state, strict=strict)
+        if step is not None:
+            self._last_save_step = step
+        return step

@@ -7,14 +7,14 @@ grad scaler...), a tensor, or plain data. Wrapped models (DDP/DataParallel ``mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .errors import StateMismatch
 
-__all__ = ["unwrap_model", "group_value", "apply_group", "optimizers_in"]
+__all__ = ["unwrap_model", "group_value", "apply_group", "optimizers_in", "gated_keys"]
 
 
 def unwrap_model(obj: Any) -> Any:
@@ -117,3 +117,24 @@ def apply_group(name: str, target: Any, loaded: Any, *, strict: bool) -> Any:
         target[:] = loaded
         return target
     return loaded
+
+
+def gated_keys(state: Mapping[str, Any], flat: Sequence[Any],
+               optimizers: Sequence[torch.optim.Optimizer] = ()) -> set[tuple[str, str]]:
+    """The ``(group, key)`` tensors the step gate protects (they copy in the background): module
+    parameters and optimizer state, also as plain tensors sharing storage with ``optimizers``' params/state."""
+    keys: set[tuple[str, str]] = set()
+    owned = {t.untyped_storage().data_ptr() for o in optimizers for g in o.param_groups for t in g["params"]}
+    owned |= {v.untyped_storage().data_ptr() for o in optimizers for st in o.state.values()
+              for v in st.values() if isinstance(v, torch.Tensor)}
+    owned.discard(0)
+    if owned:
+        keys |= {(g.name, k) for g in flat for k, t in g.tensors.items() if t.untyped_storage().data_ptr() in owned}
+    for g in flat:
+        obj = state.get(g.name)
+        if isinstance(obj, torch.nn.Module):
+            params = {n for n, _ in unwrap_model(obj).named_parameters()}
+            keys |= {(g.name, k) for k in g.tensors if k in params}
+        elif isinstance(obj, torch.optim.Optimizer):
+            keys |= {(g.name, k) for k in g.tensors}
+    return keys

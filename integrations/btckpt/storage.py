@@ -16,7 +16,7 @@ import xxhash
 from .errors import CheckpointError, InsufficientSpace
 
 __all__ = [
-    "is_url", "fsync_dir", "fsync_file", "free_bytes", "file_checksum", "new_hasher", "CHECKSUM",
+    "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "file_checksum", "new_hasher", "CHECKSUM",
     "remote_fs", "space_error",
 ]
 
@@ -96,3 +96,13 @@ def space_error(exc: OSError, where: str | os.PathLike[str]) -> CheckpointError:
                                  "older checkpoints are intact")
     return CheckpointError(f"{where}: writing the checkpoint failed: {exc}. Nothing was committed; "
                            "older checkpoints are intact")
+
+
+def preflight(root: Path, nbytes: int, *, margin: int) -> None:
+    """Refuse (``InsufficientSpace``, with the numbers) a write of ``nbytes`` that would leave under
+    ``margin`` bytes free on ``root``'s filesystem; called before anything is written."""
+    free = free_bytes(root)
+    if free < nbytes + margin:
+        raise InsufficientSpace(f"{root}: the checkpoint needs {nbytes / 1e6:.1f} MB plus a {margin / 1e6:.0f} MB "
+                                f"margin, but only {free / 1e6:.1f} MB are free; free space, lower keep_last, or "
+                                "point dir at a larger volume. Nothing was written")

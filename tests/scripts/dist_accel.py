@@ -10,7 +10,6 @@ save ``epoch`` and
 from __future__ import annotations
 
 import argparse
-import sys
 
 import btckpt
 import torch
@@ -83,4 +82,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _rank_exit import exit_rank
+
+    exit_rank(main())

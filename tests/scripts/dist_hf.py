@@ -36,4 +36,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _rank_exit import exit_rank
+
+    exit_rank(main())

@@ -77,10 +77,24 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
 
 
 def kill_session(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the job at once: the launcher's process group and every descendant (torchrun starts each
+    rank in a session of its own, so killing the group alone would leave the ranks running)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    psutil.wait_procs(kids, timeout=30)
 
 
 def wait_for_line(path: Path, prefix: str, *, count: int, timeout: float, proc: subprocess.Popen[str]) -> None:

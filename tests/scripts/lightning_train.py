@@ -167,4 +167,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from _rank_exit import exit_rank
+
     main()
+    exit_rank(0)

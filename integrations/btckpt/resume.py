@@ -1,0 +1,79 @@
+"""Where a (re)started job resumes from: policy only (the reading is :mod:`btckpt.loading`'s).
+
+Order of preference: the job's own checkpoints (its local ``dir``; with ``dir=URL`` also the published
+ones not present locally), newest first; then ``load_dir`` (a previous job's, the platform's nested
+layout). With several ranks, every rank calls :meth:`Resume.restore` and all load the same step: the
+newest one complete on every node, agreed through the c10d store (no collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .config import CheckpointConfig
+from .discovery import CheckpointInfo, scan
+from .distributed import World
+from .errors import NoCheckpointFound
+from .loading import restore_first
+
+__all__ = ["Resume"]
+
+log = logging.getLogger("btckpt")
+
+
+class Resume:
+    """Finds and loads the checkpoint a Checkpointer resumes from (one per Checkpointer, every rank)."""
+
+    def __init__(self, *, config: CheckpointConfig, world: World, root: Path, remote: str | None,
+                 session: str) -> None:
+        self.config, self.world, self.root, self.remote, self.session = config, world, root, remote, session
+
+    def own(self) -> list[CheckpointInfo]:
+        """This job's checkpoints, newest first, damaged ones included (restore names each one it skips)."""
+        local = scan(self.root)
+        if self.remote is None:
+            return local
+        steps = {i.step for i in local if i.complete}
+        remote = [i for i in scan(self.remote) if i.step not in steps]
+        return sorted(local + remote, key=lambda i: i.step, reverse=True)
+
+    def others(self) -> list[CheckpointInfo]:
+        """The previous job's checkpoints under ``load_dir`` (empty when unset)."""
+        return scan(self.config.load_dir) if self.config.load_dir else []
+
+    def candidates(self) -> list[CheckpointInfo]:
+        """Complete checkpoints in order of preference: own newest first, then ``load_dir``'s."""
+        return [i for i in self.own() + self.others() if i.complete]
+
+    def restore(self, state: MutableMapping[str, Any], *, strict: bool) -> int | None:
+        """Load the preferred checkpoint into ``state``; its step, or None (or NoCheckpointFound, see below).
+
+        Raises :class:`NoCheckpointFound` when ``load_dir`` is set, nothing was found anywhere and
+        ``on_missing='raise'``: a resume was asked for and the run would silently start from scratch.
+        """
+        if self.world.size > 1 and self.world.store is not None:
+            cands = self._agree_on_step(self.candidates())
+        else:
+            cands = self.own() + self.others()
+        info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
+        if info is not None:
+            return info.step
+        if self.config.load_dir and self.config.on_missing == "raise":
+            raise NoCheckpointFound(
+                f"$BT_LOAD_CHECKPOINT_DIR / load_dir {self.config.load_dir!r} holds no complete checkpoint and "
+                f"{self.root} has none either, so this run would silently start from scratch. Check the "
+                "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
+        return None
+
+    def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        step = self.world.agree_step(f"{self.session}/restore", [c.step for c in cands],
+                                     timeout=self.config.barrier_timeout)
+        newer = sorted({c.step for c in cands if c.step > step}, reverse=True)
+        if newer:
+            log.warning("btckpt: rank %d: checkpoint-%d is not complete on every node (a part is missing or "
+                        "incomplete); resuming from %s", self.world.rank, newer[0],
+                        f"step {step}" if step >= 0 else "scratch")
+        return [c for c in cands if c.step == step]
