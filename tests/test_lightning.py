@@ -340,6 +340,31 @@ def test_shared_folder_survives_until_last_name_removed(tmp_path: Path) -> None:
     io.teardown()
 
 
+def test_kill_between_removing_the_last_name_and_deleting_its_folder(tmp_path: Path) -> None:
+    """A process dying inside remove_checkpoint (here: a fault at the retention point, after the name is
+    gone) leaves no complete folder that nothing names: the next start finishes the deletion."""
+    from btckpt import faults
+
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint({"global_step": 5, "state_dict": {"w": torch.ones(3)}}, tmp_path / "epoch=0-step=5.ckpt")
+    io.save_checkpoint({"global_step": 6, "state_dict": {"w": torch.zeros(3)}}, tmp_path / "last.ckpt")
+    io.wait()
+    faults.arm("retention", "raise")
+    try:
+        with pytest.raises(OSError, match="injected"):
+            io.remove_checkpoint(tmp_path / "epoch=0-step=5.ckpt")
+    finally:
+        faults.disarm()
+    io.teardown()
+    assert not (tmp_path / "epoch=0-step=5.ckpt").exists() and (tmp_path / "checkpoint-5").is_dir()  # unnamed
+    io2 = SafetensorsCheckpointIO()
+    io2.save_checkpoint({"global_step": 7, "state_dict": {"w": torch.ones(3)}}, tmp_path / "last.ckpt")
+    io2.wait()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == [
+        ".btckpt.lock", "checkpoint-7", "last.ckpt"]  # 5 deleted and its marker gone; 6 retired when last moved
+    io2.teardown()
+
+
 def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     own, load = tmp_path / "own", tmp_path / "loaded"
     monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))

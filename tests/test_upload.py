@@ -265,3 +265,26 @@ def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
 def test_dir_url_and_upload_to_together_is_refused(tmp_path: Path):
     with pytest.raises(btckpt.ConfigError, match="upload_to"):
         btckpt.Checkpointer(dir="s3://bucket/run", upload_to="s3://bucket/other")
+
+
+def test_a_killed_uploaders_manifest_temp_is_removed_and_never_counts(tmp_path: Path):
+    """On a non-S3 destination the manifest goes up as a temp object then a move; a kill between the two
+    leaves the temp behind: the checkpoint is not complete there, and the next pass removes the temp."""
+    import fsspec
+
+    src = tmp_path / "ck"
+    make_ckpts(src, [1])
+    dest = f"memory://m{uuid.uuid4().hex[:8]}/run"
+    fs = fsspec.filesystem("memory")
+    rdir = dest[len("memory://"):] + "/checkpoint-1"
+    try:
+        fs.pipe_file(f"{rdir}/.btckpt.json.tmp-4242", (src / "checkpoint-1" / "btckpt.json").read_bytes())
+        assert [i for i in btckpt.discovery.scan(dest) if i.complete] == []  # a temp manifest never commits
+        res = Uploader(src, dest, retries=0).run_pass()
+        assert len(res.uploaded) == 1 and not res.failed
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(rdir)) == sorted(
+            p.name for p in (src / "checkpoint-1").iterdir())
+        assert [i.step for i in btckpt.discovery.scan(dest) if i.complete] == [1]
+    finally:
+        if fs.exists(dest[len("memory://"):]):
+            fs.rm(dest[len("memory://"):], recursive=True)

@@ -54,7 +54,7 @@ from ._lightning_state import (
     to_groups,
     write_link,
 )
-from .commit import checkpoint_name, delete_checkpoint
+from .commit import checkpoint_name, delete_checkpoint, write_small_file
 from .config import resolve_dir, resolve_load_dir
 from .discovery import STEP_DIR, inspect, scan
 from .distributed import World
@@ -67,6 +67,7 @@ from .storage import fsync_dir, is_url
 __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "resume_path", "LINK_FORMAT"]
 
 log = logging.getLogger("btckpt")
+RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
 
 
 def _rank() -> int:
@@ -112,6 +113,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                               max_shard_size=self.max_shard_size, save_rng=self.save_rng,
                               handle_sigterm=handle_sigterm)
             self._ckpts[key] = ck
+            self._finish_retirements(key)  # under the Checkpointer's writer lock
         return ck
 
     def _committed(self, folder: Path) -> None:
@@ -273,16 +275,35 @@ class SafetensorsCheckpointIO(CheckpointIO):
             folder: Path | None = read_link(p)
         except UnsafeCheckpoint:
             folder = None  # not ours (e.g. a .ckpt from TorchCheckpointIO): remove it as Lightning would
+        # the last name of a folder: a marker first, so a kill between unlinking and deleting never leaves a
+        # complete folder that nothing names (the next start finishes the deletion, see _finish_retirements)
+        marker = p.parent / f"{RETIRE}{folder.name}" if folder is not None and not self._named(folder, besides=p) \
+            else None
+        if marker is not None and not marker.exists():
+            write_small_file(marker, b"")
+            fsync_dir(p.parent)
         os.unlink(p)
         fsync_dir(p.parent)
-        if folder is not None and not self._named(folder):
+        if marker is not None and folder is not None:
             self._retire(folder)
+            marker.unlink(missing_ok=True)
 
-    def _named(self, folder: Path) -> bool:
+    def _finish_retirements(self, root: Path) -> None:
+        """Delete the folders whose last name was removed by a process that died before deleting them."""
+        for marker in sorted(root.glob(f"{RETIRE}checkpoint-*")):
+            folder = root / marker.name[len(RETIRE):]
+            if STEP_DIR.match(folder.name) and folder.is_dir() and not self._named(folder):
+                log.warning("btckpt: deleting %s, whose last name was removed by an earlier run", folder)
+                delete_checkpoint(folder)
+            marker.unlink(missing_ok=True)
+
+    def _named(self, folder: Path, *, besides: Path | None = None) -> bool:
         with self._lock:
             if self._pending.get(folder):
                 return True
         for entry in folder.parent.iterdir():
+            if entry == besides:
+                continue
             if entry.is_file() and not entry.name.startswith(".") and entry.stat().st_size <= MAX_LINK:
                 try:
                     if read_link(entry) == folder:

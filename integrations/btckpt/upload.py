@@ -140,6 +140,8 @@ class Uploader:
         if self.journal.ckpts.get(rdir) == mhash:
             return "skipped"
         listing = _listing_detail(self.fs, rdir)
+        for stray in [n for n in listing if n.startswith(f".{MANIFEST}.tmp-")]:  # a killed uploader's manifest
+            self.fs.rm_file(join(rdir, stray))
         task = None
         total = sum(int(e["size"]) for e in info.manifest.files.values())
         if self.progress is not None:

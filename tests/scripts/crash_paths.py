@@ -129,8 +129,9 @@ FINDINGS: list[tuple[str, str]] = []
 
 def _check_lightning(root: Path, ref: Path | None, final: bool) -> None:
     """Every link file names a complete folder; no link temp file survives. After a clean finish every folder
-    should be named by a link: an unnamed one (a kill in ``remove_checkpoint`` between unlinking the last name
-    and retiring the folder; lightning.py never collects it) is recorded in :data:`FINDINGS`."""
+    should be named by a link (a kill in ``remove_checkpoint`` between unlinking the last name and deleting the
+    folder leaves a marker; the next start finishes the deletion); an unnamed one is recorded in
+    :data:`FINDINGS`."""
     from btckpt.discovery import inspect
     from btckpt.lightning import read_link
 
