@@ -520,6 +520,7 @@ def test_hf_model_folder_loads_with_from_pretrained_and_resumes_exactly(tmp_path
     ref = _gpt_module(0)
     _fit_gpt(ref, tmp_path / "ref", steps=9)
     folder = tmp_path / "ref" / "checkpoint-9"
+    assert resume_path(dir=tmp_path / "ref") == str(folder)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "btckpt.json"} <= names, names
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -585,10 +586,12 @@ def test_hf_model_choice_collision_and_several_models(tmp_path: Path, caplog: py
     assert len([r for r in caplog.records if "several transformers models" in r.getMessage()]) == 1
     assert not (tmp_path / "c" / "checkpoint-2" / "config.json").exists()
     io.teardown()
-    chosen = SafetensorsCheckpointIO(async_save=False, hf_model="b")
+    chosen = SafetensorsCheckpointIO(async_save=False, hf_model="b", max_shard_size=100_000)  # sharded + index
     chosen.attach(two)
     chosen.save_checkpoint({"global_step": 3, "state_dict": two.state_dict()}, tmp_path / "d" / "x.ckpt")
     chosen.teardown()
+    index = json.loads((tmp_path / "d" / "checkpoint-3" / "model.safetensors.index.json").read_text())
+    assert "transformer.wte.weight" in index["weight_map"] and "a.transformer.wte.weight" in index["weight_map"]
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "checkpoint-3")
