@@ -454,3 +454,147 @@ def test_ddp_two_ranks_sigkill_then_resume_is_exact_with_every_ranks_rng(tmp_pat
     ref, ctl = _load_dump(tmp_path / "ref.0.st")[0], _load_dump(tmp_path / "ctl.0.st")[0]
     assert any(not torch.equal(ref[k], ctl[k]) for k in ref if k.startswith("param.net")), \
         "rank 1's RNG made no difference: the test would not catch a missing rng_state_1.json"
+
+
+# -- an HF model inside the LightningModule: the folder is servable with from_pretrained ------------------------
+@pytest.fixture
+def no_tqdm_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_pretrained's progress bar would start tqdm's monitor thread (the leak check flags it)."""
+    tqdm = pytest.importorskip("tqdm")
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
+
+
+def _tiny_gpt2() -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+
+
+def _gpt_module(seed: int) -> Any:
+    import lightning as L
+
+    class GPT(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _tiny_gpt2()  # dropout on: an exact resume needs the RNG back
+            self.scale = torch.nn.Parameter(torch.ones(1))  # the LightningModule's own key, kept as is
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            ids = batch[0]
+            return self.model(input_ids=ids, labels=ids).loss * self.scale[0]
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+    torch.manual_seed(seed)
+    return GPT()
+
+
+def _tokens() -> Any:
+    from lightning_train import Batches
+
+    data = Batches(n=32, bs=4)  # 8 batches an epoch; resumable mid-epoch
+    data.x = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(3))
+    data.y = data.x
+    return data
+
+
+def _fit_gpt(module: Any, ck: Path, *, steps: int, ckpt_path: str | None = None) -> None:
+    import lightning as L
+    from btckpt.lightning import ModelCheckpoint
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        plugins=[SafetensorsCheckpointIO()],
+                        callbacks=[ModelCheckpoint(dirpath=ck, every_n_train_steps=3, save_top_k=-1)])
+    trainer.fit(module, train_dataloaders=_tokens(), ckpt_path=ckpt_path)
+
+
+def test_hf_model_folder_loads_with_from_pretrained_and_resumes_exactly(tmp_path: Path, no_tqdm_monitor: None) -> None:
+    """A LightningModule holding a GPT-2 (tied lm_head/wte): every checkpoint folder loads with
+    AutoModelForCausalLM.from_pretrained (config.json + HF-keyed model.safetensors), and resuming the fit
+    from it restores the LightningModule's own keys and ends bit-identical to an uninterrupted run."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ref = _gpt_module(0)
+    _fit_gpt(ref, tmp_path / "ref", steps=9)
+    folder = tmp_path / "ref" / "checkpoint-9"
+    assert resume_path(dir=tmp_path / "ref") == str(folder)
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "btckpt.json"} <= names, names
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "transformer.wte.weight" in stored and "scale" in stored
+    assert not [k for k in stored if k.startswith("model.")]
+    assert "lm_head.weight" not in stored  # tied: stored once
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert set(info["unexpected_keys"]) <= {"scale"}, info
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # still tied
+    want = ref.model.state_dict()
+    got = hf.state_dict()
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, bad
+
+    # the Lightning side sees the LightningModule's exact keys and values
+    io = SafetensorsCheckpointIO()
+    loaded = io.load_checkpoint(folder)["state_dict"]
+    io.teardown()
+    full = ref.state_dict()
+    assert list(loaded) == list(full)
+    assert all(torch.equal(loaded[k], full[k]) for k in full)
+
+    # resume mid-epoch from step 3 (dropout + AdamW): bit-identical to the uninterrupted run
+    res = _gpt_module(1)
+    ck = tmp_path / "res"
+    shutil.copytree(tmp_path / "ref" / "checkpoint-3", ck / "checkpoint-3")
+    _fit_gpt(res, ck, steps=9, ckpt_path=str(ck / "checkpoint-3"))
+    bad = [k for k, v in ref.state_dict().items() if not torch.equal(v, res.state_dict()[k])]
+    assert not bad, f"differs after resume: {bad}"
+    hf2 = AutoModelForCausalLM.from_pretrained(ck / "checkpoint-9")
+    assert all(torch.equal(hf2.state_dict()[k], v) for k, v in want.items())
+
+
+def test_hf_model_choice_collision_and_several_models(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     no_tqdm_monitor: None) -> None:
+    """Explicit hf_model=, a key collision refused with a clear error, several models: none, one warning."""
+    from btckpt.errors import ConfigError
+
+    module = torch.nn.Module()
+    module.model = _tiny_gpt2()
+    module.lm_head = torch.nn.Linear(2, 2, bias=False)  # "lm_head.weight" would collide with model.lm_head.weight
+    io = SafetensorsCheckpointIO(async_save=False)
+    io.attach(module)
+    with pytest.raises(ConfigError, match="lm_head.weight.*hf_model=False"):
+        io.save_checkpoint({"global_step": 1, "state_dict": module.state_dict()}, tmp_path / "a" / "x.ckpt")
+    io.teardown()
+    off = SafetensorsCheckpointIO(async_save=False, hf_model=False)
+    off.attach(module)
+    off.save_checkpoint({"global_step": 1, "state_dict": module.state_dict()}, tmp_path / "b" / "x.ckpt")
+    assert not (tmp_path / "b" / "checkpoint-1" / "config.json").exists()
+    off.teardown()
+
+    two = torch.nn.Module()
+    two.a, two.b = _tiny_gpt2(), _tiny_gpt2()
+    io = SafetensorsCheckpointIO(async_save=False)
+    io.attach(two)
+    with caplog.at_level("WARNING", logger="btckpt"):
+        for step in (1, 2):
+            io.save_checkpoint({"global_step": step, "state_dict": two.state_dict()}, tmp_path / "c" / "x.ckpt")
+    assert len([r for r in caplog.records if "several transformers models" in r.getMessage()]) == 1
+    assert not (tmp_path / "c" / "checkpoint-2" / "config.json").exists()
+    io.teardown()
+    chosen = SafetensorsCheckpointIO(async_save=False, hf_model="b", max_shard_size=100_000)  # sharded + index
+    chosen.attach(two)
+    chosen.save_checkpoint({"global_step": 3, "state_dict": two.state_dict()}, tmp_path / "d" / "x.ckpt")
+    chosen.teardown()
+    index = json.loads((tmp_path / "d" / "checkpoint-3" / "model.safetensors.index.json").read_text())
+    assert "transformer.wte.weight" in index["weight_map"] and "a.transformer.wte.weight" in index["weight_map"]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "checkpoint-3")
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in two.b.state_dict().items())
+    back = SafetensorsCheckpointIO().load_checkpoint(tmp_path / "d" / "checkpoint-3")["state_dict"]
+    assert list(back) == list(two.state_dict())

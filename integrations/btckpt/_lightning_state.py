@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from .discovery import STEP_DIR
+from .config import resolve_dir, resolve_load_dir
+from .discovery import STEP_DIR, scan
 from .errors import UnsafeCheckpoint, UnsupportedValue
 from .layout import GROUP_NAME, flatten_group
-from .storage import fsync_dir, fsync_file
+from .storage import fsync_dir, fsync_file, is_url
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_SEQ_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
-           "write_link", "repair_links"]
+           "write_link", "repair_links", "resume_path", "safe_for_background_copy",
+           "process_rank"]
 
 log = logging.getLogger("btckpt")
 
@@ -149,3 +151,34 @@ def repair_links(folder: Path, callbacks: Any) -> None:
         if p.parent == folder.parent and p.suffix == ".ckpt" and not p.exists() and not p.is_symlink():
             write_link(p, folder)
             log.info("btckpt: re-created %s -> %s (lost to a crash right after the commit)", p.name, folder.name)
+
+
+def safe_for_background_copy(trainer: Any) -> bool:
+    """True at a training batch end after which the next write to parameters is ``optimizer.step()``."""
+    if not trainer.training or trainer.sanity_checking or trainer.should_stop:
+        return False
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return not progress.is_last_batch
+
+
+def resume_path(*, dir: str | os.PathLike[str] | None = None,
+                load_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete checkpoint in ``dir``
+    (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``), else in ``load_dir`` (default
+    ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts included), else None."""
+    for root in (resolve_dir(dir), resolve_load_dir(load_dir)):
+        if root is None or is_url(root):
+            continue
+        for info in scan(root):
+            if info.complete and info.kind == "btckpt":
+                return str(info.path)
+    return None
+
+
+def process_rank() -> int:
+    """This process's rank in torch.distributed's default group (0 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0

@@ -27,6 +27,15 @@ Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on r
 :class:`ModelCheckpoint` (this module's) every rank's RNG state is still saved: each rank hands its state to
 rank 0 through the c10d store while Lightning builds the dict, and the one commit holds
 ``rng_state_<rank>.json`` for every rank; on resume each rank restores its own.
+
+HF models: with :class:`ModelCheckpoint` (this module's; it hands the LightningModule to the plugin) and a
+``transformers.PreTrainedModel`` inside the LightningModule (e.g. ``self.model``), each folder is also
+servable: ``model.safetensors`` keys that model's weights as HF does (``model.`` stripped; other keys kept)
+and ``config.json`` (+ ``generation_config.json`` when it generates) join the commit, so
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it; the manifest's ``meta`` records the mapping and
+loading gives Lightning its original keys. ``SafetensorsCheckpointIO(hf_model=...)``: True (default) finds
+the one PreTrainedModel (several: none, one warning), ``"backbone.lm"`` names it, False turns it off. A
+key collision from the stripping is refused with an error.
 """
 
 from __future__ import annotations
@@ -44,18 +53,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import _lightning_rng as _rng
+from ._lightning_hf import HFLayout, from_hf_keys
 from ._lightning_state import (
     LINK_FORMAT,
     MAX_LINK,
     map_tree,
     name_bad_key,
+    process_rank,
     read_link,
     repair_links,
+    resume_path,
+    safe_for_background_copy,
     to_groups,
     write_link,
 )
 from .commit import checkpoint_name, delete_checkpoint, write_small_file
-from .config import resolve_dir, resolve_load_dir
+from .config import resolve_dir
 from .discovery import STEP_DIR, inspect, scan
 from .distributed import World
 from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
@@ -70,23 +83,20 @@ log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class SafetensorsCheckpointIO(CheckpointIO):
     """Lightning ``CheckpointIO`` writing atomic, asynchronous, pickle-free btckpt folders (module doc).
 
     Options: ``async_save`` (write in the background; default True), ``max_shard_size``, ``save_rng``
     (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``,
     ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save), ``background_copy``
-    (copy parameters and optimizer moments behind the step gate; module doc).
+    (copy parameters and optimizer moments behind the step gate; module doc), ``hf_model`` (the HF
+    model folder form; module doc).
     """
 
     def __init__(self, *, async_save: bool = True, max_shard_size: int = 5 * 10**9, save_rng: bool = True,
-                 restore_rng: bool = True, rng_timeout: float = 600.0, background_copy: bool = True) -> None:
+                 restore_rng: bool = True, rng_timeout: float = 600.0, background_copy: bool = True,
+                 hf_model: str | bool = True) -> None:
+        self._hf = HFLayout(hf_model)
         self.async_save = async_save
         self.background_copy = background_copy
         self._gate_next: tuple[dict[str, Any], list[torch.optim.Optimizer]] | None = None
@@ -155,6 +165,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
         (:class:`ModelCheckpoint` calls this at safe points; module doc)."""
         self._gate_next = (checkpoint, list(optimizers)) if self.background_copy and optimizers else None
 
+    def attach(self, module: Any) -> None:
+        """Tell the plugin the LightningModule (for ``hf_model``; :class:`ModelCheckpoint` calls this)."""
+        self._hf.attach(module)
+
     # -- CheckpointIO -----------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Snapshot ``checkpoint`` into ``<dir>/checkpoint-<global_step>`` and name it ``path`` once committed."""
@@ -195,10 +209,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._mine.add(folder)
             return
         groups, keys = to_groups(checkpoint)
+        meta: dict[str, Any] = {"keys": keys}
+        files: dict[str, bytes] | None = None
+        hf = self._hf.prepare(groups["model"]) if isinstance(groups.get("model"), dict) else None
+        if hf is not None:
+            groups["model"], files, meta["hf"] = hf
         with self._lock:
             self._pending[folder] = [] if link == folder else [link]
         try:
-            ck.save(step, groups, meta={"lightning": {"keys": keys}}, on_commit=self._committed,
+            ck.save(step, groups, meta={"lightning": meta}, extra_files=files,
+                    on_commit=self._committed,
                     peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers)
         except UnsupportedValue as exc:
             with self._lock:
@@ -245,16 +265,19 @@ class SafetensorsCheckpointIO(CheckpointIO):
         meta = info.manifest.meta.get("lightning", {}) if info.manifest is not None else {}
         keys = meta.get("keys", {"model": "state_dict"}) if isinstance(meta, dict) else {}
         out = {keys.get(g, g): reader.load_group(g) for g in reader.groups}
+        if isinstance(meta, dict) and "hf" in meta and "state_dict" in out:
+            out["state_dict"] = from_hf_keys(out["state_dict"], meta["hf"], where=str(folder))
         if map_location is not None and isinstance(map_location, (str, torch.device)):
             out = map_tree(out, torch.device(map_location))
+        rank = process_rank()
         if self.restore_rng and "loops" in out and info.manifest is not None:
-            name = rng_file(_rank())
+            name = rng_file(rank)
             if name in info.manifest.files:
                 restore_rng(json.loads(read_verified_bytes(folder, info.manifest, name)), where=str(folder))
             elif any(n.startswith("rng_state_") for n in info.manifest.files):
                 log.warning("btckpt: %s holds no RNG state for rank %d (saved by fewer ranks, or without "
-                            "btckpt.lightning.ModelCheckpoint); this rank's RNG is not restored", folder, _rank())
-        if "loops" in out and _rank() == 0:
+                            "btckpt.lightning.ModelCheckpoint); this rank's RNG is not restored", folder, rank)
+        if "loops" in out and rank == 0:
             repair_links(folder, out.get("callbacks"))
         self._mine.add(folder)
         return out
@@ -358,8 +381,13 @@ class ModelCheckpoint(_ModelCheckpoint):
             return
         if io.save_rng:
             _rng.note(checkpoint)
-        if trainer.is_global_zero and _safe_for_background_copy(trainer):
+        if trainer.is_global_zero and safe_for_background_copy(trainer):
             io.gate_with(checkpoint, list(trainer.optimizers))
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if isinstance(trainer.strategy.checkpoint_io, SafetensorsCheckpointIO):
+            trainer.strategy.checkpoint_io.attach(pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
@@ -384,27 +412,3 @@ class ModelCheckpoint(_ModelCheckpoint):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._ck = None
         super().teardown(trainer, pl_module, stage)
-
-
-def _safe_for_background_copy(trainer: Any) -> bool:
-    """True at a training batch end after which the next write to parameters is ``optimizer.step()``."""
-    if not trainer.training or trainer.sanity_checking or trainer.should_stop:
-        return False
-    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
-        return False
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-    return not progress.is_last_batch
-
-
-def resume_path(*, dir: str | os.PathLike[str] | None = None,
-                load_dir: str | os.PathLike[str] | None = None) -> str | None:
-    """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete checkpoint in ``dir``
-    (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``), else in ``load_dir`` (default
-    ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts included), else None."""
-    for root in (resolve_dir(dir), resolve_load_dir(load_dir)):
-        if root is None or is_url(root):
-            continue
-        for info in scan(root):
-            if info.complete and info.kind == "btckpt":
-                return str(info.path)
-    return None
