@@ -9,7 +9,6 @@ and optimizer (replicated by DDP), the scheduler, the step, and the next draws o
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -24,18 +23,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash_train import _plain, _tensors  # noqa: E402
+from crash_train import _plain, _tensors, script_args  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--every", type=int, default=3)
-    ap.add_argument("--sleep", type=float, default=0.02)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
+    a = script_args(sleep=0.02)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     torch.manual_seed(0)

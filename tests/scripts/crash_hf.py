@@ -8,7 +8,6 @@ every RNG: an interrupted-and-resumed run must match an uninterrupted one bit fo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -19,18 +18,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash_train import _plain, _tensors  # noqa: E402
+from crash_train import _plain, _tensors, script_args  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--every", type=int, default=3)
-    ap.add_argument("--keep-last", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(1)  # bitwise-reproducible runs (see crash_train.build)
+    a = script_args(keep_last=2)
 
     from btckpt.hf import CheckpointCallback, resume_checkpoint
     from hf_train import VOCAB, Synthetic

@@ -86,6 +86,21 @@ def _plain(x):
     return x
 
 
+def script_args(**extra: float | int) -> argparse.Namespace:
+    """The integration crash scripts' command line: ``--dir --out --steps 30 --every 3`` plus ``extra``
+    options (name=default, type from the default); pins one intra-op thread (bitwise-reproducible runs)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--every", type=int, default=3)
+    for name, default in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)

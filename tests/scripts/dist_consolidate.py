@@ -16,20 +16,14 @@ import torch.distributed as dist
 
 def main() -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(sys.argv[1])
     keep_last = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    from dist_hf import tiny_fsdp_llama
+
+    cfg, model = tiny_fsdp_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = {"model": model, "optimizer": opt}
     with btckpt.Checkpointer(keep_last=keep_last, consolidate=True) as ckpt:

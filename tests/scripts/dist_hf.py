@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import btckpt
 import torch
 import torch.distributed as dist
 
 
-def main() -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def tiny_fsdp_llama() -> tuple[Any, Any]:
+    """A 2-layer Llama from a config (seed 0), each layer and the root under FSDP2: ``(config, model)``."""
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = sys.argv[1]
-    dist.init_process_group("gloo")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
@@ -23,6 +22,15 @@ def main() -> int:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    return cfg, model
+
+
+def main() -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    cfg, model = tiny_fsdp_llama()
     with btckpt.Checkpointer(keep_last=None) as ckpt:
         ckpt.save(1, {"model": model}, extra_files={"config.json": cfg.to_json_string().encode()})
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

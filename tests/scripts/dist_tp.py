@@ -47,11 +47,9 @@ def full_state(net: torch.nn.Module, opt: torch.optim.Optimizer, distributed: bo
     opts = StateDictOptions(full_state_dict=distributed)
     msd = get_model_state_dict(net, options=opts)
     osd = get_optimizer_state_dict(net, opt, options=opts)
-    out = {f"model.{k}": v.detach().clone().contiguous() for k, v in msd.items()}
-    for fqn, st in osd["state"].items():
-        for k, v in st.items():
-            out[f"optim.{fqn}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
-    return out
+    from dist_train import as_flat
+
+    return as_flat(msd, osd)
 
 
 def main() -> int:

@@ -55,6 +55,11 @@ def full_state(mode: str, net: torch.nn.Module, opt: torch.optim.Optimizer) -> d
     else:
         msd = get_model_state_dict(net)
         osd = get_optimizer_state_dict(net, opt)
+    return as_flat(msd, osd)
+
+
+def as_flat(msd: dict, osd: dict) -> dict[str, torch.Tensor]:
+    """Model and optimizer state dicts as one flat dict of contiguous tensor copies (``model.*``, ``optim.*``)."""
     out = {f"model.{k}": v.detach().clone().contiguous() for k, v in msd.items()}
     for fqn, st in osd["state"].items():
         for k, v in st.items():
