@@ -1,6 +1,6 @@
 """One short GPU run: snapshot correctness with kernels in flight, D2H bandwidth, stall vs DCP.
 
-    python benchmarks/gpu_check.py --gib 4 --rounds 3 --batch 1024 --dir /tmp/btckpt-gpu
+    python benchmarks/gpu_check.py --gib 4 --rounds 3 --batch 1024 --lightning --dir /tmp/btckpt-gpu
 
 (a) checks (with a full arena and with a small memory budget) that a checkpoint equals the state at the
 save() call while kernels that write the parameters are still queued before it and optimizer steps
@@ -103,6 +103,51 @@ def check_correctness(root: Path, device: torch.device, *, budget: int | None, l
     rows.append((f"(a) snapshot == state at save() with kernels in flight, {label}", "PASS" if ok else "FAIL", note))
     if not ok:
         print(f"correctness check {label} FAILED", file=sys.stderr)
+
+
+def lightning_check(root: Path, device: torch.device) -> None:
+    """(a3) btckpt's Lightning plugin on this device: with the background copy (side stream + step gate),
+    every checkpoint equals the state at the batch end it was taken at (probed by a callback that runs
+    just before ModelCheckpoint), with optimizer steps and more kernels queued right after."""
+    import lightning as L
+    from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO
+    from safetensors.torch import load_file
+
+    width = 1024 if device.type == "cuda" else 64
+    probes: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(4)])
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.body(batch[0]).float().pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Probe(L.Callback):  # Lightning runs checkpoint callbacks last, so this sees the state being saved
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            if trainer.global_step % 4 == 0:
+                probes[trainer.global_step] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64 * 16, width))
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=12,
+                        plugins=[SafetensorsCheckpointIO()], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe(), ModelCheckpoint(
+                            dirpath=root / "lightning", every_n_train_steps=4, save_top_k=-1)])
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=64))
+    ok = sorted(probes) == [4, 8, 12]
+    for step, want in probes.items():
+        got = load_file(str(root / "lightning" / f"checkpoint-{step}" / "model.safetensors"))
+        for k, v in want.items():
+            if not torch.equal(got[k], v):
+                ok = False
+                print(f"  LIGHTNING MISMATCH at step {step}: {k}")
+    rows.append(("(a3) Lightning plugin, background copy: checkpoint == state at its batch end",
+                 "PASS" if ok else "FAIL", f"steps {sorted(probes)}, width {width}"))
 
 
 def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
@@ -245,6 +290,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/btckpt-gpu")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=64, help="rows per training step (more: more compute to overlap)")
+    ap.add_argument("--lightning", action="store_true", help="also check btckpt's Lightning plugin on the device")
     args = ap.parse_args()
     BATCH[0] = args.batch
     device = torch.device(args.device)
@@ -257,6 +303,8 @@ def main() -> None:
     check_correctness(root, device, budget=None, label="full arena")
     small = 64 << 20 if device.type == "cuda" else 8 << 20
     check_correctness(root, device, budget=small, label=f"{small >> 20} MiB budget (windows)")
+    if args.lightning:
+        lightning_check(root, device)
     print(f"(a) done in {time.perf_counter() - t0:.0f}s", flush=True)
     bandwidth(device, args.gib, args.rounds)
     print(f"(b) done in {time.perf_counter() - t0:.0f}s", flush=True)
