@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from .config import resolve_dir, resolve_load_dir
-from .discovery import STEP_DIR, scan
-from .errors import UnsafeCheckpoint, UnsupportedValue
+from .discovery import STEP_DIR, choose
+from .errors import ConfigError, UnsafeCheckpoint, UnsupportedValue
 from .layout import GROUP_NAME, flatten_group
 from .storage import fsync_dir, fsync_file, is_url
 
@@ -164,17 +164,20 @@ def safe_for_background_copy(trainer: Any) -> bool:
 
 
 def resume_path(*, dir: str | os.PathLike[str] | None = None,
-                load_dir: str | os.PathLike[str] | None = None) -> str | None:
-    """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete checkpoint in ``dir``
-    (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``), else in ``load_dir`` (default
-    ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts included), else None."""
-    for root in (resolve_dir(dir), resolve_load_dir(load_dir)):
-        if root is None or is_url(root):
-            continue
-        for info in scan(root):
-            if info.complete and info.kind == "btckpt":
-                return str(info.path)
-    return None
+                load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise") -> str | None:
+    """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete, verified checkpoint in
+    ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``; the ``checkpoint-<N>`` folders directly in
+    it), else in ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts
+    included), else None. The same rule as ``Checkpointer.restore`` (:func:`btckpt.discovery.choose`): a
+    damaged checkpoint is skipped with a warning naming the file; :class:`btckpt.NoCheckpointFound` when
+    ``load_dir`` is set and nothing was found anywhere, unless ``on_missing="start_fresh"``."""
+    roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
+    own, load = (None if r is None or is_url(r) else r for r in roots)
+    found = choose(own, load, on_missing=on_missing, accept=lambda i: i.kind == "btckpt")
+    if found is None and roots[1] is not None and is_url(roots[1]) and on_missing == "raise":
+        raise ConfigError(f"load_dir {roots[1]!r} is a URL; resume_path() reads local folders only (pass the "
+                          "downloaded folder, or on_missing='start_fresh')")
+    return str(found.path) if found is not None else None
 
 
 def process_rank() -> int:

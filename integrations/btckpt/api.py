@@ -9,7 +9,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .discovery import _is_url, inspect, latest, scan
+from .discovery import _is_url, latest, scan
 from .distributed import World
 from .errors import (
     CheckpointError,
@@ -73,37 +73,31 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     """Load a checkpoint into ``state`` in place and return its step.
 
     ``path`` is a checkpoint folder (btckpt, or a plain HF model folder for weights only) or a folder
-    holding checkpoints (the newest complete one is used, falling back past damaged ones).
+    holding checkpoints in any layout (the newest complete one that reads and verifies is used, falling
+    back past damaged ones with a warning naming each; a model file at its top does not hide them).
     """
-    if _is_url(path):
-        infos = [i for i in scan(path) if i.complete]
-        if not infos:
-            raise NoCheckpointFound(f"no complete checkpoint at or under {path}")
-        found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
-        if found is None:
-            raise NoCheckpointFound(f"no checkpoint under {path} could be read (see the warnings above)")
-        return found.step
-    p = Path(os.fspath(path).removeprefix("file://"))
-    if not p.exists():
-        raise NoCheckpointFound(f"{p} does not exist")
-    infos = scan(p) if not (p / "btckpt.json").exists() else [inspect(p)]
-    if len(infos) == 1 and infos[0].path == p:  # one named checkpoint: its own error, no fallback
+    if _is_url(path):  # behind a URL, a checkpoint is downloaded (restore_first) before it is read
+        infos, named = scan(path), False
+    else:
+        p = Path(os.fspath(path).removeprefix("file://"))
+        if not p.exists():
+            raise NoCheckpointFound(f"{p} does not exist")
+        infos = scan(p)
+        named = len(infos) == 1 and infos[0].path == p
+    if named:  # one named checkpoint: its own error, no fallback
         info = infos[0]
         if not info.complete:
             if info.status == "corrupt" and info.manifest is None:
-                read_manifest(p)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
+                read_manifest(info.path)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
             cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
-            raise cls(f"{p}: {info.reason}" if str(p) not in info.reason else info.reason)
+            raise cls(f"{info.path}: {info.reason}" if str(info.path) not in info.reason else info.reason)
         loaded, rng = read_for_state(info, list(state), rank=0, want_rng=load_rng, strict=strict)
-        load_into(state, loaded, rng, strict=strict, where=p)
+        load_into(state, loaded, rng, strict=strict, where=info.path)
         return info.step
-    if not any(i.complete for i in infos):  # damaged ones stay listed so that restore_first names them
-        for i in infos:
-            log.warning("btckpt: skipping %s (%s: %s)", i.path, i.status, i.reason)
-        raise NoCheckpointFound(f"no complete checkpoint at or under {p}")
-    found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)
+    found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)  # the selection rule
     if found is None:
-        raise NoCheckpointFound(f"no checkpoint under {p} could be read (see the warnings above)")
+        raise NoCheckpointFound(f"no complete, readable checkpoint at or under {path} (damaged ones are named in "
+                                "the warnings above)")
     return found.step
 
 

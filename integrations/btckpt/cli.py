@@ -15,10 +15,11 @@ import os
 import sys
 from typing import Any
 
-from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
+from .discovery import HF_WEIGHTS, CheckpointInfo, scan, select, verified
+from .discovery import verify as check_files
 from .errors import CheckpointError
-from .manifest import check_relative_name, entry_problem
-from .storage import file_checksum, is_url, local_path
+from .manifest import check_relative_name
+from .storage import is_url, local_path, remote_fs
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
 
@@ -94,26 +95,24 @@ def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc") ->
     return rows
 
 
-def _resolve(target: str) -> tuple[CheckpointInfo, str]:
-    """One checkpoint: ``target`` itself, else the newest complete one under it (with a note)."""
-    if is_url(target):
-        from .storage import remote_fs
+def _resolve(target: str, *, verify_checksums: bool = False) -> tuple[CheckpointInfo, str]:
+    """One checkpoint: ``target`` itself, else the one the selection rule picks under it (with a note).
 
-        infos = scan(target)
-        here = remote_fs(target)[1].rstrip("/")
-        if len(infos) == 1 and str(infos[0].path).rstrip("/") == here.rstrip("/"):
-            return infos[0], ""
-    else:
-        p = local_path(target)
-        if (p / MANIFEST).exists() or STEP_DIR.match(p.name) or any((p / n).is_file() for n in HF_WEIGHTS):
-            return inspect(p), ""
-        infos = scan(p)
+    Under a folder of checkpoints: the newest complete one (:func:`btckpt.discovery.select`), checksums
+    verified too with ``verify_checksums`` (damaged ones are skipped with a warning naming the file); when
+    none qualifies, the newest one, so that its problems are shown.
+    """
+    infos = scan(target) if is_url(target) else scan(local_path(target))
+    here = remote_fs(target)[1] if is_url(target) else str(local_path(target))
+    if len(infos) == 1 and str(infos[0].path).rstrip("/") == here.rstrip("/"):  # a checkpoint itself
+        return infos[0], ""
     if not infos:
         raise CheckpointError(f"{target}: no checkpoint there (nothing in any supported layout)")
-    for i in infos:
-        if i.complete:
-            return i, f"newest complete checkpoint under {target}"
-    return infos[0], f"newest checkpoint under {target} (none is complete)"
+    found = select(infos, verified if verify_checksums else lambda i: i)
+    if found is not None:
+        return found[0], ("newest verified checkpoint under " if verify_checksums else
+                          "newest complete checkpoint under ") + target
+    return infos[0], f"newest checkpoint under {target} (none is {'sound' if verify_checksums else 'complete'})"
 
 
 def _console(stream: Any = None) -> Any:
@@ -225,36 +224,12 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
 
 # -- verify ------------------------------------------------------------------------------------------------
 def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
-    """Check every file against the manifest (size and xxh3-64). Returns the checkpoint and its problems."""
-    info, _ = _resolve(target)
-    if info.status == "corrupt" or (info.manifest is None and info.kind != "hf"):
-        return info, [f"{info.status}: {info.reason}"]
-    if hasattr(info, "url"):
-        from .remote import verify_url
+    """Check every file against the manifest (size and xxh3-64). Returns the checkpoint and its problems.
 
-        return info, verify_url(info)  # type: ignore[arg-type]
-    if info.manifest is None:
-        return info, ["no manifest: a plain model folder has no checksums to verify"]
-    problems = []
-    root = info.path.resolve()
-    for name, entry in info.manifest.files.items():
-        p = info.path / name
-        real = p.resolve()
-        if root not in real.parents:
-            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
-            continue
-        try:
-            size, digest = file_checksum(p)
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        except OSError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        problem = entry_problem(name, size, digest, entry)
-        if problem:
-            problems.append(problem)
-    return info, problems
+    Under a folder of checkpoints: the one a resume would choose (damaged ones skipped with a warning).
+    """
+    info, _ = _resolve(target, verify_checksums=True)
+    return info, check_files(info)
 
 
 # -- commands ----------------------------------------------------------------------------------------------

@@ -191,9 +191,7 @@ class Consolidator:
                     self._current = None
 
     def _one(self, src: Path) -> None:
-        from .commit import delete_checkpoint
-        from .discovery import scan
-        from .retention import select_for_deletion
+        from .retention import apply_retention
 
         dest = self.out / src.name
         if dest.exists() and inspect(dest).complete:
@@ -202,11 +200,7 @@ class Consolidator:
         log.info("btckpt: consolidated %s -> %s", src, dest)
         self.done.append(dest)
         keep = {dest} | {self.out / p.name for p in self._protected}
-        for path in select_for_deletion(scan(self.out), keep_last=self.keep_last, protected=keep):
-            try:
-                delete_checkpoint(path)
-            except OSError as exc:
-                log.warning("btckpt: retention could not remove %s: %s", path, exc)
+        apply_retention(self.out, keep_last=self.keep_last, protected=keep)
 
     def take_error(self) -> BaseException | None:
         """The first failure since the last call (once), or None."""

@@ -1,23 +1,48 @@
-"""Find checkpoints: every supported layout, completeness checks, newest complete first.
+"""Find checkpoints and choose the one to resume: every supported layout, completeness, verification.
 
 Torch-free. Layouts searched under a root (PLATFORM.md): the root itself being a checkpoint;
 ``root/checkpoint-<step>/``; ``root/rank-<node>/checkpoint-<step>/``; and
 ``root/<job_id>/rank-<node>/checkpoint-<step>/`` (the node rank from ``$BT_NODE_RANK``, default 0).
-A checkpoint is complete when its manifest parses and every file it lists exists with its size;
-checksums are checked when a checkpoint is loaded or verified.
+A folder with ``checkpoint-<N>`` children in any of these layouts is a folder of checkpoints, whatever
+else lies at its top; a plain HF model folder at the top counts (as a weights-only warm start) only
+when there is none. A writer's *own* checkpoints are the ``checkpoint-<N>`` folders directly under its dir.
+A checkpoint is complete when its manifest parses and every file it lists is a regular file of its size;
+checksums are checked when a checkpoint is loaded or verified (:func:`verify`).
+
+Selection, the one rule every entry point follows (the Checkpointer, ``btckpt.load``/``latest``, HF's
+``resume_checkpoint``, Lightning's ``resume_path``, the CLI): :func:`resume_candidates` orders the own dir's
+checkpoints, newest first, then the load dir's; :func:`select` takes the first that is complete and passes
+a check (checksums, or a verified read), skipping each damaged one with a warning that names it;
+:func:`nothing_to_resume` raises :class:`NoCheckpointFound` when a load dir was set and nothing was chosen.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from .errors import CheckpointError
-from .manifest import MANIFEST, Manifest, read_manifest
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CoordinationError,
+    CorruptCheckpoint,
+    NoCheckpointFound,
+    StateMismatch,
+)
+from .manifest import MANIFEST, Manifest, entry_problem, read_manifest
+from .storage import file_checksum
 
-__all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR"]
+__all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
+           "verify", "verified", "nothing_to_resume", "choose"]
+
+log = logging.getLogger("btckpt")
+T = TypeVar("T")
 
 STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -27,8 +52,6 @@ def node_rank() -> int:
     """This node's rank: ``$BT_NODE_RANK``, else 0."""
     raw = os.environ.get("BT_NODE_RANK", "0").strip() or "0"
     if not raw.isdigit():
-        from .errors import ConfigError
-
         raise ConfigError(f"BT_NODE_RANK={raw!r} is not a non-negative integer; unset it or fix the value")
     return int(raw)
 
@@ -99,6 +122,9 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
                 return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
                                       f"{name} links outside the folder")
             st = real.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or lie: never opened
+            return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
+                                  f"{name} is not a regular file")
         if st.st_size != info["size"]:
             return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is {st.st_size} bytes, the manifest says {info['size']}")
@@ -120,59 +146,185 @@ def _btckpt_traces(p: Path) -> list[str]:
         return []
 
 
+def _step_dirs(d: Path) -> list[Path]:
+    try:
+        return [c for c in d.iterdir() if STEP_DIR.match(c.name) and c.is_dir()]
+    except (NotADirectoryError, FileNotFoundError, PermissionError):
+        return []
+
+
 def _candidates(root: Path, rank: int) -> list[Path]:
-    found: list[Path] = []
-
-    def step_dirs(d: Path) -> list[Path]:
-        try:
-            return [c for c in d.iterdir() if STEP_DIR.match(c.name) and c.is_dir()]
-        except (NotADirectoryError, FileNotFoundError, PermissionError):
-            return []
-
-    found += step_dirs(root)
-    found += step_dirs(root / f"rank-{rank}")
+    found = _step_dirs(root) + _step_dirs(root / f"rank-{rank}")
     try:
         jobs = [j for j in root.iterdir() if j.is_dir() and not j.name.startswith((".", "checkpoint-", "rank-"))]
     except (NotADirectoryError, FileNotFoundError, PermissionError):
         jobs = []
     for job in jobs:
-        found += step_dirs(job / f"rank-{rank}")
+        found += _step_dirs(job / f"rank-{rank}")
     return found
 
 
-def scan(path: str | os.PathLike[str], *, rank: int | None = None) -> list[CheckpointInfo]:
+def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = False) -> list[CheckpointInfo]:
     """All checkpoint folders under ``path`` in every supported layout, newest first (complete or not).
 
+    ``own``: only this writer's own checkpoints, the ``checkpoint-<N>`` folders directly under ``path``
+    (or ``path`` itself when it is a checkpoint or a plain model folder without checkpoints under it).
     ``path`` may be an fsspec URL (``s3://...``): then :func:`btckpt.remote.scan_url` does the work.
     """
     if _is_url(path):
         from .remote import scan_url
+        from .storage import remote_fs
 
-        return list(scan_url(os.fspath(path), rank=rank))
+        found = list(scan_url(os.fspath(path), rank=rank))
+        if own:
+            base = remote_fs(os.fspath(path))[1].rstrip("/")
+            found = [i for i in found if str(i.path) == base or str(i.path.parent) == base]
+        return found  # type: ignore[return-value]
     root = Path(os.fspath(path).removeprefix("file://"))
     if not root.is_dir():
         return []
-    if (root / MANIFEST).exists() or STEP_DIR.match(root.name) or any((root / n).is_file() for n in HF_WEIGHTS):
+    if (root / MANIFEST).exists() or STEP_DIR.match(root.name):
         return [inspect(root)]
-    infos = [inspect(c) for c in _candidates(root, node_rank() if rank is None else rank)]
+    paths = _candidates(root, node_rank() if rank is None else rank)
+    if not paths and any((root / n).is_file() for n in HF_WEIGHTS):  # a model folder, no checkpoints under it
+        return [inspect(root)]
+    if own:
+        paths = [c for c in paths if c.parent == root]
+    infos = [inspect(c) for c in paths]
     infos.sort(key=lambda i: (i.step, i.kind == "btckpt", i.created), reverse=True)
     return infos
 
 
-def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
-    """The newest complete checkpoint under ``path`` (any supported layout), or None.
+# -- verification and selection ------------------------------------------------------------------------------
+def verify(info: CheckpointInfo) -> list[str]:
+    """Check every listed file's size and xxh3-64 against the manifest; the problems (empty when sound).
 
-    For an fsspec URL the answer is the checkpoint's URL (a ``str``).
+    What ``btckpt verify`` reports, and the check :func:`verified` applies when a resume is chosen.
     """
-    if _is_url(path):
-        from .remote import latest_url
+    if info.status == "corrupt" or (info.manifest is None and info.kind != "hf"):
+        return [f"{info.status}: {info.reason}"]
+    if hasattr(info, "url"):
+        from .remote import verify_url
 
-        return latest_url(os.fspath(path), rank=rank)
-    path = os.fspath(path).removeprefix("file://")
-    for info in scan(path, rank=rank):
-        if info.complete:
-            return info.path
+        return verify_url(info)  # type: ignore[arg-type]
+    if info.manifest is None:
+        return ["no manifest: a plain model folder has no checksums to verify"]
+    problems = []
+    root = info.path.resolve()
+    for name, entry in info.manifest.files.items():
+        p = info.path / name
+        real = p.resolve()
+        if root not in real.parents:
+            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
+            continue
+        try:
+            if not stat.S_ISREG(real.stat().st_mode):
+                problems.append(f"{name}: not a regular file")
+                continue
+            size, digest = file_checksum(p)
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        problem = entry_problem(name, size, digest, entry)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def verified(info: CheckpointInfo) -> CheckpointInfo:
+    """``info`` when its files match the manifest (a plain model folder has nothing to check), else raises
+    :class:`CorruptCheckpoint` naming each bad file. The check :func:`select` applies for entry points that
+    hand a path on (HF, Lightning, ``latest``, the CLI) rather than reading the checkpoint themselves."""
+    if info.kind == "hf" and info.manifest is None:
+        return info
+    problems = verify(info)
+    if problems:
+        where = getattr(info, "url", "") or str(info.path)
+        raise CorruptCheckpoint(f"{where}: " + "; ".join(problems))
+    return info
+
+
+def resume_candidates(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None, *,
+                      rank: int | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint a (re)started job may resume from, in order of preference, damaged ones included:
+    its own (``checkpoint-<N>`` directly under ``dir``) newest first, then ``load_dir``'s (any layout)."""
+    own = scan(dir, rank=rank, own=True) if dir is not None else []
+    return own + (scan(load_dir, rank=rank) if load_dir else [])
+
+
+def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointInfo], T]
+           ) -> tuple[CheckpointInfo, T] | None:
+    """The first candidate that is complete and for which ``attempt`` (a check, or a verified read) succeeds,
+    with what ``attempt`` returned; None when there is none.
+
+    Incomplete or corrupt candidates, and those ``attempt`` rejects with a :class:`CheckpointError`, are
+    skipped with a warning naming the folder and the file, and the next (older) one is tried. Errors that
+    are about the caller, not the checkpoint (:class:`StateMismatch`: the state does not fit it;
+    :class:`ConfigError`; :class:`CoordinationError`), propagate: an older checkpoint would not fit better,
+    and falling back past all of them would silently start from scratch.
+    """
+    for info in candidates:
+        if not info.complete:
+            log.warning("btckpt: skipping %s (%s%s)", getattr(info, "url", "") or info.path, info.status,
+                        f": {info.reason}" if info.reason else "")
+            continue
+        try:
+            return info, attempt(info)
+        except (StateMismatch, ConfigError, CoordinationError):
+            raise
+        except CheckpointError as exc:
+            log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s",
+                        getattr(info, "url", "") or info.path, exc)
     return None
+
+
+def nothing_to_resume(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
+                      on_missing: str) -> None:
+    """Called when no checkpoint was chosen: raises :class:`NoCheckpointFound` if ``load_dir`` is set (a
+    resume was asked for) and ``on_missing`` is ``"raise"``; returns (start fresh) otherwise."""
+    if on_missing not in ("raise", "start_fresh"):
+        raise ConfigError(f"on_missing={on_missing!r}: use 'raise' or 'start_fresh'")
+    if not load_dir:
+        return
+    if on_missing == "raise":
+        raise NoCheckpointFound(
+            f"$BT_LOAD_CHECKPOINT_DIR / load_dir {os.fspath(load_dir)!r} holds no complete, verified checkpoint "
+            f"and {os.fspath(dir) if dir is not None else 'the checkpoint dir'} has none either (damaged ones "
+            "are named in the warnings above), so this run would silently start from scratch. Check the "
+            "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
+    log.warning("btckpt: load_dir %s holds no complete checkpoint; starting fresh (on_missing='start_fresh')",
+                os.fspath(load_dir))
+
+
+def choose(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None, *,
+           on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
+           rank: int | None = None) -> CheckpointInfo | None:
+    """The checkpoint to resume from, checksums verified: :func:`resume_candidates` (the complete ones only
+    if ``accept`` takes them; the others are named as skipped), through :func:`select` with :func:`verified`; None, or :class:`NoCheckpointFound` (see
+    :func:`nothing_to_resume`), when there is none."""
+    cands = [i for i in resume_candidates(dir, load_dir, rank=rank)
+             if accept is None or not i.complete or accept(i)]
+    found = select(cands, verified)
+    if found is None:
+        nothing_to_resume(dir, load_dir, on_missing)
+        return None
+    return found[0]
+
+
+def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
+    """The newest complete and verified checkpoint at or under ``path`` (any supported layout), or None.
+
+    Damaged ones are skipped with a warning (:func:`select`); checksums are checked, so this reads the
+    files of the checkpoints it tries. For an fsspec URL the answer is the checkpoint's URL (a ``str``).
+    """
+    found = select(scan(path, rank=rank), verified)
+    if found is None:
+        return None
+    info = found[0]
+    return getattr(info, "url", "") or info.path
 
 
 def _is_url(path: str | os.PathLike[str]) -> bool:

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .config import resolve_dir, resolve_load_dir
-from .discovery import CheckpointInfo, inspect, scan
+from .discovery import CheckpointInfo, choose, inspect
 from .errors import ConfigError
 from .manifest import MANIFEST
 from .reader import CheckpointReader, read_verified_bytes
@@ -56,25 +56,20 @@ _PATCHED = ("train", "_save_checkpoint", "_load_from_checkpoint", "_load_optimiz
 
 
 def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
-                      load_dir: str | os.PathLike[str] | None = None) -> str | None:
-    """Path of the newest complete checkpoint to resume from, or None.
+                      load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise") -> str | None:
+    """Path of the newest complete, verified checkpoint to resume from, or None.
 
     Looks in ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``: a restarted job's own
-    checkpoints) first, then in ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``, in any of its layouts,
-    nested ``<job>/rank-<node>/checkpoint-<step>/`` included). Incomplete folders are skipped; a plain HF
-    Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
+    checkpoints, the ``checkpoint-<N>`` folders directly in it) first, then in ``load_dir`` (default
+    ``$BT_LOAD_CHECKPOINT_DIR``, in any of its layouts, nested ``<job>/rank-<node>/checkpoint-<step>/``
+    included). The same rule as ``Checkpointer.restore`` (:func:`btckpt.discovery.choose`): incomplete
+    folders are skipped; checksums are verified and a damaged checkpoint is skipped with a warning naming
+    the file; a plain HF Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
+    Raises :class:`btckpt.NoCheckpointFound` when ``load_dir`` is set and nothing was found anywhere,
+    unless ``on_missing="start_fresh"`` (then None).
     """
-    roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
-    for root in roots:
-        if root is None:
-            continue
-        for info in scan(root):
-            if _resumable(info):
-                return str(info.path)
-    if roots[1] is not None:
-        log.warning("btckpt: $BT_LOAD_CHECKPOINT_DIR / load_dir %s holds no complete checkpoint; starting fresh",
-                    roots[1])
-    return None
+    found = choose(resolve_dir(dir), resolve_load_dir(load_dir), on_missing=on_missing, accept=_resumable)
+    return str(found.path) if found is not None else None
 
 
 def _resumable(info: CheckpointInfo) -> bool:
@@ -180,13 +175,15 @@ class CheckpointCallback(TrainerCallback):
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
             resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
-                                                       load_dir=self.options.get("load_dir"))
+                                                       load_dir=self.options.get("load_dir"),
+                                                       on_missing=self.options.get("on_missing", "raise"))
             if resume_from_checkpoint is None:
                 raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
                                  f"{resolve_dir(self.options.get('dir'))} or the load dir")
         elif resume_from_checkpoint is None and self.auto_resume:
             resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
-                                                       load_dir=self.options.get("load_dir"))
+                                                       load_dir=self.options.get("load_dir"),
+                                                       on_missing=self.options.get("on_missing", "raise"))
             if resume_from_checkpoint is not None:
                 log.warning("btckpt: resuming from %s", resume_from_checkpoint)
         self._checkpointer()

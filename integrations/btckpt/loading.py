@@ -12,8 +12,8 @@ from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .discovery import CheckpointInfo, inspect
-from .errors import CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
+from .discovery import CheckpointInfo, inspect, select
+from .errors import CorruptCheckpoint, StateMismatch
 from .reader import CheckpointReader, read_verified_bytes
 from .rng import restore_rng, rng_file
 from .statedict import apply_group
@@ -82,33 +82,32 @@ def _has_dtensor(state: MutableMapping[str, Any]) -> bool:
 
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
                   want_rng: bool, strict: bool) -> CheckpointInfo | None:
-    """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones."""
-    for cand in candidates:
-        info = cand if isinstance(cand, CheckpointInfo) else inspect(cand)
-        if info.complete and hasattr(info, "url"):  # behind an fsspec URL: download to the local cache first
+    """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones
+    (:func:`btckpt.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged)."""
+
+    def read(info: CheckpointInfo) -> tuple[CheckpointInfo, dict[str, Any], dict[str, Any] | None, Any,
+                                            dict[str, str]]:
+        if hasattr(info, "url"):  # behind an fsspec URL: download to the local cache first
             from .remote import fetch
 
             info = fetch(info)  # type: ignore[arg-type]
-        if not info.complete:
-            why = info.status + (f": {info.reason}" if info.reason else "")
-            log.warning("btckpt: skipping %s (%s)", info.path, why)
-            continue
         resharded, groups = None, _reshard_groups(info, state)
-        try:
-            loaded, rng = read_for_state(info, [n for n in state if n not in groups], rank=rank, want_rng=want_rng,
-                                         strict=strict)
-            if groups:  # sharded groups (FSDP2/DTensor): DCP's planner reshards; every rank takes part
-                from .dcp_bridge import read_sharded
+        loaded, rng = read_for_state(info, [n for n in state if n not in groups], rank=rank, want_rng=want_rng,
+                                     strict=strict)
+        if groups:  # sharded groups (FSDP2/DTensor): DCP's planner reshards; every rank takes part
+            from .dcp_bridge import read_sharded
 
-                resharded = read_sharded(info, state, groups, strict=strict)
-        except (CorruptCheckpoint, IncompleteCheckpoint) as exc:
-            log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s", info.path, exc)
-            continue
-        load_into(state, loaded, rng, strict=strict, where=info.path)
-        if resharded is not None:
-            from .dcp_bridge import apply_sharded
+            resharded = read_sharded(info, state, groups, strict=strict)
+        return info, loaded, rng, resharded, groups
 
-            apply_sharded(state, resharded, groups, strict=strict)
-        log.info("btckpt: restored step %d from %s", info.step, info.path)
-        return info
-    return None
+    found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates), read)
+    if found is None:
+        return None
+    info, loaded, rng, resharded, groups = found[1]
+    load_into(state, loaded, rng, strict=strict, where=info.path)
+    if resharded is not None:
+        from .dcp_bridge import apply_sharded
+
+        apply_sharded(state, resharded, groups, strict=strict)
+    log.info("btckpt: restored step %d from %s", info.step, info.path)
+    return info

@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from .commit import DirLock, checkpoint_name, delete_checkpoint
+from .commit import DirLock, checkpoint_name
 from .config import CheckpointConfig, default_budget
-from .discovery import CheckpointInfo, inspect, scan
+from .discovery import CheckpointInfo, inspect
 from .distributed import World
 from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
 from .remotedir import finish_upload, remote_target, staging_root
 from .resume import Resume
-from .retention import select_for_deletion
+from .retention import apply_retention
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
@@ -264,14 +264,8 @@ class Checkpointer:
         return path
 
     def _apply_retention(self, *, keep: Path) -> None:
-        doomed = select_for_deletion(scan(self.root), keep_last=self.config.keep_last,
-                                     protected=self._protected | {keep} | self._reading())
-        for path in doomed:
-            try:
-                delete_checkpoint(path)
-                log.info("btckpt: retention removed %s", path)
-            except OSError as exc:
-                log.warning("btckpt: retention could not remove %s: %s", path, exc)
+        apply_retention(self.root, keep_last=self.config.keep_last,
+                        protected=self._protected | {keep} | self._reading())
 
     def _reading(self) -> set[Path]:
         return self._consolidator.busy if self._consolidator is not None else set()

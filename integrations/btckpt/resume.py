@@ -1,9 +1,12 @@
-"""Where a (re)started job resumes from: policy only (the reading is :mod:`btckpt.loading`'s).
+"""Where a (re)started job resumes from: the Checkpointer's side of the one selection rule.
 
-Order of preference: the job's own checkpoints (its local ``dir``; with ``dir=URL`` also the published
-ones not present locally), newest first; then ``load_dir`` (a previous job's, the platform's nested
-layout). With several ranks, every rank calls :meth:`Resume.restore` and all load the same step: the
-newest one complete on every node, agreed through the c10d store (no collectives).
+The rule itself (order of preference, skipping damaged candidates, ``NoCheckpointFound``) is written once
+in :mod:`btckpt.discovery` (:func:`resume_candidates`, :func:`select`, :func:`nothing_to_resume`); the reading
+is :mod:`btckpt.loading`'s. Order: the job's own checkpoints (``checkpoint-<N>`` directly under its local
+``dir``; with ``dir=URL`` also the published ones not present locally), newest first; then ``load_dir``
+(a previous job's, the platform's nested layout). With several ranks, every rank calls
+:meth:`Resume.restore` and all load the same step: the newest one complete on every node, agreed through
+the c10d store (no collectives).
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import CheckpointConfig
-from .discovery import CheckpointInfo, scan
+from .discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan
 from .distributed import World
-from .errors import NoCheckpointFound
 from .loading import restore_first
 
 __all__ = ["Resume"]
@@ -33,16 +35,16 @@ class Resume:
 
     def own(self) -> list[CheckpointInfo]:
         """This job's checkpoints, newest first, damaged ones included (restore names each one it skips)."""
-        local = scan(self.root)
+        local = resume_candidates(self.root, None)
         if self.remote is None:
             return local
         steps = {i.step for i in local if i.complete}
-        remote = [i for i in scan(self.remote) if i.step not in steps]
+        remote = [i for i in scan(self.remote, own=True) if i.step not in steps]
         return sorted(local + remote, key=lambda i: i.step, reverse=True)
 
     def others(self) -> list[CheckpointInfo]:
         """The previous job's checkpoints under ``load_dir`` (empty when unset)."""
-        return scan(self.config.load_dir) if self.config.load_dir else []
+        return resume_candidates(None, self.config.load_dir)
 
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints in order of preference: own newest first, then ``load_dir``'s."""
@@ -61,11 +63,7 @@ class Resume:
         info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
         if info is not None:
             return info.step
-        if self.config.load_dir and self.config.on_missing == "raise":
-            raise NoCheckpointFound(
-                f"$BT_LOAD_CHECKPOINT_DIR / load_dir {self.config.load_dir!r} holds no complete checkpoint and "
-                f"{self.root} has none either, so this run would silently start from scratch. Check the "
-                "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
+        nothing_to_resume(self.root, self.config.load_dir, self.config.on_missing)
         return None
 
     def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
