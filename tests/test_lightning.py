@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from btckpt import UnsafeCheckpoint, UnsupportedValue  # noqa: E402
+from btckpt import NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue  # noqa: E402
 from btckpt.errors import CheckpointError  # noqa: E402
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
 from conftest import run_py  # noqa: E402
@@ -369,7 +369,9 @@ def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkey
     own, load = tmp_path / "own", tmp_path / "loaded"
     monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(load))
-    assert resume_path() is None
+    with pytest.raises(NoCheckpointFound):  # a resume was asked for (load dir set) and nothing is there
+        resume_path()
+    assert resume_path(on_missing="start_fresh") is None
     io = SafetensorsCheckpointIO(async_save=False)
     io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(1)}}, load / "job1" / "rank-0" / "x.ckpt")
     assert resume_path() == str(load / "job1" / "rank-0" / "checkpoint-4")
