@@ -39,7 +39,7 @@ from .manifest import MANIFEST, Manifest, entry_problem, read_manifest
 from .storage import file_checksum
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verified", "nothing_to_resume", "choose"]
+           "verify", "verify_files", "verified", "nothing_to_resume", "choose"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
@@ -164,6 +164,12 @@ def _candidates(root: Path, rank: int) -> list[Path]:
     return found
 
 
+def _holds_checkpoints(root: Path) -> bool:
+    """Whether ``root`` has a ``checkpoint-<N>`` folder in any supported layout, for any node rank."""
+    return any(STEP_DIR.match(c.name) and c.is_dir() for pattern in ("*", "rank-*/*", "*/rank-*/*")
+               for c in root.glob(pattern))
+
+
 def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = False) -> list[CheckpointInfo]:
     """All checkpoint folders under ``path`` in every supported layout, newest first (complete or not).
 
@@ -186,8 +192,8 @@ def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = F
     if (root / MANIFEST).exists() or STEP_DIR.match(root.name):
         return [inspect(root)]
     paths = _candidates(root, node_rank() if rank is None else rank)
-    if not paths and any((root / n).is_file() for n in HF_WEIGHTS):  # a model folder, no checkpoints under it
-        return [inspect(root)]
+    if not paths and any((root / n).is_file() for n in HF_WEIGHTS) and not _holds_checkpoints(root):
+        return [inspect(root)]  # a plain model folder with no checkpoint under it (any layout, any rank)
     if own:
         paths = [c for c in paths if c.parent == root]
     infos = [inspect(c) for c in paths]
@@ -209,10 +215,16 @@ def verify(info: CheckpointInfo) -> list[str]:
         return verify_url(info)  # type: ignore[arg-type]
     if info.manifest is None:
         return ["no manifest: a plain model folder has no checksums to verify"]
+    return verify_files(info.path, info.manifest)
+
+
+def verify_files(folder: Path, manifest: Manifest) -> list[str]:
+    """:func:`verify` for a local folder: each listed file is a regular file inside ``folder`` whose size
+    and xxh3-64 match ``manifest``; the problems, each starting with the file's name."""
     problems = []
-    root = info.path.resolve()
-    for name, entry in info.manifest.files.items():
-        p = info.path / name
+    root = folder.resolve()
+    for name, entry in manifest.files.items():
+        p = folder / name
         real = p.resolve()
         if root not in real.parents:
             problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
@@ -303,8 +315,8 @@ def choose(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] 
            on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
            rank: int | None = None) -> CheckpointInfo | None:
     """The checkpoint to resume from, checksums verified: :func:`resume_candidates` (the complete ones only
-    if ``accept`` takes them; the others are named as skipped), through :func:`select` with :func:`verified`; None, or :class:`NoCheckpointFound` (see
-    :func:`nothing_to_resume`), when there is none."""
+    if ``accept`` takes them; the others are named as skipped), through :func:`select` with :func:`verified`;
+    None, or :class:`NoCheckpointFound` (see :func:`nothing_to_resume`), when there is none."""
     cands = [i for i in resume_candidates(dir, load_dir, rank=rank)
              if accept is None or not i.complete or accept(i)]
     found = select(cands, verified)
