@@ -149,6 +149,9 @@ def test_damaged_newest_is_skipped_by_every_entry_point(tmp_path: Path, caplog: 
     caplog.set_level(logging.WARNING, logger="btckpt")
     state = _train_state(seed=7)
     with _ck(own) as ck:
+        assert ck.latest() == good  # what restore() will load
+        assert any(bad in r.getMessage() and "model.safetensors" in r.getMessage() for r in caplog.records)
+        caplog.clear()
         assert ck.restore(state) == 2
     assert torch.equal(state["model"][0].weight, _train_state(2)["model"][0].weight)
     warned()

@@ -27,7 +27,7 @@ import torch
 
 from .commit import DirLock, checkpoint_name
 from .config import CheckpointConfig, default_budget
-from .discovery import CheckpointInfo, inspect
+from .discovery import CheckpointInfo, inspect, select, verified
 from .distributed import World
 from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
@@ -394,9 +394,9 @@ class Checkpointer:
         return self._resume.candidates()
 
     def latest(self) -> Path | None:
-        """The checkpoint :meth:`restore` would load first, or None."""
-        c = self.candidates()
-        return c[0].path if c else None
+        """The checkpoint :meth:`restore` would load (the newest complete and verified one), or None."""
+        found = select(self.candidates(), verified)
+        return found[0].path if found else None
 
     def restore(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
         """Load the newest complete checkpoint into ``state`` in place; return its step, or None.
