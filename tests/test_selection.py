@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("lightning")
 
 from btckpt.hf import resume_checkpoint  # noqa: E402
-from btckpt.lightning import resume_path  # noqa: E402
+from btckpt.lightning import SafetensorsCheckpointIO, resume_path  # noqa: E402
 
 TS = {"trainer_state.json": b"{}"}  # makes a folder an HF Trainer checkpoint for resume_checkpoint()
 
@@ -162,6 +162,11 @@ def test_damaged_newest_is_skipped_by_every_entry_point(tmp_path: Path, caplog: 
     assert resume_checkpoint() == str(good)
     warned()
     assert resume_path() == str(good)
+    warned()
+    io = SafetensorsCheckpointIO(async_save=False)  # fit(ckpt_path=<folder of checkpoints>) resolves alike
+    got = io.load_checkpoint(own)
+    io.teardown()
+    assert torch.equal(got["state_dict"]["0.weight"], _train_state(2)["model"][0].weight)
     warned()
     capsys.readouterr()
     assert cli_main(["verify", str(own), "--json"]) == 0

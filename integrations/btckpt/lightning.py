@@ -69,7 +69,7 @@ from ._lightning_state import (
 )
 from .commit import checkpoint_name, delete_checkpoint, write_small_file
 from .config import resolve_dir
-from .discovery import STEP_DIR, inspect, scan
+from .discovery import STEP_DIR, inspect, scan, select, verified
 from .distributed import World
 from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
 from .manager import Checkpointer
@@ -235,12 +235,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
             pending = any(path in links or path == f for f, links in self._pending.items())
         if pending:
             self.wait()
-        if path.is_dir():
-            if (path / "btckpt.json").exists() or STEP_DIR.match(path.name) or (path / "config.json").exists():
+        if path.is_dir():  # a checkpoint (or plain model folder) itself, else the selection rule under it
+            infos = scan(path)
+            if len(infos) == 1 and infos[0].path == path:
                 return path
-            found = [i for i in scan(path) if i.complete]
-            if not found:
-                raise NoCheckpointFound(f"no complete btckpt checkpoint at or under {path}")
+            found = select(infos, verified)
+            if found is None:
+                raise NoCheckpointFound(f"no complete, verified checkpoint at or under {path}")
             return found[0].path
         if path.is_file():
             folder = read_link(path)
