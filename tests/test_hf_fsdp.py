@@ -91,7 +91,23 @@ def test_reshard_two_ranks_to_one_and_consolidated_folder_is_servable(tmp_path: 
         assert torch.equal(weights[k], v), k
 
 
-def test_deepspeed_and_fsdp1_are_refused_clearly() -> None:
+def test_load_best_model_at_end_loads_the_sharded_best_checkpoint(tmp_path: Path) -> None:
+    """``load_best_model_at_end``: HF's FSDP loader expects its own files; the btckpt folder loads instead."""
+    import torch
+
+    out = run(tmp_path, "e", "--max-steps", "8", "--save-steps", "2", "--eval-steps", "2", "--lr", "0.05",
+              "--consolidate", "--dump", str(tmp_path / "final.st"))
+    assert resumed(out, 2) == {"0": "0", "1": "0"}
+    best = set(re.findall(r"rank \d+: done 8 best (\S+)", out))
+    assert best == {str(tmp_path / "e" / "checkpoint-2")}, out[-3000:]  # the loss rises after step 2 at this lr
+    final = load_st(tmp_path / "final.st")
+    want = load_st(tmp_path / "e" / "consolidated" / "checkpoint-2" / "model.safetensors")
+    assert sorted(f"model.{k}" for k in want) == sorted(k for k in final if k.startswith("model."))
+    for k, v in want.items():
+        assert torch.equal(final[f"model.{k}"], v), k  # the model ends with the best checkpoint's weights
+
+
+def test_deepspeed_fsdp1_and_peft_under_fsdp_are_refused_clearly() -> None:
     from types import SimpleNamespace
 
     from btckpt import ConfigError
@@ -102,4 +118,8 @@ def test_deepspeed_and_fsdp1_are_refused_clearly() -> None:
     state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
     fsdp1 = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=state))
     with pytest.raises(ConfigError, match="FSDP2 only"):
+        CheckpointCallback().attach(fsdp1)  # type: ignore[arg-type]
+    state.fsdp_plugin.fsdp_version = 2
+    fsdp1.model = SimpleNamespace(peft_config={}, active_adapter="default")
+    with pytest.raises(ConfigError, match="PEFT adapters under FSDP"):
         CheckpointCallback().attach(fsdp1)  # type: ignore[arg-type]

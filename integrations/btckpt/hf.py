@@ -148,7 +148,7 @@ class CheckpointCallback(TrainerCallback):
         """Bind to ``trainer`` (done automatically when the Trainer is built with this callback)."""
         if self.trainer is trainer:
             return
-        refuse_unsupported(trainer)
+        refuse_unsupported(trainer, peft=_is_peft(unwrap_model(getattr(trainer, "model", None))))
         self.trainer = trainer
         for name in _PATCHED:
             self._orig[name] = getattr(trainer, name)
@@ -323,6 +323,9 @@ class CheckpointCallback(TrainerCallback):
             return None
         if self.ckpt is not None:
             self.ckpt.wait()  # the best checkpoint may still be writing
+        best = self.trainer.state.best_model_checkpoint  # type: ignore[union-attr]
+        if best and getattr(self.trainer, "is_fsdp_enabled", False) and _btckpt_info(best) is not None:
+            return self._p_load_from_checkpoint(best)  # HF's FSDP loader looks for its own files
         return self._orig["_load_best_model"](*args, **kwargs)
 
     # -- resuming -----------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=4)
     p.add_argument("--consolidate", action="store_true")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps, load the best at the end")
     p.add_argument("--progress", default=None)
     p.add_argument("--pause-at", type=int, default=None)
     p.add_argument("--pause-after", type=int, default=None)
@@ -102,13 +104,18 @@ def main() -> int:
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
                       attention_dropout=0.1, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
+    eval_kw = {}
+    if a.eval_steps:
+        eval_kw = dict(eval_strategy="steps", eval_steps=a.eval_steps, load_best_model_at_end=True,
+                       metric_for_best_model="eval_loss", greater_is_better=False, per_device_eval_batch_size=2)
     args = TrainingArguments(
-        output_dir=a.out, per_device_train_batch_size=2, max_steps=a.max_steps, learning_rate=1e-3,
+        output_dir=a.out, per_device_train_batch_size=2, max_steps=a.max_steps, learning_rate=a.lr,
         warmup_steps=2, lr_scheduler_type="linear", weight_decay=0.01, save_strategy="steps",
         save_steps=a.save_steps, logging_steps=1, report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True, fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                      "reshard_after_forward": True},
+        **eval_kw,
     )
     dump_save = a.dump_save.split(":", 1) if a.dump_save else None
 
@@ -140,11 +147,12 @@ def main() -> int:
 
     opts = {"consolidate": True} if a.consolidate else {}
     trainer = Trainer(model=model, args=args, train_dataset=Synthetic(48, 1),
+                      eval_dataset=Synthetic(8, 2) if a.eval_steps else None,
                       callbacks=[CheckpointCallback(**opts), Probe()])
     trainer.train(resume_from_checkpoint=resume_checkpoint())
     if a.dump:
         dump(trainer, a.dump)
-    say(f"rank {args.process_index}: done {trainer.state.global_step}")
+    say(f"rank {args.process_index}: done {trainer.state.global_step} best {trainer.state.best_model_checkpoint}")
     return 0
 
 
