@@ -268,17 +268,6 @@ def test_save_total_limit_and_best_model_match_plain_hf(tmp_path: Path) -> None:
     assert all(torch.equal(v, native.model.state_dict()[k]) for k, v in live.items())
 
 
-def test_fsdp_and_deepspeed_are_refused_clearly() -> None:
-    from types import SimpleNamespace
-
-    from btckpt import ConfigError
-    from btckpt.hf import CheckpointCallback
-
-    for flag in ("is_fsdp_enabled", "is_deepspeed_enabled"):
-        with pytest.raises(ConfigError, match="does not support"):
-            CheckpointCallback().attach(SimpleNamespace(**{flag: True}))  # type: ignore[arg-type]
-
-
 def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, monkeypatch) -> None:
     from btckpt.hf import resume_checkpoint
 

@@ -19,7 +19,7 @@ from .errors import (
     NoCheckpointFound,
 )
 from .layout import fill_refs, flatten_group, plan_layout
-from .loading import load_into, read_for_state, restore_first
+from .loading import read_checkpoint, restore_first
 from .manifest import read_manifest
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
@@ -91,8 +91,7 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
                 read_manifest(info.path)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
             cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
             raise cls(f"{info.path}: {info.reason}" if str(info.path) not in info.reason else info.reason)
-        loaded, rng = read_for_state(info, list(state), rank=0, want_rng=load_rng, strict=strict)
-        load_into(state, loaded, rng, strict=strict, where=info.path)
+        read_checkpoint(info, state, rank=0, want_rng=load_rng, strict=strict)()  # sharded groups via DCP
         return info.step
     found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)  # the selection rule
     if found is None:

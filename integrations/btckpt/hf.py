@@ -21,7 +21,9 @@ Each ``checkpoint-<step>`` folder is servable (``model.safetensors`` or shards +
 own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files; for PEFT models
 ``adapter_model.safetensors`` + ``adapter_config.json``) and resumable (``optimizer.safetensors``,
 ``scheduler``/``scaler`` state in the manifest, ``rng_state_<rank>.json``, ``trainer_state.json``).
-Supported: one process, DDP (torchrun, several nodes). FSDP and DeepSpeed raise :class:`ConfigError`.
+Supported: one process, DDP (torchrun, several nodes), FSDP2 (accelerate ``fsdp_version: 2``: each rank
+writes its own shards, resume reshards to any world size, ``consolidate=True`` adds a servable folder; see
+:mod:`btckpt._hf_sharded`). FSDP1 and DeepSpeed raise :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ._hf_sharded import load_groups, refuse_unsupported
 from .config import resolve_dir, resolve_load_dir
 from .discovery import CheckpointInfo, choose, inspect
 from .errors import ConfigError
@@ -140,12 +143,7 @@ class CheckpointCallback(TrainerCallback):
         """Bind to ``trainer`` (done automatically when the Trainer is built with this callback)."""
         if self.trainer is trainer:
             return
-        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-            what = "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else "FSDP"
-            raise ConfigError(
-                f"btckpt.hf.CheckpointCallback does not support {what}: its model and optimizer state are sharded "
-                "across ranks and btckpt's HF integration saves replicated (single-process/DDP) state only. "
-                "Remove the callback to use the Trainer's own checkpointing under " + what)
+        refuse_unsupported(trainer, peft=_is_peft(unwrap_model(getattr(trainer, "model", None))))
         self.trainer = trainer
         for name in _PATCHED:
             self._orig[name] = getattr(trainer, name)
@@ -322,6 +320,9 @@ class CheckpointCallback(TrainerCallback):
             return None
         if self.ckpt is not None:
             self.ckpt.wait()  # the best checkpoint may still be writing
+        best = self.trainer.state.best_model_checkpoint  # type: ignore[union-attr]
+        if best and getattr(self.trainer, "is_fsdp_enabled", False) and _btckpt_info(best) is not None:
+            return self._p_load_from_checkpoint(best)  # HF's FSDP loader looks for its own files
         return self._orig["_load_best_model"](*args, **kwargs)
 
     # -- resuming -----------------------------------------------------------------------------------------
@@ -330,8 +331,7 @@ class CheckpointCallback(TrainerCallback):
         target = unwrap_model(model if model is not None else self.trainer.model)  # type: ignore[union-attr]
         if info is None or _is_peft(target) or "model" not in (info.manifest.state if info.manifest else {}):
             return self._orig["_load_from_checkpoint"](resume_from_checkpoint, model)
-        loaded = CheckpointReader(info.path, info.manifest).load_group("model")
-        apply_group("model", target, loaded, strict=True)
+        load_groups(info, {"model": target}, ["model"], rank=self.trainer.args.process_index)  # type: ignore[union-attr]
         log.info("btckpt: loaded model weights from %s", info.path)
         return None
 
@@ -341,17 +341,15 @@ class CheckpointCallback(TrainerCallback):
             return self._orig["_load_optimizer_and_scheduler"](checkpoint)
         tr = self.trainer
         assert tr is not None and info.manifest is not None
-        reader = CheckpointReader(info.path, info.manifest)
         groups = info.manifest.state
         if "optimizer" not in groups:
             log.warning("btckpt: %s holds no optimizer state (save_only_model?); the optimizer starts fresh", info.path)
             return None
-        opt_state = reader.load_group("optimizer")
-        sched_state = reader.load_group("scheduler") if "scheduler" in groups and tr.lr_scheduler is not None else None
-        opt = getattr(tr.optimizer, "optimizer", tr.optimizer)
-        apply_group("optimizer", opt, opt_state, strict=True)
-        if sched_state is not None:
-            apply_group("scheduler", tr.lr_scheduler, sched_state, strict=True)
+        # the model is in the state because a sharded (FQN-keyed) optimizer state maps through it
+        state = {"model": tr.model, "optimizer": getattr(tr.optimizer, "optimizer", tr.optimizer)}
+        if "scheduler" in groups and tr.lr_scheduler is not None:
+            state["scheduler"] = tr.lr_scheduler
+        load_groups(info, state, [n for n in state if n != "model"], rank=tr.args.process_index)
         return None
 
     def _p_load_scaler(self, checkpoint: str | None) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from .reader import CheckpointReader, read_verified_bytes
 from .rng import restore_rng, rng_file
 from .statedict import apply_group
 
-__all__ = ["read_for_state", "load_into", "restore_first"]
+__all__ = ["read_for_state", "load_into", "read_checkpoint", "restore_first"]
 
 log = logging.getLogger("btckpt")
 
@@ -80,34 +80,48 @@ def _has_dtensor(state: MutableMapping[str, Any]) -> bool:
     return bool(sharded_groups(state))
 
 
+def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names: Iterable[str] | None = None, *,
+                    rank: int, want_rng: bool, strict: bool) -> Callable[[], None]:
+    """Read and verify the groups ``names`` of ``state`` (default: all) from ``info``; return the function
+    that loads them into ``state`` in place. Sharded groups (FSDP2/DTensor, saved or targeted) go through
+    DCP's planner, so every rank calls this. Raises CorruptCheckpoint / IncompleteCheckpoint when damaged,
+    before anything is applied. ``state`` may hold more than ``names`` (the model a sharded optimizer updates)."""
+    wanted = list(state) if names is None else list(names)
+    groups = {n: k for n, k in _reshard_groups(info, state).items() if n in wanted}
+    loaded, rng = read_for_state(info, [n for n in wanted if n not in groups], rank=rank, want_rng=want_rng,
+                                 strict=strict)
+    resharded = None
+    if groups:  # DCP's planner reshards; every rank takes part
+        from .dcp_bridge import read_sharded
+
+        resharded = read_sharded(info, state, groups, strict=strict)
+
+    def apply() -> None:
+        load_into(state, loaded, rng, strict=strict, where=info.path)
+        if resharded is not None:
+            from .dcp_bridge import apply_sharded
+
+            apply_sharded(state, resharded, groups, strict=strict)
+
+    return apply
+
+
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
                   want_rng: bool, strict: bool) -> CheckpointInfo | None:
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones
     (:func:`btckpt.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged)."""
 
-    def read(info: CheckpointInfo) -> tuple[CheckpointInfo, dict[str, Any], dict[str, Any] | None, Any,
-                                            dict[str, str]]:
+    def read(info: CheckpointInfo) -> tuple[CheckpointInfo, Callable[[], None]]:
         if hasattr(info, "url"):  # behind an fsspec URL: download to the local cache first
             from .remote import fetch
 
             info = fetch(info)  # type: ignore[arg-type]
-        resharded, groups = None, _reshard_groups(info, state)
-        loaded, rng = read_for_state(info, [n for n in state if n not in groups], rank=rank, want_rng=want_rng,
-                                     strict=strict)
-        if groups:  # sharded groups (FSDP2/DTensor): DCP's planner reshards; every rank takes part
-            from .dcp_bridge import read_sharded
-
-            resharded = read_sharded(info, state, groups, strict=strict)
-        return info, loaded, rng, resharded, groups
+        return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict)
 
     found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates), read)
     if found is None:
         return None
-    info, loaded, rng, resharded, groups = found[1]
-    load_into(state, loaded, rng, strict=strict, where=info.path)
-    if resharded is not None:
-        from .dcp_bridge import apply_sharded
-
-        apply_sharded(state, resharded, groups, strict=strict)
+    info, apply = found[1]
+    apply()
     log.info("btckpt: restored step %d from %s", info.step, info.path)
     return info
