@@ -1,8 +1,8 @@
 """A user's Lightning script with the plugin added and nothing else (tests/test_lightning_platform.py).
 
-``lightning_train.Tiny`` on 16 samples (4 steps an epoch, 4 epochs: `max_epochs`, since under `max_steps` Lightning 2.6 resumes
-an epoch-end checkpoint one batch off, whatever the CheckpointIO), ``SafetensorsCheckpointIO`` as the only btckpt
-piece, and Lightning's **own** checkpointing: ``--callback steps`` (``ModelCheckpoint(every_n_train_steps=
+``lightning_train.Tiny`` on 16 samples (4 steps an epoch, ``max_epochs=4``: under ``max_steps`` Lightning 2.6
+resumes an epoch-end checkpoint one batch off, whatever the CheckpointIO), ``SafetensorsCheckpointIO`` as the
+only btckpt piece, and Lightning's **own** checkpointing: ``--callback steps`` (``ModelCheckpoint(every_n_train_steps=
 --every)``, ``--dirpath`` optional), or ``--callback none`` (the default ModelCheckpoint Lightning adds: one
 checkpoint per epoch end, the default logger on). Prints ``START <global_step>`` when training starts and
 ``step <N>`` after each step; ``--hang-at N`` stops after step N (``HANG``) and waits to be killed.
@@ -13,7 +13,6 @@ writes the final parameters, optimizer moments and RNG (as lightning_train.py do
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
