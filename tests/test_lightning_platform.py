@@ -200,3 +200,27 @@ def test_any_saved_path_lands_in_bt_dir_and_is_found_by_that_path(tmp_path: Path
     io.save_checkpoint({"global_step": 5, "state_dict": {"w": torch.ones(2)}}, elsewhere / "final.ckpt")
     assert read_link(elsewhere / "final.ckpt") == elsewhere / "checkpoint-5"
     io.teardown()
+
+
+def test_folder_choice_routed_for_this_plugins_trainers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ModelCheckpoint subclass's folder (setup and ckpt_path="last") is $BT_CHECKPOINT_DIR on a trainer with
+    the plugin; a trainer without it, or with the variable unset, keeps Lightning's choice."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Mine(ModelCheckpoint):
+        pass
+
+    def folder(plugins: list[SafetensorsCheckpointIO]) -> str:
+        cb = Mine(every_n_train_steps=2)
+        trainer = L.Trainer(accelerator="cpu", plugins=plugins, callbacks=[cb], logger=False)
+        assert not cb._find_last_checkpoints(trainer)
+        cb.setup(trainer, trainer.lightning_module, "fit")
+        return str(cb.dirpath)
+
+    bt = tmp_path / "bt"
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(bt))
+    assert folder([SafetensorsCheckpointIO()]) == str(bt)
+    assert folder([]) == str(Path.cwd() / "checkpoints")
+    monkeypatch.delenv("BT_CHECKPOINT_DIR")
+    assert folder([SafetensorsCheckpointIO()]) == str(Path.cwd() / "checkpoints")

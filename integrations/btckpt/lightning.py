@@ -145,8 +145,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                         "checkpoints in %s instead, the only folder the platform backs up and the one "
                         "resume_path() and ckpt_path=\"last\" search after a restart; nothing is written to %s. "
                         "Leave dirpath unset (or point it there) to silence this; to write to %s, unset "
-                        "BT_CHECKPOINT_DIR "
-                        "(checkpoints there are neither backed up nor found on a restart).",
+                        "BT_CHECKPOINT_DIR (checkpoints there are neither backed up nor found on a restart).",
                         what, bt, bt, here, here)
         return bt
 
