@@ -7,7 +7,7 @@ only btckpt piece, and Lightning's **own** checkpointing: ``--callback steps`` (
 checkpoint per epoch end, the default logger on). Prints ``START <global_step>`` when training starts and
 ``step <N>`` after each step; ``--hang-at N`` stops after step N (``HANG``) and waits to be killed.
 ``--ckpt-path resume`` passes ``btckpt.lightning.resume_path()``, ``last`` passes ``"last"``; ``--dump FILE``
-writes the final parameters, optimizer moments and RNG (as lightning_train.py does).
+writes the final parameters, optimizer moments and RNG (lightning_train.dump_state).
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import sys
 import time
 
 import lightning as L
-import torch
 from btckpt.lightning import SafetensorsCheckpointIO, resume_path
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_train import Batches, Tiny
-from safetensors.torch import save_file
+from lightning_train import Batches, Tiny, dump_state
 
 HANG_AT = [-1]
 
@@ -63,13 +61,7 @@ def main() -> None:
     print(f"resume from {ckpt}", flush=True)
     trainer.fit(model, train_dataloaders=Batches(n=16), ckpt_path=ckpt)
     if a.dump:
-        out = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        opt = trainer.optimizers[0]
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            for k, v in opt.state[p].items():
-                out[f"opt.{i}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
-        out["rng"] = torch.get_rng_state()
-        save_file(out, a.dump, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
+        dump_state(trainer, model, a.dump)
     print("done", flush=True)
     sys.stdout.flush()
 
