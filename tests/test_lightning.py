@@ -367,13 +367,13 @@ def test_kill_between_removing_the_last_name_and_deleting_its_folder(tmp_path: P
 
 def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     own, load = tmp_path / "own", tmp_path / "loaded"
-    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
     monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(load))
     with pytest.raises(NoCheckpointFound):  # a resume was asked for (load dir set) and nothing is there
         resume_path()
     assert resume_path(on_missing="start_fresh") is None
-    io = SafetensorsCheckpointIO(async_save=False)
+    io = SafetensorsCheckpointIO(async_save=False)  # (with $BT_CHECKPOINT_DIR set, it would write only there)
     io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(1)}}, load / "job1" / "rank-0" / "x.ckpt")
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
     assert resume_path() == str(load / "job1" / "rank-0" / "checkpoint-4")
     io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.ones(1)}}, own / "y.ckpt")
     (own / ".checkpoint-9.tmp-1-x").mkdir()  # an unfinished save is never picked

@@ -25,7 +25,7 @@ from .storage import fsync_dir, fsync_file, is_url
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_SEQ_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
-           "process_rank"]
+           "process_rank", "platform_dir"]
 
 log = logging.getLogger("btckpt")
 
@@ -185,3 +185,11 @@ def process_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def platform_dir() -> Path | None:
+    """``$BT_CHECKPOINT_DIR`` as an absolute path with links resolved, or None when unset or a URL."""
+    value = os.environ.get("BT_CHECKPOINT_DIR")
+    if not value or is_url(value):
+        return None
+    return Path(os.path.realpath(os.path.expanduser(value)))

@@ -28,6 +28,19 @@ Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on r
 rank 0 through the c10d store while Lightning builds the dict, and the one commit holds
 ``rng_state_<rank>.json`` for every rank; on resume each rank restores its own.
 
+Where checkpoints go: with ``$BT_CHECKPOINT_DIR`` set (a local folder), every checkpoint this plugin writes is
+stored directly in it, whichever ``ModelCheckpoint`` chose the path (this module's, Lightning's own, the
+default one Lightning adds, a subclass), so the platform backs it up and ``resume_path()``,
+``ckpt_path="last"`` and ``ckpt_path="best"`` find it after a restart. Lightning's folder choice
+(``ModelCheckpoint``'s ``dirpath``, resolved in its ``setup`` and for ``ckpt_path="last"``) is routed through
+:meth:`SafetensorsCheckpointIO.placement` for trainers that use this plugin, so Lightning's names
+(``last.ckpt``, ``epoch=0-step=5.ckpt``) and its records (``best_model_path``) name the real place; any other
+path handed to ``save_checkpoint`` (``trainer.save_checkpoint("x.ckpt")``) is stored under its file name in
+``$BT_CHECKPOINT_DIR`` too, and loading or removing that path finds it there. An explicit ``dirpath`` (or a
+saved path) in another folder is still redirected, with one warning naming both folders: checkpoints
+outside ``$BT_CHECKPOINT_DIR`` would be neither backed up nor found on a restart. Several callbacks then
+share the folder, so give them distinct ``filename=`` patterns. Unset, paths are used as given.
+
 HF models: with :class:`ModelCheckpoint` (this module's; it hands the LightningModule to the plugin) and a
 ``transformers.PreTrainedModel`` inside the LightningModule (e.g. ``self.model``), each folder is also
 servable: ``model.safetensors`` keys that model's weights as HF does (``model.`` stripped; other keys kept)
@@ -59,6 +72,7 @@ from ._lightning_state import (
     MAX_LINK,
     map_tree,
     name_bad_key,
+    platform_dir,
     process_rank,
     read_link,
     repair_links,
@@ -109,6 +123,48 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self._pending: dict[Path, list[Path]] = {}  # folder being written -> link files to write on commit
         self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
         self._lock = threading.Lock()
+        self._warned_dirs: set[str] = set()
+
+    # -- where checkpoints go -----------------------------------------------------------------------------
+    def placement(self, asked: str | os.PathLike[str] | None, *, what: str) -> Path | None:
+        """The folder this plugin stores checkpoints in when Lightning (or the user) asked for folder ``asked``
+        (None: Lightning's default): ``$BT_CHECKPOINT_DIR`` when set to a local folder, else None (``asked``
+        stands). A different ``asked`` gets one warning per folder naming both (module doc); ``what`` says
+        who asked, e.g. ``"ModelCheckpoint(dirpath='/x')"``."""
+        bt = platform_dir()
+        if bt is None or asked is None:
+            return bt
+        here = os.fspath(asked)
+        if not is_url(here) and os.path.realpath(os.path.expanduser(here)) == str(bt):
+            return bt
+        with self._lock:
+            first = here not in self._warned_dirs
+            self._warned_dirs.add(here)
+        if first:
+            log.warning("btckpt: %s is not $BT_CHECKPOINT_DIR (%s): SafetensorsCheckpointIO stores these "
+                        "checkpoints in %s instead, the only folder the platform backs up and the one "
+                        "resume_path() and ckpt_path=\"last\" search after a restart; nothing is written to %s. "
+                        "Leave dirpath unset (or point it there) to silence this; to write to %s, unset "
+                        "BT_CHECKPOINT_DIR (checkpoints there are neither backed up nor found on a restart).",
+                        what, bt, bt, here, here)
+        return bt
+
+    def _stored_at(self, path: Path) -> Path:
+        """Where ``save_checkpoint(path)`` stores ``path`` (module doc)."""
+        bt = self.placement(path.parent, what=f"the checkpoint path {str(path)!r}")
+        return path if bt is None or path.parent == bt else bt / path.name
+
+    def _found_at(self, path: Path) -> Path:
+        """``path`` when it exists, else where ``save_checkpoint(path)`` would have stored it (when that exists)."""
+        bt = platform_dir()
+        if bt is None or os.path.lexists(path):
+            return path
+        moved = bt / path.name
+        return moved if os.path.lexists(moved) or self._is_pending(moved) else path
+
+    def _is_pending(self, path: Path) -> bool:
+        with self._lock:
+            return any(path in links or path == f for f, links in self._pending.items())
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def checkpointer(self, root: str | os.PathLike[str], *, handle_sigterm: bool = False) -> Checkpointer:
@@ -183,7 +239,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                         "rank's RNG is saved and a resume is exact")
         gate, self._gate_next = self._gate_next, None
         optimizers = gate[1] if gate is not None and gate[0] is checkpoint else []
-        link = Path(os.path.abspath(path))
+        link = self._stored_at(Path(os.path.abspath(path)))
         step = int(checkpoint.get("global_step", 0))
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
         ck = self.checkpointer(folder.parent)
@@ -231,9 +287,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self._mine.add(folder)
 
     def _resolve(self, path: Path) -> Path:
-        with self._lock:
-            pending = any(path in links or path == f for f, links in self._pending.items())
-        if pending:
+        path = self._found_at(path)
+        if self._is_pending(path):
             self.wait()
         if path.is_dir():  # a checkpoint (or plain model folder) itself, else the selection rule under it
             infos = scan(path)
@@ -285,7 +340,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it."""
-        p = Path(os.path.abspath(path))
+        p = self._found_at(Path(os.path.abspath(path)))
         with self._lock:
             for links in self._pending.values():
                 while p in links:
@@ -413,3 +468,35 @@ class ModelCheckpoint(_ModelCheckpoint):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._ck = None
         super().teardown(trainer, pl_module, stage)
+
+
+_RESOLVE_DIR = "_ModelCheckpoint__resolve_ckpt_dir"  # Lightning >= 2.0: ModelCheckpoint's one folder choice
+
+
+def _route_lightning_dir_choice() -> None:
+    """Make Lightning's ``ModelCheckpoint`` ask :meth:`SafetensorsCheckpointIO.placement` for its folder.
+
+    Lightning decides a ``ModelCheckpoint``'s folder in one private method, called by ``setup`` and by
+    ``ckpt_path="last"`` (before any plugin call): for a trainer whose ``checkpoint_io`` is this plugin and
+    with ``$BT_CHECKPOINT_DIR`` set, the answer becomes that folder; every other trainer keeps Lightning's.
+    Without the method (a future Lightning), ``save_checkpoint`` still stores under ``$BT_CHECKPOINT_DIR``,
+    with its warning; only ``ckpt_path="last"`` would no longer look there.
+    """
+    lightning_choice = getattr(_ModelCheckpoint, _RESOLVE_DIR, None)
+    if lightning_choice is None or getattr(lightning_choice, "_btckpt", False):
+        return
+
+    def resolve_ckpt_dir(callback: _ModelCheckpoint, trainer: Any) -> Any:
+        io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
+        if isinstance(io, SafetensorsCheckpointIO):
+            asked = callback.dirpath
+            bt = io.placement(asked, what=f"{type(callback).__name__}(dirpath={asked!r})")
+            if bt is not None:
+                return str(bt)
+        return lightning_choice(callback, trainer)
+
+    resolve_ckpt_dir._btckpt = True  # type: ignore[attr-defined]
+    setattr(_ModelCheckpoint, _RESOLVE_DIR, resolve_ckpt_dir)
+
+
+_route_lightning_dir_choice()

@@ -104,6 +104,17 @@ class Tiny(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def dump_state(trainer: L.Trainer, model: L.LightningModule, path: str) -> None:
+    """Write the final parameters, optimizer moments, RNG, step and learning rate to ``path`` (safetensors)."""
+    out = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    opt = trainer.optimizers[0]
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for k, v in opt.state[p].items():
+            out[f"opt.{i}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
+    out["rng"] = torch.get_rng_state()
+    save_file(out, path, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=None)
@@ -154,13 +165,7 @@ def main() -> None:
     trainer.fit(model, train_dataloaders=Batches(rank=rank, world=world), ckpt_path=ckpt)
     dump = a.dump.format(rank=rank) if a.dump else None
     if dump and (trainer.is_global_zero or dump != a.dump):
-        out = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        opt = trainer.optimizers[0]
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            for k, v in opt.state[p].items():
-                out[f"opt.{i}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
-        out["rng"] = torch.get_rng_state()
-        save_file(out, dump, metadata={"global_step": str(trainer.global_step), "lr": str(opt.param_groups[0]["lr"])})
+        dump_state(trainer, model, dump)
     print("done", flush=True)
     sys.stdout.flush()
     os._exit(0) if os.environ.get("FAST_EXIT") else None
