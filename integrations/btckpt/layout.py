@@ -18,14 +18,22 @@ import torch
 
 from ._tree import encode_tree
 from .errors import UnsupportedValue
+from .statedict import group_value
 from .sthead import ALIGN, TensorEntry, build_header
 
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
-    "plan_layout", "group_files", "GROUP_NAME",
+    "plan_layout", "group_files", "GROUP_NAME", "plain_groups", "rank_state_file", "RANK_STATE_NAME",
 ]
 
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+RANK_STATE_NAME = re.compile(r"^state_\d+\.json$")
+
+
+def rank_state_file(rank: int) -> str:
+    """The file holding ``rank``'s own plain-data groups (saved by every rank but the node's leader,
+    whose plain data is in the manifest): ``{group: tree}`` as in the manifest's ``state``."""
+    return f"state_{rank}.json"
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
@@ -109,6 +117,19 @@ def flatten_group(name: str, value: Any) -> FlatGroup:
 
     tree = encode_tree(value, on_tensor, is_tensor=_is_tensor, path=())
     return FlatGroup(name, tree, tensors, refs)
+
+
+def plain_groups(state: Any, *, skip: set[str]) -> dict[str, Any]:
+    """The JSON trees of the groups of ``state`` that hold no tensor (a rank's own data: its data-loader
+    position, counters), except ``skip``. Groups with tensors are saved once per node (by its leader)."""
+    out: dict[str, Any] = {}
+    for name, obj in state.items():
+        if name in skip:
+            continue
+        g = flatten_group(name, group_value(obj))
+        if not g.tensors:
+            out[name] = g.tree
+    return out
 
 
 @dataclass(frozen=True)
