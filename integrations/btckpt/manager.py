@@ -163,6 +163,9 @@ class Checkpointer:
         return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._grace:
+            log.warning("btckpt: SIGTERM again; the preemption checkpoint is being saved (or was), exiting after it")
+            return
         if not self._watched:  # nothing checks `preempted` yet: no step boundary will ever save
             log.warning("btckpt: SIGTERM received, but nothing checks for it (maybe_save() was never called), so "
                         "btckpt cannot save a final checkpoint; passing the signal on")
@@ -468,7 +471,9 @@ class Checkpointer:
             self._pool.shutdown(wait=True)
             if self._lock is not None:
                 self._lock.release()
-            if self._prev_handler is not None and threading.current_thread() is threading.main_thread():
+            # after a preemption save the process is on its way out: a second SIGTERM must not kill it mid-exit
+            if (self._prev_handler is not None and not self._grace
+                    and threading.current_thread() is threading.main_thread()):
                 try:
                     signal.signal(signal.SIGTERM, self._prev_handler)
                 except (ValueError, TypeError):  # pragma: no cover
