@@ -42,6 +42,9 @@ def test_agreements_have_their_own_keys_and_plain_state_is_per_rank(tmp_path: Pa
     assert man.state["data"] == {"shard": 0, "offset": 1007}
     assert json.loads(read_verified_bytes(path, man, "state_1.json")) == {
         "data": {"shard": 1, "offset": 2007}, "only1": {"seen": [1, 2, 3]}}
+    # a group holding tensors that only rank 1 has is refused, not dropped: nothing is committed
+    assert "rank 0: REFUSED6 ConfigError: rank 1 saves group(s) ['mine'] holding tensors" in out, out[-4000:]
+    assert "rank 1: REFUSED6 CoordinationError" in out, out[-4000:]
     assert [i.step for i in scan(ck)] == [4, 2]
 
 

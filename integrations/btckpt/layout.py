@@ -23,7 +23,7 @@ from .sthead import ALIGN, TensorEntry, build_header
 
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
-    "plan_layout", "group_files", "GROUP_NAME", "plain_groups", "rank_state_file", "RANK_STATE_NAME",
+    "plan_layout", "group_files", "GROUP_NAME", "rank_groups", "rank_state_file", "RANK_STATE_NAME",
 ]
 
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -119,17 +119,21 @@ def flatten_group(name: str, value: Any) -> FlatGroup:
     return FlatGroup(name, tree, tensors, refs)
 
 
-def plain_groups(state: Any, *, skip: set[str]) -> dict[str, Any]:
-    """The JSON trees of the groups of ``state`` that hold no tensor (a rank's own data: its data-loader
-    position, counters), except ``skip``. Groups with tensors are saved once per node (by its leader)."""
-    out: dict[str, Any] = {}
+def rank_groups(state: Any, *, skip: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """What a rank other than its node's leader saves of ``state`` (except ``skip``): the JSON trees of
+    the groups holding no tensor (its own data: data-loader position, counters), saved per rank; and the
+    names of the groups holding tensors, which are saved once per node, from its leader."""
+    plain: dict[str, Any] = {}
+    tensor_groups: list[str] = []
     for name, obj in state.items():
         if name in skip:
             continue
         g = flatten_group(name, group_value(obj))
-        if not g.tensors:
-            out[name] = g.tree
-    return out
+        if g.tensors:
+            tensor_groups.append(name)
+        else:
+            plain[name] = g.tree
+    return plain, tensor_groups
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .discovery import CheckpointInfo, inspect, scan
 from .distributed import World
 from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
-from .layout import Layout, fill_refs, flatten_group, plain_groups, plan_layout, signature
+from .layout import Layout, fill_refs, flatten_group, plan_layout, rank_groups, signature
 from .remotedir import finish_upload, remote_target, staging_root
 from .resume import Resume
 from .retention import select_for_deletion
@@ -249,7 +249,7 @@ class Checkpointer:
         skip = set(part.groups) if part is not None else set()
         flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()
                 if name not in skip] if writes_groups else []
-        own_plain = {} if writes_groups else plain_groups(state, skip=skip)
+        own_plain, tensor_groups = ({}, []) if writes_groups else rank_groups(state, skip=skip)
         if part is not None:  # every rank writes its own shards
             flat += part.flat
         layout = None
@@ -282,7 +282,7 @@ class Checkpointer:
         job = SaveJob(step=step, root=self.root, tag=tag, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
                       meta=dict(meta or {}), barrier_timeout=self._barrier_timeout(), sharded=part,
-                      rank_state=own_plain,
+                      rank_state=own_plain, tensor_groups=tensor_groups,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
                                                      if int(r) != self.world.rank})
         self._last_save_step, self._last_save_time = step, time.monotonic()

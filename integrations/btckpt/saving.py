@@ -69,6 +69,7 @@ class SaveJob:
     rng: dict[str, Any] | None = None
     peer_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # other ranks' RNG (rank-0-only savers)
     rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's plain groups (not the node's leader)
+    tensor_groups: list[str] = field(default_factory=list)  # this rank's groups holding tensors (not the leader)
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
@@ -76,6 +77,16 @@ class SaveJob:
     on_commit: Callable[[Path], None] | None = None
     name: str | None = None  # the committed folder's name (default checkpoint-<step>)
     started: float = field(default_factory=time.perf_counter)
+
+
+def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
+    """Groups holding tensors are saved from the node's leader only: refuse a rank's group it lacks."""
+    missing = sorted(set(theirs) - ours)
+    if missing:
+        raise ConfigError(f"rank {rank} saves group(s) {missing} holding tensors that its node's local rank 0 does not "
+                          "have; btckpt saves tensor groups once per node, from local rank 0 (replicated, as under "
+                          "DDP). Give every rank the same tensor groups, or keep per-rank data as plain values "
+                          "(numbers, strings, lists), which are saved per rank")
 
 
 def run_save(job: SaveJob) -> Path:
@@ -115,13 +126,18 @@ def run_save(job: SaveJob) -> Path:
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
         nbytes = sum(v["size"] for v in written.values())
-        w.publish(f"{key}/files/{w.rank}", written)
+        w.publish(f"{key}/files/{w.rank}", {"files": written, "tensor_groups": job.tensor_groups})
         if job.sharded is not None:
             job.sharded.publish(w, key)
         w.barrier(f"{key}/written", timeout=job.barrier_timeout)
         if leader:
             for r in range(w.rank, w.rank + w.local_size):
-                files = written if r == w.rank else w.collect(f"{key}/files/{r}", timeout=job.barrier_timeout)
+                if r == w.rank:
+                    files = written
+                else:
+                    theirs = w.collect(f"{key}/files/{r}", timeout=job.barrier_timeout)
+                    _check_tensor_groups(r, theirs["tensor_groups"], {g.name for g in job.flat})
+                    files = theirs["files"]
                 for name, info in files.items():
                     commit.record(name, info["size"], info["xxh3_64"])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},

@@ -58,8 +58,16 @@ def agree(ckdir: Path, rank: int) -> None:
     torch.rand(5)  # every rank's RNG moves on: its rng_state file differs from the first attempt's
     ck.save(4, state)
     ck.wait()
-    ck.close()
     say(f"rank {rank}: SAVED4 {data}")
+    if rank == 1:  # a tensor group only rank 1 has cannot be saved (tensor groups come from local rank 0)
+        state["mine"] = {"t": torch.ones(3)}
+    try:
+        ck.save(6, state)
+        ck.wait()
+        say(f"rank {rank}: SAVED6")
+    except btckpt.CheckpointError as exc:
+        say(f"rank {rank}: REFUSED6 {type(exc).__name__}: {exc}")
+    ck.close()
 
 
 def preempt(ckdir: Path, rank: int, grace: float) -> None:
