@@ -18,7 +18,7 @@ from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader, read_verified_bytes
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import PY, env_with, finish, torchrun, wait_for_line  # noqa: E402
+from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line  # noqa: E402
 
 
 def _verify(path: Path) -> None:
@@ -68,6 +68,28 @@ def test_preemption_under_ddp_with_sigterms_half_a_second_apart(tmp_path: Path) 
     assert [i.step for i in infos] == [int(stops["0"])], [(i.path.name, i.status) for i in infos]
     assert infos[0].complete
     _verify(infos[0].path)
+
+
+def test_preemption_with_a_dead_peer_waits_the_grace_not_the_barrier_timeout(tmp_path: Path) -> None:
+    """Rank 1 is gone when rank 0 gets SIGTERM: the final save's waits end after preemption_grace (5 s),
+    not barrier_timeout (600 s); nothing is committed and rank 0 says why."""
+    ck, marker = tmp_path / "ck", tmp_path / "pids"
+    ranks = raw_ranks("dist_edges.py", ["preempt", "--dir", str(ck), "--grace", "5", "--no-ddp"], world=2,
+                      env=env_with(PROGRESS=str(marker)))
+    try:
+        wait_for_line(marker, "PID", count=2, timeout=120, proc=ranks[0])
+        ranks[1].kill()
+        finish(ranks[1], timeout=30)
+        ranks[0].send_signal(signal.SIGTERM)
+        rc, out = finish(ranks[0], timeout=120)
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                kill_session(p)
+                p.communicate()
+    assert rc != 0, out[-4000:]
+    assert "within 5s" in out and "a peer" in out, out[-4000:]
+    assert not any(i.complete for i in scan(ck))
 
 
 def test_sigterm_without_maybe_save_is_passed_on(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Modes:
               each rank's plain group (and one only rank 1 has) comes back to that rank; then checkpoint-4
               is deleted and saved again with new per-rank values (the manifest lists this attempt's files).
   ``preempt`` train with ``maybe_save`` every step; the test sends SIGTERM to each rank at different times;
-              every rank saves the same step and exits 0.
+              every rank saves the same step and exits 0 (or, a peer being dead, gives up after the grace).
 """
 
 from __future__ import annotations
@@ -70,9 +70,11 @@ def agree(ckdir: Path, rank: int) -> None:
     ck.close()
 
 
-def preempt(ckdir: Path, rank: int, grace: float) -> None:
+def preempt(ckdir: Path, rank: int, grace: float, ddp: bool) -> None:
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model = torch.nn.Linear(4, 4)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ck = btckpt.Checkpointer(dir=str(ckdir), keep_last=None, barrier_timeout=600, preemption_grace=grace)
     marker = Path(os.environ["PROGRESS"])
@@ -98,13 +100,14 @@ def main() -> int:
     ap.add_argument("mode", choices=["agree", "preempt"])
     ap.add_argument("--dir", required=True)
     ap.add_argument("--grace", type=float, default=30.0)
+    ap.add_argument("--no-ddp", action="store_true", help="preempt: ranks train independently (no collectives)")
     args = ap.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     if args.mode == "agree":
         agree(Path(args.dir), rank)
     else:
-        preempt(Path(args.dir), rank, args.grace)
+        preempt(Path(args.dir), rank, args.grace, ddp=not args.no_ddp)
     dist.destroy_process_group()
     return 0
 
