@@ -373,7 +373,8 @@ class StepGate:
         rebuilt mid-run, or one whose hooks were cleared, is hooked again)."""
         for opt in optimizers:
             handle = self._handles.get(opt)
-            if handle is None or handle.id not in getattr(opt, "_optimizer_step_pre_hooks", {handle.id: None}):
+            hooks = getattr(opt, "_optimizer_step_pre_hooks", None)  # torch's registry: is our hook still there?
+            if handle is None or (hooks is not None and handle.id not in hooks):
                 self._handles[opt] = opt.register_step_pre_hook(self._pre_step)
 
     def _pre_step(self, *_args: Any, **_kwargs: Any) -> None:
