@@ -412,22 +412,35 @@ class Checkpointer:
         return min(t, self.config.preemption_grace) if self._grace else t
 
     def finish_preemption(self, step: int, state: Mapping[str, Any]) -> None:
-        """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this)."""
+        """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this).
+
+        The grace covers everything: a save still writing from before, this save, and every wait for peers.
+        """
         self._grace = True
+        deadline = time.monotonic() + self.config.preemption_grace
         if step != self._last_save_step:
-            self.save(step, state)
-        fut = self._pending
-        if fut is not None:
-            try:
-                fut.result(timeout=self.config.preemption_grace)
-            except TimeoutError:
-                log.error("btckpt: the preemption save did not commit within %.0fs; exiting without it "
-                          "(older checkpoints are intact)", self.config.preemption_grace)
+            if not self._settled(deadline):  # an earlier save still writing (e.g. waiting for a dead peer)
                 return
-            except BaseException:  # noqa: BLE001 - raised below through the usual path
-                pass
+            self.save(step, state)
+        if not self._settled(deadline):
+            return
         self.wait()
         log.warning("btckpt: preemption checkpoint for step %d committed", step)
+
+    def _settled(self, deadline: float) -> bool:
+        """Wait for the pending save until ``deadline``; False (logged) when it is still running then."""
+        fut = self._pending
+        if fut is None:
+            return True
+        try:
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.error("btckpt: the preemption save did not commit within %.0fs (preemption_grace); exiting "
+                      "without it (older checkpoints are intact)", self.config.preemption_grace)
+            return False
+        except BaseException:  # noqa: BLE001 - raised from save()/wait() through the usual path
+            pass
+        return True
 
     def fence(self) -> None:
         """Block until the current snapshot's copies are done: call before writing into saved tensors in
