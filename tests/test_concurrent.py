@@ -122,11 +122,11 @@ def test_same_step_from_an_unlocked_writer_is_never_overwritten(tmp_path: Path) 
     the winner's checkpoint stays intact, the loser's temp folder is removed."""
     root = tmp_path / "shared"
     state = {"model": torch.nn.Linear(8, 8)}
-    loser = LocalCommit(root, 5, tag="1-loser")  # pid 1 is alive: a start leaves its temp folder alone
-    loser.begin()
-    (loser.tmp / "model.safetensors").write_bytes(b"not this one")
-    loser.record("model.safetensors", 12, "0" * 16)
     with btckpt.Checkpointer(dir=str(root), async_save=False) as ck:
+        loser = LocalCommit(root, 5)  # begun after the start (a start removes every temp folder it finds)
+        loser.begin()
+        (loser.tmp / "model.safetensors").write_bytes(b"not this one")
+        loser.record("model.safetensors", 12, "0" * 16)
         ck.save(5, state)
     from btckpt.manifest import Manifest
 

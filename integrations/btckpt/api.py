@@ -9,6 +9,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from .commit import new_tag
 from .discovery import _is_url, latest, scan
 from .distributed import World
 from .errors import (
@@ -59,7 +60,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
             staged = stager.stage(flat, layout, async_keys=set(), sync=True)
         except OSError as exc:
             raise space_error(exc, target) from exc
-        job = SaveJob(step=step, root=target.parent, tag=f"{os.getpid()}-oneshot", world=World(), flat=flat,
+        job = SaveJob(step=step, root=target.parent, tag=new_tag(), world=World(), flat=flat,
                       staged=staged, rng=capture_rng() if save_rng else None, extra_files=dict(extra_files or {}),
                       name=target.name)
         run_save(job)  # committed straight under its own name (no detour through <parent>/checkpoint-<step>)

@@ -10,12 +10,14 @@ step is never overwritten; a temp folder is never listed or loaded and is remove
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
+import secrets
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,44 @@ from .manifest import MANIFEST, Manifest
 from .storage import fsync_dir, fsync_file, space_error
 
 __all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
-           "write_small_file"]
+           "write_small_file", "new_tag", "rename_noreplace"]
+
+log = logging.getLogger("btckpt")
 
 TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp-(.+)$")
+NO_LOCK_ENV = "BTCKPT_NO_LOCK"
+
+
+def new_tag() -> str:
+    """A writer's tag for temp names: ``<pid>-<16 random hex>``, unique across threads, processes and hosts
+    (containers on a shared filesystem often have the same pid on every host; the token makes the difference)."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with EEXIST if ``dst`` exists (even as an empty folder, which a
+    plain ``rename`` would silently replace). Falls back to ``os.rename`` where renameat2 is missing."""
+    fn = getattr(_libc(), "renameat2", None) if _libc() is not None else None
+    if fn is not None:
+        at_fdcwd, noreplace = -100, 1
+        if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # else: the filesystem cannot; plain rename
+            raise OSError(err, os.strerror(err), str(dst))
+    os.rename(src, dst)
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(None, use_errno=True))
+        except OSError:  # pragma: no cover
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,10 +96,11 @@ class LocalCommit:
     def __init__(self, root: Path, step: int, *, tag: str | None = None, name: str | None = None) -> None:
         self.root = Path(root)
         self.step = step
-        self.tag = tag or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tag = tag or new_tag()  # every rank of a node passes the same (agreed, random) tag
         self.tmp = self.root / f".{checkpoint_name(step)}.tmp-{self.tag}"
         self.final = self.root / (name or checkpoint_name(step))  # name: one-shot saves to a chosen folder
         self.files: dict[str, dict[str, Any]] = {}
+        self._created = False
 
     def begin(self) -> Path:
         """Create the temp folder (leader only). Refuses when the step already exists."""
@@ -72,8 +110,12 @@ class LocalCommit:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
+        except FileExistsError:
+            raise CheckpointError(f"{self.tmp} already exists: two writers share the tag {self.tag!r}; "
+                                  "give each writer its own tag (btckpt.commit.new_tag())") from None
         except OSError as exc:
             raise space_error(exc, self.tmp) from exc
+        self._created = True
         return self.tmp
 
     def record(self, name: str, size: int, checksum: str) -> None:
@@ -90,7 +132,7 @@ class LocalCommit:
             fsync_dir(self.tmp)
             faults.point("before_rename")
             try:
-                os.rename(self.tmp, self.final)
+                rename_noreplace(self.tmp, self.final)
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                     raise CheckpointError(
@@ -118,8 +160,10 @@ class LocalCommit:
                                   "and save again") from exc
 
     def abort(self) -> None:
-        """Remove the temp folder (best effort); the commit never becomes visible."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temp folder this commit created (best effort); the commit never becomes visible.
+        Nothing is removed when :meth:`begin` did not create it (another writer's folder stays)."""
+        if self._created:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,11 +176,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(root: Path) -> list[Path]:
-    """Remove leftover ``.checkpoint-*.tmp-*`` folders of dead writers under ``root``; return them.
+def remove_stale_temps(root: Path, *, locked: bool = False) -> list[Path]:
+    """Remove leftover ``.checkpoint-*.tmp-*`` folders under ``root``; return them.
 
-    Call once at start, by the node's leader, while holding the folder's writer lock. A temp folder
-    whose tag names a live process on this host is left alone (another writer may be mid-save).
+    ``locked``: the caller holds ``root``'s writer lock (:class:`DirLock`) and has created nothing yet, so
+    every temp folder there is stale, whatever pid its name records (pids are reused, and repeat across
+    hosts). Without the lock, a temp folder whose tag names a live process on this host is left alone
+    (another writer may be mid-save).
     """
     removed: list[Path] = []
     if not root.is_dir():
@@ -146,7 +192,7 @@ def remove_stale_temps(root: Path) -> list[Path]:
         if not m or not entry.is_dir() or entry.is_symlink():
             continue
         pid = m.group(2).split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if not locked and pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
@@ -162,18 +208,25 @@ def delete_checkpoint(path: Path) -> None:
     faults.point("retention")
     m = re.match(r"^checkpoint-(\d+)$", path.name)
     step = m.group(1) if m else "x"
-    doomed = path.parent / f".checkpoint-{step}.tmp-{os.getpid()}-del{uuid.uuid4().hex[:6]}"
+    doomed = path.parent / f".checkpoint-{step}.tmp-{new_tag()}-del"
     os.rename(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN)
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 class DirLock:
     """The one writer of a checkpoint dir: an exclusive ``flock`` on ``<dir>/.btckpt.lock``.
 
-    Taken by each node's local leader when its Checkpointer starts (creating the dir), then stale temp
-    folders of dead writers are removed; released by :meth:`release` (``close()``). A second process
-    saving into the same dir gets a :class:`CheckpointError` naming the holder; nothing is touched.
+    Taken by each node's local leader when its Checkpointer starts (creating the dir), then every temp
+    folder there is removed (the holder has written none yet); released by :meth:`release` (``close()``).
+    A second process saving into the same dir gets a :class:`CheckpointError` naming the holder; nothing
+    is touched. On a filesystem without ``flock`` (Lustre ``-o noflock``, some NFS) it raises a
+    :class:`ConfigError` saying so, unless ``$BTCKPT_NO_LOCK=1`` (then it runs unlocked, with a warning,
+    and only temp folders of dead local pids are removed).
     """
 
     def __init__(self, root: Path) -> None:
@@ -183,21 +236,44 @@ class DirLock:
         except OSError as exc:
             raise ConfigError(f"checkpoint dir {str(root)!r} is not writable ({exc.strerror}); point dir / "
                               "$BT_CHECKPOINT_DIR at a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise CheckpointError(f"another process ({owner or 'unknown'}) is already saving checkpoints into "
-                                  f"{root}; give each job (and each node) its own checkpoint dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         self._fd: int | None = fd
+        locked = self._flock(root)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         try:
-            self.removed = remove_stale_temps(root)
+            self.removed = remove_stale_temps(root, locked=locked)
         except BaseException:  # a refused start must not leave the lock behind
             self.release()
             raise
+
+    def _flock(self, root: Path) -> bool:
+        """Take the lock; True when held, False when running unlocked by request ($BTCKPT_NO_LOCK)."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            err = exc
+        if err.errno in _HELD:
+            owner = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+            self.release()
+            raise CheckpointError(f"another process ({owner or 'unknown'}) is already saving checkpoints into "
+                                  f"{root}; give each job (and each node) its own checkpoint dir") from None
+        if err.errno in _NO_FLOCK and os.environ.get(NO_LOCK_ENV, "") == "1":
+            log.warning("btckpt: %s is on a filesystem without flock (%s); running WITHOUT the writer lock "
+                        "because $%s=1: make sure no other job writes into this dir", root, err.strerror, NO_LOCK_ENV)
+            self.release()
+            return False
+        self.release()
+        if err.errno in _NO_FLOCK:
+            raise ConfigError(f"{root}: the filesystem does not support flock ({err.strerror}), so btckpt cannot "
+                              "make sure it is the only writer of this dir (Lustre mounted with -o noflock, some "
+                              "NFS setups). Mount it with -o flock (or -o localflock), point dir / "
+                              f"$BT_CHECKPOINT_DIR at another filesystem, or set ${NO_LOCK_ENV}=1 to run unlocked "
+                              "when you are sure one job writes there") from None
+        raise CheckpointError(f"{root}/.btckpt.lock: locking failed ({err.strerror}); nothing was written. Check "
+                              "the filesystem, or point dir / $BT_CHECKPOINT_DIR elsewhere") from None
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""

@@ -147,6 +147,26 @@ class World:
         except _STORE_ERRORS as exc:
             raise _lost(self.rank, key, exc) from exc
 
+    def propose(self, key: str, value: Any) -> Any:
+        """Set ``key`` to ``value`` unless a peer set it first (atomic); return the value that holds."""
+        if self.store is None or self.size == 1:
+            return value
+        full = f"btckpt/{key}"
+        try:
+            return json.loads(bytes(self._st().compare_set(full, "", json.dumps(value))).decode())
+        except _STORE_ERRORS as exc:
+            raise _lost(self.rank, key, exc) from exc
+
+    def peek(self, key: str) -> Any:
+        """The JSON value published under ``key``, or None when there is none yet (never waits)."""
+        if self.store is None or self.size == 1:
+            return None
+        try:
+            raw = self._check(f"btckpt/{key}")
+        except _STORE_ERRORS as exc:
+            raise _lost(self.rank, key, exc) from exc
+        return None if raw is None else json.loads(raw)
+
     def agree_step(self, key: str, steps: list[int], *, timeout: float) -> int:
         """The newest step that every rank lists in ``steps`` (its complete checkpoints), or -1.
 

@@ -18,14 +18,22 @@ import torch
 
 from ._tree import encode_tree
 from .errors import UnsupportedValue
+from .statedict import group_value
 from .sthead import ALIGN, TensorEntry, build_header
 
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
-    "plan_layout", "group_files", "GROUP_NAME",
+    "plan_layout", "group_files", "GROUP_NAME", "rank_groups", "rank_state_file", "RANK_STATE_NAME",
 ]
 
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+RANK_STATE_NAME = re.compile(r"^state_\d+\.json$")
+
+
+def rank_state_file(rank: int) -> str:
+    """The file holding ``rank``'s own plain-data groups (saved by every rank but the node's leader,
+    whose plain data is in the manifest): ``{group: tree}`` as in the manifest's ``state``."""
+    return f"state_{rank}.json"
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
@@ -109,6 +117,23 @@ def flatten_group(name: str, value: Any) -> FlatGroup:
 
     tree = encode_tree(value, on_tensor, is_tensor=_is_tensor, path=())
     return FlatGroup(name, tree, tensors, refs)
+
+
+def rank_groups(state: Any, *, skip: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """What a rank other than its node's leader saves of ``state`` (except ``skip``): the JSON trees of
+    the groups holding no tensor (its own data: data-loader position, counters), saved per rank; and the
+    names of the groups holding tensors, which are saved once per node, from its leader."""
+    plain: dict[str, Any] = {}
+    tensor_groups: list[str] = []
+    for name, obj in state.items():
+        if name in skip:
+            continue
+        g = flatten_group(name, group_value(obj))
+        if g.tensors:
+            tensor_groups.append(name)
+        else:
+            plain[name] = g.tree
+    return plain, tensor_groups
 
 
 @dataclass(frozen=True)

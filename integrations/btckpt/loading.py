@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from ._tree import decode_tree
 from .discovery import CheckpointInfo, inspect, select
 from .errors import CorruptCheckpoint, StateMismatch
+from .layout import rank_state_file
 from .reader import CheckpointReader, read_verified_bytes
 from .rng import restore_rng, rng_file
 from .statedict import apply_group
@@ -31,7 +33,8 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
         for fname in info.manifest.files:
             if not fname.endswith(".safetensors"):
                 read_verified_bytes(info.path, info.manifest, fname)
-    available = set(reader.groups)
+    own = _rank_state(info, rank)  # this rank's own plain-data groups (saved per rank), over the leader's
+    available = set(reader.groups) | set(own)
     loaded: dict[str, Any] = {}
     for name in names:
         if name not in available:
@@ -42,7 +45,7 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
                 raise StateMismatch(f"{info.path}: the checkpoint has no group {name!r} (it has "
                                     f"{sorted(available)}); remove it from the state or pass strict=False")
             continue
-        loaded[name] = reader.load_group(name)
+        loaded[name] = own[name] if name in own else reader.load_group(name)
     rng = None
     if want_rng and info.manifest is not None:
         fname = rng_file(rank)
@@ -55,6 +58,24 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
             log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
                         "restored", info.path, rank)
     return loaded, rng
+
+
+def _rank_state(info: CheckpointInfo, rank: int) -> dict[str, Any]:
+    """``{group: value}`` from ``state_<rank>.json`` (see :func:`btckpt.layout.rank_state_file`), or {}."""
+    fname = rank_state_file(rank)
+    if info.manifest is None or fname not in info.manifest.files:
+        return {}
+    try:
+        data = json.loads(read_verified_bytes(info.path, info.manifest, fname))
+    except ValueError:
+        raise CorruptCheckpoint(f"{info.path}/{fname}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(f"{info.path}/{fname}: not a JSON object of groups")
+
+    def no_tensor(ref: Any) -> Any:
+        raise CorruptCheckpoint(f"{info.path}/{fname}: per-rank state holds a tensor reference {ref!r}")
+
+    return {str(k): decode_tree(v, no_tensor) for k, v in data.items()}
 
 
 def load_into(state: MutableMapping[str, Any], loaded: dict[str, Any], rng: dict[str, Any] | None, *,

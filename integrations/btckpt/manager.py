@@ -14,9 +14,9 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from .commit import DirLock, checkpoint_name
+from .commit import DirLock, checkpoint_name, new_tag
 from .config import CheckpointConfig, default_budget
 from .discovery import CheckpointInfo, inspect, select, verified
 from .distributed import World
 from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
-from .layout import Layout, fill_refs, flatten_group, plan_layout, signature
+from .layout import Layout, fill_refs, flatten_group, plan_layout, rank_groups, signature
 from .remotedir import finish_upload, remote_target, staging_root
 from .resume import Resume
 from .retention import apply_retention
@@ -55,9 +55,29 @@ def _writer_init() -> None:
 
 
 def _close_at_exit(ref: Any) -> None:
+    """Commit what was saved when the script ends without ``close()``; a save that fails here is fatal.
+
+    Registered with ``threading._register_atexit`` (runs when the main thread ends, before
+    ``concurrent.futures`` stops taking work and joins its workers) and ``atexit`` as a backstop.
+    """
     ckpt = ref()
-    if ckpt is not None:
+    if ckpt is None or ckpt._closed:
+        return
+    try:
         ckpt.close()
+    except BaseException as exc:  # noqa: BLE001 - the process must not exit 0 over a lost checkpoint
+        log.error("btckpt: the save still in flight at exit failed, its checkpoint is lost: %s", exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _register_exit(ref: Any) -> None:
+    try:
+        threading._register_atexit(_close_at_exit, ref)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # pragma: no cover - private API missing, or already shutting down
+        pass
+    atexit.register(_close_at_exit, ref)
 
 
 class Checkpointer:
@@ -89,11 +109,15 @@ class Checkpointer:
         self._last_save_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preempted = threading.Event()
+        self._watched = False  # something polls `preempted` (maybe_save, an integration): SIGTERM can be acted on
+        self._stop_at: int | None = None  # the step every rank stops at after a SIGTERM (agreed)
+        self._grace = False  # in the preemption save: waits are bounded by preemption_grace
         self._prev_handler: Any = None
+        self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
+        self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
         self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
         self._session = self._agree_session()
-        self._resume = Resume(config=self.config, world=self.world, root=self.root, remote=self.remote,
-                              session=self._session)
+        self._resume = self._resumer(self._session)
         from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
 
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
@@ -116,27 +140,54 @@ class Checkpointer:
             self._uploader.start()
         if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        atexit.register(_close_at_exit, weakref.ref(self))
+        _register_exit(weakref.ref(self))
 
     # -- setup ------------------------------------------------------------------------------------------
     def _agree_session(self) -> str:
-        mine = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        mine = new_tag()
         if self.world.size == 1 or self.world.store is None:
             return mine
-        # Keyed by creation order, not by dir: each node of a multi-node job has its own dir.
+        # Only the session itself is keyed by creation order (each node of a multi-node job has its own dir);
+        # every agreement after it is keyed by the session and this Checkpointer's own counter (_op_tag).
         key = f"session/{next(_SESSIONS)}"
         if self.world.is_leader:
             self.world.publish(key, mine)
         return str(self.world.collect(key, timeout=self.config.barrier_timeout))
 
+    def _op_tag(self, op: str) -> str:
+        """A tag of its own for one collective call (store keys, temp folder name): the session plus this
+        Checkpointer's counter, which every rank advances identically (every rank calls every method)."""
+        return f"{self._session}-{op}{next(self._ops)}"
+
+    def _resumer(self, session: str) -> Resume:
+        return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session)
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._grace:
+            log.warning("btckpt: SIGTERM again; the preemption checkpoint is being saved (or was), exiting after it")
+            return
+        if not self._watched:  # nothing checks `preempted` yet: no step boundary will ever save
+            log.warning("btckpt: SIGTERM received, but nothing checks for it (maybe_save() was never called), so "
+                        "btckpt cannot save a final checkpoint; passing the signal on")
+            prev, self._prev_handler = self._prev_handler, None
+            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+            if callable(prev):
+                prev(signum, frame)
+            elif prev in (None, signal.SIG_DFL):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
         log.warning("btckpt: SIGTERM received; a final checkpoint will be saved at the next step boundary")
         self._preempted.set()
 
     # -- saving -----------------------------------------------------------------------------------------
     @property
     def preempted(self) -> bool:
-        """True once SIGTERM arrived (the next :meth:`maybe_save` saves and exits)."""
+        """True once SIGTERM arrived (the next :meth:`maybe_save` saves and exits).
+
+        Reading it marks the SIGTERM handler as acted upon: before anything reads it (e.g. no
+        :meth:`maybe_save` call yet), a SIGTERM is passed on to the previous handler (default: exit).
+        """
+        self._watched = True
         return self._preempted.is_set()
 
     def protect(self, path: str | os.PathLike[str]) -> None:
@@ -161,9 +212,21 @@ class Checkpointer:
         saves, e.g. Lightning), written inside the same commit. ``optimizers``: for states given as plain
         tensors (framework dicts), the optimizers whose ``step()`` alone writes their parameters and
         state; tensors of ``state`` sharing storage with those copy in the background behind their step gate.
+
+        Saves from several threads are serialized (each one's snapshot is taken alone). Plain-data groups
+        (no tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json``
+        and comes back to that rank at restore; groups holding tensors are taken from local rank 0.
         """
+        with self._busy:
+            self._save(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit, peer_rng=peer_rng,
+                       optimizers=optimizers)
+
+    def _save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None,
+              meta: Mapping[str, Any] | None, on_commit: Callable[[Path], None] | None,
+              peer_rng: Mapping[int, Mapping[str, Any]] | None, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         t0 = time.perf_counter()
         self._check_open()
+        tag = self._op_tag("s")  # first: every rank advances the counter, even one that returns early below
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step={step!r}: must be a non-negative integer")
         if not isinstance(state, Mapping) or not state:
@@ -186,6 +249,7 @@ class Checkpointer:
         skip = set(part.groups) if part is not None else set()
         flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()
                 if name not in skip] if writes_groups else []
+        own_plain, tensor_groups = ({}, []) if writes_groups else rank_groups(state, skip=skip)
         if part is not None:  # every rank writes its own shards
             flat += part.flat
         layout = None
@@ -215,9 +279,10 @@ class Checkpointer:
                 raise space_error(exc, self.root / checkpoint_name(step)) from exc
             self._gate.watch([*optimizers_in(state), *optimizers])
             self._gate.arm(staged)
-        job = SaveJob(step=step, root=self.root, tag=self._session, world=self.world, flat=flat, staged=staged,
+        job = SaveJob(step=step, root=self.root, tag=tag, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
-                      meta=dict(meta or {}), barrier_timeout=self.config.barrier_timeout, sharded=part,
+                      meta=dict(meta or {}), barrier_timeout=self._barrier_timeout(), sharded=part,
+                      rank_state=own_plain, tensor_groups=tensor_groups,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
                                                      if int(r) != self.world.rank})
         self._last_save_step, self._last_save_time = step, time.monotonic()
@@ -297,10 +362,12 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> bool:
         """Call every step: saves when ``every_steps``/``every_seconds`` says so, or at preemption.
 
-        After SIGTERM it saves this step, waits for the commit (up to ``preemption_grace`` seconds) and
-        exits the process with status 0. Returns True when it saved.
+        After SIGTERM it saves, waits for the commit (up to ``preemption_grace`` seconds) and exits the
+        process with status 0. With several ranks, a SIGTERM on any rank makes every rank stop at the same
+        step (agreed through the store, so ranks signalled at different times still save one checkpoint
+        together). Returns True when it saved.
         """
-        if self.preempted:
+        if self._stop_step(step):
             self.finish_preemption(step, state)
             raise SystemExit(0)
         due = False
@@ -314,22 +381,60 @@ class Checkpointer:
             return True
         return False
 
+    def _stop_step(self, step: int) -> bool:
+        """Whether this rank stops (and saves) at ``step`` because some rank got SIGTERM.
+
+        The first rank to see its SIGTERM proposes the next step (peers in lockstep, e.g. DDP, are at most
+        one step apart and have not passed it); every rank checks the store at each call and stops once it
+        reaches the agreed step.
+        """
+        local = self.preempted
+        if self.world.size == 1 or self.world.store is None:
+            return local
+        if self._stop_at is None:
+            key = f"{self._session}/preempt"
+            found = self.world.propose(key, step + 1) if local else self.world.peek(key)
+            if found is not None:
+                self._stop_at = int(found)
+                log.warning("btckpt: rank %d: preemption agreed: every rank saves and stops at step %d",
+                            self.world.rank, self._stop_at)
+        return self._stop_at is not None and step >= self._stop_at
+
+    def _barrier_timeout(self) -> float:
+        """How long ranks wait for each other: ``preemption_grace`` bounds it in the preemption save."""
+        t = self.config.barrier_timeout
+        return min(t, self.config.preemption_grace) if self._grace else t
+
     def finish_preemption(self, step: int, state: Mapping[str, Any]) -> None:
-        """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this)."""
+        """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this).
+
+        The grace covers everything: a save still writing from before, this save, and every wait for peers.
+        """
+        self._grace = True
+        deadline = time.monotonic() + self.config.preemption_grace
         if step != self._last_save_step:
-            self.save(step, state)
-        fut = self._pending
-        if fut is not None:
-            try:
-                fut.result(timeout=self.config.preemption_grace)
-            except TimeoutError:
-                log.error("btckpt: the preemption save did not commit within %.0fs; exiting without it "
-                          "(older checkpoints are intact)", self.config.preemption_grace)
+            if not self._settled(deadline):  # an earlier save still writing (e.g. waiting for a dead peer)
                 return
-            except BaseException:  # noqa: BLE001 - raised below through the usual path
-                pass
+            self.save(step, state)
+        if not self._settled(deadline):
+            return
         self.wait()
         log.warning("btckpt: preemption checkpoint for step %d committed", step)
+
+    def _settled(self, deadline: float) -> bool:
+        """Wait for the pending save until ``deadline``; False (logged) when it is still running then."""
+        fut = self._pending
+        if fut is None:
+            return True
+        try:
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.error("btckpt: the preemption save did not commit within %.0fs (preemption_grace); exiting "
+                      "without it (older checkpoints are intact)", self.config.preemption_grace)
+            return False
+        except BaseException:  # noqa: BLE001 - raised from save()/wait() through the usual path
+            pass
+        return True
 
     def fence(self) -> None:
         """Block until the current snapshot's copies are done: call before writing into saved tensors in
@@ -342,8 +447,9 @@ class Checkpointer:
         With ``dir=URL`` that includes publishing: the uploader's pass over every commit so far.
         """
         self._check_open()
-        self._drain()
-        self._raise_pending()
+        with self._busy:
+            self._drain()
+            self._raise_pending()
         if self.remote is not None and self._uploader is not None:
             finish_upload(self._uploader, self.remote, restart=True)
 
@@ -352,7 +458,8 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            self._drain()
+            with self._busy:
+                self._drain()
         finally:
             self._closed = True
             if self._consolidator is not None:
@@ -371,7 +478,9 @@ class Checkpointer:
             self._pool.shutdown(wait=True)
             if self._lock is not None:
                 self._lock.release()
-            if self._prev_handler is not None and threading.current_thread() is threading.main_thread():
+            # after a preemption save the process is on its way out: a second SIGTERM must not kill it mid-exit
+            if (self._prev_handler is not None and not self._grace
+                    and threading.current_thread() is threading.main_thread()):
                 try:
                     signal.signal(signal.SIGTERM, self._prev_handler)
                 except (ValueError, TypeError):  # pragma: no cover
@@ -403,11 +512,13 @@ class Checkpointer:
 
         Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A
         damaged checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what
-        matches. Raises ``NoCheckpointFound`` when ``load_dir`` is set but nothing is found anywhere
-        (unless ``on_missing='start_fresh'``).
+        matches. Saves still writing are committed first. Raises ``NoCheckpointFound`` when ``load_dir`` is
+        set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
         """
         self._check_open()
-        step = self._resume.restore(state, strict=strict)
-        if step is not None:
-            self._last_save_step = step
+        with self._busy:
+            self._drain()  # a save still writing is committed (or its error raised) before anything is read
+            step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+            if step is not None:
+                self._last_save_step = step
         return step

@@ -23,7 +23,7 @@ from . import faults
 from .commit import LocalCommit, write_small_file
 from .distributed import World
 from .errors import ConfigError, UnsafeCheckpoint
-from .layout import FlatState
+from .layout import RANK_STATE_NAME, FlatState, rank_state_file
 from .manifest import MANIFEST, Manifest, check_relative_name
 from .rng import rng_file
 from .snapshot import ChunkedStaged, Snapshot
@@ -46,10 +46,10 @@ def check_extra_files(extra: Mapping[str, Any] | None, reserved: Iterable[str]) 
             check_relative_name(name, where="extra_files")
         except UnsafeCheckpoint as exc:
             raise ConfigError(str(exc)) from None
-        if "/" in name or name.startswith(".") or RNG_NAME.match(name) or name in taken:
+        if "/" in name or name.startswith(".") or RNG_NAME.match(name) or RANK_STATE_NAME.match(name) or name in taken:
             raise ConfigError(f"extra_files name {name!r} is not allowed: use a plain file name (no folders, not "
                               f"hidden) that is not one of btckpt's own files ({MANIFEST}, rng_state_<rank>.json, "
-                              "tensor files and their indexes)")
+                              "state_<rank>.json, tensor files and their indexes)")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ConfigError(f"extra_files[{name!r}] is {type(data).__name__}; pass the file's bytes")
         out[name] = bytes(data)
@@ -68,6 +68,8 @@ class SaveJob:
     staged: Snapshot | None
     rng: dict[str, Any] | None = None
     peer_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # other ranks' RNG (rank-0-only savers)
+    rank_state: dict[str, Any] = field(default_factory=dict)  # this rank's plain groups (not the node's leader)
+    tensor_groups: list[str] = field(default_factory=list)  # this rank's groups holding tensors (not the leader)
     extra_files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     barrier_timeout: float = 600.0
@@ -75,6 +77,16 @@ class SaveJob:
     on_commit: Callable[[Path], None] | None = None
     name: str | None = None  # the committed folder's name (default checkpoint-<step>)
     started: float = field(default_factory=time.perf_counter)
+
+
+def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
+    """Groups holding tensors are saved from the node's leader only: refuse a rank's group it lacks."""
+    missing = sorted(set(theirs) - ours)
+    if missing:
+        raise ConfigError(f"rank {rank} saves group(s) {missing} holding tensors that its node's local rank 0 does not "
+                          "have; btckpt saves tensor groups once per node, from local rank 0 (replicated, as under "
+                          "DDP). Give every rank the same tensor groups, or keep per-rank data as plain values "
+                          "(numbers, strings, lists), which are saved per rank")
 
 
 def run_save(job: SaveJob) -> Path:
@@ -89,6 +101,11 @@ def run_save(job: SaveJob) -> Path:
             commit.begin()
         w.barrier(f"{key}/begin", timeout=job.barrier_timeout)
         written: dict[str, dict[str, Any]] = {}
+
+        def put(name: str, data: bytes) -> None:
+            size, digest = write_small_file(commit.tmp / name, data)
+            written[name] = {"size": size, "xxh3_64": digest}
+
         try:
             if job.staged is not None:
                 for fp in job.staged.layout.files:
@@ -96,30 +113,31 @@ def run_save(job: SaveJob) -> Path:
                     size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces)
                     written[fp.name] = {"size": size, "xxh3_64": digest}
                 for name, data in job.staged.layout.index_files.items():
-                    size, digest = write_small_file(commit.tmp / name, data)
-                    written[name] = {"size": size, "xxh3_64": digest}
+                    put(name, data)
             for name, data in (job.extra_files.items() if leader else ()):  # one copy per node
-                size, digest = write_small_file(commit.tmp / name, data)
-                written[name] = {"size": size, "xxh3_64": digest}
+                put(name, data)
             if job.rng is not None:
                 faults.point("write_rng")
-                name = rng_file(w.rank)
-                size, digest = write_small_file(commit.tmp / name, json.dumps(job.rng).encode())
-                written[name] = {"size": size, "xxh3_64": digest}
+                put(rng_file(w.rank), json.dumps(job.rng).encode())
+            if job.rank_state:
+                put(rank_state_file(w.rank), json.dumps(job.rank_state).encode())
             for r, state in (sorted(job.peer_rng.items()) if leader else ()):
-                name = rng_file(r)
-                size, digest = write_small_file(commit.tmp / name, json.dumps(state).encode())
-                written[name] = {"size": size, "xxh3_64": digest}
+                put(rng_file(r), json.dumps(state).encode())
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
         nbytes = sum(v["size"] for v in written.values())
-        w.publish(f"{key}/files/{w.rank}", written)
+        w.publish(f"{key}/files/{w.rank}", {"files": written, "tensor_groups": job.tensor_groups})
         if job.sharded is not None:
             job.sharded.publish(w, key)
         w.barrier(f"{key}/written", timeout=job.barrier_timeout)
         if leader:
             for r in range(w.rank, w.rank + w.local_size):
-                files = written if r == w.rank else w.collect(f"{key}/files/{r}", timeout=job.barrier_timeout)
+                if r == w.rank:
+                    files = written
+                else:
+                    theirs = w.collect(f"{key}/files/{r}", timeout=job.barrier_timeout)
+                    _check_tensor_groups(r, theirs["tensor_groups"], {g.name for g in job.flat})
+                    files = theirs["files"]
                 for name, info in files.items():
                     commit.record(name, info["size"], info["xxh3_64"])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},

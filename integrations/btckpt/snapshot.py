@@ -14,6 +14,7 @@ import functools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -362,14 +363,22 @@ class StepGate:
 
     def __init__(self) -> None:
         self._staged: Snapshot | None = None
-        self._handles: dict[int, Any] = {}
+        # by weak reference, never by id(): a rebuilt optimizer may get a dead one's id
+        self._handles: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
         self.waited = 0.0
         self.waits = 0
 
     def watch(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Make sure each optimizer's ``step()`` waits for the snapshot (called at every save: an optimizer
+        rebuilt mid-run, or one whose hooks were cleared, is hooked again)."""
         for opt in optimizers:
-            if id(opt) not in self._handles:
-                self._handles[id(opt)] = opt.register_step_pre_hook(lambda *_a, **_k: self.wait())
+            handle = self._handles.get(opt)
+            hooks = getattr(opt, "_optimizer_step_pre_hooks", None)  # torch's registry: is our hook still there?
+            if handle is None or (hooks is not None and handle.id not in hooks):
+                self._handles[opt] = opt.register_step_pre_hook(self._pre_step)
+
+    def _pre_step(self, *_args: Any, **_kwargs: Any) -> None:
+        self.wait()
 
     def arm(self, staged: Snapshot) -> None:
         self._staged = staged
@@ -384,7 +393,7 @@ class StepGate:
         self._staged = None
 
     def close(self) -> None:
-        for h in self._handles.values():
+        for h in list(self._handles.values()):
             h.remove()
-        self._handles.clear()
+        self._handles = weakref.WeakKeyDictionary()
         self._staged = None

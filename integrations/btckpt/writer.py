@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from . import faults
 from .storage import fsync_file, new_hasher
@@ -32,14 +33,15 @@ def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview]) ->
         size = len(header)
         with ThreadPoolExecutor(1, thread_name_prefix="btckpt-hash") as pool:
             for piece in pieces:
-                if len(piece) < HASH_ASIDE:
+                # large pieces: hash on a second thread while this one writes the same bytes (both release
+                # the GIL); small ones, or at interpreter shutdown (no new futures then), on this thread
+                hashed = _hash_aside(pool, h, piece) if len(piece) >= HASH_ASIDE else None
+                if hashed is None:
                     h.update(piece)
+                try:
                     _write_all(fd, piece)
-                else:  # hash on a second thread while this one writes the same bytes (both release the GIL)
-                    hashed = pool.submit(h.update, piece)
-                    try:
-                        _write_all(fd, piece)
-                    finally:
+                finally:
+                    if hashed is not None:
                         hashed.result()
                 size += len(piece)
         faults.point("before_fsync")
@@ -48,6 +50,13 @@ def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview]) ->
     finally:
         os.close(fd)
     return size, h.hexdigest()
+
+
+def _hash_aside(pool: ThreadPoolExecutor, h: Any, piece: memoryview) -> Future[None] | None:
+    try:
+        return pool.submit(h.update, piece)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        return None
 
 
 def _write_all(fd: int, view: memoryview) -> None:
