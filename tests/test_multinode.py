@@ -49,9 +49,20 @@ def test_each_node_commits_its_part_and_resume_needs_every_part(tmp_path: Path) 
         shutil.copytree(tmp_path / "train" / f"node{node}", load / "job1" / f"rank-{node}")
     two_nodes(tmp_path, "r1", ["--steps", "6", "--expect-resume", "6", "--out", str(tmp_path / "b.st")], load=load)
     assert_same(tmp_path / "a.st", tmp_path / "b.st")  # both parts -> resumed exactly
+    # Node 1's part of step 6 is complete but damaged (one flipped byte): both ranks fall back together to 3
+    # (before, node 0 restored 6 while node 1 fell back, so the replicas diverged)
+    weights = load / "job1" / "rank-1" / "checkpoint-6" / "model.safetensors"
+    good = weights.read_bytes()
+    blob = bytearray(good)
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    outs = two_nodes(tmp_path, "r1b", ["--steps", "6", "--expect-resume", "3"], load=load)
+    assert any("is damaged" in o for o in outs)
+    assert any("not complete and verified on every rank" in o for o in outs)
+    weights.write_bytes(good)
     (load / "job1" / "rank-1" / "checkpoint-6" / "btckpt.json").unlink()  # node 1's part incomplete
     outs = two_nodes(tmp_path, "r2", ["--steps", "6", "--expect-resume", "3"], load=load)
-    assert any("not complete on every node" in o for o in outs)
+    assert any("not complete and verified on every rank" in o for o in outs)
     shutil.rmtree(load / "job1" / "rank-1")  # node 1's parts missing altogether
     two_nodes(tmp_path, "r3", ["--steps", "0", "--expect-resume", "-1"], load=load)
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import CheckpointConfig
-from .discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan
+from .discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, verified
 from .distributed import World
+from .errors import CheckpointError
 from .loading import restore_first
 
 __all__ = ["Resume"]
@@ -67,11 +68,27 @@ class Resume:
         return None
 
     def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        step = self.world.agree_step(f"{self.session}/restore", [c.step for c in cands],
-                                     timeout=self.config.barrier_timeout)
-        newer = sorted({c.step for c in cands if c.step > step}, reverse=True)
-        if newer:
-            log.warning("btckpt: rank %d: checkpoint-%d is not complete on every node (a part is missing or "
-                        "incomplete); resuming from %s", self.world.rank, newer[0],
-                        f"step {step}" if step >= 0 else "scratch")
-        return [c for c in cands if c.step == step]
+        """The candidate every rank can load: the newest step complete on every node *and* verified on every
+        rank (checksums), agreed through the store. A step that fails verification on any rank is dropped by
+        all of them together, so ranks never restore different steps (or some start fresh)."""
+        remaining, newest, attempt = list(cands), max((c.step for c in cands), default=-1), 0
+        while True:
+            key = f"{self.session}/restore/{attempt}"
+            step = self.world.agree_step(key, [c.step for c in remaining], timeout=self.config.barrier_timeout)
+            mine = [c for c in remaining if c.step == step]
+            ok = False
+            if mine:
+                try:
+                    verified(mine[0])
+                    ok = True
+                except CheckpointError as exc:
+                    log.warning("btckpt: rank %d: %s is damaged: %s", self.world.rank, mine[0].path, exc)
+            agreed = self.world.agree_step(f"{key}/verified", [step] if ok else [],
+                                           timeout=self.config.barrier_timeout)
+            if step < 0 or agreed == step:
+                break
+            remaining, attempt = [c for c in remaining if c.step != step], attempt + 1
+        if newest > step:
+            log.warning("btckpt: rank %d: checkpoint-%d is not complete and verified on every rank; resuming from "
+                        "%s", self.world.rank, newest, f"step {step}" if step >= 0 else "scratch")
+        return mine if step >= 0 else []
