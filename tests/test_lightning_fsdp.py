@@ -1,8 +1,9 @@
-"""Lightning + FSDP2 (``fully_shard`` in ``configure_model``) with ``btckpt.lightning.ModelParallelStrategy`` and
-``SafetensorsCheckpointIO``: real torchrun, 2 ranks, gloo on CPU (Lightning's ModelParallelStrategy runs on CPU
-as it is). Each rank writes its own shards; SIGKILL of the whole job and resume is bit-identical; 2 -> 1 reshard
-on resume; the consolidated folder holds the full weights. Lightning's own ModelParallelStrategy / FSDPStrategy
-with the plugin are refused (they save and load around it)."""
+"""Lightning + FSDP2 (``fully_shard`` in ``configure_model``) or tensor parallel, with
+``btckpt.lightning.ModelParallelStrategy`` and ``SafetensorsCheckpointIO``: real torchrun, 2 ranks, gloo on CPU
+(Lightning's ModelParallelStrategy runs on CPU as it is). Each rank writes its own shards; SIGKILL of the whole
+job and resume is bit-identical; 2 -> 1 reshard on resume; the consolidated folder holds the full weights; a
+tensor-parallel resume is bit-identical. Lightning's own ModelParallelStrategy / FSDPStrategy with the plugin
+are refused (they save and load around it)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,17 @@ def test_lightning_own_sharded_strategies_are_refused(tmp_path: Path) -> None:
     fsdp1.checkpoint_io = SafetensorsCheckpointIO()
     with pytest.raises(ConfigError, match="FSDPStrategy .FSDP1."):
         check_strategy(fsdp1)
+
+
+def test_tensor_parallel_resume_is_bit_identical(tmp_path: Path) -> None:
+    import shutil
+
+    ref = run(tmp_path, "ref", "--tp", "--steps", "10", "--dump", str(tmp_path / "ref.st"))
+    assert resumed(ref, 2) == {"0"}
+    man = json.loads((tmp_path / "ref" / "checkpoint-4" / "btckpt.json").read_text())
+    assert {"model-rank00000.safetensors", "model-rank00001.safetensors"} <= set(man["files"])
+    (tmp_path / "run").mkdir()  # a job that stopped after its step-4 commit: only that checkpoint to resume from
+    shutil.copytree(tmp_path / "ref" / "checkpoint-4", tmp_path / "run" / "checkpoint-4")
+    out = run(tmp_path, "run", "--tp", "--steps", "10", "--resume", "--dump", str(tmp_path / "resumed.st"))
+    assert resumed(out, 2) == {"4"}
+    assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")

@@ -33,14 +33,20 @@ def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
 
 
 class Sharded(Tiny):
-    def __init__(self, dump_start: str = "", pause: tuple[int, int, str, str] | None = None) -> None:
+    def __init__(self, dump_start: str = "", pause: tuple[int, int, str, str] | None = None, tp: bool = False) -> None:
         super().__init__()
-        self.dump_start = dump_start
+        self.dump_start, self.tp = dump_start, tp
         self.pause = pause  # (at step, after checkpoint, its folder's parent, progress file)
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        if self.tp:  # tensor parallel: first Linear split by output features, the second by input features
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"],
+                               {"0": ColwiseParallel(), "3": RowwiseParallel()})
+            return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, torch.nn.Linear):
@@ -84,23 +90,25 @@ def main() -> None:
     ap.add_argument("--progress", default="")
     ap.add_argument("--dump", default="")
     ap.add_argument("--dump-start", default="")
+    ap.add_argument("--tp", action="store_true", help="tensor parallel over all ranks instead of FSDP2")
     ap.add_argument("--pause-at", type=int, default=-1)
     ap.add_argument("--pause-after", type=int, default=-1)
     a = ap.parse_args()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0, verbose=False)
     pause = (a.pause_at, a.pause_after, a.dir, a.progress) if a.pause_at >= 0 else None
-    model = Sharded(dump_start=a.dump_start, pause=pause)
+    model = Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp)
     cls = ModelParallelStrategy if a.strategy == "btckpt" else L.pytorch.strategies.ModelParallelStrategy
     cb = ModelCheckpoint(dirpath=a.dir, every_n_train_steps=a.every, save_top_k=-1, save_last=True)
-    strategy = cls(data_parallel_size=world, tensor_parallel_size=1)
+    dp = 1 if a.tp else world  # every tensor-parallel rank sees the same batches
+    strategy = cls(data_parallel_size=dp, tensor_parallel_size=world // dp)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.steps,
                         plugins=[SafetensorsCheckpointIO()], callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
                         num_sanity_val_steps=0, use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
     print(f"rank {rank}: resume from {ckpt}", flush=True)
-    trainer.fit(model, train_dataloaders=Batches(rank=rank, world=world), ckpt_path=ckpt)
+    trainer.fit(model, train_dataloaders=Batches(rank=rank % dp, world=dp), ckpt_path=ckpt)
     if a.dump:
         dump(model, a.dump)
     print(f"rank {rank}: done", flush=True)
