@@ -111,3 +111,25 @@ def test_tensor_parallel_resume_is_bit_identical(tmp_path: Path) -> None:
     out = run(tmp_path, "run", "--tp", "--steps", "10", "--resume", "--dump", str(tmp_path / "resumed.st"))
     assert resumed(out, 2) == {"4"}
     assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")
+
+
+def test_one_ranks_dtensor_state_is_refused_not_saved(tmp_path: Path) -> None:
+    """A strategy that hands the plugin a dict of DTensors on rank 0 only (e.g. a custom one) gets a clear
+    error instead of a checkpoint holding rank 0's shards alone."""
+    import torch
+    import torch.distributed as dist
+    from btckpt.errors import ConfigError
+    from btckpt.lightning import SafetensorsCheckpointIO
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        w = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+        io = SafetensorsCheckpointIO(async_save=False)
+        with pytest.raises(ConfigError, match=r"'state_dict\.net\.weight' is a DTensor.*ModelParallelStrategy"):
+            io.save_checkpoint({"state_dict": {"net.weight": w}, "global_step": 3}, tmp_path / "ck" / "last.ckpt")
+        io.teardown()
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "ck" / "checkpoint-3").exists()

@@ -28,12 +28,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy as _LightningMode
 
 from .discovery import CheckpointInfo
 from .errors import ConfigError, StateMismatch
-from .sharded import META_KEY, sharded_groups
+from .sharded import META_KEY, is_dtensor, sharded_groups
 
 if TYPE_CHECKING:
     from .lightning import SafetensorsCheckpointIO
 
-__all__ = ["ModelParallelStrategy", "check_strategy", "is_live", "saved_sharded", "read_in_place"]
+__all__ = ["ModelParallelStrategy", "check_strategy", "is_live", "refuse_rank0_shards", "saved_sharded",
+           "read_in_place"]
 
 
 def _plugin(strategy: Any) -> SafetensorsCheckpointIO | None:
@@ -114,6 +115,32 @@ def check_strategy(strategy: Any) -> None:
 def is_live(groups: Mapping[str, Any]) -> bool:
     """True when ``groups`` hold a live model or optimizer with DTensors: a save every rank takes part in."""
     return bool(sharded_groups(groups))
+
+
+def _dtensor_at(value: Any, path: str) -> str | None:
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return path if is_dtensor(value) else None
+    for k, v in items:
+        found = _dtensor_at(v, f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_rank0_shards(groups: Mapping[str, Any], keys: Mapping[str, str]) -> None:
+    """ConfigError when a dict handed to the plugin by one rank holds DTensors: it has that rank's shards
+    only, so saving it would silently lose every other rank's part."""
+    for name in ("model", "optimizer"):
+        found = _dtensor_at(groups.get(name), keys.get(name, name))
+        if found is not None:
+            raise ConfigError(f"Lightning checkpoint entry {found!r} is a DTensor (one rank's shard): the strategy "
+                              "hands SafetensorsCheckpointIO sharded state from rank 0 only, which would lose the "
+                              "other ranks' shards; use btckpt.lightning.ModelParallelStrategy (FSDP2 / tensor "
+                              "parallel), which saves every rank's shards")
 
 
 def saved_sharded(info: CheckpointInfo) -> set[str]:

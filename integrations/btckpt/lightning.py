@@ -54,7 +54,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import _lightning_rng as _rng
 from ._lightning_hf import HFLayout, from_hf_keys
-from ._lightning_sharded import ModelParallelStrategy, check_strategy, is_live, read_in_place, saved_sharded
+from ._lightning_sharded import (
+    ModelParallelStrategy,
+    check_strategy,
+    is_live,
+    read_in_place,
+    refuse_rank0_shards,
+    saved_sharded,
+)
 from ._lightning_state import (
     LINK_FORMAT,
     MAX_LINK,
@@ -226,6 +233,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._mine.add(folder)
             return
         groups, keys = to_groups(checkpoint)
+        if not distributed:
+            refuse_rank0_shards(groups, keys)
         meta: dict[str, Any] = {"keys": keys}
         files: dict[str, bytes] | None = None
         hf = self._hf.prepare(groups["model"]) if isinstance(groups.get("model"), dict) else None
