@@ -133,3 +133,31 @@ def test_one_ranks_dtensor_state_is_refused_not_saved(tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert not (tmp_path / "ck" / "checkpoint-3").exists()
+
+
+def test_hf_model_inside_gives_a_servable_folder_and_reshards(tmp_path: Path) -> None:
+    """A LightningModule holding a transformers model under FSDP2: the sharded checkpoint is keyed like the HF
+    model and carries config.json, so ``btckpt consolidate`` gives a ``from_pretrained`` folder; a resume on
+    one rank loads it (the model and optimizer shards) exactly."""
+    pytest.importorskip("transformers")
+    import subprocess
+
+    run(tmp_path, "run", "--hf", "--steps", "4", "--dump", str(tmp_path / "at4.st"))
+    ck = tmp_path / "run" / "checkpoint-4"
+    files = {p.name for p in ck.iterdir()}
+    assert {"config.json", "model-rank00000.safetensors", "model-rank00001.safetensors"} <= files
+    cons = tmp_path / "served"
+    r = subprocess.run([sys.executable, "-m", "btckpt.cli", "consolidate", str(ck), str(cons)], env=env_with(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import tqdm
+    from transformers import AutoModelForCausalLM
+
+    tqdm.tqdm.monitor_interval = 0  # from_pretrained's progress bar would start tqdm's monitor thread (a "leak")
+    full = load_st(tmp_path / "at4.st")
+    served = AutoModelForCausalLM.from_pretrained(cons).state_dict()
+    assert sorted(served) == sorted(k[len("model.model."):] for k in full if k.startswith("model.model."))
+    assert all(v.equal(full[f"model.model.{k}"]) for k, v in served.items())
+    out = run(tmp_path, "run", "--hf", "--steps", "6", "--resume", "--dump-start", str(tmp_path / "start.st"), nproc=1)
+    assert resumed(out, 1) == {"4"}
+    assert_same(tmp_path / "at4.st", tmp_path / "start.st")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
 
 from .discovery import CheckpointInfo
@@ -31,10 +32,11 @@ from .errors import ConfigError, StateMismatch
 from .sharded import META_KEY, is_dtensor, sharded_groups
 
 if TYPE_CHECKING:
+    from ._lightning_hf import HFLayout
     from .lightning import SafetensorsCheckpointIO
 
 __all__ = ["ModelParallelStrategy", "check_strategy", "is_live", "refuse_rank0_shards", "saved_sharded",
-           "read_in_place"]
+           "read_in_place", "hf_model_group"]
 
 
 def _plugin(strategy: Any) -> SafetensorsCheckpointIO | None:
@@ -143,6 +145,24 @@ def refuse_rank0_shards(groups: Mapping[str, Any], keys: Mapping[str, str]) -> N
                               "parallel), which saves every rank's shards")
 
 
+def hf_model_group(layout: HFLayout, groups: dict[str, Any], meta: dict[str, Any]) -> dict[str, bytes] | None:
+    """A sharded LightningModule whose whole state lives in one transformers model (``self.model``): save that
+    model as the ``model`` group (HF keys) with its ``config.json``, so ``btckpt consolidate`` turns the
+    checkpoint into a ``from_pretrained`` folder. Returns the config files (None: not such a module)."""
+    from ._lightning_hf import _config_files
+
+    module, hit = groups.get("model"), layout.find()
+    if hit is None or not isinstance(module, torch.nn.Module):
+        return None
+    attr, hf = hit
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    if any(not n.startswith(attr + ".") for n in names):
+        return None  # state outside the transformers model: keep the LightningModule's keys
+    groups["model"] = hf
+    meta["hf_module"] = attr
+    return _config_files(hf)
+
+
 def saved_sharded(info: CheckpointInfo) -> set[str]:
     """The groups of a checkpoint that were saved sharded (per-rank files)."""
     return set((info.manifest.meta.get(META_KEY) or {}) if info.manifest is not None else {})
@@ -163,4 +183,8 @@ def read_in_place(info: CheckpointInfo, into: MutableMapping[str, Any], *, rank:
                                 "fit(ckpt_path=...) needs a training checkpoint")
         raise StateMismatch(f"{where}: the optimizer state was not saved sharded (saved by another strategy, "
                             "e.g. ddp); resume with that strategy, or load the weights only")
+    meta = info.manifest.meta.get("lightning") if info.manifest is not None else None
+    attr = meta.get("hf_module") if isinstance(meta, dict) else None
+    if isinstance(attr, str):  # saved as the transformers model inside the LightningModule (hf_model_group)
+        into = dict(into, model=into["model"].get_submodule(attr))
     return read_checkpoint(info, into, list(into), rank=rank, want_rng=False, strict=strict)

@@ -28,6 +28,12 @@ Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on r
 rank 0 through the c10d store while Lightning builds the dict, and the one commit holds
 ``rng_state_<rank>.json`` for every rank; on resume each rank restores its own.
 
+Sharded models (FSDP2 ``fully_shard`` / tensor parallel in ``configure_model``): use
+:class:`ModelParallelStrategy` (Lightning's, same arguments; Lightning's own saves and loads around the
+plugin). Every rank then writes its own shards in one commit and a resume reshards to any world size; see
+:mod:`btckpt._lightning_sharded`. Lightning's ``ModelParallelStrategy``/``FSDPStrategy``/``DeepSpeedStrategy``
+with this plugin are refused when :class:`ModelCheckpoint` sets up.
+
 HF models: with :class:`ModelCheckpoint` (this module's; it hands the LightningModule to the plugin) and a
 ``transformers.PreTrainedModel`` inside the LightningModule (e.g. ``self.model``), each folder is also
 servable: ``model.safetensors`` keys that model's weights as HF does (``model.`` stripped; other keys kept)
@@ -57,6 +63,7 @@ from ._lightning_hf import HFLayout, from_hf_keys
 from ._lightning_sharded import (
     ModelParallelStrategy,
     check_strategy,
+    hf_model_group,
     is_live,
     read_in_place,
     refuse_rank0_shards,
@@ -240,6 +247,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
         hf = self._hf.prepare(groups["model"]) if isinstance(groups.get("model"), dict) else None
         if hf is not None:
             groups["model"], files, meta["hf"] = hf
+        elif distributed:
+            files = hf_model_group(self._hf, groups, meta)
         with self._lock:
             self._pending[folder] = [] if link == folder else [link]
         try:

@@ -71,6 +71,33 @@ class Sharded(Tiny):
             dump(self, self.dump_start)
 
 
+class HFSharded(Sharded):
+    """A LightningModule holding a tiny transformers Llama (``self.model``), each layer and the model under FSDP2."""
+
+    def __init__(self, **kw) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        super().__init__(**kw)
+        del self.net, self.seen
+        cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                          tie_word_embeddings=False)
+        self.model = LlamaForCausalLM(cfg)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        ids = (x.abs() * 10).long() % 64
+        return self.model(input_ids=ids, labels=ids).loss
+
+
 def dump(module: L.LightningModule, path: str) -> None:
     opt = module.trainer.optimizers[0]
     state = full_state(module, opt)
@@ -90,6 +117,7 @@ def main() -> None:
     ap.add_argument("--progress", default="")
     ap.add_argument("--dump", default="")
     ap.add_argument("--dump-start", default="")
+    ap.add_argument("--hf", action="store_true", help="a transformers model inside the LightningModule")
     ap.add_argument("--tp", action="store_true", help="tensor parallel over all ranks instead of FSDP2")
     ap.add_argument("--pause-at", type=int, default=-1)
     ap.add_argument("--pause-after", type=int, default=-1)
@@ -97,7 +125,7 @@ def main() -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0, verbose=False)
     pause = (a.pause_at, a.pause_after, a.dir, a.progress) if a.pause_at >= 0 else None
-    model = Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp)
+    model = HFSharded(dump_start=a.dump_start) if a.hf else Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp)
     cls = ModelParallelStrategy if a.strategy == "btckpt" else L.pytorch.strategies.ModelParallelStrategy
     cb = ModelCheckpoint(dirpath=a.dir, every_n_train_steps=a.every, save_top_k=-1, save_last=True)
     dp = 1 if a.tp else world  # every tensor-parallel rank sees the same batches
