@@ -41,6 +41,12 @@ saved path) in another folder is still redirected, with one warning naming both 
 outside ``$BT_CHECKPOINT_DIR`` would be neither backed up nor found on a restart. Several callbacks then
 share the folder, so give them distinct ``filename=`` patterns. Unset, paths are used as given.
 
+Sharded models (FSDP2 ``fully_shard`` / tensor parallel in ``configure_model``): use
+:class:`ModelParallelStrategy` (Lightning's, same arguments; Lightning's own saves and loads around the
+plugin). Every rank then writes its own shards in one commit and a resume reshards to any world size; see
+:mod:`btckpt._lightning_sharded`. Lightning's ``ModelParallelStrategy``/``FSDPStrategy``/``DeepSpeedStrategy``
+with this plugin are refused when :class:`ModelCheckpoint` sets up.
+
 HF models: with :class:`ModelCheckpoint` (this module's; it hands the LightningModule to the plugin) and a
 ``transformers.PreTrainedModel`` inside the LightningModule (e.g. ``self.model``), each folder is also
 servable: ``model.safetensors`` keys that model's weights as HF does (``model.`` stripped; other keys kept)
@@ -67,6 +73,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import _lightning_rng as _rng
 from ._lightning_hf import HFLayout, from_hf_keys
+from ._lightning_sharded import (
+    ModelParallelStrategy,
+    check_strategy,
+    hf_model_group,
+    is_live,
+    read_in_place,
+    refuse_rank0_shards,
+    saved_sharded,
+)
 from ._lightning_state import (
     LINK_FORMAT,
     MAX_LINK,
@@ -85,13 +100,20 @@ from .commit import checkpoint_name, delete_checkpoint, write_small_file
 from .config import resolve_dir
 from .discovery import STEP_DIR, inspect, scan, select, verified
 from .distributed import World
-from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    IncompleteCheckpoint,
+    NoCheckpointFound,
+    UnsafeCheckpoint,
+    UnsupportedValue,
+)
 from .manager import Checkpointer
 from .reader import CheckpointReader, read_verified_bytes
 from .rng import restore_rng, rng_file
 from .storage import fsync_dir, is_url
 
-__all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "resume_path", "LINK_FORMAT"]
+__all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "LINK_FORMAT"]
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
@@ -167,19 +189,22 @@ class SafetensorsCheckpointIO(CheckpointIO):
             return any(path in links or path == f for f, links in self._pending.items())
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    def checkpointer(self, root: str | os.PathLike[str], *, handle_sigterm: bool = False) -> Checkpointer:
-        """The (single-process) Checkpointer writing into ``root``; created on first use."""
+    def checkpointer(self, root: str | os.PathLike[str], *, handle_sigterm: bool = False,
+                     distributed: bool = False) -> Checkpointer:
+        """The Checkpointer writing into ``root``; created on first use. Single-process, unless ``distributed``
+        (every rank saves its shards: :class:`ModelParallelStrategy`)."""
         if is_url(os.fspath(root)):
             raise CheckpointError(f"{root}: SafetensorsCheckpointIO writes local folders only; point "
                                   "ModelCheckpoint(dirpath=...) at a local folder (the platform uploads it)")
         key = Path(os.path.abspath(root))
         ck = self._ckpts.get(key)
         if ck is None:
-            ck = Checkpointer(world=World(), dir=str(key), keep_last=None, async_save=self.async_save,
-                              max_shard_size=self.max_shard_size, save_rng=self.save_rng,
+            ck = Checkpointer(world=None if distributed else World(), dir=str(key), keep_last=None,
+                              async_save=self.async_save, max_shard_size=self.max_shard_size, save_rng=self.save_rng,
                               handle_sigterm=handle_sigterm)
             self._ckpts[key] = ck
-            self._finish_retirements(key)  # under the Checkpointer's writer lock
+            if process_rank() == 0:
+                self._finish_retirements(key)  # under the Checkpointer's writer lock
         return ck
 
     def _committed(self, folder: Path) -> None:
@@ -191,6 +216,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def _relink(self, link: Path, folder: Path) -> None:
         """Point ``link`` at ``folder``; a folder that loses its last name this way is retired (as an
         overwritten ``.ckpt`` file would be gone with TorchCheckpointIO)."""
+        if process_rank() != 0:
+            return  # a sharded save runs on every rank; names are rank 0's
         old = None
         if link.is_file():
             try:
@@ -231,18 +258,22 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if storage_options is not None:
             raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
                             "SafetensorsCheckpointIO")
-        peer_rng = _rng.gather(checkpoint, timeout=self.rng_timeout)  # also frees the store keys
-        if peer_rng is None and self.save_rng and not self._warned_rng and _rng.peer_world() is not None \
+        distributed = is_live(checkpoint)  # the live model/optimizer of ModelParallelStrategy: every rank saves
+        peer_rng = _rng.gather(checkpoint, timeout=self.rng_timeout) if process_rank() == 0 else None  # frees keys
+        if distributed:
+            peer_rng = None  # every rank saves its own RNG
+        elif peer_rng is None and self.save_rng and not self._warned_rng and _rng.peer_world() is not None \
                 and "loops" in checkpoint:
             self._warned_rng = True
             log.warning("btckpt: only rank 0's RNG state is saved; use btckpt.lightning.ModelCheckpoint so every "
                         "rank's RNG is saved and a resume is exact")
         gate, self._gate_next = self._gate_next, None
-        optimizers = gate[1] if gate is not None and gate[0] is checkpoint else []
+        # sharded: the live optimizer is in the state, so the core gates its shards itself
+        optimizers = gate[1] if gate is not None and gate[0] is checkpoint and not distributed else []
         link = self._stored_at(Path(os.path.abspath(path)))
         step = int(checkpoint.get("global_step", 0))
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
-        ck = self.checkpointer(folder.parent)
+        ck = self.checkpointer(folder.parent, distributed=distributed)
         with self._lock:
             waiting = self._pending.get(folder)
             if waiting is not None:  # the same step is being written: this name shares the folder
@@ -265,11 +296,15 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self._mine.add(folder)
             return
         groups, keys = to_groups(checkpoint)
+        if not distributed:
+            refuse_rank0_shards(groups, keys)
         meta: dict[str, Any] = {"keys": keys}
         files: dict[str, bytes] | None = None
         hf = self._hf.prepare(groups["model"]) if isinstance(groups.get("model"), dict) else None
         if hf is not None:
             groups["model"], files, meta["hf"] = hf
+        elif distributed:
+            files = hf_model_group(self._hf, groups, meta)
         with self._lock:
             self._pending[folder] = [] if link == folder else [link]
         try:
@@ -305,13 +340,15 @@ class SafetensorsCheckpointIO(CheckpointIO):
             return folder
         raise FileNotFoundError(f"Checkpoint at {path} not found. Aborting training.")
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None, *,
+                        into: dict[str, Any] | None = None, strict: bool = True) -> dict[str, Any]:
         """Rebuild Lightning's dict from safetensors + JSON (checksums verified; never unpickles).
 
         ``path``: a link file, a checkpoint folder, a plain HF model folder (weights only) or a folder of
         checkpoints (the newest complete one). ``map_location``: a device (tensors load on CPU otherwise).
-        ``weights_only`` is accepted for the interface; loading is always data-only.
+        ``weights_only`` is accepted for the interface; loading is always data-only. ``into`` (every rank,
+        :class:`ModelParallelStrategy`): ``{"model": module, "optimizer": optimizer}`` loaded in place (any
+        world size), left out of the returned dict; ``strict`` applies to them.
         """
         folder = self._resolve(Path(os.path.abspath(path)))
         info = inspect(folder)
@@ -320,11 +357,19 @@ class SafetensorsCheckpointIO(CheckpointIO):
         reader = CheckpointReader(folder, info.manifest)
         meta = info.manifest.meta.get("lightning", {}) if info.manifest is not None else {}
         keys = meta.get("keys", {"model": "state_dict"}) if isinstance(meta, dict) else {}
-        out = {keys.get(g, g): reader.load_group(g) for g in reader.groups}
+        sharded = saved_sharded(info)
+        if sharded and into is None:
+            raise ConfigError(f"{folder} was saved sharded (per-rank files, by btckpt.lightning."
+                              "ModelParallelStrategy); load it with that strategy (any number of ranks)")
+        apply = read_in_place(info, into, rank=process_rank(), strict=strict) if into else None
+        elsewhere = sharded | set(into or ())  # loaded in place by read_in_place
+        out = {keys.get(g, g): reader.load_group(g) for g in reader.groups if g not in elsewhere}
         if isinstance(meta, dict) and "hf" in meta and "state_dict" in out:
             out["state_dict"] = from_hf_keys(out["state_dict"], meta["hf"], where=str(folder))
         if map_location is not None and isinstance(map_location, (str, torch.device)):
             out = map_tree(out, torch.device(map_location))
+        if apply is not None:
+            apply()
         rank = process_rank()
         if self.restore_rng and "loops" in out and info.manifest is not None:
             name = rng_file(rank)
@@ -442,6 +487,7 @@ class ModelCheckpoint(_ModelCheckpoint):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        check_strategy(trainer.strategy)
         if isinstance(trainer.strategy.checkpoint_io, SafetensorsCheckpointIO):
             trainer.strategy.checkpoint_io.attach(pl_module)
 
@@ -489,6 +535,7 @@ def _route_lightning_dir_choice() -> None:
     def resolve_ckpt_dir(callback: _ModelCheckpoint, trainer: Any) -> Any:
         io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
         if isinstance(io, SafetensorsCheckpointIO):
+            check_strategy(trainer.strategy)  # also for Lightning's own / the default ModelCheckpoint
             asked = callback.dirpath
             bt = io.placement(asked, what=f"{type(callback).__name__}(dirpath={asked!r})")
             if bt is not None:
