@@ -87,7 +87,8 @@ def test_plain_torch_checkpoint_serves_only_the_model(tmp_path: Path, shard: int
     man = Manifest.from_json((folder / MANIFEST).read_bytes(), where=str(folder))
     assert "model.safetensors.index.json" in man.files
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state["model"].state_dict().values())
+    model_bytes = sum(v.numel() * v.element_size() for v in state["model"].state_dict().values())
+    assert index["metadata"]["total_size"] == model_bytes
     assert btckpt.latest(tmp_path) == folder
     # and the checkpoint still restores through btckpt
     fresh = _torch_state(1)
@@ -153,10 +154,9 @@ def test_hf_trainer_checkpoint_serves_only_the_model(tmp_path: Path, shard: int 
 def test_peft_adapter_stays_as_peft_writes_it(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    import hf_train
     from btckpt.hf import CheckpointCallback
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
-    import hf_train
 
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
