@@ -299,6 +299,30 @@ def test_fsdp_and_deepspeed_are_refused_clearly() -> None:
             CheckpointCallback().attach(SimpleNamespace(**{flag: True}))  # type: ignore[arg-type]
 
 
+def test_replaced_trainer_methods_are_checked_when_the_callback_attaches(tmp_path: Path) -> None:
+    """A transformers release that reshaped or dropped a replaced private method fails when the Trainer is
+    built, with the version and the method named, not mid-training."""
+    import transformers
+    from btckpt import ConfigError
+    from btckpt.hf import CheckpointCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Reshaped(Trainer):
+        def _load_rng_state(self, path, strict=True):  # a parameter renamed
+            return super()._load_rng_state(path)
+
+    class Dropped(Trainer):
+        _load_best_model = None  # a method removed
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
+    version = re.escape(transformers.__version__)
+    with pytest.raises(ConfigError, match=rf"transformers {version}: Trainer\._load_rng_state\(path, strict=True\)"):
+        Reshaped(model=model, args=args, callbacks=[CheckpointCallback()])
+    with pytest.raises(ConfigError, match=rf"transformers {version}: Trainer\._load_best_model does not exist"):
+        Dropped(model=model, args=args, callbacks=[CheckpointCallback()])
+
+
 def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, monkeypatch) -> None:
     from btckpt.hf import resume_checkpoint
 
