@@ -59,10 +59,11 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            state["extra"]["losses"].append(round(float(loss), 6))
+            loss_value = loss.item()
+            state["extra"]["losses"].append(round(loss_value, 6))
             if ckpt.maybe_save(step, state):
                 print(f"saved step {step}", flush=True)
-            print(f"step {step} loss {float(loss):.5f}", flush=True)
+            print(f"step {step} loss {loss_value:.5f}", flush=True)
             if args.sleep:
                 time.sleep(args.sleep)
         ckpt.wait()

@@ -41,7 +41,7 @@ def test_pick_open_safetensors_and_json(tmp_path: Path):
             assert isinstance(screen, CheckpointScreen) and screen.info.step == 3
             tree = screen.query_one("#files")
             leaves = {n.data: n for n in tree.root.children}
-            assert set(leaves) == {"btckpt.json", "config.json", "model.safetensors"}
+            assert set(leaves) == {"btckpt.json", "config.json", "model.safetensors", "model.safetensors.index.json"}
             tree.select_node(leaves["model.safetensors"])
             await pilot.pause()
             table = screen.query_one("#tensors")

@@ -51,17 +51,18 @@ STEP   NAME            TYPE                SIZE   CREATED               STATUS  
 {rule}
   40   checkpoint-40   full                 7 B   -                     incomplete   no btckpt.json: never committed{tail}
   30   checkpoint-30   LoRA             4.0 KiB   2026-01-02 03:04:05   complete
-  20   checkpoint-20   training-state   8.1 KiB   2026-01-02 03:04:05   complete
-  10   checkpoint-10   full             4.1 KiB   2026-01-02 03:04:05   complete"""  # noqa: E501
+  20   checkpoint-20   training-state   8.2 KiB   2026-01-02 03:04:05   complete
+  10   checkpoint-10   full             4.2 KiB   2026-01-02 03:04:05   complete"""  # noqa: E501
 
 SHOW_TABLE = """\
 {path}
-step 20  type training-state  status complete  created 2026-01-02 03:04:05  size 8.1 KiB  groups model, optimizer
+step 20  type training-state  status complete  created 2026-01-02 03:04:05  size 8.2 KiB  groups model, optimizer
 Files
-FILE                       SIZE   XXH3_64
-──────────────────────────────────────────────────
-model.safetensors       4.1 KiB   {h1}
-optimizer.safetensors   4.0 KiB   {h2}
+FILE                              SIZE   XXH3_64
+─────────────────────────────────────────────────────────
+model.safetensors              4.1 KiB   {h1}
+model.safetensors.index.json     134 B   {h3}
+optimizer.safetensors          4.0 KiB   {h2}
 Tensors
 FILE                    NAME      DTYPE   SHAPE    PARAMS   BYTES
 ─────────────────────────────────────────────────────────────────
@@ -92,7 +93,8 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
     man = json.loads(btckpt.discovery.scan(ck)[0].manifest.to_json())
     assert rc == 0
     assert out == SHOW_TABLE.format(path=ck, h1=man["files"]["model.safetensors"]["xxh3_64"],
-                                    h2=man["files"]["optimizer.safetensors"]["xxh3_64"])
+                                    h2=man["files"]["optimizer.safetensors"]["xxh3_64"],
+                                    h3=man["files"]["model.safetensors.index.json"]["xxh3_64"])
     rc, out, _ = run(capsys, "show", ck, "--json")
     d = json.loads(out)
     assert d["totals"] == {"tensors": 3, "parameters": 27, "bytes": 84,
@@ -103,7 +105,7 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
     assert d["header_bytes_read"] <= 2 * 64 * 1024  # headers only, never the data
 
     rc, out, err = run(capsys, "verify", ck)
-    assert rc == 0 and out == f"OK {ck} (step 20): 2 files, 8.1 KiB, checksums match"
+    assert rc == 0 and out == f"OK {ck} (step 20): 3 files, 8.2 KiB, checksums match"
     rc, out, _ = run(capsys, "verify", root, "--json")  # a root: its newest complete checkpoint
     assert rc == 0 and json.loads(out) == {"path": f"{root}/checkpoint-30", "step": 30, "ok": True, "problems": []}
     rc, out, err = run(capsys, "verify", f"{root}/checkpoint-40")

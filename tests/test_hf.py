@@ -129,6 +129,26 @@ def test_kill_at_end_of_epoch_boundary_then_resume_is_exact(tmp_path: Path, base
     assert_identical(baselines("plain"), tmp_path / "final.st")
 
 
+@pytest.mark.parametrize("mode", ["btckpt", "native"])
+def test_kill_mid_second_epoch_then_resume_is_exact(tmp_path: Path, baselines, mode: str) -> None:
+    """16 steps an epoch, killed at step 23, resumed from checkpoint-20 (4 steps into epoch 2). On transformers
+    4.x the Trainer's own resume replays epoch 0's shuffle order there (its skip_first_batches loader resets the
+    sampler's epoch); btckpt's resume is exact on every supported version."""
+    import transformers
+
+    args = ("--samples", "64", "--epochs", "2", "--save-steps", "4")
+    if mode == "native" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.xfail("transformers 4.x's own checkpoints resume epoch >= 1 with epoch 0's data order")
+    ck = tmp_path / "ck"
+    run_args = ("--mode", mode, "--resume", "line" if mode == "btckpt" else "native")
+    proc = train(tmp_path, *args, *run_args, "--kill-at", "23", "--wait-commit", "20", ckpt_dir=ck)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    proc = train(tmp_path, *args, *run_args, "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
+    ok(proc)
+    assert resumed_from(proc).endswith("checkpoint-20"), proc.stdout[-2000:]
+    assert_identical(baselines("epoch2", *args), tmp_path / "final.st")
+
+
 def test_kill_with_gradient_accumulation_and_zero_touch_resume_is_exact(tmp_path: Path, baselines) -> None:
     kill = RNG.randint(3, 8)  # ga=2: 3 optimizer steps per epoch, checkpoints every 2
     ck = tmp_path / "ck"
@@ -266,6 +286,30 @@ def test_save_total_limit_and_best_model_match_plain_hf(tmp_path: Path) -> None:
     assert all(torch.equal(live[k], v) for k, v in best_sd.items())
     # and the two runs trained identically
     assert all(torch.equal(v, native.model.state_dict()[k]) for k, v in live.items())
+
+
+def test_replaced_trainer_methods_are_checked_when_the_callback_attaches(tmp_path: Path) -> None:
+    """A transformers release that reshaped or dropped a replaced private method fails when the Trainer is
+    built, with the version and the method named, not mid-training."""
+    import transformers
+    from btckpt import ConfigError
+    from btckpt.hf import CheckpointCallback
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Reshaped(Trainer):
+        def _load_rng_state(self, path, strict=True):  # a parameter renamed
+            return super()._load_rng_state(path)
+
+    class Dropped(Trainer):
+        _load_best_model = None  # a method removed
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, disable_tqdm=True)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
+    version = re.escape(transformers.__version__)
+    with pytest.raises(ConfigError, match=rf"transformers {version}: Trainer\._load_rng_state\(path, strict=True\)"):
+        Reshaped(model=model, args=args, callbacks=[CheckpointCallback()])
+    with pytest.raises(ConfigError, match=rf"transformers {version}: Trainer\._load_best_model does not exist"):
+        Dropped(model=model, args=args, callbacks=[CheckpointCallback()])
 
 
 def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, monkeypatch) -> None:

@@ -10,12 +10,16 @@ Usage::
 not given; pass ``resume_from_checkpoint=False`` to start fresh.)
 
 How it plugs in: when the Trainer is built, the callback finds it (the callback API hands callbacks no
-Trainer) and replaces a few of its checkpoint methods on that instance only. ``_save_checkpoint`` becomes
-one async btckpt save of the same step at the same moment HF would save (after logging, evaluation and the
-best-metric update), so HF writes nothing itself. The resume loaders (``_load_from_checkpoint``,
-``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``) read a btckpt folder, verified,
-at the points where HF loads its own files, so data position, RNG streams and gradient accumulation
-come out exactly as in an uninterrupted run. Folders without ``btckpt.json`` go to HF's own loaders.
+Trainer) and replaces a few of its checkpoint methods on that instance only (``_REPLACED``: each one's
+presence and parameters are checked at that moment, so an unsupported transformers release fails at once
+with :class:`ConfigError`, not mid-training). ``_save_checkpoint`` becomes one async btckpt save of the same
+step at the same moment HF would save (after logging, evaluation and the best-metric update), so HF writes
+nothing itself. The model (``_load_from_checkpoint``) and the RNG streams (``_load_rng_state``) are read
+from a btckpt folder, verified, at the points where HF loads its own files; optimizer, scheduler and scaler
+state load in place at the public ``on_train_begin`` event (HF's own loaders find none of their files in a
+btckpt folder and do nothing). Data position, RNG streams and gradient accumulation come out exactly as in
+an uninterrupted run, on transformers 4.x too (see ``on_epoch_begin``), where the Trainer's own checkpoints
+are not exact. Folders without ``btckpt.json`` go to HF's own loaders.
 
 Each ``checkpoint-<step>`` folder is servable (``model.safetensors`` or shards + index with the model's
 own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files; for PEFT models
@@ -28,6 +32,7 @@ writes its own shards, resume reshards to any world size, ``consolidate=True`` a
 
 from __future__ import annotations
 
+import inspect as _inspect
 import json
 import logging
 import os
@@ -46,16 +51,75 @@ from .config import resolve_dir, resolve_load_dir
 from .discovery import CheckpointInfo, choose, inspect
 from .errors import ConfigError
 from .manifest import MANIFEST
-from .reader import CheckpointReader, read_verified_bytes
+from .reader import read_verified_bytes
 from .rng import restore_rng, rng_file
-from .statedict import apply_group, unwrap_model
+from .statedict import unwrap_model
 
 __all__ = ["CheckpointCallback", "resume_checkpoint"]
 
 log = logging.getLogger("btckpt")
 
-_PATCHED = ("train", "_save_checkpoint", "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_scaler",
-            "_load_rng_state", "_load_best_model", "_maybe_log_save_evaluate")
+# The private Trainer methods replaced on the instance -> the leading parameters the replacement relies on
+# (None: arguments are passed through unchanged, only the method's presence matters). One table, checked by
+# _check_trainer_api when the callback attaches.
+_REPLACED: dict[str, tuple[str, ...] | None] = {
+    "train": ("resume_from_checkpoint",),
+    "_save_checkpoint": ("model", "trial"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_rng_state": ("checkpoint",),
+    "_load_best_model": (),
+    "_maybe_log_save_evaluate": None,
+}
+SUPPORTED_TRANSFORMERS = "4.57 - 5.x"
+
+
+def _check_trainer_api(trainer: Trainer) -> None:
+    """Raise ConfigError naming the transformers version and the method when ``_REPLACED`` does not fit."""
+    import transformers
+    from transformers import trainer_utils
+    from transformers.trainer_callback import TrainerState
+
+    problems = []
+    for name, params in _REPLACED.items():
+        method = getattr(trainer, name, None)
+        if not callable(method):
+            problems.append(f"Trainer.{name} does not exist")
+            continue
+        if params is None:
+            continue
+        sig = _inspect.signature(method)
+        got = [p.name for p in sig.parameters.values()
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:len(params)]
+        if got != list(params):
+            problems.append(f"Trainer.{name}{sig} does not take ({', '.join(params)}) first")
+    if not hasattr(trainer_utils, "SaveStrategy"):
+        problems.append("transformers.trainer_utils.SaveStrategy does not exist")
+    if "best_global_step" not in getattr(TrainerState, "__dataclass_fields__", {}):
+        problems.append("TrainerState.best_global_step does not exist")
+    if problems:
+        raise ConfigError(f"btckpt.hf.CheckpointCallback cannot attach to transformers {transformers.__version__}: "
+                          + "; ".join(problems) + f". Install a supported transformers ({SUPPORTED_TRANSFORMERS}) "
+                          "or remove the callback to use the Trainer's own checkpointing")
+
+
+def _epoch_samplers(loader: Any) -> list[Any]:
+    """The objects under a (prepared) data loader's batch sampler that have ``set_epoch``."""
+    out, node, seen = [], getattr(loader, "batch_sampler", None), set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if callable(getattr(node, "set_epoch", None)) and isinstance(getattr(node, "epoch", None), int):
+            out.append(node)
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+    return out
+
+
+def _pin_next_set_epoch(sampler: Any, epoch: int) -> None:
+    """Make the sampler's next ``set_epoch(...)`` call set ``epoch``, once; later calls behave as usual."""
+    def once(_requested: int) -> None:
+        del sampler.set_epoch  # back to the class's method
+        sampler.set_epoch(epoch)
+
+    sampler.set_epoch = once
 
 
 def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
@@ -130,6 +194,8 @@ class CheckpointCallback(TrainerCallback):
         self._best: Path | None = None
         self._saved: set[int] = set()
         self._static_files: dict[str, bytes] | None = None
+        self._resume_from: str | None = None  # the folder train() resumes from, until its state is loaded
+        self._resumed_epoch_pending = False
         self.stats: dict[str, float] = {}  # the last Checkpointer's stats (save_block_s, gate_wait_s, ...)
 
     # -- wiring ----------------------------------------------------------------------------------------
@@ -144,8 +210,9 @@ class CheckpointCallback(TrainerCallback):
         if self.trainer is trainer:
             return
         refuse_unsupported(trainer, peft=_is_peft(unwrap_model(getattr(trainer, "model", None))))
+        _check_trainer_api(trainer)
         self.trainer = trainer
-        for name in _PATCHED:
+        for name in _REPLACED:
             self._orig[name] = getattr(trainer, name)
             setattr(trainer, name, getattr(self, f"_p{name}" if name.startswith("_") else f"_p_{name}"))
 
@@ -185,6 +252,9 @@ class CheckpointCallback(TrainerCallback):
             if resume_from_checkpoint is not None:
                 log.warning("btckpt: resuming from %s", resume_from_checkpoint)
         self._checkpointer()
+        resuming = isinstance(resume_from_checkpoint, str | os.PathLike)
+        self._resume_from = os.fspath(resume_from_checkpoint) if resuming else None
+        self._resumed_epoch_pending = resuming
         try:
             out = self._orig["train"](resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -196,6 +266,27 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._checkpointer()
+        checkpoint, self._resume_from = self._resume_from, None
+        self._load_training_state(checkpoint)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """transformers 4.x, first epoch of a resumed run: keep the sampler on this epoch's order.
+
+        4.x calls ``set_epoch(epoch)`` on the train loader, then ``skip_first_batches`` wraps it in a new
+        accelerate ``DataLoaderShard`` whose first iteration calls ``set_epoch(0)`` on the same sampler; a
+        resume inside epoch >= 1 would then replay epoch 0's shuffle order (the Trainer's own checkpoints have
+        this bug; 5.x calls ``set_epoch`` after the wrap). The sampler's epoch, set just before this event,
+        is pinned for that one call.
+        """
+        if not self._resumed_epoch_pending:
+            return
+        self._resumed_epoch_pending = False
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            return
+        for sampler in _epoch_samplers(kwargs.get("train_dataloader")):
+            _pin_next_set_epoch(sampler, sampler.epoch)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.ckpt is not None:
@@ -335,31 +426,25 @@ class CheckpointCallback(TrainerCallback):
         log.info("btckpt: loaded model weights from %s", info.path)
         return None
 
-    def _p_load_optimizer_and_scheduler(self, checkpoint: str | None) -> Any:
+    def _load_training_state(self, checkpoint: str | None) -> None:
+        """Optimizer, scheduler and scaler state from a btckpt folder, in place (at ``on_train_begin``)."""
         info = _btckpt_info(checkpoint)
         if info is None:
-            return self._orig["_load_optimizer_and_scheduler"](checkpoint)
+            return  # not resuming, or an HF folder: the Trainer's own loaders handled it
         tr = self.trainer
         assert tr is not None and info.manifest is not None
         groups = info.manifest.state
         if "optimizer" not in groups:
             log.warning("btckpt: %s holds no optimizer state (save_only_model?); the optimizer starts fresh", info.path)
-            return None
+            return
         # the model is in the state because a sharded (FQN-keyed) optimizer state maps through it
         state = {"model": tr.model, "optimizer": getattr(tr.optimizer, "optimizer", tr.optimizer)}
         if "scheduler" in groups and tr.lr_scheduler is not None:
             state["scheduler"] = tr.lr_scheduler
+        scaler = getattr(tr.accelerator, "scaler", None)
+        if scaler is not None and "scaler" in groups:
+            state["scaler"] = scaler
         load_groups(info, state, [n for n in state if n != "model"], rank=tr.args.process_index)
-        return None
-
-    def _p_load_scaler(self, checkpoint: str | None) -> Any:
-        info = _btckpt_info(checkpoint)
-        if info is None:
-            return self._orig["_load_scaler"](checkpoint)
-        scaler = getattr(self.trainer.accelerator, "scaler", None)  # type: ignore[union-attr]
-        if scaler is not None and info.manifest is not None and "scaler" in info.manifest.state:
-            apply_group("scaler", scaler, CheckpointReader(info.path, info.manifest).load_group("scaler"), strict=True)
-        return None
 
     def _p_load_rng_state(self, checkpoint: str | None) -> Any:
         info = _btckpt_info(checkpoint)

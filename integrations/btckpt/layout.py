@@ -23,9 +23,14 @@ from .sthead import ALIGN, TensorEntry, build_header
 
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
-    "plan_layout", "group_files", "GROUP_NAME", "rank_groups", "rank_state_file", "RANK_STATE_NAME",
+    "plan_layout", "group_files", "GROUP_NAME", "MODEL_GROUP", "rank_groups", "rank_state_file", "RANK_STATE_NAME",
 ]
 
+# The group whose files serving engines load. Its index is written even for a single file: vLLM's and
+# SGLang's loaders take every top-level ``*.safetensors`` unless ``model.safetensors.index.json`` names the
+# files, so without it they would read the optimizer's tensors as weights. Additive: readers of format 1
+# follow the manifest's references and never needed the index.
+MODEL_GROUP = "model"
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 RANK_STATE_NAME = re.compile(r"^state_\d+\.json$")
 
@@ -231,7 +236,7 @@ def plan_layout(flat: FlatState, *, max_shard_size: int) -> Layout:
             files.append(FilePlan(fname, header, pos, off))
             total += off
             pos += -(-off // ALIGN) * ALIGN
-        if len(names) > 1:
+        if len(names) > 1 or g.name == MODEL_GROUP:  # the model's index even for one file: see MODEL_GROUP
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             index_files[f"{g.name}.safetensors.index.json"] = json.dumps(index, indent=2).encode()
     return Layout(signature(flat, max_shard_size), files, slots, index_files, pos)

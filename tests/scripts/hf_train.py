@@ -47,8 +47,10 @@ def tiny_tokenizer():
 
 
 class Faults(TrainerCallback):
-    def __init__(self, kill_at: int | None, progress: str | None, step_sleep: float) -> None:
-        self.kill_at, self.progress, self.step_sleep = kill_at, progress, step_sleep
+    def __init__(self, kill_at: int | None, progress: str | None, step_sleep: float, wait_commit: int | None = None,
+                 root: str | None = None) -> None:
+        self.kill_at, self.progress, self.step_sleep, self.wait_commit = kill_at, progress, step_sleep, wait_commit
+        self.root = root or os.environ.get("BT_CHECKPOINT_DIR", "./checkpoints")
 
     def on_step_begin(self, args, state, control, **kw):
         if self.kill_at is not None and state.global_step == self.kill_at:
@@ -56,9 +58,15 @@ class Faults(TrainerCallback):
             # resume from (later saves may still be caught mid-write), so wait for one commit (bounded).
             import btckpt
 
-            root = os.environ.get("BT_CHECKPOINT_DIR", "./checkpoints")
+            root = self.root
             deadline = time.monotonic() + 60
-            while btckpt.latest(root) is None and time.monotonic() < deadline:
+            want = f"checkpoint-{self.wait_commit}" if self.wait_commit else None
+
+            def committed() -> bool:
+                found = btckpt.latest(root)
+                return found is not None and (want is None or Path(found).name == want)
+
+            while not committed() and time.monotonic() < deadline:
                 time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -104,6 +112,7 @@ def main() -> int:
     p.add_argument("--n-embd", type=int, default=32)
     p.add_argument("--tokenizer", action="store_true")
     p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--wait-commit", type=int, default=None, help="with --kill-at: first wait for checkpoint-N")
     p.add_argument("--progress", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--dump", default=None)
@@ -125,7 +134,8 @@ def main() -> int:
         save_total_limit=a.save_total_limit, logging_steps=1, report_to="none", seed=0, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, **eval_kw,
     )
-    callbacks: list[TrainerCallback] = [Faults(a.kill_at, a.progress, a.step_sleep)]
+    callbacks: list[TrainerCallback] = [Faults(a.kill_at, a.progress, a.step_sleep, a.wait_commit,
+                                                root=a.out if a.mode == "native" else None)]
     cb = None
     if a.mode == "btckpt":
         from btckpt.hf import CheckpointCallback
