@@ -45,7 +45,7 @@ __all__ = ["consolidate", "Consolidator", "main"]
 
 log = logging.getLogger("btckpt")
 
-_SKIP = re.compile(r"^(rng_state_\d+\.json|.+-rank\d{5}(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
+_SKIP = re.compile(r"^((rng_)?state_\d+\.json|.+-rank\d{5}(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
                    r"|[A-Za-z0-9_.-]+(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?)$")
 
 
