@@ -17,8 +17,8 @@ from typing import Any
 
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
 from .errors import CheckpointError
-from .manifest import check_relative_name, entry_problem
-from .storage import file_checksum, is_url, local_path
+from .manifest import check_relative_name, open_member, verify_files
+from .storage import is_url, local_path
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
 
@@ -157,7 +157,7 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
                 out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
             else:
                 p2 = info.path / name
-                with open(p2, "rb") as f:
+                with open_member(info.path, name) as f:
                     size = os.fstat(f.fileno()).st_size
                     h = read_header(f, size, where=str(p2))
                 counter[0] += h.data_start
@@ -235,26 +235,7 @@ def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
         return info, verify_url(info)  # type: ignore[arg-type]
     if info.manifest is None:
         return info, ["no manifest: a plain model folder has no checksums to verify"]
-    problems = []
-    root = info.path.resolve()
-    for name, entry in info.manifest.files.items():
-        p = info.path / name
-        real = p.resolve()
-        if root not in real.parents:
-            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
-            continue
-        try:
-            size, digest = file_checksum(p)
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        except OSError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        problem = entry_problem(name, size, digest, entry)
-        if problem:
-            problems.append(problem)
-    return info, problems
+    return info, verify_files(info.path, info.manifest)
 
 
 # -- commands ----------------------------------------------------------------------------------------------
