@@ -90,15 +90,18 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         f = p / name
         try:
             st = f.lstat()
+            if f.is_symlink():
+                real = f.resolve()
+                if root not in real.parents:
+                    return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
+                                          f"{name} links outside the folder")
+                st = real.stat()
         except FileNotFoundError:
             return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is missing")
-        if f.is_symlink():
-            real = f.resolve()
-            if root not in real.parents:
-                return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                      f"{name} links outside the folder")
-            st = real.stat()
+        except (OSError, RuntimeError) as exc:  # a link loop, EIO, EACCES: damaged, never a crash
+            return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
+                                  f"{name} cannot be examined ({exc})")
         if st.st_size != info["size"]:
             return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is {st.st_size} bytes, the manifest says {info['size']}")
