@@ -272,6 +272,8 @@ def mutate(data: st.DataObject, folder: Path, outside: Path, sockets: list[socke
     if kind in ("st_header", "st_field", "header_len") and st_names:
         name = data.draw(st.sampled_from(st_names))
         raw = (folder / name).read_bytes()
+        if len(raw) < 8:
+            return f"{name} too short already"
         (n,) = struct.unpack("<Q", raw[:8])
         if kind == "header_len":
             new = data.draw(st.sampled_from(HOSTILE_INTS + [n - 1, n + 1, n + 8, len(raw), len(raw) - 8]))
