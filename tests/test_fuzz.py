@@ -16,7 +16,8 @@ checkpoint whose files verify; nothing in the tree changes (no write anywhere, t
 file outside untouched) except the Checkpointer's own lock file.
 
 CI runs ``BTCKPT_FUZZ_EXAMPLES`` cases (default 1,000, derandomized: the same cases every run);
-``BTCKPT_FUZZ_EXAMPLES=10000`` is the long run. ``BTCKPT_FUZZ_REPORT=<file>`` writes the outcome counts as JSON.
+``BTCKPT_FUZZ_EXAMPLES=10000`` is the long run (about 12 minutes here; lift the suite's 300 s limit with
+``-o timeout=1500``). ``BTCKPT_FUZZ_REPORT=<file>`` writes the outcome counts as JSON.
 """
 
 from __future__ import annotations
