@@ -59,8 +59,10 @@ def _read(info: CheckpointInfo, name: str, *, limit: int | None = None) -> bytes
         from .remote import join
 
         return bytes(fs.cat_file(join(str(info.path), name), start=0, end=limit))
-    with open(info.path / name, "rb") as f:
-        return f.read(limit if limit is not None else -1)
+    from .manifest import open_member, read_upto
+
+    with open_member(info.path, name) as f:  # regular files inside the folder only (a FIFO would hang the UI)
+        return read_upto(f, limit if limit is not None else 1 << 62, where=info.path / name)
 
 
 def _header(info: CheckpointInfo, name: str, size: int) -> Any:
@@ -69,9 +71,10 @@ def _header(info: CheckpointInfo, name: str, size: int) -> Any:
         from .remote import join, read_header_url
 
         return read_header_url(fs, join(str(info.path), name), size, where=name)
+    from .manifest import open_member
     from .sthead import read_header
 
-    with open(info.path / name, "rb") as f:
+    with open_member(info.path, name) as f:
         return read_header(f, size, where=str(info.path / name))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from .discovery import HF_WEIGHTS, CheckpointInfo, scan, select, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
-from .manifest import check_relative_name
+from .manifest import check_relative_name, open_member
 from .storage import is_url, local_path, remote_fs
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
@@ -156,7 +156,7 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
                 out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
             else:
                 p2 = info.path / name
-                with open(p2, "rb") as f:
+                with open_member(info.path, name) as f:
                     size = os.fstat(f.fileno()).st_size
                     h = read_header(f, size, where=str(p2))
                 counter[0] += h.data_start

@@ -35,11 +35,10 @@ from .errors import (
     NoCheckpointFound,
     StateMismatch,
 )
-from .manifest import MANIFEST, Manifest, entry_problem, read_manifest
-from .storage import file_checksum
+from .manifest import MANIFEST, Manifest, read_manifest, verify_files
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verify_files", "verified", "nothing_to_resume", "choose"]
+           "verify", "verified", "nothing_to_resume", "choose"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
@@ -113,15 +112,18 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         f = p / name
         try:
             st = f.lstat()
+            if f.is_symlink():
+                real = f.resolve()
+                if root not in real.parents:
+                    return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
+                                          f"{name} links outside the folder")
+                st = real.stat()
         except FileNotFoundError:
             return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is missing")
-        if f.is_symlink():
-            real = f.resolve()
-            if root not in real.parents:
-                return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                      f"{name} links outside the folder")
-            st = real.stat()
+        except (OSError, RuntimeError) as exc:  # a link loop, EIO, EACCES: damaged, never a crash
+            return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
+                                  f"{name} cannot be examined ({exc})")
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or lie: never opened
             return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is not a regular file")
@@ -218,34 +220,6 @@ def verify(info: CheckpointInfo) -> list[str]:
     return verify_files(info.path, info.manifest)
 
 
-def verify_files(folder: Path, manifest: Manifest) -> list[str]:
-    """:func:`verify` for a local folder: each listed file is a regular file inside ``folder`` whose size
-    and xxh3-64 match ``manifest``; the problems, each starting with the file's name."""
-    problems = []
-    root = folder.resolve()
-    for name, entry in manifest.files.items():
-        p = folder / name
-        real = p.resolve()
-        if root not in real.parents:
-            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
-            continue
-        try:
-            if not stat.S_ISREG(real.stat().st_mode):
-                problems.append(f"{name}: not a regular file")
-                continue
-            size, digest = file_checksum(p)
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        except OSError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        problem = entry_problem(name, size, digest, entry)
-        if problem:
-            problems.append(problem)
-    return problems
-
-
 def verified(info: CheckpointInfo) -> CheckpointInfo:
     """``info`` when its files match the manifest (a plain model folder has nothing to check), else raises
     :class:`CorruptCheckpoint` naming each bad file. The check :func:`select` applies for entry points that
@@ -273,11 +247,13 @@ def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointIn
     with what ``attempt`` returned; None when there is none.
 
     Incomplete or corrupt candidates, and those ``attempt`` rejects with a :class:`CheckpointError`, are
-    skipped with a warning naming the folder and the file, and the next (older) one is tried. Errors that
-    are about the caller, not the checkpoint (:class:`StateMismatch`: the state does not fit it;
-    :class:`ConfigError`; :class:`CoordinationError`), propagate: an older checkpoint would not fit better,
-    and falling back past all of them would silently start from scratch.
+    skipped with a warning naming the folder and the file, and the next (older) one is tried. A candidate the
+    caller's state does not fit (:class:`StateMismatch`) is skipped too (a re-signed checkpoint may lie about
+    shapes), but if no candidate is chosen the first such mismatch is raised: the state, not the checkpoints,
+    is then the likely problem, and returning None would silently start from scratch. Errors about the
+    caller's setup (:class:`ConfigError`, :class:`CoordinationError`) propagate at once.
     """
+    mismatch: StateMismatch | None = None
     for info in candidates:
         if not info.complete:
             log.warning("btckpt: skipping %s (%s%s)", getattr(info, "url", "") or info.path, info.status,
@@ -285,11 +261,17 @@ def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointIn
             continue
         try:
             return info, attempt(info)
-        except (StateMismatch, ConfigError, CoordinationError):
+        except (ConfigError, CoordinationError):
             raise
+        except StateMismatch as exc:
+            mismatch = mismatch or exc
+            log.warning("btckpt: %s does not fit the state, trying an older checkpoint: %s",
+                        getattr(info, "url", "") or info.path, exc)
         except CheckpointError as exc:
             log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s",
                         getattr(info, "url", "") or info.path, exc)
+    if mismatch is not None:
+        raise mismatch
     return None
 
 

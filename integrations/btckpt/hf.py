@@ -33,7 +33,6 @@ writes its own shards, resume reshards to any world size, ``consolidate=True`` a
 from __future__ import annotations
 
 import inspect as _inspect
-import json
 import logging
 import os
 import sys
@@ -51,8 +50,7 @@ from .config import resolve_dir, resolve_load_dir
 from .discovery import CheckpointInfo, choose, inspect
 from .errors import ConfigError
 from .manifest import MANIFEST
-from .reader import read_verified_bytes
-from .rng import restore_rng, rng_file
+from .rng import restore_rng_file, rng_file
 from .statedict import unwrap_model
 
 __all__ = ["CheckpointCallback", "resume_checkpoint"]
@@ -457,5 +455,5 @@ class CheckpointCallback(TrainerCallback):
             log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
                         "restored, the resumed run is not bit-exact", info.path, rank)
             return None
-        restore_rng(json.loads(read_verified_bytes(info.path, info.manifest, name)), where=str(info.path))
+        restore_rng_file(info.path, info.manifest, name)
         return None

@@ -16,9 +16,10 @@ from ._tree import decode_tree
 from .discovery import CheckpointInfo, inspect, select
 from .errors import CorruptCheckpoint, StateMismatch
 from .layout import rank_state_file
+from .manifest import check_member
 from .reader import CheckpointReader, read_verified_bytes
-from .rng import restore_rng, rng_file
-from .statedict import apply_group
+from .rng import RngState, apply_rng, read_rng_file, rng_file
+from .statedict import apply_group, check_group
 
 __all__ = ["read_for_state", "load_into", "read_checkpoint", "restore_first"]
 
@@ -26,13 +27,15 @@ log = logging.getLogger("btckpt")
 
 
 def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, want_rng: bool,
-                   strict: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Read and verify the groups in ``names`` (and this rank's RNG state) from one checkpoint."""
+                   strict: bool) -> tuple[dict[str, Any], RngState | None]:
+    """Read, verify and parse the groups in ``names`` (and this rank's RNG state) from one checkpoint.
+
+    Nothing is applied; every failure is a CheckpointError naming the file."""
     reader = CheckpointReader(info.path, info.manifest)
-    if info.manifest is not None:  # the small side files (index, RNG, config JSON) are cheap: verify them all
+    if info.manifest is not None:  # the small side files (index, RNG, config JSON): check them all
         for fname in info.manifest.files:
             if not fname.endswith(".safetensors"):
-                read_verified_bytes(info.path, info.manifest, fname)
+                check_member(info.path, info.manifest, fname)
     own = _rank_state(info, rank)  # this rank's own plain-data groups (saved per rank), over the leader's
     available = set(reader.groups) | set(own)
     loaded: dict[str, Any] = {}
@@ -50,10 +53,7 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
     if want_rng and info.manifest is not None:
         fname = rng_file(rank)
         if fname in info.manifest.files:
-            try:
-                rng = json.loads(read_verified_bytes(info.path, info.manifest, fname))
-            except ValueError:
-                raise CorruptCheckpoint(f"{info.path}/{fname}: not valid JSON") from None
+            rng = read_rng_file(info.path, info.manifest, fname)
         else:
             log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
                         "restored", info.path, rank)
@@ -78,13 +78,24 @@ def _rank_state(info: CheckpointInfo, rank: int) -> dict[str, Any]:
     return {str(k): decode_tree(v, no_tensor) for k, v in data.items()}
 
 
-def load_into(state: MutableMapping[str, Any], loaded: dict[str, Any], rng: dict[str, Any] | None, *,
+def load_into(state: MutableMapping[str, Any], loaded: dict[str, Any], rng: RngState | None, *,
               strict: bool, where: Path) -> None:
-    """Load verified groups into ``state`` in place (and set the RNGs)."""
+    """Load verified groups into ``state`` in place (and set the RNGs): every group is checked against its
+    target first (StateMismatch before anything changed), then all are applied."""
+    check_fits(state, loaded, strict=strict, where=where)
     for name, value in loaded.items():
         state[name] = apply_group(name, state[name], value, strict=strict)
     if rng is not None:
-        restore_rng(rng, where=str(where))
+        apply_rng(rng)
+
+
+def check_fits(state: MutableMapping[str, Any], loaded: dict[str, Any], *, strict: bool, where: Path) -> None:
+    """Raise StateMismatch (naming ``where``) unless every loaded group fits its target in ``state``."""
+    for name, value in loaded.items():
+        try:
+            check_group(name, state[name], value, strict=strict)
+        except StateMismatch as exc:
+            raise StateMismatch(f"{where}: {exc}") from None
 
 
 def _reshard_groups(info: CheckpointInfo, state: MutableMapping[str, Any]) -> dict[str, str]:
@@ -111,6 +122,7 @@ def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names
     groups = {n: k for n, k in _reshard_groups(info, state).items() if n in wanted}
     loaded, rng = read_for_state(info, [n for n in wanted if n not in groups], rank=rank, want_rng=want_rng,
                                  strict=strict)
+    check_fits(state, loaded, strict=strict, where=info.path)  # a candidate that does not fit is not chosen
     resharded = None
     if groups:  # DCP's planner reshards; every rank takes part
         from .dcp_bridge import read_sharded
