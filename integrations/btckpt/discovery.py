@@ -35,7 +35,7 @@ from .errors import (
     NoCheckpointFound,
     StateMismatch,
 )
-from .manifest import MANIFEST, Manifest, read_manifest, verify_files
+from .manifest import MANIFEST, Manifest, file_kind, read_manifest, verify_files
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
            "verify", "verified", "nothing_to_resume", "choose"]
@@ -126,7 +126,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
                                   f"{name} cannot be examined ({exc})")
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or lie: never opened
             return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                  f"{name} is not a regular file")
+                                  f"{name} is not a regular file but {file_kind(st.st_mode)}")
         if st.st_size != info["size"]:
             return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
                                   f"{name} is {st.st_size} bytes, the manifest says {info['size']}")
@@ -209,15 +209,18 @@ def verify(info: CheckpointInfo) -> list[str]:
 
     What ``btckpt verify`` reports, and the check :func:`verified` applies when a resume is chosen.
     """
-    if info.status == "corrupt" or (info.manifest is None and info.kind != "hf"):
+    if info.manifest is None:
+        if info.kind == "hf" and info.status != "corrupt":
+            return ["no manifest: a plain model folder has no checksums to verify"]
         return [f"{info.status}: {info.reason}"]
     if hasattr(info, "url"):
         from .remote import verify_url
 
         return verify_url(info)  # type: ignore[arg-type]
-    if info.manifest is None:
-        return ["no manifest: a plain model folder has no checksums to verify"]
-    return verify_files(info.path, info.manifest)
+    problems = verify_files(info.path, info.manifest)  # each problem names its file
+    if not problems and not info.complete:  # e.g. the folder's name and the manifest disagree on the step
+        problems = [f"{info.status}: {info.reason}"]
+    return problems
 
 
 def verified(info: CheckpointInfo) -> CheckpointInfo:

@@ -21,7 +21,8 @@ from ._tree import decode_tree
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
 
 __all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "entry_problem", "read_manifest", "utc_now",
-           "open_regular", "open_member", "member_path", "read_member", "read_upto", "read_error", "verify_files",
+           "open_regular", "file_kind", "open_member",
+           "member_path", "read_member", "read_upto", "read_error", "verify_files",
            "check_member",
            "tiling_problem", "SHARDED_META"]
 
@@ -61,7 +62,7 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     return next((k for test, k in _KINDS if test(mode)), "not a regular file")
 
 
@@ -85,7 +86,7 @@ def open_regular(path: str | os.PathLike[str], *, where: Any = None) -> BinaryIO
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             cls = UnsafeCheckpoint if stat.S_ISLNK(st.st_mode) else CorruptCheckpoint
-            raise cls(f"{where}: is {_kind(st.st_mode)}, not a regular file; refusing to open it (a checkpoint "
+            raise cls(f"{where}: is {file_kind(st.st_mode)}, not a regular file; refusing to open it (a checkpoint "
                       "holds regular files only): use an older checkpoint or delete this folder")
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
@@ -95,7 +96,7 @@ def open_regular(path: str | os.PathLike[str], *, where: Any = None) -> BinaryIO
     try:
         st2 = os.fstat(fd)
         if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
-            raise CorruptCheckpoint(f"{where}: was replaced while being opened (now {_kind(st2.st_mode)}); "
+            raise CorruptCheckpoint(f"{where}: was replaced while being opened (now {file_kind(st2.st_mode)}); "
                                     "refusing to read it")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)
