@@ -18,6 +18,7 @@ from typing import Any
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
 from .errors import CheckpointError
 from .manifest import check_relative_name, entry_problem
+from .names import safe, text
 from .storage import file_checksum, is_url, local_path
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
@@ -372,18 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``btckpt`` console script."""
     args = build_parser().parse_args(argv)
+    where = getattr(args, "target", None) or getattr(args, "ckpt", None) or getattr(args, "src", "")
     try:
         return int(args.func(args) or 0)
     except CheckpointError as exc:
-        print(f"btckpt: {exc}", file=sys.stderr)
+        print(f"btckpt: {safe(exc)}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        print(f"btckpt: not found: {exc}", file=sys.stderr)
+        print(f"btckpt: not found: {safe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # pragma: no cover - `btckpt ls | head`
         return 0
+    except Exception as exc:
+        if not _storage_error(exc):
+            raise  # a bug: keep its traceback
+        print(f"btckpt: {safe(where)}: storage error ({type(exc).__name__}): {safe(exc)}", file=sys.stderr)
+        return 2
+
+
+def _storage_error(exc: BaseException) -> bool:
+    """An I/O failure from the filesystem or an object store (a 500 after retries, a refused connection,
+    missing credentials): reported in one line, exit 2. Anything else is a bug and keeps its traceback."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs",
+                                                  "adlfs", "requests", "urllib3")
 
 
 if __name__ == "__main__":

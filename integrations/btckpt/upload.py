@@ -142,13 +142,13 @@ class Uploader:
         """Upload everything committed and not verifiably there (oldest first), then apply keep-local and
         mirror retention. A pass that cannot see SRC or list the destination uploads and deletes nothing."""
         res = PassResult()
+        if not self.src.is_dir():
+            log.error("upload source %s is gone; nothing uploaded or deleted", self.src)
+            res.failed.append(str(self.src))
+            return res
         if not self._held:
             self._lock.acquire()
         try:
-            if not self.src.is_dir():
-                log.error("upload source %s is gone; nothing uploaded or deleted", self.src)
-                res.failed.append(str(self.src))
-                return res
             if hasattr(self.fs, "invalidate_cache"):
                 self.fs.invalidate_cache()
             local = self._local()
