@@ -17,9 +17,9 @@ from typing import Any
 
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
 from .errors import CheckpointError
-from .manifest import check_relative_name, entry_problem
+from .manifest import check_relative_name
 from .names import safe, text
-from .storage import file_checksum, is_url, local_path
+from .storage import is_url, local_path
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
 
@@ -236,26 +236,9 @@ def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
         return info, verify_url(info)  # type: ignore[arg-type]
     if info.manifest is None:
         return info, ["no manifest: a plain model folder has no checksums to verify"]
-    problems = []
-    root = info.path.resolve()
-    for name, entry in info.manifest.files.items():
-        p = info.path / name
-        real = p.resolve()
-        if root not in real.parents:
-            problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
-            continue
-        try:
-            size, digest = file_checksum(p)
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        except OSError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        problem = entry_problem(name, size, digest, entry)
-        if problem:
-            problems.append(problem)
-    return info, problems
+    from .remote import verify_folder
+
+    return info, verify_folder(info.path, info.manifest)
 
 
 # -- commands ----------------------------------------------------------------------------------------------
