@@ -135,7 +135,7 @@ def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[st
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(text(c) for c in r))  # names from checkpoints and buckets: literal, escaped, never markup
     return t
 
 
@@ -157,10 +157,11 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
                 size = (getattr(info, "sizes", None) or {}).get(name) or int(fs.size(p))
                 out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
             else:
-                p2 = info.path / name
-                with open(p2, "rb") as f:
+                from .remote import open_inside
+
+                with open_inside(info.path, name) as f:  # never a link out of the folder, never a FIFO
                     size = os.fstat(f.fileno()).st_size
-                    h = read_header(f, size, where=str(p2))
+                    h = read_header(f, size, where=str(info.path / name))
                 counter[0] += h.data_start
                 out[name] = h
         except (CheckpointError, OSError) as exc:
@@ -178,7 +179,7 @@ def describe(target: str) -> dict[str, Any]:
         entry = info.manifest.files.get(n, {}) if info.manifest else {}
         size = entry.get("size")
         if size is None:
-            size = sizes.get(n, 0) if sizes is not None else (info.path / n).stat().st_size
+            size = sizes.get(n, 0) if sizes is not None else (info.path / n).lstat().st_size
         files.append({"name": n, "size": size, "xxh3_64": entry.get("xxh3_64", "")})
     counter = [0]
     tensors, errors = [], []
@@ -206,10 +207,12 @@ def describe(target: str) -> dict[str, Any]:
 
 
 def _print_show(d: dict[str, Any], console: Any) -> None:
-    console.print(f"[bold]{d['path']}[/bold]" + (f"  ({d['note']})" if d["note"] else ""))
+    from rich.text import Text
+
+    console.print(Text.assemble(text(d["path"], "bold"), f"  ({safe(d['note'])})" if d["note"] else ""))
     status = d["status"] + (f": {d['reason']}" if d["reason"] else "")
-    console.print(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
-                  f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else ""))
+    console.print(text(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
+                       f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else "")))
     console.print(_table("Files", [("FILE", "left"), ("SIZE", "right"), ("XXH3_64", "left")],
                          [[f["name"], human(f["size"]), f["xxh3_64"] or "-"] for f in d["files"]]))
     rows = [[t["file"], t["name"], t["dtype"], str(tuple(t["shape"])) if t["shape"] else "()",
@@ -218,10 +221,10 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
                                      ("PARAMS", "right"), ("BYTES", "right")], rows))
     tot = d["totals"]
     by = ", ".join(f"{k} {v['parameters']:,} ({human(v['bytes'])})" for k, v in sorted(tot["by_dtype"].items()))
-    console.print(f"total: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {human(tot['bytes'])}"
-                  + (f"  [{by}]" if by else ""))
+    console.print(text(f"total: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {human(tot['bytes'])}"
+                       + (f"  [{by}]" if by else "")))
     for e in d["errors"]:
-        console.print(f"[red]error[/red] {e}")
+        console.print(Text.assemble(("error", "red"), " ", safe(e)))
 
 
 # -- verify ------------------------------------------------------------------------------------------------
@@ -251,10 +254,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["step", "name", "type", "size", "created", "status", "reason"])
         for r in rows:
-            w.writerow([r["step"], r["name"], r["type"], r["size"], r["created"], r["status"], r["reason"]])
+            w.writerow([r["step"], safe(r["name"]), r["type"], r["size"], safe(r["created"]), r["status"],
+                        safe(r["reason"])])
     else:
         if not rows:
-            print(f"no checkpoints under {args.target}", file=sys.stderr)
+            print(f"no checkpoints under {safe(args.target)}", file=sys.stderr)
             return 0
         cols = [("STEP", "right"), ("NAME", "left"), ("TYPE", "left"), ("SIZE", "right"), ("CREATED", "left"),
                 ("STATUS", "left")]
@@ -284,12 +288,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                          indent=1))
     else:
         n = len(info.manifest.files) if info.manifest else 0
+        where = safe(_where(info))
         if problems:
             for p in problems:
-                print(f"BAD {_where(info)}: {p}", file=sys.stderr)
-            print(f"FAILED {_where(info)} (step {info.step}): {len(problems)} problem(s) in {n} file(s)")
+                print(f"BAD {where}: {safe(p)}", file=sys.stderr)
+            print(f"FAILED {where} (step {info.step}): {len(problems)} problem(s) in {n} file(s)")
         else:
-            print(f"OK {_where(info)} (step {info.step}): {n} files, {human(info.size)}, checksums match")
+            print(f"OK {where} (step {info.step}): {n} files, {human(info.size)}, checksums match")
     return 1 if problems else 0
 
 

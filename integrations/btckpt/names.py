@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from numbers import Number
 from typing import Any
 
-__all__ = ["printable", "text", "redact_url", "safe", "SafeLogArgs", "install_log_filter"]
+__all__ = ["printable", "text", "redact_url", "remember_secrets", "safe", "SafeLogArgs", "install_log_filter"]
 
 _KEEP = frozenset("\n\t")
 
@@ -47,10 +47,29 @@ _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#]+@")
 _QUERY = re.compile(r"([?&][^=&#\s]+=)[^&#\s'\"]*")
 
 
+_SECRETS: set[str] = set()
+
+
+def remember_secrets(url: Any) -> None:
+    """Note the credentials inside ``url`` (user info, query values) so that :func:`redact_url` hides them
+    wherever they show up later, also without their ``scheme://`` (a library's error naming the path)."""
+    s = str(url)
+    for m in _USERINFO.finditer(s):
+        info = s[m.end(1):m.end() - 1]
+        _SECRETS.update(p for p in (info, *info.split(":", 1)) if len(p) >= 4)
+    if "://" in s:
+        for m in _QUERY.finditer(s):
+            value = s[m.end(1):m.end()]
+            if len(value) >= 4:
+                _SECRETS.add(value)
+
+
 def redact_url(url: Any) -> str:
     """``url`` (or any text holding URLs) with credentials hidden: ``s3://key:secret@bucket/x?sig=abc``
     becomes ``s3://***@bucket/x?sig=***``. Names without credentials come back unchanged."""
     s = str(url)
+    for secret in sorted(_SECRETS, key=len, reverse=True) if _SECRETS else ():
+        s = s.replace(secret, "***")
     if "@" not in s and "=" not in s:
         return s
     s = _USERINFO.sub(r"\1***@", s)

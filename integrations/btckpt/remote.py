@@ -34,7 +34,7 @@ from .storage import file_checksum, remote_fs
 
 __all__ = [
     "RemoteCheckpointInfo", "inspect_url", "scan_url", "latest_url", "read_header_url", "fetch", "cache_root",
-    "join", "verify_url", "verify_folder",
+    "join", "verify_url", "verify_folder", "open_inside",
 ]
 
 log = logging.getLogger("btckpt")
@@ -219,20 +219,30 @@ def _open_regular(path: str | os.PathLike[str]) -> Any:
     return os.fdopen(fd, "rb", buffering=0)
 
 
+def open_inside(folder: Path, name: str) -> Any:
+    """Open ``folder/name`` for reading (binary, unbuffered), refusing with :class:`UnsafeCheckpoint` a name
+    that leaves the folder (``..``, absolute, a link out) or is not a regular file. Torch-free."""
+    check_relative_name(name, where=str(folder))
+    p = folder / name
+    real, root = p.resolve(), folder.resolve()
+    if root not in real.parents:
+        raise UnsafeCheckpoint(f"{p}: resolves to {real}, outside the checkpoint folder {root}; refusing to "
+                               "read it (a link out of the folder)")
+    try:
+        return _open_regular(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the last component is a link (inside the folder): read its target
+            return _open_regular(real)
+        raise
+
+
 def verify_folder(folder: Path, manifest: Manifest) -> list[str]:
     """Check every file of a local checkpoint folder against its manifest (size and checksum, regular files
     inside the folder only); return the problems (empty: every byte matches). Torch-free."""
     problems = []
-    root = folder.resolve()
     for name, entry in manifest.files.items():
-        p = folder / name
         try:
-            check_relative_name(name, where=str(folder))
-            real = p.resolve()
-            if root not in real.parents:
-                problems.append(f"{name}: resolves outside the checkpoint folder ({real})")
-                continue
-            size, digest = file_checksum(p, opener=_open_regular)
+            size, digest = file_checksum(name, opener=lambda n: open_inside(folder, n))
         except FileNotFoundError:
             problems.append(f"{name}: missing")
             continue
