@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "cache_restore.py"
 TRIALS, RANKS, NUMEL = 6, 4, 200_000
 
 
-def test_local_ranks_share_the_download_cache(s3: str, tmp_path: Path):
+def test_local_ranks_share_the_download_cache(s3: str, tmp_path: Path):  # noqa: F811
     """Four real processes restore the same ``s3://`` checkpoint at once through one ``$BTCKPT_CACHE``,
     several trials: every one restores step 4 exactly; one copy is left in the cache, no temp folder."""
     import fsspec
@@ -49,7 +49,7 @@ def test_local_ranks_share_the_download_cache(s3: str, tmp_path: Path):
         assert [e.name for e in entries if not e.name.endswith(".lock")] == ["checkpoint-4"]
 
 
-def test_a_damaged_cached_copy_is_downloaded_again(s3: str, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_a_damaged_cached_copy_is_downloaded_again(s3: str, tmp_path: Path, caplog: pytest.LogCaptureFixture):  # noqa: F811
     src = tmp_path / "ck"
     states = make_ckpts(src, [1, 2])
     dest = f"{s3}/run"

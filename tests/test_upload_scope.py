@@ -78,7 +78,7 @@ def test_a_vanished_or_reshaped_source_deletes_nothing_remote(tmp_path: Path, me
     assert not src.exists()
 
 
-def test_mirror_never_deletes_what_keep_local_offloaded(s3: str, tmp_path: Path):
+def test_mirror_never_deletes_what_keep_local_offloaded(s3: str, tmp_path: Path):  # noqa: F811
     """Two uploaders on one source, one after the other: a ``--keep-local`` offload to bucket A is no
     retirement, so a ``--mirror-retention`` uploader to bucket B keeps its copies."""
     src = tmp_path / "ck"
@@ -94,7 +94,7 @@ def test_mirror_never_deletes_what_keep_local_offloaded(s3: str, tmp_path: Path)
     assert _remote_steps(mirror_dest) == [1, 2, 3] and _remote_steps(offload_dest) == [1, 2, 3]
 
 
-def test_keep_local_verifies_the_bucket_not_the_journal(s3: str, tmp_path: Path):
+def test_keep_local_verifies_the_bucket_not_the_journal(s3: str, tmp_path: Path):  # noqa: F811
     """A data file deleted in the bucket: the re-run uploads it again (not "already there"); while that
     upload fails, ``--keep-local`` keeps the local copy, the only complete one."""
     import fsspec

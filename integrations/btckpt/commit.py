@@ -157,8 +157,8 @@ def delete_checkpoint(path: Path, *, retired: bool = True) -> None:
     """Retire a committed checkpoint: rename it to a temp name first (atomic), then remove the files.
 
     A crash mid-delete therefore leaves a temp folder (cleaned at the next start), never a
-    ``checkpoint-<step>`` with some files missing. ``retired`` (the job's retention) records it in
-    ``<dir>/.btckpt-retired.jsonl`` first, the only thing that lets the uploader's mirror retention
+    ``checkpoint-<step>`` with some files missing. ``retired`` (the job's retention) first records it
+    for an uploader working on that dir (:mod:`btckpt.retire`): the only thing that lets mirror retention
     delete the remote copy; the uploader's own ``--keep-local`` offload passes False.
     """
     faults.point("retention")

@@ -18,7 +18,7 @@ Torch-free, so it starts fast and never competes with training for the GPU. Rule
 - ``--keep-local K``: delete local checkpoints beyond the newest K only after the remote copy was
   verified in this pass (manifest bytes, every file's size and ETag / read-back checksum);
 - ``--mirror-retention``: delete a remote checkpoint only on positive knowledge: this uploader published
-  it (journal), the training job's retention retired that very checkpoint (``SRC/.btckpt-retired.jsonl``),
+  it (journal), the training job's retention retired that very checkpoint (``SRC/.btckpt-upload/retired.jsonl``),
   and the remote manifest is still the one published; never because a folder is missing or a listing
   came back empty, changed shape or failed.
 
@@ -50,7 +50,7 @@ from .discovery import STEP_DIR, CheckpointInfo, inspect
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
-from .retire import manifest_hash, read_retired
+from .retire import UPLOAD_DIR, manifest_hash, read_retired
 from .storage import local_path, remote_fs
 from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
@@ -99,7 +99,7 @@ class Uploader:
         key = hashlib.sha1(self.dest.encode()).hexdigest()[:12]
         self._lock = SourceLock(self.src)
         self._held = False
-        self.journal = Journal(self.src / ".btckpt-upload" / f"{key}.jsonl")
+        self.journal = Journal(self.src / UPLOAD_DIR / f"{key}.jsonl")
         self.progress: Any = None
         if progress:
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -373,9 +373,14 @@ class Uploader:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _drop_partial(self, rdir: str) -> None:
+        """Remove what this uploader sent of a checkpoint it will not finish (never a committed folder,
+        never files it did not send)."""
         try:
-            if not self.fs.exists(join(rdir, MANIFEST)) and self.fs.exists(rdir):
-                self.fs.rm(rdir, recursive=True)
+            if self.fs.exists(join(rdir, MANIFEST)):
+                return
+            for rpath in [p for p in self.journal.files if p.startswith(rdir + "/")]:
+                if self.fs.exists(rpath):
+                    self.fs.rm_file(rpath)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not remove the partial upload %s: %s", rdir, exc)
 
@@ -435,7 +440,7 @@ class Uploader:
 
     def _mirror(self, res: PassResult, listing: dict[str, dict[str, Any]]) -> None:
         """``--mirror-retention``: delete a remote checkpoint only when this uploader published it (journal),
-        the job's retention retired that very checkpoint (``.btckpt-retired.jsonl``, same manifest hash),
+        the job's retention retired that very checkpoint (``.btckpt-upload/retired.jsonl``, same manifest hash),
         it is gone locally, and the remote manifest is still the one published."""
         retired = read_retired(self.src)
         for rdir, mhash in list(self.journal.ckpts.items()):
