@@ -158,6 +158,10 @@ def test_ls_under_a_persistent_server_error_exits_2(tmp_path: Path):
                "AWS_DEFAULT_REGION": "us-east-1"}
         r = subprocess.run([sys.executable, "-m", "btckpt.cli", "ls", "s3://bucket/run"], capture_output=True,
                            text=True, timeout=180, env=env)
+        make_ckpts(tmp_path / "ck", [1])
+        up = subprocess.run([sys.executable, "-m", "btckpt.upload", str(tmp_path / "ck"), "s3://bucket/run",
+                             "--keep-local", "0", "--progress", "off"], capture_output=True, text=True, timeout=180,
+                            env=env)
     finally:
         server.shutdown()
         server.server_close()
@@ -165,3 +169,6 @@ def test_ls_under_a_persistent_server_error_exits_2(tmp_path: Path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "s3://bucket/run" in r.stderr
+    # the uploader: one error line for the pass, exit 1 (not uploaded), the local copy kept
+    assert up.returncode == 1 and "cannot list s3://bucket/run" in up.stderr and "Traceback" not in up.stderr
+    assert (tmp_path / "ck" / "checkpoint-1").is_dir()

@@ -151,12 +151,17 @@ class Uploader:
         try:
             if hasattr(self.fs, "invalidate_cache"):
                 self.fs.invalidate_cache()
-            local = self._local()
+            try:
+                local = self._local()
+            except OSError as exc:  # SRC vanished or became unreadable mid-pass
+                log.error("cannot read the upload source %s (%s); nothing uploaded or deleted", self.src, exc)
+                res.failed.append(str(self.src))
+                return res
             try:
                 listing = _listing_detail(self.fs, self.root)
             except Exception as exc:  # noqa: BLE001 - logged; the next pass tries again
                 log.error("cannot list %s: %s; nothing uploaded or deleted in this pass", self.dest, exc)
-                res.failed.extend(self._remote_dir(i) for i in local)
+                res.failed.extend([self._remote_dir(i) for i in local] or [self.dest])
                 return res
             self._upload_all(local, listing, res)
             verified = set(res.uploaded) | set(res.skipped)
