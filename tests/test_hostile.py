@@ -281,3 +281,266 @@ def test_hostile_checkpoint_is_skipped_with_a_warning(tmp_path: Path, two: Path,
         with btckpt.Checkpointer(dir=str(tmp_path / "ck"), handle_sigterm=False) as ck:
             assert ck.restore({"model": model()}) == 1
     assert any("checkpoint-2" in r.getMessage() and "../x.safetensors" in r.getMessage() for r in caplog.records)
+
+
+# -- issue 11 item 5: every failure while reading a candidate is a CheckpointError, and restore falls back -----
+def tamper(folder: Path, name: str, data: bytes) -> None:
+    """Replace the listed file ``name`` with ``data`` and re-sign the manifest (size and checksum)."""
+    (folder / name).write_bytes(data)
+    rewrite_manifest(folder, lambda man: relist(folder, man, name, folder / name))
+
+
+def sevens() -> torch.nn.Module:
+    m = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(7.0)
+    return m
+
+
+def assert_untouched(m: torch.nn.Module) -> None:
+    assert all(bool((p == 7.0).all()) for p in m.parameters()), "the failed load changed the live model"
+
+
+def check_falls_back(tmp: Path, folder: Path, must: str, exc_type: type = CheckpointError) -> None:
+    """Direct load: ``exc_type`` naming ``must``, live state untouched. Restore from the parent, by the one-shot
+    load and by a Checkpointer: step 1 (the older good one), with the model restored."""
+    m = sevens()
+    with pytest.raises(exc_type, match=must.replace(".", r"\.")):
+        btckpt.load(folder, {"model": m, "extra": {}})
+    assert_untouched(m)
+    check_refused(tmp, folder, exc_type, must)
+    m = sevens()
+    with btckpt.Checkpointer(dir=str(folder.parent), handle_sigterm=False, keep_last=None) as ck:
+        assert ck.restore({"model": m, "extra": {}}) == 1
+    assert torch.equal(m.weight, model().weight)
+
+
+def test_tensor_reference_key_is_a_list(tmp_path: Path, two: Path) -> None:
+    rewrite_manifest(two, lambda man: man.state["model"]["weight"]["__tensor__"].update(key=["weight"]))
+    check_falls_back(tmp_path, two, "btckpt.json", CorruptCheckpoint)
+
+
+@pytest.mark.parametrize("value", [["x"], "text", 5])
+def test_manifest_meta_is_not_an_object(tmp_path: Path, two: Path, value: Any) -> None:
+    rewrite_manifest(two, lambda man: setattr(man, "meta", value))
+    check_falls_back(tmp_path, two, "meta", CorruptCheckpoint)
+
+
+@pytest.mark.parametrize("world", [[1], {"node_rank": "a"}, {"size": 1, "nodes": 1, "node_rank": 3}])
+def test_manifest_world_is_malformed(tmp_path: Path, two: Path, world: Any) -> None:
+    rewrite_manifest(two, lambda man: setattr(man, "world", world))
+    check_falls_back(tmp_path, two, "world", CorruptCheckpoint)
+
+
+def st_file(entries: dict[str, tuple[str, list[int], bytes]]) -> bytes:
+    """A safetensors file with exactly these (dtype, shape, data) entries, as an attacker writes it."""
+    hdr, data, pos = {}, b"", 0
+    for k, (dtype, shape, raw) in entries.items():
+        hdr[k] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + len(raw)]}
+        data += raw
+        pos += len(raw)
+    h = json.dumps(hdr).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**63], [2**40, 0, 2**40], [-1]])
+def test_safetensors_shape_out_of_range(tmp_path: Path, two: Path, shape: list[int]) -> None:
+    tamper(two, "model.safetensors", st_file({"weight": ("F32", shape, b""), "bias": ("F32", [2], b"\0" * 8)}))
+    check_falls_back(tmp_path, two, "model.safetensors", CorruptCheckpoint)
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"a": 1}, None, 3])
+def test_safetensors_dtype_of_the_wrong_type(tmp_path: Path, two: Path, dtype: Any) -> None:
+    tamper(two, "model.safetensors", st_file({"weight": (dtype, [2, 4], b"\0" * 32), "bias": ("F32", [2], b"\0" * 8)}))
+    check_falls_back(tmp_path, two, "model.safetensors", CorruptCheckpoint)
+
+
+def test_a_directory_where_a_listed_file_should_be(tmp_path: Path, two: Path) -> None:
+    (two / "model.safetensors").unlink()
+    (two / "model.safetensors").mkdir()
+    size = (two / "model.safetensors").lstat().st_size  # re-signed: the size matches, so the scan calls it complete
+
+    def fn(man: Manifest) -> None:
+        man.files["model.safetensors"]["size"] = size
+    rewrite_manifest(two, fn)
+    check_falls_back(tmp_path, two, "model.safetensors", CorruptCheckpoint)
+
+
+def test_plain_tensor_where_a_module_state_is_expected(tmp_path: Path, two: Path) -> None:
+    """A checkpoint whose model weight is plain data: refused before any parameter changed."""
+    rewrite_manifest(two, lambda man: man.state["model"].update(weight=5))
+    check_falls_back(tmp_path, two, "weight")
+
+
+@pytest.mark.parametrize("rng", [{"torch": [1, 2, 3]}, {"python": [3, [1, 2], None]}, {"numpy": "abcde"},
+                                 [1, 2], {"torch": "x"}, {"torch": [2**70]}])
+def test_rng_file_of_the_wrong_shape_is_parsed_before_anything_is_applied(tmp_path: Path, rng: Any) -> None:
+    """The RNG file is parsed and checked before the model is loaded: a malformed one leaves the live
+    model untouched (it used to be parsed after the model was overwritten) and restore falls back."""
+    make(tmp_path, 1)
+    two = make(tmp_path, 2)
+    tamper(two, "rng_state_0.json", json.dumps(rng).encode())
+    check_falls_back(tmp_path, two, "rng_state_0.json", CorruptCheckpoint)
+
+
+def test_manifest_naming_the_folder_itself(tmp_path: Path, two: Path) -> None:
+    """A manifest listing ``"."`` used to raise IndexError from scan, latest, load, restore and ``btckpt ls``."""
+    from btckpt.cli import main
+    from btckpt.discovery import scan
+
+    size = two.lstat().st_size
+    rewrite_manifest(two, lambda man: man.files.update({".": {"size": size, "xxh3_64": "0" * 16}}))
+    infos = scan(two.parent)
+    assert [(i.step, i.status) for i in infos] == [(2, "corrupt"), (1, "complete")], infos
+    assert "'.'" in infos[0].reason
+    assert btckpt.latest(two.parent) == two.parent / "checkpoint-1"
+    assert main(["ls", str(two.parent), "--json"]) == 0
+    check_falls_back(tmp_path, two, "'.'", UnsafeCheckpoint)
+    with btckpt.Checkpointer(dir=str(two.parent), handle_sigterm=False, keep_last=1, async_save=False) as ck:
+        ck.save(3, {"model": model()})
+    assert btckpt.latest(two.parent) == two.parent / "checkpoint-3"
+
+
+@pytest.mark.parametrize("name", [".", "./model.safetensors", "a//b", "sub/.", "x/./y"])
+def test_names_with_dot_or_empty_parts_are_unsafe(name: str) -> None:
+    from btckpt.manifest import check_relative_name
+
+    with pytest.raises(UnsafeCheckpoint):
+        check_relative_name(name, where="m")
+
+
+# -- issue 11 item 7: sharded chunks must tile the global shape exactly ---------------------------------------
+def sharded(folder: Path, chunks: list[tuple[list[int], list[int]]], *, via_dcp: bool) -> None:
+    """Make ``folder``'s model weight [2, 4] a sharded tensor whose chunks are ``(offsets, sizes)``: each chunk
+    ``c<i>`` in its own file's tensor, holding the right rows of the saved weight. Re-signed."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(folder / "model.safetensors"))["weight"]
+    parts = {}
+    for i, (off, size) in enumerate(chunks):
+        block = torch.zeros(size)
+        real = w[off[0]:off[0] + size[0], off[1]:off[1] + size[1]]  # empty past the end (out of bounds)
+        block[:real.shape[0], :real.shape[1]] = real
+        parts[f"c{i}"] = ("F32", size, block.numpy().tobytes())
+    tamper(folder, "model-rank00000.safetensors", st_file(parts))
+
+    def fn(man: Manifest) -> None:
+        relist(folder, man, "model-rank00000.safetensors", folder / "model-rank00000.safetensors")
+        man.state["model"]["weight"] = {"__tensor__": {"sharded": {
+            "key": "weight", "shape": [2, 4], "dtype": "F32",
+            "chunks": [{"offsets": off, "sizes": size, "file": "model-rank00000.safetensors", "key": f"c{i}",
+                        "node": 0} for i, (off, size) in enumerate(chunks)]}}}
+        if via_dcp:
+            man.meta = {"btckpt.sharded": {"model": "model"}}
+    rewrite_manifest(folder, fn)
+
+
+TILINGS = {
+    "overlap": [([0, 0], [1, 4])] * 2,                      # row 0 twice, row 1 never: volume matches
+    "overlap_many": [([0, 0], [1, 2])] * 4,                 # the same half row four times
+    "out_of_bounds": [([1, 0], [1, 4]), ([2, 0], [1, 4])],  # row 0 a hole, a chunk past the end
+    "partial_overlap": [([0, 0], [2, 3]), ([0, 2], [1, 2])],  # columns 2 overlap, 3 of row 1 a hole
+}
+
+
+@pytest.mark.parametrize("via_dcp", [False, True])
+@pytest.mark.parametrize("case", sorted(TILINGS))
+def test_sharded_chunks_must_tile_exactly(tmp_path: Path, two: Path, case: str, via_dcp: bool) -> None:
+    sharded(two, TILINGS[case], via_dcp=via_dcp)
+    check_falls_back(tmp_path, two, "btckpt.json", CorruptCheckpoint)
+
+
+@pytest.mark.parametrize("via_dcp", [False, True])
+def test_sharded_chunks_that_tile_load(tmp_path: Path, two: Path, via_dcp: bool) -> None:
+    """The control: rows split in two chunks, and columns of row 1 in two more, load the saved weight."""
+    sharded(two, [([0, 0], [1, 4]), ([1, 0], [1, 1]), ([1, 1], [1, 3])], via_dcp=via_dcp)
+    m = sevens()
+    assert btckpt.load(two, {"model": m, "extra": {}}) == 2
+    assert torch.equal(m.weight, model().weight)
+
+
+def test_chunk_file_shape_differs_from_the_manifest(tmp_path: Path, two: Path) -> None:
+    sharded(two, [([0, 0], [1, 4]), ([1, 0], [1, 4])], via_dcp=False)
+    data = (two / "model-rank00000.safetensors").read_bytes()
+    tamper(two, "model-rank00000.safetensors", data.replace(b'"shape": [1, 4]', b'"shape": [2, 2]', 1))
+    check_falls_back(tmp_path, two, "model-rank00000.safetensors", CorruptCheckpoint)
+
+
+def test_tiling_problem_is_exact() -> None:
+    from btckpt.manifest import tiling_problem
+
+    def ch(*boxes: tuple[list[int], list[int]]) -> list[dict[str, Any]]:
+        return [{"offsets": o, "sizes": s} for o, s in boxes]
+    assert tiling_problem([4, 6], ch(([0, 0], [2, 6]), ([2, 0], [2, 3]), ([2, 3], [2, 3]))) is None
+    assert tiling_problem([], ch(([], []))) is None
+    assert tiling_problem([0, 5], []) is None
+    assert tiling_problem([3], ch(([0], [2]), ([2], [1]), ([1], [0]))) is None  # an empty chunk is harmless
+    assert "overlap" in str(tiling_problem([3], ch(([0], [2]), ([1], [1]))))  # volumes differ
+    assert "overlap" in str(tiling_problem([2, 2], ch(([0, 0], [1, 2]), ([0, 0], [1, 1]), ([0, 1], [1, 1]))))
+    assert "outside" in str(tiling_problem([2], ch(([1], [1]), ([2], [1]))))
+    assert "overlap" in str(tiling_problem([2], ch(([0], [1]), ([0], [1]))))
+    assert "overlap" in str(tiling_problem([3, 3], ch(([0, 0], [2, 2]), ([1, 1], [2, 2]), ([0, 2], [1, 1]))))
+    assert "not 2 non-negative" in str(tiling_problem([2, 2], ch(([0], [2, 2]))))
+    assert "not 1 non-negative" in str(tiling_problem([2], [{"offsets": [True], "sizes": [2]}]))
+
+
+# -- issue 11 item 8: a FIFO (or socket, device, directory) named like a listed file is refused, never opened --
+def fifo_checkpoint(two: Path, name: str) -> None:
+    (two / name).unlink()
+    os.mkfifo(two / name)
+
+    def fn(man: Manifest) -> None:
+        man.files[name]["size"] = 0  # what the scan sees: a FIFO's size; re-signed so the scan calls it complete
+    rewrite_manifest(two, fn)
+
+
+LOAD = ("import sys, torch, btckpt; torch.manual_seed(0); m = torch.nn.Linear(4, 2)\n"
+        "try:\n    print(btckpt.load(sys.argv[1], {'model': m, 'extra': {}}))\n"
+        "except btckpt.CheckpointError as e:\n    print(type(e).__name__, e)\n")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "rng_state_0.json", MANIFEST])
+def test_fifo_does_not_hang_verify_or_load(tmp_path: Path, two: Path, name: str) -> None:
+    """Run in subprocesses with a timeout: the old code blocked forever in open()."""
+    import subprocess
+
+    if name == MANIFEST:
+        (two / MANIFEST).unlink()
+        os.mkfifo(two / MANIFEST)
+    else:
+        fifo_checkpoint(two, name)
+    py = sys.executable
+    r = subprocess.run([py, "-m", "btckpt.cli", "verify", str(two)], capture_output=True, text=True, timeout=60)
+    assert r.returncode in (1, 2) and "FIFO" in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
+    r = subprocess.run([py, "-c", LOAD, str(two)], capture_output=True, text=True, timeout=60)
+    assert "FIFO" in r.stdout and name in r.stdout, (r.stdout, r.stderr)
+    assert r.stdout.split()[0] in ("CorruptCheckpoint", "IncompleteCheckpoint"), r.stdout
+    r = subprocess.run([py, "-c", LOAD, str(two.parent)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "1", (r.stdout, r.stderr)
+
+
+def test_socket_and_symlink_to_fifo_are_refused(tmp_path: Path, two: Path) -> None:
+    import socket
+
+    fifo = tmp_path / "ck" / "pipe"
+    os.mkfifo(fifo)
+    (two / "model.safetensors").unlink()
+    (two / "model.safetensors").symlink_to(fifo)  # a link inside the parent, but outside the folder
+    rewrite_manifest(two, lambda man: man.files["model.safetensors"].update(size=0))
+    check_falls_back(tmp_path, two, "model.safetensors", CorruptCheckpoint)
+    (two / "model.safetensors").unlink()
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(two / "model.safetensors"))
+        check_falls_back(tmp_path, two, "socket", CorruptCheckpoint)
+    finally:
+        s.close()
+
+
+def test_verify_reports_a_fifo_in_process(tmp_path: Path, two: Path) -> None:
+    from btckpt.cli import verify
+
+    fifo_checkpoint(two, "model.safetensors")
+    _, problems = verify(str(two))
+    assert len(problems) == 1 and problems[0].startswith("model.safetensors:") and "FIFO" in problems[0]

@@ -60,9 +60,9 @@ def _read(info: CheckpointInfo, name: str, *, limit: int | None = None) -> bytes
         from .remote import join
 
         return bytes(fs.cat_file(join(str(info.path), name), start=0, end=limit))
-    from .remote import open_inside
+    from .manifest import open_member
 
-    with open_inside(info.path, name) as f:  # never a link out of the folder, never a FIFO
+    with open_member(info.path, name) as f:  # never a link out of the folder, never a FIFO
         return bytes(f.read(limit if limit is not None else -1))
 
 
@@ -72,10 +72,10 @@ def _header(info: CheckpointInfo, name: str, size: int) -> Any:
         from .remote import join, read_header_url
 
         return read_header_url(fs, join(str(info.path), name), size, where=name)
-    from .remote import open_inside
+    from .manifest import open_member
     from .sthead import read_header
 
-    with open_inside(info.path, name) as f:
+    with open_member(info.path, name) as f:
         return read_header(f, size, where=str(info.path / name))
 
 

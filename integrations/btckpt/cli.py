@@ -17,7 +17,7 @@ from typing import Any
 
 from .discovery import HF_WEIGHTS, MANIFEST, STEP_DIR, CheckpointInfo, inspect, scan
 from .errors import CheckpointError
-from .manifest import check_relative_name
+from .manifest import check_relative_name, open_member, verify_files
 from .names import safe, text
 from .storage import is_url, local_path
 
@@ -157,11 +157,10 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
                 size = (getattr(info, "sizes", None) or {}).get(name) or int(fs.size(p))
                 out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
             else:
-                from .remote import open_inside
-
-                with open_inside(info.path, name) as f:  # never a link out of the folder, never a FIFO
+                p2 = info.path / name
+                with open_member(info.path, name) as f:  # never a link out of the folder, never a FIFO
                     size = os.fstat(f.fileno()).st_size
-                    h = read_header(f, size, where=str(info.path / name))
+                    h = read_header(f, size, where=str(p2))
                 counter[0] += h.data_start
                 out[name] = h
         except (CheckpointError, OSError) as exc:
@@ -239,9 +238,7 @@ def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
         return info, verify_url(info)  # type: ignore[arg-type]
     if info.manifest is None:
         return info, ["no manifest: a plain model folder has no checksums to verify"]
-    from .remote import verify_folder
-
-    return info, verify_folder(info.path, info.manifest)
+    return info, verify_files(info.path, info.manifest)
 
 
 # -- commands ----------------------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def _model_tensors(folder: Path, group: str) -> dict[str, torch.Tensor]:
         if isinstance(ref, dict) and "sharded" in ref:
             from .sharded import assemble
 
-            return assemble(ref["sharded"], parts.tensor)
-        return plain._file(ref["file"])[ref["key"]]
+            return assemble(ref["sharded"], parts.tensor, where=str(folder))
+        return plain.tensor(ref["file"], ref["key"])
 
     tree = decode_tree(man.state[group], load)
     if not isinstance(tree, dict):

@@ -39,7 +39,7 @@ from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, St
 from .layout import ST_TO_DTYPE
 from .manifest import Manifest, read_manifest
 from .reader import CheckpointReader
-from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups, uncovered
+from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
 
 __all__ = ["BtckptStorageReader", "part_folder", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
 
@@ -50,7 +50,7 @@ def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
     Same node: ``folder``. Else the sibling of the platform's nested layout:
     ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
     """
-    here = int(manifest.world.get("node_rank", 0))
+    here = manifest.node_rank
     if node == here:
         return folder
     rank_dir = folder.parent
@@ -87,7 +87,9 @@ class _Parts:
         self.folder, self.manifest = folder, manifest
         self._readers: dict[int, CheckpointReader] = {}
 
-    def tensor(self, node: int, file: str, key: str) -> torch.Tensor:
+    def tensor(self, node: int, file: str, key: str, *, sizes: list[int] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A saved tensor (a chunk: checked against its ``sizes`` and ``dtype`` from the manifest when given)."""
         rd = self._readers.get(node)
         if rd is None:
             folder = part_folder(self.folder, self.manifest, node)
@@ -95,10 +97,11 @@ class _Parts:
             if man.step != self.manifest.step:
                 raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
             rd = self._readers[node] = CheckpointReader(folder, man)
-        tensors = rd._file(file)
-        if key not in tensors:
-            raise CorruptCheckpoint(f"{rd.folder}/{file}: tensor {key!r} is missing")
-        return tensors[key]
+        t = rd.tensor(file, key)
+        if (sizes is not None and list(t.shape) != list(sizes)) or (dtype is not None and t.dtype != dtype):
+            raise CorruptCheckpoint(f"{rd.folder}/{file}: chunk {key!r} is {t.dtype}{list(t.shape)}, the manifest "
+                                    f"says {dtype}{list(sizes or t.shape)}")
+        return t
 
 
 class BtckptStorageReader(StorageReader):
@@ -110,7 +113,7 @@ class BtckptStorageReader(StorageReader):
         self.manifest = manifest
         self.groups = groups
         self._parts = _Parts(self.folder, manifest)
-        self._storage: dict[MetadataIndex, tuple[int, str, str]] = {}
+        self._storage: dict[MetadataIndex, tuple[int, str, str, list[int], torch.dtype]] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._parts = _Parts(self.folder, self.manifest)
@@ -121,8 +124,8 @@ class BtckptStorageReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md: dict[str, Any] = {}
-        storage: dict[MetadataIndex, tuple[int, str, str]] = {}
-        here = int(self.manifest.world.get("node_rank", 0))
+        storage: dict[MetadataIndex, tuple[int, str, str, list[int], torch.dtype]] = {}
+        here = self.manifest.node_rank
         for group in self.groups:
             for ref in tensor_refs(self.manifest.state[group]):
                 if "sharded" in ref:
@@ -134,15 +137,13 @@ class BtckptStorageReader(StorageReader):
                     dtype = next(k for k, v in ST_TO_DTYPE.items() if v == t.dtype)
                     chunks = [{"offsets": [0] * len(shape), "sizes": shape, "file": ref["file"], "key": ref["key"],
                                "node": here}]
-                if uncovered(shape, chunks):
-                    raise CorruptCheckpoint(f"{self.folder}: the saved chunks of {fqn!r} do not cover its shape "
-                                            f"{shape} (saved by a btckpt that misread its DTensor placements)")
-                if dtype not in ST_TO_DTYPE:
+                if dtype not in ST_TO_DTYPE:  # the chunks tile the shape: checked when the manifest was parsed
                     raise CorruptCheckpoint(f"{self.folder}: tensor {fqn!r} has unknown dtype {dtype!r}")
                 metas = []
                 for i, c in enumerate(chunks):
                     metas.append(ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"])))
-                    storage[MetadataIndex(fqn, c["offsets"], i)] = (int(c["node"]), c["file"], c["key"])
+                    storage[MetadataIndex(fqn, c["offsets"], i)] = (int(c["node"]), c["file"], c["key"], c["sizes"],
+                                                                    ST_TO_DTYPE[dtype])
                 md[fqn] = TensorStorageMetadata(TensorProperties(dtype=ST_TO_DTYPE[dtype]), torch.Size(shape), metas)
         self._storage = storage
         return Metadata(state_dict_metadata=md, storage_data=storage)
@@ -158,8 +159,8 @@ class BtckptStorageReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         for item in plan.items:
-            node, file, key = self._storage[item.storage_index]
-            src = self._parts.tensor(node, file, key)
+            node, file, key, sizes, dtype = self._storage[item.storage_index]
+            src = self._parts.tensor(node, file, key, sizes=sizes, dtype=dtype)
             for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
                 src = src.narrow(dim, off, length)
             dst = planner.resolve_tensor(item).detach()
@@ -206,7 +207,9 @@ def _plain_optimizer_as_fqn(name: str, tree: Any, target: Mapping[str, Any], par
     fqn_of: dict[Any, str] = {}
     groups = []
     for spg, tpg in zip(saved["param_groups"], target["param_groups"], strict=True):
-        if not isinstance(spg, dict) or len(spg.get("params", ())) != len(tpg["params"]):
+        params = spg.get("params") if isinstance(spg, dict) else None
+        if not (isinstance(params, list) and len(params) == len(tpg["params"])
+                and all(isinstance(p, (int, str)) for p in params)):
             raise bad
         fqn_of.update(zip(spg["params"], tpg["params"], strict=True))
         groups.append(dict(spg, params=list(tpg["params"])))
@@ -240,7 +243,7 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
     for name, kind in groups.items():
         target = group_state_dict(name, kind, state[name], state)
         if kind == "optimizer" and name not in saved_sharded:  # DDP-saved optimizer into a sharded one
-            here = int(man.world.get("node_rank", 0))
+            here = man.node_rank
             tree = _plain_optimizer_as_fqn(name, man.state[name], target, _Parts(info.path, man), here, info.path)
             man = dataclasses.replace(man, state=dict(man.state, **{name: tree}))
 
@@ -263,7 +266,7 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
         if any(isinstance(c, CheckpointError) for c in causes):
             raise next(c for c in causes if isinstance(c, CheckpointError)) from exc
         raise StateMismatch(f"{info.path}: resharded load failed: {exc}") from exc
-    except RuntimeError as exc:  # DCP's planner: missing keys / size mismatches
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:  # DCP's planner
         raise StateMismatch(f"{info.path}: the checkpoint does not fit the state ({exc}); pass strict=False to "
                             "load what matches") from exc
     out: dict[str, Any] = {}

@@ -26,7 +26,6 @@ Supported: one process, DDP (torchrun, several nodes). FSDP and DeepSpeed raise 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -43,8 +42,8 @@ from .config import resolve_dir, resolve_load_dir
 from .discovery import CheckpointInfo, inspect, scan
 from .errors import ConfigError
 from .manifest import MANIFEST
-from .reader import CheckpointReader, read_verified_bytes
-from .rng import restore_rng, rng_file
+from .reader import CheckpointReader
+from .rng import restore_rng_file, rng_file
 from .statedict import apply_group, unwrap_model
 
 __all__ = ["CheckpointCallback", "resume_checkpoint"]
@@ -377,5 +376,5 @@ class CheckpointCallback(TrainerCallback):
             log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
                         "restored, the resumed run is not bit-exact", info.path, rank)
             return None
-        restore_rng(json.loads(read_verified_bytes(info.path, info.manifest, name)), where=str(info.path))
+        restore_rng_file(info.path, info.manifest, name)
         return None

@@ -40,7 +40,6 @@ key collision from the stripping is refused with an error.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -73,8 +72,8 @@ from .discovery import STEP_DIR, inspect, scan
 from .distributed import World
 from .errors import CheckpointError, IncompleteCheckpoint, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
 from .manager import Checkpointer
-from .reader import CheckpointReader, read_verified_bytes
-from .rng import restore_rng, rng_file
+from .reader import CheckpointReader
+from .rng import restore_rng_file, rng_file
 from .storage import fsync_dir, is_url
 
 __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "resume_path", "LINK_FORMAT"]
@@ -273,7 +272,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if self.restore_rng and "loops" in out and info.manifest is not None:
             name = rng_file(rank)
             if name in info.manifest.files:
-                restore_rng(json.loads(read_verified_bytes(folder, info.manifest, name)), where=str(folder))
+                restore_rng_file(folder, info.manifest, name)
             elif any(n.startswith("rng_state_") for n in info.manifest.files):
                 log.warning("btckpt: %s holds no RNG state for rank %d (saved by fewer ranks, or without "
                             "btckpt.lightning.ModelCheckpoint); this rank's RNG is not restored", folder, rank)

@@ -7,15 +7,23 @@ File names it lists are validated: relative, no ``..``, no links out of the fold
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import itertools
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from .errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
+from ._tree import decode_tree
+from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
 
-__all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "entry_problem", "read_manifest", "utc_now"]
+__all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "entry_problem", "read_manifest", "utc_now",
+           "open_regular", "open_member", "member_path", "read_member", "read_upto", "read_error", "verify_files",
+           "check_member",
+           "tiling_problem", "SHARDED_META"]
 
 FORMAT = "btckpt/1"
 MANIFEST = "btckpt.json"
@@ -28,16 +36,156 @@ def utc_now() -> str:
 
 
 def check_relative_name(name: Any, *, where: str) -> str:
-    """Return ``name`` if it is a safe relative POSIX path inside the folder, else raise UnsafeCheckpoint."""
+    """Return ``name`` if it is a safe relative POSIX path inside the folder, else raise UnsafeCheckpoint.
+
+    Every component must be a real name: no empty part, no ``.`` or ``..``, no backslash, no NUL."""
     if not isinstance(name, str) or not name:
-        raise UnsafeCheckpoint(f"{where}: file name {name!r} is not a non-empty string")
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith(("/", "\\")) or ":" in p.parts[0] and len(p.parts[0]) == 2:
+        raise UnsafeCheckpoint(f"{where}: file name {_short(name)} is not a non-empty string")
+    parts = name.split("/")
+    if name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":"):
         raise UnsafeCheckpoint(f"{where}: file name {name!r} is absolute; manifests may only name files "
                                "inside the checkpoint folder")
-    if any(part in ("..", "") for part in p.parts) or "\\" in name or "\x00" in name:
-        raise UnsafeCheckpoint(f"{where}: file name {name!r} leaves the checkpoint folder")
+    if any(part in ("..", ".", "") for part in parts) or "\\" in name or "\x00" in name:
+        raise UnsafeCheckpoint(f"{where}: file name {name!r} is not a plain name of a file inside the checkpoint "
+                               "folder (empty part, '.', '..', backslash or NUL)")
     return name
+
+
+def _short(x: Any, n: int = 120) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+# -- opening files of a checkpoint: regular files only, never blocking --------------------------------------
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    return next((k for test, k in _KINDS if test(mode)), "not a regular file")
+
+
+def read_error(path: Any, exc: OSError) -> CheckpointError:
+    """The CheckpointError for an OSError met while reading ``path`` (missing: incomplete; else damaged)."""
+    if isinstance(exc, FileNotFoundError):
+        return IncompleteCheckpoint(f"{path}: file is missing; the checkpoint is incomplete, use an older one")
+    return CorruptCheckpoint(f"{path}: cannot be read ({exc.strerror or exc}); the storage failed or the file is "
+                             "damaged: use an older checkpoint, or check the filesystem and retry")
+
+
+def open_regular(path: str | os.PathLike[str], *, where: Any = None) -> BinaryIO:
+    """Open a local file for reading (unbuffered), refusing anything but a regular file.
+
+    A FIFO, socket, device, directory or symbolic link is refused with a CheckpointError naming ``where``
+    (default: ``path``) before it can block or be followed: ``lstat`` first, then ``open`` with
+    ``O_NOFOLLOW | O_NONBLOCK``, then ``fstat`` of the descriptor (the same file, still regular), then
+    blocking mode is restored. Every way this can fail raises a CheckpointError."""
+    where = path if where is None else where
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            cls = UnsafeCheckpoint if stat.S_ISLNK(st.st_mode) else CorruptCheckpoint
+            raise cls(f"{where}: is {_kind(st.st_mode)}, not a regular file; refusing to open it (a checkpoint "
+                      "holds regular files only): use an older checkpoint or delete this folder")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeCheckpoint(f"{where}: is a symbolic link; refusing to follow it") from None
+        raise read_error(where, exc) from None
+    try:
+        st2 = os.fstat(fd)
+        if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+            raise CorruptCheckpoint(f"{where}: was replaced while being opened (now {_kind(st2.st_mode)}); "
+                                    "refusing to read it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise read_error(where, exc) from None
+        raise
+
+
+def member_path(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder/name`` after checking the name, refusing anything that resolves outside the folder."""
+    folder = Path(folder)
+    check_relative_name(name, where=str(folder))
+    path = folder / name
+    try:
+        root, real = folder.resolve(), path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop, or an unreadable parent
+        raise UnsafeCheckpoint(f"{path}: cannot be resolved ({exc}); refusing to read it") from None
+    if root != real and root not in real.parents:
+        raise UnsafeCheckpoint(f"{path}: resolves to {real}, outside the checkpoint folder {root}; refusing "
+                               "to read it (a link out of the folder)")
+    return path
+
+
+def open_member(folder: str | os.PathLike[str], name: str) -> BinaryIO:
+    """Open the listed file ``name`` of the checkpoint ``folder`` for reading: the one safe way in.
+
+    The name is checked (relative, inside), a link may point only inside the folder, and the file it
+    ends at must be a regular file (:func:`open_regular`)."""
+    path = member_path(folder, name)
+    return open_regular(path.resolve() if path.is_symlink() else path, where=path)
+
+
+def read_member(folder: str | os.PathLike[str], name: str, *, limit: int) -> bytes:
+    """The bytes of the listed file ``name`` (at most ``limit``; more is an error naming the file)."""
+    path = Path(folder) / name
+    with open_member(folder, name) as f:
+        data = read_upto(f, limit + 1, where=path)
+    if len(data) > limit:
+        raise CorruptCheckpoint(f"{path}: larger than {limit} bytes; not a file btckpt wrote")
+    return data
+
+
+def read_upto(f: BinaryIO, n: int, *, where: Any) -> bytes:
+    """Read up to ``n`` bytes (fewer only at the end of the file), turning OSErrors into CheckpointErrors."""
+    out = bytearray()
+    try:
+        while len(out) < n:
+            chunk = f.read(min(n - len(out), 16 << 20))
+            if not chunk:
+                break
+            out += chunk
+    except OSError as exc:
+        raise read_error(where, exc) from None
+    return bytes(out)
+
+
+def _member_problem(folder: str | os.PathLike[str], manifest: Manifest, name: str) -> str | None:
+    from .storage import file_checksum
+
+    try:
+        size, digest = file_checksum(name, opener=lambda n: open_member(folder, n))
+    except OSError as exc:
+        raise read_error(Path(folder) / name, exc) from None
+    return entry_problem(name, size, digest, manifest.files[name])
+
+
+def check_member(folder: str | os.PathLike[str], manifest: Manifest, name: str) -> None:
+    """Check the listed file ``name`` (kind, size, checksum; read once, in chunks); a CheckpointError
+    naming the file if it differs from the manifest."""
+    problem = _member_problem(folder, manifest, name)
+    if problem:
+        raise CorruptCheckpoint(f"{Path(folder) / problem}; the file is damaged: use an older checkpoint")
+
+
+def verify_files(folder: str | os.PathLike[str], manifest: Manifest) -> list[str]:
+    """Check every listed file (:func:`check_member`); the problems, each naming its file (empty when the
+    checkpoint is sound). What ``btckpt verify`` and ``CheckpointReader.verify_all`` report."""
+    problems = []
+    for name in manifest.files:
+        try:
+            problem = _member_problem(folder, manifest, name)
+        except IncompleteCheckpoint:
+            problem = f"{name}: missing"
+        except CheckpointError as exc:
+            problem = f"{name}: {exc}"
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 @dataclass
@@ -81,10 +229,10 @@ class Manifest:
         if "checksum" in obj:  # absent only in manifests written by hand; then there is nothing to check
             _check_digest(raw, obj["checksum"], where=where)
         if obj.get("format") != FORMAT:
-            raise CorruptCheckpoint(f"{where}: manifest format {obj.get('format')!r} is not {FORMAT!r}")
+            raise CorruptCheckpoint(f"{where}: manifest format {_short(obj.get('format'))} is not {FORMAT!r}")
         step = obj.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise CorruptCheckpoint(f"{where}: manifest step {step!r} is not a non-negative integer")
+            raise CorruptCheckpoint(f"{where}: manifest step {_short(step)} is not a non-negative integer")
         files = obj.get("files")
         if not isinstance(files, dict):
             raise CorruptCheckpoint(f"{where}: manifest 'files' is not an object")
@@ -92,17 +240,130 @@ class Manifest:
             check_relative_name(name, where=where)
             if name == MANIFEST:
                 raise UnsafeCheckpoint(f"{where}: manifest lists itself as a data file")
-            if (not isinstance(info, dict) or not isinstance(info.get("size"), int) or info["size"] < 0
-                    or not isinstance(info.get("xxh3_64"), str)):
-                raise CorruptCheckpoint(f"{where}: manifest entry for {name!r} lacks a size or checksum")
+            if (not isinstance(info, dict) or not _is_int(info.get("size")) or info["size"] < 0
+                    or not _is_digest(info.get("xxh3_64"))):
+                raise CorruptCheckpoint(f"{where}: manifest entry for {name!r} lacks a size (integer) or an "
+                                        "xxh3_64 checksum (16 hex digits)")
         state = obj.get("state")
         if not isinstance(state, dict):
             raise CorruptCheckpoint(f"{where}: manifest 'state' is not an object")
         world = obj.get("world") or {}
-        if not isinstance(world, dict):
-            raise CorruptCheckpoint(f"{where}: manifest 'world' is not an object")
-        return cls(step=step, files=files, state=state, world=world, created=str(obj.get("created", "")),
-                   meta=obj.get("meta") or {})
+        if not isinstance(world, dict) or not all(_is_int(world.get(k, lo)) and world.get(k, lo) >= lo
+                                                   for k, lo in (("size", 1), ("nodes", 1), ("node_rank", 0))) \
+                or world.get("node_rank", 0) >= world.get("nodes", 1):
+            raise CorruptCheckpoint(f"{where}: manifest 'world' {_short(world)} is not an object of non-negative "
+                                    "integers size, nodes, node_rank")
+        created = obj.get("created", "")
+        if not isinstance(created, str):
+            raise CorruptCheckpoint(f"{where}: manifest 'created' {_short(created)} is not a string")
+        meta = obj.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint(f"{where}: manifest 'meta' {_short(meta)} is not an object")
+        sharded = meta.get(SHARDED_META, {})
+        if not isinstance(sharded, dict) or not all(isinstance(v, str) and v in ("model", "optimizer")
+                                                    and k in state for k, v in sharded.items()):
+            raise CorruptCheckpoint(f"{where}: manifest meta {SHARDED_META!r} {_short(sharded)} must map groups of "
+                                    "the state to 'model' or 'optimizer'")
+        man = cls(step=step, files=files, state=state, world=world, created=created, meta=meta)
+        for group, tree in state.items():
+            try:
+                decode_tree(tree, man._check_ref)
+            except CorruptCheckpoint as exc:
+                raise type(exc)(f"{where}: state group {group!r}: {exc}") from None
+        return man
+
+    @property
+    def node_rank(self) -> int:
+        """The node whose part of the checkpoint this manifest describes (0 on one node)."""
+        return int(self.world.get("node_rank", 0))
+
+    def _check_ref(self, ref: Any) -> None:
+        """Raise CorruptCheckpoint unless ``ref`` is a well-formed tensor reference: ``{file, key}`` naming a
+        listed file, or ``{sharded: {key, shape, dtype, chunks}}`` whose chunks tile ``shape`` exactly."""
+        from .sthead import DTYPE_SIZES
+
+        if isinstance(ref, dict) and "sharded" in ref:
+            s = ref["sharded"]
+            if not (isinstance(s, dict) and isinstance(s.get("key"), str) and isinstance(s.get("dtype"), str)
+                    and s["dtype"] in DTYPE_SIZES and _is_shape(s.get("shape")) and isinstance(s.get("chunks"), list)):
+                raise CorruptCheckpoint(f"bad sharded tensor reference {_short(ref)} (needs key, dtype, shape, chunks)")
+            nodes = int(self.world.get("nodes", 1))
+            for c in s["chunks"]:
+                if not (isinstance(c, dict) and isinstance(c.get("key"), str) and _is_int(c.get("node"))
+                        and 0 <= c["node"] < nodes):
+                    raise CorruptCheckpoint(f"tensor {s['key']!r}: bad chunk {_short(c)} (needs offsets, sizes, file, "
+                                            f"key, node < {nodes})")
+                self._check_file(c.get("file"), listed=c["node"] == self.node_rank)
+            problem = tiling_problem(s["shape"], s["chunks"])
+            if problem:
+                raise CorruptCheckpoint(f"tensor {s['key']!r}: {problem}")
+            return
+        if not (isinstance(ref, dict) and isinstance(ref.get("key"), str)):
+            raise CorruptCheckpoint(f"bad tensor reference {_short(ref)} (needs a file and a key, both strings)")
+        self._check_file(ref.get("file"), listed=True)
+
+    def _check_file(self, name: Any, *, listed: bool) -> None:
+        if not isinstance(name, str):
+            raise CorruptCheckpoint(f"tensor reference names the file {_short(name)}, not a string")
+        check_relative_name(name, where="tensor reference")
+        if listed and name not in self.files:
+            raise CorruptCheckpoint(f"the state references {name!r}, which the manifest does not list")
+
+
+SHARDED_META = "btckpt.sharded"
+MAX_TILING_CELLS = 1 << 22
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_digest(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 16 and all(c in "0123456789abcdef" for c in x)
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, list) and len(x) <= 64 and all(_is_int(v) and 0 <= v < 2**62 for v in x)
+
+
+def tiling_problem(shape: list[int], chunks: list[Any]) -> str | None:
+    """Why ``chunks`` (dicts with ``offsets`` and ``sizes``) do not tile ``shape`` exactly, or None.
+
+    Exact: every chunk lies inside the shape, no element is covered twice and none is left out. The
+    volumes are compared first; when they match, no overlap is the same as no hole, which is checked on
+    the grid of the chunks' boundaries (one cell per chunk for the grid layouts DTensor placements make).
+    """
+    nd = len(shape)
+    boxes: list[tuple[list[int], list[int]]] = []
+    for i, c in enumerate(chunks):
+        off: Any = c.get("offsets") if isinstance(c, dict) else None
+        size: Any = c.get("sizes") if isinstance(c, dict) else None
+        if not (_is_shape(off) and _is_shape(size) and len(off) == len(size) == nd):
+            return f"chunk {i} has offsets {_short(off)} / sizes {_short(size)}, not {nd} non-negative integers each"
+        if any(o + n > d for o, n, d in zip(off, size, shape, strict=True)):
+            return f"chunk {i} (offsets {off}, sizes {size}) lies outside the shape {shape}"
+        if math.prod(size):
+            boxes.append((off, size))
+    total, covered = math.prod(shape), sum(math.prod(n) for _, n in boxes)
+    if covered != total:
+        return (f"the chunks cover {covered} elements, the shape {shape} has {total}: they overlap or leave holes; "
+                "the checkpoint is damaged (or was saved by a btckpt that misread its DTensor placements)")
+    cuts = [sorted({0, shape[d]} | {o[d] for o, _ in boxes} | {o[d] + n[d] for o, n in boxes}) for d in range(nd)]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells > MAX_TILING_CELLS:
+        return f"the {len(boxes)} chunks form a layout too irregular to check ({cells} cells)"
+    pos = [{v: i for i, v in enumerate(c)} for c in cuts]
+    strides = [math.prod(len(c) - 1 for c in cuts[d + 1:]) for d in range(nd)]
+    seen = bytearray(cells)
+    for off, size in boxes:
+        ranges = [range(pos[d][off[d]], pos[d][off[d] + size[d]]) for d in range(nd)]
+        for cell in itertools.product(*ranges):
+            k = sum(i * st for i, st in zip(cell, strides, strict=True))
+            if seen[k]:
+                at = [cuts[d][i] for d, i in enumerate(cell)]
+                return (f"chunks overlap at offsets {at} (and so leave holes elsewhere); the checkpoint is damaged")
+            seen[k] = 1
+    return None
 
 
 _ZERO = "0" * 16
@@ -120,8 +381,8 @@ def _digest(raw: bytes) -> str:
 
 
 def _check_digest(raw: bytes, digest: Any, *, where: str) -> None:
-    if not isinstance(digest, str) or len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):
-        raise CorruptCheckpoint(f"{where}: manifest checksum {digest!r} is malformed; the file is damaged")
+    if not _is_digest(digest):
+        raise CorruptCheckpoint(f"{where}: manifest checksum {_short(digest)} is malformed; the file is damaged")
     pos = raw.rfind(_needle(digest))
     if pos < 0:
         raise CorruptCheckpoint(f"{where}: manifest checksum field is not where btckpt writes it; the file "
@@ -142,17 +403,15 @@ def entry_problem(name: str, size: int, digest: str, entry: dict[str, Any]) -> s
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
-    """Read and validate ``folder/btckpt.json`` (local). Raises IncompleteCheckpoint when it is absent."""
+    """Read and validate ``folder/btckpt.json`` (local). Raises IncompleteCheckpoint when it is absent, and
+    a CheckpointError naming the file for anything else (a link, a FIFO, a read error, a malformed field)."""
     path = Path(folder) / MANIFEST
     try:
-        if path.is_symlink():
-            raise UnsafeCheckpoint(f"{path}: the manifest is a symbolic link; refusing to follow it")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST + 1)
-    except FileNotFoundError:
+        f = open_regular(path)
+    except IncompleteCheckpoint:
         raise IncompleteCheckpoint(f"{folder}: no {MANIFEST}; the checkpoint never committed") from None
-    except IsADirectoryError:
-        raise CorruptCheckpoint(f"{path}: is a directory, not a manifest") from None
+    with f:
+        raw = read_upto(f, MAX_MANIFEST + 1, where=path)
     if len(raw) > MAX_MANIFEST:
         raise CorruptCheckpoint(f"{path}: manifest is larger than {MAX_MANIFEST} bytes")
     return Manifest.from_json(raw, where=str(path))

@@ -16,62 +16,65 @@ from typing import Any
 import torch
 
 from ._tree import decode_tree
-from .errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
+from .errors import CorruptCheckpoint, IncompleteCheckpoint
 from .layout import ST_TO_DTYPE
-from .manifest import Manifest, check_relative_name, entry_problem
+from .manifest import (
+    Manifest,
+    check_relative_name,
+    member_path,
+    open_member,
+    read_error,
+    read_member,
+    read_upto,
+    verify_files,
+)
 from .sthead import Header, read_header
 from .storage import new_hasher
 
 __all__ = ["CheckpointReader", "safe_file", "read_safetensors", "read_verified_bytes"]
 
 READ_CHUNK = 64 << 20
+MAX_INDEX = 256 * 1024 * 1024
 
 
-def safe_file(folder: Path, name: str) -> Path:
-    """Resolve ``folder/name`` and refuse anything that leaves the folder (links included)."""
-    check_relative_name(name, where=str(folder))
-    root = folder.resolve()
-    path = (folder / name)
-    real = path.resolve()
-    if root != real and root not in real.parents:
-        raise UnsafeCheckpoint(f"{path}: resolves to {real}, outside the checkpoint folder {root}; refusing "
-                               "to read it (a link out of the folder)")
-    return path
+safe_file = member_path  # ``folder/name``, refusing names and links that leave the folder
 
 
-def read_safetensors(path: Path, *, expect: dict[str, Any] | None) -> tuple[Header, dict[str, torch.Tensor]]:
-    """Read a whole safetensors file; check size and checksum against ``expect`` (manifest entry) if given."""
+def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
+                     ) -> tuple[Header, dict[str, torch.Tensor]]:
+    """Read the whole safetensors file ``folder/name`` (a regular file inside the folder: see
+    :func:`btckpt.manifest.open_member`); check its size and checksum against ``expect`` (its manifest entry)
+    if given. Every failure is a CheckpointError naming the file."""
+    path = folder / name
     where = str(path)
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise IncompleteCheckpoint(f"{path}: file is missing") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if expect is not None and size != expect["size"]:
-            raise CorruptCheckpoint(f"{path}: size is {size} bytes, the manifest says {expect['size']}; "
-                                    "the file was truncated or replaced")
-        header = read_header(f, size, where=where)
-        f.seek(0)
-        h = new_hasher()
-        head = f.read(header.data_start)
-        h.update(head)
-        buf = torch.empty(header.data_size, dtype=torch.uint8)
-        mv = memoryview(buf.numpy()) if header.data_size else memoryview(b"")  # type: ignore[arg-type]
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
-        pos = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="btckpt-hash") as pool:
-            hashed: list[Future[None]] = []
-            while pos < len(mv):
-                n = f.readinto(mv[pos:pos + READ_CHUNK])
-                if not n:
-                    raise CorruptCheckpoint(f"{path}: file ended early at byte {header.data_start + pos}")
-                # hash this chunk on a second thread (in order) while the next one is read
-                hashed.append(pool.submit(h.update, mv[pos:pos + n]))
-                pos += n
-            for fut in hashed:
-                fut.result()
+    with open_member(folder, name) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if expect is not None and size != expect["size"]:
+                raise CorruptCheckpoint(f"{path}: size is {size} bytes, the manifest says {expect['size']}; "
+                                        "the file was truncated or replaced")
+            header = read_header(f, size, where=where)
+            f.seek(0)
+            h = new_hasher()
+            h.update(read_upto(f, header.data_start, where=path))
+            buf = torch.empty(header.data_size, dtype=torch.uint8)
+            mv = memoryview(buf.numpy()) if header.data_size else memoryview(b"")  # type: ignore[arg-type]
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+            pos = 0
+            with ThreadPoolExecutor(1, thread_name_prefix="btckpt-hash") as pool:
+                hashed: list[Future[None]] = []
+                while pos < len(mv):
+                    n = f.readinto(mv[pos:pos + READ_CHUNK])  # type: ignore[attr-defined]
+                    if not n:
+                        raise CorruptCheckpoint(f"{path}: file ended early at byte {header.data_start + pos}")
+                    # hash this chunk on a second thread (in order) while the next one is read
+                    hashed.append(pool.submit(h.update, mv[pos:pos + n]))
+                    pos += n
+                for fut in hashed:
+                    fut.result()
+        except OSError as exc:
+            raise read_error(path, exc) from None
     if expect is not None and h.hexdigest() != expect["xxh3_64"]:
         raise CorruptCheckpoint(f"{path}: checksum mismatch (xxh3_64 {h.hexdigest()} != {expect['xxh3_64']}); "
                                 "the file is corrupt")
@@ -110,28 +113,36 @@ class CheckpointReader:
                 if expect is None:
                     raise CorruptCheckpoint(f"{self.folder}: the state references {name!r}, which the manifest "
                                             "does not list")
-            _, self._files[name] = read_safetensors(safe_file(self.folder, name), expect=expect)
+            _, self._files[name] = read_safetensors(self.folder, name, expect=expect)
         return self._files[name]
 
     def _hf_weight_files(self) -> list[str]:
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        if os.path.lexists(index):
             try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise CorruptCheckpoint(f"{index}: not a valid safetensors index (needs 'weight_map')") from None
+                wm = json.loads(read_member(self.folder, index.name, limit=MAX_INDEX))["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                wm = None
+            if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+                raise CorruptCheckpoint(f"{index}: not a valid safetensors index (needs 'weight_map': an object "
+                                        "mapping tensor names to file names)")
             return sorted({check_relative_name(v, where=str(index)) for v in wm.values()})
-        return ["model.safetensors"] if (self.folder / "model.safetensors").is_file() else []
+        weights = self.folder / "model.safetensors"
+        return ["model.safetensors"] if os.path.lexists(weights) else []
 
-    def _chunk(self, node: int, file: str, key: str) -> torch.Tensor:
-        here = int(self.manifest.world.get("node_rank", 0)) if self.manifest is not None else 0
-        if node != here:
-            raise IncompleteCheckpoint(f"{self.folder}: a shard lives in node {node}'s part of this checkpoint; "
-                                       "read it with btckpt.dcp_bridge (every node's part side by side)")
+    def tensor(self, file: str, key: str) -> torch.Tensor:
+        """The tensor ``key`` of the listed file ``file`` (the file read and verified once)."""
         tensors = self._file(file)
         if key not in tensors:
             raise CorruptCheckpoint(f"{self.folder}/{file}: tensor {key!r} is missing")
         return tensors[key]
+
+    def _chunk(self, node: int, file: str, key: str) -> torch.Tensor:
+        here = self.manifest.node_rank if self.manifest is not None else 0
+        if node != here:
+            raise IncompleteCheckpoint(f"{self.folder}: a shard lives in node {node}'s part of this checkpoint; "
+                                       "read it with btckpt.dcp_bridge (every node's part side by side)")
+        return self.tensor(file, key)
 
     def load_group(self, group: str) -> Any:
         """The group's value as saved: JSON data with tensors (checksums verified as files are read)."""
@@ -147,41 +158,20 @@ class CheckpointReader:
             raise IncompleteCheckpoint(f"{self.folder}: the checkpoint has no group {group!r} "
                                        f"(it has {sorted(self.manifest.state)})")
 
-        def load(ref: Any) -> torch.Tensor:
-            if isinstance(ref, dict) and isinstance(ref.get("sharded"), dict):  # saved by every rank (FSDP2)
+        def load(ref: Any) -> torch.Tensor:  # references were checked when the manifest was parsed
+            if "sharded" in ref:  # saved by every rank (FSDP2)
                 from .sharded import assemble
 
-                return assemble(ref["sharded"], self._chunk)
-            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or "key" not in ref:
-                raise CorruptCheckpoint(f"{self.folder}: bad tensor reference {ref!r} in group {group!r}")
-            tensors = self._file(ref["file"])
-            if ref["key"] not in tensors:
-                raise CorruptCheckpoint(f"{self.folder}/{ref['file']}: tensor {ref['key']!r} is missing")
-            return tensors[ref["key"]]
+                return assemble(ref["sharded"], self._chunk, where=str(self.folder))
+            return self.tensor(ref["file"], ref["key"])
 
         return decode_tree(self.manifest.state[group], load)
 
     def verify_all(self) -> list[str]:
-        """Check every listed file's size and checksum; return problems (empty when sound)."""
-        from .storage import file_checksum
-
+        """Check every listed file's kind, size and checksum; return problems (empty when sound)."""
         if self.manifest is None:
             return ["no manifest (a plain model folder cannot be verified)"]
-        problems = []
-        for name, info in self.manifest.files.items():
-            try:
-                path = safe_file(self.folder, name)
-                size, digest = file_checksum(path)
-            except FileNotFoundError:
-                problems.append(f"{name}: missing")
-                continue
-            except (UnsafeCheckpoint, OSError) as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            problem = entry_problem(name, size, digest, info)
-            if problem:
-                problems.append(problem)
-        return problems
+        return verify_files(self.folder, self.manifest)
 
 
 def read_verified_bytes(folder: Path, manifest: Manifest, name: str) -> bytes:
@@ -189,13 +179,9 @@ def read_verified_bytes(folder: Path, manifest: Manifest, name: str) -> bytes:
     info = manifest.files.get(name)
     if info is None:
         raise IncompleteCheckpoint(f"{folder}: the manifest does not list {name!r}")
-    path = safe_file(folder, name)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise IncompleteCheckpoint(f"{path}: file is missing") from None
+    data = read_member(folder, name, limit=info["size"])
     h = new_hasher()
     h.update(data)
     if len(data) != info["size"] or h.hexdigest() != info["xxh3_64"]:
-        raise CorruptCheckpoint(f"{path}: size or checksum does not match the manifest; the file is corrupt")
+        raise CorruptCheckpoint(f"{folder / name}: size or checksum does not match the manifest; the file is corrupt")
     return data

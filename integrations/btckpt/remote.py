@@ -18,7 +18,6 @@ import logging
 import os
 import posixpath
 import shutil
-import stat
 import struct
 import uuid
 from collections.abc import Iterator
@@ -27,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import HF_WEIGHTS, STEP_DIR, CheckpointInfo, inspect, node_rank
-from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
-from .manifest import MANIFEST, MAX_MANIFEST, Manifest, check_relative_name, entry_problem
+from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint
+from .manifest import MANIFEST, MAX_MANIFEST, Manifest, check_relative_name, entry_problem, verify_files
 from .sthead import Header, parse_header
 from .storage import file_checksum, remote_fs
 
 __all__ = [
     "RemoteCheckpointInfo", "inspect_url", "scan_url", "latest_url", "read_header_url", "fetch", "cache_root",
-    "join", "verify_url", "verify_folder", "open_inside",
+    "join", "verify_url",
 ]
 
 log = logging.getLogger("btckpt")
@@ -209,52 +208,6 @@ def cache_root() -> Path:
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "btckpt"
 
 
-def _open_regular(path: str | os.PathLike[str]) -> Any:
-    """Open a local file for reading only if it is a regular file (no link followed, no FIFO, no device)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafeCheckpoint(f"{path}: not a regular file; refusing to read it")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb", buffering=0)
-
-
-def open_inside(folder: Path, name: str) -> Any:
-    """Open ``folder/name`` for reading (binary, unbuffered), refusing with :class:`UnsafeCheckpoint` a name
-    that leaves the folder (``..``, absolute, a link out) or is not a regular file. Torch-free."""
-    check_relative_name(name, where=str(folder))
-    p = folder / name
-    real, root = p.resolve(), folder.resolve()
-    if root not in real.parents:
-        raise UnsafeCheckpoint(f"{p}: resolves to {real}, outside the checkpoint folder {root}; refusing to "
-                               "read it (a link out of the folder)")
-    try:
-        return _open_regular(p)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the last component is a link (inside the folder): read its target
-            return _open_regular(real)
-        raise
-
-
-def verify_folder(folder: Path, manifest: Manifest) -> list[str]:
-    """Check every file of a local checkpoint folder against its manifest (size and checksum, regular files
-    inside the folder only); return the problems (empty: every byte matches). Torch-free."""
-    problems = []
-    for name, entry in manifest.files.items():
-        try:
-            size, digest = file_checksum(name, opener=lambda n: open_inside(folder, n))
-        except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        except (OSError, CheckpointError) as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        problem = entry_problem(name, size, digest, entry)
-        if problem:
-            problems.append(problem)
-    return problems
-
-
 @contextlib.contextmanager
 def _entry_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on one cache entry: one process downloads, the others wait for it. Where the
@@ -280,7 +233,7 @@ def _cached(final: Path, raw: bytes) -> CheckpointInfo | None:
     local = inspect(final)
     if not local.complete or local.manifest is None:
         return None
-    problems = verify_folder(final, local.manifest)
+    problems = verify_files(final, local.manifest)
     if problems:
         log.warning("btckpt: the cached copy %s is damaged (%s); downloading it again", final, problems[0])
         return None

@@ -6,14 +6,19 @@ is installed) and Python's ``random``. One file per rank: ``rng_state_<rank>.jso
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import CorruptCheckpoint
+from .manifest import Manifest
 
-__all__ = ["capture_rng", "restore_rng", "rng_file"]
+__all__ = ["capture_rng", "restore_rng", "rng_file", "RngState", "parse_rng", "apply_rng", "read_rng_file",
+           "restore_rng_file"]
 
 
 def rng_file(rank: int) -> str:
@@ -51,21 +56,81 @@ def _to_tuple(x: Any) -> Any:
     return x
 
 
-def restore_rng(state: dict[str, Any], *, where: str) -> None:
-    """Set this process's RNGs from :func:`capture_rng` data."""
+@dataclass(frozen=True)
+class RngState:
+    """RNG states parsed and validated (each on a scratch generator), ready to apply; nothing global set yet."""
+
+    python: Any = None
+    torch: Any = None
+    cuda: Any = None
+    numpy: Any = None
+
+
+_MALFORMED = (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError, RecursionError)
+
+
+def parse_rng(state: Any, *, where: str) -> RngState:
+    """Check :func:`capture_rng` data without touching this process's RNGs; CorruptCheckpoint if malformed."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{where}: RNG state is {type(state).__name__}, not an object")
+    out: dict[str, Any] = {}
     try:
         if "python" in state:
-            random.setstate(_to_tuple(state["python"]))
+            out["python"] = _to_tuple(state["python"])
+            random.Random().setstate(out["python"])
         if "torch" in state:
-            torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+            out["torch"] = torch.tensor(state["torch"], dtype=torch.uint8)
+            torch.Generator().set_state(out["torch"])
         if "cuda" in state and torch.cuda.is_available():
-            cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
+            if not isinstance(state["cuda"], list):
+                raise TypeError("'cuda' is not a list")
+            out["cuda"] = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+            want = torch.cuda.get_rng_state().shape
+            if any(t.shape != want for t in out["cuda"]):
+                raise ValueError(f"a CUDA RNG state is not a {list(want)} byte tensor")
         if "numpy" in state:
             import numpy as np
 
             kind, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpoint(f"{where}: RNG state is malformed ({exc})") from None
+            out["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
+            np.random.RandomState().set_state(out["numpy"])
+    except _MALFORMED as exc:
+        raise CorruptCheckpoint(f"{where}: RNG state is malformed ({type(exc).__name__}: {str(exc)[:200]}); the "
+                                "checkpoint is damaged") from None
+    return RngState(**out)
+
+
+def apply_rng(rng: RngState) -> None:
+    """Set this process's RNGs from a :func:`parse_rng` result."""
+    if rng.python is not None:
+        random.setstate(rng.python)
+    if rng.torch is not None:
+        torch.set_rng_state(rng.torch)
+    if rng.cuda is not None and len(rng.cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng.cuda)
+    if rng.numpy is not None:
+        import numpy as np
+
+        np.random.set_state(rng.numpy)
+
+
+def restore_rng(state: dict[str, Any], *, where: str) -> None:
+    """Set this process's RNGs from :func:`capture_rng` data (all checked first; CorruptCheckpoint if malformed)."""
+    apply_rng(parse_rng(state, where=where))
+
+
+def read_rng_file(folder: Path, manifest: Manifest, name: str) -> RngState:
+    """Read, verify (checksum) and parse the listed RNG file ``name``; nothing is applied."""
+    from .reader import read_verified_bytes
+
+    raw = read_verified_bytes(folder, manifest, name)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CorruptCheckpoint(f"{folder / name}: not valid JSON") from None
+    return parse_rng(data, where=str(folder / name))
+
+
+def restore_rng_file(folder: Path, manifest: Manifest, name: str) -> None:
+    """:func:`read_rng_file` then apply it (for adapters that restore the RNGs on their own)."""
+    apply_rng(read_rng_file(folder, manifest, name))

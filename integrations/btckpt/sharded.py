@@ -26,12 +26,12 @@ from ._tree import encode_tree
 from .distributed import World
 from .errors import StateMismatch, UnsupportedValue
 from .layout import DTYPE_TO_ST, FlatGroup
-from .manifest import Manifest
+from .manifest import SHARDED_META, Manifest, tiling_problem
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
-           "owning_module", "rank_group", "assemble", "uncovered"]
+           "owning_module", "rank_group", "assemble"]
 
-META_KEY = "btckpt.sharded"
+META_KEY = SHARDED_META
 
 
 def is_dtensor(t: Any) -> bool:
@@ -145,21 +145,14 @@ def _merge(trees: list[Any], *, path: str) -> Any:
         if not chunks:
             raise UnsupportedValue(f"no rank holds a shard of {path!r}; cannot save it")
         head = refs[0]
-        missing = uncovered(head["shape"], chunks)
-        if missing:
-            raise UnsupportedValue(f"the shards of {path!r} cover {missing} elements too few of its shape "
-                                   f"{head['shape']}; its DTensor placements are not understood, so nothing "
-                                   "is committed rather than a checkpoint with holes")
+        problem = tiling_problem(head["shape"], chunks)
+        if problem:
+            raise UnsupportedValue(f"the shards of {path!r} do not tile its shape: {problem}; its DTensor "
+                                   "placements are not understood, so nothing is committed rather than a "
+                                   "checkpoint with holes or overlaps")
         return {"__tensor__": {"sharded": {"key": head["key"], "shape": head["shape"], "dtype": head["dtype"],
                                            "chunks": chunks}}}
     return {k: _merge([t[k] for t in trees], path=f"{path}.{k}") for k in first}
-
-
-def uncovered(shape: list[int], chunks: list[dict[str, Any]]) -> int:
-    """How many elements of ``shape`` the (disjoint) ``chunks`` leave out (0: complete)."""
-    import math
-
-    return math.prod(shape) - sum(math.prod(c["sizes"]) for c in chunks)
 
 
 def prepare(state: Mapping[str, Any], w: World, groups: dict[str, str]) -> ShardedPart:
@@ -195,23 +188,28 @@ def prepare(state: Mapping[str, Any], w: World, groups: dict[str, str]) -> Shard
     return ShardedPart(w.rank, w.node_rank, dict(groups), flat, trees, keys)
 
 
-def assemble(ref: Mapping[str, Any], chunk: Any) -> torch.Tensor:
-    """The full tensor of a sharded reference; ``chunk(node, file, key)`` returns a saved chunk."""
+def assemble(ref: Mapping[str, Any], chunk: Any, *, where: str) -> torch.Tensor:
+    """The full tensor of a sharded reference (checked when its manifest was parsed: the chunks tile the
+    shape exactly); ``chunk(node, file, key)`` returns a saved chunk. Every chunk is read and checked
+    (dtype, sizes) before the full tensor is allocated."""
+    from .errors import CorruptCheckpoint
     from .layout import ST_TO_DTYPE
 
     dtype = ST_TO_DTYPE.get(ref["dtype"])
     if dtype is None:
-        from .errors import CorruptCheckpoint
-
-        raise CorruptCheckpoint(f"tensor {ref.get('key')!r} has unknown dtype {ref['dtype']!r}")
-    if uncovered(ref["shape"], ref["chunks"]):
-        from .errors import CorruptCheckpoint
-
-        raise CorruptCheckpoint(f"the saved chunks of {ref.get('key')!r} do not cover its shape {ref['shape']}")
-    out = torch.empty(ref["shape"], dtype=dtype)
+        raise CorruptCheckpoint(f"{where}: tensor {ref['key']!r} has dtype {ref['dtype']!r}, unknown to this torch "
+                                "build")
+    parts = []
     for c in ref["chunks"]:
+        t = chunk(int(c["node"]), c["file"], c["key"])
+        if t.dtype != dtype or list(t.shape) != list(c["sizes"]):
+            raise CorruptCheckpoint(f"{where}/{c['file']}: chunk {c['key']!r} of {ref['key']!r} is "
+                                    f"{t.dtype}{list(t.shape)}, the manifest says {ref['dtype']}{c['sizes']}")
+        parts.append((c, t))
+    out = torch.empty(ref["shape"], dtype=dtype)
+    for c, t in parts:
         view = out
         for dim, (off, size) in enumerate(zip(c["offsets"], c["sizes"], strict=True)):
             view = view.narrow(dim, off, size)
-        view.copy_(chunk(int(c["node"]), c["file"], c["key"]).view(c["sizes"]))
+        view.copy_(t)
     return out

@@ -14,7 +14,7 @@ import torch
 
 from .errors import StateMismatch
 
-__all__ = ["unwrap_model", "group_value", "apply_group", "optimizers_in", "gated_keys"]
+__all__ = ["unwrap_model", "group_value", "check_group", "apply_group", "optimizers_in", "gated_keys"]
 
 
 def unwrap_model(obj: Any) -> Any:
@@ -66,10 +66,13 @@ def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, An
     unexpected = [k for k in loaded if k not in own]
     mismatched = []
     for k, v in own.items():
-        lv = loaded.get(k)
-        if isinstance(v, torch.Tensor) and isinstance(lv, torch.Tensor):
-            if tuple(v.shape) != tuple(lv.shape) or v.dtype != lv.dtype:
-                mismatched.append(f"{k}: checkpoint {lv.dtype}{list(lv.shape)} vs model {v.dtype}{list(v.shape)}")
+        if k not in loaded or not isinstance(v, torch.Tensor):
+            continue
+        lv = loaded[k]
+        if not isinstance(lv, torch.Tensor):
+            mismatched.append(f"{k}: checkpoint holds {type(lv).__name__}, the model a tensor")
+        elif tuple(v.shape) != tuple(lv.shape) or v.dtype != lv.dtype:
+            mismatched.append(f"{k}: checkpoint {lv.dtype}{list(lv.shape)} vs model {v.dtype}{list(v.shape)}")
     if strict and (missing or unexpected or mismatched):
         lines = [f"state group {name!r} does not match the checkpoint:"]
         if missing:
@@ -84,20 +87,42 @@ def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, An
     return {k: v for k, v in loaded.items() if k in own and k not in bad}
 
 
-def apply_group(name: str, target: Any, loaded: Any, *, strict: bool) -> Any:
-    """Load ``loaded`` into ``target`` in place; return the value to keep in the user's state dict."""
+def check_group(name: str, target: Any, loaded: Any, *, strict: bool) -> None:
+    """Raise StateMismatch if :func:`apply_group` would refuse ``loaded``, changing nothing (so a restore
+    checks every group before it loads the first one). Modules and tensors are checked fully, optimizers
+    by the structure ``load_state_dict`` needs (param groups and their sizes)."""
     if isinstance(target, torch.nn.Module):
-        module = unwrap_model(target)
         if not isinstance(loaded, Mapping):
             raise StateMismatch(f"state group {name!r}: the checkpoint holds {type(loaded).__name__}, not a state_dict")
-        matched = _module_mismatch(name, module, loaded, strict)
-        module.load_state_dict(matched, strict=strict)
-        return target
-    if isinstance(target, torch.Tensor):
+        _module_mismatch(name, unwrap_model(target), loaded, strict)
+    elif isinstance(target, torch.Tensor):
         if not isinstance(loaded, torch.Tensor) or loaded.shape != target.shape or loaded.dtype != target.dtype:
             got = f"{loaded.dtype}{list(loaded.shape)}" if isinstance(loaded, torch.Tensor) else type(loaded).__name__
             raise StateMismatch(f"state group {name!r}: checkpoint has {got}, the state has "
                                 f"{target.dtype}{list(target.shape)}")
+    elif isinstance(target, torch.optim.Optimizer):
+        own = target.state_dict()["param_groups"]
+        groups = loaded.get("param_groups") if isinstance(loaded, Mapping) else None
+        if not (isinstance(groups, list) and isinstance(loaded.get("state"), Mapping) and len(groups) == len(own)
+                and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                        and len(g["params"]) == len(o["params"]) for g, o in zip(groups, own, strict=False))):
+            raise StateMismatch(f"state group {name!r}: the checkpoint's optimizer state does not match the "
+                                f"optimizer ({len(own)} param groups of {[len(o['params']) for o in own]} parameters); "
+                                "build the optimizer as in the saving run")
+
+
+def apply_group(name: str, target: Any, loaded: Any, *, strict: bool) -> Any:
+    """Load ``loaded`` into ``target`` in place; return the value to keep in the user's state dict."""
+    check_group(name, target, loaded, strict=strict)
+    if isinstance(target, torch.nn.Module):
+        module = unwrap_model(target)
+        matched = _module_mismatch(name, module, loaded, strict)
+        try:
+            module.load_state_dict(matched, strict=strict)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise StateMismatch(f"state group {name!r}: load_state_dict refused the checkpoint's state: {exc}") from exc
+        return target
+    if isinstance(target, torch.Tensor):
         with torch.no_grad():
             target.copy_(loaded)
         return target
@@ -105,7 +130,7 @@ def apply_group(name: str, target: Any, loaded: Any, *, strict: bool) -> Any:
     if callable(lsd) and not isinstance(target, Mapping):
         try:
             lsd(loaded)
-        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError) as exc:
             raise StateMismatch(f"state group {name!r}: {type(target).__name__}.load_state_dict refused the "
                                 f"checkpoint's state: {exc}") from exc
         return target

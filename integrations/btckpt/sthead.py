@@ -8,6 +8,7 @@ more than the header.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -102,13 +103,15 @@ def parse_header(length_and_json: bytes, file_size: int, *, where: str) -> Heade
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise CorruptCheckpoint(f"{where}: tensor {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype not in DTYPE_SIZES:
-            raise CorruptCheckpoint(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
-            raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise CorruptCheckpoint(f"{where}: tensor {name!r} has unknown dtype {_short(dtype)}")
+        if not isinstance(shape, list) or len(shape) > 64 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**62 for s in shape) \
+                or math.prod(max(s, 1) for s in shape) * DTYPE_SIZES[dtype] >= 2**62:
+            raise CorruptCheckpoint(f"{where}: tensor {name!r} has a bad shape {_short(shape)} (non-negative "
+                                    "integers whose product, zeros aside, fits in 62 bits)")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (begin, end)) or not 0 <= begin <= end:
-            raise CorruptCheckpoint(f"{where}: tensor {name!r} has bad data_offsets {[begin, end]!r}")
+            raise CorruptCheckpoint(f"{where}: tensor {name!r} has bad data_offsets {_short([begin, end])}")
         e = TensorEntry(name, dtype, tuple(shape), begin, end)
         if e.numel * DTYPE_SIZES[dtype] != end - begin:
             raise CorruptCheckpoint(f"{where}: tensor {name!r}: offsets span {end - begin} bytes but "
@@ -128,13 +131,23 @@ def parse_header(length_and_json: bytes, file_size: int, *, where: str) -> Heade
     return Header(tuple(entries), dict(meta), data_start)
 
 
+def _short(x: Any, n: int = 120) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def read_header(f: BinaryIO, file_size: int, *, where: str) -> Header:
     """Read and parse the header from an open binary file (local or fsspec) positioned anywhere."""
-    f.seek(0)
-    head = f.read(8)
+    from .manifest import read_error, read_upto
+
+    try:
+        f.seek(0)
+    except OSError as exc:
+        raise read_error(where, exc) from None
+    head = read_upto(f, 8, where=where)
     if len(head) < 8:
         raise CorruptCheckpoint(f"{where}: file is {len(head)} bytes, shorter than a safetensors header")
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > file_size:
         return parse_header(head, file_size, where=where)  # raises with the right message
-    return parse_header(head + f.read(n), file_size, where=where)
+    return parse_header(head + read_upto(f, n, where=where), file_size, where=where)
