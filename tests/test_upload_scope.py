@@ -172,3 +172,25 @@ def test_ls_under_a_persistent_server_error_exits_2(tmp_path: Path):
     # the uploader: one error line for the pass, exit 1 (not uploaded), the local copy kept
     assert up.returncode == 1 and "cannot list s3://bucket/run" in up.stderr and "Traceback" not in up.stderr
     assert (tmp_path / "ck" / "checkpoint-1").is_dir()
+
+
+def test_keep_local_reads_back_a_changed_remote_file(tmp_path: Path, mem: str):
+    """Where there is no ETag (memory://, file://), a remote file replaced by other bytes of the same size
+    is caught by a read-back before the local copy is deleted; the next pass uploads it again."""
+    import fsspec
+
+    src = tmp_path / "ck"
+    make_ckpts(src, [1, 2])
+    assert len(Uploader(src, mem, retries=0).run_pass().uploaded) == 2
+    fs = fsspec.filesystem("memory")
+    path = mem[len("memory://"):] + "/checkpoint-1/model.safetensors"
+    data = bytearray(fs.cat_file(path))
+    data[-1] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    up = Uploader(src, mem, retries=0, keep_local=1)
+    res = up.run_pass()
+    assert res.deleted_local == [] and (src / "checkpoint-1").is_dir()
+    res = up.run_pass()
+    assert res.uploaded == [f"{up.root}/checkpoint-1"] and res.deleted_local == [str(src / "checkpoint-1")]
+    assert fs.cat_file(path) != bytes(data)
+    assert verify_url(inspect_url(f"{mem}/checkpoint-1")) == []

@@ -430,6 +430,7 @@ class Uploader:
                 log.warning("keeping %s: cannot verify its remote copy at %s: %s", info.path, rdir, exc)
                 continue
             if problem is not None:
+                self.journal.add(t="stale", remote=rdir)  # the next pass checks every file again
                 log.warning("keeping %s: %s (it is uploaded again at the next pass)", info.path, problem)
                 continue
             self.journal.add(t="offloaded", remote=rdir)

@@ -132,6 +132,10 @@ class Journal:
             self.ckpts[r["remote"]] = r["manifest"]
         elif t == "gone":
             self.ckpts.pop(r["remote"], None)
+        elif t == "stale":  # the remote copy failed a check: trust nothing recorded under it
+            self.ckpts.pop(r["remote"], None)
+            for p in [p for p in self.files if p.startswith(r["remote"] + "/")]:
+                del self.files[p]
         elif t == "offloaded":
             self.offloaded.add(r["remote"])
 
