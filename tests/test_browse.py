@@ -45,7 +45,7 @@ def test_pick_open_safetensors_and_json(tmp_path: Path):
             tree.select_node(leaves["model.safetensors"])
             await pilot.pause()
             table = screen.query_one("#tensors")
-            rows = [table.get_row_at(i) for i in range(table.row_count)]
+            rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
             assert rows == [["embed.weight", "F32", "[4, 3]", "12", "48 B"], ["head.bias", "F32", "[3]", "3", "12 B"]]
             await pilot.press("s")  # statistics: reads the data (torch, lazily)
             for _ in range(100):
@@ -83,6 +83,6 @@ def test_browse_s3_checkpoint(s3: str, tmp_path: Path):  # noqa: F811
             screen.open_file("model.safetensors")
             await pilot.pause()
             table = screen.query_one("#tensors")
-            assert [table.get_row_at(i)[0] for i in range(table.row_count)] == ["embed.weight", "head.bias"]
+            assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["embed.weight", "head.bias"]
 
     asyncio.run(drive())

@@ -21,6 +21,7 @@ from textual.widgets.option_list import Option
 
 from .cli import checkpoint_type, human
 from .discovery import CheckpointInfo
+from .names import printable, safe, text
 from .storage import is_url, local_path
 
 __all__ = ["BrowseApp", "CheckpointScreen", "fuzzy_score", "run"]
@@ -50,7 +51,7 @@ def _files(info: CheckpointInfo) -> dict[str, int]:
     if sizes is not None:
         return dict(sizes)
     p = info.path
-    return {f.relative_to(p).as_posix(): f.stat().st_size for f in sorted(p.rglob("*")) if f.is_file()}
+    return {f.relative_to(p).as_posix(): f.lstat().st_size for f in sorted(p.rglob("*")) if f.is_file()}
 
 
 def _read(info: CheckpointInfo, name: str, *, limit: int | None = None) -> bytes:
@@ -78,6 +79,11 @@ def _header(info: CheckpointInfo, name: str, size: int) -> Any:
         return read_header(f, size, where=str(info.path / name))
 
 
+def _cells(e: Any) -> list[Any]:
+    """A tensor's table cells; its name (from the file's header) literal and escaped, never markup."""
+    return [text(e.name), text(e.dtype), str(list(e.shape)), f"{e.numel:,}", human(e.end - e.begin)]
+
+
 class CheckpointScreen(Screen[None]):
     """One checkpoint: a file tree on the left, the selected file on the right."""
 
@@ -92,10 +98,10 @@ class CheckpointScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         where = getattr(self.info, "url", "") or str(self.info.path)
-        yield Static(f"{where}  step {self.info.step}  {checkpoint_type(self.info)}  {self.info.status}  "
-                     f"{human(self.info.size)}", id="title")
+        yield Static(text(f"{where}  step {self.info.step}  {checkpoint_type(self.info)}  {self.info.status}  "
+                          f"{human(self.info.size)}"), id="title")
         with Horizontal():
-            tree: Tree[str] = Tree(self.info.path.name or where, id="files")
+            tree: Tree[str] = Tree(text(self.info.path.name or where), id="files")
             tree.styles.width = "35%"
             yield tree
             with ContentSwitcher(initial="tensors", id="view"):
@@ -112,8 +118,8 @@ class CheckpointScreen(Screen[None]):
             for i in range(1, len(parts)):
                 key = "/".join(parts[:i])
                 if key not in nodes:
-                    nodes[key] = nodes["/".join(parts[:i - 1])].add(parts[i - 1] + "/", expand=True)
-            nodes["/".join(parts[:-1])].add_leaf(f"{parts[-1]}  ({human(self.sizes[name])})", data=name)
+                    nodes[key] = nodes["/".join(parts[:i - 1])].add(text(parts[i - 1] + "/"), expand=True)
+            nodes["/".join(parts[:-1])].add_leaf(text(f"{parts[-1]}  ({human(self.sizes[name])})"), data=name)
         tree.focus()
 
     @on(Tree.NodeSelected, "#files")
@@ -132,15 +138,17 @@ class CheckpointScreen(Screen[None]):
             try:
                 h = _header(self.info, name, self.sizes[name])
             except Exception as exc:  # noqa: BLE001 - shown to the user
-                table.add_row(f"cannot read the header: {exc}", "", "", "", "")
+                table.add_row(text(f"cannot read the header: {exc}"), "", "", "", "")
             else:
                 for e in h.entries:
-                    table.add_row(e.name, e.dtype, str(list(e.shape)), f"{e.numel:,}", human(e.end - e.begin),
-                                  key=e.name)
+                    table.add_row(*_cells(e), key=e.name)
             switcher.current = "tensors"
             return
-        text = self.query_one("#text", TextArea)
-        raw = _read(self.info, name, limit=TEXT_LIMIT)
+        area = self.query_one("#text", TextArea)
+        try:
+            raw = _read(self.info, name, limit=TEXT_LIMIT)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            raw = f"cannot read {name}: {exc}".encode()
         try:
             body = raw.decode()
         except UnicodeDecodeError:
@@ -153,13 +161,13 @@ class CheckpointScreen(Screen[None]):
                     pass
             if len(raw) == TEXT_LIMIT:
                 body += f"\n... (first {human(TEXT_LIMIT)} shown)"
-        text.load_text(body)
+        area.load_text(printable(body, keep_newlines=True))  # no raw escape sequence reaches the terminal
         switcher.current = "text"
 
     def action_stats(self) -> None:
         """Add min/max/mean/NaN columns for the open safetensors file (reads it; imports torch lazily)."""
         if self.current and self.current.endswith(".safetensors"):
-            self.notify(f"reading {self.current} for statistics ...")
+            self.notify(f"reading {safe(self.current)} for statistics ...", markup=False)
             self._stats(self.current)
 
     @work(thread=True, exclusive=True)
@@ -188,8 +196,7 @@ class CheckpointScreen(Screen[None]):
         table.clear(columns=True)
         table.add_columns("name", "dtype", "shape", "params", "bytes", "min", "max", "mean", "NaN")
         for e in h.entries:
-            table.add_row(e.name, e.dtype, str(list(e.shape)), f"{e.numel:,}", human(e.end - e.begin),
-                          *rows.get(e.name, ("-",) * 4), key=e.name)
+            table.add_row(*_cells(e), *rows.get(e.name, ("-",) * 4), key=e.name)
 
 
 class BrowseApp(App[None]):
@@ -221,9 +228,9 @@ class BrowseApp(App[None]):
         base = self.target.rstrip("/").removeprefix("file://")
         return where[len(base) + 1:] if where.startswith(base + "/") else info.path.name
 
-    def _label(self, info: CheckpointInfo) -> str:
-        return (f"{self._ckpt_name(info):<28} step {info.step:<8} {checkpoint_type(info):<15} {human(info.size):>10}  "
-                f"{info.status}")
+    def _label(self, info: CheckpointInfo) -> Any:
+        return text(f"{safe(self._ckpt_name(info)):<28} step {info.step:<8} {checkpoint_type(info):<15} "
+                    f"{human(info.size):>10}  {info.status}")
 
     def _fill(self, query: str) -> None:
         ol = self.query_one("#checkpoints", OptionList)

@@ -19,6 +19,7 @@ from .discovery import HF_WEIGHTS, CheckpointInfo, scan, select, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
 from .manifest import check_relative_name, open_member
+from .names import safe, text
 from .storage import is_url, local_path, remote_fs
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
@@ -133,7 +134,7 @@ def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[st
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(text(c) for c in r))  # names from checkpoints and buckets: literal, escaped, never markup
     return t
 
 
@@ -156,7 +157,7 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
                 out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
             else:
                 p2 = info.path / name
-                with open_member(info.path, name) as f:
+                with open_member(info.path, name) as f:  # never a link out of the folder, never a FIFO
                     size = os.fstat(f.fileno()).st_size
                     h = read_header(f, size, where=str(p2))
                 counter[0] += h.data_start
@@ -176,7 +177,7 @@ def describe(target: str) -> dict[str, Any]:
         entry = info.manifest.files.get(n, {}) if info.manifest else {}
         size = entry.get("size")
         if size is None:
-            size = sizes.get(n, 0) if sizes is not None else (info.path / n).stat().st_size
+            size = sizes.get(n, 0) if sizes is not None else (info.path / n).lstat().st_size
         files.append({"name": n, "size": size, "xxh3_64": entry.get("xxh3_64", "")})
     counter = [0]
     tensors, errors = [], []
@@ -204,10 +205,12 @@ def describe(target: str) -> dict[str, Any]:
 
 
 def _print_show(d: dict[str, Any], console: Any) -> None:
-    console.print(f"[bold]{d['path']}[/bold]" + (f"  ({d['note']})" if d["note"] else ""))
+    from rich.text import Text
+
+    console.print(Text.assemble(text(d["path"], "bold"), f"  ({safe(d['note'])})" if d["note"] else ""))
     status = d["status"] + (f": {d['reason']}" if d["reason"] else "")
-    console.print(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
-                  f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else ""))
+    console.print(text(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
+                       f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else "")))
     console.print(_table("Files", [("FILE", "left"), ("SIZE", "right"), ("XXH3_64", "left")],
                          [[f["name"], human(f["size"]), f["xxh3_64"] or "-"] for f in d["files"]]))
     rows = [[t["file"], t["name"], t["dtype"], str(tuple(t["shape"])) if t["shape"] else "()",
@@ -216,10 +219,10 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
                                      ("PARAMS", "right"), ("BYTES", "right")], rows))
     tot = d["totals"]
     by = ", ".join(f"{k} {v['parameters']:,} ({human(v['bytes'])})" for k, v in sorted(tot["by_dtype"].items()))
-    console.print(f"total: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {human(tot['bytes'])}"
-                  + (f"  [{by}]" if by else ""))
+    console.print(text(f"total: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {human(tot['bytes'])}"
+                       + (f"  [{by}]" if by else "")))
     for e in d["errors"]:
-        console.print(f"[red]error[/red] {e}")
+        console.print(Text.assemble(("error", "red"), " ", safe(e)))
 
 
 # -- verify ------------------------------------------------------------------------------------------------
@@ -242,10 +245,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["step", "name", "type", "size", "created", "status", "reason"])
         for r in rows:
-            w.writerow([r["step"], r["name"], r["type"], r["size"], r["created"], r["status"], r["reason"]])
+            w.writerow([r["step"], safe(r["name"]), r["type"], r["size"], safe(r["created"]), r["status"],
+                        safe(r["reason"])])
     else:
         if not rows:
-            print(f"no checkpoints under {args.target}", file=sys.stderr)
+            print(f"no checkpoints under {safe(args.target)}", file=sys.stderr)
             return 0
         cols = [("STEP", "right"), ("NAME", "left"), ("TYPE", "left"), ("SIZE", "right"), ("CREATED", "left"),
                 ("STATUS", "left")]
@@ -275,12 +279,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                          indent=1))
     else:
         n = len(info.manifest.files) if info.manifest else 0
+        where = safe(_where(info))
         if problems:
             for p in problems:
-                print(f"BAD {_where(info)}: {p}", file=sys.stderr)
-            print(f"FAILED {_where(info)} (step {info.step}): {len(problems)} problem(s) in {n} file(s)")
+                print(f"BAD {where}: {safe(p)}", file=sys.stderr)
+            print(f"FAILED {where} (step {info.step}): {len(problems)} problem(s) in {n} file(s)")
         else:
-            print(f"OK {_where(info)} (step {info.step}): {n} files, {human(info.size)}, checksums match")
+            print(f"OK {where} (step {info.step}): {n} files, {human(info.size)}, checksums match")
     return 1 if problems else 0
 
 
@@ -347,18 +352,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``btckpt`` console script."""
     args = build_parser().parse_args(argv)
+    where = getattr(args, "target", None) or getattr(args, "ckpt", None) or getattr(args, "src", "")
     try:
         return int(args.func(args) or 0)
     except CheckpointError as exc:
-        print(f"btckpt: {exc}", file=sys.stderr)
+        print(f"btckpt: {safe(exc)}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        print(f"btckpt: not found: {exc}", file=sys.stderr)
+        print(f"btckpt: not found: {safe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # pragma: no cover - `btckpt ls | head`
         return 0
+    except Exception as exc:
+        if not _storage_error(exc):
+            raise  # a bug: keep its traceback
+        print(f"btckpt: {safe(where)}: storage error ({type(exc).__name__}): {safe(exc)}", file=sys.stderr)
+        return 2
+
+
+def _storage_error(exc: BaseException) -> bool:
+    """An I/O failure from the filesystem or an object store (a 500 after retries, a refused connection,
+    missing credentials): reported in one line, exit 2. Anything else is a bug and keeps its traceback."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs",
+                                                  "adlfs", "requests", "urllib3")
 
 
 if __name__ == "__main__":

@@ -199,13 +199,19 @@ def remove_stale_temps(root: Path, *, locked: bool = False) -> list[Path]:
     return removed
 
 
-def delete_checkpoint(path: Path) -> None:
+def delete_checkpoint(path: Path, *, retired: bool = True) -> None:
     """Retire a committed checkpoint: rename it to a temp name first (atomic), then remove the files.
 
     A crash mid-delete therefore leaves a temp folder (cleaned at the next start), never a
-    ``checkpoint-<step>`` with some files missing.
+    ``checkpoint-<step>`` with some files missing. ``retired`` (the job's retention) first records it
+    for an uploader working on that dir (:mod:`btckpt.retire`): the only thing that lets mirror retention
+    delete the remote copy; the uploader's own ``--keep-local`` offload passes False.
     """
     faults.point("retention")
+    if retired:
+        from .retire import record_retired
+
+        record_retired(path)
     m = re.match(r"^checkpoint-(\d+)$", path.name)
     step = m.group(1) if m else "x"
     doomed = path.parent / f".checkpoint-{step}.tmp-{new_tag()}-del"

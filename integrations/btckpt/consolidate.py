@@ -40,6 +40,7 @@ import torch
 
 from .discovery import inspect, latest
 from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
+from .names import safe
 
 __all__ = ["consolidate", "Consolidator", "main"]
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"btckpt consolidate: {exc}", file=sys.stderr)
         return 1
-    print(path)
+    print(safe(path))
     return 0
 
 

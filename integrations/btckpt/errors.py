@@ -6,6 +6,8 @@ can react (fall back, free space, fix a config). Messages name the path or key i
 
 from __future__ import annotations
 
+from .names import safe
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -21,7 +23,11 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every error btckpt raises."""
+    """Base class of every error btckpt raises. Its message never shows raw control characters or the
+    credentials of a URL (names in it come from checkpoints and buckets: see :mod:`btckpt.names`)."""
+
+    def __str__(self) -> str:
+        return safe(super().__str__(), keep_newlines=True)
 
 
 class ConfigError(CheckpointError, ValueError):

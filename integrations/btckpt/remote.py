@@ -10,19 +10,24 @@ returns a local path that the ordinary reader verifies and loads.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
 import struct
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .discovery import HF_WEIGHTS, STEP_DIR, CheckpointInfo, inspect, node_rank
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint
-from .manifest import MANIFEST, MAX_MANIFEST, Manifest, entry_problem
+from .manifest import MANIFEST, MAX_MANIFEST, Manifest, check_relative_name, entry_problem, verify_files
 from .sthead import Header, parse_header
 from .storage import file_checksum, remote_fs
 
@@ -30,6 +35,8 @@ __all__ = [
     "RemoteCheckpointInfo", "inspect_url", "scan_url", "latest_url", "read_header_url", "fetch", "cache_root",
     "join", "verify_url",
 ]
+
+log = logging.getLogger("btckpt")
 
 HEAD_GUESS = 64 * 1024  # one range request covers most headers (btckpt pads them to 4 KiB)
 
@@ -201,11 +208,46 @@ def cache_root() -> Path:
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "btckpt"
 
 
-def fetch(info: RemoteCheckpointInfo, *, cache: str | os.PathLike[str] | None = None) -> CheckpointInfo:
-    """Download a complete remote checkpoint into the local cache (reused when already there and equal).
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on one cache entry: one process downloads, the others wait for it. Where the
+    filesystem has no flock, go on unlocked (a lost rename race is then tolerated by :func:`fetch`)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("btckpt: cannot lock the download cache entry %s (%s); downloading without it", path, exc)
+        yield
+    finally:
+        os.close(fd)
 
-    Files land in a temp folder, the manifest last, then one rename: a killed download never looks
-    whole. The returned local info is then loaded by the ordinary reader, which verifies checksums.
+
+def _cached(final: Path, raw: bytes) -> CheckpointInfo | None:
+    """The cached copy at ``final`` if it holds exactly this manifest and every byte verifies, else None."""
+    try:
+        if (final / MANIFEST).read_bytes() != raw:
+            return None
+    except OSError:
+        return None
+    local = inspect(final)
+    if not local.complete or local.manifest is None:
+        return None
+    problems = verify_files(final, local.manifest)
+    if problems:
+        log.warning("btckpt: the cached copy %s is damaged (%s); downloading it again", final, problems[0])
+        return None
+    return local
+
+
+def fetch(info: RemoteCheckpointInfo, *, cache: str | os.PathLike[str] | None = None) -> CheckpointInfo:
+    """Download a complete remote checkpoint into the local cache (reused when already there and verified).
+
+    Safe across processes (local ranks restoring at once share ``$BTCKPT_CACHE``): a per-entry lock lets one
+    process download while the others wait and then reuse its copy. A cached copy is reused only when its
+    manifest equals the remote one and every file's checksum matches; a damaged one (even of the right
+    size) is downloaded again. Files land in a unique temp folder, the manifest last, then one rename: a
+    killed download never looks whole. The returned local info is loaded by the ordinary reader.
     """
     if not info.complete or info.manifest is None:
         raise IncompleteCheckpoint(f"{info.url}: not a complete checkpoint ({info.reason or info.status})")
@@ -214,23 +256,40 @@ def fetch(info: RemoteCheckpointInfo, *, cache: str | os.PathLike[str] | None = 
     key = hashlib.sha1(info.url.encode()).hexdigest()[:16]
     base = Path(cache) if cache is not None else cache_root()
     final = base / key / posixpath.basename(str(info.path))
-    if (final / MANIFEST).is_file() and (final / MANIFEST).read_bytes() == raw:
-        local = inspect(final)
-        if local.complete:
-            return local
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
-    try:
-        for name in info.manifest.files:
-            dst = tmp / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(join(str(info.path), name), str(dst))
-        (tmp / MANIFEST).write_bytes(raw)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _entry_lock(final.parent / f".{final.name}.lock"):
+        local = _cached(final, raw)
+        if local is not None:
+            return local
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = final.parent / f".{final.name}.tmp-{token}"
+        tmp.mkdir()
+        try:
+            for name in info.manifest.files:
+                check_relative_name(name, where=info.url)
+                dst = tmp / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(join(str(info.path), name), str(dst))
+            (tmp / MANIFEST).write_bytes(raw)
+            _replace(tmp, final, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return inspect(final)
+
+
+def _replace(tmp: Path, final: Path, raw: bytes) -> None:
+    """Move the finished download ``tmp`` to ``final``, setting a damaged old copy aside first. Losing the
+    race to another process (without a working lock) that put the same checkpoint there is not an error."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:
+            pass
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or _cached(final, raw) is None:
+            raise

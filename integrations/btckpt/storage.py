@@ -40,6 +40,9 @@ def remote_fs(url: str) -> tuple[Any, str]:
     """``(filesystem, path)`` for an fsspec URL."""
     import fsspec
 
+    from .names import remember_secrets
+
+    remember_secrets(url)  # credentials in the URL are redacted from every later log line and error
     fs, p = fsspec.core.url_to_fs(url)
     return fs, p
 

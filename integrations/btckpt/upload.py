@@ -11,10 +11,19 @@ Torch-free, so it starts fast and never competes with training for the GPU. Rule
 - verified: the local file is hashed against the manifest before upload (a corrupt local file is never
   uploaded) and the remote object is checked after (S3: ETag = MD5 / multipart MD5; others: read back);
 - retries with exponential backoff and jitter, bounded concurrency (``--concurrency`` files at once);
-- ``--keep-local K``: after a verified upload, delete local checkpoints beyond the newest K; a checkpoint
-  not yet uploaded is never deleted;
-- ``--mirror-retention``: delete remote checkpoints this uploader uploaded whose local folder was
-  removed by the training job's own retention (not those ``--keep-local`` offloaded).
+- scope: the ``checkpoint-<N>`` folders directly under SRC (or SRC itself when it is one checkpoint);
+  one uploader per SRC (``SRC/.btckpt-upload.lock``);
+- the bucket, not the journal, is the truth: every pass lists the destination, and a checkpoint whose
+  remote files are missing or differ is uploaded again;
+- ``--keep-local K``: delete local checkpoints beyond the newest K only after the remote copy was
+  verified in this pass (manifest bytes, every file's size and ETag / read-back checksum);
+- ``--mirror-retention``: delete a remote checkpoint only on positive knowledge: this uploader published
+  it (journal), the training job's retention retired that very checkpoint (``SRC/.btckpt-upload/retired.jsonl``),
+  and the remote manifest is still the one published; never because a folder is missing or a listing
+  came back empty, changed shape or failed.
+
+The URL may be given as ``env:NAME`` (read from the environment variable NAME) to keep credentials
+off the command line; URLs are shown with credentials redacted.
 
 ``--watch`` keeps going until SIGTERM/SIGINT, then makes one final pass and exits (status 1 when that
 pass left something not uploaded). ``Checkpointer(upload_to=URL)`` runs this module for you.
@@ -37,13 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
-from .discovery import CheckpointInfo, scan
+from .discovery import STEP_DIR, CheckpointInfo, inspect
+from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
-from .storage import local_path, new_hasher, remote_fs
-from .uploadsup import Callback, Journal, UploadSupervisor, s3_etag
+from .retire import UPLOAD_DIR, manifest_hash, read_retired
+from .storage import local_path, remote_fs
+from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
-__all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag"]
+__all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
 
 log = logging.getLogger("btckpt.upload")
 _CHUNK = 8 << 20
@@ -66,12 +77,18 @@ class PassResult:
 
 
 class Uploader:
-    """Mirrors committed checkpoints under ``src`` to ``dest`` (see the module docstring)."""
+    """Mirrors committed checkpoints under ``src`` to ``dest`` (see the module docstring).
+
+    Holds ``SRC/.btckpt-upload.lock`` while a pass runs (or, after :meth:`lock`, until :meth:`close`).
+    """
 
     def __init__(self, src: str | os.PathLike[str], dest: str, *, concurrency: int = 4, retries: int = 5,
                  backoff: float = 0.5, keep_local: int | None = None, mirror_retention: bool = False,
                  part_size: int = 64 << 20, progress: bool = False) -> None:
         self.src = local_path(src)
+        if not self.src.is_dir():
+            raise ConfigError(f"upload source {self.src} is not a folder; give the checkpoint dir "
+                              "(e.g. $BT_CHECKPOINT_DIR)")
         self.dest = dest.rstrip("/")
         self.fs, self.root = remote_fs(self.dest)
         self.root = self.root.rstrip("/")
@@ -80,7 +97,9 @@ class Uploader:
         self.keep_local, self.mirror_retention = keep_local, mirror_retention
         self.part_size = max(part_size, 5 << 20) if self.s3 else part_size
         key = hashlib.sha1(self.dest.encode()).hexdigest()[:12]
-        self.journal = Journal(self.src / ".btckpt-upload" / f"{key}.jsonl")
+        self._lock = SourceLock(self.src)
+        self._held = False
+        self.journal = Journal(self.src / UPLOAD_DIR / f"{key}.jsonl")
         self.progress: Any = None
         if progress:
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -88,27 +107,84 @@ class Uploader:
             self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), transient=True)
 
+    # -- the one-uploader-per-source lock ----------------------------------------------------------------
+    def lock(self, *, wait: bool = False) -> None:
+        """Hold the source lock until :meth:`close` (raises :class:`CheckpointError` if another holds it)."""
+        self._lock.acquire(wait=wait)
+        self._held = True
+
+    def close(self) -> None:
+        """Release the source lock."""
+        self._held = False
+        self._lock.release()
+
+    def __enter__(self) -> Uploader:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- one pass ----------------------------------------------------------------------------------------
     def _local(self) -> list[CheckpointInfo]:
-        return sorted((i for i in scan(self.src) if i.complete and i.kind == "btckpt"), key=lambda i: i.step)
+        """This source's committed checkpoints, oldest first: the ``checkpoint-<N>`` folders directly under
+        SRC (links not followed), or SRC itself when it is one checkpoint. Nothing else is in scope."""
+        kids = [c for c in self.src.iterdir() if STEP_DIR.match(c.name) and c.is_dir() and not c.is_symlink()]
+        if not kids and (self.src / MANIFEST).is_file():
+            kids = [self.src]
+        infos = (inspect(c) for c in kids)
+        return sorted((i for i in infos if i.complete and i.kind == "btckpt"), key=lambda i: i.step)
 
     def _remote_dir(self, info: CheckpointInfo) -> str:
-        rel = info.path.relative_to(self.src).as_posix() if info.path != self.src else info.path.name
-        return join(self.root, rel)
+        return join(self.root, info.path.name)
 
     def run_pass(self) -> PassResult:
-        """Upload everything committed and not yet uploaded (oldest first), then apply keep-local/mirroring."""
+        """Upload everything committed and not verifiably there (oldest first), then apply keep-local and
+        mirror retention. A pass that cannot see SRC or list the destination uploads and deletes nothing."""
         res = PassResult()
-        if hasattr(self.fs, "invalidate_cache"):
-            self.fs.invalidate_cache()
+        if not self.src.is_dir():
+            log.error("upload source %s is gone; nothing uploaded or deleted", self.src)
+            res.failed.append(str(self.src))
+            return res
+        if not self._held:
+            self._lock.acquire()
+        try:
+            if hasattr(self.fs, "invalidate_cache"):
+                self.fs.invalidate_cache()
+            try:
+                local = self._local()
+            except OSError as exc:  # SRC vanished or became unreadable mid-pass
+                log.error("cannot read the upload source %s (%s); nothing uploaded or deleted", self.src, exc)
+                res.failed.append(str(self.src))
+                return res
+            try:
+                listing = _listing_detail(self.fs, self.root)
+            except Exception as exc:  # noqa: BLE001 - logged; the next pass tries again
+                log.error("cannot list %s: %s; nothing uploaded or deleted in this pass", self.dest, exc)
+                res.failed.extend([self._remote_dir(i) for i in local] or [self.dest])
+                return res
+            self._upload_all(local, listing, res)
+            verified = set(res.uploaded) | set(res.skipped)
+            if self.keep_local is not None:
+                self._offload(res, verified)
+            if self.mirror_retention:
+                self._mirror(res, listing)
+            return res
+        finally:
+            if not self._held:
+                self._lock.release()
+
+    def _upload_all(self, local: list[CheckpointInfo], listing: dict[str, dict[str, Any]], res: PassResult) -> None:
         if self.progress is not None:
             self.progress.start()
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="btckpt-upload") as pool:
-                for info in self._local():
+                for info in local:
                     rdir = self._remote_dir(info)
+                    prefix = info.path.name + "/"
+                    here = {n[len(prefix):]: v for n, v in listing.items() if n.startswith(prefix)}
                     try:
-                        status = self._upload_checkpoint(info, rdir, pool, res)
+                        status = self._upload_checkpoint(info, rdir, here, pool, res)
                     except _LocalProblem as exc:
                         log.warning("not uploading %s: %s", info.path, exc)
                         res.failed.append(rdir)
@@ -122,24 +198,35 @@ class Uploader:
         finally:
             if self.progress is not None:
                 self.progress.stop()
-        if self.keep_local is not None:
-            self._offload(res)
-        if self.mirror_retention:
-            self._mirror(res)
-        return res
 
-    def _upload_checkpoint(self, info: CheckpointInfo, rdir: str, pool: ThreadPoolExecutor, res: PassResult) -> str:
+    def _journal_says_there(self, info: CheckpointInfo, rdir: str, mhash: str, size: int,
+                            listing: dict[str, dict[str, Any]]) -> bool:
+        """The journal recorded this very checkpoint as published, and the listing still agrees: the manifest
+        and every file are there with their sizes (and, on S3, the ETags recorded at upload)."""
+        assert info.manifest is not None
+        if self.journal.ckpts.get(rdir) != mhash:
+            return False
+        man = listing.get(MANIFEST)
+        if man is None or man["size"] != size:
+            return False
+        for name, entry in info.manifest.files.items():
+            r, j = listing.get(name), self.journal.files.get(join(rdir, name))
+            if r is None or r["size"] != int(entry["size"]):
+                return False
+            if self.s3 and (j is None or j.get("etag") is None or j["etag"] != r.get("ETag")):
+                return False
+        return True
+
+    def _upload_checkpoint(self, info: CheckpointInfo, rdir: str, listing: dict[str, dict[str, Any]],
+                           pool: ThreadPoolExecutor, res: PassResult) -> str:
         assert info.manifest is not None
         try:
             man_bytes = (info.path / MANIFEST).read_bytes()
         except FileNotFoundError:
             raise _LocalProblem("the checkpoint was deleted locally (retention) before it was uploaded") from None
-        mh = new_hasher()
-        mh.update(man_bytes)
-        mhash = mh.hexdigest()
-        if self.journal.ckpts.get(rdir) == mhash:
+        mhash = manifest_hash(man_bytes)
+        if self._journal_says_there(info, rdir, mhash, len(man_bytes), listing):
             return "skipped"
-        listing = _listing_detail(self.fs, rdir)
         for stray in [n for n in listing if n.startswith(f".{MANIFEST}.tmp-")]:  # a killed uploader's manifest
             self.fs.rm_file(join(rdir, stray))
         task = None
@@ -291,53 +378,104 @@ class Uploader:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _drop_partial(self, rdir: str) -> None:
+        """Remove what this uploader sent of a checkpoint it will not finish (never a committed folder,
+        never files it did not send)."""
         try:
-            if not self.fs.exists(join(rdir, MANIFEST)) and self.fs.exists(rdir):
-                self.fs.rm(rdir, recursive=True)
+            if self.fs.exists(join(rdir, MANIFEST)):
+                return
+            for rpath in [p for p in self.journal.files if p.startswith(rdir + "/")]:
+                if self.fs.exists(rpath):
+                    self.fs.rm_file(rpath)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not remove the partial upload %s: %s", rdir, exc)
 
-    # -- retention ---------------------------------------------------------------------------------------
-    def _offload(self, res: PassResult) -> None:
+    # -- retention ----------------------------------------------------------------------------------------
+    def _remote_copy_problem(self, info: CheckpointInfo, rdir: str) -> str | None:
+        """Why the remote copy of ``info`` cannot stand in for the local one (None: it can), from a fresh
+        listing: the manifest's bytes, every file's size, and its S3 ETag (or, elsewhere, a read-back)."""
+        assert info.manifest is not None
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache(rdir)
+        listing = _listing_detail(self.fs, rdir)
+        if MANIFEST not in listing or self.fs.cat_file(join(rdir, MANIFEST)) != (info.path / MANIFEST).read_bytes():
+            return f"{join(rdir, MANIFEST)} is missing or differs from the local manifest"
+        for name, entry in info.manifest.files.items():
+            rpath, r = join(rdir, name), listing.get(name)
+            if r is None or r["size"] != int(entry["size"]):
+                return f"{rpath} is missing or has the wrong size"
+            j = self.journal.files.get(rpath)
+            if self.s3 and j and j.get("xxh3_64") == entry["xxh3_64"] and j.get("etag"):
+                ok = j["etag"] == r.get("ETag")
+            else:
+                ok = self._remote_matches(info.path / name, rpath, entry, r)
+            if not ok:
+                return f"{rpath} does not match the local file (ETag / checksum)"
+        return None
+
+    def _offload(self, res: PassResult, verified: set[str]) -> None:
+        """``--keep-local K``: delete local checkpoints beyond the newest K whose remote copy checks out."""
         from .commit import delete_checkpoint
 
         keep = max(0, self.keep_local or 0)
-        local = list(reversed(self._local()))  # newest first
-        for info in local[keep:]:
+        for info in list(reversed(self._local()))[keep:]:  # newest first
             rdir = self._remote_dir(info)
+            if rdir not in verified:
+                continue  # not uploaded in this pass: never delete it
             try:
-                mh = new_hasher()
-                mh.update((info.path / MANIFEST).read_bytes())
-            except FileNotFoundError:
+                problem = self._remote_copy_problem(info, rdir)
+            except _LocalProblem as exc:
+                log.warning("keeping %s: %s", info.path, exc)
                 continue
-            if self.journal.ckpts.get(rdir) != mh.hexdigest() or not self.fs.exists(join(rdir, MANIFEST)):
-                continue  # not uploaded (or not verified): never delete it
+            except Exception as exc:  # noqa: BLE001 - the remote cannot be checked: keep the local copy
+                log.warning("keeping %s: cannot verify its remote copy at %s: %s", info.path, rdir, exc)
+                continue
+            if problem is not None:
+                self.journal.add(t="stale", remote=rdir)  # the next pass checks every file again
+                log.warning("keeping %s: %s (it is uploaded again at the next pass)", info.path, problem)
+                continue
             self.journal.add(t="offloaded", remote=rdir)
             try:
-                delete_checkpoint(info.path)
+                delete_checkpoint(info.path, retired=False)  # an offload, not the job's retention
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 log.warning("could not delete %s after upload: %s", info.path, exc)
                 continue
-            log.info("deleted local %s (uploaded and verified at %s; --keep-local %d)", info.path, rdir, keep)
+            log.info("deleted local %s (remote copy at %s verified; --keep-local %d)", info.path, rdir, keep)
             res.deleted_local.append(str(info.path))
 
-    def _mirror(self, res: PassResult) -> None:
-        local = {self._remote_dir(i) for i in scan(self.src)}
-        for rdir in list(self.journal.ckpts):
-            if rdir in local or rdir in self.journal.offloaded:
+    def _mirror(self, res: PassResult, listing: dict[str, dict[str, Any]]) -> None:
+        """``--mirror-retention``: delete a remote checkpoint only when this uploader published it (journal),
+        the job's retention retired that very checkpoint (``.btckpt-upload/retired.jsonl``, same manifest hash),
+        it is gone locally, and the remote manifest is still the one published."""
+        retired = read_retired(self.src)
+        for rdir, mhash in list(self.journal.ckpts.items()):
+            name = rdir.rsplit("/", 1)[-1]
+            if (rdir != join(self.root, name) or rdir in self.journal.offloaded
+                    or mhash not in retired.get(name, ()) or os.path.lexists(self.src / name)):
                 continue
+            if f"{name}/{MANIFEST}" not in listing:
+                continue  # not there (or not visible now): nothing to delete on positive knowledge
             try:
+                if manifest_hash(self.fs.cat_file(join(rdir, MANIFEST))) != mhash:
+                    log.warning("mirror retention: %s now holds a checkpoint this uploader did not publish; "
+                                "leaving it", rdir)
+                    continue
                 self.fs.rm_file(join(rdir, MANIFEST))  # un-commit first: never a complete-looking partial
-                self.fs.rm(rdir, recursive=True)
+                for rpath in [p for p in self.journal.files if p.startswith(rdir + "/")]:  # what it published
+                    if f"{name}/{rpath[len(rdir) + 1:]}" in listing:
+                        self.fs.rm_file(rpath)
+                if hasattr(self.fs, "invalidate_cache"):
+                    self.fs.invalidate_cache(rdir)
+                if self.fs.exists(rdir) and not _listing_detail(self.fs, rdir):
+                    self.fs.rm(rdir, recursive=True)  # empty folder markers only
             except FileNotFoundError:
                 pass
             except Exception as exc:  # noqa: BLE001
                 log.warning("mirror retention could not delete %s: %s", rdir, exc)
                 continue
             self.journal.add(t="gone", remote=rdir)
-            log.info("mirror retention deleted %s (removed locally)", rdir)
+            log.info("mirror retention deleted %s (retired by the job's retention)", rdir)
             res.deleted_remote.append(rdir)
 
     # -- watch -------------------------------------------------------------------------------------------
@@ -369,7 +507,8 @@ def _listing_detail(fs: Any, path: str) -> dict[str, dict[str, Any]]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The upload options (shared by ``btckpt upload`` and ``python -m btckpt.upload``)."""
     p.add_argument("src", metavar="SRC", help="local checkpoint folder (e.g. $BT_CHECKPOINT_DIR)")
-    p.add_argument("dest", metavar="URL", help="destination fsspec URL, e.g. s3://bucket/run")
+    p.add_argument("dest", metavar="URL", help="destination fsspec URL, e.g. s3://bucket/run; env:NAME reads it "
+                   "from the environment variable NAME (keeps credentials off the command line)")
     p.add_argument("--watch", action="store_true", help="keep uploading new checkpoints until SIGTERM/SIGINT")
     p.add_argument("--keep-local", type=int, default=None, metavar="K",
                    help="after a verified upload, delete local checkpoints beyond the newest K")
@@ -390,9 +529,30 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s btckpt-upload[%(process)d] %(levelname)s %(message)s")
     progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    up = Uploader(args.src, args.dest, concurrency=args.concurrency, retries=args.retries, backoff=args.backoff,
-                  keep_local=args.keep_local, mirror_retention=args.mirror_retention, part_size=args.part_size,
-                  progress=progress)
+    try:
+        up = Uploader(args.src, _dest_of(args.dest), concurrency=args.concurrency, retries=args.retries,
+                      backoff=args.backoff, keep_local=args.keep_local, mirror_retention=args.mirror_retention,
+                      part_size=args.part_size, progress=progress)
+        up.lock(wait=args.supervised)  # one uploader per source, for this process's whole life
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return _run(up, args)
+    finally:
+        up.close()
+
+
+def _dest_of(dest: str) -> str:
+    if not dest.startswith("env:"):
+        return dest
+    value = os.environ.get(dest[4:])
+    if not value:
+        raise ConfigError(f"upload URL {dest}: the environment variable {dest[4:]} is not set")
+    return value
+
+
+def _run(up: Uploader, args: argparse.Namespace) -> int:
     if not args.watch:
         res = up.run_pass()
     else:

@@ -3,6 +3,8 @@ and the supervisor that runs ``btckpt upload --watch`` beside training (``Checkp
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .errors import CheckpointError, ConfigError
 from .storage import new_hasher
 
-__all__ = ["s3_etag", "Journal", "Callback", "UploadSupervisor"]
+__all__ = ["s3_etag", "Journal", "Callback", "UploadSupervisor", "SourceLock", "URL_ENV"]
+
+URL_ENV = "BTCKPT_UPLOAD_URL"  # the supervisor passes the URL here: credentials never on a command line
 
 log = logging.getLogger("btckpt.upload")
 _CHUNK = 8 << 20
@@ -50,6 +55,57 @@ def s3_etag(path: Path, *, part_size: int) -> tuple[str, str]:
     return h.hexdigest(), f'"{hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"'
 
 
+class SourceLock:
+    """One uploader per source folder: an exclusive ``flock`` on ``SRC/.btckpt-upload.lock``.
+
+    Without it a ``--mirror-retention`` uploader and a ``--keep-local`` uploader could act on each other's
+    decisions. :meth:`acquire` raises :class:`CheckpointError` naming the holder's pid (``wait=False``) or
+    blocks until the holder exits (``wait=True``, the supervised uploader after a restart).
+    """
+
+    NAME = ".btckpt-upload.lock"
+
+    def __init__(self, src: Path) -> None:
+        self.path = src / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self, *, wait: bool = False) -> None:
+        """Take the lock (no-op when this object holds it)."""
+        if self.fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the upload lock {self.path} ({exc.strerror}); SRC must be an "
+                              "existing, writable checkpoint folder") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise ConfigError(f"cannot lock {self.path} ({exc.strerror}): the filesystem may not "
+                                      "support flock; run the uploader from a machine where it does") from None
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not wait:
+                    raise CheckpointError(f"another uploader (pid {holder}) is already uploading from "
+                                          f"{self.path.parent} (it holds {self.path}); one uploader per source: "
+                                          "stop it first, or wait for it to finish") from None
+                log.info("waiting for the uploader pid %s to finish with %s", holder, self.path.parent)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 class Journal:
     """Append-only record of verified uploads (one JSON object a line), safe across kills."""
 
@@ -59,7 +115,7 @@ class Journal:
         self.ckpts: dict[str, str] = {}
         self.offloaded: set[str] = set()
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # inside SRC, which must exist: never re-created here
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
@@ -76,6 +132,10 @@ class Journal:
             self.ckpts[r["remote"]] = r["manifest"]
         elif t == "gone":
             self.ckpts.pop(r["remote"], None)
+        elif t == "stale":  # the remote copy failed a check: trust nothing recorded under it
+            self.ckpts.pop(r["remote"], None)
+            for p in [p for p in self.files if p.startswith(r["remote"] + "/")]:
+                del self.files[p]
         elif t == "offloaded":
             self.offloaded.add(r["remote"])
 
@@ -138,7 +198,8 @@ class UploadSupervisor:
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "btckpt.upload", self.src, self.dest, "--watch",
+        env[URL_ENV] = self.dest
+        self.proc = subprocess.Popen([sys.executable, "-m", "btckpt.upload", self.src, f"env:{URL_ENV}", "--watch",
                                       "--supervised", "--progress", "off", *self.extra_args], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         log.info("started uploader pid %d: %s -> %s", self.proc.pid, self.src, self.dest)
