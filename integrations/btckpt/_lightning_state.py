@@ -10,7 +10,6 @@ import enum
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -21,7 +20,7 @@ from .config import resolve_dir, resolve_load_dir
 from .discovery import STEP_DIR, choose
 from .errors import ConfigError, UnsafeCheckpoint, UnsupportedValue
 from .layout import GROUP_NAME, flatten_group
-from .storage import fsync_dir, fsync_file, is_url
+from .storage import fsync_dir, fsync_file, is_url, new_tag
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_SEQ_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
@@ -121,7 +120,7 @@ def read_link(path: Path) -> Path:
 def write_link(link: Path, folder: Path) -> None:
     """Atomically (temp file, fsync, rename, fsync dir) make ``link`` name ``folder``."""
     data = json.dumps({"format": LINK_FORMAT, "checkpoint": folder.name}).encode()
-    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp = link.parent / f".{link.name}.tmp-{new_tag()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, data)

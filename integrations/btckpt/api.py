@@ -9,7 +9,6 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .commit import new_tag
 from .discovery import _is_url, latest, scan
 from .distributed import World
 from .errors import (
@@ -26,7 +25,7 @@ from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
-from .storage import preflight, space_error
+from .storage import new_tag, preflight, space_error
 
 __all__ = ["save", "load", "latest"]
 

@@ -16,7 +16,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from . import faults
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST, Manifest
-from .storage import fsync_dir, fsync_file, space_error
+from .storage import fsync_dir, fsync_file, new_tag, space_error
 
 __all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
            "write_small_file", "new_tag", "rename_noreplace"]
@@ -33,12 +32,6 @@ log = logging.getLogger("btckpt")
 
 TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp-(.+)$")
 NO_LOCK_ENV = "BTCKPT_NO_LOCK"
-
-
-def new_tag() -> str:
-    """A writer's tag for temp names: ``<pid>-<16 random hex>``, unique across threads, processes and hosts
-    (containers on a shared filesystem often have the same pid on every host; the token makes the difference)."""
-    return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:

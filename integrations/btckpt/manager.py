@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .commit import DirLock, checkpoint_name, new_tag
+from .commit import DirLock, checkpoint_name
 from .config import CheckpointConfig, default_budget
 from .discovery import CheckpointInfo, inspect, select, verified
 from .distributed import World
@@ -39,7 +39,7 @@ from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager, StepGate
 from .statedict import gated_keys, group_value, optimizers_in
-from .storage import is_url, preflight, space_error
+from .storage import is_url, new_tag, preflight, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
 

@@ -29,7 +29,7 @@ from .discovery import HF_WEIGHTS, STEP_DIR, CheckpointInfo, inspect, node_rank
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint
 from .manifest import MANIFEST, MAX_MANIFEST, Manifest, check_relative_name, entry_problem, verify_files
 from .sthead import Header, parse_header
-from .storage import file_checksum, remote_fs
+from .storage import file_checksum, new_tag, remote_fs
 
 __all__ = [
     "RemoteCheckpointInfo", "inspect_url", "scan_url", "latest_url", "read_header_url", "fetch", "cache_root",
@@ -261,7 +261,7 @@ def fetch(info: RemoteCheckpointInfo, *, cache: str | os.PathLike[str] | None = 
         local = _cached(final, raw)
         if local is not None:
             return local
-        token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        token = new_tag()
         tmp = final.parent / f".{final.name}.tmp-{token}"
         tmp.mkdir()
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ __all__ = [
 CHECKSUM = "xxh3_64"
 _CHUNK = 16 << 20
 
+
+
+def new_tag() -> str:
+    """A writer's tag for temp names: ``<pid>-<16 random hex>``, unique across threads, processes and hosts
+    (containers on a shared filesystem often have the same pid on every host; the token makes the difference)."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 def is_url(path: str | os.PathLike[str]) -> bool:
     """True for fsspec URLs such as ``s3://bucket/x`` (but not ``file://``, which maps to local)."""

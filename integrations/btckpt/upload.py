@@ -51,7 +51,7 @@ from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
 from .retire import UPLOAD_DIR, manifest_hash, read_retired
-from .storage import local_path, remote_fs
+from .storage import local_path, new_tag, remote_fs
 from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
@@ -270,7 +270,7 @@ class Uploader:
         if self.s3:
             self.fs.pipe_file(target, data)  # one PUT: atomic on an object store
         else:
-            tmp = join(rdir, f".{MANIFEST}.tmp-{os.getpid()}")
+            tmp = join(rdir, f".{MANIFEST}.tmp-{new_tag()}")
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, target)
         self.fs.invalidate_cache(target) if hasattr(self.fs, "invalidate_cache") else None
