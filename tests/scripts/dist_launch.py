@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -109,6 +110,28 @@ def wait_for_line(path: Path, prefix: str, *, count: int, timeout: float, proc: 
         time.sleep(0.05)
     kill_session(proc)
     raise AssertionError(f"{path} never reached {count} x {prefix!r}")
+
+
+def kill_when_paused(job: subprocess.Popen[str], progress: Path, *, timeout: float = 180) -> None:
+    """Wait until a rank wrote ``PAUSED`` to ``progress`` (it holds after a known commit), then SIGKILL the whole
+    job (agent and every rank at once)."""
+    try:
+        wait_for_line(progress, "PAUSED", count=1, timeout=timeout, proc=job)
+    finally:
+        kill_session(job)
+        job.communicate(timeout=60)
+
+
+def only_sharded_checkpoint(run: Path, step: int) -> dict:
+    """Assert ``run`` holds exactly ``checkpoint-<step>``, written as two ranks' own shards (nobody gathered the
+    model); its manifest."""
+    ck = run / f"checkpoint-{step}"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == [ck.name]
+    man = json.loads((ck / "btckpt.json").read_text())
+    assert {"model-rank00000.safetensors", "model-rank00001.safetensors", "optimizer-rank00000.safetensors",
+            "optimizer-rank00001.safetensors", "rng_state_0.json", "rng_state_1.json"} <= set(man["files"])
+    assert "model.safetensors" not in man["files"]
+    return man
 
 
 def load_st(path: Path) -> dict:
