@@ -464,6 +464,8 @@ class Checkpointer:
             self._closed = True
             if self._consolidator is not None:
                 self._consolidator.close()
+                if self.world.is_local_leader:  # what it was still reading when a newer one committed
+                    apply_retention(self.root, keep_last=self.config.keep_last, protected=self._protected)
             if self._uploader is not None:
                 if self.remote is None:
                     self._uploader.stop()
