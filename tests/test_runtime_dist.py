@@ -38,7 +38,8 @@ def test_agreements_have_their_own_keys_and_plain_state_is_per_rank(tmp_path: Pa
     path = ck / "checkpoint-4"
     _verify(path)
     man = read_manifest(path)
-    assert sorted(man.files) == ["model.safetensors", "rng_state_0.json", "rng_state_1.json", "state_1.json"]
+    assert sorted(man.files) == ["model.safetensors", "model.safetensors.index.json", "rng_state_0.json",
+                                 "rng_state_1.json", "state_1.json"]
     assert man.state["data"] == {"shard": 0, "offset": 1007}
     assert json.loads(read_verified_bytes(path, man, "state_1.json")) == {
         "data": {"shard": 1, "offset": 2007}, "only1": {"seen": [1, 2, 3]}}
