@@ -108,9 +108,11 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path: Path, ref
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
-    assert resume_path(dir=ck) is not None, f"seed={seed} kill_at={kill_at}"
+    chosen = resume_path(dir=ck)
+    assert chosen is not None, f"seed={seed} kill_at={kill_at}"
     r = _run(["--dir", str(ck), "--steps", "30", "--resume", "--dump", str(tmp_path / "res.st")])
-    assert "resume from" in r.stdout and "resume from None" not in r.stdout
+    assert f"resume from {chosen}" in r.stdout
+    assert f"START {int(Path(chosen).name.split('-')[1])}\n" in r.stdout  # resumed there, not from 0
     _assert_same(reference, tmp_path / "res.st")
     # no orphans: every folder is named by a link, every link names a complete folder
     folders = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
@@ -137,8 +139,9 @@ def test_sigterm_saves_at_next_batch_end_exits_zero_and_resumes_exactly(tmp_path
     step = int(target.split("-")[1])
     assert 11 <= step < 30
     assert (ck / target / "btckpt.json").is_file()
-    _run(["--dir", str(ck), "--steps", "30", "--every", "100", "--ckpt-path", "last", "--dump",
-          str(tmp_path / "res.st")])
+    r = _run(["--dir", str(ck), "--steps", "30", "--every", "100", "--ckpt-path", "last", "--dump",
+              str(tmp_path / "res.st")])
+    assert f"START {step}\n" in r.stdout  # resumed from the preemption checkpoint, not from 0
     _assert_same(reference, tmp_path / "res.st")
 
 

@@ -96,6 +96,8 @@ def test_kill_and_resume_from_own_dir_is_bit_identical(tmp_path: Path, reference
 def test_kill_and_resume_from_nested_load_dir_is_bit_identical(tmp_path: Path, reference: dict) -> None:
     first = tmp_path / "job1"
     _kill_mid_run({"BT_CHECKPOINT_DIR": str(first)}, first)
+    newest = btckpt.latest(first)
+    assert newest is not None
     for tmp in first.glob(".checkpoint-*.tmp-*"):  # a save the kill interrupted: a restart in this dir would
         shutil.rmtree(tmp)                         # remove it; this test restarts elsewhere (copy skips it)
     # The platform uploads the node's folder and downloads it for the next job as <job>/rank-<node>/...
@@ -104,7 +106,7 @@ def test_kill_and_resume_from_nested_load_dir_is_bit_identical(tmp_path: Path, r
     env = {"BT_CHECKPOINT_DIR": str(tmp_path / "job2"), "BT_LOAD_CHECKPOINT_DIR": str(load)}
     res = _run(env, "--final", str(tmp_path / "final"))
     assert res.returncode == 0, res.stderr
-    assert "starting at step 0" not in res.stdout
+    assert f"starting at step {newest.name.split('-')[1]}\n" in res.stdout  # the newest, not 0
     _assert_same(reference, _final_state(tmp_path / "final"))
 
 
@@ -147,4 +149,5 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path: Path, refere
     assert "preemption checkpoint for step" in rest
     res = _run(env, "--final", str(tmp_path / "final"))
     assert res.returncode == 0, res.stderr
+    assert f"starting at step {printed + 1}\n" in res.stdout  # from the preemption checkpoint
     _assert_same(reference, _final_state(tmp_path / "final"))

@@ -69,6 +69,13 @@ class FakeTime:
         return CLOCK[0]
 
 
+class StartStep(L.Callback):
+    """Prints the step a fit starts from, so resume tests assert it (not only the final weights)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"START {trainer.global_step}", flush=True)
+
+
 class Tiny(L.LightningModule):
     def __init__(self, lr: float = 0.01, sleep: float = 0.0, progress: str = "") -> None:
         super().__init__()
@@ -157,7 +164,7 @@ def main() -> None:
                          train_time_interval=interval, save_top_k=a.top_k,
                          monitor=a.monitor or None, mode="max", save_last=not a.no_last)
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
-                        plugins=plugins, callbacks=[cb], logger=False, enable_progress_bar=False,
+                        plugins=plugins, callbacks=[cb, StartStep()], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
