@@ -15,9 +15,8 @@ import btckpt
 import pytest
 import torch
 from btckpt.commit import LocalCommit
-from btckpt.discovery import scan
+from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError
-from btckpt.reader import CheckpointReader
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from crash_harness import PY, child_env, temp_folders  # noqa: E402
@@ -53,7 +52,7 @@ def assert_all_verify(root: Path, steps: list[int]) -> None:
     infos = scan(root)
     assert sorted(i.step for i in infos) == sorted(steps), [(i.path.name, i.status) for i in infos]
     for i in infos:
-        assert i.complete and CheckpointReader(i.path, i.manifest).verify_all() == [], (i.path, i.reason)
+        assert i.complete and verify(i) == [], (i.path, i.reason)
 
 
 def test_second_process_is_refused_with_a_clear_error(tmp_path: Path) -> None:

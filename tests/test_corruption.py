@@ -14,8 +14,8 @@ import btckpt
 import pytest
 import torch
 from btckpt.discovery import inspect
+from btckpt.discovery import verify as verify_files
 from btckpt.errors import CheckpointError
-from btckpt.reader import CheckpointReader
 
 MUTATIONS = ("flip", "truncate", "delete")
 KINDS = {
@@ -72,7 +72,7 @@ def verify(folder: Path) -> list[str]:
     info = inspect(folder)
     if not info.complete:
         return [f"{info.status}: {info.reason}"]
-    return CheckpointReader(folder, info.manifest).verify_all()
+    return verify_files(info)
 
 
 def damage_and_check(pristine: Path, work: Path, name: str, how: str, rng: random.Random,

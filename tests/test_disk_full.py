@@ -16,9 +16,8 @@ import btckpt
 import pytest
 import torch
 from btckpt import storage as storage_mod
-from btckpt.discovery import scan
+from btckpt.discovery import scan, verify
 from btckpt.errors import InsufficientSpace
-from btckpt.reader import CheckpointReader
 
 MiB = 1 << 20
 
@@ -44,7 +43,7 @@ def assert_only(root: Path, steps: list[int]) -> None:
     assert visible(root) == sorted(f"checkpoint-{s}" for s in steps), visible(root)
     for info in scan(root):
         assert info.complete, (info.path, info.reason)
-        assert CheckpointReader(info.path, info.manifest).verify_all() == []
+        assert verify(info) == []
 
 
 def lie_about_free_space(monkeypatch: pytest.MonkeyPatch) -> None:

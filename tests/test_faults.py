@@ -15,9 +15,8 @@ import btckpt
 import pytest
 import torch
 from btckpt import faults
-from btckpt.discovery import scan
+from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError, InsufficientSpace
-from btckpt.reader import CheckpointReader
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from crash_harness import LOCAL_PHASES, temp_folders  # noqa: E402
@@ -41,7 +40,7 @@ def assert_intact(root: Path, steps: list[int], state_seed: int = 0) -> None:
     assert [i.step for i in infos] == sorted(steps, reverse=True), [(i.path.name, i.status) for i in infos]
     for i in infos:
         assert i.complete, (i.path, i.status, i.reason)
-        assert CheckpointReader(i.path, i.manifest).verify_all() == []
+        assert verify(i) == []
     want = make_state(state_seed)
     got = make_state(99)
     btckpt.load(infos[-1].path, got)
@@ -196,7 +195,7 @@ def test_fault_in_upload(tmp_path: Path, phase: str, action: str) -> None:
     res = Uploader(src, f"file://{remote}", retries=0).run_pass()
     assert res.uploaded == [str(remote / "checkpoint-2")] and not res.failed, res
     for i in scan(remote):
-        assert i.complete and CheckpointReader(i.path, i.manifest).verify_all() == [], i.path
+        assert i.complete and verify(i) == [], i.path
         assert (i.path / MANIFEST).read_bytes() == (src / i.path.name / MANIFEST).read_bytes()
 
 

@@ -13,16 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-from btckpt.discovery import scan
+from btckpt.discovery import inspect, scan, verify
 from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader, read_verified_bytes
+from btckpt.reader import read_verified_bytes
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line  # noqa: E402
 
 
 def _verify(path: Path) -> None:
-    assert CheckpointReader(path, read_manifest(path)).verify_all() == [], path
+    assert verify(inspect(path)) == [], path
 
 
 def test_agreements_have_their_own_keys_and_plain_state_is_per_rank(tmp_path: Path) -> None:

@@ -236,7 +236,7 @@ def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
     """``dir=s3://...``: commits stage locally, wait() publishes them (manifest last), retention is mirrored,
     and a restarted job on a machine without the staging folder resumes from the bucket."""
     import fsspec
-    from btckpt.remote import inspect_url, verify_url
+    from btckpt.discovery import inspect, verify
     from btckpt.remotedir import staging_root
 
     model = torch.nn.Linear(8, 4)
@@ -254,7 +254,7 @@ def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
         assert btckpt.latest(dest) == f"{dest}/checkpoint-3"
         staging = ck.root
     assert [p for p in published if p.startswith("checkpoint-")] == ["checkpoint-2", "checkpoint-3"]
-    assert verify_url(inspect_url(f"{dest}/checkpoint-3")) == []  # published bytes match the manifest
+    assert verify(inspect(f"{dest}/checkpoint-3")) == []  # published bytes match the manifest
     shutil.rmtree(staging)  # a fresh machine: nothing local, the bucket is the only copy
     fresh = torch.nn.Linear(8, 4)
     with btckpt.Checkpointer(dir=dest) as ck2:

@@ -18,7 +18,7 @@ from pathlib import Path
 import btckpt
 import pytest
 from btckpt.commit import delete_checkpoint
-from btckpt.remote import inspect_url, verify_url
+from btckpt.discovery import inspect, verify
 from btckpt.upload import Uploader
 from test_upload import make_ckpts, moto, s3, upload_cli  # noqa: F401 - fixtures
 
@@ -114,7 +114,7 @@ def test_keep_local_verifies_the_bucket_not_the_journal(s3: str, tmp_path: Path)
     assert r.returncode == 0, r.stderr
     assert "1 uploaded, 1 already there, 0 failed, 1 local deleted" in r.stderr
     assert sorted(p.name for p in src.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert verify_url(inspect_url(f"{dest}/checkpoint-1")) == []
+    assert verify(inspect(f"{dest}/checkpoint-1")) == []
 
 
 def test_one_uploader_per_source(tmp_path: Path, mem: str):
@@ -193,4 +193,4 @@ def test_keep_local_reads_back_a_changed_remote_file(tmp_path: Path, mem: str):
     res = up.run_pass()
     assert res.uploaded == [f"{up.root}/checkpoint-1"] and res.deleted_local == [str(src / "checkpoint-1")]
     assert fs.cat_file(path) != bytes(data)
-    assert verify_url(inspect_url(f"{mem}/checkpoint-1")) == []
+    assert verify(inspect(f"{mem}/checkpoint-1")) == []

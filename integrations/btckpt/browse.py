@@ -19,10 +19,10 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, OptionList, Static, TextArea, Tree
 from textual.widgets.option_list import Option
 
-from .cli import checkpoint_type, human
-from .discovery import CheckpointInfo
+from .discovery import CheckpointInfo, scan
 from .names import printable, safe, text
-from .storage import is_url, local_path
+from .store import walk
+from .summary import checkpoint_type, human, read_header
 
 __all__ = ["BrowseApp", "CheckpointScreen", "fuzzy_score", "run"]
 
@@ -47,36 +47,12 @@ def fuzzy_score(query: str, text: str) -> int | None:
 
 
 def _files(info: CheckpointInfo) -> dict[str, int]:
-    sizes = getattr(info, "sizes", None)
-    if sizes is not None:
-        return dict(sizes)
-    p = info.path
-    return {f.relative_to(p).as_posix(): f.lstat().st_size for f in sorted(p.rglob("*")) if f.is_file()}
+    return {n: e.size for n, e in walk(info.store, info.path).items()}
 
 
 def _read(info: CheckpointInfo, name: str, *, limit: int | None = None) -> bytes:
-    fs = getattr(info, "fs", None)
-    if fs is not None:
-        from .remote import join
-
-        return bytes(fs.cat_file(join(str(info.path), name), start=0, end=limit))
-    from .manifest import open_member, read_upto
-
-    with open_member(info.path, name) as f:  # regular files inside the folder only (a FIFO would hang the UI)
-        return read_upto(f, limit if limit is not None else 1 << 62, where=info.path / name)
-
-
-def _header(info: CheckpointInfo, name: str, size: int) -> Any:
-    fs = getattr(info, "fs", None)
-    if fs is not None:
-        from .remote import join, read_header_url
-
-        return read_header_url(fs, join(str(info.path), name), size, where=name)
-    from .manifest import open_member
-    from .sthead import read_header
-
-    with open_member(info.path, name) as f:
-        return read_header(f, size, where=str(info.path / name))
+    # regular files inside the folder only (a FIFO would hang the UI): the Store's safe-open rules
+    return info.store.read(info.path, name, 0, limit if limit is not None else 1 << 62)
 
 
 def _cells(e: Any) -> list[Any]:
@@ -97,7 +73,7 @@ class CheckpointScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        where = getattr(self.info, "url", "") or str(self.info.path)
+        where = self.info.where
         yield Static(text(f"{where}  step {self.info.step}  {checkpoint_type(self.info)}  {self.info.status}  "
                           f"{human(self.info.size)}"), id="title")
         with Horizontal():
@@ -136,7 +112,7 @@ class CheckpointScreen(Screen[None]):
             table.clear(columns=True)
             table.add_columns("name", "dtype", "shape", "params", "bytes")
             try:
-                h = _header(self.info, name, self.sizes[name])
+                h = read_header(self.info, name, self.sizes[name])
             except Exception as exc:  # noqa: BLE001 - shown to the user
                 table.add_row(text(f"cannot read the header: {exc}"), "", "", "", "")
             else:
@@ -172,7 +148,7 @@ class CheckpointScreen(Screen[None]):
 
     @work(thread=True, exclusive=True)
     def _stats(self, name: str) -> None:
-        import torch
+        import torch  # only when statistics are asked for: browsing stays torch-free
         from safetensors.torch import load
 
         tensors = load(_read(self.info, name))
@@ -192,7 +168,7 @@ class CheckpointScreen(Screen[None]):
         if self.current != name:
             return
         table = self.query_one("#tensors", DataTable)
-        h = _header(self.info, name, self.sizes[name])
+        h = read_header(self.info, name, self.sizes[name])
         table.clear(columns=True)
         table.add_columns("name", "dtype", "shape", "params", "bytes", "min", "max", "mean", "NaN")
         for e in h.entries:
@@ -217,14 +193,12 @@ class BrowseApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        from .discovery import scan
-
-        self.infos = scan(self.target) if is_url(self.target) else scan(local_path(self.target))
+        self.infos = scan(self.target)
         self._fill("")
         self.query_one("#filter", Input).focus()
 
     def _ckpt_name(self, info: CheckpointInfo) -> str:
-        where = (getattr(info, "url", "") or str(info.path)).rstrip("/")
+        where = info.where.rstrip("/")
         base = self.target.rstrip("/").removeprefix("file://")
         return where[len(base) + 1:] if where.startswith(base + "/") else info.path.name
 

@@ -1,7 +1,8 @@
 """The ``btckpt`` command: ``ls``, ``show``, ``verify``, ``upload``, ``browse`` on local folders and fsspec URLs.
 
-Starts fast: never imports torch, transformers or lightning (only the torch-free modules: discovery,
-manifest, sthead, storage, remote). Remote URLs take their options from fsspec's environment
+Starts fast: never imports torch, transformers or lightning (only the torch-free modules: discovery, store,
+summary, manifest, sthead, storage); the commands that need more (``upload``, ``browse``, ``consolidate``)
+import it when they run. Remote URLs take their options from fsspec's environment
 variables (e.g. ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
 Exit status: 0 ok, 1 a checkpoint failed verification or is not complete, 2 usage / not found.
 """
@@ -15,83 +16,44 @@ import os
 import sys
 from typing import Any
 
-from .discovery import HF_WEIGHTS, CheckpointInfo, scan, select, verified
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .discovery import CheckpointInfo, scan, select, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
-from .manifest import check_relative_name, open_member
+from .manifest import check_relative_name
 from .names import safe, text
 from .storage import is_url, local_path, remote_fs
+from .summary import checkpoint_type, human, listed_files, read_header
+from .upload import add_arguments, run_from_args
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def human(n: int) -> str:
-    """Bytes in binary units (``1.5 MiB``)."""
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if f < 1024 or unit == "TiB":
-            return f"{int(f)} B" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _when(created: str) -> str:
     return created[:19].replace("T", " ") if created else "-"
 
 
-def _where(info: CheckpointInfo) -> str:
-    return getattr(info, "url", "") or str(info.path)
-
-
-def _names(info: CheckpointInfo) -> list[str]:
-    if info.manifest is not None:
-        return list(info.manifest.files)
-    sizes = getattr(info, "sizes", None)
-    if sizes is not None:
-        return list(sizes)
-    return [f.name for f in info.path.iterdir() if f.is_file()] if info.path.is_dir() else []
-
-
-def checkpoint_type(info: CheckpointInfo) -> str:
-    """``LoRA`` (adapter weights), ``training-state`` (optimizer or other tensor groups beside the model),
-    ``full`` (model weights only), ``state`` (plain data only) or ``-`` (unreadable)."""
-    if info.status == "corrupt" and info.manifest is None:
-        return "-"
-    names = _names(info)
-    if any(n.startswith("adapter_model") for n in names):
-        return "LoRA"
-    groups = set(info.manifest.state) if info.manifest is not None else set()
-    st_groups = {n.split(".")[0].split("-0")[0] for n in names if n.endswith(".safetensors")}
-    if "optimizer" in groups or st_groups - {"model"}:
-        return "training-state"
-    if "model" in st_groups or any(n in names for n in HF_WEIGHTS):
-        return "full"
-    return "state"
-
-
 def _rel(info: CheckpointInfo, root: str) -> str:
-    where = _where(info).rstrip("/")
+    where = info.where.rstrip("/")
     base = root.rstrip("/")
     if where.startswith(base + "/"):
         return where[len(base) + 1:]
     return info.path.name
 
 
-def _scan(target: str) -> list[CheckpointInfo]:
-    if is_url(target):
-        return scan(target)
-    return scan(local_path(target))
-
-
 def _row(info: CheckpointInfo, root: str) -> dict[str, Any]:
     return {"step": info.step, "name": _rel(info, root), "type": checkpoint_type(info), "size": info.size,
-            "created": info.created, "status": info.status, "reason": info.reason, "path": _where(info)}
+            "created": info.created, "status": info.status, "reason": info.reason, "path": info.where}
 
 
 def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc") -> list[dict[str, Any]]:
     """The rows ``btckpt ls`` prints (dicts: step, name, type, size, created, status, reason, path)."""
-    rows = [_row(i, target) for i in _scan(target)]
+    rows = [_row(i, target) for i in scan(target)]
     rows.sort(key=lambda r: (r[sort], r["step"]), reverse=(order == "desc"))
     return rows
 
@@ -117,8 +79,6 @@ def _resolve(target: str, *, verify_checksums: bool = False) -> tuple[Checkpoint
 
 
 def _console(stream: Any = None) -> Any:
-    from rich.console import Console
-
     f = stream or sys.stdout
     width = None
     if not (hasattr(f, "isatty") and f.isatty()):  # piped: never truncate columns
@@ -127,9 +87,6 @@ def _console(stream: Any = None) -> Any:
 
 
 def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[str]]) -> Any:
-    from rich import box
-    from rich.table import Table
-
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_edge=False)
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -140,28 +97,16 @@ def _table(title: str | None, columns: list[tuple[str, str]], rows: list[list[st
 
 # -- show --------------------------------------------------------------------------------------------------
 def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict[str, Any]:
-    from .sthead import read_header
-
     out: dict[str, Any] = {}
-    fs = getattr(info, "fs", None)
+    names = [n for n in names if n.endswith(".safetensors")]
+    found = info.store.stat(info.path, names)  # the files' real sizes (one listing on an object store)
     for name in names:
-        if not name.endswith(".safetensors"):
-            continue
         try:
-            check_relative_name(name, where=_where(info))
-            if fs is not None:
-                from .remote import join, read_header_url
-
-                p = join(str(info.path), name)
-                size = (getattr(info, "sizes", None) or {}).get(name) or int(fs.size(p))
-                out[name] = read_header_url(fs, p, size, where=f"{_where(info)}/{name}", counter=counter)
-            else:
-                p2 = info.path / name
-                with open_member(info.path, name) as f:  # never a link out of the folder, never a FIFO
-                    size = os.fstat(f.fileno()).st_size
-                    h = read_header(f, size, where=str(p2))
-                counter[0] += h.data_start
-                out[name] = h
+            check_relative_name(name, where=info.where)
+            e = found.get(name)
+            if e is None:
+                raise CheckpointError(f"{info.store.where(info.path, name)}: file is missing")
+            out[name] = read_header(info, name, e.size, counter=counter)
         except (CheckpointError, OSError) as exc:
             out[name] = exc
     return out
@@ -170,15 +115,11 @@ def _headers(info: CheckpointInfo, names: list[str], counter: list[int]) -> dict
 def describe(target: str) -> dict[str, Any]:
     """What ``btckpt show`` prints: the checkpoint, its files, its tensors (headers only) and totals."""
     info, note = _resolve(target)
-    names = _names(info)
-    sizes = getattr(info, "sizes", None)
-    files = []
-    for n in names:
-        entry = info.manifest.files.get(n, {}) if info.manifest else {}
-        size = entry.get("size")
-        if size is None:
-            size = sizes.get(n, 0) if sizes is not None else (info.path / n).lstat().st_size
-        files.append({"name": n, "size": size, "xxh3_64": entry.get("xxh3_64", "")})
+    sizes = listed_files(info)
+    names = list(sizes)
+    files = [{"name": n, "size": size,
+              "xxh3_64": info.manifest.files[n]["xxh3_64"] if info.manifest is not None else ""}
+             for n, size in sizes.items()]
     counter = [0]
     tensors, errors = [], []
     totals: dict[str, Any] = {"tensors": 0, "parameters": 0, "bytes": 0, "by_dtype": {}}
@@ -197,7 +138,7 @@ def describe(target: str) -> dict[str, Any]:
             d["tensors"] += 1
             d["parameters"] += e.numel
             d["bytes"] += nbytes
-    return {"path": _where(info), "note": note, "step": info.step, "status": info.status, "reason": info.reason,
+    return {"path": info.where, "note": note, "step": info.step, "status": info.status, "reason": info.reason,
             "type": checkpoint_type(info), "created": info.created, "size": info.size,
             "groups": sorted(info.manifest.state) if info.manifest else [],
             "world": info.manifest.world if info.manifest else {}, "files": files, "tensors": tensors,
@@ -205,8 +146,6 @@ def describe(target: str) -> dict[str, Any]:
 
 
 def _print_show(d: dict[str, Any], console: Any) -> None:
-    from rich.text import Text
-
     console.print(Text.assemble(text(d["path"], "bold"), f"  ({safe(d['note'])})" if d["note"] else ""))
     status = d["status"] + (f": {d['reason']}" if d["reason"] else "")
     console.print(text(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
@@ -275,11 +214,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     info, problems = verify(args.target)
     if args.json or args.format == "json":
-        print(json.dumps({"path": _where(info), "step": info.step, "ok": not problems, "problems": problems},
+        print(json.dumps({"path": info.where, "step": info.step, "ok": not problems, "problems": problems},
                          indent=1))
     else:
         n = len(info.manifest.files) if info.manifest else 0
-        where = safe(_where(info))
+        where = safe(info.where)
         if problems:
             for p in problems:
                 print(f"BAD {where}: {safe(p)}", file=sys.stderr)
@@ -290,20 +229,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from .upload import run_from_args
-
     return run_from_args(args)
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
-    from .browse import run
+    from .browse import run  # textual (optional, ~0.5 s): only for this command
 
     run(args.target)
     return 0
 
 
 def _cmd_consolidate(args: argparse.Namespace) -> int:
-    from .consolidate import main as consolidate_main
+    from .consolidate import main as consolidate_main  # imports torch: only for this command
 
     argv = [args.ckpt, args.out, "--group", args.group, "--max-shard-size", str(args.max_shard_size)]
     return consolidate_main(argv)
@@ -330,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--format", choices=["table", "json"], default="table")
         sp.add_argument("--json", action="store_true", help="same as --format json")
         sp.set_defaults(func=func)
-    from .upload import add_arguments
-
     up = sub.add_parser("upload", help="mirror committed checkpoints to a URL (a separate process)")
     add_arguments(up)
     up.set_defaults(func=_cmd_upload)

@@ -18,24 +18,29 @@ a check (checksums, or a verified read), skipping each damaged one with a warnin
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import posixpath
 import re
-import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from .distributed import node_rank
 from .errors import (
     CheckpointError,
     ConfigError,
     CoordinationError,
     CorruptCheckpoint,
+    IncompleteCheckpoint,
     NoCheckpointFound,
     StateMismatch,
 )
-from .manifest import MANIFEST, Manifest, file_kind, read_manifest, verify_files
+from .manifest import MANIFEST, MAX_MANIFEST, Manifest, entry_problem, read_error
+from .storage import file_checksum, is_url
+from .store import LOCAL, Entry, Store, open_store
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
            "verify", "verified", "nothing_to_resume", "choose"]
@@ -45,23 +50,18 @@ T = TypeVar("T")
 
 STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-def node_rank() -> int:
-    """This node's rank: ``$BT_NODE_RANK``, else 0."""
-    raw = os.environ.get("BT_NODE_RANK", "0").strip() or "0"
-    if not raw.isdigit():
-        raise ConfigError(f"BT_NODE_RANK={raw!r} is not a non-negative integer; unset it or fix the value")
-    return int(raw)
+_is_url = is_url  # the name api.py imports
 
 
 @dataclass
 class CheckpointInfo:
-    """A checkpoint folder found on disk and what state it is in.
+    """A checkpoint folder found on disk or behind a URL, and what state it is in.
 
     ``status``: ``complete`` (manifest and all files present), ``incomplete`` (never committed or files
     missing) or ``corrupt`` (manifest malformed or unsafe). ``kind``: ``btckpt`` or ``hf`` (a plain HF
-    model folder without a manifest, usable as a weights-only warm start).
+    model folder without a manifest, usable as a weights-only warm start). ``store`` reads its files
+    (``path`` is the folder in it: a local path, or the fsspec path of a URL); ``where`` is the printable
+    location (the path, or the URL).
     """
 
     path: Path
@@ -72,152 +72,186 @@ class CheckpointInfo:
     size: int
     created: str
     reason: str = ""
+    store: Store = field(default=LOCAL, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
 
+    @property
+    def where(self) -> str:
+        """The folder as the user would write it: a local path, or the URL."""
+        return self.store.where(self.path)
 
-def _step_of(path: Path, manifest: Manifest | None) -> int:
-    m = STEP_DIR.match(path.name)
+
+def _step_of(name: str, manifest: Manifest | None) -> int:
+    m = STEP_DIR.match(name)
     if m:
         return int(m.group(1))
     return manifest.step if manifest else 0
 
 
-def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Classify one folder (does not read data, only the manifest and file sizes)."""
-    p = Path(path)
-    if not (p / MANIFEST).exists() and not (p / MANIFEST).is_symlink():
-        traces = _btckpt_traces(p)
-        if traces:  # written by btckpt, so not a plain HF folder: its manifest is gone
-            return CheckpointInfo(p, _step_of(p, None), "incomplete", "btckpt", None, 0, "",
-                                  f"no {MANIFEST} (deleted, or never written) although btckpt wrote "
-                                  f"{', '.join(traces[:3])}; not loading it")
-        hf = any((p / n).is_file() for n in HF_WEIGHTS) and (p / "config.json").is_file()
-        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else 0
-        created = ""
-        if hf:
-            import datetime as dt
+def inspect(path: str | os.PathLike[str], *, store: Store | None = None, named: bool = False) -> CheckpointInfo:
+    """Classify one folder, local or behind a URL (reads the manifest and file sizes, no data).
 
-            created = dt.datetime.fromtimestamp(p.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return CheckpointInfo(p, _step_of(p, None), "complete" if hf else "incomplete", "hf" if hf else "btckpt",
-                              None, size, created, "" if hf else f"no {MANIFEST}: never committed")
+    ``store``: the Store ``path`` lives in (default: the one :func:`btckpt.store.open_store` picks). A folder
+    without a manifest is a plain HF model folder (weights only) when it holds the weights and
+    ``config.json``: locally always; on an object store, where an upload's files appear one by one, only
+    when ``named`` (the folder a user named itself, not a ``checkpoint-<N>`` found by a scan).
+    """
+    if store is None:
+        store, folder = open_store(path)
+    else:
+        folder = os.fspath(path)
+    p = Path(folder)
+
+    def info(status: str, kind: str = "btckpt", man: Manifest | None = None, reason: str = "", *, size: int = 0,
+             created: str = "") -> CheckpointInfo:
+        if man is not None:
+            size, created = man.total_bytes, man.created
+        return CheckpointInfo(p, _step_of(p.name, man), status, kind, man, size, created, reason, store)
+
+    top = {e.name: e for e in store.list(folder) or []}
+    if MANIFEST not in top:
+        return _without_manifest(store, top, info, hf_ok=store.local or named)
     try:
-        man = read_manifest(p)
+        man = Manifest.from_json(store.get(folder, MANIFEST, limit=MAX_MANIFEST),
+                                 where=store.where(folder, MANIFEST))
     except CheckpointError as exc:
-        return CheckpointInfo(p, _step_of(p, None), "corrupt", "btckpt", None, 0, "", str(exc))
-    root = p.resolve()
-    for name, info in man.files.items():
-        f = p / name
-        try:
-            st = f.lstat()
-            if f.is_symlink():
-                real = f.resolve()
-                if root not in real.parents:
-                    return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                          f"{name} links outside the folder")
-                st = real.stat()
-        except FileNotFoundError:
-            return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
-                                  f"{name} is missing")
-        except (OSError, RuntimeError) as exc:  # a link loop, EIO, EACCES: damaged, never a crash
-            return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                  f"{name} cannot be examined ({exc})")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or lie: never opened
-            return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                                  f"{name} is not a regular file but {file_kind(st.st_mode)}")
-        if st.st_size != info["size"]:
-            return CheckpointInfo(p, _step_of(p, man), "incomplete", "btckpt", man, man.total_bytes, man.created,
-                                  f"{name} is {st.st_size} bytes, the manifest says {info['size']}")
-    if STEP_DIR.match(p.name) and int(STEP_DIR.match(p.name).group(1)) != man.step:  # type: ignore[union-attr]
-        return CheckpointInfo(p, _step_of(p, man), "corrupt", "btckpt", man, man.total_bytes, man.created,
-                              f"folder name says step {p.name[11:]}, manifest says {man.step}")
-    return CheckpointInfo(p, man.step, "complete", "btckpt", man, man.total_bytes, man.created)
+        return info("corrupt", reason=str(exc))
+    found = store.stat(folder, man.files)
+    for name, want in man.files.items():
+        e = found.get(name)
+        if e is None:
+            return info("incomplete", man=man, reason=f"{name} is missing")
+        if e.problem:
+            return info("corrupt", man=man, reason=f"{name} {e.problem}")
+        if e.kind != "file":  # a FIFO or device would block or lie: never opened
+            return info("corrupt", man=man, reason=f"{name} is not a regular file but {e.kind}")
+        if e.size != want["size"]:
+            return info("incomplete", man=man, reason=f"{name} is {e.size} bytes, the manifest says {want['size']}")
+    named_step = STEP_DIR.match(p.name)
+    if named_step and int(named_step.group(1)) != man.step:
+        return info("corrupt", man=man, reason=f"folder name says step {named_step.group(1)}, manifest says {man.step}")
+    return info("complete", man=man)
 
 
 _BTCKPT_ONLY = re.compile(r"^(rng_state_\d+\.json|(?!model|adapter_model)[A-Za-z0-9_][A-Za-z0-9_.-]*"
                           r"\.safetensors(\.index\.json)?)$")
 
 
-def _btckpt_traces(p: Path) -> list[str]:
-    """Files only btckpt writes (per-rank RNG JSON, tensor groups other than the model's)."""
-    try:
-        return sorted(f.name for f in p.iterdir() if _BTCKPT_ONLY.match(f.name))
-    except OSError:
-        return []
+def _without_manifest(store: Store, top: dict[str, Entry], info: Callable[..., CheckpointInfo], *,
+                      hf_ok: bool) -> CheckpointInfo:
+    """A folder without a manifest: btckpt's own (never committed, or its manifest deleted), or a plain
+    HF model folder."""
+    unfinished = "" if store.local else " (or upload unfinished)"
+    traces = sorted(n for n in top if _BTCKPT_ONLY.match(n))  # files only btckpt writes
+    if traces:  # written by btckpt, so not a plain HF folder: its manifest is gone
+        return info("incomplete", reason=f"no {MANIFEST} (deleted, or never written{unfinished}) although btckpt "
+                                         f"wrote {', '.join(traces[:3])}; not loading it")
+    files = [e for e in top.values() if e.is_file]
+    size = sum(e.size for e in files)
+    names = {e.name for e in files}
+    if hf_ok and "config.json" in names and any(n in names for n in HF_WEIGHTS):
+        newest = max((e.mtime for e in files if e.mtime is not None), default=None)
+        created = "" if newest is None else \
+            dt.datetime.fromtimestamp(newest, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return info("complete", "hf", size=size, created=created)
+    return info("incomplete", reason=f"no {MANIFEST}: never committed{unfinished}", size=size)
 
 
-def _step_dirs(d: Path) -> list[Path]:
-    try:
-        return [c for c in d.iterdir() if STEP_DIR.match(c.name) and c.is_dir()]
-    except (NotADirectoryError, FileNotFoundError, PermissionError):
-        return []
+def _step_dirs(store: Store, folder: str, entries: list[Entry] | None = None) -> list[str]:
+    if entries is None:
+        entries = store.list(folder) or []
+    return [posixpath.join(folder, e.name) for e in entries if e.kind == "dir" and STEP_DIR.match(e.name)]
 
 
-def _candidates(root: Path, rank: int) -> list[Path]:
-    found = _step_dirs(root) + _step_dirs(root / f"rank-{rank}")
-    try:
-        jobs = [j for j in root.iterdir() if j.is_dir() and not j.name.startswith((".", "checkpoint-", "rank-"))]
-    except (NotADirectoryError, FileNotFoundError, PermissionError):
-        jobs = []
-    for job in jobs:
-        found += _step_dirs(job / f"rank-{rank}")
+def _is_job(e: Entry) -> bool:
+    return e.kind == "dir" and not e.name.startswith((".", "checkpoint-", "rank-"))
+
+
+def _candidates(store: Store, root: str, top: list[Entry], rank: int) -> list[str]:
+    """``root/checkpoint-<N>``, ``root/rank-<rank>/checkpoint-<N>`` and ``root/<job>/rank-<rank>/checkpoint-<N>``."""
+    found = _step_dirs(store, root, top) + _step_dirs(store, posixpath.join(root, f"rank-{rank}"))
+    for job in filter(_is_job, top):
+        found += _step_dirs(store, posixpath.join(root, job.name, f"rank-{rank}"))
     return found
 
 
-def _holds_checkpoints(root: Path) -> bool:
+def _subdirs(store: Store, folder: str, prefix: str = "") -> list[str]:
+    return [posixpath.join(folder, e.name) for e in store.list(folder) or []
+            if e.kind == "dir" and e.name.startswith(prefix) and not e.name.startswith(".")]
+
+
+def _holds_checkpoints(store: Store, root: str, top: list[Entry]) -> bool:
     """Whether ``root`` has a ``checkpoint-<N>`` folder in any supported layout, for any node rank."""
-    return any(STEP_DIR.match(c.name) and c.is_dir() for pattern in ("*", "rank-*/*", "*/rank-*/*")
-               for c in root.glob(pattern))
+    if _step_dirs(store, root, top):
+        return True
+    for d in top:
+        if d.kind != "dir" or d.name.startswith("."):
+            continue
+        sub = posixpath.join(root, d.name)
+        ranks = [sub] if d.name.startswith("rank-") else _subdirs(store, sub, "rank-")
+        if any(_step_dirs(store, r) for r in ranks):
+            return True
+    return False
 
 
 def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = False) -> list[CheckpointInfo]:
-    """All checkpoint folders under ``path`` in every supported layout, newest first (complete or not).
+    """All checkpoint folders under ``path`` (a local path or an fsspec URL such as ``s3://...``) in every
+    supported layout, newest first (complete or not).
 
     ``own``: only this writer's own checkpoints, the ``checkpoint-<N>`` folders directly under ``path``
     (or ``path`` itself when it is a checkpoint or a plain model folder without checkpoints under it).
-    ``path`` may be an fsspec URL (``s3://...``): then :func:`btckpt.remote.scan_url` does the work.
     """
-    if _is_url(path):
-        from .remote import scan_url
-        from .storage import remote_fs
-
-        found = list(scan_url(os.fspath(path), rank=rank))
-        if own:
-            base = remote_fs(os.fspath(path))[1].rstrip("/")
-            found = [i for i in found if str(i.path) == base or str(i.path.parent) == base]
-        return found  # type: ignore[return-value]
-    root = Path(os.fspath(path).removeprefix("file://"))
-    if not root.is_dir():
+    store, root = open_store(path)
+    top = store.list(root)
+    if top is None:
         return []
-    if (root / MANIFEST).exists() or STEP_DIR.match(root.name):
-        return [inspect(root)]
-    paths = _candidates(root, node_rank() if rank is None else rank)
-    if not paths and any((root / n).is_file() for n in HF_WEIGHTS) and not _holds_checkpoints(root):
-        return [inspect(root)]  # a plain model folder with no checkpoint under it (any layout, any rank)
+    if any(e.name == MANIFEST for e in top) or STEP_DIR.match(posixpath.basename(root)):
+        return [inspect(root, store=store)]
+    paths = _candidates(store, root, top, node_rank() if rank is None else rank)
+    if not paths and any(e.name in HF_WEIGHTS and e.is_file for e in top) and not _holds_checkpoints(store, root, top):
+        return [inspect(root, store=store, named=True)]  # a plain model folder with no checkpoint under it
     if own:
-        paths = [c for c in paths if c.parent == root]
-    infos = [inspect(c) for c in paths]
+        paths = [c for c in paths if posixpath.dirname(c) == root]
+    infos = [inspect(c, store=store) for c in paths]
     infos.sort(key=lambda i: (i.step, i.kind == "btckpt", i.created), reverse=True)
     return infos
 
 
 # -- verification and selection ------------------------------------------------------------------------------
-def verify(info: CheckpointInfo) -> list[str]:
-    """Check every listed file's size and xxh3-64 against the manifest; the problems (empty when sound).
+def _checksum(info: CheckpointInfo, name: str) -> tuple[int, str]:
+    """``(size, xxh3-64)`` of the listed file ``name``, read once in chunks; a CheckpointError naming it."""
+    try:
+        return file_checksum(name, opener=lambda n: info.store.open(info.path, n))
+    except OSError as exc:
+        raise read_error(info.store.where(info.path, name), exc) from None
 
-    What ``btckpt verify`` reports, and the check :func:`verified` applies when a resume is chosen.
+
+def verify(info: CheckpointInfo) -> list[str]:
+    """Check every listed file's kind, size and xxh3-64 against the manifest; the problems, each naming its
+    file (empty when sound). Local folders and URLs alike.
+
+    What ``btckpt verify`` reports, the check :func:`verified` applies when a resume is chosen, and what the
+    test suites call.
     """
     if info.manifest is None:
         if info.kind == "hf" and info.status != "corrupt":
             return ["no manifest: a plain model folder has no checksums to verify"]
         return [f"{info.status}: {info.reason}"]
-    if hasattr(info, "url"):
-        from .remote import verify_url
-
-        return verify_url(info)  # type: ignore[arg-type]
-    problems = verify_files(info.path, info.manifest)  # each problem names its file
+    problems = []
+    for name, entry in info.manifest.files.items():
+        try:
+            size, digest = _checksum(info, name)
+        except IncompleteCheckpoint:
+            problem: str | None = f"{name}: missing"
+        except CheckpointError as exc:
+            problem = f"{name}: {exc}"
+        else:
+            problem = entry_problem(name, size, digest, entry)
+        if problem:
+            problems.append(problem)
     if not problems and not info.complete:  # e.g. the folder's name and the manifest disagree on the step
         problems = [f"{info.status}: {info.reason}"]
     return problems
@@ -231,8 +265,7 @@ def verified(info: CheckpointInfo) -> CheckpointInfo:
         return info
     problems = verify(info)
     if problems:
-        where = getattr(info, "url", "") or str(info.path)
-        raise CorruptCheckpoint(f"{where}: " + "; ".join(problems))
+        raise CorruptCheckpoint(f"{info.where}: " + "; ".join(problems))
     return info
 
 
@@ -259,7 +292,7 @@ def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointIn
     mismatch: StateMismatch | None = None
     for info in candidates:
         if not info.complete:
-            log.warning("btckpt: skipping %s (%s%s)", getattr(info, "url", "") or info.path, info.status,
+            log.warning("btckpt: skipping %s (%s%s)", info.where, info.status,
                         f": {info.reason}" if info.reason else "")
             continue
         try:
@@ -269,10 +302,10 @@ def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointIn
         except StateMismatch as exc:
             mismatch = mismatch or exc
             log.warning("btckpt: %s does not fit the state, trying an older checkpoint: %s",
-                        getattr(info, "url", "") or info.path, exc)
+                        info.where, exc)
         except CheckpointError as exc:
             log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s",
-                        getattr(info, "url", "") or info.path, exc)
+                        info.where, exc)
     if mismatch is not None:
         raise mismatch
     return None
@@ -321,9 +354,5 @@ def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | s
     if found is None:
         return None
     info = found[0]
-    return getattr(info, "url", "") or info.path
+    return info.path if info.store.local else info.where
 
-
-def _is_url(path: str | os.PathLike[str]) -> bool:
-    s = os.fspath(path)
-    return "://" in s and not s.startswith("file://")

@@ -18,7 +18,9 @@ from .errors import CorruptCheckpoint, StateMismatch
 from .layout import rank_state_file
 from .manifest import check_member
 from .reader import CheckpointReader, read_verified_bytes
+from .remote import fetch
 from .rng import RngState, apply_rng, read_rng_file, rng_file
+from .sharded import sharded_groups
 from .statedict import apply_group, check_group
 
 __all__ = ["read_for_state", "load_into", "read_checkpoint", "restore_first"]
@@ -99,17 +101,11 @@ def check_fits(state: MutableMapping[str, Any], loaded: dict[str, Any], *, stric
 
 
 def _reshard_groups(info: CheckpointInfo, state: MutableMapping[str, Any]) -> dict[str, str]:
-    if info.manifest is None or not (info.manifest.meta.get("btckpt.sharded") or _has_dtensor(state)):
+    if info.manifest is None or not (info.manifest.meta.get("btckpt.sharded") or sharded_groups(state)):
         return {}
-    from .dcp_bridge import groups_to_reshard
+    from .dcp_bridge import groups_to_reshard  # torch.distributed.checkpoint (~1.4 s): only for sharded state
 
     return groups_to_reshard(info, state)
-
-
-def _has_dtensor(state: MutableMapping[str, Any]) -> bool:
-    from .sharded import sharded_groups
-
-    return bool(sharded_groups(state))
 
 
 def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names: Iterable[str] | None = None, *,
@@ -125,14 +121,14 @@ def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names
     check_fits(state, loaded, strict=strict, where=info.path)  # a candidate that does not fit is not chosen
     resharded = None
     if groups:  # DCP's planner reshards; every rank takes part
-        from .dcp_bridge import read_sharded
+        from .dcp_bridge import read_sharded  # torch.distributed.checkpoint: see _reshard_groups
 
         resharded = read_sharded(info, state, groups, strict=strict)
 
     def apply() -> None:
         load_into(state, loaded, rng, strict=strict, where=info.path)
         if resharded is not None:
-            from .dcp_bridge import apply_sharded
+            from .dcp_bridge import apply_sharded  # torch.distributed.checkpoint: see _reshard_groups
 
             apply_sharded(state, resharded, groups, strict=strict)
 
@@ -145,10 +141,8 @@ def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMap
     (:func:`btckpt.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged)."""
 
     def read(info: CheckpointInfo) -> tuple[CheckpointInfo, Callable[[], None]]:
-        if hasattr(info, "url"):  # behind an fsspec URL: download to the local cache first
-            from .remote import fetch
-
-            info = fetch(info)  # type: ignore[arg-type]
+        if not info.store.local:  # behind an fsspec URL: download to the local cache first
+            info = fetch(info)
         return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict)
 
     found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates), read)

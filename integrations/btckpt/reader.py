@@ -26,8 +26,8 @@ from .manifest import (
     read_error,
     read_member,
     read_upto,
-    verify_files,
 )
+from .sharded import assemble
 from .sthead import Header, read_header
 from .storage import new_hasher
 
@@ -160,18 +160,10 @@ class CheckpointReader:
 
         def load(ref: Any) -> torch.Tensor:  # references were checked when the manifest was parsed
             if "sharded" in ref:  # saved by every rank (FSDP2)
-                from .sharded import assemble
-
                 return assemble(ref["sharded"], self._chunk, where=str(self.folder))
             return self.tensor(ref["file"], ref["key"])
 
         return decode_tree(self.manifest.state[group], load)
-
-    def verify_all(self) -> list[str]:
-        """Check every listed file's kind, size and checksum; return problems (empty when sound)."""
-        if self.manifest is None:
-            return ["no manifest (a plain model folder cannot be verified)"]
-        return verify_files(self.folder, self.manifest)
 
 
 def read_verified_bytes(folder: Path, manifest: Manifest, name: str) -> bytes:

@@ -77,8 +77,7 @@ def check_restart_invariants(root: Path) -> list[int]:
     ``checkpoint-*`` folder listed is complete (never incomplete or corrupt) and verifies byte for byte.
     """
     import btckpt
-    from btckpt.discovery import scan
-    from btckpt.reader import CheckpointReader
+    from btckpt.discovery import scan, verify
 
     ck = btckpt.Checkpointer(dir=str(root), async_save=False, handle_sigterm=False)
     try:
@@ -88,7 +87,7 @@ def check_restart_invariants(root: Path) -> list[int]:
         bad = [(i.path.name, i.status, i.reason) for i in infos if not i.complete]
         assert not bad, f"incomplete/corrupt checkpoint listed after a crash: {bad}"
         for i in infos:
-            problems = CheckpointReader(i.path, i.manifest).verify_all()
+            problems = verify(i)
             assert not problems, f"{i.path} does not verify after a crash: {problems}"
         cands = [c.step for c in ck.candidates()]
         assert cands == [i.step for i in infos], (cands, [i.step for i in infos])

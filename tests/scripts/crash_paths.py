@@ -155,9 +155,8 @@ def _check_lightning(root: Path, ref: Path | None, final: bool) -> None:
 def _check_upload(root: Path, ref: Path | None, final: bool) -> None:
     """The remote side never shows a checkpoint whose manifest is present but whose files are incomplete
     (nor one that differs from the uninterrupted run's); a restart finishes the upload."""
-    from btckpt.discovery import inspect, scan
+    from btckpt.discovery import inspect, scan, verify
     from btckpt.manifest import MANIFEST
-    from btckpt.reader import CheckpointReader
     from btckpt.upload import Uploader
     from crash_harness import same_as_reference
 
@@ -166,7 +165,7 @@ def _check_upload(root: Path, ref: Path | None, final: bool) -> None:
     for folder in shown:
         info = inspect(folder)
         assert info.complete, f"remote {folder.name} has its manifest but is {info.status}: {info.reason}"
-        problems = CheckpointReader(folder, info.manifest).verify_all()
+        problems = verify(info)
         assert not problems, f"remote {folder.name} has its manifest but does not verify: {problems}"
     if ref is not None:
         same_as_reference(remote, ref, [int(p.name.split("-")[1]) for p in shown])
@@ -178,7 +177,7 @@ def _check_upload(root: Path, ref: Path | None, final: bool) -> None:
         r = remote / i.path.name
         assert (r / MANIFEST).is_file(), f"{i.path.name} was not uploaded by the restart"
         assert (r / MANIFEST).read_bytes() == (i.path / MANIFEST).read_bytes(), f"remote {r.name} differs"
-        assert CheckpointReader(r, inspect(r).manifest).verify_all() == [], f"remote {r.name} does not verify"
+        assert verify(inspect(r)) == [], f"remote {r.name} does not verify"
 
 
 SAVE_PATHS: dict[str, SavePath] = {

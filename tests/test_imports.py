@@ -1,0 +1,102 @@
+"""The package's modules import each other without cycles (issue 14: dependencies point down only).
+
+Every module of the installed ``btckpt`` package is found with ``pkgutil.walk_packages`` (so subfolders
+count too) and parsed, not imported; every ``import`` statement counts, at the top of a module or inside a
+function (an import moved into a function hides a cycle from Python, not from this test).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pkgutil
+from pathlib import Path
+
+import btckpt
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """``{module name: (source file, is a package)}`` for btckpt and everything under it."""
+    found = {"btckpt": (Path(btckpt.__file__), True)}
+    for m in pkgutil.walk_packages(btckpt.__path__, "btckpt."):
+        spec = importlib.util.find_spec(m.name)
+        assert spec is not None and spec.origin, m.name
+        found[m.name] = (Path(spec.origin), m.ispkg)
+    return found
+
+
+def _imports(name: str, source: Path, is_pkg: bool, known: set[str]) -> set[str]:
+    """The btckpt modules that ``name`` imports anywhere in its source."""
+    package = name if is_pkg else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # ``from pkg import sub`` imports the module ``pkg.sub``; ``from mod import name`` the module ``mod``
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # ``import btckpt.a.b`` where only ``btckpt.a.b`` is known, etc.
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the btckpt modules it imports}``."""
+    mods = _modules()
+    return {n: _imports(n, src, pkg, set(mods)) for n, (src, pkg) in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_graph_sees_imports_inside_functions() -> None:
+    """The walker itself: a cycle hidden in a function is a cycle, and a clean graph has none."""
+    graph = import_graph()
+    assert "btckpt.cli" in graph and "btckpt.manifest" in graph["btckpt.discovery"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_distributed_does_not_import_discovery() -> None:
+    """``distributed.world()`` reads the node rank itself; it never reaches into checkpoint discovery."""
+    assert "btckpt.discovery" not in import_graph()["btckpt.distributed"]
