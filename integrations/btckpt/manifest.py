@@ -19,10 +19,11 @@ from typing import Any, BinaryIO
 
 from ._tree import decode_tree
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
+from .sthead import DTYPE_SIZES
 
 __all__ = ["FORMAT", "MANIFEST", "Manifest", "check_relative_name", "entry_problem", "read_manifest", "utc_now",
            "open_regular", "file_kind", "open_member",
-           "member_path", "read_member", "read_upto", "read_error", "verify_files",
+           "member_path", "read_member", "read_upto", "read_error",
            "check_member",
            "tiling_problem", "SHARDED_META"]
 
@@ -173,22 +174,6 @@ def check_member(folder: str | os.PathLike[str], manifest: Manifest, name: str) 
         raise CorruptCheckpoint(f"{Path(folder) / problem}; the file is damaged: use an older checkpoint")
 
 
-def verify_files(folder: str | os.PathLike[str], manifest: Manifest) -> list[str]:
-    """Check every listed file (:func:`check_member`); the problems, each naming its file (empty when the
-    checkpoint is sound). What ``btckpt verify`` and ``CheckpointReader.verify_all`` report."""
-    problems = []
-    for name in manifest.files:
-        try:
-            problem = _member_problem(folder, manifest, name)
-        except IncompleteCheckpoint:
-            problem = f"{name}: missing"
-        except CheckpointError as exc:
-            problem = f"{name}: {exc}"
-        if problem:
-            problems.append(problem)
-    return problems
-
-
 @dataclass
 class Manifest:
     """The parsed manifest. ``files`` maps relative names to ``{"size": int, "xxh3_64": hex}``."""
@@ -281,8 +266,6 @@ class Manifest:
     def _check_ref(self, ref: Any) -> None:
         """Raise CorruptCheckpoint unless ``ref`` is a well-formed tensor reference: ``{file, key}`` naming a
         listed file, or ``{sharded: {key, shape, dtype, chunks}}`` whose chunks tile ``shape`` exactly."""
-        from .sthead import DTYPE_SIZES
-
         if isinstance(ref, dict) and "sharded" in ref:
             s = ref["sharded"]
             if not (isinstance(s, dict) and isinstance(s.get("key"), str) and isinstance(s.get("dtype"), str)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -28,10 +29,10 @@ from .manifest import (
     read_upto,
 )
 from .sharded import assemble
-from .sthead import Header, read_header
+from .sthead import MAX_HEADER, Header, parse_header
 from .storage import new_hasher
 
-__all__ = ["CheckpointReader", "safe_file", "read_safetensors", "read_verified_bytes"]
+__all__ = ["CheckpointReader", "safe_file", "read_header", "read_safetensors", "read_verified_bytes"]
 
 READ_CHUNK = 64 << 20
 MAX_INDEX = 256 * 1024 * 1024
@@ -177,3 +178,19 @@ def read_verified_bytes(folder: Path, manifest: Manifest, name: str) -> bytes:
     if len(data) != info["size"] or h.hexdigest() != info["xxh3_64"]:
         raise CorruptCheckpoint(f"{folder / name}: size or checksum does not match the manifest; the file is corrupt")
     return data
+
+
+def read_header(f: BinaryIO, file_size: int, *, where: str) -> Header:
+    """Read and parse the safetensors header from an open binary file, positioned anywhere; every failure is a
+    CheckpointError naming ``where``."""
+    try:
+        f.seek(0)
+    except OSError as exc:
+        raise read_error(where, exc) from None
+    head = read_upto(f, 8, where=where)
+    if len(head) < 8:
+        raise CorruptCheckpoint(f"{where}: file is {len(head)} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > file_size:
+        return parse_header(head, file_size, where=where)  # raises with the right message
+    return parse_header(head + read_upto(f, n, where=where), file_size, where=where)

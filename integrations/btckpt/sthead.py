@@ -11,11 +11,11 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from .errors import CorruptCheckpoint
 
-__all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "parse_header", "read_header", "ALIGN"]
+__all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "parse_header", "ALIGN"]
 
 ALIGN = 4096
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
@@ -134,20 +134,3 @@ def parse_header(length_and_json: bytes, file_size: int, *, where: str) -> Heade
 def _short(x: Any, n: int = 120) -> str:
     r = repr(x)
     return r if len(r) <= n else r[:n] + "..."
-
-
-def read_header(f: BinaryIO, file_size: int, *, where: str) -> Header:
-    """Read and parse the header from an open binary file (local or fsspec) positioned anywhere."""
-    from .manifest import read_error, read_upto
-
-    try:
-        f.seek(0)
-    except OSError as exc:
-        raise read_error(where, exc) from None
-    head = read_upto(f, 8, where=where)
-    if len(head) < 8:
-        raise CorruptCheckpoint(f"{where}: file is {len(head)} bytes, shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER or 8 + n > file_size:
-        return parse_header(head, file_size, where=where)  # raises with the right message
-    return parse_header(head + read_upto(f, n, where=where), file_size, where=where)
