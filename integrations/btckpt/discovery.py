@@ -1,13 +1,16 @@
 """Find checkpoints and choose the one to resume: every supported layout, completeness, verification.
 
-Torch-free. Layouts searched under a root (PLATFORM.md): the root itself being a checkpoint;
+Torch-free. Local folders and fsspec URLs are searched by the same code, through a
+:class:`btckpt.store.Store` (each :class:`CheckpointInfo` carries its store). Layouts searched under a root
+(PLATFORM.md): the root itself being a checkpoint;
 ``root/checkpoint-<step>/``; ``root/rank-<node>/checkpoint-<step>/``; and
 ``root/<job_id>/rank-<node>/checkpoint-<step>/`` (the node rank from ``$BT_NODE_RANK``, default 0).
 A folder with ``checkpoint-<N>`` children in any of these layouts is a folder of checkpoints, whatever
 else lies at its top; a plain HF model folder at the top counts (as a weights-only warm start) only
 when there is none. A writer's *own* checkpoints are the ``checkpoint-<N>`` folders directly under its dir.
 A checkpoint is complete when its manifest parses and every file it lists is a regular file of its size;
-checksums are checked when a checkpoint is loaded or verified (:func:`verify`).
+checksums are checked when a checkpoint is loaded or verified (:func:`verify`: what ``btckpt verify``,
+a resume's :func:`verified` and the test suites run).
 
 Selection, the one rule every entry point follows (the Checkpointer, ``btckpt.load``/``latest``, HF's
 ``resume_checkpoint``, Lightning's ``resume_path``, the CLI): :func:`resume_candidates` orders the own dir's
