@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
@@ -35,16 +35,19 @@ if TYPE_CHECKING:
     from ._lightning_hf import HFLayout
     from .lightning import SafetensorsCheckpointIO
 
-__all__ = ["ModelParallelStrategy", "check_strategy", "is_live", "refuse_rank0_shards", "saved_sharded",
-           "read_in_place", "hf_model_group"]
+__all__ = ["ModelParallelStrategy", "ShardedCheckpointIO", "check_strategy", "is_live", "refuse_rank0_shards",
+           "saved_sharded", "read_in_place", "hf_model_group"]
+
+
+class ShardedCheckpointIO:
+    """Base of btckpt's plugin (:class:`btckpt.lightning.SafetensorsCheckpointIO`), by which the strategies
+    here recognise it without importing :mod:`btckpt.lightning` (which imports this module)."""
 
 
 def _plugin(strategy: Any) -> SafetensorsCheckpointIO | None:
     """The strategy's CheckpointIO when it is btckpt's plugin."""
-    from .lightning import SafetensorsCheckpointIO
-
     io = strategy.checkpoint_io
-    return io if isinstance(io, SafetensorsCheckpointIO) else None
+    return cast("SafetensorsCheckpointIO", io) if isinstance(io, ShardedCheckpointIO) else None
 
 
 class ModelParallelStrategy(_LightningModelParallel):

@@ -74,6 +74,7 @@ from . import _lightning_rng as _rng
 from ._lightning_hf import HFLayout, from_hf_keys
 from ._lightning_sharded import (
     ModelParallelStrategy,
+    ShardedCheckpointIO,
     check_strategy,
     hf_model_group,
     is_live,
@@ -118,7 +119,7 @@ log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
 
 
-class SafetensorsCheckpointIO(CheckpointIO):
+class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     """Lightning ``CheckpointIO`` writing atomic, asynchronous, pickle-free btckpt folders (module doc).
 
     Options: ``async_save`` (write in the background; default True), ``max_shard_size``, ``save_rng``
