@@ -1,8 +1,8 @@
 """The ``btckpt`` command: ``ls``, ``show``, ``verify``, ``upload``, ``browse`` on local folders and fsspec URLs.
 
 Starts fast: never imports torch, transformers or lightning (only the torch-free modules: discovery, store,
-summary, manifest, sthead, storage); the commands that need more (``upload``, ``browse``, ``consolidate``)
-import it when they run. Remote URLs take their options from fsspec's environment
+summary, manifest, sthead, storage, upload); ``browse`` (textual) and ``consolidate`` (torch) import what
+they need when they run. Remote URLs take their options from fsspec's environment
 variables (e.g. ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
 Exit status: 0 ok, 1 a checkpoint failed verification or is not complete, 2 usage / not found.
 """
