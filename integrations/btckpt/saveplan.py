@@ -1,0 +1,174 @@
+"""The save plan, written once per state structure and reused across saves.
+
+Preparing a save costs Python work per tensor: flattening each group into JSON + keyed tensors
+(:func:`btckpt.layout.flatten_group`), laying the tensors out as files (:func:`btckpt.layout.plan_layout`)
+and finding the step-gated tensors. With 10^5 tensors (mixture-of-experts models, optimizer moments)
+that was seconds of blocked training per save. :class:`SavePlans` remembers, per group, where each
+tensor sat (its path in the group's tree) and what it was (data pointer, bytes, dtype, strides); a later
+save whose groups yield the same tensors at the same places reuses the keys, the layout and the gated
+keys. Anything else (a renamed key, a new shape or dtype, a re-allocated or re-tied tensor) re-plans that
+save from scratch, so the snapshot always describes the state at the ``save()`` call. Scalars in a tree
+(learning rates, step counts as numbers) are encoded afresh at every save.
+
+Call order (training thread, one rank): ``flatten(groups)`` -> ``layout(flat, max_shard_size)`` ->
+``gated(state, flat, optimizers)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._tree import TAGS, encode_tree
+from .layout import FlatGroup, FlatState, Layout, fill_refs, flatten_group, plan_layout
+from .statedict import gated_keys
+
+__all__ = ["SavePlans", "prepare_flat"]
+
+_DTYPE = operator.attrgetter("dtype")
+_NBYTES = operator.attrgetter("nbytes")
+
+
+class _Miss(Exception):
+    """The group no longer matches its plan."""
+
+
+def _idents(ts: Sequence[Any]) -> tuple[list[int], list[int], list[Any], list[Any]]:
+    """What a plan depends on per tensor, in four C-speed passes (a non-tensor raises AttributeError/TypeError)."""
+    return (list(map(torch.Tensor.data_ptr, ts)), list(map(_NBYTES, ts)), list(map(_DTYPE, ts)),
+            list(map(torch.Tensor.stride, ts)))
+
+
+@dataclass
+class _GroupPlan:
+    """One group's flattening: the tensors' paths and identities, and the result to reuse."""
+
+    group: FlatGroup
+    paths: list[tuple[Any, ...]]  # every tensor leaf's path, in tree order (tied ones included)
+    idents: tuple[list[int], list[int], list[Any], list[Any]]
+    unique: list[int]  # leaf index of each of group.tensors, in order
+    flat_keys: tuple[Any, ...] | None  # a plain {str: tensor} group: its keys (the fast path)
+
+
+def _plan_group(name: str, value: Any) -> _GroupPlan:
+    paths: list[tuple[Any, ...]] = []
+    g = flatten_group(name, value, paths=paths)
+    leaves = [g.tensors[r["key"]] for r in g.refs]  # a tied leaf is its first occurrence (same identity)
+    firsts: dict[str, int] = {}
+    for i, r in enumerate(g.refs):
+        firsts.setdefault(r["key"], i)
+    unique = [firsts[k] for k in g.tensors]
+    flat_keys = None
+    if (isinstance(value, Mapping) and len(paths) == len(value) and all(len(p) == 1 for p in paths)
+            and all(isinstance(k, str) and k not in TAGS for k in value)):
+        flat_keys = tuple(value)
+    return _GroupPlan(g, paths, _idents(leaves), unique, flat_keys)
+
+
+def _reuse(plan: _GroupPlan, value: Any) -> FlatGroup:
+    """The group's FlatGroup from its plan, or _Miss when ``value`` no longer matches it."""
+    g = plan.group
+    if plan.flat_keys is not None:
+        if not isinstance(value, Mapping) or tuple(value) != plan.flat_keys:
+            raise _Miss
+        leaves = list(value.values())
+        tree = g.tree
+    else:
+        leaves = []
+        paths, n = plan.paths, len(plan.paths)
+
+        def collect(path: tuple[Any, ...], t: torch.Tensor) -> Any:
+            i = len(leaves)
+            if i >= n or path != paths[i]:
+                raise _Miss
+            leaves.append(t)
+            return g.refs[i]
+        # a fresh tree: numbers in it (learning rates, counters) change between saves
+        tree = encode_tree(value, collect, is_tensor=lambda x: isinstance(x, torch.Tensor))
+        if len(leaves) != n:
+            raise _Miss
+    if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in leaves):
+        raise _Miss
+    if _idents(leaves) != plan.idents:
+        raise _Miss
+    tensors = dict(zip(g.tensors, [leaves[i] for i in plan.unique], strict=True))
+    return FlatGroup(g.name, tree, tensors, g.refs)
+
+
+class SavePlans:
+    """The cached save plan of one Checkpointer (see the module docstring); ``hits`` counts reuses."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, _GroupPlan] = {}
+        self._layout: Layout | None = None
+        self._layout_key: tuple[Any, ...] | None = None
+        self._gated: tuple[tuple[Any, ...], set[tuple[str, str]]] | None = None
+        self._all_hit = False
+        self._last: FlatState = []
+        self.hits = 0
+
+    @property
+    def reused(self) -> bool:
+        """Whether the last save reused the whole plan (its flattening, layout and gated keys)."""
+        return self._all_hit
+
+    def flatten(self, groups: Sequence[tuple[str, Any]]) -> FlatState:
+        """Flatten ``(name, group value)`` pairs, reusing each group's plan when it still matches."""
+        flat: FlatState = []
+        fresh: dict[str, _GroupPlan] = {}
+        all_hit = True
+        for name, value in groups:
+            old = self._groups.get(name)
+            g = None
+            if old is not None:
+                try:
+                    g = _reuse(old, value)
+                except (_Miss, AttributeError, TypeError):
+                    g = None
+            plan = old if g is not None and old is not None else _plan_group(name, value)
+            if g is None:
+                all_hit = False
+                g = plan.group
+            fresh[name] = plan
+            flat.append(g)
+        all_hit = all_hit and list(fresh) == list(self._groups)
+        self._groups = fresh
+        self._all_hit = all_hit
+        self._last = list(flat)
+        self.hits += all_hit
+        return flat
+
+    def layout(self, flat: FlatState, *, max_shard_size: int) -> Layout:
+        """The layout of ``flat`` (from the last :meth:`flatten`); tensor references carry their file names."""
+        key = (max_shard_size, tuple(g.name for g in flat))
+        same = len(flat) == len(self._last) and all(a is b for a, b in zip(flat, self._last, strict=False))
+        if not (same and self._all_hit and self._layout is not None and self._layout_key == key):
+            self._all_hit = False  # groups from elsewhere (sharded parts) are not in the plan
+            self._layout = plan_layout(flat, max_shard_size=max_shard_size)
+            self._layout_key = key
+            self._gated = None
+            fill_refs(flat, self._layout)  # on a hit the plan's ref dicts already name their files
+        return self._layout
+
+    def gated(self, state: Mapping[str, Any], flat: FlatState,
+              optimizers: Sequence[torch.optim.Optimizer]) -> set[tuple[str, str]]:
+        """:func:`~btckpt.statedict.gated_keys`, reused while the plan and the state's objects are the same."""
+        key = (tuple(state), tuple(map(id, state.values())), tuple(map(id, optimizers)))
+        if self._all_hit and self._gated is not None and self._gated[0] == key:
+            return self._gated[1]
+        keys = gated_keys(state, flat, optimizers)
+        self._gated = (key, keys)
+        return keys
+
+
+def prepare_flat(plans: SavePlans, groups: Sequence[tuple[str, Any]], *, max_shard_size: int,
+                 extra: Sequence[FlatGroup] = ()) -> tuple[FlatState, Layout | None]:
+    """Flatten ``groups`` (plus already flat ``extra`` groups, e.g. this rank's shards) and lay them out
+    (None when there is nothing to lay out): the one save preparation of
+    :meth:`Checkpointer.save <btckpt.Checkpointer.save>` and :func:`btckpt.save`."""
+    flat = plans.flatten(groups) + list(extra)
+    return flat, (plans.layout(flat, max_shard_size=max_shard_size) if flat else None)
