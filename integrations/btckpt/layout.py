@@ -85,12 +85,11 @@ def _check_tensor(path: str, t: torch.Tensor) -> None:
                                "convert it (e.g. complex128 -> two float64 tensors via torch.view_as_real)")
 
 
-def flatten_group(name: str, value: Any, *, paths: list[tuple[Any, ...]] | None = None) -> FlatGroup:
+def flatten_group(name: str, value: Any) -> FlatGroup:
     """Flatten one group's value (a state_dict-like tree) into JSON + uniquely keyed tensors.
 
     Tensors that share storage, offset, shape, stride and dtype (tied weights) are stored once and
     referenced twice. Keys are the dotted path of the tensor (a flat state_dict keeps its own keys).
-    ``paths`` (optional) receives every tensor leaf's path, in the order of ``refs``.
     """
     if not GROUP_NAME.match(name):
         raise UnsupportedValue(f"state group name {name!r} cannot be a file name; use letters, digits, "
@@ -100,8 +99,6 @@ def flatten_group(name: str, value: Any, *, paths: list[tuple[Any, ...]] | None 
     refs: list[dict[str, Any]] = []
 
     def on_tensor(path: tuple[Any, ...], t: torch.Tensor) -> dict[str, Any]:
-        if paths is not None:
-            paths.append(path)
         key = ".".join(str(p) for p in path) or name
         _check_tensor(f"{name}.{key}" if path else name, t)
         ident = None

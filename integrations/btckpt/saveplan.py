@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._tree import TAGS, encode_tree
+from ._tree import encode_tree
 from .layout import FlatGroup, FlatState, Layout, fill_refs, flatten_group, plan_layout
 from .statedict import gated_keys
 
@@ -43,54 +43,114 @@ def _idents(ts: Sequence[Any]) -> tuple[list[int], list[int], list[Any], list[An
             list(map(torch.Tensor.stride, ts)))
 
 
+def _is_ref(node: Any) -> bool:
+    return type(node) is dict and len(node) == 1 and "__tensor__" in node
+
+
+def _tagged(node: Any, tag: str) -> bool:
+    return type(node) is dict and len(node) == 1 and tag in node
+
+
+def _no_tensor(path: tuple[Any, ...], t: Any) -> Any:
+    raise _Miss  # a tensor where the plan had plain data
+
+
+def _plain(value: Any) -> Any:
+    """Plain data (no tensor allowed) encoded afresh; a list of ints (param ids) at C speed."""
+    if type(value) is list and all(type(x) is int for x in value):
+        return list(value)
+    return encode_tree(value, _no_tensor, is_tensor=lambda x: isinstance(x, torch.Tensor))
+
+
 @dataclass
 class _GroupPlan:
-    """One group's flattening: the tensors' paths and identities, and the result to reuse."""
+    """One group's flattening (its tree is the template a later save is matched against) and its tensors'
+    identities; ``refs_only``/``with_refs``: ids of the tree's nodes whose values are all tensor references /
+    that hold a reference somewhere (the other nodes are plain data, encoded afresh at every save)."""
 
     group: FlatGroup
-    paths: list[tuple[Any, ...]]  # every tensor leaf's path, in tree order (tied ones included)
     idents: tuple[list[int], list[int], list[Any], list[Any]]
     unique: list[int]  # leaf index of each of group.tensors, in order
-    flat_keys: tuple[Any, ...] | None  # a plain {str: tensor} group: its keys (the fast path)
+    refs_only: set[int]
+    with_refs: set[int]
+
+    def fill(self, value: Any, node: Any, leaves: list[Any]) -> Any:
+        """``value`` encoded like ``node`` (the plan's tree), its tensors appended to ``leaves``; _Miss when
+        ``value`` has another structure. Tensor leaves reuse the plan's reference dicts."""
+        if id(node) not in self.with_refs:
+            return _plain(value)
+        if _is_ref(node):
+            if not isinstance(value, torch.Tensor):
+                raise _Miss
+            leaves.append(value)
+            return node
+        if type(node) is list:
+            if type(value) is not list or len(value) != len(node):
+                raise _Miss
+            return [self.fill(v, n, leaves) for v, n in zip(value, node, strict=True)]
+        if _tagged(node, "__tuple__"):
+            if type(value) is not tuple or len(value) != len(node["__tuple__"]):
+                raise _Miss
+            return {"__tuple__": [self.fill(v, n, leaves) for v, n in zip(value, node["__tuple__"], strict=True)]}
+        if not isinstance(value, Mapping) or len(value) != len(node.get("__dict__", node)):
+            raise _Miss
+        if _tagged(node, "__dict__"):  # non-string keys (an optimizer's parameter ids)
+            out = []
+            for (k, v), (kn, vn) in zip(value.items(), node["__dict__"], strict=True):
+                if not (type(k) is int and type(kn) is int and k == kn) and _plain(k) != kn:
+                    raise _Miss
+                out.append([kn, self.fill(v, vn, leaves)])
+            return {"__dict__": out}
+        if id(node) in self.refs_only:  # e.g. a state_dict, or one parameter's optimizer state
+            if value.keys() != node.keys():
+                raise _Miss
+            leaves.extend(value.values())
+            return node
+        if any(not isinstance(k, str) or k not in node for k in value):
+            raise _Miss
+        return {k: self.fill(v, node[k], leaves) for k, v in value.items()}
+
+
+def _index_tree(node: Any, refs_only: set[int], with_refs: set[int]) -> bool:
+    """Fill ``refs_only``/``with_refs`` for ``node`` and below; True when it holds a tensor reference."""
+    if _is_ref(node):
+        with_refs.add(id(node))
+        return True
+    if isinstance(node, dict):
+        kids = [v for pair in node["__dict__"] for v in pair] if _tagged(node, "__dict__") else (
+            node["__tuple__"] if _tagged(node, "__tuple__") else list(node.values()))
+    elif isinstance(node, list):
+        kids = node
+    else:
+        return False
+    found = [_index_tree(k, refs_only, with_refs) for k in kids]
+    if any(found):
+        with_refs.add(id(node))
+        if isinstance(node, dict) and len(node) > 1 and not _tagged(node, "__dict__") and all(map(_is_ref, kids)):
+            refs_only.add(id(node))
+        return True
+    return False
 
 
 def _plan_group(name: str, value: Any) -> _GroupPlan:
-    paths: list[tuple[Any, ...]] = []
-    g = flatten_group(name, value, paths=paths)
+    g = flatten_group(name, value)
     leaves = [g.tensors[r["key"]] for r in g.refs]  # a tied leaf is its first occurrence (same identity)
     firsts: dict[str, int] = {}
     for i, r in enumerate(g.refs):
         firsts.setdefault(r["key"], i)
-    unique = [firsts[k] for k in g.tensors]
-    flat_keys = None
-    if (isinstance(value, Mapping) and len(paths) == len(value) and all(len(p) == 1 for p in paths)
-            and all(isinstance(k, str) and k not in TAGS for k in value)):
-        flat_keys = tuple(value)
-    return _GroupPlan(g, paths, _idents(leaves), unique, flat_keys)
+    refs_only: set[int] = set()
+    with_refs: set[int] = set()
+    _index_tree(g.tree, refs_only, with_refs)
+    return _GroupPlan(g, _idents(leaves), [firsts[k] for k in g.tensors], refs_only, with_refs)
 
 
 def _reuse(plan: _GroupPlan, value: Any) -> FlatGroup:
     """The group's FlatGroup from its plan, or _Miss when ``value`` no longer matches it."""
     g = plan.group
-    if plan.flat_keys is not None:
-        if not isinstance(value, Mapping) or tuple(value) != plan.flat_keys:
-            raise _Miss
-        leaves = list(value.values())
-        tree = g.tree
-    else:
-        leaves = []
-        paths, n = plan.paths, len(plan.paths)
-
-        def collect(path: tuple[Any, ...], t: torch.Tensor) -> Any:
-            i = len(leaves)
-            if i >= n or path != paths[i]:
-                raise _Miss
-            leaves.append(t)
-            return g.refs[i]
-        # a fresh tree: numbers in it (learning rates, counters) change between saves
-        tree = encode_tree(value, collect, is_tensor=lambda x: isinstance(x, torch.Tensor))
-        if len(leaves) != n:
-            raise _Miss
+    leaves: list[Any] = []
+    tree = plan.fill(value, g.tree, leaves)  # fresh plain data: numbers (learning rates, counters) change
+    if len(leaves) != len(g.refs):
+        raise _Miss
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in leaves):
         raise _Miss
     if _idents(leaves) != plan.idents:
