@@ -47,7 +47,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
         raise CheckpointError(f"{target} already exists; btckpt never overwrites a checkpoint in place")
     if not isinstance(state, Mapping) or not state:
         raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
-    flat, layout = prepare_flat(SavePlans(), [(name, group_value(obj)) for name, obj in state.items()],
+    flat, layout = prepare_flat(SavePlans(keep=False), [(name, group_value(obj)) for name, obj in state.items()],
                                 max_shard_size=max_shard_size)
     assert layout is not None
     extra_files = checked_extra_files(layout, extra_files, root=target.parent, margin=0)

@@ -160,9 +160,12 @@ def _reuse(plan: _GroupPlan, value: Any) -> FlatGroup:
 
 
 class SavePlans:
-    """The cached save plan of one Checkpointer (see the module docstring); ``hits`` counts reuses."""
+    """The cached save plan of one Checkpointer (see the module docstring); ``hits`` counts reuses.
 
-    def __init__(self) -> None:
+    ``keep=False``: a one-shot save (:func:`btckpt.save`): plan without remembering anything."""
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self._keep = keep
         self._groups: dict[str, _GroupPlan] = {}
         self._layout: Layout | None = None
         self._layout_key: tuple[Any, ...] | None = None
@@ -181,6 +184,9 @@ class SavePlans:
         flat: FlatState = []
         fresh: dict[str, _GroupPlan] = {}
         all_hit = True
+        if not self._keep:
+            self._all_hit = False
+            return [flatten_group(name, value) for name, value in groups]
         for name, value in groups:
             old = self._groups.get(name)
             g = None
