@@ -1,15 +1,25 @@
 """Stall per save (btckpt async vs sync vs the peers), training throughput loss, and host memory.
 
     python benchmarks/bench_async.py --rounds 3 --dir /tmp/btckpt-bench-async
+    python benchmarks/bench_async.py --parts loop,cpu --loop-mb 400 --every 4 --threads 2 --rounds 5
 
 State: a ~1 GiB training state of many tensors (five 4096x4096 linears, biases and 64 small LayerNorms,
 plus Adam's two moments). Stall = time the save call blocks + time btckpt's step gate holds the next
 ``optimizer.step()``. Contenders alternate round by round; medians and spread are printed.
+
+``loop`` (issue 13 section 1): a CPU training loop over a ``--loop-mb`` model + AdamW state with torch on
+``--threads`` threads (default: every core), a save every ``--every`` steps; contenders no save, btckpt
+async, btckpt sync, DCP ``async_save`` (default config) alternate round by round. Per-save loss = (loop
+time with saves - loop time without) / saves, each loop ending when its last save is durable.
+``cpu``: CPU seconds per saved GiB of each stage (arena copy, xxh3 checksum, write, fsync) and of whole
+saves (btckpt sync, btckpt async, DCP async_save), from the process's CPU clock.
+All figures come from public APIs (``Checkpointer.stats`` for the step gate).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -113,7 +123,7 @@ class BtckptAsync(Contender):
         return time.perf_counter() - t0
 
     def gate_wait(self) -> float:
-        return self.ck._gate.waited
+        return self.ck.stats.gate_wait_s
 
     def settle(self) -> None:
         self.ck.wait()
@@ -323,6 +333,137 @@ def bench_memory(root: Path, saves: int, width: int) -> tuple[int, int, list[int
     return nbytes, base, peaks
 
 
+class LoopNet(torch.nn.Module):
+    """Linear layers of ``width``; ``depth`` chosen so that weights + AdamW's two moments are ``mb`` MB."""
+
+    def __init__(self, mb: int, width: int = 2048) -> None:
+        super().__init__()
+        depth = max(1, round(mb * 1e6 / 12 / (width * width + width)))
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.layers(x)).pow(2).mean()
+
+
+def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int, saves: int) -> tuple[float, int]:
+    """One loop of ``every * (saves + 1)`` steps with ``saves`` saves; returns (seconds, saves)."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    model = LoopNet(mb)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, model.width)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(x).backward()
+        opt.step()
+
+    train_step()  # AdamW's moments exist before the clock starts
+    ck = None
+    if kind.startswith("btckpt"):
+        ck = btckpt.Checkpointer(dir=root / kind.replace(" ", "_"), keep_last=1, save_rng=False,
+                                 async_save=kind == "btckpt async", handle_sigterm=False)
+    fut: Any = None
+    n = 0
+    t0 = time.perf_counter()
+    for i in range(1, every * (saves + 1) + 1):
+        train_step()
+        if kind == "no save" or i % every or n >= saves:
+            continue
+        n += 1
+        state = {"model": model, "optimizer": opt}
+        if ck is not None:
+            ck.save(i, state)
+        else:
+            if fut is not None:
+                fut.result()  # one DCP save in flight at a time
+            sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            fut = dcp.async_save(sd, checkpoint_id=str(root / f"dcp-{i}"), no_dist=True)
+    if ck is not None:
+        ck.close()
+    if fut is not None:
+        fut.result()
+    dt = time.perf_counter() - t0
+    for p in root.iterdir():
+        shutil.rmtree(p, ignore_errors=True)
+    return dt, n
+
+
+def bench_loop(root: Path, rounds: int, mb: int, batch: int, every: int, saves: int) -> dict[str, list[float]]:
+    """Per-save loss (seconds) of each contender, one value per round (contenders alternate)."""
+    kinds = ["no save", "btckpt async", "btckpt sync", "DCP async_save"]
+    loss: dict[str, list[float]] = {k: [] for k in kinds[1:]}
+    (root / "loop").mkdir(exist_ok=True)
+    for r in range(rounds):
+        order = kinds if r % 2 == 0 else [kinds[0]] + kinds[:0:-1]
+        times = {k: _loop_once(k, root / "loop", mb, batch, every, saves) for k in order}
+        base = times["no save"][0]
+        for k in kinds[1:]:
+            dt, n = times[k]
+            loss[k].append((dt - base) / max(1, n))
+        print(f"round {r + 1} (no save {base:.2f}s): " + ", ".join(f"{k} {v[-1] * 1e3:+.0f} ms/save"
+                                                                 for k, v in loss.items()), flush=True)
+    return loss
+
+
+def bench_cpu(root: Path, mb: int) -> dict[str, float]:
+    """CPU seconds (process clock) per saved GiB, per stage and per whole save."""
+    import torch.distributed.checkpoint as dcp
+    import xxhash
+
+    torch.manual_seed(0)
+    model = LoopNet(mb)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(8, model.width)).backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    nbytes = state_bytes(model, opt)  # type: ignore[arg-type]
+    gib = nbytes / 2**30
+    flat = flat_tensors(model, opt)  # type: ignore[arg-type]
+    out: dict[str, float] = {}
+
+    def cpu(name: str, fn: Any) -> None:
+        c0 = time.process_time()
+        fn()
+        out[name] = (time.process_time() - c0) / gib
+
+    arena = torch.empty(nbytes, dtype=torch.uint8)
+    views, pos = [], 0
+    for t in flat.values():
+        nb = t.numel() * t.element_size()
+        views.append(arena[pos:pos + nb].view(t.dtype).view(t.shape))
+        pos += nb
+    cpu("arena copy (foreach)", lambda: torch._foreach_copy_(views, list(flat.values())))
+    mv = memoryview(arena.numpy())
+    cpu("xxh3 checksum", lambda: xxhash.xxh3_64(mv).hexdigest())
+    p = root / "cpu.bin"
+
+    def write() -> None:
+        with open(p, "wb") as f:
+            chunk = 32 << 20
+            for off in range(0, len(mv), chunk):
+                f.write(mv[off:off + chunk])
+    cpu("write (page cache)", write)
+    cpu("fsync", lambda: fsync_path(p))
+    p.unlink()
+    cpu("btckpt sync save (all)", lambda: btckpt.save(root / "cpu-sync", state, save_rng=False))
+    shutil.rmtree(root / "cpu-sync")
+    with btckpt.Checkpointer(dir=root / "cpu-async", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
+        ck.save(1, state)  # the first save allocates and plans; measure a steady one
+        ck.wait()
+        cpu("btckpt async save + commit (all)", lambda: (ck.save(2, state), ck.wait()))
+    shutil.rmtree(root / "cpu-async")
+
+    def dcp_save() -> None:
+        sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        dcp.async_save(sd, checkpoint_id=str(root / "cpu-dcp"), no_dist=True).result()
+    cpu("DCP async_save + result (all)", dcp_save)
+    shutil.rmtree(root / "cpu-dcp", ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
@@ -331,13 +472,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--mem-saves", type=int, default=50)
-    ap.add_argument("--parts", default="stall,throughput,memory")
+    ap.add_argument("--parts", default="stall,throughput,memory,loop,cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    ap.add_argument("--loop-mb", type=int, default=400, help="loop/cpu: MB of model + AdamW state")
+    ap.add_argument("--loop-batch", type=int, default=256)
+    ap.add_argument("--loop-saves", type=int, default=4, help="loop: saves per loop")
     args = ap.parse_args()
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     parts = set(args.parts.split(","))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     if "stall" in parts:
         stalls = bench_stall(root, args.rounds, args.width)
         print("\n| contender | stall per save (save() + step gate) |\n|---|---|")
@@ -365,6 +510,25 @@ def main() -> None:
               f"{max(peaks) / 2**30:.2f} GiB = {max(peaks) / nbytes:.3f}x state; after save 1 "
               f"{peaks[0] / nbytes:.3f}x, after save {len(peaks)} {peaks[-1] / nbytes:.3f}x (growth "
               f"{(peaks[-1] - peaks[0]) / 2**20:.1f} MiB)")
+    if "loop" in parts:
+        loss = bench_loop(root, args.rounds, args.loop_mb, args.loop_batch, args.every, args.loop_saves)
+        print(f"\n| CPU loop ({args.loop_mb} MB state, {args.threads} threads, save every {args.every} steps) "
+              "| loss per save, ms |\n|---|---|")
+        for k, v in loss.items():
+            ms = [x * 1e3 for x in v]
+            print(f"| {k} | median {statistics.median(ms):+.0f} (min {min(ms):+.0f}, max {max(ms):+.0f}, "
+                  f"n={len(ms)}) |")
+        med = {k: statistics.median(v) for k, v in loss.items()}
+        for peer in ("DCP async_save", "btckpt sync"):
+            if med[peer] > 0:
+                print(f"  btckpt async / {peer} = {med['btckpt async'] / med[peer]:.2f}x")
+            else:
+                print(f"  btckpt async / {peer}: {peer} lost nothing measurable ({med[peer] * 1e3:+.0f} ms)")
+    if "cpu" in parts:
+        cost = bench_cpu(root, args.loop_mb)
+        print("\n| stage | CPU s per GiB |\n|---|---|")
+        for k, v in cost.items():
+            print(f"| {k} | {v:.3f} |")
     shutil.rmtree(root, ignore_errors=True)
 
 

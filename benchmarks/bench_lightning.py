@@ -43,6 +43,9 @@ class Net(L.LightningModule):
 
 
 class Clock(L.Callback):
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+
     def on_train_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
         self.gate_s = 0.0
@@ -50,8 +53,8 @@ class Clock(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.train_s = time.perf_counter() - self.t0
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, SafetensorsCheckpointIO):  # before teardown closes the Checkpointers
-            self.gate_s = sum(ck._gate.waited for ck in io._ckpts.values())
+        if isinstance(io, SafetensorsCheckpointIO):  # before teardown closes the Checkpointer (public stats)
+            self.gate_s = io.checkpointer(self.ckpt_dir).stats.gate_wait_s
 
 
 def timed(io):
@@ -91,7 +94,7 @@ def run(kind: str, a: argparse.Namespace, root: Path) -> dict[str, float]:
         io, stalls = timed(io)
         plugins = [io]
     d = root / kind
-    cbs: list = [Clock()]
+    cbs: list = [Clock(d)]
     if io is not None:
         cbs.append(ModelCheckpoint(dirpath=d, every_n_train_steps=a.every, save_top_k=2, monitor="step",
                                    mode="max"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from btckpt import faults
 from btckpt.errors import CheckpointError
-from btckpt.manifest import read_manifest
+from btckpt.manifest import MANIFEST, read_manifest
 from btckpt.reader import CheckpointReader
 from btckpt.snapshot import Stager
 from hypothesis import HealthCheck, given, settings
@@ -321,3 +321,86 @@ def test_save_logs_bytes_seconds_and_throughput(tmp_path: Path, caplog: pytest.L
     with btckpt.Checkpointer(dir=tmp_path, async_save=False, handle_sigterm=False) as ckpt:
         ckpt.save(1, {"model": _model([8, 8])})
     assert any("MB in" in r.message and "MB/s" in r.message for r in caplog.records)
+
+
+def test_many_small_tensors_and_adam_step_counters_copy_behind_the_gate(tmp_path: Path,
+                                                                          slow_copies: list[float]) -> None:
+    """2,000 tiny parameters with Adam state (a step counter each): every gated tensor, the 0-dim step
+    counters included, is copied in the background, and each snapshot still equals the state at save()."""
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3)) for _ in range(2000)])
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    background: list[int] = []
+    real = snapshot_mod._copy_all
+
+    def counting(pairs, *, non_blocking):  # type: ignore[no-untyped-def]
+        pairs = list(pairs)
+        background.append(sum(1 for _, src in pairs if src.dim() == 0))
+        real(pairs, non_blocking=non_blocking)
+
+    snapshot_mod._copy_all = counting  # restored by slow_copies' monkeypatch (it patched the same name)
+
+    def step() -> None:
+        for p in model:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    expected = {}
+    with btckpt.Checkpointer(dir=tmp_path, keep_last=None, handle_sigterm=False) as ck:
+        for s in range(1, 4):
+            step()
+            expected[s] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+            ck.save(s, {"model": model, "optimizer": opt})
+            step()  # waits at the gate, then moves every parameter, moment and step counter
+        assert ck.stats.plan_reuses == 2  # the same structure: saves 2 and 3 reused the plan
+    assert background and all(n == 2000 for n in background), background
+    for s, (msd, osd) in expected.items():
+        assert _equal_tree(_saved(tmp_path / f"checkpoint-{s}", "model"), dict(msd)), f"model differs at step {s}"
+        assert _equal_tree(_saved(tmp_path / f"checkpoint-{s}", "optimizer"), osd), f"optimizer differs at step {s}"
+
+
+def test_stats_after_saves(tmp_path: Path, slow_copies: list[float]) -> None:
+    model = _model([8, 16])
+    opt = torch.optim.Adam(model.parameters())
+    _train_step(model, opt, 8)
+    with btckpt.Checkpointer(dir=tmp_path, keep_last=None, handle_sigterm=False) as ck:
+        assert ck.stats == btckpt.CheckpointStats()
+        ck.save(1, {"model": model, "optimizer": opt})
+        _train_step(model, opt, 8)
+        ck.save(2, {"model": model, "optimizer": opt})
+        ck.wait()
+        st = ck.stats
+    files = [p for p in (tmp_path / "checkpoint-2").iterdir() if p.name != MANIFEST]  # the rank's files
+    assert st.saves == 2 and st.commits == 2 and st.last_committed_step == 2
+    assert st.plan_reuses == 1
+    assert st.last_bytes == sum(p.stat().st_size for p in files)
+    assert st.bytes_written >= 2 * st.last_bytes - 64  # two saves of the same state (RNG files vary a little)
+    assert st.save_block_s >= st.last_save_block_s > 0
+    assert st.last_write_s > 0 and st.last_mb_s > 0
+    assert st.gate_wait_s >= 0 and st.gate_waits >= 0
+    assert st.as_dict()["saves"] == 2
+    with pytest.raises(AttributeError):
+        st.saves = 3  # type: ignore[misc]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_writer_yields_to_training_and_gets_the_cpu_when_training_waits(tmp_path: Path) -> None:
+    import os
+
+    seen: dict[str, int] = {}
+    started = threading.Event()
+
+    def on_commit(_path: Path) -> None:  # runs on the writer thread
+        seen["running"] = os.sched_getscheduler(0)
+        started.set()
+        deadline = time.monotonic() + 20
+        while os.sched_getscheduler(0) == os.SCHED_IDLE and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the training thread waits for this save (wait() below)
+        seen["waited"] = os.sched_getscheduler(0)
+
+    with btckpt.Checkpointer(dir=tmp_path, handle_sigterm=False) as ck:
+        ck.save(1, {"model": _model([4, 4])}, on_commit=on_commit)
+        assert started.wait(20)
+        ck.wait()
+    assert seen["running"] == os.SCHED_IDLE
+    assert seen["waited"] == os.SCHED_OTHER

@@ -185,3 +185,68 @@ def test_ddp_and_compile_wrappers_save_plain_keys(tmp_path: Path) -> None:
     again = torch.nn.DataParallel(_model())
     btckpt.load(p, {"model": again})
     assert torch.equal(again.module[0].weight, m[0].weight)
+
+
+def _saved_tensors(path: Path) -> dict[str, torch.Tensor]:
+    state: dict = {"w": {}}
+    btckpt.load(path, state, load_rng=False)
+    return state["w"]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_save_plan_is_replanned_when_the_structure_changes(tmp_path: Path, async_save: bool) -> None:
+    """The cached plan is reused only while names, shapes, dtypes and tensors stay the same; any change
+    re-plans and the checkpoint still equals the state at the save() call."""
+    a, b = torch.arange(6.0), torch.ones(4, dtype=torch.int64)
+    changes = [
+        {"a": a, "b": b},                                  # 1: planned
+        {"a": a, "b": b},                                  # 2: reused
+        {"a": a.reshape(2, 3), "b": b},                    # 3: new shape, same storage
+        {"a": a.reshape(2, 3), "b": b.to(torch.int32)},    # 4: new dtype
+        {"a": a.reshape(2, 3), "c": b.to(torch.int32)},    # 5: renamed key
+        {"a": a.reshape(2, 3), "c": a.reshape(2, 3)},      # 6: now tied to "a"
+        {"a": a.reshape(2, 3), "c": a.reshape(2, 3) + 1},  # 7: untied again (new tensor)
+        {"a": a.reshape(2, 3), "c": a.reshape(2, 3) + 1},  # 8: a new tensor again, same shape: re-planned
+    ]
+    reuses = []
+    with _ck(tmp_path, keep_last=None, async_save=async_save, save_rng=False) as ck:
+        for step, w in enumerate(changes, 1):
+            ck.save(step, {"w": w})
+            reuses.append(ck.stats.plan_reuses)
+    assert reuses == [0, 1, 1, 1, 1, 1, 1, 1]
+    for step, w in enumerate(changes, 1):
+        got = _saved_tensors(tmp_path / f"checkpoint-{step}")
+        assert got.keys() == w.keys(), step
+        for k, t in w.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k], t), (step, k)
+
+
+def test_save_plan_sees_in_place_values_and_new_scalars(tmp_path: Path) -> None:
+    """A reused plan copies the tensors' current values and encodes the tree's plain data afresh."""
+    w = torch.zeros(3)
+    with _ck(tmp_path, keep_last=None, save_rng=False) as ck:
+        for step in (1, 2, 3):
+            w.fill_(step)
+            ck.save(step, {"w": {"t": w, "lr": 0.1 * step, "tags": ["x"] * step}})
+        assert ck.stats.plan_reuses == 2  # same tensors at the same paths; the numbers and lists are not planned
+    for step in (1, 2, 3):
+        state: dict = {"w": {}}
+        btckpt.load(tmp_path / f"checkpoint-{step}", state, load_rng=False)
+        assert state["w"]["lr"] == pytest.approx(0.1 * step)
+        assert state["w"]["tags"] == ["x"] * step
+        assert torch.equal(state["w"]["t"], torch.full((3,), float(step)))
+
+
+@pytest.mark.parametrize("bad", [0, 3, True, "2", 1.0])
+def test_io_threads_is_validated(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(btckpt.ConfigError, match="io_threads"):
+        _ck(tmp_path, io_threads=bad)
+
+
+def test_io_threads_one_writes_verified_checkpoints(tmp_path: Path) -> None:
+    m = _model()
+    with _ck(tmp_path, io_threads=1) as ck:
+        ck.save(1, {"model": m, "big": torch.randn(1 << 19)})  # 2 MiB: a piece large enough to hash aside
+    state = {"model": _model(), "big": torch.zeros(1 << 19)}
+    assert btckpt.load(tmp_path / "checkpoint-1", state) == 1
+    assert scan(tmp_path)[0].complete

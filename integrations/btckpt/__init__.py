@@ -24,17 +24,19 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpointer", "CheckpointConfig", "save", "load", "latest", "CheckpointError", "ConfigError",
+    "Checkpointer", "CheckpointConfig", "CheckpointStats", "save", "load", "latest", "CheckpointError", "ConfigError",
     "CoordinationError", "CorruptCheckpoint", "IncompleteCheckpoint", "InsufficientSpace", "NoCheckpointFound",
     "StateMismatch", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
 ]
 
-_LAZY = {"Checkpointer": "manager", "CheckpointConfig": "config", "save": "api", "load": "api"}
+_LAZY = {"Checkpointer": "manager", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "api",
+         "load": "api"}
 
 if TYPE_CHECKING:
     from .api import load, save
     from .config import CheckpointConfig
     from .manager import Checkpointer
+    from .stats import CheckpointStats
 
 
 def __getattr__(name: str) -> Any:

@@ -18,14 +18,14 @@ from .errors import (
     IncompleteCheckpoint,
     NoCheckpointFound,
 )
-from .layout import fill_refs, flatten_group, plan_layout
 from .loading import read_checkpoint, restore_first
 from .manifest import read_manifest
 from .rng import capture_rng
-from .saving import SaveJob, check_extra_files, run_save
+from .saveplan import SavePlans, prepare_flat
+from .saving import SaveJob, checked_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
-from .storage import new_tag, preflight, space_error
+from .storage import new_tag, space_error
 
 __all__ = ["save", "load", "latest"]
 
@@ -47,12 +47,10 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
         raise CheckpointError(f"{target} already exists; btckpt never overwrites a checkpoint in place")
     if not isinstance(state, Mapping) or not state:
         raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
-    flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()]
-    layout = plan_layout(flat, max_shard_size=max_shard_size)
-    fill_refs(flat, layout)
-    extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
-    nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
-    preflight(target.parent, nbytes, margin=0)
+    flat, layout = prepare_flat(SavePlans(keep=False), [(name, group_value(obj)) for name, obj in state.items()],
+                                max_shard_size=max_shard_size)
+    assert layout is not None
+    extra_files = checked_extra_files(layout, extra_files, root=target.parent, margin=0)
     stager = Stager()
     try:
         try:

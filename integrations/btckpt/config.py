@@ -68,8 +68,12 @@ class CheckpointConfig:
     skip that checkpoint and go on; a save the preflight check refuses for lack of space counts too).
     ``space_margin``: bytes kept free beyond the checkpoint's size (preflight).
     ``memory_budget``: bytes of staging memory (None: from available memory / local ranks).
-    ``copy_inline_bytes``: tensors smaller than this are copied before ``save()`` returns; larger
-    parameters and optimizer moments copy in the background behind the step gate.
+    ``copy_inline_bytes``: parameters and optimizer state smaller than this are copied before ``save()``
+    returns; the rest (by default all of them, Adam's ``step`` counters included) copy in the background
+    behind the step gate. Other tensors (buffers) are always copied before ``save()`` returns.
+    ``io_threads``: background threads that write and checksum a save (1: the writer checksums what it
+    writes; 2, the default: a second thread checksums while the first writes). Both run at the lowest CPU
+    priority (nice 19) so that training threads win the CPU.
     ``barrier_timeout``: seconds ranks wait for each other. ``preemption_grace``: seconds a SIGTERM
     save may take. ``handle_sigterm``: install the SIGTERM handler used by :meth:`maybe_save`.
     ``dir`` may be an fsspec URL (``s3://bucket/run``): checkpoints commit in a local staging folder under the
@@ -97,7 +101,8 @@ class CheckpointConfig:
     on_error: Literal["raise", "warn"] = "raise"
     space_margin: int = 16 << 20
     memory_budget: int | None = None
-    copy_inline_bytes: int = 1 << 20
+    copy_inline_bytes: int = 0
+    io_threads: int = 2
     barrier_timeout: float = 600.0
     preemption_grace: float = 120.0
     handle_sigterm: bool = True
@@ -132,6 +137,9 @@ class CheckpointConfig:
             raise ConfigError(f"memory_budget={self.memory_budget!r}: must be at least 1 MiB")
         if not isinstance(self.copy_inline_bytes, int) or self.copy_inline_bytes < 0:
             raise ConfigError(f"copy_inline_bytes={self.copy_inline_bytes!r}: must be a non-negative integer")
+        if not isinstance(self.io_threads, int) or isinstance(self.io_threads, bool) or self.io_threads not in (1, 2):
+            raise ConfigError(f"io_threads={self.io_threads!r}: use 1 (the writer checksums inline) or 2 (a second "
+                              "thread checksums while the writer writes)")
         if self.upload_to is not None and (not isinstance(self.upload_to, str) or "://" not in self.upload_to):
             raise ConfigError(f"upload_to={self.upload_to!r}: must be an fsspec URL such as 's3://bucket/run'")
         if self.upload_to is not None and is_url(self.dir):

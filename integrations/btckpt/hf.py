@@ -232,7 +232,7 @@ class CheckpointCallback(TrainerCallback):
             try:
                 ckpt.close()
             finally:
-                self.stats = dict(ckpt.stats)
+                self.stats = ckpt.stats.as_dict()
 
     # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,8 @@ raised exactly once, from the next ``save()``, ``wait()`` or ``close()``.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -18,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,18 @@ from .discovery import CheckpointInfo, inspect, select, verified
 from .distributed import World
 from .distributed import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
-from .layout import Layout, fill_refs, flatten_group, plan_layout, rank_groups, signature
+from .layout import rank_groups
+from .priority import background_thread, leave, urgent
 from .remotedir import finish_upload, remote_target, staging_root
 from .resume import Resume
 from .retention import apply_retention
 from .rng import capture_rng
-from .saving import SaveJob, check_extra_files, run_save
+from .saveplan import SavePlans, prepare_flat
+from .saving import SaveJob, checked_extra_files, run_save
 from .snapshot import Stager, StepGate
-from .statedict import gated_keys, group_value, optimizers_in
-from .storage import is_url, new_tag, preflight, space_error
+from .statedict import group_value, optimizers_in
+from .stats import CheckpointStats, StatsRecorder
+from .storage import is_url, new_tag, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -47,11 +52,17 @@ log = logging.getLogger("btckpt")
 _SESSIONS = itertools.count()  # every rank creates its Checkpointers in the same order
 
 
-def _writer_init() -> None:
-    try:  # the writer competes with training for CPU: let training win
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (OSError, AttributeError):  # pragma: no cover
-        pass
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while save() walks the state: with 10^5 tensors alive, the collections
+    its allocations trigger cost more than the walk itself (nothing cyclic is created here)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _close_at_exit(ref: Any) -> None:
@@ -103,7 +114,7 @@ class Checkpointer:
         self._lock: DirLock | None = None
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None
-        self._layout: Layout | None = None
+        self._plans = SavePlans()
         self._protected: set[Path] = {Path(p) for p in self.config.protect}
         self._closed = False
         self._last_save_step: int | None = None
@@ -115,7 +126,7 @@ class Checkpointer:
         self._prev_handler: Any = None
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
         self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
-        self.stats: dict[str, float] = {"save_block_s": 0.0, "gate_wait_s": 0.0, "saves": 0, "last_write_s": 0.0}
+        self._stats = StatsRecorder()
         self._session = self._agree_session()
         self._resume = self._resumer(self._session)
         from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
@@ -130,7 +141,8 @@ class Checkpointer:
         self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
                               small_bytes=self.config.copy_inline_bytes)
         self._gate = StepGate()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer", initializer=_writer_init)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer",
+                                        initializer=background_thread)
         self._uploader: Any = None
         dest = self.config.upload_to or self.remote
         if dest and self.world.is_local_leader:
@@ -181,6 +193,11 @@ class Checkpointer:
 
     # -- saving -----------------------------------------------------------------------------------------
     @property
+    def stats(self) -> CheckpointStats:
+        """This rank's save figures so far (a frozen snapshot; see :class:`~btckpt.CheckpointStats`)."""
+        return self._stats.snapshot(gate_wait_s=self._gate.waited, gate_waits=self._gate.waits)
+
+    @property
     def preempted(self) -> bool:
         """True once SIGTERM arrived (the next :meth:`maybe_save` saves and exits).
 
@@ -217,7 +234,7 @@ class Checkpointer:
         (no tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json``
         and comes back to that rank at restore; groups holding tensors are taken from local rank 0.
         """
-        with self._busy:
+        with self._busy, _no_gc():
             self._save(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit, peer_rng=peer_rng,
                        optimizers=optimizers)
 
@@ -247,22 +264,13 @@ class Checkpointer:
         writes_groups = self.world.is_local_leader
         part = self._sharded_part(state)
         skip = set(part.groups) if part is not None else set()
-        flat = [flatten_group(name, group_value(obj)) for name, obj in state.items()
-                if name not in skip] if writes_groups else []
+        groups = [(name, group_value(obj)) for name, obj in state.items() if name not in skip] if writes_groups else []
         own_plain, tensor_groups = ({}, []) if writes_groups else rank_groups(state, skip=skip)
-        if part is not None:  # every rank writes its own shards
-            flat += part.flat
-        layout = None
-        if flat:
-            sig = signature(flat, self.config.max_shard_size)
-            if self._layout is None or self._layout.signature != sig:
-                self._layout = plan_layout(flat, max_shard_size=self.config.max_shard_size)
-            layout = self._layout
-            fill_refs(flat, layout)
-            extra_files = check_extra_files(extra_files, [f.name for f in layout.files] + list(layout.index_files))
+        flat, layout = prepare_flat(self._plans, groups, extra=part.flat if part is not None else [],
+                                    max_shard_size=self.config.max_shard_size)
+        if layout is not None:
             try:
-                nbytes = layout.total_bytes + sum(len(v) for v in (extra_files or {}).values())
-                preflight(self.root, nbytes, margin=self.config.space_margin)
+                extra_files = checked_extra_files(layout, extra_files, root=self.root, margin=self.config.space_margin)
             except InsufficientSpace as exc:
                 if self.config.on_error != "warn":
                     raise
@@ -270,9 +278,9 @@ class Checkpointer:
                 return
         staged = None
         if layout is not None:
-            async_keys = gated_keys(state, flat, optimizers) if self.config.async_save else set()
+            async_keys = self._plans.gated(state, flat, optimizers) if self.config.async_save else set()
             if part is not None and self.config.async_save:
-                async_keys |= part.async_keys
+                async_keys = async_keys | part.async_keys  # a new set: the plan's is reused
             try:
                 staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
             except OSError as exc:
@@ -282,14 +290,14 @@ class Checkpointer:
         job = SaveJob(step=step, root=self.root, tag=tag, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
                       meta=dict(meta or {}), barrier_timeout=self._barrier_timeout(), sharded=part,
-                      rank_state=own_plain, tensor_groups=tensor_groups,
+                      rank_state=own_plain, tensor_groups=tensor_groups, io_threads=self.config.io_threads,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
                                                      if int(r) != self.world.rank})
         self._last_save_step, self._last_save_time = step, time.monotonic()
-        self.stats["saves"] += 1
+        reused = self._plans.reused
         if self.config.async_save:
             self._pending = self._pool.submit(self._background, job)
-            self.stats["save_block_s"] += time.perf_counter() - t0
+            self._stats.saved(time.perf_counter() - t0, plan_reused=reused)
         else:
             try:
                 self._finish(job)
@@ -298,12 +306,14 @@ class Checkpointer:
                     raise
                 log.warning("btckpt: saving step %d failed (continuing, on_error='warn'): %s", step, exc)
             finally:
-                self.stats["save_block_s"] += time.perf_counter() - t0
+                self._stats.saved(time.perf_counter() - t0, plan_reused=reused)
 
     def _sharded_part(self, state: Mapping[str, Any]) -> Any:
         """This rank's shards of the FSDP2/DTensor groups of ``state`` (None when nothing is sharded)."""
         from .sharded import prepare, sharded_groups
 
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None  # a DTensor needs a device mesh, hence an initialized process group
         groups = sharded_groups(state)
         return prepare(state, self.world, groups) if groups else None
 
@@ -315,9 +325,8 @@ class Checkpointer:
             raise
 
     def _finish(self, job: SaveJob) -> Path:
-        t0 = time.perf_counter()
         path = run_save(job)
-        self.stats["last_write_s"] = time.perf_counter() - t0
+        self._stats.committed(job.step, job.written_bytes, time.perf_counter() - job.started)
         if self.world.is_local_leader:
             self._apply_retention(keep=path)
             if self._uploader is not None:
@@ -341,7 +350,8 @@ class Checkpointer:
         if fut is None:
             return
         self._gate.wait()
-        exc = fut.exception()
+        with urgent():  # training waits for the writer now: it gets the CPU (btckpt.priority)
+            exc = fut.exception()
         if exc is not None:
             self._error = exc
         self._raise_pending()
@@ -427,7 +437,8 @@ class Checkpointer:
         if fut is None:
             return True
         try:
-            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            with urgent():
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             log.error("btckpt: the preemption save did not commit within %.0fs (preemption_grace); exiting "
                       "without it (older checkpoints are intact)", self.config.preemption_grace)
@@ -477,6 +488,7 @@ class Checkpointer:
                 self._uploader = None
             self._gate.close()
             self._stager.close()
+            self._pool.submit(leave).result()  # unmark the writer thread before it ends (btckpt.priority)
             self._pool.shutdown(wait=True)
             if self._lock is not None:
                 self._lock.release()

@@ -23,14 +23,14 @@ from . import faults
 from .commit import LocalCommit, write_small_file
 from .distributed import World
 from .errors import ConfigError, UnsafeCheckpoint
-from .layout import RANK_STATE_NAME, FlatState, rank_state_file
+from .layout import RANK_STATE_NAME, FlatState, Layout, rank_state_file
 from .manifest import MANIFEST, Manifest, check_relative_name
 from .rng import rng_file
 from .snapshot import ChunkedStaged, Snapshot
-from .storage import space_error
+from .storage import preflight, space_error
 from .writer import write_arena_file
 
-__all__ = ["SaveJob", "run_save", "check_extra_files"]
+__all__ = ["SaveJob", "run_save", "check_extra_files", "checked_extra_files"]
 
 log = logging.getLogger("btckpt")
 
@@ -56,6 +56,15 @@ def check_extra_files(extra: Mapping[str, Any] | None, reserved: Iterable[str]) 
     return out
 
 
+def checked_extra_files(layout: Layout, extra: Mapping[str, Any] | None, *, root: Path,
+                        margin: int) -> dict[str, bytes]:
+    """``extra`` validated against the layout's file names (:func:`check_extra_files`), after checking that
+    the checkpoint fits on ``root``'s disk (raises InsufficientSpace)."""
+    out = check_extra_files(extra, [f.name for f in layout.files] + list(layout.index_files))
+    preflight(root, layout.total_bytes + sum(len(v) for v in out.values()), margin=margin)
+    return out
+
+
 @dataclass
 class SaveJob:
     """Everything the writer needs; built on the training thread by ``save()``."""
@@ -77,6 +86,8 @@ class SaveJob:
     on_commit: Callable[[Path], None] | None = None
     name: str | None = None  # the committed folder's name (default checkpoint-<step>)
     started: float = field(default_factory=time.perf_counter)
+    written_bytes: int = 0  # set by run_save: the bytes this rank wrote
+    io_threads: int = 2  # 1: the writer checksums its own writes; 2: a second thread checksums alongside
 
 
 def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
@@ -110,7 +121,8 @@ def run_save(job: SaveJob) -> Path:
             if job.staged is not None:
                 for fp in job.staged.layout.files:
                     pieces = job.staged.pieces(fp.begin, fp.size)
-                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces)
+                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces,
+                                                    hash_aside=job.io_threads > 1)
                     written[fp.name] = {"size": size, "xxh3_64": digest}
                 for name, data in job.staged.layout.index_files.items():
                     put(name, data)
@@ -125,7 +137,7 @@ def run_save(job: SaveJob) -> Path:
                 put(rng_file(r), json.dumps(state).encode())
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
-        nbytes = sum(v["size"] for v in written.values())
+        nbytes = job.written_bytes = sum(v["size"] for v in written.values())
         w.publish(f"{key}/files/{w.rank}", {"files": written, "tensor_groups": job.tensor_groups})
         if job.sharded is not None:
             job.sharded.publish(w, key)

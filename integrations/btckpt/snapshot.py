@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -256,11 +257,13 @@ Snapshot = Staged | ChunkedStaged | DirectStaged
 class Stager:
     """Owns the staging arena and the copy streams of one Checkpointer (one per rank).
 
-    ``budget``: the most bytes of staging memory; a larger snapshot is staged in windows
+    ``small_bytes``: gated tensors smaller than this are copied before ``stage()`` returns (default 0:
+    every gated tensor, Adam's ``step`` counters included, copies behind the step gate). ``budget``: the
+    most bytes of staging memory; a larger snapshot is staged in windows
     (:class:`ChunkedStaged`). ``device_stream``/``is_device`` let tests drive the CUDA code path on CPU.
     """
 
-    def __init__(self, *, small_bytes: int = 1 << 20, budget: int | None = None,
+    def __init__(self, *, small_bytes: int = 0, budget: int | None = None,
                  device_stream: Callable[[torch.device], Any] | None = None,
                  is_device: Callable[[torch.Tensor], bool] | None = None) -> None:
         self.small_bytes = small_bytes
@@ -270,6 +273,7 @@ class Stager:
         self._arena_pinned = False
         self._views: dict[tuple[str, str], torch.Tensor] = {}
         self._views_sig: Any = None
+        self._copies: tuple[Any, _CopyPlan, set[tuple[str, str]]] | None = None
         self._host = ThreadStream()
         self._streams: dict[torch.device, Any] = {}
         self._device_stream = device_stream or CudaStream
@@ -300,34 +304,56 @@ class Stager:
         if self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)
         arena = self._alloc(layout.arena_size, pinned)
-        if self._views_sig != layout.signature:
+        if self._views_sig is not layout.signature:
             self._views = {key: arena[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
                            for key, s in layout.slots.items()}
             self._views_sig = layout.signature
-        later_host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        later_dev: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            self._copies = None
+        srcs = [t for g in flat for t in g.tensors.values()]
+        plan = self._copy_plan(flat, srcs, async_keys, sync)
         with torch.no_grad():
-            for g in flat:
-                for key, t in g.tensors.items():
-                    dst = self._views[(g.name, key)]
-                    if sync or (g.name, key) not in async_keys or t.numel() * t.element_size() < self.small_bytes:
-                        dst.copy_(t)
-                    elif self._is_device(t):
-                        later_dev.setdefault(t.device, []).append((dst, t))
-                    else:
-                        later_host.append((dst, t))
+            if plan.now:
+                torch._foreach_copy_(plan.now_dst, [srcs[i] for i in plan.now])
         events: list[tuple[Any, Any]] = []
-        for dev, pairs in later_dev.items():
+        for dev, (dsts, idx) in plan.later_dev.items():
             cs = self._streams.get(dev)
             if cs is None:
                 cs = self._streams[dev] = self._device_stream(dev)
             cs.start_after_compute()
-            cs.run(functools.partial(_copy_all, pairs, non_blocking=True))
+            cs.run(functools.partial(_copy_all, list(zip(dsts, [srcs[i] for i in idx], strict=True)),
+                                     non_blocking=True))
             events.append((cs, cs.record()))
-        if later_host:
-            self._host.run(functools.partial(_copy_all, later_host, non_blocking=False))
+        if plan.later_host:
+            pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
+            self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
             events.append((self._host, self._host.record()))
         return Staged(arena, layout, events, self._host)
+
+    def _copy_plan(self, flat: FlatState, srcs: list[torch.Tensor], async_keys: set[tuple[str, str]],
+                   sync: bool) -> _CopyPlan:
+        """Which tensors copy now and which behind the gate (host thread or device stream), with their arena
+        views; cached while the views, the gated keys and the tensors' devices stay the same."""
+        key = (sync, len(srcs))
+        if self._copies is not None and self._copies[0] == key and self._copies[2] is async_keys:
+            return self._copies[1]  # the same gated-key set object: the save plan was reused
+        plan = _CopyPlan()
+        i = 0
+        for g in flat:
+            for k, t in g.tensors.items():
+                dst = self._views[(g.name, k)]
+                if sync or (g.name, k) not in async_keys or t.numel() * t.element_size() < self.small_bytes:
+                    plan.now.append(i)
+                    plan.now_dst.append(dst)
+                elif self._is_device(t):
+                    dsts, idx = plan.later_dev.setdefault(t.device, ([], []))
+                    dsts.append(dst)
+                    idx.append(i)
+                else:
+                    plan.later_host.append(i)
+                    plan.later_host_dst.append(dst)
+                i += 1
+        self._copies = (key, plan, async_keys)
+        return plan
 
     def _stage_chunked(self, flat: FlatState, layout: Layout, async_keys: set[tuple[str, str]],
                        pinned: bool) -> ChunkedStaged:
@@ -346,8 +372,27 @@ class Stager:
         self._views = {}
 
 
+@dataclass
+class _CopyPlan:
+    """Positions (in flattening order) and arena views of the tensors copied now / behind the gate."""
+
+    now: list[int] = field(default_factory=list)
+    now_dst: list[torch.Tensor] = field(default_factory=list)
+    later_host: list[int] = field(default_factory=list)
+    later_host_dst: list[torch.Tensor] = field(default_factory=list)
+    later_dev: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = field(default_factory=dict)
+
+
 def _copy_all(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bool) -> None:
+    """Copy each ``(dst, src)``: host sources in one batched ``_foreach_copy_``, device ones one by one
+    (each must be recorded on the side stream)."""
+    pairs = list(pairs)
     with torch.no_grad():
+        if not any(src.is_cuda for _, src in pairs):
+            if pairs:
+                dsts, srcs = zip(*pairs, strict=True)
+                torch._foreach_copy_(list(dsts), list(srcs))
+            return
         for dst, src in pairs:
             if src.is_cuda:  # on the side stream: keep the caching allocator from reusing src until the copy ran
                 src.record_stream(torch.cuda.current_stream(src.device))

@@ -1,0 +1,146 @@
+"""Cost per tensor (issue 13 section 4): does ``save()`` grow with the number of tensors?
+
+State: a ``torch.nn.ParameterList`` of N float32 parameters with Adam's state (exp_avg, exp_avg_sq and a
+``step`` counter per parameter: 4N tensors). For each N:
+
+- btckpt ``Checkpointer(async_save=True)``: time ``save()`` blocks, first save and steady state (median
+  of the next ``--saves``), and save + commit;
+- DCP ``async_save`` (default config): time it blocks, and until its future resolves;
+- synchronous one-shot save: ``btckpt.save`` vs safetensors ``save_file`` of the same tensors (both fsynced);
+- restore: ``btckpt.load`` into the model + optimizer vs ``load_file`` (page cache warm for both).
+
+    PYTHONPATH=integrations python benchmarks/bench_tensors.py --dir /tmp/btckpt-bench-tensors
+    PYTHONPATH=integrations python benchmarks/bench_tensors.py --quick     # N / 100, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import btckpt  # noqa: E402
+from _common import fsync_path  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+SIZES = [(1_000, 256 << 10), (20_000, 1 << 10), (100_000, 64)]  # (parameters, bytes each)
+
+
+def build(n: int, nbytes: int) -> tuple[torch.nn.ParameterList, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(nbytes // 4)) for _ in range(n)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def train_step(model: torch.nn.ParameterList, opt: torch.optim.Optimizer) -> None:
+    for p in model:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def flat(model: torch.nn.ParameterList, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            out[f"optim.{i}.{k}"] = v
+    return out
+
+
+def timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_one(root: Path, n: int, nbytes: int, saves: int) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    model, opt = build(n, nbytes)
+    state = {"model": model, "optimizer": opt}
+    r: dict[str, Any] = {"tensors": len(flat(model, opt))}
+    with btckpt.Checkpointer(dir=root / "async", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
+        blocks, totals = [], []
+        for i in range(1, saves + 2):
+            t0 = time.perf_counter()
+            ck.save(i, state)
+            blocks.append(time.perf_counter() - t0)
+            train_step(model, opt)  # the step gate holds this step until the snapshot's copies are done
+            ck.wait()
+            totals.append(time.perf_counter() - t0)
+        st = ck.stats
+    r["first block"], r["steady block"] = blocks[0], statistics.median(blocks[1:])
+    r["steady spread"] = (min(blocks[1:]), max(blocks[1:]))
+    r["save+commit"] = statistics.median(totals[1:])
+    r["gate wait (all saves)"] = st.gate_wait_s
+    r["plan reuses"] = st.plan_reuses
+    shutil.rmtree(root / "async")
+
+    sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    t0 = time.perf_counter()
+    fut = dcp.async_save(sd, checkpoint_id=str(root / "dcp"), no_dist=True)
+    r["DCP block"] = time.perf_counter() - t0
+    fut.result()
+    r["DCP total"] = time.perf_counter() - t0
+    shutil.rmtree(root / "dcp", ignore_errors=True)
+
+    tensors = flat(model, opt)
+    p = root / "plain.safetensors"
+    r["save_file"] = timed(lambda: (save_file(tensors, p), fsync_path(p)))
+    r["btckpt.save"] = timed(lambda: btckpt.save(root / "sync", state, save_rng=False))
+    r["load_file"] = timed(lambda: load_file(p))
+    r["btckpt.load"] = timed(lambda: btckpt.load(root / "sync", state, load_rng=False))
+    p.unlink()
+    shutil.rmtree(root / "sync")
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dir", default="/tmp/btckpt-bench-tensors")
+    ap.add_argument("--saves", type=int, default=5, help="steady-state saves after the first")
+    ap.add_argument("--quick", action="store_true", help="N / 100 and 2 steady saves (a smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    root = Path(a.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    sizes = [(max(10, n // 100), b) for n, b in SIZES] if a.quick else SIZES
+    saves = 2 if a.quick else a.saves
+    rows = []
+    for n, nbytes in sizes:
+        r = bench_one(root, n, nbytes, saves)
+        rows.append((n, nbytes, r))
+        print(f"N={n} x {nbytes} B ({r['tensors']} tensors): " + ", ".join(
+            f"{k} {v:.3f}s" for k, v in r.items() if isinstance(v, float)), flush=True)
+    print("\n| N params x bytes (tensors) | save() first | save() steady (min-max) | save+commit | DCP block "
+          "| DCP total | btckpt.save / save_file | btckpt.load / load_file |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, nbytes, r in rows:
+        lo, hi = r["steady spread"]
+        print(f"| {n:,} x {nbytes} B ({r['tensors']:,}) | {r['first block'] * 1e3:.0f} ms "
+              f"| {r['steady block'] * 1e3:.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f}) | {r['save+commit']:.2f} s "
+              f"| {r['DCP block'] * 1e3:.0f} ms | {r['DCP total']:.2f} s "
+              f"| {r['btckpt.save']:.2f}/{r['save_file']:.2f} s = {r['btckpt.save'] / r['save_file']:.2f}x "
+              f"| {r['btckpt.load']:.2f}/{r['load_file']:.2f} s = {r['btckpt.load'] / r['load_file']:.2f}x |")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
