@@ -61,3 +61,75 @@ def dd_write(path: Path, nbytes: int) -> None:
 def summary(xs: list[float]) -> str:
     med = statistics.median(xs)
     return f"median {med:.3f}s  (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the page cache of ``paths`` without root: fsync each file (dirty pages cannot be dropped), then
+    ``posix_fadvise(DONTNEED)`` drops its clean pages."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths: list[Path]) -> float:
+    """The fraction of the bytes of ``paths`` in the page cache (``mincore`` on a read-only mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    total = resident = 0
+    for p in paths:
+        size = os.path.getsize(p)
+        if not size:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap {p}")
+            try:
+                pages = -(-size // page)
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(addr, size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore {p}")
+                resident += sum(v & 1 for v in bytes(vec)) * page
+                total += pages * page
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    return resident / total if total else 0.0
+
+
+def drop_file_cache(paths: list[Path]) -> str:
+    """Drop the page cache: the whole cache when root may (``drop_caches``), else each file's pages
+    (:func:`evict`); checked with :func:`resident_fraction`. Returns how, for the report."""
+    how = "drop_caches" if drop_caches() else "fadvise DONTNEED"
+    if how != "drop_caches":
+        evict(paths)
+    left = resident_fraction(paths)
+    if left > 0.01:
+        evict(paths)
+        left = resident_fraction(paths)
+        how += f" (+ fadvise; {left:.0%} still cached)"
+    return how
+
+
+def io_counters() -> dict[str, int]:
+    """This process's ``/proc/self/io`` counters (``rchar``: bytes read through read(2) and friends,
+    ``read_bytes``: bytes fetched from the disk)."""
+    out = {}
+    with open("/proc/self/io") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k.strip()] = int(v)
+    return out
