@@ -70,7 +70,6 @@ def test_single_rank_restore_reads_each_byte_once(saved: Path):
     assert_equal_to_saved(state)
     # every byte at least once (the checksums cover them all), and no file read a second time: a second pass
     # over the tensor files would add tensor_bytes (> 0.9x the total); the small JSON files may be read twice
-    print(f"read {read} of {total} bytes ({tensor_bytes} in tensor files)")
     assert total <= read <= total + (total - tensor_bytes) + 256 * 1024, (read, total, tensor_bytes)
 
 
