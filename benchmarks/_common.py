@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import statistics
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -133,3 +138,35 @@ def io_counters() -> dict[str, int]:
             k, _, v = line.partition(":")
             out[k.strip()] = int(v)
     return out
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (killed on exit) holding an empty ``bucket``; sets the environment and
+    fsspec's config so ``s3://`` URLs reach it, in this process and its children. Yields the endpoint."""
+    import boto3
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # up to a minute to start
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint,
+                           "FSSPEC_S3_KEY": "testing", "FSSPEC_S3_SECRET": "testing"})
+        fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()

@@ -21,12 +21,11 @@ btckpt read (``/proc/self/io`` ``rchar``) per checkpoint byte (1.0 = each byte r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import btckpt
 import torch
-from _common import StateModule, drop_file_cache, io_counters, transformer_like_state
+from _common import StateModule, drop_file_cache, io_counters, moto_s3, transformer_like_state
 from safetensors.torch import load_file
 
 warnings.filterwarnings("ignore")
@@ -51,27 +50,40 @@ def fresh_model(tensors: dict[str, torch.Tensor]) -> StateModule:
     return StateModule({k: torch.zeros_like(v) for k, v in tensors.items()})
 
 
-def start_moto(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "FSSPEC_S3_ENDPOINT_URL": url, "FSSPEC_S3_KEY": "testing", "FSSPEC_S3_SECRET": "testing"})
-    os.environ.update(env)
-    return proc
+def add_s3(contenders: dict[str, tuple[Callable[[], float], list[Path]]], root: Path, ck_dir: Path,
+           tensors: dict[str, torch.Tensor], check: Callable[[torch.nn.Module, str], None]) -> None:
+    """Upload the checkpoint to ``s3://restart/run`` (moto) and add the two s3 contenders: btckpt's restore
+    from the URL (its download cache emptied each time) and the download alone (``fs.get`` of every file)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(ck_dir) + "/", "restart/run/checkpoint-1/", recursive=True)
+    fs.invalidate_cache()
+    cache = root / "s3-cache"
+    os.environ["BTCKPT_CACHE"] = str(cache)
+
+    def c_s3() -> float:
+        shutil.rmtree(cache, ignore_errors=True)
+        model = fresh_model(tensors)
+        t0 = time.perf_counter()
+        with btckpt.Checkpointer(dir=root / "s3-own", load_dir="s3://restart/run", save_rng=False,
+                                 handle_sigterm=False) as ck:
+            step = ck.restore({"model": model})
+            first_step(model)
+            dt = time.perf_counter() - t0
+        assert step == 1, step
+        check(model, "btckpt s3")
+        return dt
+
+    def c_s3_get() -> float:
+        out = root / "s3-get"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        fs.get("restart/run/checkpoint-1/", str(out) + "/", recursive=True)
+        return time.perf_counter() - t0
+
+    contenders["btckpt restore from s3:// (moto)"] = (c_s3, [])
+    contenders["s3 download only (fs.get)"] = (c_s3_get, [])
 
 
 def run_size(gib: float, rounds: int, root: Path, with_s3: bool) -> list[str]:
@@ -146,56 +158,16 @@ def run_size(gib: float, rounds: int, root: Path, with_s3: bool) -> list[str]:
         "DCP load": (c_dcp, dcp_files),
         "dd (raw read)": (c_dd, files),
     }
-    moto = None
-    if with_s3:
-        import boto3
-        import fsspec
-
-        env: dict[str, str] = {}
-        moto = start_moto(env)
-        fsspec.config.conf["s3"] = {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"], "key": "testing",
-                                    "secret": "testing"}
-        boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="restart")
-        fs = fsspec.filesystem("s3")
-        fs.put(str(ck_dir) + "/", "restart/run/checkpoint-1/", recursive=True)
-        fs.invalidate_cache()
-        cache = root / "s3-cache"
-        os.environ["BTCKPT_CACHE"] = str(cache)
-
-        def c_s3() -> float:
-            shutil.rmtree(cache, ignore_errors=True)
-            model = fresh_model(tensors)
-            t0 = time.perf_counter()
-            with btckpt.Checkpointer(dir=root / "s3-own", load_dir="s3://restart/run", save_rng=False,
-                                     handle_sigterm=False) as ck:
-                step = ck.restore({"model": model})
-                first_step(model)
-                dt = time.perf_counter() - t0
-            assert step == 1, step
-            check(model, "btckpt s3")
-            return dt
-
-        def c_s3_get() -> float:
-            out = root / "s3-get"
-            shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
-            fs.get("restart/run/checkpoint-1/", str(out) + "/", recursive=True)
-            return time.perf_counter() - t0
-
-        contenders["btckpt restore from s3:// (moto)"] = (c_s3, [])
-        contenders["s3 download only (fs.get)"] = (c_s3_get, [])
-    try:
+    with contextlib.ExitStack() as stack:
+        if with_s3:
+            stack.enter_context(moto_s3("restart"))
+            add_s3(contenders, root, ck_dir, tensors, check)
         for r in range(rounds):
             order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
             for name in order:
                 fn, paths = contenders[name]
                 how = drop_file_cache(paths or files)
                 times.setdefault(name, []).append(fn())
-    finally:
-        if moto is not None:
-            moto.kill()
-            moto.wait()
     med = {k: statistics.median(v) for k, v in times.items()}
     dd = med["dd (raw read)"]
     lines = [f"state {total / 2**30:.2f} GiB in {len(files)} files; page cache: {how}; rounds {rounds}",
