@@ -151,3 +151,101 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path: Path, refere
     assert res.returncode == 0, res.stderr
     assert f"starting at step {printed + 1}\n" in res.stdout  # from the preemption checkpoint
     _assert_same(reference, _final_state(tmp_path / "final"))
+
+
+# -- one resume policy, five entry points -----------------------------------------------------------------
+def _toy_state(step: int) -> dict:
+    torch.manual_seed(step)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    return {"model": model, "optimizer": opt}
+
+
+def _flip(f: Path) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[-2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+
+
+def _tricky(own: Path, load: Path) -> None:
+    """own: newest checkpoint-9 damaged (a flipped byte), checkpoint-8 never committed, a save in flight, a
+    model file + config at the top (``trainer.save_model``), stray files. load: the platform's nested layout
+    ``<job>/rank-0/checkpoint-N`` with a damaged newest (6), the other node's part (rank-1, newer), another
+    job's older one, a file named like a checkpoint and a model file at the top."""
+    ts = {"trainer_state.json": b"{}"}  # an HF Trainer checkpoint for resume_checkpoint()
+    btckpt.save(own / "checkpoint-9", _toy_state(9), extra_files=ts)
+    _flip(own / "checkpoint-9" / "model.safetensors")
+    (own / "checkpoint-8").mkdir()
+    (own / "checkpoint-8" / "model.safetensors").write_bytes(b"\0" * 16)
+    (own / ".checkpoint-10.tmp-abc123").mkdir()
+    btckpt.save(own / "exported", {"model": _toy_state(1)["model"]}, save_rng=False)
+    (own / "model.safetensors").write_bytes((own / "exported" / "model.safetensors").read_bytes())
+    shutil.rmtree(own / "exported")
+    (own / "config.json").write_text("{}")
+    (own / "notes.txt").write_text("stray")
+    for step in (4, 5, 6):
+        btckpt.save(load / "job1" / "rank-0" / f"checkpoint-{step}", _toy_state(step), extra_files=ts)
+    _flip(load / "job1" / "rank-0" / "checkpoint-6" / "optimizer.safetensors")
+    btckpt.save(load / "job1" / "rank-1" / "checkpoint-20", _toy_state(20), extra_files=ts)
+    btckpt.save(load / "job0" / "rank-0" / "checkpoint-3", _toy_state(3), extra_files=ts)
+    (load / "checkpoint-50").write_text("not a folder")
+    (load / "model.safetensors").write_bytes((own / "model.safetensors").read_bytes())
+    (load / "config.json").write_text("{}")
+
+
+def test_every_entry_point_picks_the_same_checkpoint_in_a_tricky_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``Checkpointer.restore``, ``btckpt.load``, HF's ``resume_checkpoint``, Lightning's ``resume_path`` and
+    its load of a folder, and ``btckpt show``/``verify`` go through one resume policy: same step chosen."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    import json
+
+    from btckpt.cli import main as cli_main
+    from btckpt.hf import resume_checkpoint
+    from btckpt.lightning import SafetensorsCheckpointIO, resume_path
+
+    own, load = tmp_path / "own", tmp_path / "load"
+    _tricky(own, load)
+    monkeypatch.setenv("BT_CHECKPOINT_DIR", str(own))
+    monkeypatch.setenv("BT_LOAD_CHECKPOINT_DIR", str(load))
+    monkeypatch.delenv("BT_NODE_RANK", raising=False)
+
+    def which(weight: torch.Tensor) -> int:
+        """The step whose saved model has this weight (every step's state is distinct)."""
+        return next(s for s in range(21) if torch.equal(weight, _toy_state(s)["model"].weight))
+
+    def picked(folder: Path) -> dict[str, int]:
+        """The step each entry point chooses: job-level ones from (own, load), folder-level ones in ``folder``."""
+        got: dict[str, int] = {}
+        state = _toy_state(0)
+        with btckpt.Checkpointer(handle_sigterm=False, async_save=False) as ck:
+            got["Checkpointer.restore"] = ck.restore(state)
+        assert which(state["model"].weight) == got["Checkpointer.restore"]
+        got["hf.resume_checkpoint"] = int(Path(resume_checkpoint()).name.split("-")[1])
+        got["lightning.resume_path"] = int(Path(resume_path()).name.split("-")[1])
+        state = _toy_state(0)
+        got["btckpt.load"] = btckpt.load(folder, state)
+        assert which(state["model"].weight) == got["btckpt.load"]
+        io = SafetensorsCheckpointIO(async_save=False)  # fit(ckpt_path=<folder>)
+        try:
+            got["lightning load_checkpoint"] = which(io.load_checkpoint(folder)["state_dict"]["weight"])
+        finally:
+            io.teardown()
+        capsys.readouterr()
+        for cmd in ("verify", "show"):
+            cli_main([cmd, str(folder), "--json"])
+            got[f"btckpt {cmd}"] = json.loads(capsys.readouterr().out)["step"]
+        return got
+
+    # nothing sound in the own dir (9 damaged, 8 never committed): the load dir's newest sound one, rank 0's
+    got = picked(load)
+    assert got == dict.fromkeys(got, 5), got
+    assert not (own / ".checkpoint-10.tmp-abc123").exists()  # the Checkpointer's start removed the save in flight
+    # a restarted job's own sound checkpoint wins over the load dir's newer ones; the top-level model file of
+    # the own dir does not hide the checkpoints under it
+    btckpt.save(own / "checkpoint-2", _toy_state(2), extra_files={"trainer_state.json": b"{}"})
+    got = picked(own)
+    assert got == dict.fromkeys(got, 2), got

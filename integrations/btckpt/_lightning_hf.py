@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import weakref
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from .adapters import model_config_files
 from .errors import ConfigError, CorruptCheckpoint
 
 __all__ = ["HFLayout", "from_hf_keys"]
@@ -29,24 +28,9 @@ def _pretrained_class() -> Any:
     mod = sys.modules.get("transformers")
     if mod is None:
         return None
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel  # only once the user imported it (module doc): never a hard dep
 
     return PreTrainedModel
-
-
-def _config_files(model: Any) -> dict[str, bytes]:
-    """config.json, and generation_config.json when the model generates, as ``save_pretrained`` writes them."""
-    out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="btckpt-lhf-") as tmp:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        can_generate = getattr(model, "can_generate", lambda: False)
-        if gen is not None and can_generate():
-            gen.save_pretrained(tmp)
-        for f in Path(tmp).iterdir():
-            if f.is_file():
-                out[f.name] = f.read_bytes()
-    return out
 
 
 class HFLayout:
@@ -136,7 +120,7 @@ class HFLayout:
                 kept.append(key)
             out[new] = value
         meta = {"attribute": attr, "prefix": prefix, "unprefixed": kept, "class": type(model).__name__}
-        return out, _config_files(model), meta
+        return out, model_config_files(model), meta
 
 
 def from_hf_keys(state_dict: Any, meta: Any, *, where: str) -> Any:

@@ -1,60 +1,41 @@
 """Every rank's RNG in a Lightning checkpoint (Lightning hands the dict to rank 0's CheckpointIO only).
 
 While Lightning builds the checkpoint dict (on every rank, ``Callback.on_save_checkpoint``), :func:`note`
-tags the dict with a sequence number and each non-zero rank publishes its :func:`~btckpt.rng.capture_rng`
-data as JSON through the c10d store (no collective, no pickle). Rank 0's CheckpointIO then :func:`gather`\\ s
-them and the one commit writes ``rng_state_<rank>.json`` for every rank, manifest last.
+tags the dict with a key derived from what every rank agrees on -- the dict's ``global_step`` and
+``epoch`` -- and each non-zero rank publishes its RNG under it (:func:`btckpt.adapters.publish_rank_rng`:
+JSON through the c10d store, no collective, no pickle). Rank 0's CheckpointIO then :func:`gather`\\ s them
+(freeing the keys) and the one commit writes ``rng_state_<rank>.json`` for every rank, manifest last. Two
+dicts built at the same step (a top-k name and ``last.ckpt``) reuse the key one after the other: Lightning's
+``trainer.save_checkpoint`` ends with a barrier, after rank 0 gathered.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import MutableMapping
 from typing import Any
 
-from ._lightning_state import RNG_SEQ_KEY
-from .distributed import World, world
-from .rng import capture_rng
+from ._lightning_state import RNG_KEY
+from .adapters import gather_rank_rng, peer_world, publish_rank_rng
 
 __all__ = ["note", "gather", "peer_world"]
 
-_SEQ = itertools.count(1)  # every rank builds the same checkpoint dicts in the same order
 
-
-def peer_world() -> World | None:
-    """This process's World when it is one of several ranks sharing a c10d store, else None."""
-    w = world()
-    return w if w.size > 1 and w.store is not None else None
-
-
-def _key(seq: int, rank: int) -> str:
-    return f"lightning-rng/{seq}/{rank}"
+def _key(checkpoint: MutableMapping[str, Any]) -> str:
+    return f"lightning/step-{int(checkpoint.get('global_step', 0))}/epoch-{int(checkpoint.get('epoch', 0))}"
 
 
 def note(checkpoint: MutableMapping[str, Any]) -> None:
     """On every rank, while Lightning builds ``checkpoint``: publish this rank's RNG for rank 0 (once per dict)."""
-    if RNG_SEQ_KEY in checkpoint:
+    if RNG_KEY in checkpoint:
         return
-    w = peer_world()
-    if w is None:
-        return
-    seq = next(_SEQ)
-    checkpoint[RNG_SEQ_KEY] = seq
-    if not w.is_leader:
-        w.publish(_key(seq, w.rank), capture_rng())
+    key = _key(checkpoint)
+    if publish_rank_rng(key):
+        checkpoint[RNG_KEY] = key
 
 
 def gather(checkpoint: MutableMapping[str, Any], *, timeout: float) -> dict[int, dict[str, Any]] | None:
     """On rank 0: every other rank's RNG noted for ``checkpoint`` (None when :func:`note` did not run)."""
-    seq = checkpoint.get(RNG_SEQ_KEY)
-    w = peer_world()
-    if not isinstance(seq, int) or w is None:
+    key = checkpoint.get(RNG_KEY)
+    if not isinstance(key, str):
         return None
-    out: dict[int, dict[str, Any]] = {}
-    for r in range(1, w.size):
-        out[r] = w.collect(_key(seq, r), timeout=timeout)
-        try:
-            w.store.delete_key(f"btckpt/{_key(seq, r)}")
-        except (RuntimeError, AttributeError):  # pragma: no cover - a store without delete: the key stays
-            pass
-    return out
+    return gather_rank_rng(key, timeout=timeout)

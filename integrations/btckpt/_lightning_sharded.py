@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
 
+from ._lightning_state import safe_for_background_copy
+from .adapters import model_config_files, read_groups
 from .discovery import CheckpointInfo
 from .errors import ConfigError, StateMismatch
 from .sharded import META_KEY, is_dtensor, sharded_groups
@@ -63,8 +66,6 @@ class ModelParallelStrategy(_LightningModelParallel):
         if storage_options is not None:
             raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
                             "SafetensorsCheckpointIO")
-        from ._lightning_state import safe_for_background_copy
-
         module = self.lightning_module
         assert module is not None
         path = self.broadcast(str(filepath))  # rank 0's name, on every rank
@@ -101,8 +102,6 @@ def check_strategy(strategy: Any) -> None:
     """Refuse (ConfigError) a strategy that would save or load around the plugin (module doc)."""
     if isinstance(strategy, ModelParallelStrategy) or _plugin(strategy) is None:
         return
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
     name = type(strategy).__name__
     if isinstance(strategy, _LightningModelParallel):
         raise ConfigError(f"{name} saves and loads checkpoints itself (DCP + a pickled meta.pt), never through "
@@ -152,8 +151,6 @@ def hf_model_group(layout: HFLayout, groups: dict[str, Any], meta: dict[str, Any
     """A sharded LightningModule whose whole state lives in one transformers model (``self.model``): save that
     model as the ``model`` group (HF keys) with its ``config.json``, so ``btckpt consolidate`` turns the
     checkpoint into a ``from_pretrained`` folder. Returns the config files (None: not such a module)."""
-    from ._lightning_hf import _config_files
-
     module, hit = groups.get("model"), layout.find()
     if hit is None or not isinstance(module, torch.nn.Module):
         return None
@@ -163,7 +160,7 @@ def hf_model_group(layout: HFLayout, groups: dict[str, Any], meta: dict[str, Any
         return None  # state outside the transformers model: keep the LightningModule's keys
     groups["model"] = hf
     meta["hf_module"] = attr
-    return _config_files(hf)
+    return model_config_files(hf)
 
 
 def saved_sharded(info: CheckpointInfo) -> set[str]:
@@ -176,8 +173,6 @@ def read_in_place(info: CheckpointInfo, into: MutableMapping[str, Any], *, rank:
     """Read and verify the model (and optimizer) of ``into`` from ``info`` (a collective: every rank calls
     it); return the function that loads them in place. A plain model group (e.g. saved under DDP) reshards
     too; an optimizer saved whole (a list of Lightning optimizer states) cannot become a sharded one."""
-    from .loading import read_checkpoint
-
     sharded = saved_sharded(info)
     where = Path(info.path)
     if "optimizer" in into and "optimizer" not in sharded:
@@ -190,4 +185,4 @@ def read_in_place(info: CheckpointInfo, into: MutableMapping[str, Any], *, rank:
     attr = meta.get("hf_module") if isinstance(meta, dict) else None
     if isinstance(attr, str):  # saved as the transformers model inside the LightningModule (hf_model_group)
         into = dict(into, model=into["model"].get_submodule(attr))
-    return read_checkpoint(info, into, list(into), rank=rank, want_rng=False, strict=strict)
+    return read_groups(info, into, list(into), rank=rank, strict=strict)

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from .config import resolve_dir, resolve_load_dir
-from .discovery import STEP_DIR, choose
-from .errors import ConfigError, UnsafeCheckpoint, UnsupportedValue
+from .adapters import resume_folder
+from .discovery import STEP_DIR
+from .errors import UnsafeCheckpoint, UnsupportedValue
 from .layout import GROUP_NAME, flatten_group
 from .storage import fsync_dir, fsync_file, is_url, new_tag
 
-__all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_SEQ_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
+__all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
            "process_rank", "platform_dir"]
 
@@ -30,7 +30,7 @@ log = logging.getLogger("btckpt")
 
 LINK_FORMAT = "btckpt-lightning-link/1"
 MAX_LINK = 64 * 1024
-RNG_SEQ_KEY = "__btckpt_rng_seq__"  # set in the dict by the every-rank RNG hook; never saved
+RNG_KEY = "__btckpt_rng_key__"  # set in the dict by the every-rank RNG hook (_lightning_rng); never saved
 _RENAMED = {"state_dict": "model", "optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
 _HPARAMS = ("hyper_parameters", "datamodule_hyper_parameters")
 
@@ -59,7 +59,7 @@ def to_groups(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
     keys: dict[str, str] = {}
     taken = set(_RENAMED.values())
     for n, (key, value) in enumerate(checkpoint.items()):
-        if key == RNG_SEQ_KEY:
+        if key == RNG_KEY:
             continue
         if not isinstance(key, str):
             raise UnsupportedValue(f"Lightning checkpoint key {key!r} is not a string; btckpt stores top-level "
@@ -167,16 +167,11 @@ def resume_path(*, dir: str | os.PathLike[str] | None = None,
     """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete, verified checkpoint in
     ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``; the ``checkpoint-<N>`` folders directly in
     it), else in ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts
-    included), else None. The same rule as ``Checkpointer.restore`` (:func:`btckpt.discovery.choose`): a
+    included), else None. The same policy as ``Checkpointer.restore`` (:func:`btckpt.adapters.resume_folder`): a
     damaged checkpoint is skipped with a warning naming the file; :class:`btckpt.NoCheckpointFound` when
     ``load_dir`` is set and nothing was found anywhere, unless ``on_missing="start_fresh"``."""
-    roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
-    own, load = (None if r is None or is_url(r) else r for r in roots)
-    found = choose(own, load, on_missing=on_missing, accept=lambda i: i.kind == "btckpt")
-    if found is None and roots[1] is not None and is_url(roots[1]) and on_missing == "raise":
-        raise ConfigError(f"load_dir {roots[1]!r} is a URL; resume_path() reads local folders only (pass the "
-                          "downloaded folder, or on_missing='start_fresh')")
-    return str(found.path) if found is not None else None
+    return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=lambda i: i.kind == "btckpt",
+                         helper="resume_path()")
 
 
 def process_rank() -> int:

@@ -9,23 +9,24 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .discovery import _is_url, latest, scan
+from .discovery import latest
 from .distributed import World
 from .errors import (
     CheckpointError,
     ConfigError,
     CorruptCheckpoint,
     IncompleteCheckpoint,
-    NoCheckpointFound,
 )
-from .loading import read_checkpoint, restore_first
+from .loading import read_checkpoint
 from .manifest import read_manifest
+from .policy import ResumePolicy
+from .resume import restore_from
 from .rng import capture_rng
 from .saveplan import SavePlans, prepare_flat
 from .saving import SaveJob, checked_extra_files, run_save
 from .snapshot import Stager
 from .statedict import group_value
-from .storage import new_tag, space_error
+from .storage import is_url, new_tag, space_error
 
 __all__ = ["save", "load", "latest"]
 
@@ -72,30 +73,23 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
 
     ``path`` is a checkpoint folder (btckpt, or a plain HF model folder for weights only) or a folder
     holding checkpoints in any layout (the newest complete one that reads and verifies is used, falling
-    back past damaged ones with a warning naming each; a model file at its top does not hide them).
+    back past damaged ones with a warning naming each; a model file at its top does not hide them): the
+    resume policy for a named folder (:meth:`btckpt.policy.ResumePolicy.at`).
     """
-    if _is_url(path):  # behind a URL, a checkpoint is downloaded (restore_first) before it is read
-        infos, named = scan(path), False
-    else:
-        p = Path(os.fspath(path).removeprefix("file://"))
-        if not p.exists():
-            raise NoCheckpointFound(f"{p} does not exist")
-        infos = scan(p)
-        named = len(infos) == 1 and infos[0].path == p
-    if named:  # one named checkpoint: its own error, no fallback
-        info = infos[0]
-        if not info.complete:
-            if info.status == "corrupt" and info.manifest is None:
-                read_manifest(info.path)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
-            cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
-            raise cls(f"{info.path}: {info.reason}" if str(info.path) not in info.reason else info.reason)
-        read_checkpoint(info, state, rank=0, want_rng=load_rng, strict=strict)()  # sharded groups via DCP
-        return info.step
-    found = restore_first(infos, state, rank=0, want_rng=load_rng, strict=strict)  # the selection rule
-    if found is None:
-        raise NoCheckpointFound(f"no complete, readable checkpoint at or under {path} (damaged ones are named in "
-                                "the warnings above)")
-    return found.step
+    policy = ResumePolicy.at(path)
+    # behind a URL even a named checkpoint goes through restore_from, which downloads it before reading
+    info = None if is_url(path) else policy.target()
+    if info is None:
+        found = restore_from(policy, state, rank=0, want_rng=load_rng, strict=strict)
+        assert found is not None  # a named folder with nothing sound raises NoCheckpointFound
+        return found.step
+    if not info.complete:  # one named checkpoint: its own error, no fallback
+        if info.status == "corrupt" and info.manifest is None:
+            read_manifest(info.path)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
+        cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
+        raise cls(f"{info.path}: {info.reason}" if str(info.path) not in info.reason else info.reason)
+    read_checkpoint(info, state, rank=0, want_rng=load_rng, strict=strict)()  # sharded groups via DCP
+    return info.step
 
 
 latest = latest

@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .discovery import CheckpointInfo, scan, select, verified
+from .discovery import CheckpointInfo, scan, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
 from .manifest import check_relative_name
 from .names import safe, text
-from .storage import is_url, local_path, remote_fs
+from .policy import ResumePolicy
 from .summary import checkpoint_type, human, listed_files, read_header
 from .upload import add_arguments, run_from_args
 
@@ -58,24 +58,30 @@ def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc") ->
     return rows
 
 
-def _resolve(target: str, *, verify_checksums: bool = False) -> tuple[CheckpointInfo, str]:
-    """One checkpoint: ``target`` itself, else the one the selection rule picks under it (with a note).
+def _resolve(target: str, *, verify_checksums: bool = True) -> tuple[CheckpointInfo, str]:
+    """One checkpoint: ``target`` itself, else the one the resume policy picks under it (with a note).
 
-    Under a folder of checkpoints: the newest complete one (:func:`btckpt.discovery.select`), checksums
-    verified too with ``verify_checksums`` (damaged ones are skipped with a warning naming the file); when
-    none qualifies, the newest one, so that its problems are shown.
+    Under a folder of checkpoints: the newest complete one whose checksums match (the policy's rule,
+    :meth:`btckpt.policy.ResumePolicy.select`; damaged ones are skipped with a warning naming the file), so
+    ``btckpt show``/``verify <folder>`` name what a resume would load (``verify_checksums=False``: complete
+    is enough, reading no data); when none qualifies, the newest one, so that its problems are shown.
     """
-    infos = scan(target) if is_url(target) else scan(local_path(target))
-    here = remote_fs(target)[1] if is_url(target) else str(local_path(target))
-    if len(infos) == 1 and str(infos[0].path).rstrip("/") == here.rstrip("/"):  # a checkpoint itself
-        return infos[0], ""
-    if not infos:
+    policy = ResumePolicy.at(target)
+    info = policy.target()
+    if info is not None:
+        return info, ""
+    cands = policy.candidates()
+    if not cands:
         raise CheckpointError(f"{target}: no checkpoint there (nothing in any supported layout)")
-    found = select(infos, verified if verify_checksums else lambda i: i)
+    found = policy.select(verified if verify_checksums else _as_is, cands)
     if found is not None:
         return found[0], ("newest verified checkpoint under " if verify_checksums else
                           "newest complete checkpoint under ") + target
-    return infos[0], f"newest checkpoint under {target} (none is {'sound' if verify_checksums else 'complete'})"
+    return cands[0], f"newest checkpoint under {target} (none is {'sound' if verify_checksums else 'complete'})"
+
+
+def _as_is(info: CheckpointInfo) -> CheckpointInfo:
+    return info
 
 
 def _console(stream: Any = None) -> Any:

@@ -36,21 +36,29 @@ import inspect as _inspect
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
+import torch.distributed as dist
+import transformers
+from transformers import Trainer, TrainerCallback, trainer_utils
+from transformers.trainer_callback import ExportableState, TrainerState
 
-from ._hf_sharded import load_groups, refuse_unsupported
-from .config import resolve_dir, resolve_load_dir
-from .discovery import CheckpointInfo, choose, inspect
+from ._hf_sharded import refuse_unsupported
+from .adapters import (
+    files_written_by,
+    load_groups,
+    model_config_files,
+    open_checkpoint,
+    restore_rank_rng,
+    resume_folder,
+)
+from .config import resolve_dir
+from .discovery import CheckpointInfo
 from .errors import ConfigError
-from .manifest import MANIFEST
-from .rng import restore_rng_file, rng_file
+from .manager import Checkpointer
 from .statedict import unwrap_model
 
 __all__ = ["CheckpointCallback", "resume_checkpoint"]
@@ -73,10 +81,6 @@ SUPPORTED_TRANSFORMERS = "4.57 - 5.x"
 
 def _check_trainer_api(trainer: Trainer) -> None:
     """Raise ConfigError naming the transformers version and the method when ``_REPLACED`` does not fit."""
-    import transformers
-    from transformers import trainer_utils
-    from transformers.trainer_callback import TrainerState
-
     problems = []
     for name, params in _REPLACED.items():
         method = getattr(trainer, name, None)
@@ -127,14 +131,14 @@ def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
     Looks in ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``: a restarted job's own
     checkpoints, the ``checkpoint-<N>`` folders directly in it) first, then in ``load_dir`` (default
     ``$BT_LOAD_CHECKPOINT_DIR``, in any of its layouts, nested ``<job>/rank-<node>/checkpoint-<step>/``
-    included). The same rule as ``Checkpointer.restore`` (:func:`btckpt.discovery.choose`): incomplete
+    included). The same policy as ``Checkpointer.restore`` (:func:`btckpt.adapters.resume_folder`): incomplete
     folders are skipped; checksums are verified and a damaged checkpoint is skipped with a warning naming
     the file; a plain HF Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
     Raises :class:`btckpt.NoCheckpointFound` when ``load_dir`` is set and nothing was found anywhere,
     unless ``on_missing="start_fresh"`` (then None).
     """
-    found = choose(resolve_dir(dir), resolve_load_dir(load_dir), on_missing=on_missing, accept=_resumable)
-    return str(found.path) if found is not None else None
+    return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=_resumable,
+                         helper="resume_checkpoint()")
 
 
 def _resumable(info: CheckpointInfo) -> bool:
@@ -147,13 +151,7 @@ def _resumable(info: CheckpointInfo) -> bool:
 
 def _btckpt_info(path: str | os.PathLike[str] | None) -> CheckpointInfo | None:
     """The checkpoint at ``path`` when it is a btckpt folder (raises when it is one but is damaged)."""
-    if path is None or not (Path(path) / MANIFEST).exists():
-        return None
-    info = inspect(path)
-    if not info.complete:
-        raise ConfigError(f"cannot resume from {path}: {info.status} ({info.reason}); pass resume_checkpoint() "
-                          "to pick the newest complete checkpoint")
-    return info
+    return open_checkpoint(path, btckpt_only=True)
 
 
 def _find_trainer() -> Trainer | None:
@@ -216,8 +214,6 @@ class CheckpointCallback(TrainerCallback):
 
     def _checkpointer(self) -> Any:
         if self.ckpt is None:
-            from .manager import Checkpointer
-
             opts = dict(self.options)
             limit = self.trainer.args.save_total_limit if self.trainer is not None else None
             opts.setdefault("keep_last", limit if limit and limit > 0 else None)
@@ -235,18 +231,19 @@ class CheckpointCallback(TrainerCallback):
                 self.stats = ckpt.stats.as_dict()
 
     # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
+    def _resume_checkpoint(self) -> str | None:
+        """:func:`resume_checkpoint` with this callback's ``dir`` / ``load_dir`` / ``on_missing`` options."""
+        return resume_checkpoint(dir=self.options.get("dir"), load_dir=self.options.get("load_dir"),
+                                 on_missing=self.options.get("on_missing", "raise"))
+
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
-            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
-                                                       load_dir=self.options.get("load_dir"),
-                                                       on_missing=self.options.get("on_missing", "raise"))
+            resume_from_checkpoint = self._resume_checkpoint()
             if resume_from_checkpoint is None:
                 raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
                                  f"{resolve_dir(self.options.get('dir'))} or the load dir")
         elif resume_from_checkpoint is None and self.auto_resume:
-            resume_from_checkpoint = resume_checkpoint(dir=self.options.get("dir"),
-                                                       load_dir=self.options.get("load_dir"),
-                                                       on_missing=self.options.get("on_missing", "raise"))
+            resume_from_checkpoint = self._resume_checkpoint()
             if resume_from_checkpoint is not None:
                 log.warning("btckpt: resuming from %s", resume_from_checkpoint)
         self._checkpointer()
@@ -279,8 +276,6 @@ class CheckpointCallback(TrainerCallback):
         if not self._resumed_epoch_pending:
             return
         self._resumed_epoch_pending = False
-        import transformers
-
         if int(transformers.__version__.split(".")[0]) >= 5:
             return
         for sampler in _epoch_samplers(kwargs.get("train_dataloader")):
@@ -297,7 +292,7 @@ class CheckpointCallback(TrainerCallback):
         model = unwrap_model(tr.model)
         groups: dict[str, Any] = {}
         if _is_peft(model):
-            from peft import get_peft_model_state_dict
+            from peft import get_peft_model_state_dict  # peft is optional: only a PEFT model gets here
 
             groups["adapter_model"] = get_peft_model_state_dict(model)
         else:
@@ -317,39 +312,20 @@ class CheckpointCallback(TrainerCallback):
         tr = self.trainer
         assert tr is not None
         model = unwrap_model(tr.model)
-        out: dict[str, bytes] = {}
-        with tempfile.TemporaryDirectory(prefix="btckpt-hf-") as tmp:
-            if _is_peft(model):
-                model.peft_config[model.active_adapter].save_pretrained(tmp)
-            else:
-                cfg = getattr(model, "config", None)
-                if cfg is not None and hasattr(cfg, "save_pretrained"):
-                    cfg.save_pretrained(tmp)
-                gen = getattr(model, "generation_config", None)
-                can_generate = getattr(model, "can_generate", lambda: False)
-                if gen is not None and can_generate():
-                    gen.save_pretrained(tmp)
-            tr.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
-            for f in Path(tmp).iterdir():
-                if f.is_file():
-                    out[f.name] = f.read_bytes()
+        if _is_peft(model):
+            out = files_written_by(model.peft_config[model.active_adapter].save_pretrained)
+        else:
+            out = model_config_files(model)
+        out.update(files_written_by(lambda d: tr.state.save_to_json(os.path.join(d, "trainer_state.json"))))
         if self._static_files is None:
-            self._static_files = {}
-            proc = getattr(tr, "processing_class", None)
-            if proc is not None and hasattr(proc, "save_pretrained"):
-                with tempfile.TemporaryDirectory(prefix="btckpt-hf-") as tmp:
-                    proc.save_pretrained(tmp)
-                    for f in Path(tmp).rglob("*"):
-                        if f.is_file():
-                            self._static_files[f.relative_to(tmp).as_posix()] = f.read_bytes()
+            save = getattr(getattr(tr, "processing_class", None), "save_pretrained", None)
+            self._static_files = files_written_by(save) if callable(save) else {}
         out.update(self._static_files)
         out["training_args.json"] = tr.args.to_json_string().encode()
         return out
 
     def _p_save_checkpoint(self, model: Any, trial: Any = None, *args: Any, **kwargs: Any) -> None:
         """Replaces ``Trainer._save_checkpoint``: the same bookkeeping, one async btckpt save, no HF write."""
-        from transformers.trainer_utils import SaveStrategy
-
         tr = self.trainer
         assert tr is not None
         ckpt = self._checkpointer()
@@ -357,7 +333,8 @@ class CheckpointCallback(TrainerCallback):
         if tr.hp_search_backend is None and trial is None:
             tr.store_flos()
         best_step = tr.state.best_global_step
-        if tr.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+        if tr.args.save_strategy in (trainer_utils.SaveStrategy.STEPS, trainer_utils.SaveStrategy.EPOCH,
+                                      trainer_utils.SaveStrategy.BEST) and best_step:
             best = ckpt.root / f"checkpoint-{best_step}"
             if best_step == step or best_step in self._saved or best.exists():
                 tr.state.best_model_checkpoint = str(best)
@@ -373,8 +350,6 @@ class CheckpointCallback(TrainerCallback):
             else:
                 stateful[name] = cb.state()
         files = self._files() if ckpt.world.is_local_leader else {}
-        import transformers
-
         ckpt.save(step, self._state(), extra_files=files,
                   meta={"integration": "transformers", "transformers_version": transformers.__version__})
         self._saved.add(step)
@@ -397,8 +372,6 @@ class CheckpointCallback(TrainerCallback):
         flag = bool(self.ckpt.preempted)
         if self.ckpt.world.size <= 1:
             return flag
-        import torch.distributed as dist
-
         assert self.trainer is not None
         t = torch.tensor([1.0 if flag else 0.0], device=self.trainer.args.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -448,12 +421,5 @@ class CheckpointCallback(TrainerCallback):
         info = _btckpt_info(checkpoint)
         if info is None:
             return self._orig["_load_rng_state"](checkpoint)
-        assert info.manifest is not None
-        rank = self.trainer.args.process_index  # type: ignore[union-attr]
-        name = rng_file(rank)
-        if name not in info.manifest.files:
-            log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
-                        "restored, the resumed run is not bit-exact", info.path, rank)
-            return None
-        restore_rng_file(info.path, info.manifest, name)
+        restore_rank_rng(info, self.trainer.args.process_index)  # type: ignore[union-attr]
         return None

@@ -96,21 +96,20 @@ from ._lightning_state import (
     to_groups,
     write_link,
 )
+from .adapters import group_values, open_checkpoint, restore_rank_rng
 from .commit import checkpoint_name, delete_checkpoint, write_small_file
 from .config import resolve_dir
-from .discovery import STEP_DIR, inspect, scan, select, verified
+from .discovery import STEP_DIR, inspect
 from .distributed import World
 from .errors import (
     CheckpointError,
     ConfigError,
     IncompleteCheckpoint,
-    NoCheckpointFound,
     UnsafeCheckpoint,
     UnsupportedValue,
 )
 from .manager import Checkpointer
-from .reader import CheckpointReader
-from .rng import restore_rng_file, rng_file
+from .policy import ResumePolicy
 from .storage import fsync_dir, is_url
 
 __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "LINK_FORMAT"]
@@ -325,14 +324,11 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         path = self._found_at(path)
         if self._is_pending(path):
             self.wait()
-        if path.is_dir():  # a checkpoint (or plain model folder) itself, else the selection rule under it
-            infos = scan(path)
-            if len(infos) == 1 and infos[0].path == path:
-                return path
-            found = select(infos, verified)
-            if found is None:
-                raise NoCheckpointFound(f"no complete, verified checkpoint at or under {path}")
-            return found[0].path
+        if path.is_dir():  # a checkpoint (or plain model folder) itself, else the resume policy under it
+            policy = ResumePolicy.at(path)
+            info = policy.target() or policy.choose()
+            assert info is not None  # a named folder with nothing sound raises NoCheckpointFound
+            return info.path
         if path.is_file():
             folder = read_link(path)
             if not folder.is_dir():
@@ -351,33 +347,26 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         world size), left out of the returned dict; ``strict`` applies to them.
         """
         folder = self._resolve(Path(os.path.abspath(path)))
-        info = inspect(folder)
-        if not info.complete:
-            raise IncompleteCheckpoint(f"{folder} is {info.status}: {info.reason}")
-        reader = CheckpointReader(folder, info.manifest)
+        info = open_checkpoint(folder)
+        assert info is not None
         meta = info.manifest.meta.get("lightning", {}) if info.manifest is not None else {}
         keys = meta.get("keys", {"model": "state_dict"}) if isinstance(meta, dict) else {}
         sharded = saved_sharded(info)
         if sharded and into is None:
             raise ConfigError(f"{folder} was saved sharded (per-rank files, by btckpt.lightning."
                               "ModelParallelStrategy); load it with that strategy (any number of ranks)")
-        apply = read_in_place(info, into, rank=process_rank(), strict=strict) if into else None
+        rank = process_rank()
+        apply = read_in_place(info, into, rank=rank, strict=strict) if into else None
         elsewhere = sharded | set(into or ())  # loaded in place by read_in_place
-        out = {keys.get(g, g): reader.load_group(g) for g in reader.groups if g not in elsewhere}
+        out = {keys.get(g, g): v for g, v in group_values(info, exclude=elsewhere).items()}
         if isinstance(meta, dict) and "hf" in meta and "state_dict" in out:
             out["state_dict"] = from_hf_keys(out["state_dict"], meta["hf"], where=str(folder))
         if map_location is not None and isinstance(map_location, (str, torch.device)):
             out = map_tree(out, torch.device(map_location))
         if apply is not None:
             apply()
-        rank = process_rank()
-        if self.restore_rng and "loops" in out and info.manifest is not None:
-            name = rng_file(rank)
-            if name in info.manifest.files:
-                restore_rng_file(folder, info.manifest, name)
-            elif any(n.startswith("rng_state_") for n in info.manifest.files):
-                log.warning("btckpt: %s holds no RNG state for rank %d (saved by fewer ranks, or without "
-                            "btckpt.lightning.ModelCheckpoint); this rank's RNG is not restored", folder, rank)
+        if self.restore_rng and "loops" in out:
+            restore_rank_rng(info, rank)
         if "loops" in out and rank == 0:
             repair_links(folder, out.get("callbacks"))
         self._mine.add(folder)

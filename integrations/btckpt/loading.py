@@ -19,7 +19,7 @@ from .layout import rank_state_file
 from .manifest import check_member
 from .reader import CheckpointReader, read_verified_bytes
 from .remote import fetch
-from .rng import RngState, apply_rng, read_rng_file, rng_file
+from .rng import RngState, apply_rng, read_rank_rng
 from .sharded import sharded_groups
 from .statedict import apply_group, check_group
 
@@ -51,14 +51,7 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
                                     f"{sorted(available)}); remove it from the state or pass strict=False")
             continue
         loaded[name] = own[name] if name in own else reader.load_group(name)
-    rng = None
-    if want_rng and info.manifest is not None:
-        fname = rng_file(rank)
-        if fname in info.manifest.files:
-            rng = read_rng_file(info.path, info.manifest, fname)
-        else:
-            log.warning("btckpt: %s has no RNG state for rank %d (saved with another world size); RNGs not "
-                        "restored", info.path, rank)
+    rng = read_rank_rng(info.path, info.manifest, rank) if want_rng and info.manifest is not None else None
     return loaded, rng
 
 

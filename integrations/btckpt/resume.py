@@ -1,12 +1,11 @@
-"""Where a (re)started job resumes from: the Checkpointer's side of the one selection rule.
+"""Where a (re)started job resumes from: the Checkpointer's side of the resume policy, and the verified read.
 
-The rule itself (order of preference, skipping damaged candidates, ``NoCheckpointFound``) is written once
-in :mod:`btckpt.discovery` (:func:`resume_candidates`, :func:`select`, :func:`nothing_to_resume`); the reading
-is :mod:`btckpt.loading`'s. Order: the job's own checkpoints (``checkpoint-<N>`` directly under its local
-``dir``; with ``dir=URL`` also the published ones not present locally), newest first; then ``load_dir``
-(a previous job's, the platform's nested layout). With several ranks, every rank calls
-:meth:`Resume.restore` and all load the same step: the newest one complete on every node, agreed through
-the c10d store (no collectives).
+Which checkpoint, in which dir, verified how and what if none is :class:`btckpt.policy.ResumePolicy`'s
+(the one policy every entry point asks). Here: :func:`restore_from` reads the policy's first sound candidate
+into the state (every byte verified before anything is applied; :func:`btckpt.loading.restore_first`), and
+:class:`Resume` adds what only the Checkpointer has: with several ranks, every rank calls
+:meth:`Resume.restore` and all load the same step, the newest one complete on every node and verified on
+every rank, agreed through the c10d store (no collectives).
 """
 
 from __future__ import annotations
@@ -17,14 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from .config import CheckpointConfig
-from .discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, verified
+from .discovery import CheckpointInfo, verified
 from .distributed import World
 from .errors import CheckpointError
 from .loading import restore_first
+from .policy import ResumePolicy
 
-__all__ = ["Resume"]
+__all__ = ["Resume", "restore_from"]
 
 log = logging.getLogger("btckpt")
+
+
+def restore_from(policy: ResumePolicy, state: MutableMapping[str, Any], *, rank: int, want_rng: bool,
+                 strict: bool, candidates: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+    """Load ``policy``'s first candidate (or of ``candidates``) that reads and verifies into ``state``;
+    the checkpoint, or None / :class:`NoCheckpointFound` as the policy says (:meth:`ResumePolicy.missing`)."""
+    cands = policy.candidates() if candidates is None else candidates
+    info = restore_first(cands, state, rank=rank, want_rng=want_rng, strict=strict)
+    if info is None:
+        policy.missing()
+    return info
 
 
 class Resume:
@@ -33,23 +44,12 @@ class Resume:
     def __init__(self, *, config: CheckpointConfig, world: World, root: Path, remote: str | None,
                  session: str) -> None:
         self.config, self.world, self.root, self.remote, self.session = config, world, root, remote, session
-
-    def own(self) -> list[CheckpointInfo]:
-        """This job's checkpoints, newest first, damaged ones included (restore names each one it skips)."""
-        local = resume_candidates(self.root, None)
-        if self.remote is None:
-            return local
-        steps = {i.step for i in local if i.complete}
-        remote = [i for i in scan(self.remote, own=True) if i.step not in steps]
-        return sorted(local + remote, key=lambda i: i.step, reverse=True)
-
-    def others(self) -> list[CheckpointInfo]:
-        """The previous job's checkpoints under ``load_dir`` (empty when unset)."""
-        return resume_candidates(None, self.config.load_dir)
+        self.policy = ResumePolicy.for_job(dir=root, load_dir=config.load_dir, on_missing=config.on_missing,
+                                           remote=remote)
 
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints in order of preference: own newest first, then ``load_dir``'s."""
-        return [i for i in self.own() + self.others() if i.complete]
+        return [i for i in self.policy.candidates() if i.complete]
 
     def restore(self, state: MutableMapping[str, Any], *, strict: bool) -> int | None:
         """Load the preferred checkpoint into ``state``; its step, or None (or NoCheckpointFound, see below).
@@ -57,15 +57,12 @@ class Resume:
         Raises :class:`NoCheckpointFound` when ``load_dir`` is set, nothing was found anywhere and
         ``on_missing='raise'``: a resume was asked for and the run would silently start from scratch.
         """
+        cands = None
         if self.world.size > 1 and self.world.store is not None:
             cands = self._agree_on_step(self.candidates())
-        else:
-            cands = self.own() + self.others()
-        info = restore_first(cands, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
-        if info is not None:
-            return info.step
-        nothing_to_resume(self.root, self.config.load_dir, self.config.on_missing)
-        return None
+        info = restore_from(self.policy, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict,
+                            candidates=cands)
+        return info.step if info is not None else None
 
     def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
         """The candidate every rank can load: the newest step complete on every node *and* verified on every

@@ -1,13 +1,17 @@
 """Capture and restore every RNG a training step uses, as plain JSON (never pickled).
 
 Covered: torch CPU, every CUDA device (when CUDA is initialised), numpy's global generator (when numpy
-is installed) and Python's ``random``. One file per rank: ``rng_state_<rank>.json``.
+is installed) and Python's ``random``. One file per rank: ``rng_state_<rank>.json``. The one implementation
+of a rank's RNG for every entry point: the core saves :func:`capture_rng` per rank and restores with
+:func:`read_rank_rng`; the HF and Lightning adapters call the same (through :mod:`btckpt.adapters`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +20,17 @@ import torch
 
 from .errors import CorruptCheckpoint
 from .manifest import Manifest
+from .reader import read_verified_bytes
 
-__all__ = ["capture_rng", "restore_rng", "rng_file", "RngState", "parse_rng", "apply_rng", "read_rng_file",
-           "restore_rng_file"]
+try:  # numpy is optional: its generator is covered when it is installed
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None  # type: ignore[assignment]
+
+__all__ = ["capture_rng", "rng_file", "RngState", "parse_rng", "apply_rng", "read_rng_file", "read_rank_rng"]
+
+log = logging.getLogger("btckpt")
+RNG_FILE = re.compile(r"^rng_state_\d+\.json$")
 
 
 def rng_file(rank: int) -> str:
@@ -34,11 +46,7 @@ def capture_rng() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    try:
-        import numpy as np
-    except ImportError:
-        pass
-    else:
+    if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
         state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]  # type: ignore[union-attr]
     return state
@@ -88,9 +96,7 @@ def parse_rng(state: Any, *, where: str) -> RngState:
             want = torch.cuda.get_rng_state().shape
             if any(t.shape != want for t in out["cuda"]):
                 raise ValueError(f"a CUDA RNG state is not a {list(want)} byte tensor")
-        if "numpy" in state:
-            import numpy as np
-
+        if "numpy" in state and np is not None:  # without numpy installed, nothing uses its generator
             kind, keys, pos, has_gauss, cached = state["numpy"]
             out["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
             np.random.RandomState().set_state(out["numpy"])
@@ -109,20 +115,11 @@ def apply_rng(rng: RngState) -> None:
     if rng.cuda is not None and len(rng.cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng.cuda)
     if rng.numpy is not None:
-        import numpy as np
-
         np.random.set_state(rng.numpy)
-
-
-def restore_rng(state: dict[str, Any], *, where: str) -> None:
-    """Set this process's RNGs from :func:`capture_rng` data (all checked first; CorruptCheckpoint if malformed)."""
-    apply_rng(parse_rng(state, where=where))
 
 
 def read_rng_file(folder: Path, manifest: Manifest, name: str) -> RngState:
     """Read, verify (checksum) and parse the listed RNG file ``name``; nothing is applied."""
-    from .reader import read_verified_bytes
-
     raw = read_verified_bytes(folder, manifest, name)
     try:
         data = json.loads(raw)
@@ -131,6 +128,17 @@ def read_rng_file(folder: Path, manifest: Manifest, name: str) -> RngState:
     return parse_rng(data, where=str(folder / name))
 
 
-def restore_rng_file(folder: Path, manifest: Manifest, name: str) -> None:
-    """:func:`read_rng_file` then apply it (for adapters that restore the RNGs on their own)."""
-    apply_rng(read_rng_file(folder, manifest, name))
+def read_rank_rng(folder: Path, manifest: Manifest, rank: int) -> RngState | None:
+    """``rank``'s RNG state from a checkpoint, read, verified and parsed (nothing applied); None when the
+    checkpoint holds none for this rank: with a warning when it holds other ranks' (saved with another world
+    size, or by one rank only), quietly when it was saved without RNG state."""
+    name = rng_file(rank)
+    if name in manifest.files:
+        return read_rng_file(folder, manifest, name)
+    if any(RNG_FILE.match(n) for n in manifest.files):
+        log.warning("btckpt: %s has no RNG state for rank %d (saved by another number of ranks, or by rank 0 "
+                    "only); this rank's RNGs are not restored, so the resumed run is not bit-exact", folder, rank)
+    else:
+        log.info("btckpt: %s was saved without RNG state; RNGs not restored", folder)
+    return None
+

@@ -1,0 +1,169 @@
+"""What every framework adapter needs from the core, written once (HF Trainer, Lightning, the next one).
+
+An adapter maps a framework's checkpoint hooks to these calls and nothing else:
+
+- **resume search** -- :func:`resume_folder`: the folder to hand the framework (``resume_from_checkpoint``,
+  ``ckpt_path``), chosen by the resume policy (:class:`btckpt.policy.ResumePolicy`);
+- **opening** what the framework hands back -- :func:`open_checkpoint` (damaged: an error naming it);
+- **reading groups** -- :func:`read_groups` / :func:`load_groups` (into live objects, read and verified
+  before anything is applied, any sharding) and :func:`group_values` (plain values, for a framework that
+  takes a dict);
+- **a rank's RNG** -- :func:`restore_rank_rng` (the core's reader, :func:`btckpt.rng.read_rank_rng`), and for
+  frameworks that hand the checkpoint to rank 0 only, :func:`publish_rank_rng` / :func:`gather_rank_rng`
+  (each rank's :func:`~btckpt.rng.capture_rng` through the c10d store, under a key all ranks derive from the
+  checkpoint, never from creation order);
+- **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
+  :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
+
+Never imports transformers or lightning: the objects come from the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Collection, Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .config import resolve_dir, resolve_load_dir
+from .discovery import CheckpointInfo, inspect
+from .distributed import World, world
+from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
+from .loading import read_checkpoint
+from .manifest import MANIFEST
+from .policy import ResumePolicy
+from .reader import CheckpointReader
+from .rng import apply_rng, capture_rng, read_rank_rng
+from .storage import is_url
+
+__all__ = ["resume_folder", "open_checkpoint", "read_groups", "load_groups", "group_values", "restore_rank_rng",
+           "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by", "model_config_files"]
+
+log = logging.getLogger("btckpt")
+
+
+# -- resume search -------------------------------------------------------------------------------------------
+def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
+                  on_missing: str, accept: Callable[[CheckpointInfo], bool] | None, helper: str) -> str | None:
+    """The local checkpoint folder a framework resumes from: the resume policy over ``dir`` (default
+    ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``) then ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``),
+    checksums verified, ``accept`` for the framework's kind of checkpoint; None, or ``NoCheckpointFound``
+    per ``on_missing``. Frameworks read local folders, so URL dirs are not searched; a URL load dir with
+    nothing found locally is a :class:`ConfigError` naming ``helper`` (e.g. ``"resume_path()"``) unless
+    ``on_missing="start_fresh"``."""
+    roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
+    own, load = (None if r is None or is_url(r) else r for r in roots)
+    found = ResumePolicy.for_job(dir=own, load_dir=load, on_missing=on_missing, accept=accept).choose()
+    if found is None and roots[1] is not None and is_url(roots[1]) and on_missing == "raise":
+        raise ConfigError(f"load_dir {roots[1]!r} is a URL; {helper} reads local folders only (pass the "
+                          "downloaded folder, or on_missing='start_fresh')")
+    return str(found.path) if found is not None else None
+
+
+def open_checkpoint(path: str | os.PathLike[str] | None, *, btckpt_only: bool = False) -> CheckpointInfo | None:
+    """The complete checkpoint at ``path`` (a btckpt folder, or a plain HF model folder unless
+    ``btckpt_only``); None for no path, or (``btckpt_only``) a folder without ``btckpt.json`` (the
+    framework's own format). A damaged one raises :class:`IncompleteCheckpoint` / :class:`CorruptCheckpoint`."""
+    if path is None or (btckpt_only and not (Path(path) / MANIFEST).exists()):
+        return None
+    info = inspect(path)
+    if not info.complete:
+        cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
+        raise cls(f"cannot resume from {path}: it is {info.status} ({info.reason}); resume from another checkpoint "
+                  "(btckpt.hf.resume_checkpoint() / btckpt.lightning.resume_path() pick the newest sound one)")
+    return info
+
+
+# -- reading groups ------------------------------------------------------------------------------------------
+def read_groups(info: CheckpointInfo, state: MutableMapping[str, Any], names: Iterable[str], *, rank: int,
+                strict: bool = True) -> Callable[[], None]:
+    """Read and verify the groups ``names`` of ``info`` for the live objects in ``state``; return the function
+    that loads them in place. Plain or sharded on either side (FSDP2 checkpoints load into any world size or
+    a plain model, through DCP's planner: every rank calls this). RNG is separate (:func:`restore_rank_rng`)."""
+    return read_checkpoint(info, state, list(names), rank=rank, want_rng=False, strict=strict)
+
+
+def load_groups(info: CheckpointInfo, state: MutableMapping[str, Any], names: Iterable[str], *, rank: int,
+                strict: bool = True) -> None:
+    """:func:`read_groups`, then load them in place."""
+    read_groups(info, state, names, rank=rank, strict=strict)()
+
+
+def group_values(info: CheckpointInfo, *, exclude: Collection[str] = ()) -> dict[str, Any]:
+    """The plain values (tensor dicts, JSON data) of every group of ``info`` but ``exclude``, checksums
+    verified (for a framework that takes its checkpoint as a dict)."""
+    reader = CheckpointReader(info.path, info.manifest)
+    return {g: reader.load_group(g) for g in reader.groups if g not in exclude}
+
+
+# -- a rank's RNG --------------------------------------------------------------------------------------------
+def restore_rank_rng(info: CheckpointInfo, rank: int) -> bool:
+    """Set this process's RNGs from ``rank``'s saved state (read and verified first); False when the
+    checkpoint holds none for it (:func:`btckpt.rng.read_rank_rng` says why)."""
+    rng = read_rank_rng(info.path, info.manifest, rank) if info.manifest is not None else None
+    if rng is not None:
+        apply_rng(rng)
+    return rng is not None
+
+
+def peer_world() -> World | None:
+    """This process's World when it is one of several ranks sharing a c10d store, else None."""
+    w = world()
+    return w if w.size > 1 and w.store is not None else None
+
+
+def _rng_key(key: str, rank: int) -> str:
+    return f"rank-rng/{key}/{rank}"
+
+
+def publish_rank_rng(key: str) -> bool:
+    """On every rank of a framework that saves on rank 0 only, while the checkpoint is built: a non-zero rank
+    publishes its RNG state under ``key`` (the same on every rank, derived from the checkpoint, e.g. its
+    step). False when there are no peers (nothing to gather)."""
+    w = peer_world()
+    if w is None:
+        return False
+    if not w.is_leader:
+        w.publish(_rng_key(key, w.rank), capture_rng())
+    return True
+
+
+def gather_rank_rng(key: str, *, timeout: float) -> dict[int, dict[str, Any]] | None:
+    """On rank 0: every other rank's RNG published under ``key`` (rank -> state); the keys are freed, so the
+    same key may be used again by the next save (saves are serialized by the framework's barrier)."""
+    w = peer_world()
+    if w is None:
+        return None
+    out: dict[int, dict[str, Any]] = {}
+    for r in range(1, w.size):
+        out[r] = w.collect(_rng_key(key, r), timeout=timeout)
+        try:
+            w.store.delete_key(f"btckpt/{_rng_key(key, r)}")
+        except (RuntimeError, AttributeError):  # pragma: no cover - a store without delete: the key stays
+            pass
+    return out
+
+
+# -- HF config files -----------------------------------------------------------------------------------------
+def files_written_by(write: Callable[[str], Any]) -> dict[str, bytes]:
+    """The files ``write(folder)`` creates in an empty temporary folder (relative POSIX name -> bytes), e.g. a
+    ``save_pretrained`` of a config, tokenizer or PEFT adapter config."""
+    with tempfile.TemporaryDirectory(prefix="btckpt-files-") as tmp:
+        write(tmp)
+        return {f.relative_to(tmp).as_posix(): f.read_bytes() for f in sorted(Path(tmp).rglob("*")) if f.is_file()}
+
+
+def model_config_files(model: Any) -> dict[str, bytes]:
+    """``config.json``, and ``generation_config.json`` when the model generates, as ``save_pretrained`` writes
+    them (empty for a model without a config)."""
+    def write(folder: str) -> None:
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "save_pretrained"):
+            cfg.save_pretrained(folder)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            gen.save_pretrained(folder)
+
+    return files_written_by(write)
