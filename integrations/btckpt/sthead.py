@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .errors import CorruptCheckpoint
+from .members import read_error, read_upto
+from .members import short_repr as _short
 
 __all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "parse_header", "read_header", "ALIGN"]
 
@@ -131,15 +133,8 @@ def parse_header(length_and_json: bytes, file_size: int, *, where: str) -> Heade
     return Header(tuple(entries), dict(meta), data_start)
 
 
-def _short(x: Any, n: int = 120) -> str:
-    r = repr(x)
-    return r if len(r) <= n else r[:n] + "..."
-
-
 def read_header(f: BinaryIO, file_size: int, *, where: str) -> Header:
     """Read and parse the header from an open binary file (local or fsspec) positioned anywhere."""
-    from .manifest import read_error, read_upto
-
     try:
         f.seek(0)
     except OSError as exc:
