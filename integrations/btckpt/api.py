@@ -20,7 +20,7 @@ from .errors import (
 )
 from .layout import fill_refs, flatten_group, plan_layout
 from .loading import read_checkpoint, restore_first
-from .manifest import read_manifest
+from .manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
 from .rng import capture_rng
 from .saving import SaveJob, check_extra_files, run_save
 from .snapshot import Stager
@@ -33,7 +33,7 @@ log = logging.getLogger("btckpt")
 
 
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
-         max_shard_size: int = 5 * 10**9, save_rng: bool = True,
+         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, save_rng: bool = True,
          extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``state`` as a committed checkpoint folder at ``path`` (atomically; it must not exist).
 

@@ -18,9 +18,9 @@ from typing import Any
 from .discovery import HF_WEIGHTS, CheckpointInfo, scan, select, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
-from .manifest import check_relative_name, open_member
+from .manifest import DEFAULT_MAX_SHARD_SIZE, check_relative_name, open_member
 from .names import safe, text
-from .storage import is_url, local_path, remote_fs
+from .storage import CHECKSUM, is_url, local_path, remote_fs
 
 __all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
 
@@ -178,7 +178,7 @@ def describe(target: str) -> dict[str, Any]:
         size = entry.get("size")
         if size is None:
             size = sizes.get(n, 0) if sizes is not None else (info.path / n).lstat().st_size
-        files.append({"name": n, "size": size, "xxh3_64": entry.get("xxh3_64", "")})
+        files.append({"name": n, "size": size, CHECKSUM: entry.get(CHECKSUM, "")})
     counter = [0]
     tensors, errors = [], []
     totals: dict[str, Any] = {"tensors": 0, "parameters": 0, "bytes": 0, "by_dtype": {}}
@@ -212,7 +212,7 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
     console.print(text(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
                        f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else "")))
     console.print(_table("Files", [("FILE", "left"), ("SIZE", "right"), ("XXH3_64", "left")],
-                         [[f["name"], human(f["size"]), f["xxh3_64"] or "-"] for f in d["files"]]))
+                         [[f["name"], human(f["size"]), f[CHECKSUM] or "-"] for f in d["files"]]))
     rows = [[t["file"], t["name"], t["dtype"], str(tuple(t["shape"])) if t["shape"] else "()",
              f"{t['parameters']:,}", human(t["bytes"])] for t in d["tensors"]]
     console.print(_table("Tensors", [("FILE", "left"), ("NAME", "left"), ("DTYPE", "left"), ("SHAPE", "left"),
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("ckpt", metavar="CKPT")
     co.add_argument("out", metavar="OUT")
     co.add_argument("--group", default="model")
-    co.add_argument("--max-shard-size", type=int, default=5 * 10**9)
+    co.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_SIZE)
     co.set_defaults(func=_cmd_consolidate)
     br = sub.add_parser("browse", help="terminal UI: pick a checkpoint, walk files, tensor tables")
     br.add_argument("target", nargs="?", default=os.environ.get("BT_CHECKPOINT_DIR") or "./checkpoints",

@@ -23,7 +23,7 @@ from typing import Any
 from . import faults
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST, Manifest
-from .storage import fsync_dir, fsync_file, new_tag, space_error
+from .storage import CHECKSUM, fsync_dir, fsync_file, new_tag, space_error
 
 __all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
            "write_small_file", "new_tag", "rename_noreplace"]
@@ -113,7 +113,7 @@ class LocalCommit:
 
     def record(self, name: str, size: int, checksum: str) -> None:
         """Note a file written into the temp folder (by any rank) for the manifest."""
-        self.files[name] = {"size": size, "xxh3_64": checksum}
+        self.files[name] = {"size": size, CHECKSUM: checksum}
 
     def commit(self, manifest: Manifest) -> Path:
         """Write the manifest last, fsync, rename into place, fsync the parent. Leader only."""
