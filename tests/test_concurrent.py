@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,9 +17,7 @@ from btckpt.commit import LocalCommit
 from btckpt.discovery import scan
 from btckpt.errors import CheckpointError
 from btckpt.reader import CheckpointReader
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import PY, child_env, temp_folders  # noqa: E402
+from crash_harness import PY, child_env, temp_folders
 
 WRITER = str(Path(__file__).parent / "scripts" / "crash_writer.py")
 

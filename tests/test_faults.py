@@ -8,7 +8,6 @@ A configured point that is never reached fails the test."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import btckpt
@@ -18,9 +17,7 @@ from btckpt import faults
 from btckpt.discovery import scan
 from btckpt.errors import CheckpointError, InsufficientSpace
 from btckpt.reader import CheckpointReader
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import LOCAL_PHASES, temp_folders  # noqa: E402
+from crash_harness import LOCAL_PHASES, temp_folders
 
 COMMIT_PHASES = [p for p in LOCAL_PHASES if p != "retention"]
 UPLOAD_PHASES = [p for p in faults.PHASES if p.startswith("upload_")]

@@ -9,16 +9,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from btckpt.discovery import scan
 from btckpt.manifest import read_manifest
 from btckpt.reader import CheckpointReader, read_verified_bytes
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line  # noqa: E402
+from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line
 
 
 def _verify(path: Path) -> None:
