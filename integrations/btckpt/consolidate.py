@@ -41,14 +41,13 @@ import torch
 from ._tree import decode_tree
 from .api import save
 from .commit import remove_stale_temps
-from .dcp_bridge import _Parts
 from .discovery import inspect, latest
 from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
 from .manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .names import safe
 from .reader import CheckpointReader, read_verified_bytes
 from .retention import apply_retention
-from .sharded import assemble
+from .sharded import NodeParts, assemble
 
 __all__ = ["consolidate", "Consolidator", "main"]
 
@@ -65,7 +64,7 @@ def _model_tensors(folder: Path, group: str) -> dict[str, torch.Tensor]:
     man = info.manifest
     if group not in man.state:
         raise CheckpointError(f"{folder}: the checkpoint has no group {group!r} (it has {sorted(man.state)})")
-    parts = _Parts(folder, man)
+    parts = NodeParts(folder, man)
     plain = CheckpointReader(folder, man)
 
     def load(ref: Any) -> torch.Tensor:

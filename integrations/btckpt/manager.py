@@ -43,7 +43,7 @@ from .sharded import prepare, sharded_groups
 from .snapshot import Stager, StepGate
 from .statedict import gated_keys, group_value, optimizers_in
 from .storage import is_url, local_path, new_tag, preflight, space_error
-from .upload import UploadSupervisor
+from .uploadsup import UploadSupervisor
 
 __all__ = ["Checkpointer", "default_budget"]
 

@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .commit import delete_checkpoint
 from .discovery import STEP_DIR, CheckpointInfo, inspect
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
 from .retire import UPLOAD_DIR, manifest_hash, read_retired
-from .storage import CHECKSUM, local_path, new_tag, remote_fs
+from .storage import CHECKSUM, file_checksum, local_path, new_tag, remote_fs
 from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
@@ -102,6 +103,7 @@ class Uploader:
         self.journal = Journal(self.src / UPLOAD_DIR / f"{key}.jsonl")
         self.progress: Any = None
         if progress:
+            # rich.progress only for the progress bar (a terminal): the uploader process starts without it
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
             self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -301,8 +303,6 @@ class Uploader:
             if self.s3:
                 digest, etag = s3_etag(local, part_size=self.part_size)
             else:
-                from .storage import file_checksum
-
                 _, digest = file_checksum(local)
                 etag = None
         except FileNotFoundError:
@@ -317,8 +317,6 @@ class Uploader:
             etag = self._local_digest(local, entry)
             ok = etag == remote.get("ETag")
         else:
-            from .storage import file_checksum
-
             _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
             ok = digest == entry[CHECKSUM]
             etag = None
@@ -355,8 +353,6 @@ class Uploader:
             if info.get("ETag") != etag:
                 raise OSError(f"{rpath}: remote ETag {info.get('ETag')} != expected {etag} after upload")
         else:
-            from .storage import file_checksum
-
             _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
             if digest != entry[CHECKSUM]:
                 raise OSError(f"{rpath}: remote checksum {digest} != {entry[CHECKSUM]} after upload")
@@ -414,8 +410,6 @@ class Uploader:
 
     def _offload(self, res: PassResult, verified: set[str]) -> None:
         """``--keep-local K``: delete local checkpoints beyond the newest K whose remote copy checks out."""
-        from .commit import delete_checkpoint
-
         keep = max(0, self.keep_local or 0)
         for info in list(reversed(self._local()))[keep:]:  # newest first
             rdir = self._remote_dir(info)
