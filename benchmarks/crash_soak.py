@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
-from crash_harness import SAVE_PATHS, reference_digest, run_chain  # noqa: E402
+from crash_harness import SAVE_PATHS, Reference, reference_run, run_chain  # noqa: E402
 from crash_paths import FINDINGS  # noqa: E402
 
 
@@ -50,11 +50,10 @@ def main() -> int:
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="btckpt-soak-") as tmp:
         work = Path(tmp)
-        refs: dict[str, tuple[str, Path]] = {}  # one uninterrupted run per reference group
+        refs: dict[str, Reference] = {}  # one uninterrupted run per reference group
         for sp in paths:
             if sp.ref_key not in refs:
-                wd = work / f"ref-{sp.ref_key}"
-                refs[sp.ref_key] = (reference_digest(sp, wd), wd / "ref-ckpt")
+                refs[sp.ref_key] = reference_run(sp, work / f"ref-{sp.ref_key}")
         plan = []  # (chain id, save path, phases): save paths alternate chain by chain
         done = 0
         decks: dict[str, list[str]] = {}  # each path's phases dealt in shuffled rounds: every phase gets its turn
@@ -83,9 +82,8 @@ def main() -> int:
             wd = work / f"chain-{cid}-{sp.name}"
             wd.mkdir(parents=True)
             try:
-                ref, ref_dir = refs[sp.ref_key]
-                got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay, expect_digest=ref,
-                                ref_dir=ref_dir)
+                got = run_chain(sp, wd, phases=phases, seed=seed, max_delay=args.max_delay,
+                                reference=refs[sp.ref_key])
                 with lock:
                     trials.extend((sp.name, t) for t in got)
             except AssertionError as exc:

@@ -11,9 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+from dist_launch import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def child_pythonpath():
+    """Every child process (subprocess, torchrun rank, the btckpt CLI) imports this checkout's btckpt and
+    tests/scripts (pytest's ``pythonpath`` covers this process only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", repo_pythonpath())
+        yield
 
 
 def _children() -> set[int]:

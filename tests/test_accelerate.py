@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import SCRIPTS, assert_same, env_with, finish, free_port  # noqa: E402
+from dist_launch import SCRIPTS, assert_same, env_with, finish, free_port
 
 pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import env_with, finish, load_st, torchrun  # noqa: E402
+from dist_launch import env_with, finish, load_st, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +97,27 @@ def test_save_time_consolidation_keeps_every_step_and_single_process(tmp_path: P
             _same({k: v.detach() for k, v in net.state_dict().items()}, got)
         ck.protect(tmp_path / "ck" / "checkpoint-4")
     assert sorted(p.name for p in (tmp_path / "serve").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_consolidator_done_stays_bounded_over_many_saves(tmp_path: Path) -> None:
+    """``Consolidator.done`` lists only the consolidated folders retention still keeps: it does not grow
+    with the number of saves."""
+    import btckpt
+    import torch
+
+    net = torch.nn.Linear(3, 2)
+    serve = tmp_path / "serve"
+    with btckpt.Checkpointer(dir=str(tmp_path / "ck"), keep_last=2, consolidate=str(serve)) as ck:
+        cons = ck._consolidator
+        assert cons is not None
+        for step in range(1, 13):
+            ck.save(step, {"model": net})
+            ck.wait()
+            cons.close()  # this step's consolidation has finished
+            on_disk = sorted((p for p in serve.iterdir() if p.name.startswith("checkpoint-")),
+                             key=lambda p: int(p.name.split("-")[1]))
+            assert cons.done == on_disk, step
+            assert [p.name for p in cons.done] == [f"checkpoint-{s}" for s in range(max(1, step - 1), step + 1)]
 
 
 def test_save_time_consolidation_errors(tmp_path: Path) -> None:

@@ -15,14 +15,11 @@ one over every path and phase (figures in benchmarks/RESULTS_crash.md).
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import SAVE_PATHS, reference_digest, run_chain  # noqa: E402
+from crash_harness import SAVE_PATHS, Reference, reference_run, run_chain
 
 KILLS_PER_PATH = 17  # core paths: one per injected phase, the rest at random instants
 # integration paths: one or two telling phases and a random instant each (the soak covers every phase)
@@ -35,16 +32,15 @@ CI_PHASES: dict[str, list[str | None]] = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[str, Path]]:
-    """save path name -> (final digest, checkpoints) of an uninterrupted run of its reference group, made
-    when first needed."""
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Reference]:
+    """save path name -> an uninterrupted run of its reference group, made when first needed."""
     work = tmp_path_factory.mktemp("ref")
-    made: dict[str, tuple[str, Path]] = {}
+    made: dict[str, Reference] = {}
 
-    def get(name: str) -> tuple[str, Path]:
+    def get(name: str) -> Reference:
         key = SAVE_PATHS[name].ref_key
         if key not in made:
-            made[key] = (reference_digest(SAVE_PATHS[name], work / key), work / key / "ref-ckpt")
+            made[key] = reference_run(SAVE_PATHS[name], work / key)
         return made[key]
     return get
 
@@ -61,13 +57,12 @@ def _phases(name: str) -> list[str | None]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # up to ~26 process starts; minutes on an idle 2-core machine, far more when shared
 @pytest.mark.parametrize("name", sorted(SAVE_PATHS))
-def test_kill_and_resume(tmp_path: Path, name: str, reference: Callable[[str], tuple[str, Path]]) -> None:
-    digest, ref_dir = reference(name)
+def test_kill_and_resume(tmp_path: Path, name: str, reference: Callable[[str], Reference]) -> None:
     path = SAVE_PATHS[name]
     phases = _phases(name)
     assert set(p for p in phases if p) <= set(path.phases), "a CI phase the save path does not reach"
     trials = run_chain(path, tmp_path, phases=phases, seed=sum(map(ord, name)), max_delay=0.8,
-                       expect_digest=digest, ref_dir=ref_dir)
+                       reference=reference(name))
     assert len(trials) == len(phases)
     injected = [t for t in trials if t.kind.startswith("phase:")]
     assert all(t.killed for t in injected), [(t.kind, t.rc) for t in injected if not t.killed]
@@ -76,6 +71,6 @@ def test_kill_and_resume(tmp_path: Path, name: str, reference: Callable[[str], t
 
 
 @pytest.mark.parametrize("name", ["async", "oneshot"])
-def test_save_paths_agree(tmp_path: Path, reference: Callable[[str], tuple[str, Path]], name: str) -> None:
+def test_save_paths_agree(tmp_path: Path, reference: Callable[[str], Reference], name: str) -> None:
     """The async snapshot equals the state at save(), and the one-shot API matches too: same final bits."""
-    assert reference_digest(SAVE_PATHS[name], tmp_path) == reference("sync")[0]
+    assert reference_run(SAVE_PATHS[name], tmp_path).digest == reference("sync").digest

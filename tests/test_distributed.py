@@ -4,13 +4,10 @@ killed mid-write makes the survivor raise CoordinationError within the timeout, 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import env_with, finish, kill_and_resume, kill_session, raw_ranks  # noqa: E402
+from dist_launch import env_with, finish, kill_and_resume, kill_session, raw_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ A configured point that is never reached fails the test."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import btckpt

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import (  # noqa: E402
+from dist_launch import (
     PY,
     SCRIPTS,
     assert_same,

@@ -4,13 +4,10 @@ gloo): sharded groups go through DCP like ``Checkpointer.restore`` does, on any 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import assert_same, env_with, finish, torchrun  # noqa: E402
+from dist_launch import assert_same, env_with, finish, torchrun
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-import tqdm  # noqa: E402
+import tqdm
 
 tqdm.tqdm.monitor_interval = 0  # from_pretrained's progress bar would start tqdm's monitor thread (a "leak")
 
@@ -31,7 +31,6 @@ RNG = random.Random(SEED)
 
 def _env(ckpt_dir: Path | None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     for var in ("BT_CHECKPOINT_DIR", "BT_LOAD_CHECKPOINT_DIR"):
         env.pop(var, None)
@@ -212,11 +211,7 @@ def test_ddp_two_processes_kill_and_resume_is_exact(tmp_path: Path, baselines) -
 # ---- in-process runs -------------------------------------------------------------------------------------
 
 def _tiny_trainer(out: Path, callbacks: list, **kw):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import hf_train
-    finally:
-        sys.path.pop(0)
+    import hf_train  # transformers at import: only the tests that need it pay
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     eval_kw = kw.pop("eval", False)
@@ -334,14 +329,9 @@ def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, 
 
 def test_peft_lora_saves_adapter_files_that_peft_loads_and_resumes(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
+    import hf_train  # transformers at import: only the tests that need it pay
     from btckpt.hf import CheckpointCallback
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import hf_train
-    finally:
-        sys.path.pop(0)
 
     def lora():
         torch.manual_seed(0)

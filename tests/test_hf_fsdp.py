@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import (  # noqa: E402
+from dist_launch import (
     assert_same,
     env_with,
     finish,

@@ -19,24 +19,16 @@ import torch
 
 pytest.importorskip("lightning")
 
-from btckpt import NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue  # noqa: E402
-from btckpt.errors import CheckpointError  # noqa: E402
-from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path  # noqa: E402
-from conftest import run_py  # noqa: E402
+from btckpt import NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
+from btckpt.errors import CheckpointError
+from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path
+from conftest import run_py
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_train.py")
-SRC = str(Path(__file__).resolve().parents[1] / "integrations")
-
-
-def _env() -> dict[str, str]:
-    """The children import this checkout's btckpt, whatever the cwd."""
-    old = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": SRC + (os.pathsep + old if old else "")}
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    r = run_py([SCRIPT, *args], env=_env(), timeout=240)
+    r = run_py([SCRIPT, *args], timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -61,7 +53,7 @@ def _assert_same(a: Path, b: Path) -> None:
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **_env()})
+                            text=True)
 
 
 def _wait_step(proc: subprocess.Popen[str], step: int) -> list[str]:

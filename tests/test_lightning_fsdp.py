@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import (  # noqa: E402
+from dist_launch import (
     assert_same,
     env_with,
     finish,

@@ -27,13 +27,11 @@ from btckpt.discovery import inspect  # noqa: E402
 from btckpt.lightning import SafetensorsCheckpointIO, resume_path  # noqa: E402
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_platform.py")
-SRC = str(Path(__file__).resolve().parents[1] / "integrations")
 WARNING = "is not $BT_CHECKPOINT_DIR"
 
 
 def _env(bt: Path) -> dict[str, str]:
-    old = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": SRC + (os.pathsep + old if old else ""), "BT_CHECKPOINT_DIR": str(bt)}
+    return {**os.environ, "BT_CHECKPOINT_DIR": str(bt)}
 
 
 def _fresh(path: Path) -> Path:

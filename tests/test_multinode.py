@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import assert_same, env_with, finish, free_port, kill_session, run_job, torchrun  # noqa: E402
+from dist_launch import assert_same, env_with, finish, free_port, kill_session, run_job, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ import errno
 import gc
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,9 +22,7 @@ from btckpt.commit import LocalCommit
 from btckpt.discovery import inspect, scan, verify
 from btckpt.errors import CheckpointError, ConfigError
 from btckpt.reader import CheckpointReader
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import PY, child_env  # noqa: E402
+from crash_harness import PY, child_env
 
 
 def _verified(path: Path) -> CheckpointReader:

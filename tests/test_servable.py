@@ -8,7 +8,6 @@ rule; every kind of checkpoint folder btckpt writes must yield exactly the model
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import btckpt
 import pytest
 import torch
 from btckpt.manifest import MANIFEST, Manifest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 
 def engine_selection(folder: Path) -> list[Path]:

@@ -10,13 +10,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import PY, SCRIPTS, assert_same, env_with, finish, load_st, torchrun  # noqa: E402
+from dist_launch import PY, SCRIPTS, assert_same, env_with, finish, load_st, torchrun
 
 pytestmark = pytest.mark.slow
 

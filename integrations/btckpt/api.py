@@ -18,7 +18,7 @@ from .errors import (
     IncompleteCheckpoint,
 )
 from .loading import read_checkpoint
-from .manifest import read_manifest
+from .manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
 from .policy import ResumePolicy
 from .resume import restore_from
 from .rng import capture_rng
@@ -34,7 +34,7 @@ log = logging.getLogger("btckpt")
 
 
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
-         max_shard_size: int = 5 * 10**9, save_rng: bool = True,
+         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, save_rng: bool = True,
          extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``state`` as a committed checkpoint folder at ``path`` (atomically; it must not exist).
 

@@ -24,9 +24,10 @@ from rich.text import Text
 from .discovery import CheckpointInfo, scan, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
-from .manifest import check_relative_name
+from .manifest import DEFAULT_MAX_SHARD_SIZE, check_relative_name
 from .names import safe, text
 from .policy import ResumePolicy
+from .storage import CHECKSUM
 from .summary import checkpoint_type, human, listed_files, read_header
 from .upload import add_arguments, run_from_args
 
@@ -124,7 +125,7 @@ def describe(target: str) -> dict[str, Any]:
     sizes = listed_files(info)
     names = list(sizes)
     files = [{"name": n, "size": size,
-              "xxh3_64": info.manifest.files[n]["xxh3_64"] if info.manifest is not None else ""}
+              CHECKSUM: info.manifest.files[n][CHECKSUM] if info.manifest is not None else ""}
              for n, size in sizes.items()]
     counter = [0]
     tensors, errors = [], []
@@ -157,7 +158,7 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
     console.print(text(f"step {d['step']}  type {d['type']}  status {status}  created {_when(d['created'])}  "
                        f"size {human(d['size'])}" + (f"  groups {', '.join(d['groups'])}" if d["groups"] else "")))
     console.print(_table("Files", [("FILE", "left"), ("SIZE", "right"), ("XXH3_64", "left")],
-                         [[f["name"], human(f["size"]), f["xxh3_64"] or "-"] for f in d["files"]]))
+                         [[f["name"], human(f["size"]), f[CHECKSUM] or "-"] for f in d["files"]]))
     rows = [[t["file"], t["name"], t["dtype"], str(tuple(t["shape"])) if t["shape"] else "()",
              f"{t['parameters']:,}", human(t["bytes"])] for t in d["tensors"]]
     console.print(_table("Tensors", [("FILE", "left"), ("NAME", "left"), ("DTYPE", "left"), ("SHAPE", "left"),
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("ckpt", metavar="CKPT")
     co.add_argument("out", metavar="OUT")
     co.add_argument("--group", default="model")
-    co.add_argument("--max-shard-size", type=int, default=5 * 10**9)
+    co.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_SIZE)
     co.set_defaults(func=_cmd_consolidate)
     br = sub.add_parser("browse", help="terminal UI: pick a checkpoint, walk files, tensor tables")
     br.add_argument("target", nargs="?", default=os.environ.get("BT_CHECKPOINT_DIR") or "./checkpoints",

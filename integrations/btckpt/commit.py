@@ -23,7 +23,8 @@ from typing import Any
 from . import faults
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST, Manifest
-from .storage import fsync_dir, fsync_file, new_tag, space_error
+from .retire import record_retired
+from .storage import CHECKSUM, fsync_dir, fsync_file, new_hasher, new_tag, space_error
 
 __all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
            "write_small_file", "new_tag", "rename_noreplace"]
@@ -67,8 +68,6 @@ def checkpoint_name(step: int) -> str:
 
 def write_small_file(path: Path, data: bytes) -> tuple[int, str]:
     """Write ``data`` to a new file, fsync it, and return ``(size, checksum)``."""
-    from .storage import new_hasher
-
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -113,7 +112,7 @@ class LocalCommit:
 
     def record(self, name: str, size: int, checksum: str) -> None:
         """Note a file written into the temp folder (by any rank) for the manifest."""
-        self.files[name] = {"size": size, "xxh3_64": checksum}
+        self.files[name] = {"size": size, CHECKSUM: checksum}
 
     def commit(self, manifest: Manifest) -> Path:
         """Write the manifest last, fsync, rename into place, fsync the parent. Leader only."""
@@ -202,8 +201,6 @@ def delete_checkpoint(path: Path, *, retired: bool = True) -> None:
     """
     faults.point("retention")
     if retired:
-        from .retire import record_retired
-
         record_retired(path)
     m = re.match(r"^checkpoint-(\d+)$", path.name)
     step = m.group(1) if m else "x"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
+from .manifest import DEFAULT_MAX_SHARD_SIZE
 from .storage import is_url, local_path
 
 __all__ = ["CheckpointConfig", "resolve_dir", "resolve_load_dir", "default_budget", "DEFAULT_DIR"]
@@ -93,7 +94,7 @@ class CheckpointConfig:
     load_dir: str | None = None
     keep_last: int | None = 3
     async_save: bool = True
-    max_shard_size: int = 5 * 10**9
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     save_rng: bool = True
     every_steps: int | None = None
     every_seconds: float | None = None

@@ -38,9 +38,16 @@ from typing import Any
 
 import torch
 
+from ._tree import decode_tree
+from .api import save
+from .commit import remove_stale_temps
 from .discovery import inspect, latest
 from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
+from .manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .names import safe
+from .reader import CheckpointReader, read_verified_bytes
+from .retention import apply_retention
+from .sharded import NodeParts, assemble
 
 __all__ = ["consolidate", "Consolidator", "main"]
 
@@ -51,23 +58,17 @@ _SKIP = re.compile(r"^((rng_)?state_\d+\.json|.+-rank\d{5}(-\d{5}-of-\d{5})?\.sa
 
 
 def _model_tensors(folder: Path, group: str) -> dict[str, torch.Tensor]:
-    from ._tree import decode_tree
-    from .dcp_bridge import _Parts
-    from .reader import CheckpointReader
-
     info = inspect(folder)
     if not info.complete or info.manifest is None:
         raise IncompleteCheckpoint(f"{folder}: not a complete btckpt checkpoint ({info.reason or info.status})")
     man = info.manifest
     if group not in man.state:
         raise CheckpointError(f"{folder}: the checkpoint has no group {group!r} (it has {sorted(man.state)})")
-    parts = _Parts(folder, man)
+    parts = NodeParts(folder, man)
     plain = CheckpointReader(folder, man)
 
     def load(ref: Any) -> torch.Tensor:
         if isinstance(ref, dict) and "sharded" in ref:
-            from .sharded import assemble
-
             return assemble(ref["sharded"], parts.tensor, where=str(folder))
         return plain.tensor(ref["file"], ref["key"])
 
@@ -78,15 +79,12 @@ def _model_tensors(folder: Path, group: str) -> dict[str, torch.Tensor]:
 
 
 def consolidate(src: str | os.PathLike[str], out: str | os.PathLike[str], *, group: str = "model",
-                max_shard_size: int = 5 * 10**9) -> Path:
+                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the full weights of ``src``'s ``group`` as an HF model folder ``out`` (must not exist).
 
     ``src`` is a checkpoint folder or a folder holding checkpoints (the newest complete one is used).
     Returns ``out``. The folder is committed atomically and carries a btckpt manifest as well.
     """
-    from .api import save
-    from .manifest import MANIFEST
-
     src_p = Path(src)
     if not (src_p / MANIFEST).exists():
         found = latest(src_p)
@@ -100,8 +98,6 @@ def consolidate(src: str | os.PathLike[str], out: str | os.PathLike[str], *, gro
     for name in info.manifest.files:
         if "/" in name or _SKIP.match(name):
             continue
-        from .reader import read_verified_bytes
-
         extra[name] = read_verified_bytes(src_p, info.manifest, name)
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     return save(out, {"model": contiguous}, step=info.step, max_shard_size=max_shard_size, save_rng=False,
@@ -112,9 +108,7 @@ class Consolidator:
     """Save-time consolidation on global rank 0, one background thread (see the module doc)."""
 
     def __init__(self, out: Path, *, keep_last: int | None, group: str = "model",
-                 max_shard_size: int = 5 * 10**9) -> None:
-        from .commit import remove_stale_temps
-
+                 max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
         self.out, self.keep_last, self.group, self.max_shard_size = out, keep_last, group, max_shard_size
         self._lock = threading.Lock()
         self._next: Path | None = None
@@ -122,6 +116,7 @@ class Consolidator:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._protected: frozenset[Path] = frozenset()
+        # the folders consolidated here that retention still keeps, oldest first (pruned as it retires them)
         self.done: list[Path] = []
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -192,16 +187,14 @@ class Consolidator:
                     self._current = None
 
     def _one(self, src: Path) -> None:
-        from .retention import apply_retention
-
         dest = self.out / src.name
         if dest.exists() and inspect(dest).complete:
             return
         consolidate(src, dest, group=self.group, max_shard_size=self.max_shard_size)
         log.info("btckpt: consolidated %s -> %s", src, dest)
-        self.done.append(dest)
         keep = {dest} | {self.out / p.name for p in self._protected}
-        apply_retention(self.out, keep_last=self.keep_last, protected=keep)
+        removed = set(apply_retention(self.out, keep_last=self.keep_last, protected=keep))
+        self.done = [p for p in self.done if p not in removed] + [dest]  # rebound: readers see whole lists
 
     def take_error(self) -> BaseException | None:
         """The first failure since the last call (once), or None."""
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("ckpt")
     ap.add_argument("out")
     ap.add_argument("--group", default="model")
-    ap.add_argument("--max-shard-size", type=int, default=5 * 10**9)
+    ap.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_SIZE)
     args = ap.parse_args(argv)
     try:
         path = consolidate(args.ckpt, args.out, group=args.group, max_shard_size=args.max_shard_size)

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import StorageReader
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, StorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -31,34 +34,17 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 from torch.futures import Future
 
 from ._tree import decode_tree, encode_tree
 from .discovery import CheckpointInfo
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
 from .layout import ST_TO_DTYPE
-from .manifest import Manifest, read_manifest
-from .reader import CheckpointReader
-from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
+from .manifest import Manifest
+from .sharded import META_KEY, NodeParts, group_state_dict, owning_module, sharded_groups
 
-__all__ = ["BtckptStorageReader", "part_folder", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
-
-
-def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
-    """Where node ``node``'s part of this checkpoint lives, seen from this node's part ``folder``.
-
-    Same node: ``folder``. Else the sibling of the platform's nested layout:
-    ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
-    """
-    here = manifest.node_rank
-    if node == here:
-        return folder
-    rank_dir = folder.parent
-    if rank_dir.name != f"rank-{here}":
-        raise IncompleteCheckpoint(f"{folder}: node {node}'s part of this multi-node checkpoint is needed to "
-                                   "reshard, but this part is not in a rank-<node>/ layout; put every node's "
-                                   "part side by side as <dir>/rank-<node>/checkpoint-<step>/")
-    return rank_dir.parent / f"rank-{node}" / folder.name
+__all__ = ["BtckptStorageReader", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
 
 
 def tensor_refs(tree: Any) -> list[dict[str, Any]]:
@@ -80,30 +66,6 @@ def tensor_refs(tree: Any) -> list[dict[str, Any]]:
     return out
 
 
-class _Parts:
-    """Readers of this checkpoint's parts (one per node), opened lazily, checksums verified."""
-
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
-        self.folder, self.manifest = folder, manifest
-        self._readers: dict[int, CheckpointReader] = {}
-
-    def tensor(self, node: int, file: str, key: str, *, sizes: list[int] | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A saved tensor (a chunk: checked against its ``sizes`` and ``dtype`` from the manifest when given)."""
-        rd = self._readers.get(node)
-        if rd is None:
-            folder = part_folder(self.folder, self.manifest, node)
-            man = self.manifest if folder == self.folder else read_manifest(folder)
-            if man.step != self.manifest.step:
-                raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
-            rd = self._readers[node] = CheckpointReader(folder, man)
-        t = rd.tensor(file, key)
-        if (sizes is not None and list(t.shape) != list(sizes)) or (dtype is not None and t.dtype != dtype):
-            raise CorruptCheckpoint(f"{rd.folder}/{file}: chunk {key!r} is {t.dtype}{list(t.shape)}, the manifest "
-                                    f"says {dtype}{list(sizes or t.shape)}")
-        return t
-
-
 class BtckptStorageReader(StorageReader):
     """A DCP StorageReader over the groups ``groups`` of one committed btckpt checkpoint (see module doc)."""
 
@@ -112,11 +74,11 @@ class BtckptStorageReader(StorageReader):
         self.folder = Path(folder)
         self.manifest = manifest
         self.groups = groups
-        self._parts = _Parts(self.folder, manifest)
+        self._parts = NodeParts(self.folder, manifest)
         self._storage: dict[MetadataIndex, tuple[int, str, str, list[int], torch.dtype]] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self._parts = _Parts(self.folder, self.manifest)
+        self._parts = NodeParts(self.folder, self.manifest)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -190,7 +152,7 @@ class _Ref:
         self.ref = ref
 
 
-def _plain_optimizer_as_fqn(name: str, tree: Any, target: Mapping[str, Any], parts: _Parts, here: int,
+def _plain_optimizer_as_fqn(name: str, tree: Any, target: Mapping[str, Any], parts: NodeParts, here: int,
                             where: Path) -> Any:
     """A plain ``optimizer.state_dict()`` tree (parameters numbered 0..n-1, as DDP saves it) rewritten in
     DCP's FQN form, so it reshards into a DTensor optimizer. Parameter ``i`` of the checkpoint is the
@@ -231,11 +193,6 @@ def _plain_optimizer_as_fqn(name: str, tree: Any, target: Mapping[str, Any], par
 def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[str, str], *,
                  strict: bool) -> dict[str, Any]:
     """Read ``groups`` from ``info`` into fresh tensors laid out like the targets (all ranks call this)."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.api import CheckpointException
-
     assert info.manifest is not None
     man = info.manifest
     saved_sharded = man.meta.get(META_KEY) or {}
@@ -244,7 +201,7 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
         target = group_state_dict(name, kind, state[name], state)
         if kind == "optimizer" and name not in saved_sharded:  # DDP-saved optimizer into a sharded one
             here = man.node_rank
-            tree = _plain_optimizer_as_fqn(name, man.state[name], target, _Parts(info.path, man), here, info.path)
+            tree = _plain_optimizer_as_fqn(name, man.state[name], target, NodeParts(info.path, man), here, info.path)
             man = dataclasses.replace(man, state=dict(man.state, **{name: tree}))
 
         def on_tensor(p: tuple[Any, ...], t: torch.Tensor, name: str = name) -> dict[str, Any]:
@@ -281,8 +238,6 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
 
 def apply_sharded(state: Mapping[str, Any], loaded: dict[str, Any], groups: dict[str, str], *, strict: bool) -> None:
     """Load what :func:`read_sharded` returned into the state's modules/optimizers (all ranks call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
     opts = StateDictOptions(strict=strict)
     for name, kind in groups.items():
         if kind == "model":

@@ -109,6 +109,7 @@ from .errors import (
     UnsupportedValue,
 )
 from .manager import Checkpointer
+from .manifest import DEFAULT_MAX_SHARD_SIZE
 from .policy import ResumePolicy
 from .storage import fsync_dir, is_url
 
@@ -128,9 +129,9 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     model folder form; module doc).
     """
 
-    def __init__(self, *, async_save: bool = True, max_shard_size: int = 5 * 10**9, save_rng: bool = True,
-                 restore_rng: bool = True, rng_timeout: float = 600.0, background_copy: bool = True,
-                 hf_model: str | bool = True) -> None:
+    def __init__(self, *, async_save: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 save_rng: bool = True, restore_rng: bool = True, rng_timeout: float = 600.0,
+                 background_copy: bool = True, hf_model: str | bool = True) -> None:
         self._hf = HFLayout(hf_model)
         self.async_save = async_save
         self.background_copy = background_copy

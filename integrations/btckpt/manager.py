@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import hashlib
 import itertools
 import logging
 import os
@@ -29,6 +30,7 @@ import torch
 
 from .commit import DirLock, checkpoint_name
 from .config import CheckpointConfig, default_budget
+from .consolidate import Consolidator
 from .discovery import CheckpointInfo, inspect, select, verified
 from .distributed import World
 from .distributed import world as _world
@@ -41,15 +43,33 @@ from .retention import apply_retention
 from .rng import capture_rng
 from .saveplan import SavePlans, prepare_flat
 from .saving import SaveJob, checked_extra_files, run_save
+from .sharded import prepare, sharded_groups
 from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in
 from .stats import CheckpointStats, StatsRecorder
-from .storage import is_url, new_tag, space_error
+from .storage import is_url, local_path, new_tag, space_error
+from .uploadsup import UploadSupervisor
 
 __all__ = ["Checkpointer", "default_budget"]
 
 log = logging.getLogger("btckpt")
-_SESSIONS = itertools.count()  # every rank creates its Checkpointers in the same order
+_SESSIONS: dict[str, itertools.count[int]] = {}  # session identity -> Checkpointers created on it so far
+_OPEN: dict[str, weakref.ref[Checkpointer]] = {}  # session identity -> the coordinating Checkpointer using it
+_SESSIONS_LOCK = threading.Lock()
+
+
+def session_identity(dir: str | os.PathLike[str] | None, name: str | None) -> str:
+    """What names a Checkpointer among the ranks of a job: ``name`` when given, else ``dir`` as the caller
+    passed it (normalised, not resolved), else ``$BT_CHECKPOINT_DIR`` (the variable, whatever its value on
+    each node: every node reads its own). Raises ConfigError for an empty or non-string ``name``."""
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name={name!r}: must be a non-empty string, the same on every rank")
+        return f"name:{name}"
+    if dir is None:
+        return "env:BT_CHECKPOINT_DIR"
+    raw = os.fspath(dir)
+    return f"dir:{raw.rstrip('/')}" if is_url(raw) else f"dir:{os.path.normpath(local_path(raw))}"
 
 
 @contextlib.contextmanager
@@ -100,9 +120,18 @@ class Checkpointer:
 
     ``world`` overrides the process's place (default: from torch.distributed); ``World()`` makes a
     Checkpointer that coordinates with nobody, for frameworks where only rank 0 saves (Lightning).
+
+    Ranks find each other's Checkpointer by its identity (:func:`session_identity`): ``name`` when given,
+    else the ``dir`` argument as passed (unset: ``$BT_CHECKPOINT_DIR`` on every rank, whatever its value per
+    node). Checkpointers on different dirs may therefore be created in any order on each rank. Ones with
+    the same identity are told apart by how many came before in this process, so create those one after
+    another, in the same order on every rank (a second one open at the same time is refused). Pass the same
+    ``name`` on every rank when ranks pass different ``dir`` strings for one Checkpointer (e.g. one folder
+    per node on shared storage).
     """
 
-    def __init__(self, *, world: World | None = None, **options: Any) -> None:
+    def __init__(self, *, world: World | None = None, name: str | None = None, **options: Any) -> None:
+        self._identity = session_identity(options.get("dir"), name)
         self.config = CheckpointConfig(**options)
         self.world: World = _world() if world is None else world
         self.remote: str | None = None  # dir=URL: this node's checkpoints are published there
@@ -129,8 +158,6 @@ class Checkpointer:
         self._stats = StatsRecorder()
         self._session = self._agree_session()
         self._resume = self._resumer(self._session)
-        from .consolidate import Consolidator  # holds nothing until its first submit(); may refuse (ConfigError)
-
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
             self._lock = DirLock(self.root)
@@ -146,8 +173,6 @@ class Checkpointer:
         self._uploader: Any = None
         dest = self.config.upload_to or self.remote
         if dest and self.world.is_local_leader:
-            from .upload import UploadSupervisor
-
             self._uploader = UploadSupervisor(self.root, dest, extra_args=["--mirror-retention"] if self.remote else [])
             self._uploader.start()
         if self.config.handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -156,12 +181,26 @@ class Checkpointer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def _agree_session(self) -> str:
+        """The session every rank's Checkpointer of this identity shares (a random tag global rank 0 picks).
+
+        Its store key is the identity (hashed) and how many Checkpointers of that identity this process
+        created before; every agreement after it is keyed by the session and this Checkpointer's own
+        counter (:meth:`_op_tag`).
+        """
         mine = new_tag()
         if self.world.size == 1 or self.world.store is None:
             return mine
-        # Only the session itself is keyed by creation order (each node of a multi-node job has its own dir);
-        # every agreement after it is keyed by the session and this Checkpointer's own counter (_op_tag).
-        key = f"session/{next(_SESSIONS)}"
+        with _SESSIONS_LOCK:
+            other = _OPEN.get(self._identity)
+            held = other() if other is not None else None
+            if held is not None and not held._closed:
+                raise ConfigError(f"another Checkpointer for {self._identity.split(':', 1)[1]!r} is still open in "
+                                  "this process; close it first, or give each its own name= (the same on every "
+                                  "rank)")
+            _OPEN[self._identity] = weakref.ref(self)
+            seq = next(_SESSIONS.setdefault(self._identity, itertools.count()))
+        digest = hashlib.sha256(self._identity.encode()).hexdigest()[:16]
+        key = f"session/{digest}/{seq}"
         if self.world.is_leader:
             self.world.publish(key, mine)
         return str(self.world.collect(key, timeout=self.config.barrier_timeout))
@@ -310,8 +349,6 @@ class Checkpointer:
 
     def _sharded_part(self, state: Mapping[str, Any]) -> Any:
         """This rank's shards of the FSDP2/DTensor groups of ``state`` (None when nothing is sharded)."""
-        from .sharded import prepare, sharded_groups
-
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None  # a DTensor needs a device mesh, hence an initialized process group
         groups = sharded_groups(state)

@@ -83,7 +83,7 @@ def safe(value: Any, *, keep_newlines: bool = False) -> str:
 
 def text(name: Any, style: str = "") -> Any:
     """A ``rich.text.Text`` showing ``name`` literally (escaped, never markup): for tables, trees, labels."""
-    from rich.text import Text
+    from rich.text import Text  # rich (0.1 s) loads only to render: errors imports this module, so every import does
 
     return Text(safe(name), style=style)
 

@@ -30,7 +30,7 @@ from .manifest import (
 )
 from .sharded import assemble
 from .sthead import MAX_HEADER, Header, parse_header
-from .storage import new_hasher
+from .storage import CHECKSUM, new_hasher
 
 __all__ = ["CheckpointReader", "safe_file", "read_header", "read_safetensors", "read_verified_bytes"]
 
@@ -97,8 +97,8 @@ def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
                 _read_hashed(f.fileno(), memoryview(buf.numpy()), header.data_start, h, path)  # type: ignore[arg-type]
         except OSError as exc:
             raise read_error(path, exc) from None
-    if expect is not None and h.hexdigest() != expect["xxh3_64"]:
-        raise CorruptCheckpoint(f"{path}: checksum mismatch (xxh3_64 {h.hexdigest()} != {expect['xxh3_64']}); "
+    if expect is not None and h.hexdigest() != expect[CHECKSUM]:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch ({CHECKSUM} {h.hexdigest()} != {expect[CHECKSUM]}); "
                                 "the file is corrupt")
     tensors = {}
     for e in header.entries:
@@ -196,7 +196,7 @@ def read_verified_bytes(folder: Path, manifest: Manifest, name: str) -> bytes:
     data = read_member(folder, name, limit=info["size"])
     h = new_hasher()
     h.update(data)
-    if len(data) != info["size"] or h.hexdigest() != info["xxh3_64"]:
+    if len(data) != info["size"] or h.hexdigest() != info[CHECKSUM]:
         raise CorruptCheckpoint(f"{folder / name}: size or checksum does not match the manifest; the file is corrupt")
     return data
 

@@ -27,7 +27,7 @@ from .layout import RANK_STATE_NAME, FlatState, Layout, rank_state_file
 from .manifest import MANIFEST, Manifest, check_relative_name
 from .rng import rng_file
 from .snapshot import ChunkedStaged, Snapshot
-from .storage import preflight, space_error
+from .storage import CHECKSUM, preflight, space_error
 from .writer import write_arena_file
 
 __all__ = ["SaveJob", "run_save", "check_extra_files", "checked_extra_files"]
@@ -115,7 +115,7 @@ def run_save(job: SaveJob) -> Path:
 
         def put(name: str, data: bytes) -> None:
             size, digest = write_small_file(commit.tmp / name, data)
-            written[name] = {"size": size, "xxh3_64": digest}
+            written[name] = {"size": size, CHECKSUM: digest}
 
         try:
             if job.staged is not None:
@@ -123,7 +123,7 @@ def run_save(job: SaveJob) -> Path:
                     pieces = job.staged.pieces(fp.begin, fp.size)
                     size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces,
                                                     hash_aside=job.io_threads > 1)
-                    written[fp.name] = {"size": size, "xxh3_64": digest}
+                    written[fp.name] = {"size": size, CHECKSUM: digest}
                 for name, data in job.staged.layout.index_files.items():
                     put(name, data)
             for name, data in (job.extra_files.items() if leader else ()):  # one copy per node
@@ -151,7 +151,7 @@ def run_save(job: SaveJob) -> Path:
                     _check_tensor_groups(r, theirs["tensor_groups"], {g.name for g in job.flat})
                     files = theirs["files"]
                 for name, info in files.items():
-                    commit.record(name, info["size"], info["xxh3_64"])
+                    commit.record(name, info["size"], info[CHECKSUM])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},
                                 world=w.as_json(), meta=job.meta)
             if job.sharded is not None:

@@ -16,31 +16,33 @@ Restore (any world size, any sharding) goes through DCP's planner: see :mod:`btc
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._tree import encode_tree
 from .distributed import World
-from .errors import StateMismatch, UnsupportedValue
-from .layout import DTYPE_TO_ST, FlatGroup
-from .manifest import SHARDED_META, Manifest, tiling_problem
+from .errors import CorruptCheckpoint, IncompleteCheckpoint, StateMismatch, UnsupportedValue
+from .layout import DTYPE_TO_ST, ST_TO_DTYPE, FlatGroup
+from .manifest import SHARDED_META, Manifest, read_manifest, tiling_problem
+from .reader import CheckpointReader
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
-           "owning_module", "rank_group", "assemble"]
+           "owning_module", "rank_group", "assemble", "part_folder", "NodeParts"]
 
 META_KEY = SHARDED_META
 
 
 def is_dtensor(t: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
+    # Looked up, not imported: importing torch.distributed.tensor takes seconds, and until something has
+    # imported it (FSDP2, a DTensor user) no tensor can be a DTensor.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _params(obj: Any) -> list[torch.Tensor]:
@@ -72,6 +74,7 @@ def owning_module(opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> torch
 
 def group_state_dict(name: str, kind: str, obj: Any, state: Mapping[str, Any]) -> dict[str, Any]:
     """The group's state dict in DCP form: FQN keys (wrappers stripped), DTensor leaves where sharded."""
+    # DCP and DTensor load only once a state holds DTensors (importing them costs seconds at `import btckpt`)
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     if kind == "model":
@@ -86,7 +89,7 @@ def rank_group(group: str, rank: int) -> str:
 
 def _chunk_of(path: str, t: Any) -> tuple[Any, list[int], list[int], bool]:
     """(local tensor, global offsets, local sizes, owned) of a DTensor on this rank."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # see group_state_dict
 
     mesh, placements = t.device_mesh, t.placements
     coord = mesh.get_coordinate()
@@ -192,9 +195,6 @@ def assemble(ref: Mapping[str, Any], chunk: Any, *, where: str) -> torch.Tensor:
     """The full tensor of a sharded reference (checked when its manifest was parsed: the chunks tile the
     shape exactly); ``chunk(node, file, key)`` returns a saved chunk. Every chunk is read and checked
     (dtype, sizes) before the full tensor is allocated."""
-    from .errors import CorruptCheckpoint
-    from .layout import ST_TO_DTYPE
-
     dtype = ST_TO_DTYPE.get(ref["dtype"])
     if dtype is None:
         raise CorruptCheckpoint(f"{where}: tensor {ref['key']!r} has dtype {ref['dtype']!r}, unknown to this torch "
@@ -213,3 +213,45 @@ def assemble(ref: Mapping[str, Any], chunk: Any, *, where: str) -> torch.Tensor:
             view = view.narrow(dim, off, size)
         view.copy_(t)
     return out
+
+
+def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
+    """Where node ``node``'s part of this checkpoint lives, seen from this node's part ``folder``.
+
+    Same node: ``folder``. Else the sibling of the platform's nested layout:
+    ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
+    """
+    here = manifest.node_rank
+    if node == here:
+        return folder
+    rank_dir = folder.parent
+    if rank_dir.name != f"rank-{here}":
+        raise IncompleteCheckpoint(f"{folder}: node {node}'s part of this multi-node checkpoint is needed to "
+                                   "reshard, but this part is not in a rank-<node>/ layout; put every node's "
+                                   "part side by side as <dir>/rank-<node>/checkpoint-<step>/")
+    return rank_dir.parent / f"rank-{node}" / folder.name
+
+
+class NodeParts:
+    """Readers of a checkpoint's parts (one per node, see :func:`part_folder`), opened lazily, checksums
+    verified: where :func:`assemble` (consolidation) and the DCP bridge read saved chunks from."""
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self._readers: dict[int, CheckpointReader] = {}
+
+    def tensor(self, node: int, file: str, key: str, *, sizes: list[int] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A saved tensor (a chunk: checked against its ``sizes`` and ``dtype`` from the manifest when given)."""
+        rd = self._readers.get(node)
+        if rd is None:
+            folder = part_folder(self.folder, self.manifest, node)
+            man = self.manifest if folder == self.folder else read_manifest(folder)
+            if man.step != self.manifest.step:
+                raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
+            rd = self._readers[node] = CheckpointReader(folder, man)
+        t = rd.tensor(file, key)
+        if (sizes is not None and list(t.shape) != list(sizes)) or (dtype is not None and t.dtype != dtype):
+            raise CorruptCheckpoint(f"{rd.folder}/{file}: chunk {key!r} is {t.dtype}{list(t.shape)}, the manifest "
+                                    f"says {dtype}{list(sizes or t.shape)}")
+        return t

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CorruptCheckpoint
+from .members import short_repr as _short
 
 __all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "parse_header", "ALIGN"]
 
@@ -131,6 +132,3 @@ def parse_header(length_and_json: bytes, file_size: int, *, where: str) -> Heade
     return Header(tuple(entries), dict(meta), data_start)
 
 
-def _short(x: Any, n: int = 120) -> str:
-    r = repr(x)
-    return r if len(r) <= n else r[:n] + "..."

@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .commit import delete_checkpoint
 from .discovery import STEP_DIR, CheckpointInfo, inspect
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
 from .retire import UPLOAD_DIR, manifest_hash, read_retired
-from .storage import local_path, new_tag, remote_fs
+from .storage import CHECKSUM, file_checksum, local_path, new_tag, remote_fs
 from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
@@ -102,6 +103,7 @@ class Uploader:
         self.journal = Journal(self.src / UPLOAD_DIR / f"{key}.jsonl")
         self.progress: Any = None
         if progress:
+            # rich.progress only for the progress bar (a terminal): the uploader process starts without it
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
             self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -282,7 +284,7 @@ class Uploader:
         size = int(entry["size"])
         j = self.journal.files.get(rpath)
         if remote is not None and remote["size"] == size:
-            if (j and j["size"] == size and j["xxh3_64"] == entry["xxh3_64"]
+            if (j and j["size"] == size and j[CHECKSUM] == entry[CHECKSUM]
                     and (not self.s3 or j.get("etag") == remote.get("ETag"))):
                 self._advance(task, size)
                 return 0
@@ -301,14 +303,12 @@ class Uploader:
             if self.s3:
                 digest, etag = s3_etag(local, part_size=self.part_size)
             else:
-                from .storage import file_checksum
-
                 _, digest = file_checksum(local)
                 etag = None
         except FileNotFoundError:
             raise _LocalProblem(f"{local} vanished (deleted locally before upload)") from None
-        if digest != entry["xxh3_64"]:
-            raise _LocalProblem(f"{local}: checksum {digest} differs from the manifest's {entry['xxh3_64']}; "
+        if digest != entry[CHECKSUM]:
+            raise _LocalProblem(f"{local}: checksum {digest} differs from the manifest's {entry[CHECKSUM]}; "
                                 "the local file is corrupt and is not uploaded")
         return etag
 
@@ -317,13 +317,11 @@ class Uploader:
             etag = self._local_digest(local, entry)
             ok = etag == remote.get("ETag")
         else:
-            from .storage import file_checksum
-
             _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
-            ok = digest == entry["xxh3_64"]
+            ok = digest == entry[CHECKSUM]
             etag = None
         if ok:
-            self.journal.add(t="file", remote=rpath, size=int(entry["size"]), xxh3_64=entry["xxh3_64"], etag=etag)
+            self.journal.add(t="file", remote=rpath, size=int(entry["size"]), etag=etag, **{CHECKSUM: entry[CHECKSUM]})
         return ok
 
     def _send(self, local: Path, rpath: str, entry: dict[str, Any], task: Any) -> int:
@@ -355,12 +353,10 @@ class Uploader:
             if info.get("ETag") != etag:
                 raise OSError(f"{rpath}: remote ETag {info.get('ETag')} != expected {etag} after upload")
         else:
-            from .storage import file_checksum
-
             _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
-            if digest != entry["xxh3_64"]:
-                raise OSError(f"{rpath}: remote checksum {digest} != {entry['xxh3_64']} after upload")
-        self.journal.add(t="file", remote=rpath, size=size, xxh3_64=entry["xxh3_64"], etag=info.get("ETag"))
+            if digest != entry[CHECKSUM]:
+                raise OSError(f"{rpath}: remote checksum {digest} != {entry[CHECKSUM]} after upload")
+        self.journal.add(t="file", remote=rpath, size=size, etag=info.get("ETag"), **{CHECKSUM: entry[CHECKSUM]})
         return size
 
     def _retry(self, fn: Any, what: str) -> Any:
@@ -404,7 +400,7 @@ class Uploader:
             if r is None or r["size"] != int(entry["size"]):
                 return f"{rpath} is missing or has the wrong size"
             j = self.journal.files.get(rpath)
-            if self.s3 and j and j.get("xxh3_64") == entry["xxh3_64"] and j.get("etag"):
+            if self.s3 and j and j.get(CHECKSUM) == entry[CHECKSUM] and j.get("etag"):
                 ok = j["etag"] == r.get("ETag")
             else:
                 ok = self._remote_matches(info.path / name, rpath, entry, r)
@@ -414,8 +410,6 @@ class Uploader:
 
     def _offload(self, res: PassResult, verified: set[str]) -> None:
         """``--keep-local K``: delete local checkpoints beyond the newest K whose remote copy checks out."""
-        from .commit import delete_checkpoint
-
         keep = max(0, self.keep_local or 0)
         for info in list(reversed(self._local()))[keep:]:  # newest first
             rdir = self._remote_dir(info)

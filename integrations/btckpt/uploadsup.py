@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -193,8 +194,6 @@ class UploadSupervisor:
 
     def start(self) -> None:
         """Start the uploader process (its logs go to this process's stderr)."""
-        import subprocess
-
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
@@ -227,8 +226,6 @@ class UploadSupervisor:
 
     def stop(self, *, timeout: float | None = 3600.0) -> int | None:
         """SIGTERM: the uploader makes a final pass and exits; wait for it (kill after ``timeout``)."""
-        import subprocess
-
         if self.proc is None:
             return None
         self.check()

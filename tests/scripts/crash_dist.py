@@ -14,16 +14,13 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 
 import btckpt
 import numpy as np
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash_train import _plain, _tensors, script_args  # noqa: E402
+from crash_train import _plain, _tensors, script_args
 
 
 def main() -> int:

@@ -23,23 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from crash_paths import LOCAL_PHASES, SAVE_PATHS, UPLOAD_PHASES, SavePath
+from dist_launch import repo_pythonpath
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PY = sys.executable
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-from crash_paths import LOCAL_PHASES, SAVE_PATHS, UPLOAD_PHASES, SavePath  # noqa: E402
-
-__all__ = ["LOCAL_PHASES", "REFERENCE_SECONDS", "SAVE_PATHS", "UPLOAD_PHASES", "Run", "SavePath", "Trial",
-           "check_restart_invariants", "child_env", "history", "kill_once", "reference_digest", "run_chain",
+__all__ = ["LOCAL_PHASES", "Reference", "SAVE_PATHS", "UPLOAD_PHASES", "Run", "SavePath", "Trial",
+           "check_restart_invariants", "child_env", "history", "kill_once", "reference_run", "run_chain",
            "same_as_reference", "temp_folders"]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BT_", "BTCKPT_"))}
-    env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))  # also run outside pytest (benchmarks/crash_soak)
     env["PYTHONWARNINGS"] = "ignore"
     env.update(extra or {})
     return env
@@ -204,9 +202,15 @@ class Run:
                 pass
 
 
-# seconds from TRAINING to the end of each reference run (by ref key): random kills of auto_delay paths
-# land within that window, so they fall during training and saving however loaded the machine is
-REFERENCE_SECONDS: dict[str, float] = {}
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run of a save path: its final ``digest``, its checkpoints (every step kept) and the
+    ``seconds`` from TRAINING to its end (random kills of auto_delay paths land within that window, so they
+    fall during training and saving however loaded the machine is)."""
+
+    digest: str
+    ckpts: Path
+    seconds: float
 
 
 def _restored(text: str) -> str | None:
@@ -215,15 +219,16 @@ def _restored(text: str) -> str | None:
 
 
 def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: random.Random,
-              max_delay: float, logdir: Path | None = None) -> Trial:
-    """Run the save path once: let a fault kill it at ``phase`` or SIGKILL its tree after a random delay."""
+              max_delay: float, logdir: Path | None = None, ref_seconds: float | None = None) -> Trial:
+    """Run the save path once: let a fault kill it at ``phase`` or SIGKILL its tree after a random delay
+    (at most ``ref_seconds``, the reference run's training time, for auto_delay paths when given)."""
     t0 = time.monotonic()
     trial = Trial(kind=f"phase:{phase}" if phase else "random")
     trial.fault = path.fault(phase, rng) if phase else ""
     env = {"BTCKPT_FAULT": trial.fault} if phase else {}
     bound = path.max_delay if path.max_delay is not None else max_delay
-    if path.auto_delay and path.ref_key in REFERENCE_SECONDS:
-        bound = REFERENCE_SECONDS[path.ref_key]
+    if path.auto_delay and ref_seconds is not None:
+        bound = ref_seconds
     delay = rng.uniform(0, bound)
     run = Run(path, root, out, env, logdir or root.parent / "logs")
     try:
@@ -266,12 +271,12 @@ def _finish(path: SavePath, root: Path, out: Path, env: dict[str, str], logdir: 
     return time.monotonic() - t0
 
 
-def reference_digest(path: SavePath, workdir: Path) -> str:
-    """The final digest of an uninterrupted run (its checkpoints, every step kept, in ``workdir/ref-ckpt``)."""
+def reference_run(path: SavePath, workdir: Path) -> Reference:
+    """Run ``path`` uninterrupted (its checkpoints, every step kept, in ``workdir/ref-ckpt``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     root, out = workdir / "ref-ckpt", workdir / "ref.json"
-    REFERENCE_SECONDS[path.ref_key] = _finish(path, root, out, {"CRASH_KEEP_ALL": "1"}, workdir / "logs")
-    return str(json.loads(out.read_text())["digest"])
+    seconds = _finish(path, root, out, {"CRASH_KEEP_ALL": "1"}, workdir / "logs")
+    return Reference(digest=str(json.loads(out.read_text())["digest"]), ckpts=root, seconds=seconds)
 
 
 def _reset(root: Path) -> None:
@@ -281,15 +286,20 @@ def _reset(root: Path) -> None:
 
 
 def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: int, max_delay: float = 0.5,
-              expect_digest: str | None = None, ref_dir: Path | None = None) -> list[Trial]:
+              reference: Reference | None = None) -> list[Trial]:
     """Kill the run once per entry of ``phases`` (None: a random instant), checking the restart invariants
-    after every kill; then let it finish and compare its final digest with an uninterrupted run's."""
+    after every kill; then let it finish and compare its final digest with ``reference``'s (an uninterrupted
+    run, whose checkpoints the resumed ones must also equal)."""
+    expect_digest = reference.digest if reference is not None else None
+    ref_dir = reference.ckpts if reference is not None else None
+    ref_seconds = reference.seconds if reference is not None else None
     rng = random.Random(seed)
     root, out, logdir = workdir / "ckpt", workdir / "final.json", workdir / "logs"
     trials: list[Trial] = []
     newest: int | None = None
     for phase in phases:
-        trial = kill_once(path, root, out, phase=phase, rng=rng, max_delay=max_delay, logdir=logdir)
+        trial = kill_once(path, root, out, phase=phase, rng=rng, max_delay=max_delay, logdir=logdir,
+                          ref_seconds=ref_seconds)
         trials.append(trial)
         try:
             # the run resumed from the newest complete checkpoint the previous restart check saw

@@ -16,9 +16,7 @@ import sys
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash_train import _plain, _tensors, script_args  # noqa: E402
+from crash_train import _plain, _tensors, script_args
 
 
 def main() -> int:

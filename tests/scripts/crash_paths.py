@@ -22,7 +22,6 @@ import random
 import re
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,5 +193,3 @@ SAVE_PATHS: dict[str, SavePath] = {
                        fault=lambda phase, rng: f"{phase}:killpg", check=_check_upload),
 }
 
-if str(HERE) not in sys.path:  # crash_harness imports this module; checks import crash_harness back
-    sys.path.insert(0, str(HERE))

@@ -15,16 +15,13 @@ import argparse
 import datetime
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import btckpt
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(__file__))
-from dist_train import say  # noqa: E402
+from dist_train import say
 
 
 def agree(ckdir: Path, rank: int) -> None:

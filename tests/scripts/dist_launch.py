@@ -23,9 +23,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def repo_pythonpath(old: str | None = None) -> str:
+    """``$PYTHONPATH`` for child processes: this checkout's ``integrations`` (the package) and ``tests/scripts``
+    (the scripts' shared modules) first, then ``old`` (default: this process's), without repeats. The test
+    session exports it once (tests/conftest.py), so every subprocess and torchrun rank inherits it."""
+    old = os.environ.get("PYTHONPATH", "") if old is None else old
+    ours = [str(REPO / "integrations"), str(SCRIPTS)]
+    return os.pathsep.join(ours + [p for p in old.split(os.pathsep) if p and p not in ours])
+
+
 def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "integrations") + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONFAULTHANDLER"] = "1"  # a rank killed by a signal (SIGABRT at exit) prints every thread's stack
     env.pop("BTCKPT_FAULT", None)

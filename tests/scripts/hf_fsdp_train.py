@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_train import as_flat, say  # noqa: E402
-from hf_train import SEQ, VOCAB, Synthetic  # noqa: E402
+from dist_train import as_flat, say
+from hf_train import SEQ, VOCAB, Synthetic
 
 
 def cpu_fsdp2() -> None:
