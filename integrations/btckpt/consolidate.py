@@ -45,9 +45,9 @@ from .discovery import inspect, latest
 from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
 from .manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .names import safe
-from .reader import CheckpointReader, read_verified_bytes
+from .reader import CheckpointReader, NodeParts, read_verified_bytes
 from .retention import apply_retention
-from .sharded import NodeParts, assemble
+from .sharded import assemble
 
 __all__ = ["consolidate", "Consolidator", "main"]
 

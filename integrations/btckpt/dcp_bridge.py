@@ -42,7 +42,8 @@ from .discovery import CheckpointInfo
 from .errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
 from .layout import ST_TO_DTYPE
 from .manifest import Manifest
-from .sharded import META_KEY, NodeParts, group_state_dict, owning_module, sharded_groups
+from .reader import NodeParts
+from .sharded import META_KEY, group_state_dict, owning_module, sharded_groups
 
 __all__ = ["BtckptStorageReader", "tensor_refs", "read_sharded", "apply_sharded", "groups_to_reshard"]
 

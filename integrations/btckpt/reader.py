@@ -25,6 +25,7 @@ from .manifest import (
     member_path,
     open_member,
     read_error,
+    read_manifest,
     read_member,
     read_upto,
 )
@@ -32,7 +33,7 @@ from .sharded import assemble
 from .sthead import MAX_HEADER, Header, parse_header
 from .storage import CHECKSUM, new_hasher
 
-__all__ = ["CheckpointReader", "safe_file", "read_header", "read_safetensors", "read_verified_bytes"]
+__all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors", "read_verified_bytes"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
@@ -215,3 +216,45 @@ def read_header(f: BinaryIO, file_size: int, *, where: str) -> Header:
     if n > MAX_HEADER or 8 + n > file_size:
         return parse_header(head, file_size, where=where)  # raises with the right message
     return parse_header(head + read_upto(f, n, where=where), file_size, where=where)
+
+
+def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
+    """Where node ``node``'s part of this checkpoint lives, seen from this node's part ``folder``.
+
+    Same node: ``folder``. Else the sibling of the platform's nested layout:
+    ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
+    """
+    here = manifest.node_rank
+    if node == here:
+        return folder
+    rank_dir = folder.parent
+    if rank_dir.name != f"rank-{here}":
+        raise IncompleteCheckpoint(f"{folder}: node {node}'s part of this multi-node checkpoint is needed to "
+                                   "reshard, but this part is not in a rank-<node>/ layout; put every node's "
+                                   "part side by side as <dir>/rank-<node>/checkpoint-<step>/")
+    return rank_dir.parent / f"rank-{node}" / folder.name
+
+
+class NodeParts:
+    """Readers of a checkpoint's parts (one per node, see :func:`part_folder`), opened lazily, checksums
+    verified: where :func:`assemble` (consolidation) and the DCP bridge read saved chunks from."""
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self._readers: dict[int, CheckpointReader] = {}
+
+    def tensor(self, node: int, file: str, key: str, *, sizes: list[int] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A saved tensor (a chunk: checked against its ``sizes`` and ``dtype`` from the manifest when given)."""
+        rd = self._readers.get(node)
+        if rd is None:
+            folder = part_folder(self.folder, self.manifest, node)
+            man = self.manifest if folder == self.folder else read_manifest(folder)
+            if man.step != self.manifest.step:
+                raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
+            rd = self._readers[node] = CheckpointReader(folder, man)
+        t = rd.tensor(file, key)
+        if (sizes is not None and list(t.shape) != list(sizes)) or (dtype is not None and t.dtype != dtype):
+            raise CorruptCheckpoint(f"{rd.folder}/{file}: chunk {key!r} is {t.dtype}{list(t.shape)}, the manifest "
+                                    f"says {dtype}{list(sizes or t.shape)}")
+        return t

@@ -19,20 +19,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._tree import encode_tree
 from .distributed import World
-from .errors import CorruptCheckpoint, IncompleteCheckpoint, StateMismatch, UnsupportedValue
+from .errors import CorruptCheckpoint, StateMismatch, UnsupportedValue
 from .layout import DTYPE_TO_ST, ST_TO_DTYPE, FlatGroup
-from .manifest import SHARDED_META, Manifest, read_manifest, tiling_problem
-from .reader import CheckpointReader
+from .manifest import SHARDED_META, Manifest, tiling_problem
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
-           "owning_module", "rank_group", "assemble", "part_folder", "NodeParts"]
+           "owning_module", "rank_group", "assemble"]
 
 META_KEY = SHARDED_META
 
@@ -213,45 +211,3 @@ def assemble(ref: Mapping[str, Any], chunk: Any, *, where: str) -> torch.Tensor:
             view = view.narrow(dim, off, size)
         view.copy_(t)
     return out
-
-
-def part_folder(folder: Path, manifest: Manifest, node: int) -> Path:
-    """Where node ``node``'s part of this checkpoint lives, seen from this node's part ``folder``.
-
-    Same node: ``folder``. Else the sibling of the platform's nested layout:
-    ``.../rank-<this>/checkpoint-<step>`` -> ``.../rank-<node>/checkpoint-<step>``.
-    """
-    here = manifest.node_rank
-    if node == here:
-        return folder
-    rank_dir = folder.parent
-    if rank_dir.name != f"rank-{here}":
-        raise IncompleteCheckpoint(f"{folder}: node {node}'s part of this multi-node checkpoint is needed to "
-                                   "reshard, but this part is not in a rank-<node>/ layout; put every node's "
-                                   "part side by side as <dir>/rank-<node>/checkpoint-<step>/")
-    return rank_dir.parent / f"rank-{node}" / folder.name
-
-
-class NodeParts:
-    """Readers of a checkpoint's parts (one per node, see :func:`part_folder`), opened lazily, checksums
-    verified: where :func:`assemble` (consolidation) and the DCP bridge read saved chunks from."""
-
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
-        self.folder, self.manifest = folder, manifest
-        self._readers: dict[int, CheckpointReader] = {}
-
-    def tensor(self, node: int, file: str, key: str, *, sizes: list[int] | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A saved tensor (a chunk: checked against its ``sizes`` and ``dtype`` from the manifest when given)."""
-        rd = self._readers.get(node)
-        if rd is None:
-            folder = part_folder(self.folder, self.manifest, node)
-            man = self.manifest if folder == self.folder else read_manifest(folder)
-            if man.step != self.manifest.step:
-                raise IncompleteCheckpoint(f"{folder}: part of step {man.step}, expected {self.manifest.step}")
-            rd = self._readers[node] = CheckpointReader(folder, man)
-        t = rd.tensor(file, key)
-        if (sizes is not None and list(t.shape) != list(sizes)) or (dtype is not None and t.dtype != dtype):
-            raise CorruptCheckpoint(f"{rd.folder}/{file}: chunk {key!r} is {t.dtype}{list(t.shape)}, the manifest "
-                                    f"says {dtype}{list(sizes or t.shape)}")
-        return t
