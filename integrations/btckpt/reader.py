@@ -33,7 +33,8 @@ from .sharded import assemble
 from .sthead import MAX_HEADER, Header, parse_header
 from .storage import CHECKSUM, new_hasher
 
-__all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors", "read_verified_bytes"]
+__all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
+           "read_verified_bytes"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
