@@ -17,8 +17,7 @@ from btckpt.commit import LocalCommit
 from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import PY, child_env, temp_folders  # noqa: E402
+from crash_harness import PY, child_env, temp_folders
 
 WRITER = str(Path(__file__).parent / "scripts" / "crash_writer.py")
 

@@ -17,8 +17,7 @@ from btckpt import faults
 from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError, InsufficientSpace
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from crash_harness import LOCAL_PHASES, temp_folders  # noqa: E402
+from crash_harness import LOCAL_PHASES, temp_folders
 
 COMMIT_PHASES = [p for p in LOCAL_PHASES if p != "retention"]
 UPLOAD_PHASES = [p for p in faults.PHASES if p.startswith("upload_")]

@@ -16,8 +16,7 @@ from btckpt.discovery import inspect, scan, verify
 from btckpt.manifest import read_manifest
 from btckpt.reader import read_verified_bytes
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line  # noqa: E402
+from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line
 
 
 def _verify(path: Path) -> None:
