@@ -16,7 +16,6 @@ import torch
 from btckpt.commit import LocalCommit
 from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError
-
 from crash_harness import PY, child_env, temp_folders
 
 WRITER = str(Path(__file__).parent / "scripts" / "crash_writer.py")

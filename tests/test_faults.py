@@ -16,7 +16,6 @@ import torch
 from btckpt import faults
 from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError, InsufficientSpace
-
 from crash_harness import LOCAL_PHASES, temp_folders
 
 COMMIT_PHASES = [p for p in LOCAL_PHASES if p != "retention"]

@@ -15,7 +15,6 @@ from pathlib import Path
 from btckpt.discovery import inspect, scan, verify
 from btckpt.manifest import read_manifest
 from btckpt.reader import read_verified_bytes
-
 from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line
 
 

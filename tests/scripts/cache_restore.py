@@ -15,6 +15,7 @@ from pathlib import Path
 
 import btckpt
 import torch
+from rank_output import say
 
 
 def main() -> None:
@@ -28,9 +29,9 @@ def main() -> None:
             time.sleep(0.001)
         try:
             step = btckpt.load(url, state, strict=False)
-            print(json.dumps([trial, step, float(state["model"]["w"].sum()), ""]), flush=True)
+            say(json.dumps([trial, step, float(state["model"]["w"].sum()), ""]))
         except Exception as exc:  # noqa: BLE001 - reported to the test
-            print(json.dumps([trial, None, 0.0, f"{type(exc).__name__}: {exc}"]), flush=True)
+            say(json.dumps([trial, None, 0.0, f"{type(exc).__name__}: {exc}"]))
 
 
 if __name__ == "__main__":

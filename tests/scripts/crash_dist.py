@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from crash_train import _plain, _tensors, script_args
+from rank_output import say
 
 
 def main() -> int:
@@ -42,8 +43,8 @@ def main() -> int:
                              handle_sigterm=False) as ckpt:
         start = ckpt.restore(state)
         if rank == 0:
-            print(f"RESTORED {start if start is not None else 'none'}", flush=True)
-            print("TRAINING", flush=True)
+            say(f"RESTORED {start if start is not None else 'none'}")
+            say("TRAINING")
         for step in range((start or 0) + 1, a.steps + 1):
             x = torch.randn(8, 6) * (1 + random.random())
             y = torch.from_numpy(np.random.rand(8, 3).astype("float32"))
@@ -74,7 +75,7 @@ def main() -> int:
         h.update(json.dumps([extra["step"], every]).encode())
         with open(a.out, "w") as f:
             json.dump({"step": extra["step"], "digest": h.hexdigest()}, f)
-        print("DONE", flush=True)
+        say("DONE")
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 from crash_train import _plain, _tensors, script_args
+from rank_output import say
 
 
 def main() -> int:
@@ -28,7 +29,7 @@ def main() -> int:
 
     class Announce(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            print("TRAINING", flush=True)
+            say("TRAINING")
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_layer=2, n_embd=32, n_head=2))
@@ -41,7 +42,7 @@ def main() -> int:
     cb = CheckpointCallback(dir=a.dir, auto_resume=False, keep_last=keep)
     trainer = Trainer(model=model, args=args, train_dataset=Synthetic(24, 1), callbacks=[cb, Announce()])
     start = resume_checkpoint(dir=a.dir)
-    print(f"RESTORED {start.rsplit('-', 1)[1] if start else 'none'}", flush=True)
+    say(f"RESTORED {start.rsplit('-', 1)[1] if start else 'none'}")
     trainer.train(resume_from_checkpoint=start)
 
     h = hashlib.sha256()
@@ -54,7 +55,7 @@ def main() -> int:
     h.update(torch.rand(4).numpy().tobytes() + repr(random.random()).encode() + np.random.rand(4).tobytes())
     with open(a.out, "w") as f:
         json.dump({"step": trainer.state.global_step, "digest": h.hexdigest()}, f)
-    print("DONE", flush=True)
+    say("DONE")
     return 0
 
 

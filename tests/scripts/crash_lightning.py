@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import torch
 from crash_train import _plain, _tensors, script_args
+from rank_output import say
 
 
 def main() -> int:
@@ -36,8 +37,8 @@ def main() -> int:
                         callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
                         deterministic=True, num_sanity_val_steps=0, use_distributed_sampler=False)
     start = resume_path(dir=a.dir)
-    print(f"RESTORED {start.rsplit('-', 1)[1] if start else 'none'}", flush=True)
-    print("TRAINING", flush=True)
+    say(f"RESTORED {start.rsplit('-', 1)[1] if start else 'none'}")
+    say("TRAINING")
     trainer.fit(model, train_dataloaders=Batches(), ckpt_path=start)
 
     h = hashlib.sha256()
@@ -49,7 +50,7 @@ def main() -> int:
     h.update(torch.rand(4).numpy().tobytes() + repr(random.random()).encode() + np.random.rand(4).tobytes())
     with open(a.out, "w") as f:
         json.dump({"step": trainer.global_step, "digest": h.hexdigest()}, f)
-    print("DONE", flush=True)
+    say("DONE")
     return 0
 
 

@@ -22,6 +22,7 @@ import time
 import btckpt
 import numpy as np
 import torch
+from rank_output import say
 
 
 def build(width: int) -> dict:
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=keep,
                              space_margin=0, upload_to=args.upload_to) as ckpt:
         start = ckpt.restore(state)
-        print(f"RESTORED {start if start is not None else 'none'}", flush=True)
+        say(f"RESTORED {start if start is not None else 'none'}")
         start = start or 0
-        print("TRAINING", flush=True)
+        say("TRAINING")
         for step in range(start + 1, args.steps + 1):
             loss = train_step(state, args.width)
             state["extra"]["loss_sum"] += loss
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.wait()
     with open(args.out, "w") as f:
         json.dump({"step": args.steps, "digest": digest(state, args.steps)}, f)
-    print("DONE", flush=True)
+    say("DONE")
     return 0
 
 
@@ -146,8 +147,8 @@ def oneshot(args: argparse.Namespace, state: dict) -> int:
     root = Path(args.dir)
     found = btckpt.latest(root) if root.is_dir() else None
     start = btckpt.load(found, state) if found is not None else None
-    print(f"RESTORED {start if start is not None else 'none'}", flush=True)
-    print("TRAINING", flush=True)
+    say(f"RESTORED {start if start is not None else 'none'}")
+    say("TRAINING")
     for step in range((start or 0) + 1, args.steps + 1):
         loss = train_step(state, args.width)
         state["extra"]["loss_sum"] += loss
@@ -156,7 +157,7 @@ def oneshot(args: argparse.Namespace, state: dict) -> int:
             btckpt.save(root / f"checkpoint-{step}", state)
     with open(args.out, "w") as f:
         json.dump({"step": args.steps, "digest": digest(state, args.steps)}, f)
-    print("DONE", flush=True)
+    say("DONE")
     return 0
 
 

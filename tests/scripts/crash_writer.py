@@ -11,6 +11,7 @@ import sys
 
 import btckpt
 import torch
+from rank_output import say
 
 
 def main() -> int:
@@ -26,14 +27,14 @@ def main() -> int:
     try:
         ck = btckpt.Checkpointer(dir=args.dir, async_save=True, keep_last=None)
     except btckpt.CheckpointError as exc:
-        print(f"REFUSED {exc}", flush=True)
+        say(f"REFUSED {exc}")
         return 3
     with ck:
-        print("LOCKED", flush=True)
+        say("LOCKED")
         for step in range(args.first, args.first + args.saves):
             ck.save(step, state)
             ck.wait()
-            print(f"SAVED {step}", flush=True)
+            say(f"SAVED {step}")
         if args.hold:
             sys.stdin.readline()
     return 0

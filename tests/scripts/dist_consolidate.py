@@ -12,6 +12,7 @@ from pathlib import Path
 import btckpt
 import torch
 import torch.distributed as dist
+from rank_output import say
 
 
 def main() -> int:
@@ -38,7 +39,7 @@ def main() -> int:
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in full.items()}, str(out / f"full-{step}.st"))
-        print(f"rank {rank}: consolidator on this rank: {ckpt._consolidator is not None}", flush=True)
+        say(f"rank {rank}: consolidator on this rank: {ckpt._consolidator is not None}")
     dist.barrier()
     dist.destroy_process_group()
     return 0

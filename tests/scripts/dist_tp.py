@@ -16,6 +16,7 @@ import os
 import btckpt
 import torch
 import torch.distributed as dist
+from rank_output import say
 
 WIDTH = 10
 
@@ -77,7 +78,7 @@ def main() -> int:
             ckpt.save(args.train, state)
         else:
             step = ckpt.restore(state)
-            print(f"rank {rank}: restored {step}", flush=True)
+            say(f"rank {rank}: restored {step}")
     tensors = full_state(net, opt, distributed)
     if rank == 0:
         from safetensors.torch import save_file
@@ -86,7 +87,7 @@ def main() -> int:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    print(f"rank {rank}: done", flush=True)
+    say(f"rank {rank}: done")
     return 0
 
 

@@ -13,19 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
 
 import btckpt
 import torch
 import torch.distributed as dist
-
-
-def say(msg: str) -> None:
-    """Print one line in one write(): ranks share torchrun's stdout, and ``print`` under ``python -u``
-    writes the text and the newline separately, so two ranks' lines could run together."""
-    sys.stdout.flush()
-    os.write(1, (msg + "\n").encode())
+from rank_output import say
 
 
 def build(mode: str, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -8,6 +8,7 @@ import sys
 import btckpt
 import torch
 import torch.distributed as dist
+from rank_output import say
 
 
 def main() -> int:
@@ -23,7 +24,7 @@ def main() -> int:
         for p in model.parameters():
             p.zero_()  # so the check below cannot pass by the seed alone
     step = btckpt.load(src, {"model": model}, load_rng=False)
-    print(f"rank {dist.get_rank()}: loaded step {step}", flush=True)
+    say(f"rank {dist.get_rank()}: loaded step {step}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in full.items()}, out)

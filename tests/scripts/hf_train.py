@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from rank_output import say
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 VOCAB = 64
@@ -161,13 +162,13 @@ def main() -> int:
         from btckpt.hf import resume_checkpoint
 
         start = resume_checkpoint()
-        print(f"RESUME {start}", flush=True)
+        say(f"RESUME {start}")
         trainer.train(resume_from_checkpoint=start)
     elif a.resume == "native":
         from transformers.trainer_utils import get_last_checkpoint
 
         start = get_last_checkpoint(a.out) if os.path.isdir(a.out) else None
-        print(f"RESUME {start}", flush=True)
+        say(f"RESUME {start}")
         trainer.train(resume_from_checkpoint=start)
     else:
         trainer.train()
@@ -180,7 +181,7 @@ def main() -> int:
                 "wall_s": wall, "save_block_s": save_s[0], "steps": trainer.state.global_step,
                 "best": trainer.state.best_model_checkpoint,
                 "stats": cb.stats if cb is not None else None}))
-    print("DONE", trainer.state.global_step, flush=True)
+    say(f"DONE {trainer.state.global_step}")
     return 0
 
 

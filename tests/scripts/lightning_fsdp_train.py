@@ -21,6 +21,7 @@ import torch
 from btckpt.lightning import ModelCheckpoint, ModelParallelStrategy, SafetensorsCheckpointIO, resume_path
 from dist_train import as_flat
 from lightning_train import Batches, Tiny
+from rank_output import say
 from safetensors.torch import save_file
 
 
@@ -66,7 +67,7 @@ class Sharded(Tiny):
             time.sleep(600)
 
     def on_train_start(self) -> None:
-        print(f"rank {self.global_rank}: resumed at step {self.global_step}", flush=True)
+        say(f"rank {self.global_rank}: resumed at step {self.global_step}")
         if self.dump_start:
             dump(self, self.dump_start)
 
@@ -135,11 +136,11 @@ def main() -> None:
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
                         num_sanity_val_steps=0, use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
-    print(f"rank {rank}: resume from {ckpt}", flush=True)
+    say(f"rank {rank}: resume from {ckpt}")
     trainer.fit(model, train_dataloaders=Batches(rank=rank % dp, world=dp), ckpt_path=ckpt)
     if a.dump:
         dump(model, a.dump)
-    print(f"rank {rank}: done", flush=True)
+    say(f"rank {rank}: done")
 
 
 if __name__ == "__main__":

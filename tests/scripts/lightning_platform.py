@@ -20,18 +20,19 @@ import lightning as L
 from btckpt.lightning import SafetensorsCheckpointIO, resume_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_train import Batches, Tiny, dump_state
+from rank_output import say
 
 HANG_AT = [-1]
 
 
 class Run(Tiny):
     def on_train_start(self) -> None:
-        print(f"START {self.global_step}", flush=True)
+        say(f"START {self.global_step}")
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         super().on_train_batch_end(outputs, batch, batch_idx)  # prints "step N"; runs after the callbacks' saves
         if self.global_step == HANG_AT[0]:
-            print("HANG", flush=True)
+            say("HANG")
             time.sleep(600)
 
 
@@ -58,11 +59,11 @@ def main() -> None:
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     ckpt = {"none": None, "resume": resume_path(), "last": "last"}[a.ckpt_path]
-    print(f"resume from {ckpt}", flush=True)
+    say(f"resume from {ckpt}")
     trainer.fit(model, train_dataloaders=Batches(n=16), ckpt_path=ckpt)
     if a.dump:
         dump_state(trainer, model, a.dump)
-    print("done", flush=True)
+    say("done")
     sys.stdout.flush()
 
 

@@ -21,6 +21,7 @@ from datetime import timedelta
 import lightning as L
 import torch
 from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
+from rank_output import say
 from safetensors.torch import save_file
 
 
@@ -73,7 +74,7 @@ class StartStep(L.Callback):
     """Prints the step a fit starts from, so resume tests assert it (not only the final weights)."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print(f"START {trainer.global_step}", flush=True)
+        say(f"START {trainer.global_step}")
 
 
 class Tiny(L.LightningModule):
@@ -98,7 +99,7 @@ class Tiny(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        print(f"step {self.global_step}", flush=True)
+        say(f"step {self.global_step}")
         if self.hparams.progress:
             with open(f"{self.hparams.progress}.{self.global_rank}", "a") as f:
                 f.write(f"STEP {self.global_step}\n")
@@ -168,12 +169,12 @@ def main() -> None:
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
-    print(f"resume from {ckpt}", flush=True)
+    say(f"resume from {ckpt}")
     trainer.fit(model, train_dataloaders=Batches(rank=rank, world=world), ckpt_path=ckpt)
     dump = a.dump.format(rank=rank) if a.dump else None
     if dump and (trainer.is_global_zero or dump != a.dump):
         dump_state(trainer, model, dump)
-    print("done", flush=True)
+    say("done")
     sys.stdout.flush()
     os._exit(0) if os.environ.get("FAST_EXIT") else None
 
