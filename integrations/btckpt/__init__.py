@@ -17,6 +17,8 @@ from .errors import (
     InsufficientSpace,
     NoCheckpointFound,
     StateMismatch,
+    TierMismatch,
+    TierTooSmall,
     UnsafeCheckpoint,
     UnsupportedValue,
 )
@@ -26,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpointer", "CheckpointConfig", "CheckpointStats", "save", "load", "latest", "CheckpointError", "ConfigError",
     "CoordinationError", "CorruptCheckpoint", "IncompleteCheckpoint", "InsufficientSpace", "NoCheckpointFound",
-    "StateMismatch", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
+    "StateMismatch", "TierMismatch", "TierTooSmall", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
 ]
 
 _LAZY = {"Checkpointer": "manager", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "api",

@@ -88,6 +88,11 @@ class CheckpointConfig:
     them under ``<dir>/consolidated/``; a path puts them there. The checkpoint itself is never changed.
     Retention keeps as many consolidated folders as checkpoints (``keep_last``), and those of protected
     checkpoints. See :mod:`btckpt.consolidate` (multi-node needs every node's part visible to rank 0).
+    ``local_every_steps``: the node-local tier (:mod:`btckpt.tiers`): :meth:`maybe_save` saves every that many
+    steps into ``local_tier_dir`` (same format and commit; at most two steps kept there), and the durable
+    cadence (``every_steps``/``every_seconds``, SIGTERM, ``close()``) copies the newest of them into ``dir``
+    in the background. ``local_tier_dir``: that folder (default ``/dev/shm/btckpt/<job>``, ``<job>`` derived
+    from the resolved checkpoint dir, so two jobs never share one); a local path, never inside ``dir``.
     """
 
     dir: str | None = None
@@ -110,6 +115,8 @@ class CheckpointConfig:
     protect: tuple[str, ...] = field(default_factory=tuple)
     upload_to: str | None = None
     consolidate: bool | str = False
+    local_every_steps: int | None = None
+    local_tier_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -147,6 +154,7 @@ class CheckpointConfig:
             raise ConfigError(f"dir={self.dir!r} is already a URL (checkpoints are published there); upload_to "
                               "mirrors a local dir: set one of them")
         self._check_consolidate()
+        self._check_local_tier()
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:
             raise ConfigError("barrier_timeout and preemption_grace must be positive seconds")
 
@@ -164,6 +172,30 @@ class CheckpointConfig:
             raise ConfigError(f"consolidate={c!r} is the checkpoint dir itself; consolidated folders would clash "
                               "with the checkpoints: use another folder (or True for <dir>/consolidated/)")
         _check_local_dir(c, "consolidate")
+
+    def _check_local_tier(self) -> None:
+        k, d = self.local_every_steps, self.local_tier_dir
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ConfigError(f"local_every_steps={k!r}: must be a positive integer (steps between node-local "
+                              "saves) or None (no local tier)")
+        if d is None:
+            return
+        if isinstance(d, os.PathLike):
+            d = os.fspath(d)
+            object.__setattr__(self, "local_tier_dir", d)
+        if k is None:
+            raise ConfigError(f"local_tier_dir={d!r} is set but local_every_steps is None; set local_every_steps "
+                              "to use the local tier, or drop local_tier_dir")
+        if not isinstance(d, str) or not d or is_url(d):
+            raise ConfigError(f"local_tier_dir={d!r}: must be a local folder (node-local memory such as "
+                              "/dev/shm/..., or a local disk), not a URL")
+        _check_local_dir(d, "local_tier_dir")
+        assert self.dir is not None
+        if not is_url(self.dir):
+            tier, durable = local_path(d).resolve(), local_path(self.dir).resolve()
+            if tier == durable or durable in tier.parents or tier in durable.parents:
+                raise ConfigError(f"local_tier_dir={d!r} and dir={self.dir!r} overlap; the local tier must be a "
+                                  "folder of its own (e.g. /dev/shm/btckpt/<job>), outside the checkpoint dir")
 
     @property
     def consolidate_dir(self) -> Path | None:

@@ -14,6 +14,8 @@ __all__ = [
     "CorruptCheckpoint",
     "IncompleteCheckpoint",
     "InsufficientSpace",
+    "TierTooSmall",
+    "TierMismatch",
     "NoCheckpointFound",
     "StateMismatch",
     "UnsafeCheckpoint",
@@ -44,6 +46,14 @@ class IncompleteCheckpoint(CheckpointError):
 
 class InsufficientSpace(CheckpointError):
     """The target filesystem cannot hold the checkpoint; nothing was written."""
+
+
+class TierTooSmall(InsufficientSpace):
+    """The node-local (RAM) tier cannot hold the copies it keeps (state bytes x copies > free space)."""
+
+
+class TierMismatch(CheckpointError):
+    """A node-local tier folder belongs to another job (its identity record names another checkpoint dir)."""
 
 
 class NoCheckpointFound(CheckpointError):

@@ -20,7 +20,7 @@ __all__ = ["PHASES", "arm", "disarm", "point", "reached"]
 
 PHASES = (
     "stage", "write_data", "write_rng", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
-    "before_rename", "after_rename", "retention", "upload_file", "upload_manifest",
+    "before_rename", "after_rename", "retention", "upload_file", "upload_manifest", "promote",
 )
 
 _lock = threading.Lock()

@@ -48,6 +48,7 @@ from .snapshot import Stager, StepGate
 from .statedict import group_value, optimizers_in
 from .stats import CheckpointStats, StatsRecorder
 from .storage import is_url, local_path, new_tag, space_error
+from .tiers import LocalTier, resumable_tier
 from .uploadsup import UploadSupervisor
 
 __all__ = ["Checkpointer", "default_budget"]
@@ -94,6 +95,7 @@ def _close_at_exit(ref: Any) -> None:
     ckpt = ref()
     if ckpt is None or ckpt._closed:
         return
+    ckpt._crashed = getattr(sys, "last_value", None) is not None  # the script died of an uncaught exception
     try:
         ckpt.close()
     except BaseException as exc:  # noqa: BLE001 - the process must not exit 0 over a lost checkpoint
@@ -146,6 +148,7 @@ class Checkpointer:
         self._plans = SavePlans()
         self._protected: set[Path] = {Path(p) for p in self.config.protect}
         self._closed = False
+        self._crashed = False  # closed at exit after an uncaught exception: the local tier stays for the restart
         self._last_save_step: int | None = None
         self._last_save_time = time.monotonic()
         self._preempted = threading.Event()
@@ -164,6 +167,12 @@ class Checkpointer:
             if self._lock.removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
                             len(self._lock.removed), ", ".join(p.name for p in self._lock.removed))
+        try:
+            self._tier = LocalTier.create(self.config, self.world, self.root)  # None without local_every_steps
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         # threads start only once nothing above can fail (a failed constructor leaks nothing)
         self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
                               small_bytes=self.config.copy_inline_bytes)
@@ -200,7 +209,10 @@ class Checkpointer:
             _OPEN[self._identity] = weakref.ref(self)
             seq = next(_SESSIONS.setdefault(self._identity, itertools.count()))
         digest = hashlib.sha256(self._identity.encode()).hexdigest()[:16]
-        key = f"session/{digest}/{seq}"
+        # torchrun --max-restarts may keep its store across restarts: a restarted worker must never pick up the
+        # previous attempt's session (its keys hold that attempt's answers)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"session/{digest}/{attempt}/{seq}"
         if self.world.is_leader:
             self.world.publish(key, mine)
         return str(self.world.collect(key, timeout=self.config.barrier_timeout))
@@ -211,7 +223,8 @@ class Checkpointer:
         return f"{self._session}-{op}{next(self._ops)}"
 
     def _resumer(self, session: str) -> Resume:
-        return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session)
+        return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session,
+                      local=resumable_tier(self.root, self.config.local_tier_dir))
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self._grace:
@@ -275,11 +288,19 @@ class Checkpointer:
         """
         with self._busy, _no_gc():
             self._save(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit, peer_rng=peer_rng,
-                       optimizers=optimizers)
+                       optimizers=optimizers, root=self.root)
+
+    def _save_local(self, step: int, state: Mapping[str, Any]) -> None:
+        """Save ``step`` into the local tier (same save path, the tier's folder; :mod:`btckpt.tiers`)."""
+        assert self._tier is not None
+        with self._busy, _no_gc():
+            self._save(step, state, extra_files=None, meta=None, on_commit=None, peer_rng=None, optimizers=(),
+                       root=self._tier.root)
 
     def _save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None,
               meta: Mapping[str, Any] | None, on_commit: Callable[[Path], None] | None,
-              peer_rng: Mapping[int, Mapping[str, Any]] | None, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+              peer_rng: Mapping[int, Mapping[str, Any]] | None, optimizers: Sequence[torch.optim.Optimizer],
+              root: Path) -> None:
         t0 = time.perf_counter()
         self._check_open()
         tag = self._op_tag("s")  # first: every rank advances the counter, even one that returns early below
@@ -292,7 +313,7 @@ class Checkpointer:
             log.warning("btckpt: save at step %d waits for the previous save to finish writing; the save "
                         "interval is shorter than the write time", step)
         self._drain()
-        final = self.root / checkpoint_name(step)
+        final = root / checkpoint_name(step)
         if final.exists():
             info = inspect(final)
             if info.complete:
@@ -308,8 +329,10 @@ class Checkpointer:
         flat, layout = prepare_flat(self._plans, groups, extra=part.flat if part is not None else [],
                                     max_shard_size=self.config.max_shard_size)
         if layout is not None:
+            if self._tier is not None and root == self._tier.root:
+                self._tier.check(layout.total_bytes)  # a tier too small is refused whatever on_error says
             try:
-                extra_files = checked_extra_files(layout, extra_files, root=self.root, margin=self.config.space_margin)
+                extra_files = checked_extra_files(layout, extra_files, root=root, margin=self.config.space_margin)
             except InsufficientSpace as exc:
                 if self.config.on_error != "warn":
                     raise
@@ -323,16 +346,19 @@ class Checkpointer:
             try:
                 staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
             except OSError as exc:
-                raise space_error(exc, self.root / checkpoint_name(step)) from exc
+                raise space_error(exc, root / checkpoint_name(step)) from exc
             self._gate.watch([*optimizers_in(state), *optimizers])
             self._gate.arm(staged)
-        job = SaveJob(step=step, root=self.root, tag=tag, world=self.world, flat=flat, staged=staged,
+        job = SaveJob(step=step, root=root, tag=tag, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
                       meta=dict(meta or {}), barrier_timeout=self._barrier_timeout(), sharded=part,
                       rank_state=own_plain, tensor_groups=tensor_groups, io_threads=self.config.io_threads,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
                                                      if int(r) != self.world.rank})
-        self._last_save_step, self._last_save_time = step, time.monotonic()
+        if root == self.root:
+            self._last_save_step, self._last_save_time = step, time.monotonic()
+        elif self._tier is not None:
+            self._tier.last_step = step
         reused = self._plans.reused
         if self.config.async_save:
             self._pending = self._pool.submit(self._background, job)
@@ -364,15 +390,23 @@ class Checkpointer:
     def _finish(self, job: SaveJob) -> Path:
         path = run_save(job)
         self._stats.committed(job.step, job.written_bytes, time.perf_counter() - job.started)
+        if job.root != self.root:
+            if self._tier is not None and self.world.is_local_leader:
+                self._tier.retain(keep=path)
+        else:
+            self._published(path)
+        if job.on_commit is not None:
+            job.on_commit(path)
+        return path
+
+    def _published(self, path: Path) -> None:
+        """After a durable commit (a save, or a promotion from the local tier): retention, upload, consolidation."""
         if self.world.is_local_leader:
             self._apply_retention(keep=path)
             if self._uploader is not None:
                 self._uploader.poke()
         if self._consolidator is not None:  # global rank 0 only; runs on its own thread
             self._consolidator.submit(path, protected=self._protected)
-        if job.on_commit is not None:
-            job.on_commit(path)
-        return path
 
     def _apply_retention(self, *, keep: Path) -> None:
         apply_retention(self.root, keep_last=self.config.keep_last,
@@ -400,6 +434,8 @@ class Checkpointer:
         err, self._error = self._error, None
         if err is None and self._consolidator is not None:
             err = self._consolidator.take_error()
+        if err is None and self._tier is not None:
+            err = self._tier.take_error()
         if err is not None:
             if self.config.on_error == "warn":
                 log.warning("btckpt: a background save failed (continuing, on_error='warn'): %s", err)
@@ -424,9 +460,31 @@ class Checkpointer:
         if secs is not None and time.monotonic() - self._last_save_time >= secs:
             due = True
         if due and step != self._last_save_step:
-            self.save(step, state)
+            self._save_durable(step, state)
+            return True
+        tier, k = self._tier, self.config.local_every_steps
+        if tier is not None and k is not None and step % k == 0 and step > 0 and step != tier.last_step:
+            self._save_local(step, state)
             return True
         return False
+
+    def _save_durable(self, step: int, state: Mapping[str, Any]) -> None:
+        """The durable checkpoint of ``step``: a save into ``dir``, or with a local tier, a tier save of
+        ``step`` (unless done) promoted into ``dir`` in the background (:meth:`_promote`)."""
+        if self._tier is None:
+            self.save(step, state)
+            return
+        if self._tier.last_step != step:
+            self._save_local(step, state)
+        self._promote(step)
+
+    def _promote(self, step: int) -> None:
+        """Queue the promotion of tier step ``step`` (after its save, still writing, committed)."""
+        assert self._tier is not None
+        tag = self._op_tag("p")  # every rank draws it: the counter stays in step
+        self._tier.schedule(step, after=self._pending, tag=tag, timeout=self._barrier_timeout(),
+                            on_commit=self._published)
+        self._last_save_step, self._last_save_time = step, time.monotonic()
 
     def _stop_step(self, step: int) -> bool:
         """Whether this rank stops (and saves) at ``step`` because some rank got SIGTERM.
@@ -462,8 +520,13 @@ class Checkpointer:
         if step != self._last_save_step:
             if not self._settled(deadline):  # an earlier save still writing (e.g. waiting for a dead peer)
                 return
-            self.save(step, state)
+            self._save_durable(step, state)
         if not self._settled(deadline):
+            return
+        if self._tier is not None and not self._tier.wait(max(0.0, deadline - time.monotonic())):
+            log.error("btckpt: the promotion of step %d did not commit within %.0fs (preemption_grace); exiting "
+                      "without it (the local tier keeps it for a restart on this node)", step,
+                      self.config.preemption_grace)
             return
         self.wait()
         log.warning("btckpt: preemption checkpoint for step %d committed", step)
@@ -497,6 +560,8 @@ class Checkpointer:
         self._check_open()
         with self._busy:
             self._drain()
+            if self._tier is not None:
+                self._tier.wait()
             self._raise_pending()
         if self.remote is not None and self._uploader is not None:
             finish_upload(self._uploader, self.remote, restart=True)
@@ -505,11 +570,16 @@ class Checkpointer:
         """Wait for pending saves, release the arena, the lock and the hooks. Idempotent."""
         if self._closed:
             return
+        clean = False
         try:
             with self._busy:
                 self._drain()
+                self._final_promotion()
+            clean = True
         finally:
             self._closed = True
+            if self._tier is not None:
+                self._close_tier(clean)
             if self._consolidator is not None:
                 self._consolidator.close()
                 if self.world.is_local_leader:  # what it was still reading when a newer one committed
@@ -537,6 +607,24 @@ class Checkpointer:
                 except (ValueError, TypeError):  # pragma: no cover
                     pass
         self._raise_pending()
+
+    def _final_promotion(self) -> None:
+        """At close: promote the tier's newest step when the durable dir lacks it (nothing is lost when the
+        tier folder goes)."""
+        if self._tier is None:
+            return
+        step = self._tier.newest()  # saved by this run, or the step it resumed from
+        if step is not None and step != self._tier.scheduled and not (self.root / checkpoint_name(step)).is_dir():
+            self._promote(step)
+
+    def _close_tier(self, clean: bool) -> None:
+        """Wait for the promotions, then remove the tier folder when everything reached ``dir``."""
+        assert self._tier is not None
+        self._tier.wait()
+        err = self._tier.take_error()
+        if err is not None:
+            self._error = self._error or err
+        self._tier.close(remove=clean and err is None and self._error is None and not self._crashed)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -5,7 +5,8 @@ Every entry point asks a :class:`ResumePolicy`: the Checkpointer (:mod:`btckpt.r
 CLI (``btckpt show``/``verify``). The policy says
 
 - *in which dir*: a job's own dir (the ``checkpoint-<N>`` folders directly in it, ``$BT_CHECKPOINT_DIR``
-  by default; with ``dir=URL`` also the published ones), then its load dir (``$BT_LOAD_CHECKPOINT_DIR`` by
+  by default; with ``dir=URL`` also the published ones; and its node-local tier, :mod:`btckpt.tiers`: the
+  newest step of either wins, the tier's copy first on a tie), then its load dir (``$BT_LOAD_CHECKPOINT_DIR`` by
   default; any layout, nested ``<job>/rank-<node>/checkpoint-<N>/`` included) -- or, for a folder a user
   names, that folder in every layout (:meth:`ResumePolicy.at`), the folder itself when it is a checkpoint;
 - *which checkpoint*: the newest complete one, in that order, that the caller's ``accept`` takes;
@@ -41,7 +42,8 @@ class ResumePolicy:
     job's folder, or the folder a user named (any layout). ``remote``: the own dir's published copy
     (a URL; its checkpoints not present locally count as own). ``accept``: complete candidates it returns
     False for are passed over. ``named``: ``load_dir`` was named by the user (:meth:`at`): a checkpoint
-    itself is that checkpoint, and an empty folder raises whatever ``on_missing`` says.
+    itself is that checkpoint, and an empty folder raises whatever ``on_missing`` says. ``local``: the own
+    node-local tier folder (:func:`btckpt.tiers.resumable_tier`), searched with the own dir.
     """
 
     dir: str | None = None
@@ -51,16 +53,18 @@ class ResumePolicy:
     remote: str | None = None
     rank: int | None = None
     named: bool = False
+    local: str | None = None
 
     @classmethod
     def for_job(cls, *, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
                 on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
-                remote: str | None = None) -> ResumePolicy:
+                remote: str | None = None, local: str | os.PathLike[str] | None = None) -> ResumePolicy:
         """A (re)started job's policy: its own ``dir`` first, then ``load_dir`` (both as given; see
         :func:`btckpt.config.resolve_dir` / :func:`~btckpt.config.resolve_load_dir` for the env defaults)."""
         return cls(dir=os.fspath(dir) if dir is not None else None,
                    load_dir=os.fspath(load_dir) if load_dir else None,
-                   on_missing=on_missing, accept=accept, remote=remote)
+                   on_missing=on_missing, accept=accept, remote=remote,
+                   local=os.fspath(local) if local is not None else None)
 
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> ResumePolicy:
@@ -83,6 +87,8 @@ class ResumePolicy:
         """Every candidate in order of preference, damaged ones included (skipping names each one): the own
         dir's (local, then the published ones not present locally) newest first, then the load dir's."""
         own = resume_candidates(self.dir, None, rank=self.rank) if self.dir is not None else []
+        if self.local is not None:  # stable sort: on a tie the tier's copy (read from memory) comes first
+            own = sorted(scan(self.local, rank=self.rank, own=True) + own, key=lambda i: i.step, reverse=True)
         if self.remote is not None:
             steps = {i.step for i in own if i.complete}
             own = sorted(own + [i for i in scan(self.remote, rank=self.rank, own=True) if i.step not in steps],

@@ -42,13 +42,13 @@ class Resume:
     """Finds and loads the checkpoint a Checkpointer resumes from (one per Checkpointer, every rank)."""
 
     def __init__(self, *, config: CheckpointConfig, world: World, root: Path, remote: str | None,
-                 session: str) -> None:
+                 session: str, local: Path | None = None) -> None:
         self.config, self.world, self.root, self.remote, self.session = config, world, root, remote, session
         self.policy = ResumePolicy.for_job(dir=root, load_dir=config.load_dir, on_missing=config.on_missing,
-                                           remote=remote)
+                                           remote=remote, local=local)
 
     def candidates(self) -> list[CheckpointInfo]:
-        """Complete checkpoints in order of preference: own newest first, then ``load_dir``'s."""
+        """Complete checkpoints in order of preference: own (local tier and dir) newest first, then ``load_dir``'s."""
         return [i for i in self.policy.candidates() if i.complete]
 
     def restore(self, state: MutableMapping[str, Any], *, strict: bool) -> int | None:

@@ -1,0 +1,354 @@
+"""The node-local tier: frequent checkpoints into node-local memory, promoted to the durable dir in the background.
+
+With ``local_every_steps=K`` a Checkpointer's :meth:`~btckpt.Checkpointer.maybe_save` saves every K steps into
+the *local tier*, a folder on node-local memory (``/dev/shm/btckpt/<job>`` by default, a tmpfs), through the
+same save path as any checkpoint (same files, same manifest, same commit), so every reader, ``btckpt
+verify``/``ls`` and the resume policy read it unchanged. The durable cadence (``every_steps`` /
+``every_seconds``, SIGTERM, ``close()``) *promotes* a local checkpoint: the background promoter copies its
+files into the durable dir through the commit protocol (temp folder, fsync, manifest last, atomic rename),
+checking every byte against the manifest on the way, without touching the device or the snapshot arena,
+so the next local save never waits for it. ``upload_to`` then publishes the durable copy as usual.
+
+Limits, kept honestly:
+
+- **memory**: the tier holds at most :data:`COPIES` steps (one complete, one being written; a step being
+  promoted is kept until its copy committed), so it needs ``COPIES x state bytes per node`` (the bytes of
+  the node's checkpoint folder) on its filesystem; :func:`check_fits` refuses a tier that cannot hold that
+  (:class:`~btckpt.errors.TierTooSmall`, with the numbers and the fix) before the first local save;
+- **identity**: the folder records the durable dir it belongs to (:data:`IDENTITY`); a folder recording
+  another is refused (:class:`~btckpt.errors.TierMismatch`) and never resumed from, and one writer per
+  folder is enforced by the same lock as the durable dir (:class:`~btckpt.commit.DirLock`);
+- **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder;
+  after a crash it stays, and the restarted job resumes from it when it holds the newest step
+  (:class:`btckpt.policy.ResumePolicy` searches it first).
+
+Torch-free (the resume policy and the CLI import it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import faults
+from .commit import DirLock, LocalCommit, checkpoint_name
+from .discovery import inspect, scan
+from .distributed import World
+from .errors import CheckpointError, TierMismatch, TierTooSmall
+from .manifest import entry_problem
+from .priority import background_thread, leave
+from .retention import apply_retention
+from .storage import free_bytes, fsync_dir, fsync_file, space_error
+from .writer import write_arena_file
+
+__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
+           "check_fits", "promote", "LocalTier"]
+
+log = logging.getLogger("btckpt")
+
+DEFAULT_BASE = Path("/dev/shm/btckpt")
+IDENTITY = ".btckpt-tier.json"  # {"format": ..., "dir": <the durable dir, resolved>}
+FORMAT = "btckpt-tier/1"
+COPIES = 2  # steps the tier holds at most: one complete, one being written
+_CHUNK = 8 << 20
+
+
+# -- where, and whose ------------------------------------------------------------------------------------------
+def _identity(durable: Path) -> str:
+    return str(Path(durable).resolve())
+
+
+def default_tier_dir(durable: str | os.PathLike[str]) -> Path:
+    """``/dev/shm/btckpt/<name>-<hash>``: ``<hash>`` of the resolved durable dir, so each job (each node's
+    dir) gets a folder of its own and a restarted job finds its own again."""
+    ident = _identity(Path(durable))
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ident).name)[:40] or "root"
+    return DEFAULT_BASE / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def tier_dir(durable: str | os.PathLike[str], option: str | os.PathLike[str] | None) -> Path:
+    """The local tier folder of the job whose durable dir is ``durable``: ``option`` (``local_tier_dir``) or
+    the default (:func:`default_tier_dir`)."""
+    return Path(os.fspath(option)) if option is not None else default_tier_dir(durable)
+
+
+def _recorded(root: Path) -> str | None:
+    """The durable dir ``root``'s identity record names; None when there is no readable record."""
+    try:
+        obj = json.loads((root / IDENTITY).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(obj.get("dir")) if isinstance(obj, dict) and obj.get("format") == FORMAT else None
+
+
+def resumable_tier(durable: str | os.PathLike[str], option: str | os.PathLike[str] | None) -> Path | None:
+    """The local tier folder a (re)started job may resume from: the one of :func:`tier_dir` when it exists
+    and records ``durable`` as its job; None otherwise (a folder recording another job is named in a warning
+    and ignored)."""
+    root = tier_dir(durable, option)
+    if not root.is_dir():
+        return None
+    owner = _recorded(root)
+    if owner == _identity(Path(durable)):
+        return root
+    if owner is not None:
+        log.warning("btckpt: local tier %s belongs to the job saving into %s, not %s; not resuming from it",
+                    root, owner, durable)
+    return None
+
+
+def claim(root: Path, durable: Path) -> DirLock:
+    """Make ``root`` this job's local tier (the node's leader, at start): refuse a folder of another job
+    (:class:`TierMismatch`), take its writer lock (which removes unfinished temp folders), record the job."""
+    owner, mine = _recorded(root), _identity(durable)
+    if owner is not None and owner != mine:
+        raise TierMismatch(f"local tier {root} belongs to the job saving into {owner}, not {mine}; give this job "
+                           "its own local_tier_dir (or remove that folder once its job is gone)")
+    if owner is None and root.is_dir() and any(e.name != ".btckpt.lock" for e in root.iterdir()):
+        raise TierMismatch(f"local tier {root} holds files but no {IDENTITY} (it is not a btckpt local tier); "
+                           "point local_tier_dir at an empty or new folder")
+    if root.parent == DEFAULT_BASE and not DEFAULT_BASE.exists():
+        DEFAULT_BASE.mkdir(parents=True, exist_ok=True)
+        os.chmod(DEFAULT_BASE, 0o1777)  # shared by every user's jobs, like /tmp
+    lock = DirLock(root)
+    if owner is None:
+        tmp = root / f".{IDENTITY}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps({"format": FORMAT, "dir": mine}).encode())
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, root / IDENTITY)
+        fsync_dir(root)
+    return lock
+
+
+# -- memory ----------------------------------------------------------------------------------------------------
+def tier_bytes(state_bytes: int, *, copies: int = COPIES) -> int:
+    """What the local tier holds at most: ``copies x state bytes per node`` (the node's checkpoint folder)."""
+    return copies * state_bytes
+
+
+def check_fits(root: Path, state_bytes: int, *, margin: int) -> None:
+    """Refuse (:class:`TierTooSmall`, with the numbers and the fix) a local tier whose filesystem cannot hold
+    :func:`tier_bytes` of ``state_bytes`` plus ``margin``; the tier's own checkpoints count as free (retention
+    frees them). Nothing is written."""
+    held = sum(i.size for i in scan(root, own=True) if i.complete) if root.is_dir() else 0
+    free = free_bytes(root)
+    need = tier_bytes(state_bytes) + margin
+    if free + held < need:
+        raise TierTooSmall(
+            f"local tier {root}: it keeps {COPIES} copies of this node's state ({state_bytes / 1e6:.1f} MB each), "
+            f"{need / 1e6:.1f} MB with the {margin / 1e6:.0f} MB margin, but its filesystem has {free / 1e6:.1f} MB "
+            f"free (+{held / 1e6:.1f} MB of this tier's own checkpoints). Enlarge it (docker run --shm-size=..., "
+            "or mount -o remount,size=... /dev/shm), point local_tier_dir at a larger node-local folder, or set "
+            "local_every_steps=None. Nothing was written")
+
+
+# -- promotion -------------------------------------------------------------------------------------------------
+def _pieces(fd: int) -> Iterator[memoryview]:
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            return
+        yield view[:n]  # consumed (written and hashed) before the next read refills the buffer
+
+
+def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None, timeout: float = 600.0) -> Path:
+    """Copy the committed checkpoint ``src`` into ``dest_root`` through the commit protocol; the new folder.
+
+    Every file is written with fsync and checked against ``src``'s manifest as it is copied (a damaged source
+    raises :class:`~btckpt.errors.CorruptCheckpoint` and commits nothing); the same manifest is written last,
+    then the temp folder is renamed into place. A step already complete in ``dest_root`` is left as it is.
+    With several nodes (``world``), each node's leader promotes its part and node 0 commits last, after every
+    other node committed, as in a save. Any failure removes the temp folder; older checkpoints are untouched.
+    """
+    info = inspect(src)
+    if not info.complete or info.manifest is None:
+        raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
+    man = info.manifest
+    final = dest_root / checkpoint_name(man.step)
+    if final.is_dir() and inspect(final).complete:
+        log.info("btckpt: %s already holds step %d; nothing to promote", dest_root, man.step)
+        return final
+    w = world or World()
+    key = f"{tag}/promoted"
+    commit = LocalCommit(dest_root, man.step, tag=tag)
+    try:
+        try:
+            commit.begin()
+            for name, entry in man.files.items():
+                target = commit.tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(src / name, os.O_RDONLY)
+                try:
+                    size, digest = write_arena_file(target, b"", _pieces(fd))
+                finally:
+                    os.close(fd)
+                problem = entry_problem(name, size, digest, entry)
+                if problem:
+                    raise CheckpointError(f"{src}: {problem}; not promoted (the local copy changed or is damaged)")
+                commit.record(name, size, digest)
+            faults.point("promote")
+            if w.node_rank != 0:
+                commit.commit(man)
+            w.barrier(key, timeout=timeout, ranks=w.nodes)
+            if w.node_rank == 0:
+                commit.commit(man)
+        except OSError as exc:
+            raise space_error(exc, commit.tmp) from exc
+    except BaseException:
+        w.fail(key)
+        commit.abort()
+        raise
+    log.info("btckpt: promoted %s -> %s", src, commit.final)
+    return commit.final
+
+
+class LocalTier:
+    """One Checkpointer's local tier (see the module doc): its folder, lock, memory check, retention, promoter.
+
+    Every rank has one (all know the folder); the node's leader claims it and runs the promoter thread.
+    """
+
+    def __init__(self, root: Path, durable: Path, *, world: World, margin: int) -> None:
+        self.root, self.durable, self.world, self.margin = root, durable, world, margin
+        self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
+        self.scheduled: int | None = None  # the newest step whose promotion was scheduled
+        self._fits: int | None = None  # the state size check_fits last passed
+        self._lock: DirLock | None = claim(root, durable) if world.is_local_leader else None
+        self._busy: dict[Path, int] = {}  # folders queued or being promoted -> how many times
+        self._mutex = threading.Lock()
+        self._retaining = threading.Lock()
+        self.failed = False  # a promotion failed: close() leaves the folder (its newest step may be only here)
+        self._futures: list[Future[Path | None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def create(cls, config: Any, world: World, durable: Path) -> LocalTier | None:
+        """The Checkpointer's tier (None when ``local_every_steps`` is None)."""
+        if config.local_every_steps is None:
+            return None
+        return cls(tier_dir(durable, config.local_tier_dir), durable, world=world, margin=config.space_margin)
+
+    # -- saving into it ------------------------------------------------------------------------------------
+    def check(self, state_bytes: int) -> None:
+        """:func:`check_fits` for this state size (once per size)."""
+        if self._fits != state_bytes:
+            check_fits(self.root, state_bytes, margin=self.margin)
+            self._fits = state_bytes
+
+    def newest(self) -> int | None:
+        """The newest complete step in the tier (None: none)."""
+        return max((i.step for i in scan(self.root, own=True) if i.complete), default=None)
+
+    @property
+    def busy(self) -> set[Path]:
+        """Tier checkpoints queued or being promoted (retention keeps them)."""
+        with self._mutex:
+            return set(self._busy)
+
+    def retain(self, keep: Path | None = None) -> None:
+        """After a tier commit (``keep``) or a promotion: keep only the newest step (and those being promoted)."""
+        with self._retaining:  # the writer and the promoter both call it
+            apply_retention(self.root, keep_last=1, protected=({keep} if keep else set()) | self.busy)
+
+    # -- promotion ----------------------------------------------------------------------------------------
+    def schedule(self, step: int, *, after: Future[Any] | None, tag: str, timeout: float,
+                 on_commit: Callable[[Path], None]) -> None:
+        """Promote tier step ``step`` into the durable dir in the background, once ``after`` (the tier save
+        of that step) finished; ``on_commit(folder)`` runs on the promoter after the durable commit. Queued
+        promotions run in order (every node promotes the same steps); only the node's leader copies."""
+        self.scheduled = step
+        if not self.world.is_local_leader:
+            return
+        src = self.root / checkpoint_name(step)
+        with self._mutex:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-promote",
+                                                initializer=background_thread)
+            if any(not f.done() for f in self._futures):
+                log.warning("btckpt: promotion of step %d queued behind an earlier one still copying; the durable "
+                            "interval is shorter than the copy time", step)
+            self._busy[src] = self._busy.get(src, 0) + 1
+            self._futures.append(self._pool.submit(self._promote, src, after, tag, timeout, on_commit))
+
+    def _promote(self, src: Path, after: Future[Any] | None, tag: str, timeout: float,
+                 on_commit: Callable[[Path], None]) -> Path | None:
+        try:
+            if after is not None and after.exception() is not None:
+                log.warning("btckpt: %s was not saved (its error is raised by the Checkpointer); not promoted", src)
+                return None
+            path = promote(src, self.durable, tag=tag, world=self.world, timeout=timeout)
+            on_commit(path)
+            return path
+        except BaseException as exc:
+            self.failed = True
+            log.error("btckpt: promotion of %s failed: %s", src, exc)
+            raise
+        finally:
+            with self._mutex:
+                self._busy[src] -= 1
+                if not self._busy[src]:
+                    del self._busy[src]
+            self.retain()  # what the writer's retention kept for this promotion may go now
+
+    def take_error(self) -> BaseException | None:
+        """The first error of a finished promotion not reported yet (each is reported once)."""
+        with self._mutex:
+            done = [f for f in self._futures if f.done()]
+            self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                return exc
+        return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every promotion so far (up to ``timeout`` s); False when some is still running then."""
+        with self._mutex:
+            futures = list(self._futures)
+        for f in futures:
+            try:
+                f.exception(timeout=timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    # -- end ------------------------------------------------------------------------------------------------
+    def close(self, *, remove: bool) -> None:
+        """Stop the promoter (after the promotions queued), release the lock and, when ``remove`` (a clean
+        close whose newest step reached the durable dir), delete the tier's checkpoints and its folder."""
+        if self._pool is not None:
+            self._pool.submit(leave).result()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._lock is None:
+            return
+        self._lock.release()
+        self._lock = None
+        if remove and not self.failed:
+            for info in scan(self.root, own=True):
+                shutil.rmtree(info.path, ignore_errors=True)
+            for name in (IDENTITY, ".btckpt.lock"):
+                try:
+                    (self.root / name).unlink()
+                except FileNotFoundError:
+                    pass
+            try:
+                self.root.rmdir()
+            except OSError as exc:  # something else lives there: leave it
+                log.warning("btckpt: local tier %s not removed (%s)", self.root, exc.strerror)
+

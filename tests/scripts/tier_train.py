@@ -1,0 +1,89 @@
+"""A tiny deterministic DDP job (gloo, CPU) with the node-local tier, for tests/test_tiers.py.
+
+Saves into the local tier (``--tier``) every ``--local-every`` steps and promotes into ``$BT_CHECKPOINT_DIR``
+every ``--every`` steps. With ``--kill-at N --kill-marker F``: rank ``--kill-rank`` waits for its saves so far
+to commit at step N and SIGKILLs itself, once (the marker file remembers it across torchrun's restarts).
+Prints ``rank <r>: resumed from <step>`` (rank_output.say) and writes the final model + optimizer tensors
+to ``--out`` from rank 0 (safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import signal
+
+import btckpt
+import torch
+import torch.distributed as dist
+from dist_train import build, full_state
+from rank_output import say
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--local-every", type=int, default=2)
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--kill-at", type=int, default=-1)
+    ap.add_argument("--kill-rank", type=int, default=1)
+    ap.add_argument("--kill-marker", default="")
+    args = ap.parse_args()
+
+    # torchrun's agent keeps its store across restarts, and gloo's connect keys from the killed attempt would
+    # still be there: each attempt gets a prefix of its own
+    rank, world, timeout = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), datetime.timedelta(seconds=60)
+    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, hosts, timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    ddp, net = build("ddp", 16)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    extra = {"step": 0}
+    state = {"model": ddp, "optimizer": opt, "scheduler": sched, "extra": extra}
+    torch.manual_seed(1000 + rank)  # per-rank data and dropout streams (restored from the checkpoint's RNG)
+
+    # handle_sigterm=False: torchrun stops the surviving rank with SIGTERM, which should end it at once here
+    ckpt = btckpt.Checkpointer(keep_last=2, barrier_timeout=60, every_steps=args.every, on_missing="start_fresh",
+                               local_every_steps=args.local_every, local_tier_dir=args.tier, handle_sigterm=False)
+    first = ckpt.candidates()
+    start = ckpt.restore(state)
+    say(f"rank {rank}: resumed from {start}" + (f" in {first[0].path.parent}" if start is not None else ""))
+    step = start or 0
+    assert extra["step"] == step, (extra, step)
+    while step < args.steps:
+        step += 1
+        x, y = torch.randn(8, 6), torch.randn(8, 3)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        extra["step"] = step
+        ckpt.maybe_save(step, state)
+        if step == args.kill_at and rank == args.kill_rank and not os.path.exists(args.kill_marker):
+            ckpt.wait()  # the local-tier save of this step (and what came before) committed
+            open(args.kill_marker, "w").close()
+            say(f"rank {rank}: killing itself at step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.close()
+    tensors = full_state("ddp", net, opt)
+    if args.out and rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(tensors, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+    say(f"rank {rank}: done at {step}")
+    return 0
+
+
+if __name__ == "__main__":
+    from _rank_exit import exit_rank
+
+    exit_rank(main())

@@ -1,0 +1,296 @@
+"""The node-local tier (btckpt.tiers): options, memory preflight, retention, promotion, identity, resume,
+crash mid-promotion, and a real torchrun job whose worker is SIGKILLed and resumes from the tier."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import btckpt
+import pytest
+import torch
+from btckpt import faults
+from btckpt.cli import main as cli_main
+from btckpt.discovery import inspect, scan, verify
+from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
+from conftest import PY, run_py
+from dist_launch import SCRIPTS, env_with, finish, kill_session
+
+
+def _state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {"model": torch.nn.Linear(64, 64), "extra": {"step": 0}}
+
+
+def _train(ck: btckpt.Checkpointer, state: dict, steps: range) -> None:
+    for s in steps:
+        ck.fence()  # an in-place edit outside optimizer.step(): wait for the snapshot's copy first
+        with torch.no_grad():
+            state["model"].weight.add_(1.0)
+        state["extra"]["step"] = s
+        ck.maybe_save(s, state)
+
+
+def _steps(folder: Path) -> list[int]:
+    return sorted(i.step for i in scan(folder, own=True) if i.complete)
+
+
+def _tier_ck(tmp_path: Path, **kw) -> btckpt.Checkpointer:
+    opts = dict(dir=tmp_path / "d", local_every_steps=2, local_tier_dir=tmp_path / "ram", every_steps=6,
+                keep_last=None, handle_sigterm=False)
+    opts.update(kw)
+    return btckpt.Checkpointer(**opts)
+
+
+# -- options ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3"])
+def test_local_every_steps_is_validated(tmp_path: Path, bad) -> None:
+    with pytest.raises(btckpt.ConfigError, match="local_every_steps"):
+        btckpt.CheckpointConfig(dir=str(tmp_path / "d"), local_every_steps=bad)
+
+
+def test_local_tier_dir_is_validated(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    with pytest.raises(btckpt.ConfigError, match="local_every_steps is None"):
+        btckpt.CheckpointConfig(dir=str(d), local_tier_dir=str(tmp_path / "ram"))
+    with pytest.raises(btckpt.ConfigError, match="not a URL"):
+        btckpt.CheckpointConfig(dir=str(d), local_every_steps=2, local_tier_dir="s3://b/x")
+    with pytest.raises(btckpt.ConfigError, match="overlap"):
+        btckpt.CheckpointConfig(dir=str(d), local_every_steps=2, local_tier_dir=str(d / "ram"))
+    with pytest.raises(btckpt.ConfigError, match="overlap"):
+        btckpt.CheckpointConfig(dir=str(d), local_every_steps=2, local_tier_dir=str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(btckpt.ConfigError, match="is a file"):
+        btckpt.CheckpointConfig(dir=str(d), local_every_steps=2, local_tier_dir=str(tmp_path / "file"))
+    cfg = btckpt.CheckpointConfig(dir=str(d), local_every_steps=2, local_tier_dir=tmp_path / "ram")
+    assert cfg.local_tier_dir == str(tmp_path / "ram")
+
+
+def test_default_tier_dir_is_one_per_job(tmp_path: Path) -> None:
+    a, b = default_tier_dir(tmp_path / "job-a"), default_tier_dir(tmp_path / "job-b")
+    assert a.parent == b.parent == Path("/dev/shm/btckpt")
+    assert a != b and a.name.startswith("job-a-")
+    assert default_tier_dir(tmp_path / "x" / ".." / "job-a") == a  # the same dir, however it is spelled
+
+
+# -- saving into the tier, promotion, clean close -------------------------------------------------------------
+def test_tier_saves_retention_promotion_and_clean_close(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = _state()
+    ram, d = tmp_path / "ram", tmp_path / "d"
+    ck = _tier_ck(tmp_path)
+    _train(ck, state, range(1, 6))
+    ck.wait()
+    assert _steps(ram) == [4] and _steps(d) == []  # at most one complete step kept there (retention)
+    _train(ck, state, range(6, 9))
+    ck.wait()
+    assert _steps(ram) == [8]
+    assert _steps(d) == [6]  # step 6 was due durably: saved into the tier, then promoted
+    promoted = inspect(d / "checkpoint-6")
+    assert promoted.complete and verify(promoted) == []
+    # the tier checkpoint is an ordinary checkpoint: the CLI verifies it unchanged
+    assert cli_main(["verify", str(ram / "checkpoint-8")]) == 0
+    assert (ram / IDENTITY).is_file()
+    ck.close()
+    assert not ram.exists()  # clean close: the newest step was promoted, then the tier removed
+    assert _steps(d) == [6, 8]
+    assert verify(inspect(d / "checkpoint-8")) == []
+    fresh = _state(seed=1)
+    with btckpt.Checkpointer(dir=d, handle_sigterm=False) as plain:
+        assert plain.restore(fresh) == 8
+    assert torch.equal(fresh["model"].weight, state["model"].weight) and fresh["extra"]["step"] == 8
+
+
+def test_promotion_keeps_the_tier_manifest_and_files(tmp_path: Path) -> None:
+    state = _state()
+    ck = _tier_ck(tmp_path)
+    _train(ck, state, range(1, 8))
+    ck.wait()
+    tier = (tmp_path / "ram" / "checkpoint-6")
+    if tier.exists():  # still there only when retention kept it; compare byte for byte then
+        assert (tier / "btckpt.json").read_bytes() == (tmp_path / "d" / "checkpoint-6" / "btckpt.json").read_bytes()
+    man = json.loads((tmp_path / "d" / "checkpoint-6" / "btckpt.json").read_text())
+    assert man["step"] == 6 and "model.safetensors" in man["files"]
+    ck.close()
+
+
+# -- honest limits --------------------------------------------------------------------------------------------
+def test_preflight_refuses_a_tier_too_small(tmp_path: Path, tmpfs) -> None:
+    shm = tmpfs(4 << 20, name="shm")  # 4 MiB, like a too-small /dev/shm
+    state = {"model": torch.nn.Linear(1024, 768)}  # 3.2 MB: two copies do not fit in 4 MiB
+    ck = btckpt.Checkpointer(dir=tmp_path / "d", local_every_steps=1, local_tier_dir=shm / "tier", on_error="warn",
+                             space_margin=1 << 20, handle_sigterm=False)
+    try:
+        with pytest.raises(btckpt.TierTooSmall) as err:
+            ck.maybe_save(1, state)
+        msg = str(err.value)
+        assert str(shm / "tier") in msg and "2 copies" in msg and "(3.2 MB each)" in msg and "4.2 MB free" in msg
+        assert "--shm-size" in msg and "local_tier_dir" in msg
+        assert isinstance(err.value, btckpt.InsufficientSpace)
+        assert _steps(shm / "tier") == [] and not [p for p in (shm / "tier").iterdir() if p.name.startswith(".check")]
+    finally:
+        ck.close()
+
+
+def test_preflight_passes_when_two_copies_fit(tmp_path: Path, tmpfs) -> None:
+    shm = tmpfs(12 << 20, name="shm")
+    state = {"model": torch.nn.Linear(1024, 768)}
+    ck = btckpt.Checkpointer(dir=tmp_path / "d", local_every_steps=1, local_tier_dir=shm / "tier",
+                             space_margin=1 << 20, handle_sigterm=False)
+    for s in range(1, 5):
+        ck.maybe_save(s, state)
+    ck.wait()
+    assert _steps(shm / "tier") == [4]
+    ck.close()
+    assert _steps(tmp_path / "d") == [4]
+
+
+def test_a_tier_of_another_job_is_refused_and_never_resumed(tmp_path: Path) -> None:
+    state = _state()
+    ck = _tier_ck(tmp_path, dir=tmp_path / "other")
+    _train(ck, state, range(1, 5))
+    ck.wait()
+    ck._tier.close(remove=False)  # the other job "crashed": its tier stays  # noqa: SLF001
+    ck._tier = None  # noqa: SLF001
+    ck.close()
+    assert _steps(tmp_path / "ram") == [4]
+    with pytest.raises(btckpt.TierMismatch, match="belongs to the job saving into"):
+        _tier_ck(tmp_path)  # same tier folder, another durable dir
+    assert resumable_tier(tmp_path / "d", tmp_path / "ram") is None
+    with btckpt.Checkpointer(dir=tmp_path / "d", local_every_steps=2, local_tier_dir=tmp_path / "ram2",
+                             handle_sigterm=False) as other:
+        assert other.restore(_state()) is None
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    with pytest.raises(btckpt.TierMismatch, match="not a btckpt local tier"):
+        _tier_ck(tmp_path, local_tier_dir=junk)
+    assert (junk / "notes.txt").read_text() == "mine"
+    shutil.rmtree(tmp_path / "ram")
+
+
+# -- crashes: resume from the newest tier; a failed promotion leaves older checkpoints alone --------------------
+CRASHER = """
+import sys, torch, btckpt
+torch.manual_seed(0)
+m = torch.nn.Linear(64, 64)
+state = {"model": m, "extra": {"step": 0}}
+ck = btckpt.Checkpointer(dir=sys.argv[1], local_every_steps=2, local_tier_dir=sys.argv[2], every_steps=6,
+                         keep_last=None, handle_sigterm=False)
+for s in range(1, int(sys.argv[3]) + 1):
+    ck.fence()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    state["extra"]["step"] = s
+    ck.maybe_save(s, state)
+    if s == 8:
+        torch.save(m.weight.detach().clone(), sys.argv[4])
+ck.wait()
+import os; os._exit(9)  # a crash: no close(), the tier stays
+"""
+
+
+def test_restart_resumes_from_the_newest_tier(tmp_path: Path) -> None:
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    r = run_py(["-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w8.pt")], timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+    assert _steps(d) == [6] and _steps(ram) == [8]
+    state = _state(seed=3)
+    ck = _tier_ck(tmp_path)
+    assert ck.restore(state) == 8  # the tier's step 8 beats the durable step 6
+    assert torch.equal(state["model"].weight, torch.load(tmp_path / "w8.pt"))
+    assert state["extra"]["step"] == 8
+    ck.close()  # nothing saved since: step 8 is promoted at close, and the tier removed
+    assert _steps(d) == [6, 8] and not ram.exists()
+
+
+def test_a_lost_tier_falls_back_to_disk(tmp_path: Path) -> None:
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    r = run_py(["-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w.pt")], timeout=120)
+    assert r.returncode == 9, r.stderr[-3000:]
+    shutil.rmtree(ram)  # the node rebooted
+    state = _state(seed=3)
+    ck = _tier_ck(tmp_path)
+    assert ck.restore(state) == 6
+    assert state["extra"]["step"] == 6
+    ck.close()
+
+
+def test_failed_promotion_leaves_older_checkpoints_and_the_tier(tmp_path: Path) -> None:
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    state = _state()
+    ck = _tier_ck(tmp_path)
+    _train(ck, state, range(1, 7))
+    ck.wait()
+    assert _steps(d) == [6]
+    before = (d / "checkpoint-6" / "model.safetensors").read_bytes()
+    faults.arm("promote", "raise")
+    _train(ck, state, range(7, 13))
+    with pytest.raises(btckpt.CheckpointError):
+        ck.wait()  # the promotion's error, raised once
+    assert "promote" in faults.reached()
+    faults.disarm()
+    assert _steps(d) == [6] and (d / "checkpoint-6" / "model.safetensors").read_bytes() == before
+    assert verify(inspect(d / "checkpoint-6")) == []
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".checkpoint-")]  # the temp folder went
+    assert _steps(ram) == [12]
+    ck.close()
+    assert _steps(ram) == [12]  # kept: a promotion failed, its step may be only there
+    restarted = _tier_ck(tmp_path)
+    assert restarted.restore(_state(seed=5)) == 12
+    restarted.close()
+    assert _steps(d) == [6, 12] and not ram.exists()
+
+
+def test_crash_mid_promotion_keeps_durable_dir_sound(tmp_path: Path) -> None:
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    env = env_with(BTCKPT_FAULT="promote:kill")
+    r = subprocess.run([PY, "-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w.pt")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert _steps(d) == [] and [p for p in d.iterdir() if p.name.startswith(".checkpoint-6.tmp")]
+    assert btckpt.latest(d) is None  # the half-copied folder is never listed
+    newest = _steps(ram)[-1]  # 6 (kept while it was being promoted), or 8 if its save committed before the kill
+    assert newest in (6, 8)
+    state = _state(seed=3)
+    ck = _tier_ck(tmp_path)  # the start removes the dead promotion's temp folder
+    assert not [p for p in d.iterdir() if p.name.startswith(".checkpoint-")]
+    assert ck.restore(state) == newest and state["extra"]["step"] == newest
+    ck.close()
+    assert _steps(d) == [newest] and verify(inspect(d / f"checkpoint-{newest}")) == []
+
+
+# -- a real torchrun job: a worker SIGKILLed after a tier save resumes from the tier, bit-identical ------------
+def _torchrun(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           str(SCRIPTS / "tier_train.py"), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        return finish(proc, timeout=300)
+    finally:
+        kill_session(proc)
+
+
+@pytest.mark.slow
+def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path) -> None:
+    rc, out = _torchrun(["--tier", str(tmp_path / "ram-ref"), "--out", str(tmp_path / "ref.safetensors")],
+                        env_with(BT_CHECKPOINT_DIR=str(tmp_path / "ref")))
+    assert rc == 0, out[-4000:]
+    marker = tmp_path / "killed"
+    rc, out = _torchrun(["--tier", str(tmp_path / "ram"), "--out", str(tmp_path / "got.safetensors"),
+                         "--kill-at", "8", "--kill-marker", str(marker)],
+                        env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run")))
+    assert rc == 0, out[-4000:]
+    assert marker.exists() and "rank 1: killing itself at step 8" in out
+    lines = out.splitlines()
+    assert sum("resumed from None" in ln for ln in lines) == 2, out[-4000:]
+    tier = f"resumed from 8 in {tmp_path / 'ram'}"
+    assert sum(ln.endswith(tier) for ln in lines) == 2, out[-4000:]  # both ranks, from the tier's step 8
+    from safetensors.torch import load_file
+
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert 12 in _steps(tmp_path / "run") and verify(inspect(tmp_path / "run" / "checkpoint-12")) == []
+    assert not (tmp_path / "ram").exists() and not (tmp_path / "ram-ref").exists()  # clean close removed them
