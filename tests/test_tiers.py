@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import btckpt
 import pytest
 import torch
 from btckpt import faults
+from btckpt.adapters import resume_folder
 from btckpt.cli import main as cli_main
 from btckpt.discovery import inspect, scan, verify
 from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
@@ -196,6 +198,9 @@ def test_restart_resumes_from_the_newest_tier(tmp_path: Path) -> None:
     r = run_py(["-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w8.pt")], timeout=120)
     assert r.returncode == 9, r.stderr[-3000:]
     assert _steps(d) == [6] and _steps(ram) == [8]
+    # every entry point asks the one resume policy: the frameworks' folder search picks the tier's step too
+    assert resume_folder(dir=d, load_dir=None, on_missing="raise", accept=None, helper="t",
+                         local_tier_dir=ram) == str(ram / "checkpoint-8")
     state = _state(seed=3)
     ck = _tier_ck(tmp_path)
     assert ck.restore(state) == 8  # the tier's step 8 beats the durable step 6
@@ -259,6 +264,52 @@ def test_crash_mid_promotion_keeps_durable_dir_sound(tmp_path: Path) -> None:
     assert ck.restore(state) == newest and state["extra"]["step"] == newest
     ck.close()
     assert _steps(d) == [newest] and verify(inspect(d / f"checkpoint-{newest}")) == []
+
+
+SIGTERMED = """
+import sys, time, torch, btckpt
+from rank_output import say
+torch.manual_seed(0)
+m = torch.nn.Linear(64, 64)
+state = {"model": m, "extra": {"step": 0}}
+ck = btckpt.Checkpointer(dir=sys.argv[1], local_every_steps=2, local_tier_dir=sys.argv[2], keep_last=None)
+s = 0
+while True:
+    s += 1
+    ck.fence()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    state["extra"]["step"] = s
+    ck.maybe_save(s, state)
+    if s == 5:
+        say("READY")
+    time.sleep(0.02)
+"""
+
+
+def test_sigterm_promotes_the_stop_step(tmp_path: Path) -> None:
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    proc = subprocess.Popen([PY, "-c", SIGTERMED, str(d), str(ram)], env=env_with(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # log lines may come first
+            if line.strip() == "READY":
+                break
+        proc.send_signal(signal.SIGTERM)
+        rc, out = finish(proc, timeout=120)
+    finally:
+        kill_session(proc)
+    assert rc == 0, out[-3000:]
+    assert "preemption checkpoint for step" in out
+    steps = _steps(d)
+    assert len(steps) == 1 and steps[0] >= 5, (steps, out[-3000:])  # the step every rank stopped at, durable
+    assert verify(inspect(d / f"checkpoint-{steps[0]}")) == []
+    assert not ram.exists()  # a clean exit: the tier went once its newest step was durable
+    state = _state(seed=4)
+    with btckpt.Checkpointer(dir=d, handle_sigterm=False) as ck:
+        assert ck.restore(state) == steps[0]
+    assert state["extra"]["step"] == steps[0]
 
 
 # -- a real torchrun job: a worker SIGKILLed after a tier save resumes from the tier, bit-identical ------------

@@ -37,6 +37,7 @@ from .policy import ResumePolicy
 from .reader import CheckpointReader
 from .rng import apply_rng, capture_rng, read_rank_rng
 from .storage import is_url
+from .tiers import resumable_tier
 
 __all__ = ["resume_folder", "open_checkpoint", "read_groups", "load_groups", "group_values", "restore_rank_rng",
            "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by", "model_config_files"]
@@ -46,16 +47,19 @@ log = logging.getLogger("btckpt")
 
 # -- resume search -------------------------------------------------------------------------------------------
 def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
-                  on_missing: str, accept: Callable[[CheckpointInfo], bool] | None, helper: str) -> str | None:
+                  on_missing: str, accept: Callable[[CheckpointInfo], bool] | None, helper: str,
+                  local_tier_dir: str | os.PathLike[str] | None = None) -> str | None:
     """The local checkpoint folder a framework resumes from: the resume policy over ``dir`` (default
     ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``) then ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``),
     checksums verified, ``accept`` for the framework's kind of checkpoint; None, or ``NoCheckpointFound``
     per ``on_missing``. Frameworks read local folders, so URL dirs are not searched; a URL load dir with
     nothing found locally is a :class:`ConfigError` naming ``helper`` (e.g. ``"resume_path()"``) unless
-    ``on_missing="start_fresh"``."""
+    ``on_missing="start_fresh"``. The own dir's node-local tier (``local_tier_dir``, default
+    ``/dev/shm/btckpt/<job>``; :mod:`btckpt.tiers`) is searched with it when it is there and this job's."""
     roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
     own, load = (None if r is None or is_url(r) else r for r in roots)
-    found = ResumePolicy.for_job(dir=own, load_dir=load, on_missing=on_missing, accept=accept).choose()
+    local = resumable_tier(own, local_tier_dir) if own is not None else None
+    found = ResumePolicy.for_job(dir=own, load_dir=load, on_missing=on_missing, accept=accept, local=local).choose()
     if found is None and roots[1] is not None and is_url(roots[1]) and on_missing == "raise":
         raise ConfigError(f"load_dir {roots[1]!r} is a URL; {helper} reads local folders only (pass the "
                           "downloaded folder, or on_missing='start_fresh')")
