@@ -173,29 +173,13 @@ def test_a_tier_of_another_job_is_refused_and_never_resumed(tmp_path: Path) -> N
 
 
 # -- crashes: resume from the newest tier; a failed promotion leaves older checkpoints alone --------------------
-CRASHER = """
-import sys, torch, btckpt
-torch.manual_seed(0)
-m = torch.nn.Linear(64, 64)
-state = {"model": m, "extra": {"step": 0}}
-ck = btckpt.Checkpointer(dir=sys.argv[1], local_every_steps=2, local_tier_dir=sys.argv[2], every_steps=6,
-                         keep_last=None, handle_sigterm=False)
-for s in range(1, int(sys.argv[3]) + 1):
-    ck.fence()
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    state["extra"]["step"] = s
-    ck.maybe_save(s, state)
-    if s == 8:
-        torch.save(m.weight.detach().clone(), sys.argv[4])
-ck.wait()
-import os; os._exit(9)  # a crash: no close(), the tier stays
-"""
+LOOP = str(SCRIPTS / "tier_loop.py")
 
 
 def test_restart_resumes_from_the_newest_tier(tmp_path: Path) -> None:
     d, ram = tmp_path / "d", tmp_path / "ram"
-    r = run_py(["-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w8.pt")], timeout=120)
+    r = run_py([LOOP, str(d), str(ram), "--weights-at", "8", "--weights", str(tmp_path / "w8.pt"), "--crash"],
+               timeout=120)
     assert r.returncode == 9, r.stderr[-3000:]
     assert _steps(d) == [6] and _steps(ram) == [8]
     # every entry point asks the one resume policy: the frameworks' folder search picks the tier's step too
@@ -212,7 +196,7 @@ def test_restart_resumes_from_the_newest_tier(tmp_path: Path) -> None:
 
 def test_a_lost_tier_falls_back_to_disk(tmp_path: Path) -> None:
     d, ram = tmp_path / "d", tmp_path / "ram"
-    r = run_py(["-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w.pt")], timeout=120)
+    r = run_py([LOOP, str(d), str(ram), "--crash"], timeout=120)
     assert r.returncode == 9, r.stderr[-3000:]
     shutil.rmtree(ram)  # the node rebooted
     state = _state(seed=3)
@@ -251,7 +235,7 @@ def test_failed_promotion_leaves_older_checkpoints_and_the_tier(tmp_path: Path) 
 def test_crash_mid_promotion_keeps_durable_dir_sound(tmp_path: Path) -> None:
     d, ram = tmp_path / "d", tmp_path / "ram"
     env = env_with(BTCKPT_FAULT="promote:kill")
-    r = subprocess.run([PY, "-c", CRASHER, str(d), str(ram), "9", str(tmp_path / "w.pt")], env=env,
+    r = subprocess.run([PY, LOOP, str(d), str(ram), "--crash"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr[-3000:]
     assert _steps(d) == [] and [p for p in d.iterdir() if p.name.startswith(".checkpoint-6.tmp")]
@@ -266,31 +250,12 @@ def test_crash_mid_promotion_keeps_durable_dir_sound(tmp_path: Path) -> None:
     assert _steps(d) == [newest] and verify(inspect(d / f"checkpoint-{newest}")) == []
 
 
-SIGTERMED = """
-import sys, time, torch, btckpt
-from rank_output import say
-torch.manual_seed(0)
-m = torch.nn.Linear(64, 64)
-state = {"model": m, "extra": {"step": 0}}
-ck = btckpt.Checkpointer(dir=sys.argv[1], local_every_steps=2, local_tier_dir=sys.argv[2], keep_last=None)
-s = 0
-while True:
-    s += 1
-    ck.fence()
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    state["extra"]["step"] = s
-    ck.maybe_save(s, state)
-    if s == 5:
-        say("READY")
-    time.sleep(0.02)
-"""
 
 
 def test_sigterm_promotes_the_stop_step(tmp_path: Path) -> None:
     d, ram = tmp_path / "d", tmp_path / "ram"
-    proc = subprocess.Popen([PY, "-c", SIGTERMED, str(d), str(ram)], env=env_with(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([PY, LOOP, str(d), str(ram), "--steps", "0", "--ready-at", "5"], env=env_with(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # log lines may come first

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import time
+from typing import Any
 
 import btckpt
 import torch
@@ -60,6 +61,32 @@ def as_flat(msd: dict, osd: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def train_step(ddp: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+    """One step on this rank's next random batch (its RNG stream is restored with the checkpoint)."""
+    x = torch.randn(8, 6)
+    y = torch.randn(8, 3)
+    loss = torch.nn.functional.mse_loss(ddp(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def end_rank(mode: str, net: torch.nn.Module, opt: torch.optim.Optimizer, *, out: str, rank: int,
+             distributed: bool, step: int) -> int:
+    """Write the final full state to ``out`` (rank 0), leave the process group, say so."""
+    tensors = full_state(mode, net, opt)
+    if out and rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(tensors, out)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    say(f"rank {rank}: done at {step}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="ddp", choices=["ddp", "fsdp", "plain"])
@@ -98,13 +125,7 @@ def main() -> int:
     progress = os.environ.get("PROGRESS")
     while step < args.steps:
         step += 1
-        x = torch.randn(8, 6)
-        y = torch.randn(8, 3)
-        loss = torch.nn.functional.mse_loss(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        train_step(ddp, opt, sched)
         extra["step"] = step
         if args.save_once_at == step:
             ckpt.save(step, state)
@@ -120,16 +141,7 @@ def main() -> int:
         if args.sleep:
             time.sleep(args.sleep)
     ckpt.close()
-    tensors = full_state(args.mode, net, opt)
-    if args.out and rank == 0:
-        from safetensors.torch import save_file
-
-        save_file(tensors, args.out)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    say(f"rank {rank}: done at {step}")
-    return 0
+    return end_rank(args.mode, net, opt, out=args.out, rank=rank, distributed=distributed, step=step)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import signal
 import btckpt
 import torch
 import torch.distributed as dist
-from dist_train import build, full_state
+from dist_train import build, end_rank, train_step
 from rank_output import say
 
 
@@ -58,12 +58,7 @@ def main() -> int:
     assert extra["step"] == step, (extra, step)
     while step < args.steps:
         step += 1
-        x, y = torch.randn(8, 6), torch.randn(8, 3)
-        loss = torch.nn.functional.mse_loss(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        train_step(ddp, opt, sched)
         extra["step"] = step
         ckpt.maybe_save(step, state)
         if step == args.kill_at and rank == args.kill_rank and not os.path.exists(args.kill_marker):
@@ -72,15 +67,7 @@ def main() -> int:
             say(f"rank {rank}: killing itself at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
-    tensors = full_state("ddp", net, opt)
-    if args.out and rank == 0:
-        from safetensors.torch import save_file
-
-        save_file(tensors, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
-    say(f"rank {rank}: done at {step}")
-    return 0
+    return end_rank("ddp", net, opt, out=args.out, rank=rank, distributed=True, step=step)
 
 
 if __name__ == "__main__":
