@@ -94,6 +94,7 @@ def test_tier_saves_retention_promotion_and_clean_close(tmp_path: Path, capsys: 
     # the tier checkpoint is an ordinary checkpoint: the CLI verifies it unchanged
     assert cli_main(["verify", str(ram / "checkpoint-8")]) == 0
     assert (ram / IDENTITY).is_file()
+    assert ck.latest() == ram / "checkpoint-8"  # what restore would load: the tier's newer step
     ck.close()
     assert not ram.exists()  # clean close: the newest step was promoted, then the tier removed
     assert _steps(d) == [6, 8]

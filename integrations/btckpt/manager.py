@@ -160,7 +160,6 @@ class Checkpointer:
         self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
         self._stats = StatsRecorder()
         self._session = self._agree_session()
-        self._resume = self._resumer(self._session)
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
             self._lock = DirLock(self.root)
@@ -638,8 +637,9 @@ class Checkpointer:
 
     # -- restoring (policy in btckpt.resume) -----------------------------------------------------------
     def candidates(self) -> list[CheckpointInfo]:
-        """Complete checkpoints to resume from, in order of preference: own dir newest first, then load_dir."""
-        return self._resume.candidates()
+        """Complete checkpoints to resume from, in order of preference: own (local tier and dir) newest first, then
+        load_dir."""
+        return self._resumer(self._session).candidates()  # fresh: the local tier may have appeared since
 
     def latest(self) -> Path | None:
         """The checkpoint :meth:`restore` would load (the newest complete and verified one), or None."""
