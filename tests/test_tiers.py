@@ -18,7 +18,7 @@ from btckpt.cli import main as cli_main
 from btckpt.discovery import inspect, scan, verify
 from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
 from conftest import PY, run_py
-from dist_launch import SCRIPTS, env_with, finish, kill_session
+from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun
 
 
 def _state(seed: int = 0) -> dict:
@@ -311,3 +311,46 @@ def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path) 
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert 12 in _steps(tmp_path / "run") and verify(inspect(tmp_path / "run" / "checkpoint-12")) == []
     assert not (tmp_path / "ram").exists() and not (tmp_path / "ram-ref").exists()  # clean close removed them
+
+
+def _two_nodes(tmp: Path, tag: str, args: list[str]) -> list[tuple[int, str]]:
+    """A 2-node job on this machine (torchrun --nnodes=2, one rank each), each node with its own dir and tier."""
+    port = free_port()
+    jobs = []
+    try:
+        for node in (0, 1):
+            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node))
+            jobs.append(torchrun("tier_train.py", ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args], nproc=1,
+                                 env=env, port=port, nnodes=2, node_rank=node, rdzv=True))
+        return [finish(j, timeout=240) for j in jobs]
+    finally:
+        for j in jobs:
+            kill_session(j)
+
+
+@pytest.mark.slow
+def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Path) -> None:
+    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors")]):
+        assert rc == 0, out[-4000:]
+    for node in (0, 1):
+        durable = tmp_path / "ref" / f"node{node}"
+        assert _steps(durable) == [6, 12]  # every node's part promoted (node 0's last)
+        man = json.loads((durable / "checkpoint-12" / "btckpt.json").read_text())
+        assert man["world"] == {"size": 2, "nodes": 2, "node_rank": node}
+        assert verify(inspect(durable / "checkpoint-12")) == []
+        assert not (tmp_path / f"ram-ref-{node}").exists()
+    # node 1's worker dies after its tier save of step 8 (no restarts): both tiers keep step 8
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+    for node in (0, 1):
+        assert _steps(tmp_path / f"ram-run-{node}") == [8], results[node][1][-3000:]
+        assert _steps(tmp_path / "run" / f"node{node}") == [6]
+    # the job is started again: both nodes resume from their own tier's step 8, and end bit-identical
+    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors")])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"resumed from 8 in {tmp_path / f'ram-run-{node}'}" in out, out[-3000:]
+    from safetensors.torch import load_file
+
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

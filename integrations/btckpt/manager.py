@@ -573,7 +573,8 @@ class Checkpointer:
         try:
             with self._busy:
                 self._drain()
-                self._final_promotion()
+                if not self._crashed:  # after a crash the tier stays as it is, for the restart
+                    self._final_promotion()
             clean = True
         finally:
             self._closed = True
