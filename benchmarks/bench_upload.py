@@ -101,10 +101,10 @@ def main() -> None:
               f"({mib / statistics.median(up_t):.0f} vs {mib / statistics.median(put_t):.0f} MiB/s)")
 
         # remote restore: cache download + verified load vs direct in-memory read
+        from btckpt.checksum import new_hasher
         from btckpt.discovery import scan
         from btckpt.reader import CheckpointReader
         from btckpt.remote import fetch
-        from btckpt.storage import new_hasher
         from safetensors.torch import load as st_load
 
         info = scan("s3://bench/up0/checkpoint-1")[0]

@@ -19,9 +19,9 @@ from typing import Any
 import btckpt
 import pytest
 import torch
+from btckpt.checksum import file_checksum
 from btckpt.errors import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
 from btckpt.manifest import MANIFEST, Manifest
-from btckpt.storage import file_checksum
 
 _AUDIT: dict[str, Any] = {"on": False, "opened": [], "bad": []}
 _BAD_EVENTS = ("pickle.find_class", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",

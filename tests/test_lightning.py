@@ -215,7 +215,7 @@ def test_loading_never_unpickles(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         io.load_checkpoint(ck / "a.ckpt")
     # 3. the same with the manifest's size/checksum forged to match: the safetensors parser refuses it
-    from btckpt.storage import file_checksum
+    from btckpt.checksum import file_checksum
 
     man = json.loads((folder / "btckpt.json").read_text())
     size, digest = file_checksum(st)

@@ -15,8 +15,8 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
+from btckpt.checksum import file_checksum
 from btckpt.manifest import read_manifest
-from btckpt.storage import file_checksum
 from test_upload import moto, s3  # noqa: F401 - fixtures
 
 TITLE, CLEAR = "\x1b]0;title\x07", "\x1b[2J"

@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .checksum import CHECKSUM
 from .discovery import CheckpointInfo, scan, verified
 from .discovery import verify as check_files
 from .errors import CheckpointError
 from .manifest import DEFAULT_MAX_SHARD_SIZE, check_relative_name
 from .names import safe, text
 from .policy import ResumePolicy
-from .storage import CHECKSUM
 from .summary import checkpoint_type, human, listed_files, read_header
 from .upload import add_arguments, run_from_args
 

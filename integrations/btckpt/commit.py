@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .checksum import CHECKSUM, new_hasher
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST, Manifest
 from .retire import record_retired
-from .storage import CHECKSUM, fsync_dir, fsync_file, new_hasher, new_tag, space_error
+from .storage import fsync_dir, fsync_file, new_tag, space_error
 
 __all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
            "write_small_file", "new_tag", "rename_noreplace"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .distributed import node_rank
+from .checksum import file_checksum
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -42,7 +42,8 @@ from .errors import (
     StateMismatch,
 )
 from .manifest import MANIFEST, MAX_MANIFEST, Manifest, entry_problem, read_error
-from .storage import file_checksum, is_url
+from .nodes import node_rank
+from .storage import is_url
 from .store import LOCAL, Entry, Store, open_store
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",

@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, CoordinationError
+from .errors import CoordinationError
+from .nodes import node_rank
 
-__all__ = ["World", "world", "node_rank"]
+__all__ = ["World", "world"]
 
 _STORE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ConnectionError, OSError)
 
@@ -28,14 +29,6 @@ def _lost(rank: int, what: str, exc: BaseException) -> CoordinationError:
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     return int(raw) if raw.strip().isdigit() else default
-
-
-def node_rank() -> int:
-    """This node's rank: ``$BT_NODE_RANK``, else 0 (names this node's ``rank-<node>`` folder)."""
-    raw = os.environ.get("BT_NODE_RANK", "0").strip() or "0"
-    if not raw.isdigit():
-        raise ConfigError(f"BT_NODE_RANK={raw!r} is not a non-negative integer; unset it or fix the value")
-    return int(raw)
 
 
 @dataclass(frozen=True)

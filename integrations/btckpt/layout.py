@@ -24,6 +24,7 @@ from .sthead import ALIGN, TensorEntry, build_header
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
     "plan_layout", "group_files", "GROUP_NAME", "MODEL_GROUP", "rank_groups", "rank_state_file", "RANK_STATE_NAME",
+    "rng_file", "RNG_FILE",
 ]
 
 # The group whose files serving engines load. Its index is written even for a single file: vLLM's and
@@ -39,6 +40,14 @@ def rank_state_file(rank: int) -> str:
     """The file holding ``rank``'s own plain-data groups (saved by every rank but the node's leader,
     whose plain data is in the manifest): ``{group: tree}`` as in the manifest's ``state``."""
     return f"state_{rank}.json"
+
+
+RNG_FILE = re.compile(r"^rng_state_\d+\.json$")
+
+
+def rng_file(rank: int) -> str:
+    """The file name holding ``rank``'s RNG state (JSON, see :mod:`btckpt.rng`)."""
+    return f"rng_state_{rank}.json"
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",

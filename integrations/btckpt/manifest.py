@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._tree import decode_tree
+from .checksum import CHECKSUM, file_checksum, new_hasher
 from .errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
 from .members import (  # re-exported: the manifest's readers open files through these
     check_relative_name,
@@ -29,7 +30,6 @@ from .members import (  # re-exported: the manifest's readers open files through
 )
 from .members import short_repr as _short
 from .sthead import DTYPE_SIZES
-from .storage import CHECKSUM, file_checksum, new_hasher
 
 __all__ = ["FORMAT", "MANIFEST", "DEFAULT_MAX_SHARD_SIZE", "Manifest", "check_relative_name", "entry_problem",
            "read_manifest", "utc_now",

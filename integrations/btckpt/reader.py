@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ._tree import decode_tree
+from .checksum import CHECKSUM, new_hasher
 from .errors import CorruptCheckpoint, IncompleteCheckpoint
 from .layout import ST_TO_DTYPE
 from .manifest import (
@@ -31,7 +32,6 @@ from .manifest import (
 )
 from .sharded import assemble
 from .sthead import MAX_HEADER, Header, parse_header
-from .storage import CHECKSUM, new_hasher
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
            "read_verified_bytes"]

@@ -18,8 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+from .checksum import new_hasher
 from .manifest import MANIFEST
-from .storage import new_hasher
 
 __all__ = ["UPLOAD_DIR", "RETIRED", "manifest_hash", "record_retired", "read_retired"]
 

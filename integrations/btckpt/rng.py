@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpoint
+from .layout import RNG_FILE, rng_file
 from .manifest import Manifest
 from .reader import read_verified_bytes
 
@@ -27,15 +27,9 @@ try:  # numpy is optional: its generator is covered when it is installed
 except ImportError:  # pragma: no cover
     np = None  # type: ignore[assignment]
 
-__all__ = ["capture_rng", "rng_file", "RngState", "parse_rng", "apply_rng", "read_rng_file", "read_rank_rng"]
+__all__ = ["capture_rng", "RngState", "parse_rng", "apply_rng", "read_rng_file", "read_rank_rng"]
 
 log = logging.getLogger("btckpt")
-RNG_FILE = re.compile(r"^rng_state_\d+\.json$")
-
-
-def rng_file(rank: int) -> str:
-    """The file name holding ``rank``'s RNG state."""
-    return f"rng_state_{rank}.json"
 
 
 def capture_rng() -> dict[str, Any]:

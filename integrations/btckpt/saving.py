@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .checksum import CHECKSUM
 from .commit import LocalCommit, write_small_file
 from .distributed import World
 from .errors import ConfigError, UnsafeCheckpoint
-from .layout import RANK_STATE_NAME, FlatState, Layout, rank_state_file
+from .layout import RANK_STATE_NAME, FlatState, Layout, rank_state_file, rng_file
 from .manifest import MANIFEST, Manifest, check_relative_name
-from .rng import rng_file
 from .snapshot import ChunkedStaged, Snapshot
-from .storage import CHECKSUM, preflight, space_error
+from .storage import preflight, space_error
 from .writer import write_arena_file
 
 __all__ = ["SaveJob", "run_save", "check_extra_files", "checked_extra_files"]

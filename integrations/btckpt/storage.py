@@ -12,18 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from .errors import CheckpointError, InsufficientSpace
 from .names import remember_secrets
 
 __all__ = [
-    "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "file_checksum", "new_hasher", "CHECKSUM",
-    "remote_fs", "space_error",
+    "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "remote_fs", "space_error",
 ]
 
-CHECKSUM = "xxh3_64"
-_CHUNK = 16 << 20
 
 
 
@@ -51,26 +46,6 @@ def remote_fs(url: str) -> tuple[Any, str]:
     remember_secrets(url)  # credentials in the URL are redacted from every later log line and error
     fs, p = fsspec.core.url_to_fs(url)
     return fs, p
-
-
-def new_hasher() -> Any:
-    """A streaming hasher for the manifest's checksum (xxh3-64: about 13 GB/s, well under write cost)."""
-    return xxhash.xxh3_64()
-
-
-def file_checksum(path: str | os.PathLike[str], *, opener: Any = None) -> tuple[int, str]:
-    """``(size, hexdigest)`` of a file, read in large chunks."""
-    h = new_hasher()
-    size = 0
-    f = opener(path) if opener else open(path, "rb", buffering=0)
-    with f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            h.update(chunk)
-    return size, h.hexdigest()
 
 
 def fsync_file(fd: int) -> None:

@@ -46,13 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .checksum import CHECKSUM, file_checksum
 from .commit import delete_checkpoint
 from .discovery import STEP_DIR, CheckpointInfo, inspect
 from .errors import CheckpointError, ConfigError
 from .manifest import MANIFEST
 from .remote import join
 from .retire import UPLOAD_DIR, manifest_hash, read_retired
-from .storage import CHECKSUM, file_checksum, local_path, new_tag, remote_fs
+from .storage import local_path, new_tag, remote_fs
 from .uploadsup import URL_ENV, Callback, Journal, SourceLock, UploadSupervisor, s3_etag
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]

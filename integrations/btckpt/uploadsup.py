@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .checksum import new_hasher
 from .errors import CheckpointError, ConfigError
-from .storage import new_hasher
 
 __all__ = ["s3_etag", "Journal", "Callback", "UploadSupervisor", "SourceLock", "URL_ENV"]
 

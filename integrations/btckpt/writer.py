@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
+from .checksum import new_hasher
 from .priority import background_thread, is_background, leave
-from .storage import fsync_file, new_hasher
+from .storage import fsync_file
 
 __all__ = ["write_arena_file", "HASH_ASIDE"]
 
