@@ -28,10 +28,10 @@ from typing import Any
 
 import btckpt
 import torch
-from btckpt.layout import flatten_group, plan_layout
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
-from btckpt.snapshot import Stager
+from btckpt.format.layout import flatten_group, plan_layout
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
+from btckpt.saving.snapshot import Stager
 
 warnings.filterwarnings("ignore")
 rows: list[tuple[str, str, str]] = []

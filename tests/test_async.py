@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import btckpt
-import btckpt.snapshot as snapshot_mod
+import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt import faults
 from btckpt.errors import CheckpointError
-from btckpt.manifest import MANIFEST, read_manifest
-from btckpt.reader import CheckpointReader
-from btckpt.snapshot import Stager
+from btckpt.format.manifest import MANIFEST, read_manifest
+from btckpt.restore.reader import CheckpointReader
+from btckpt.saving.snapshot import Stager
+from btckpt.testing import faults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,7 +181,7 @@ def test_on_error_warn_keeps_training(tmp_path: Path, caplog: pytest.LogCaptureF
 
 def test_back_pressure_waits_and_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    import btckpt.saving as saving
+    import btckpt.saving.job as saving
 
     real = saving.write_arena_file
 

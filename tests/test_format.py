@@ -10,9 +10,9 @@ import btckpt
 import pytest
 import torch
 from btckpt.errors import UnsupportedValue
-from btckpt.layout import DTYPE_TO_ST
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
+from btckpt.format.layout import DTYPE_TO_ST
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
 from safetensors import safe_open
 from safetensors.torch import load_file
 
