@@ -379,6 +379,9 @@ def test_stats_after_saves(tmp_path: Path, slow_copies: list[float]) -> None:
     assert st.last_write_s > 0 and st.last_mb_s > 0
     assert st.gate_wait_s >= 0 and st.gate_waits >= 0
     assert st.as_dict()["saves"] == 2
+    tensor_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # + Adam's two moments
+    assert st.arena_bytes >= tensor_bytes and st.arena_allocations == 1  # allocated once, reused by save 2
+    assert st.arena_pinned is False  # CPU tensors: no device copies, so no page-locked memory
     with pytest.raises(AttributeError):
         st.saves = 3  # type: ignore[misc]
 

@@ -33,7 +33,7 @@ from .errors import (
     UnsafeCheckpoint,
     UnsupportedValue,
 )
-from .storage.discovery import latest
+from .restore.policy import latest
 
 __version__ = "0.1.0"
 

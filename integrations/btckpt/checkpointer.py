@@ -47,7 +47,7 @@ from .saving.priority import background_thread, leave, urgent
 from .saving.retention import apply_retention
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
-from .storage.discovery import CheckpointInfo, inspect, select, verified
+from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url, local_path, new_tag, space_error
 
 __all__ = ["Checkpointer", "default_budget"]
@@ -234,7 +234,10 @@ class Checkpointer:
     @property
     def stats(self) -> CheckpointStats:
         """This rank's save figures so far (a frozen snapshot; see :class:`~btckpt.CheckpointStats`)."""
-        return self._stats.snapshot(gate_wait_s=self._gate.waited, gate_waits=self._gate.waits)
+        st = self._stager
+        return self._stats.snapshot(gate_wait_s=self._gate.waited, gate_waits=self._gate.waits,
+                                    arena_bytes=st.arena_bytes, arena_pinned=st.arena_pinned,
+                                    arena_allocations=st.allocations)
 
     @property
     def preempted(self) -> bool:
@@ -377,6 +380,13 @@ class Checkpointer:
     def _apply_retention(self, *, keep: Path) -> None:
         apply_retention(self.root, keep_last=self.config.keep_last,
                         protected=self._protected | {keep} | self._reading())
+
+    @property
+    def consolidating(self) -> frozenset[Path]:
+        """Committed checkpoints whose servable copy (``consolidate=...``) is being written or waits to be:
+        global rank 0's view (always empty on other ranks and without ``consolidate``). Poll it to know
+        when the newest servable folder is ready; errors are raised at the next save/wait/close."""
+        return frozenset(self._reading())
 
     def _reading(self) -> set[Path]:
         return self._consolidator.busy if self._consolidator is not None else set()
@@ -554,8 +564,9 @@ class Checkpointer:
         return self._resume.candidates()
 
     def latest(self) -> Path | None:
-        """The checkpoint :meth:`restore` would load (the newest complete and verified one), or None."""
-        found = select(self.candidates(), verified)
+        """The checkpoint :meth:`restore` would load on this rank (the resume policy's newest complete and
+        verified one), or None. With several ranks, :meth:`restore` also agrees on a step every rank has."""
+        found = self._resume.policy.select()
         return found[0].path if found else None
 
     def restore(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:

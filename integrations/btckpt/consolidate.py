@@ -44,10 +44,11 @@ from .format.manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .format.tree import decode_tree
 from .names import safe
 from .oneshot import save
+from .restore.policy import latest
 from .restore.reader import CheckpointReader, NodeParts, read_verified_bytes
 from .saving.commit import remove_stale_temps
 from .saving.retention import apply_retention
-from .storage.discovery import inspect, latest
+from .storage.discovery import inspect
 
 __all__ = ["consolidate", "Consolidator", "main"]
 

@@ -19,13 +19,12 @@ from .errors import (
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
 from .format.state import group_value
 from .restore.load import read_checkpoint
-from .restore.policy import ResumePolicy
+from .restore.policy import ResumePolicy, latest
 from .restore.resume import restore_from
 from .restore.rng import capture_rng
 from .saving.job import SaveJob, checked_extra_files, run_save
 from .saving.plan import SavePlans, prepare_flat
 from .saving.snapshot import Stager
-from .storage.discovery import latest
 from .storage.local import is_url, new_tag, space_error
 
 __all__ = ["save", "load", "latest"]

@@ -24,13 +24,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import NoCheckpointFound
 from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, verified
 from ..storage.local import is_url, local_path, remote_fs
 
-__all__ = ["ResumePolicy"]
+__all__ = ["ResumePolicy", "latest"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,17 @@ class ResumePolicy:
                 raise NoCheckpointFound(f"{local_path(where)} does not exist")
             raise NoCheckpointFound(f"no complete, verified checkpoint at or under {where} (damaged ones are named "
                                     "in the warnings above)")
+
+
+def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
+    """``btckpt.latest``: the checkpoint the resume policy picks at or under ``path`` (any supported layout),
+    the newest complete and verified one, or None (never raises for "nothing there").
+
+    Damaged ones are skipped with a warning; checksums are checked, so this reads the files of the
+    checkpoints it tries. For an fsspec URL the answer is the checkpoint's URL (a ``str``).
+    """
+    found = ResumePolicy(load_dir=os.fspath(path), rank=rank).select()
+    if found is None:
+        return None
+    info = found[0]
+    return info.path if info.store.local else info.where

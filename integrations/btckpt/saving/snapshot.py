@@ -281,7 +281,13 @@ class Stager:
 
     @property
     def arena_bytes(self) -> int:
+        """Bytes of the staging arena now (0: none allocated)."""
         return 0 if self._arena is None else self._arena.numel()
+
+    @property
+    def arena_pinned(self) -> bool:
+        """Whether the arena is page-locked (allocated for device-to-host copies)."""
+        return self._arena is not None and self._arena_pinned
 
     def _alloc(self, need: int, pinned: bool) -> torch.Tensor:
         if self._arena is None or self._arena.numel() < need or (pinned and not self._arena_pinned):

@@ -46,8 +46,8 @@ from .local import is_url
 from .nodes import node_rank
 from .store import LOCAL, Entry, Store, open_store
 
-__all__ = ["CheckpointInfo", "inspect", "scan", "latest", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verified", "nothing_to_resume", "choose"]
+__all__ = ["CheckpointInfo", "inspect", "scan", "node_rank", "STEP_DIR", "resume_candidates", "select",
+           "verify", "verified", "nothing_to_resume"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
@@ -331,32 +331,3 @@ def nothing_to_resume(dir: str | os.PathLike[str] | None, load_dir: str | os.Pat
             "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
     log.warning("btckpt: load_dir %s holds no complete checkpoint; starting fresh (on_missing='start_fresh')",
                 os.fspath(load_dir))
-
-
-def choose(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None, *,
-           on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
-           rank: int | None = None) -> CheckpointInfo | None:
-    """The checkpoint to resume from, checksums verified: :func:`resume_candidates` (the complete ones only
-    if ``accept`` takes them; the others are named as skipped), through :func:`select` with :func:`verified`;
-    None, or :class:`NoCheckpointFound` (see :func:`nothing_to_resume`), when there is none."""
-    cands = [i for i in resume_candidates(dir, load_dir, rank=rank)
-             if accept is None or not i.complete or accept(i)]
-    found = select(cands, verified)
-    if found is None:
-        nothing_to_resume(dir, load_dir, on_missing)
-        return None
-    return found[0]
-
-
-def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
-    """The newest complete and verified checkpoint at or under ``path`` (any supported layout), or None.
-
-    Damaged ones are skipped with a warning (:func:`select`); checksums are checked, so this reads the
-    files of the checkpoints it tries. For an fsspec URL the answer is the checkpoint's URL (a ``str``).
-    """
-    found = select(scan(path, rank=rank), verified)
-    if found is None:
-        return None
-    info = found[0]
-    return info.path if info.store.local else info.where
-
