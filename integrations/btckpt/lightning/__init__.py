@@ -67,6 +67,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ from ..errors import (
     UnsupportedValue,
 )
 from ..format.manifest import DEFAULT_MAX_SHARD_SIZE
+from ..format.state import optimizer_state_for_loading
 from ..restore.policy import ResumePolicy
 from ..saving.commit import checkpoint_name, delete_checkpoint, write_small_file
 from ..storage.discovery import STEP_DIR, inspect
@@ -369,6 +371,9 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             out["state_dict"] = from_hf_keys(out["state_dict"], meta["hf"], where=str(folder))
         if map_location is not None and isinstance(map_location, (str, torch.device)):
             out = map_tree(out, torch.device(map_location))
+        if isinstance(out.get("optimizer_states"), list):  # Lightning hands each to optimizer.load_state_dict
+            out["optimizer_states"] = [optimizer_state_for_loading(s) if isinstance(s, Mapping) else s
+                                       for s in out["optimizer_states"]]
         if apply is not None:
             apply()
         if self.restore_rng and "loops" in out:
