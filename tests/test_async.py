@@ -158,7 +158,10 @@ def test_writer_error_is_raised_once_from_the_next_call_and_nothing_commits(tmp_
         faults.disarm()
         faults.arm("before_rename", "enospc")
         ckpt.save(2, {"model": model})
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while "before_rename" not in faults.reached():  # the writer hit the fault (it read the action first)
+            assert time.monotonic() < deadline, "the background save never reached before_rename"
+            time.sleep(0.01)
         faults.disarm()
         with pytest.raises(btckpt.InsufficientSpace):
             ckpt.save(3, {"model": model})  # the next save raises the pending error and does not save
