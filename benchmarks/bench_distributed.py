@@ -111,8 +111,8 @@ def worker(args: argparse.Namespace) -> None:
             cck.save(step, {"model": model})
             block = time.perf_counter() - t0
             cck.wait()
-            if cck._consolidator is not None:
-                cck._consolidator.close()
+            while cck.consolidating:  # rank 0's background consolidation of this step
+                time.sleep(0.005)
             dist.barrier()
             return block, root / "btc" / f"checkpoint-{step}"
 

@@ -7,7 +7,9 @@ State: a ``torch.nn.ParameterList`` of N float32 parameters with Adam's state (e
   of the next ``--saves``), and save + commit;
 - DCP ``async_save`` (default config): time it blocks, and until its future resolves;
 - synchronous one-shot save: ``btckpt.save`` vs safetensors ``save_file`` of the same tensors (both fsynced);
-- restore: ``btckpt.load`` into the model + optimizer vs ``load_file`` (page cache warm for both).
+- restore: ``btckpt.load`` into the model + optimizer vs ``load_file`` alone (bytes to a dict) and vs
+  ``load_file`` + ``load_state_dict`` of the model and the optimizer (what a restore with safetensors costs);
+  page cache warm for all. The sync save and restore contenders alternate over ``--rounds`` rounds (medians).
 
     PYTHONPATH=integrations python benchmarks/bench_tensors.py --dir /tmp/btckpt-bench-tensors
     PYTHONPATH=integrations python benchmarks/bench_tensors.py --quick     # N / 100, a smoke test
@@ -68,7 +70,7 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def bench_one(root: Path, n: int, nbytes: int, saves: int) -> dict[str, Any]:
+def bench_one(root: Path, n: int, nbytes: int, saves: int, rounds: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     model, opt = build(n, nbytes)
@@ -101,10 +103,30 @@ def bench_one(root: Path, n: int, nbytes: int, saves: int) -> dict[str, Any]:
 
     tensors = flat(model, opt)
     p = root / "plain.safetensors"
-    r["save_file"] = timed(lambda: (save_file(tensors, p), fsync_path(p)))
-    r["btckpt.save"] = timed(lambda: btckpt.save(root / "sync", state, save_rng=False))
-    r["load_file"] = timed(lambda: load_file(p))
-    r["btckpt.load"] = timed(lambda: btckpt.load(root / "sync", state, load_rng=False))
+    groups = opt.state_dict()["param_groups"]
+
+    def load_and_apply() -> None:
+        loaded = load_file(p)
+        model.load_state_dict({k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")})
+        st: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in loaded.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                st.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": st, "param_groups": groups})
+
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        shutil.rmtree(root / "sync", ignore_errors=True)
+        for name, fn in [("save_file", lambda: (save_file(tensors, p), fsync_path(p))),
+                         ("btckpt.save", lambda: btckpt.save(root / "sync", state, save_rng=False)),
+                         ("load_file", lambda: load_file(p)),
+                         ("load_file+load_state_dict", load_and_apply),
+                         ("btckpt.load", lambda: btckpt.load(root / "sync", state, load_rng=False))]:
+            times.setdefault(name, []).append(timed(fn))
+    for name, ts in times.items():
+        r[name] = statistics.median(ts)
+        r[name + " spread"] = (min(ts), max(ts))
     p.unlink()
     shutil.rmtree(root / "sync")
     return r
@@ -116,6 +138,7 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=5, help="steady-state saves after the first")
     ap.add_argument("--quick", action="store_true", help="N / 100 and 2 steady saves (a smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the sync save/restore contenders")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     root = Path(a.dir)
@@ -125,20 +148,23 @@ def main() -> None:
     saves = 2 if a.quick else a.saves
     rows = []
     for n, nbytes in sizes:
-        r = bench_one(root, n, nbytes, saves)
+        r = bench_one(root, n, nbytes, saves, 1 if a.quick else a.rounds)
         rows.append((n, nbytes, r))
         print(f"N={n} x {nbytes} B ({r['tensors']} tensors): " + ", ".join(
             f"{k} {v:.3f}s" for k, v in r.items() if isinstance(v, float)), flush=True)
     print("\n| N params x bytes (tensors) | save() first | save() steady (min-max) | save+commit | DCP block "
-          "| DCP total | btckpt.save / save_file | btckpt.load / load_file |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| DCP total | btckpt.save / save_file | btckpt.load / load_file "
+          "| btckpt.load / (load_file + load_state_dict) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, nbytes, r in rows:
         lo, hi = r["steady spread"]
         print(f"| {n:,} x {nbytes} B ({r['tensors']:,}) | {r['first block'] * 1e3:.0f} ms "
               f"| {r['steady block'] * 1e3:.1f} ms ({lo * 1e3:.1f}-{hi * 1e3:.1f}) | {r['save+commit']:.2f} s "
               f"| {r['DCP block'] * 1e3:.0f} ms | {r['DCP total']:.2f} s "
               f"| {r['btckpt.save']:.2f}/{r['save_file']:.2f} s = {r['btckpt.save'] / r['save_file']:.2f}x "
-              f"| {r['btckpt.load']:.2f}/{r['load_file']:.2f} s = {r['btckpt.load'] / r['load_file']:.2f}x |")
+              f"| {r['btckpt.load']:.2f}/{r['load_file']:.2f} s = {r['btckpt.load'] / r['load_file']:.2f}x "
+              f"| {r['btckpt.load']:.2f}/{r['load_file+load_state_dict']:.2f} s = "
+              f"{r['btckpt.load'] / r['load_file+load_state_dict']:.2f}x |")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -101,10 +101,10 @@ def main() -> None:
               f"({mib / statistics.median(up_t):.0f} vs {mib / statistics.median(put_t):.0f} MiB/s)")
 
         # remote restore: cache download + verified load vs direct in-memory read
-        from btckpt.discovery import scan
-        from btckpt.reader import CheckpointReader
-        from btckpt.remote import fetch
-        from btckpt.storage import new_hasher
+        from btckpt.format.checksum import new_hasher
+        from btckpt.restore.reader import CheckpointReader
+        from btckpt.storage.discovery import scan
+        from btckpt.storage.remote import fetch
         from safetensors.torch import load as st_load
 
         info = scan("s3://bench/up0/checkpoint-1")[0]
@@ -131,8 +131,8 @@ def main() -> None:
 
         # show: header bytes only
         from btckpt.cli import describe
-        from btckpt.manifest import Manifest
-        from btckpt.sthead import TensorEntry, build_header
+        from btckpt.format.header import TensorEntry, build_header
+        from btckpt.format.manifest import Manifest
 
         size = args.sparse_gib * 2**30
         big = work / "big" / "checkpoint-1"

@@ -28,10 +28,10 @@ from typing import Any
 
 import btckpt
 import torch
-from btckpt.layout import flatten_group, plan_layout
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
-from btckpt.snapshot import Stager
+from btckpt.format.layout import flatten_group, plan_layout
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
+from btckpt.saving.snapshot import Stager
 
 warnings.filterwarnings("ignore")
 rows: list[tuple[str, str, str]] = []
@@ -98,11 +98,11 @@ def check_correctness(root: Path, device: torch.device, *, budget: int | None, l
                 ok = False
                 print(f"  RESTORE MISMATCH ({label}): step {step}, {k} on {v.device}")
                 break
-        fig = private_figures(ck)
-        pinned = fig["arena_pinned"]
-        note = (f"arena {fig['arena_bytes'] / 2**20:.0f} MiB, pinned={pinned}, "
-                f"allocated {fig['allocations']}x in 3 saves")
-        if device.type == "cuda" and not (pinned and fig["allocations"] == 1):
+        fig = ck.stats
+        pinned = fig.arena_pinned
+        note = (f"arena {fig.arena_bytes / 2**20:.0f} MiB, pinned={pinned}, "
+                f"allocated {fig.arena_allocations}x in 3 saves")
+        if device.type == "cuda" and not (pinned and fig.arena_allocations == 1):
             ok = False
     rows.append((f"(a) snapshot == state at save() with kernels in flight, {label}", "PASS" if ok else "FAIL", note))
     if not ok:
@@ -190,15 +190,6 @@ def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
         )
     ratio = med["plain pinned copy"] / med["btckpt arena (side stream)"]
     rows.append(("(b) arena / plain pinned bandwidth", f"{ratio:.2f}x", "target >= 0.8x"))
-
-
-def private_figures(ck: btckpt.Checkpointer) -> dict[str, Any]:
-    """The Checkpointer figures this check needs (gate wait, arena size, pinned, allocations)."""
-    # replaced by ck.stats once perf lands
-    stager = ck._stager
-    arena = stager._arena
-    return {"gate_wait_s": ck._gate.waited, "arena_bytes": stager.arena_bytes,
-            "arena_pinned": arena is not None and arena.is_pinned(), "allocations": stager.allocations}
 
 
 def host_memory() -> dict[str, int]:
@@ -375,10 +366,10 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
                 before = host_memory()
                 try:
                     if name == "btckpt async":
-                        g0 = private_figures(ck)["gate_wait_s"]
+                        g0 = ck.stats.gate_wait_s
                         times = window(model, opt, width, device, steps,
                                        save=lambda r=r: ck.save(r + 1, {"model": model, "optimizer": opt}))
-                        blocked[name].append(private_figures(ck)["gate_wait_s"] - g0)
+                        blocked[name].append(ck.stats.gate_wait_s - g0)
                         held = host_memory()  # while the save is still being written
                         ck.wait()
                     else:

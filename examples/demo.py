@@ -21,8 +21,8 @@ from pathlib import Path
 
 import btckpt
 import torch
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
 
 HERE = Path(__file__).resolve().parent
 TRAIN = [sys.executable, str(HERE / "train_torch.py"), "--steps", "120", "--save-every", "10"]

@@ -108,8 +108,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    from btckpt import faults
-
+    from btckpt.testing import faults
     faults.disarm()
     logging.getLogger("btckpt").setLevel(logging.INFO)
     yield

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import btckpt
-import btckpt.snapshot as snapshot_mod
+import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt import faults
 from btckpt.errors import CheckpointError
-from btckpt.manifest import MANIFEST, read_manifest
-from btckpt.reader import CheckpointReader
-from btckpt.snapshot import Stager
+from btckpt.format.manifest import MANIFEST, read_manifest
+from btckpt.restore.reader import CheckpointReader
+from btckpt.saving.snapshot import Stager
+from btckpt.testing import faults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -158,7 +158,10 @@ def test_writer_error_is_raised_once_from_the_next_call_and_nothing_commits(tmp_
         faults.disarm()
         faults.arm("before_rename", "enospc")
         ckpt.save(2, {"model": model})
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while "before_rename" not in faults.reached():  # the writer hit the fault (it read the action first)
+            assert time.monotonic() < deadline, "the background save never reached before_rename"
+            time.sleep(0.01)
         faults.disarm()
         with pytest.raises(btckpt.InsufficientSpace):
             ckpt.save(3, {"model": model})  # the next save raises the pending error and does not save
@@ -181,7 +184,7 @@ def test_on_error_warn_keeps_training(tmp_path: Path, caplog: pytest.LogCaptureF
 
 def test_back_pressure_waits_and_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    import btckpt.saving as saving
+    import btckpt.saving.job as saving
 
     real = saving.write_arena_file
 
@@ -379,6 +382,9 @@ def test_stats_after_saves(tmp_path: Path, slow_copies: list[float]) -> None:
     assert st.last_write_s > 0 and st.last_mb_s > 0
     assert st.gate_wait_s >= 0 and st.gate_waits >= 0
     assert st.as_dict()["saves"] == 2
+    tensor_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # + Adam's two moments
+    assert st.arena_bytes >= tensor_bytes and st.arena_allocations == 1  # allocated once, reused by save 2
+    assert st.arena_pinned is False  # CPU tensors: no device copies, so no page-locked memory
     with pytest.raises(AttributeError):
         st.saves = 3  # type: ignore[misc]
 

@@ -17,7 +17,7 @@ CREATED = "2026-01-02T03:04:05.000000Z"
 
 
 def _pin_created(folder: Path) -> None:
-    from btckpt.manifest import read_manifest
+    from btckpt.format.manifest import read_manifest
 
     man = read_manifest(folder)
     man.created = CREATED
@@ -90,7 +90,7 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
 
     ck = f"{root}/checkpoint-20"
     rc, out, _ = run(capsys, "show", ck)
-    man = json.loads(btckpt.discovery.scan(ck)[0].manifest.to_json())
+    man = json.loads(btckpt.storage.discovery.scan(ck)[0].manifest.to_json())
     assert rc == 0
     assert out == SHOW_TABLE.format(path=ck, h1=man["files"]["model.safetensors"]["xxh3_64"],
                                     h2=man["files"]["optimizer.safetensors"]["xxh3_64"],

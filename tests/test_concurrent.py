@@ -13,9 +13,9 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.commit import LocalCommit
-from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError
+from btckpt.saving.commit import LocalCommit
+from btckpt.storage.discovery import scan, verify
 from crash_harness import PY, child_env, temp_folders
 
 WRITER = str(Path(__file__).parent / "scripts" / "crash_writer.py")
@@ -124,7 +124,7 @@ def test_same_step_from_an_unlocked_writer_is_never_overwritten(tmp_path: Path) 
         (loser.tmp / "model.safetensors").write_bytes(b"not this one")
         loser.record("model.safetensors", 12, "0" * 16)
         ck.save(5, state)
-    from btckpt.manifest import Manifest
+    from btckpt.format.manifest import Manifest
 
     with pytest.raises(CheckpointError, match="another writer") as ei:
         loser.commit(Manifest(step=5, files={}, state={}))

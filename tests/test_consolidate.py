@@ -125,7 +125,7 @@ def test_save_time_consolidation_errors(tmp_path: Path) -> None:
     import torch
     from btckpt.config import CheckpointConfig
     from btckpt.consolidate import Consolidator
-    from btckpt.distributed import World
+    from btckpt.distributed.world import World
     from btckpt.errors import CheckpointError, ConfigError
 
     for bad in ("", "s3://b/x", 3, str(tmp_path / "ck")):

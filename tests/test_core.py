@@ -10,7 +10,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.discovery import scan
+from btckpt.storage.discovery import scan
 
 
 def _model() -> torch.nn.Module:
@@ -129,7 +129,7 @@ def test_stale_temps_removed_and_existing_step_not_overwritten(tmp_path: Path,
 
 
 def test_preflight_refuses_a_save_that_cannot_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import btckpt.storage as storage
+    import btckpt.storage.local as storage
 
     monkeypatch.setattr(storage, "free_bytes", lambda p: 10_000)
     with _ck(tmp_path) as ck:

@@ -13,9 +13,9 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.discovery import inspect
-from btckpt.discovery import verify as verify_files
 from btckpt.errors import CheckpointError
+from btckpt.storage.discovery import inspect
+from btckpt.storage.discovery import verify as verify_files
 
 MUTATIONS = ("flip", "truncate", "delete")
 KINDS = {
@@ -126,7 +126,7 @@ def test_randomized_sweep_detects_everything(pristine: Path, tmp_path: Path, cap
 
 def test_manifest_every_single_byte_flip_is_detected(pristine: Path) -> None:
     """Exhaustive: each byte of the manifest XOR 0x01 and XOR 0x20 (letters' case, digits, quotes)."""
-    from btckpt.manifest import Manifest
+    from btckpt.format.manifest import Manifest
 
     raw = (pristine / "checkpoint-2" / "btckpt.json").read_bytes()
     missed = []

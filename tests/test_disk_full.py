@@ -15,9 +15,9 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt import storage as storage_mod
-from btckpt.discovery import scan, verify
 from btckpt.errors import InsufficientSpace
+from btckpt.storage import local as storage_mod
+from btckpt.storage.discovery import scan, verify
 
 MiB = 1 << 20
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt import faults
-from btckpt.discovery import scan, verify
 from btckpt.errors import CheckpointError, InsufficientSpace
+from btckpt.storage.discovery import scan, verify
+from btckpt.testing import faults
 from crash_harness import LOCAL_PHASES, temp_folders
 
 COMMIT_PHASES = [p for p in LOCAL_PHASES if p != "retention"]
@@ -169,7 +169,7 @@ def test_fault_in_upload(tmp_path: Path, phase: str, action: str) -> None:
     """A failure mid-file or at the remote manifest: the pass reports the checkpoint failed, the remote side
     never shows it complete (no manifest; the older upload intact), the local checkpoints are untouched, and
     the next pass finishes the upload (verified). A local save never reaches an upload phase."""
-    from btckpt.manifest import MANIFEST
+    from btckpt.format.manifest import MANIFEST
     from btckpt.upload import Uploader
 
     src, remote = tmp_path / "ck", tmp_path / "remote"

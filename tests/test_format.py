@@ -10,9 +10,9 @@ import btckpt
 import pytest
 import torch
 from btckpt.errors import UnsupportedValue
-from btckpt.layout import DTYPE_TO_ST
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
+from btckpt.format.layout import DTYPE_TO_ST
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -178,3 +178,43 @@ def test_sync_direct_write_and_async_arena_write_give_identical_files(tmp_path: 
     for k, v in state["extra"].items():
         got = next(t for name, t in loaded.items() if name.endswith(k))
         assert torch.equal(got, v.resolve_conj().resolve_neg()), k
+
+
+def test_optimizer_state_with_many_params_loads_exactly_through_the_id_lookup(tmp_path: Path) -> None:
+    """torch's Optimizer.load_state_dict looks every state tensor's id up in its group's list (quadratic in
+    the parameter count); btckpt hands it groups with O(1) lookup. Two param groups with different
+    hyper-parameters and 2,000 parameters: the restored optimizer equals the saved one, group by group,
+    keeps its own param lists, and the next step matches an uninterrupted run bit for bit."""
+    import copy
+
+    from btckpt.format.state import optimizer_state_for_loading
+
+    def build() -> tuple[torch.nn.ParameterList, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3)) for _ in range(2000)])
+        opt = torch.optim.AdamW([{"params": list(ps)[:700], "lr": 0.1}, {"params": list(ps)[700:], "lr": 0.01}])
+        return ps, opt
+
+    def step(ps: torch.nn.ParameterList, opt: torch.optim.Optimizer) -> None:
+        for i, p in enumerate(ps):
+            p.grad = torch.full_like(p, 0.1 + i % 7)
+        opt.step()
+
+    ps, opt = build()
+    step(ps, opt)
+    btckpt.save(tmp_path / "ck", {"model": ps, "optimizer": opt})
+    step(ps, opt)  # the uninterrupted run's next step
+    ps2, opt2 = build()
+    assert btckpt.load(tmp_path / "ck", {"model": ps2, "optimizer": opt2}) == 0
+    step(ps2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2, strict=True))
+    assert all(g["params"] is not None and type(g["params"]) is list for g in opt2.param_groups)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert [g["lr"] for g in b["param_groups"]] == [0.1, 0.01]
+    assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for k in a["state"] for n in ("exp_avg", "step"))
+
+    fast = optimizer_state_for_loading(a)
+    ids = fast["param_groups"][1]["params"]
+    assert list(ids) == a["param_groups"][1]["params"] and 1999 in ids and 5 not in ids
+    assert 1999 in copy.deepcopy(fast)["param_groups"][1]["params"]  # torch deep-copies the groups first
+    assert fast["state"] is a["state"] and a["param_groups"][1]["params"].__class__ is list  # input untouched

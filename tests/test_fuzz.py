@@ -41,9 +41,9 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.discovery import scan
 from btckpt.errors import CheckpointError
-from btckpt.manifest import _ZERO, MANIFEST, _digest, _needle
+from btckpt.format.manifest import _ZERO, MANIFEST, _digest, _needle
+from btckpt.storage.discovery import scan
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

@@ -20,8 +20,8 @@ import btckpt
 import pytest
 import torch
 from btckpt.errors import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
-from btckpt.manifest import MANIFEST, Manifest
-from btckpt.storage import file_checksum
+from btckpt.format.checksum import file_checksum
+from btckpt.format.manifest import MANIFEST, Manifest
 
 _AUDIT: dict[str, Any] = {"on": False, "opened": [], "bad": []}
 _BAD_EVENTS = ("pickle.find_class", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
@@ -249,8 +249,7 @@ def test_deeply_nested_manifest_state(tmp_path: Path, two: Path, depth: int) -> 
 
 
 def test_oversized_manifest(tmp_path: Path, two: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from btckpt import manifest as manifest_mod
-
+    from btckpt.format import manifest as manifest_mod
     monkeypatch.setattr(manifest_mod, "MAX_MANIFEST", 4096)
     (two / MANIFEST).write_bytes(b"{" + b" " * 10_000 + b"}")
     check_refused(tmp_path, two, CorruptCheckpoint, "larger than")
@@ -387,7 +386,7 @@ def test_rng_file_of_the_wrong_shape_is_parsed_before_anything_is_applied(tmp_pa
 def test_manifest_naming_the_folder_itself(tmp_path: Path, two: Path) -> None:
     """A manifest listing ``"."`` used to raise IndexError from scan, latest, load, restore and ``btckpt ls``."""
     from btckpt.cli import main
-    from btckpt.discovery import scan
+    from btckpt.storage.discovery import scan
 
     size = two.lstat().st_size
     rewrite_manifest(two, lambda man: man.files.update({".": {"size": size, "xxh3_64": "0" * 16}}))
@@ -404,7 +403,7 @@ def test_manifest_naming_the_folder_itself(tmp_path: Path, two: Path) -> None:
 
 @pytest.mark.parametrize("name", [".", "./model.safetensors", "a//b", "sub/.", "x/./y"])
 def test_names_with_dot_or_empty_parts_are_unsafe(name: str) -> None:
-    from btckpt.manifest import check_relative_name
+    from btckpt.format.manifest import check_relative_name
 
     with pytest.raises(UnsafeCheckpoint):
         check_relative_name(name, where="m")
@@ -468,7 +467,7 @@ def test_chunk_file_shape_differs_from_the_manifest(tmp_path: Path, two: Path) -
 
 
 def test_tiling_problem_is_exact() -> None:
-    from btckpt.manifest import tiling_problem
+    from btckpt.format.manifest import tiling_problem
 
     def ch(*boxes: tuple[list[int], list[int]]) -> list[dict[str, Any]]:
         return [{"offsets": o, "sizes": s} for o, s in boxes]

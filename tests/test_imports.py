@@ -102,7 +102,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_imports_inside_functions() -> None:
     """The walker itself: a cycle hidden in a function is a cycle, and a clean graph has none."""
     graph = import_graph()
-    assert "btckpt.cli" in graph and "btckpt.manifest" in graph["btckpt.discovery"]
+    assert "btckpt.cli" in graph and "btckpt.format.manifest" in graph["btckpt.storage.discovery"]
     assert "btckpt.consolidate" in graph["btckpt.cli"]  # imported inside a function (torch-free start-up)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
@@ -115,4 +115,54 @@ def test_no_import_cycles() -> None:
 
 def test_distributed_does_not_import_discovery() -> None:
     """``distributed.world()`` reads the node rank itself; it never reaches into checkpoint discovery."""
-    assert "btckpt.discovery" not in import_graph()["btckpt.distributed"]
+    assert "btckpt.storage.discovery" not in import_graph()["btckpt.distributed.world"]
+
+
+# The layers of btckpt/__init__.py's docstring, lowest first. A module may import its own folder and
+# anything in a lower layer; folders in one layer never import each other (saving <-> restore; the
+# adapters and the CLI), top-level modules of one layer may.
+LAYERS = [
+    {"errors", "names", "testing"},
+    {"format"},
+    {"storage"},
+    {"distributed"},
+    {"config", "stats"},
+    {"saving", "restore"},
+    {"tiers"},
+    {"publish"},
+    {"checkpointer", "oneshot", "consolidate", "adapters", "upload", ""},
+    {"hf", "lightning", "cli"},
+]
+FOLDERS = {"format", "storage", "distributed", "saving", "restore", "publish", "hf", "lightning", "cli", "testing"}
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its folder, or its own name at the top level ("" for the package)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up, or sideways between two folders of one layer."""
+    rank = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+    bad = []
+    for a, targets in sorted(graph.items()):
+        ua = _unit(a)
+        assert ua in rank, f"{a}: not in any layer of LAYERS; place it (and say so in btckpt/__init__.py)"
+        for b in sorted(targets):
+            ub = _unit(b)
+            if ua == ub or rank[ub] < rank[ua]:
+                continue
+            if rank[ub] == rank[ua] and not (ua in FOLDERS or ub in FOLDERS):
+                continue
+            bad.append(f"{a} -> {b}")
+    return bad
+
+
+def test_layers_point_down() -> None:
+    assert layer_violations(import_graph()) == []
+    # the check itself: an upward import and a sibling import are both caught
+    fake = {"btckpt.format.manifest": {"btckpt.storage.discovery"}, "btckpt.saving.job": {"btckpt.restore.rng"},
+            "btckpt.checkpointer": {"btckpt.oneshot"}}
+    assert layer_violations(fake) == ["btckpt.format.manifest -> btckpt.storage.discovery",
+                                      "btckpt.saving.job -> btckpt.restore.rng"]

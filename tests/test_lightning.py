@@ -215,7 +215,7 @@ def test_loading_never_unpickles(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         io.load_checkpoint(ck / "a.ckpt")
     # 3. the same with the manifest's size/checksum forged to match: the safetensors parser refuses it
-    from btckpt.storage import file_checksum
+    from btckpt.format.checksum import file_checksum
 
     man = json.loads((folder / "btckpt.json").read_text())
     size, digest = file_checksum(st)
@@ -281,7 +281,7 @@ def test_background_copy_behind_the_step_gate_saves_the_pre_step_values(tmp_path
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """gate_with(): parameters and moments (plain tensors in Lightning's dict) copy in the background; the
     next optimizer.step() waits, so the checkpoint holds the values at the save, not after the step."""
-    from btckpt.snapshot import Stager
+    from btckpt.saving.snapshot import Stager
 
     seen: list[set[tuple[str, str]]] = []
     stage = Stager.stage
@@ -338,8 +338,7 @@ def test_shared_folder_survives_until_last_name_removed(tmp_path: Path) -> None:
 def test_kill_between_removing_the_last_name_and_deleting_its_folder(tmp_path: Path) -> None:
     """A process dying inside remove_checkpoint (here: a fault at the retention point, after the name is
     gone) leaves no complete folder that nothing names: the next start finishes the deletion."""
-    from btckpt import faults
-
+    from btckpt.testing import faults
     io = SafetensorsCheckpointIO()
     io.save_checkpoint({"global_step": 5, "state_dict": {"w": torch.ones(3)}}, tmp_path / "epoch=0-step=5.ckpt")
     io.save_checkpoint({"global_step": 6, "state_dict": {"w": torch.zeros(3)}}, tmp_path / "last.ckpt")

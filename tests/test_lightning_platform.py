@@ -22,9 +22,9 @@ import torch
 
 pytest.importorskip("lightning")
 
-from btckpt._lightning_state import read_link  # noqa: E402
-from btckpt.discovery import inspect  # noqa: E402
 from btckpt.lightning import SafetensorsCheckpointIO, resume_path  # noqa: E402
+from btckpt.lightning.state import read_link  # noqa: E402
+from btckpt.storage.discovery import inspect  # noqa: E402
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "lightning_platform.py")
 WARNING = "is not $BT_CHECKPOINT_DIR"

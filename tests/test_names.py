@@ -15,8 +15,8 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.manifest import read_manifest
-from btckpt.storage import file_checksum
+from btckpt.format.checksum import file_checksum
+from btckpt.format.manifest import read_manifest
 from test_upload import moto, s3  # noqa: F401 - fixtures
 
 TITLE, CLEAR = "\x1b]0;title\x07", "\x1b[2J"
@@ -91,7 +91,7 @@ def test_cli_escapes_names_from_a_bucket(s3: str, tmp_path: Path):  # noqa: F811
 
 
 def test_browser_mounts_on_hostile_names(tmp_path: Path):
-    from btckpt.browse import BrowseApp, CheckpointScreen
+    from btckpt.cli.browse import BrowseApp, CheckpointScreen
 
     root = hostile_tree(tmp_path / "ck")
 
@@ -185,7 +185,7 @@ def test_uploader_command_line_and_logs_hold_no_credentials(s3: str, tmp_path: P
     err = capfd.readouterr().err
     assert "SUPERSECRET" not in err and "SIGNATURE1" not in err and "AKIAQQQQ" not in err
     with pytest.raises(btckpt.CheckpointError) as ei:
-        from btckpt.remotedir import finish_upload
+        from btckpt.publish.staging import finish_upload
 
         class Done:
             src = tmp_path / "ck"

@@ -13,8 +13,8 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.manifest import read_manifest
-from btckpt.reader import CheckpointReader
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import CheckpointReader
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_torch.py"

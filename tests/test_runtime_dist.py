@@ -12,9 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from btckpt.discovery import inspect, scan, verify
-from btckpt.manifest import read_manifest
-from btckpt.reader import read_verified_bytes
+from btckpt.format.manifest import read_manifest
+from btckpt.restore.reader import read_verified_bytes
+from btckpt.storage.discovery import inspect, scan, verify
 from dist_launch import PY, env_with, finish, kill_session, raw_ranks, torchrun, wait_for_line
 
 

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import btckpt
-import btckpt.commit as commit_mod
-import btckpt.saving as saving_mod
-import btckpt.snapshot as snapshot_mod
+import btckpt.saving.commit as commit_mod
+import btckpt.saving.job as saving_mod
+import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt.commit import LocalCommit
-from btckpt.discovery import inspect, scan, verify
 from btckpt.errors import CheckpointError, ConfigError
-from btckpt.reader import CheckpointReader
+from btckpt.restore.reader import CheckpointReader
+from btckpt.saving.commit import LocalCommit
+from btckpt.storage.discovery import inspect, scan, verify
 from crash_harness import PY, child_env
 
 
@@ -39,7 +39,7 @@ def _temps(root: Path) -> list[str]:
 
 # -- 11: a save still writing when the script ends -----------------------------------------------------------
 EXIT_SCRIPT = """
-import sys, time, torch, btckpt, btckpt.saving as saving
+import sys, time, torch, btckpt, btckpt.saving.job as saving
 real = saving.write_arena_file
 def slow(*a, **k):  # a slow disk: the save is still writing when the script ends
     time.sleep(0.5)

@@ -80,7 +80,7 @@ def test_retention_deletes_only_the_writers_own_folders(tmp_path: Path) -> None:
         assert _tree(root / d) == files, d
     assert (root / "notes.txt").read_text() == "keep me"
     # the Checkpointer's consolidation retention is the same loop (apply_retention): scope likewise
-    from btckpt.retention import apply_retention
+    from btckpt.saving.retention import apply_retention
 
     assert apply_retention(root, keep_last=1) == []
     assert all(_tree(root / d) == files for d, files in foreign.items())

@@ -14,7 +14,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.manifest import MANIFEST, Manifest
+from btckpt.format.manifest import MANIFEST, Manifest
 
 
 def engine_selection(folder: Path) -> list[Path]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import btckpt
 import pytest
+from btckpt.checkpointer import session_identity
 from btckpt.errors import ConfigError
-from btckpt.manager import session_identity
 from dist_launch import env_with, finish, load_st, torchrun
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import btckpt
 import fsspec
 import pytest
 import torch
-from btckpt.discovery import inspect, scan, verify
-from btckpt.store import FsspecStore, LocalStore, open_store, walk
+from btckpt.storage.discovery import inspect, scan, verify
+from btckpt.storage.store import FsspecStore, LocalStore, open_store, walk
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _put(local: Path, url: str) -> None:
     fsspec.filesystem("memory").put(str(local) + "/", url.removeprefix("memory://") + "/", recursive=True)
 
 
-def _summary(infos: list[btckpt.discovery.CheckpointInfo]) -> list[tuple[int, str, str, str, list[str]]]:
+def _summary(infos: list[btckpt.storage.discovery.CheckpointInfo]) -> list[tuple[int, str, str, str, list[str]]]:
     def same(s: str) -> str:  # the one wording that differs: a bucket folder may be an upload in progress
         return s.replace(" (or upload unfinished)", "")
 

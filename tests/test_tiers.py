@@ -12,10 +12,10 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt import faults
 from btckpt.adapters import resume_folder
 from btckpt.cli import main as cli_main
-from btckpt.discovery import inspect, scan, verify
+from btckpt.storage.discovery import inspect, scan, verify
+from btckpt.testing import faults
 from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
 from conftest import PY, run_py
 from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun

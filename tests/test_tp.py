@@ -78,9 +78,9 @@ def test_2d_fsdp_over_tp_four_ranks_reshards(tmp_path: Path) -> None:
 
 
 def test_shards_with_holes_are_refused() -> None:
+    from btckpt.distributed.shards import _merge
     from btckpt.errors import UnsupportedValue
-    from btckpt.manifest import tiling_problem
-    from btckpt.sharded import _merge
+    from btckpt.format.manifest import tiling_problem
 
     def part(off: int, rank: int) -> dict:
         return {"__tensor__": {"part": {"key": "w", "shape": [4, 2], "dtype": "F32", "offsets": [off, 0],

@@ -150,7 +150,7 @@ def test_remote_without_manifest_is_never_complete(s3, tmp_path: Path):
     assert upload_cli(src, dest).returncode == 0
     fs = fsspec.filesystem("s3")
     fs.rm_file(f"{dest[5:]}/checkpoint-2/btckpt.json")  # every data file present, the commit marker gone
-    infos = btckpt.discovery.scan(dest)
+    infos = btckpt.storage.discovery.scan(dest)
     assert [(i.step, i.status) for i in infos] == [(2, "incomplete"), (1, "complete")]
     assert btckpt.latest(dest) == f"{dest}/checkpoint-1"
     fs.pipe_file(f"{dest[5:]}/checkpoint-1/model.safetensors", b"short")  # wrong size: incomplete too
@@ -222,11 +222,11 @@ def test_memory_resume_journal_and_mirror_retention(tmp_path: Path):
         assert res.uploaded == [f"{up2.root}/checkpoint-2"] and res.bytes_sent == len(data)  # only that file
         assert fs.cat_file(path)[-1] == data[-1] ^ 1
         # mirror retention: the training job's retention removed checkpoint-1 locally
-        btckpt.commit.delete_checkpoint(src / "checkpoint-1")
+        btckpt.saving.commit.delete_checkpoint(src / "checkpoint-1")
         res = up2.run_pass()
         assert res.deleted_remote == [f"{up2.root}/checkpoint-1"]
         assert not fs.exists(f"{up2.root}/checkpoint-1")
-        assert [i.step for i in btckpt.discovery.scan(dest) if i.complete] == [3, 2]
+        assert [i.step for i in btckpt.storage.discovery.scan(dest) if i.complete] == [3, 2]
     finally:
         if fs.exists(dest[len("memory://"):]):
             fs.rm(dest[len("memory://"):], recursive=True)
@@ -236,8 +236,8 @@ def test_checkpointer_dir_is_a_url(s3, tmp_path: Path):
     """``dir=s3://...``: commits stage locally, wait() publishes them (manifest last), retention is mirrored,
     and a restarted job on a machine without the staging folder resumes from the bucket."""
     import fsspec
-    from btckpt.discovery import inspect, verify
-    from btckpt.remotedir import staging_root
+    from btckpt.publish.staging import staging_root
+    from btckpt.storage.discovery import inspect, verify
 
     model = torch.nn.Linear(8, 4)
     dest = f"{s3}/urljob"
@@ -279,12 +279,12 @@ def test_a_killed_uploaders_manifest_temp_is_removed_and_never_counts(tmp_path: 
     rdir = dest[len("memory://"):] + "/checkpoint-1"
     try:
         fs.pipe_file(f"{rdir}/.btckpt.json.tmp-4242", (src / "checkpoint-1" / "btckpt.json").read_bytes())
-        assert [i for i in btckpt.discovery.scan(dest) if i.complete] == []  # a temp manifest never commits
+        assert [i for i in btckpt.storage.discovery.scan(dest) if i.complete] == []  # a temp manifest never commits
         res = Uploader(src, dest, retries=0).run_pass()
         assert len(res.uploaded) == 1 and not res.failed
         assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(rdir)) == sorted(
             p.name for p in (src / "checkpoint-1").iterdir())
-        assert [i.step for i in btckpt.discovery.scan(dest) if i.complete] == [1]
+        assert [i.step for i in btckpt.storage.discovery.scan(dest) if i.complete] == [1]
     finally:
         if fs.exists(dest[len("memory://"):]):
             fs.rm(dest[len("memory://"):], recursive=True)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import btckpt
 import pytest
-from btckpt.commit import delete_checkpoint
-from btckpt.discovery import inspect, verify
+from btckpt.saving.commit import delete_checkpoint
+from btckpt.storage.discovery import inspect, verify
 from btckpt.upload import Uploader
 from test_upload import make_ckpts, moto, s3, upload_cli  # noqa: F401 - fixtures
 
 
 def _remote_steps(dest: str) -> list[int]:
-    return sorted(i.step for i in btckpt.discovery.scan(dest) if i.complete)
+    return sorted(i.step for i in btckpt.storage.discovery.scan(dest) if i.complete)
 
 
 @pytest.fixture

@@ -1,13 +1,27 @@
 """btckpt: atomic, asynchronous, pickle-free safetensors checkpoints for PyTorch training.
 
 ``import btckpt`` is cheap: torch-dependent parts load on first use.
+
+Layers (each imports only the ones below it; ``tests/test_imports.py`` checks it):
+
+- ``hf/``, ``lightning/``, ``cli/``: adapters and the command; ``adapters.py`` is what every adapter shares;
+- ``checkpointer.py`` (:class:`Checkpointer`: when to save, the background worker, retention, resume),
+  ``oneshot.py`` (``save``/``load``), ``consolidate.py`` (servable model folders), ``upload.py`` (entry);
+- ``publish/``: the uploader process, its journal and supervisor;
+- ``tiers.py``: the node-local (RAM) tier: its folder and identity, memory check, promotion into the dir;
+- ``saving/`` and ``restore/``: writing (plan, snapshot, write, commit, retention) and reading (policy,
+  verified read, apply, RNG, DCP) -- siblings that never import each other;
+- ``config.py``, ``stats.py``: the options (validated once) and the public figures;
+- ``distributed/``: ranks, agreement through the c10d store, sharded state;
+- ``storage/``: the Store protocol, local durability, discovery;
+- ``format/``: manifest, safetensors header, state tree, checksum;
+- ``errors.py``, ``names.py``, ``testing/``: used by everything.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .discovery import latest
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,6 +36,7 @@ from .errors import (
     UnsafeCheckpoint,
     UnsupportedValue,
 )
+from .restore.policy import latest
 
 __version__ = "0.1.0"
 
@@ -31,13 +46,13 @@ __all__ = [
     "StateMismatch", "TierMismatch", "TierTooSmall", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
 ]
 
-_LAZY = {"Checkpointer": "manager", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "api",
-         "load": "api"}
+_LAZY = {"Checkpointer": "checkpointer", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "oneshot",
+         "load": "oneshot"}
 
 if TYPE_CHECKING:
-    from .api import load, save
+    from .checkpointer import Checkpointer
     from .config import CheckpointConfig
-    from .manager import Checkpointer
+    from .oneshot import load, save
     from .stats import CheckpointStats
 
 

@@ -3,14 +3,14 @@
 An adapter maps a framework's checkpoint hooks to these calls and nothing else:
 
 - **resume search** -- :func:`resume_folder`: the folder to hand the framework (``resume_from_checkpoint``,
-  ``ckpt_path``), chosen by the resume policy (:class:`btckpt.policy.ResumePolicy`);
+  ``ckpt_path``), chosen by the resume policy (:class:`btckpt.restore.policy.ResumePolicy`);
 - **opening** what the framework hands back -- :func:`open_checkpoint` (damaged: an error naming it);
 - **reading groups** -- :func:`read_groups` / :func:`load_groups` (into live objects, read and verified
   before anything is applied, any sharding) and :func:`group_values` (plain values, for a framework that
   takes a dict);
-- **a rank's RNG** -- :func:`restore_rank_rng` (the core's reader, :func:`btckpt.rng.read_rank_rng`), and for
+- **a rank's RNG** -- :func:`restore_rank_rng` (the core's reader, :func:`btckpt.restore.rng.read_rank_rng`), and for
   frameworks that hand the checkpoint to rank 0 only, :func:`publish_rank_rng` / :func:`gather_rank_rng`
-  (each rank's :func:`~btckpt.rng.capture_rng` through the c10d store, under a key all ranks derive from the
+  (each rank's :func:`~btckpt.restore.rng.capture_rng` through the c10d store, under a key all ranks derive from the
   checkpoint, never from creation order);
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
   :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import resolve_dir, resolve_load_dir
-from .discovery import CheckpointInfo, inspect
-from .distributed import World, world
+from .distributed.world import World, world
 from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
-from .loading import read_checkpoint
-from .manifest import MANIFEST
-from .policy import ResumePolicy
-from .reader import CheckpointReader
-from .rng import apply_rng, capture_rng, read_rank_rng
-from .storage import is_url
+from .format.manifest import MANIFEST
+from .restore.load import read_checkpoint
+from .restore.policy import ResumePolicy
+from .restore.reader import CheckpointReader
+from .restore.rng import apply_rng, capture_rng, read_rank_rng
+from .storage.discovery import CheckpointInfo, inspect
+from .storage.local import is_url
 from .tiers import resumable_tier
 
 __all__ = ["resume_folder", "open_checkpoint", "read_groups", "load_groups", "group_values", "restore_rank_rng",
@@ -105,7 +105,7 @@ def group_values(info: CheckpointInfo, *, exclude: Collection[str] = ()) -> dict
 # -- a rank's RNG --------------------------------------------------------------------------------------------
 def restore_rank_rng(info: CheckpointInfo, rank: int) -> bool:
     """Set this process's RNGs from ``rank``'s saved state (read and verified first); False when the
-    checkpoint holds none for it (:func:`btckpt.rng.read_rank_rng` says why)."""
+    checkpoint holds none for it (:func:`btckpt.restore.rng.read_rank_rng` says why)."""
     rng = read_rank_rng(info.path, info.manifest, rank) if info.manifest is not None else None
     if rng is not None:
         apply_rng(rng)

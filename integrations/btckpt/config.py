@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .manifest import DEFAULT_MAX_SHARD_SIZE
-from .storage import is_url, local_path
+from .format.manifest import DEFAULT_MAX_SHARD_SIZE
+from .storage.local import is_url, local_path
 
 __all__ = ["CheckpointConfig", "resolve_dir", "resolve_load_dir", "default_budget", "DEFAULT_DIR"]
 

@@ -38,16 +38,17 @@ from typing import Any
 
 import torch
 
-from ._tree import decode_tree
-from .api import save
-from .commit import remove_stale_temps
-from .discovery import inspect, latest
+from .distributed.shards import assemble
 from .errors import CheckpointError, ConfigError, IncompleteCheckpoint, NoCheckpointFound
-from .manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
+from .format.manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
+from .format.tree import decode_tree
 from .names import safe
-from .reader import CheckpointReader, NodeParts, read_verified_bytes
-from .retention import apply_retention
-from .sharded import assemble
+from .oneshot import save
+from .restore.policy import latest
+from .restore.reader import CheckpointReader, NodeParts, read_verified_bytes
+from .saving.commit import remove_stale_temps
+from .saving.retention import apply_retention
+from .storage.discovery import inspect
 
 __all__ = ["consolidate", "Consolidator", "main"]
 

@@ -26,6 +26,9 @@ class CheckpointStats:
       ``last_bytes`` per second (MB = 10^6 bytes).
     - ``last_committed_step``: the step of the newest checkpoint committed by this Checkpointer (None: none yet).
     - ``plan_reuses``: saves that reused the cached save plan (the state's structure was unchanged).
+    - ``arena_bytes`` / ``arena_pinned`` / ``arena_allocations``: host memory of the reusable staging arena
+      (0 before the first async save), whether it is pinned (page-locked, for device copies), and how many
+      times it was allocated (1 while the state's size stays the same).
     """
 
     saves: int = 0
@@ -40,6 +43,9 @@ class CheckpointStats:
     last_mb_s: float = 0.0
     last_committed_step: int | None = None
     plan_reuses: int = 0
+    arena_bytes: int = 0
+    arena_pinned: bool = False
+    arena_allocations: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The figures as a plain dict (for JSON logs)."""
@@ -66,6 +72,7 @@ class StatsRecorder:
                                           last_bytes=nbytes, last_write_s=seconds,
                                           last_mb_s=nbytes / 1e6 / max(seconds, 1e-9), last_committed_step=step)
 
-    def snapshot(self, *, gate_wait_s: float, gate_waits: int) -> CheckpointStats:
+    def snapshot(self, **live: Any) -> CheckpointStats:
+        """The figures so far, with ``live`` ones read from their owners now (gate waits, arena)."""
         with self._lock:
-            return dataclasses.replace(self._s, gate_wait_s=gate_wait_s, gate_waits=gate_waits)
+            return dataclasses.replace(self._s, **live)

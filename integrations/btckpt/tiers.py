@@ -39,16 +39,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import faults
-from .commit import DirLock, LocalCommit, checkpoint_name
-from .discovery import inspect, scan
-from .distributed import World
+from .distributed.world import World
 from .errors import CheckpointError, TierMismatch, TierTooSmall
-from .manifest import entry_problem
-from .priority import background_thread, leave
-from .retention import apply_retention
-from .storage import free_bytes, fsync_dir, fsync_file, space_error
-from .writer import write_arena_file
+from .format.manifest import entry_problem
+from .saving.commit import DirLock, LocalCommit, checkpoint_name
+from .saving.priority import background_thread, leave
+from .saving.retention import apply_retention
+from .saving.writer import write_arena_file
+from .storage.discovery import inspect, scan
+from .storage.local import free_bytes, fsync_dir, fsync_file, space_error
+from .testing import faults
 
 __all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
            "check_fits", "promote", "LocalTier"]

@@ -55,7 +55,7 @@ def same_as_reference(root: Path, ref: Path, steps: list[int], path: SavePath | 
     (same files with the same checksums, same plain-data state): no checkpoint holds a torn snapshot.
     ``path.compare`` picks the files compared (paths that write run-specific files: absolute paths in
     Lightning's callback state, HF's training_args.json)."""
-    from btckpt.manifest import read_manifest
+    from btckpt.format.manifest import read_manifest
 
     keep = path.compare if path is not None and path.compare is not None else (lambda name: True)
     for step in steps:
@@ -75,7 +75,7 @@ def check_restart_invariants(root: Path) -> list[int]:
     ``checkpoint-*`` folder listed is complete (never incomplete or corrupt) and verifies byte for byte.
     """
     import btckpt
-    from btckpt.discovery import scan, verify
+    from btckpt.storage.discovery import scan, verify
 
     ck = btckpt.Checkpointer(dir=str(root), async_save=False, handle_sigterm=False)
     try:

@@ -131,8 +131,8 @@ def _check_lightning(root: Path, ref: Path | None, final: bool) -> None:
     should be named by a link (a kill in ``remove_checkpoint`` between unlinking the last name and deleting the
     folder leaves a marker; the next start finishes the deletion); an unnamed one is recorded in
     :data:`FINDINGS`."""
-    from btckpt.discovery import inspect
     from btckpt.lightning import read_link
+    from btckpt.storage.discovery import inspect
 
     if not root.is_dir():
         return
@@ -154,8 +154,8 @@ def _check_lightning(root: Path, ref: Path | None, final: bool) -> None:
 def _check_upload(root: Path, ref: Path | None, final: bool) -> None:
     """The remote side never shows a checkpoint whose manifest is present but whose files are incomplete
     (nor one that differs from the uninterrupted run's); a restart finishes the upload."""
-    from btckpt.discovery import inspect, scan, verify
-    from btckpt.manifest import MANIFEST
+    from btckpt.format.manifest import MANIFEST
+    from btckpt.storage.discovery import inspect, scan, verify
     from btckpt.upload import Uploader
     from crash_harness import same_as_reference
 

@@ -6,7 +6,7 @@ Contract every crash-harness training script follows (so other save paths can pl
   * on a normal finish it writes ``{"step": N, "digest": "..."}`` to ``--out``: a hash of the final model and
     optimizer tensors, the plain-data state and the next draws of every RNG, so an interrupted-and-resumed
     run can be compared bit for bit with an uninterrupted one.
-Faults come from ``BTCKPT_FAULT=phase:kill`` (btckpt.faults), random kills from the harness.
+Faults come from ``BTCKPT_FAULT=phase:kill`` (btckpt.testing.faults), random kills from the harness.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class Sharded(Tiny):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         if self.pause and self.global_step == self.pause[0] and self.global_rank == 0:
-            from btckpt.discovery import inspect
+            from btckpt.storage.discovery import inspect
 
             folder = Path(self.pause[2]) / f"checkpoint-{self.pause[1]}"
             while not inspect(folder).complete:

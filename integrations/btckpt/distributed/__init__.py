@@ -1,0 +1,7 @@
+"""Ranks: who this process is and how ranks agree, and the per-rank shards of sharded state.
+
+``world`` (rank, world, node; agreement through the c10d store with timeouts, never training's
+collectives), ``shards`` (DTensor / FSDP2 state: each rank's chunks, and assembling them).
+
+May import: ``format``, ``storage``, ``btckpt.errors``.
+"""

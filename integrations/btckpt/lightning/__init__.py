@@ -1,0 +1,549 @@
+"""Lightning integration: a ``CheckpointIO`` plugin writing btckpt folders, a ``ModelCheckpoint`` with the
+platform's defaults, and ``resume_path()``.
+
+Mapping (Lightning's checkpoint dict -> ``<dirpath>/checkpoint-<global_step>/``): ``state_dict`` is the
+``model`` group (``model.safetensors``, the LightningModule's own keys), ``optimizer_states`` the
+``optimizer`` group, ``lr_schedulers`` the ``scheduler`` group, every other key (``loops``, ``callbacks``,
+``hyper_parameters``, ``epoch``, ``global_step``, user keys) a group of its own: tensors to safetensors,
+the rest JSON in the manifest. Nothing is pickled, on saving or loading.
+
+The path ModelCheckpoint asks for (``<dirpath>/<filename>.ckpt``, e.g. ``epoch=0-step=100.ckpt`` or
+``last.ckpt``) becomes a *link file*: a few bytes of JSON naming the folder, written atomically after the
+folder committed. Several names at one step (a top-k name and ``last.ckpt``) share one folder; the folder
+goes away when the last name pointing at it is removed (``save_top_k``). A path already named
+``checkpoint-<N>`` is the folder itself.
+
+Async: the write, checksums, commit and link run on btckpt's background writer. The dict holds live
+parameters and optimizer moments, so they are copied into btckpt's reusable staging arena first. With
+:class:`ModelCheckpoint` (this module's), a save made at a training batch end registers the trainer's
+optimizers with btckpt's step gate: parameters and moments then copy in the background while the next
+forward/backward runs, and the next ``optimizer.step()`` waits for that copy (``background_copy=False``
+turns this off). Saves at an epoch's last batch, the final step, or from validation copy everything
+before returning (epoch-end callbacks such as SWA write parameters in place). A callback that writes
+parameters in place in ``on_train_batch_start``/``on_before_optimizer_step`` must call
+:meth:`SafetensorsCheckpointIO.fence` first. Otherwise ``save_checkpoint`` returns after one memcpy.
+
+Several processes (``strategy="ddp"``): Lightning calls ``save_checkpoint`` on rank 0 only. With
+:class:`ModelCheckpoint` (this module's) every rank's RNG state is still saved: each rank hands its state to
+rank 0 through the c10d store while Lightning builds the dict, and the one commit holds
+``rng_state_<rank>.json`` for every rank; on resume each rank restores its own.
+
+Where checkpoints go: with ``$BT_CHECKPOINT_DIR`` set (a local folder), every checkpoint this plugin writes is
+stored directly in it, whichever ``ModelCheckpoint`` chose the path (this module's, Lightning's own, the
+default one Lightning adds, a subclass), so the platform backs it up and ``resume_path()``,
+``ckpt_path="last"`` and ``ckpt_path="best"`` find it after a restart. Lightning's folder choice
+(``ModelCheckpoint``'s ``dirpath``, resolved in its ``setup`` and for ``ckpt_path="last"``) is routed through
+:meth:`SafetensorsCheckpointIO.placement` for trainers that use this plugin, so Lightning's names
+(``last.ckpt``, ``epoch=0-step=5.ckpt``) and its records (``best_model_path``) name the real place; any other
+path handed to ``save_checkpoint`` (``trainer.save_checkpoint("x.ckpt")``) is stored under its file name in
+``$BT_CHECKPOINT_DIR`` too, and loading or removing that path finds it there. An explicit ``dirpath`` (or a
+saved path) in another folder is still redirected, with one warning naming both folders: checkpoints
+outside ``$BT_CHECKPOINT_DIR`` would be neither backed up nor found on a restart. Several callbacks then
+share the folder, so give them distinct ``filename=`` patterns. Unset, paths are used as given.
+
+Sharded models (FSDP2 ``fully_shard`` / tensor parallel in ``configure_model``): use
+:class:`ModelParallelStrategy` (Lightning's, same arguments; Lightning's own saves and loads around the
+plugin). Every rank then writes its own shards in one commit and a resume reshards to any world size; see
+:mod:`btckpt.lightning.strategies`. Lightning's ``ModelParallelStrategy``/``FSDPStrategy``/``DeepSpeedStrategy``
+with this plugin are refused when :class:`ModelCheckpoint` sets up.
+
+HF models: with :class:`ModelCheckpoint` (this module's; it hands the LightningModule to the plugin) and a
+``transformers.PreTrainedModel`` inside the LightningModule (e.g. ``self.model``), each folder is also
+servable: ``model.safetensors`` keys that model's weights as HF does (``model.`` stripped; other keys kept)
+and ``config.json`` (+ ``generation_config.json`` when it generates) join the commit, so
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it; the manifest's ``meta`` records the mapping and
+loading gives Lightning its original keys. ``SafetensorsCheckpointIO(hf_model=...)``: True (default) finds
+the one PreTrainedModel (several: none, one warning), ``"backbone.lm"`` names it, False turns it off. A
+key collision from the stripping is refused with an error.
+
+Package: this module (the plugin, ``ModelCheckpoint``, ``resume_path``), ``state`` (the Lightning dict
+<-> groups, link files), ``rng`` (every rank's RNG through the c10d store), ``servable`` (HF model folders),
+``strategies`` (FSDP / ModelParallel / DeepSpeed). An adapter: may import ``btckpt.adapters``, the
+Checkpointer and anything below it, never ``btckpt.hf`` or ``btckpt.cli``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ..adapters import group_values, open_checkpoint, restore_rank_rng
+from ..checkpointer import Checkpointer
+from ..config import resolve_dir
+from ..distributed.world import World
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    IncompleteCheckpoint,
+    UnsafeCheckpoint,
+    UnsupportedValue,
+)
+from ..format.manifest import DEFAULT_MAX_SHARD_SIZE
+from ..format.state import optimizer_state_for_loading
+from ..restore.policy import ResumePolicy
+from ..saving.commit import checkpoint_name, delete_checkpoint, write_small_file
+from ..storage.discovery import STEP_DIR, inspect
+from ..storage.local import fsync_dir, is_url
+from . import rng as _rng
+from .servable import HFLayout, from_hf_keys
+from .state import (
+    LINK_FORMAT,
+    MAX_LINK,
+    map_tree,
+    name_bad_key,
+    platform_dir,
+    process_rank,
+    read_link,
+    repair_links,
+    resume_path,
+    safe_for_background_copy,
+    to_groups,
+    write_link,
+)
+from .strategies import (
+    ModelParallelStrategy,
+    ShardedCheckpointIO,
+    check_strategy,
+    hf_model_group,
+    is_live,
+    read_in_place,
+    refuse_rank0_shards,
+    saved_sharded,
+)
+
+__all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "LINK_FORMAT"]
+
+log = logging.getLogger("btckpt")
+RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
+
+
+class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
+    """Lightning ``CheckpointIO`` writing atomic, asynchronous, pickle-free btckpt folders (module doc).
+
+    Options: ``async_save`` (write in the background; default True), ``max_shard_size``, ``save_rng``
+    (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``,
+    ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save), ``background_copy``
+    (copy parameters and optimizer moments behind the step gate; module doc), ``hf_model`` (the HF
+    model folder form; module doc).
+    """
+
+    def __init__(self, *, async_save: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 save_rng: bool = True, restore_rng: bool = True, rng_timeout: float = 600.0,
+                 background_copy: bool = True, hf_model: str | bool = True) -> None:
+        self._hf = HFLayout(hf_model)
+        self.async_save = async_save
+        self.background_copy = background_copy
+        self._gate_next: tuple[dict[str, Any], list[torch.optim.Optimizer]] | None = None
+        self.rng_timeout = rng_timeout
+        self._warned_rng = False
+        self.max_shard_size = max_shard_size
+        self.save_rng = save_rng
+        self.restore_rng = restore_rng
+        self._ckpts: dict[Path, Checkpointer] = {}
+        self._pending: dict[Path, list[Path]] = {}  # folder being written -> link files to write on commit
+        self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
+        self._lock = threading.Lock()
+        self._warned_dirs: set[str] = set()
+
+    # -- where checkpoints go -----------------------------------------------------------------------------
+    def placement(self, asked: str | os.PathLike[str] | None, *, what: str) -> Path | None:
+        """The folder this plugin stores checkpoints in when Lightning (or the user) asked for folder ``asked``
+        (None: Lightning's default): ``$BT_CHECKPOINT_DIR`` when set to a local folder, else None (``asked``
+        stands). A different ``asked`` gets one warning per folder naming both (module doc); ``what`` says
+        who asked, e.g. ``"ModelCheckpoint(dirpath='/x')"``."""
+        bt = platform_dir()
+        if bt is None or asked is None:
+            return bt
+        here = os.fspath(asked)
+        if not is_url(here) and os.path.realpath(os.path.expanduser(here)) == str(bt):
+            return bt
+        with self._lock:
+            first = here not in self._warned_dirs
+            self._warned_dirs.add(here)
+        if first:
+            log.warning("btckpt: %s is not $BT_CHECKPOINT_DIR (%s): SafetensorsCheckpointIO stores these "
+                        "checkpoints in %s instead, the only folder the platform backs up and the one "
+                        "resume_path() and ckpt_path=\"last\" search after a restart; nothing is written to %s. "
+                        "Leave dirpath unset (or point it there) to silence this; to write to %s, unset "
+                        "BT_CHECKPOINT_DIR (checkpoints there are neither backed up nor found on a restart).",
+                        what, bt, bt, here, here)
+        return bt
+
+    def _stored_at(self, path: Path) -> Path:
+        """Where ``save_checkpoint(path)`` stores ``path`` (module doc)."""
+        bt = self.placement(path.parent, what=f"the checkpoint path {str(path)!r}")
+        return path if bt is None or path.parent == bt else bt / path.name
+
+    def _found_at(self, path: Path) -> Path:
+        """``path`` when it exists, else where ``save_checkpoint(path)`` would have stored it (when that exists)."""
+        bt = platform_dir()
+        if bt is None or os.path.lexists(path):
+            return path
+        moved = bt / path.name
+        return moved if os.path.lexists(moved) or self._is_pending(moved) else path
+
+    def _is_pending(self, path: Path) -> bool:
+        with self._lock:
+            return any(path in links or path == f for f, links in self._pending.items())
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def checkpointer(self, root: str | os.PathLike[str], *, handle_sigterm: bool = False,
+                     distributed: bool = False) -> Checkpointer:
+        """The Checkpointer writing into ``root``; created on first use. Single-process, unless ``distributed``
+        (every rank saves its shards: :class:`ModelParallelStrategy`)."""
+        if is_url(os.fspath(root)):
+            raise CheckpointError(f"{root}: SafetensorsCheckpointIO writes local folders only; point "
+                                  "ModelCheckpoint(dirpath=...) at a local folder (the platform uploads it)")
+        key = Path(os.path.abspath(root))
+        ck = self._ckpts.get(key)
+        if ck is None:
+            ck = Checkpointer(world=None if distributed else World(), dir=str(key), keep_last=None,
+                              async_save=self.async_save, max_shard_size=self.max_shard_size, save_rng=self.save_rng,
+                              handle_sigterm=handle_sigterm)
+            self._ckpts[key] = ck
+            if process_rank() == 0:
+                self._finish_retirements(key)  # under the Checkpointer's writer lock
+        return ck
+
+    def _committed(self, folder: Path) -> None:
+        with self._lock:
+            links = self._pending.pop(folder, [])
+        for link in links:
+            self._relink(link, folder)
+
+    def _relink(self, link: Path, folder: Path) -> None:
+        """Point ``link`` at ``folder``; a folder that loses its last name this way is retired (as an
+        overwritten ``.ckpt`` file would be gone with TorchCheckpointIO)."""
+        if process_rank() != 0:
+            return  # a sharded save runs on every rank; names are rank 0's
+        old = None
+        if link.is_file():
+            try:
+                old = read_link(link)
+            except (UnsafeCheckpoint, OSError):
+                old = None
+        write_link(link, folder)
+        with self._lock:
+            busy = old in self._pending
+        if old is not None and old != folder and not busy and old.is_dir() and not self._named(old):
+            delete_checkpoint(old)
+            self._mine.discard(old)
+            log.info("btckpt: removed %s (its last name, %s, now names %s)", old.name, link.name, folder.name)
+
+    def wait(self) -> None:
+        """Block until every save so far committed and its names are written (raises a save's error)."""
+        for ck in list(self._ckpts.values()):
+            ck.wait()
+
+    def fence(self) -> None:
+        """Block until the last save's background copies are done (before writing parameters in place
+        outside ``optimizer.step()``)."""
+        for ck in list(self._ckpts.values()):
+            ck.fence()
+
+    def gate_with(self, checkpoint: dict[str, Any], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Let the save of ``checkpoint`` copy tensors owned by ``optimizers`` behind their step gate
+        (:class:`ModelCheckpoint` calls this at safe points; module doc)."""
+        self._gate_next = (checkpoint, list(optimizers)) if self.background_copy and optimizers else None
+
+    def attach(self, module: Any) -> None:
+        """Tell the plugin the LightningModule (for ``hf_model``; :class:`ModelCheckpoint` calls this)."""
+        self._hf.attach(module)
+
+    # -- CheckpointIO -----------------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Snapshot ``checkpoint`` into ``<dir>/checkpoint-<global_step>`` and name it ``path`` once committed."""
+        if storage_options is not None:
+            raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
+                            "SafetensorsCheckpointIO")
+        distributed = is_live(checkpoint)  # the live model/optimizer of ModelParallelStrategy: every rank saves
+        peer_rng = _rng.gather(checkpoint, timeout=self.rng_timeout) if process_rank() == 0 else None  # frees keys
+        if distributed:
+            peer_rng = None  # every rank saves its own RNG
+        elif peer_rng is None and self.save_rng and not self._warned_rng and _rng.peer_world() is not None \
+                and "loops" in checkpoint:
+            self._warned_rng = True
+            log.warning("btckpt: only rank 0's RNG state is saved; use btckpt.lightning.ModelCheckpoint so every "
+                        "rank's RNG is saved and a resume is exact")
+        gate, self._gate_next = self._gate_next, None
+        # sharded: the live optimizer is in the state, so the core gates its shards itself
+        optimizers = gate[1] if gate is not None and gate[0] is checkpoint and not distributed else []
+        link = self._stored_at(Path(os.path.abspath(path)))
+        step = int(checkpoint.get("global_step", 0))
+        folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
+        ck = self.checkpointer(folder.parent, distributed=distributed)
+        with self._lock:
+            waiting = self._pending.get(folder)
+            if waiting is not None:  # the same step is being written: this name shares the folder
+                if link != folder:
+                    waiting.append(link)
+                return
+        if folder in self._mine and inspect(folder).complete:
+            if link != folder:
+                self._relink(link, folder)
+            return
+        ck.wait()  # at most one save in flight (btckpt's back-pressure); also surfaces an earlier error
+        with self._lock:
+            self._pending.clear()
+        if folder.exists() and inspect(folder).complete:
+            # an earlier run committed this step (e.g. the checkpoint this run resumed from): btckpt never
+            # deletes a committed checkpoint before a newer one committed, so the name points at it
+            log.info("btckpt: %s was committed by an earlier run at this step; naming it %s", folder, link.name)
+            if link != folder:
+                self._relink(link, folder)
+            self._mine.add(folder)
+            return
+        groups, keys = to_groups(checkpoint)
+        if not distributed:
+            refuse_rank0_shards(groups, keys)
+        meta: dict[str, Any] = {"keys": keys}
+        files: dict[str, bytes] | None = None
+        hf = self._hf.prepare(groups["model"]) if isinstance(groups.get("model"), dict) else None
+        if hf is not None:
+            groups["model"], files, meta["hf"] = hf
+        elif distributed:
+            files = hf_model_group(self._hf, groups, meta)
+        with self._lock:
+            self._pending[folder] = [] if link == folder else [link]
+        try:
+            ck.save(step, groups, meta={"lightning": meta}, extra_files=files,
+                    on_commit=self._committed,
+                    peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers)
+        except UnsupportedValue as exc:
+            with self._lock:
+                self._pending.pop(folder, None)
+            raise name_bad_key(groups, keys, exc) from None
+        except BaseException:
+            with self._lock:
+                self._pending.pop(folder, None)
+            raise
+        self._mine.add(folder)
+
+    def _resolve(self, path: Path) -> Path:
+        path = self._found_at(path)
+        if self._is_pending(path):
+            self.wait()
+        if path.is_dir():  # a checkpoint (or plain model folder) itself, else the resume policy under it
+            policy = ResumePolicy.at(path)
+            info = policy.target() or policy.choose()
+            assert info is not None  # a named folder with nothing sound raises NoCheckpointFound
+            return info.path
+        if path.is_file():
+            folder = read_link(path)
+            if not folder.is_dir():
+                raise IncompleteCheckpoint(f"{path} names {folder.name}, which does not exist (removed?)")
+            return folder
+        raise FileNotFoundError(f"Checkpoint at {path} not found. Aborting training.")
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None, *,
+                        into: dict[str, Any] | None = None, strict: bool = True) -> dict[str, Any]:
+        """Rebuild Lightning's dict from safetensors + JSON (checksums verified; never unpickles).
+
+        ``path``: a link file, a checkpoint folder, a plain HF model folder (weights only) or a folder of
+        checkpoints (the newest complete one). ``map_location``: a device (tensors load on CPU otherwise).
+        ``weights_only`` is accepted for the interface; loading is always data-only. ``into`` (every rank,
+        :class:`ModelParallelStrategy`): ``{"model": module, "optimizer": optimizer}`` loaded in place (any
+        world size), left out of the returned dict; ``strict`` applies to them.
+        """
+        folder = self._resolve(Path(os.path.abspath(path)))
+        info = open_checkpoint(folder)
+        assert info is not None
+        meta = info.manifest.meta.get("lightning", {}) if info.manifest is not None else {}
+        keys = meta.get("keys", {"model": "state_dict"}) if isinstance(meta, dict) else {}
+        sharded = saved_sharded(info)
+        if sharded and into is None:
+            raise ConfigError(f"{folder} was saved sharded (per-rank files, by btckpt.lightning."
+                              "ModelParallelStrategy); load it with that strategy (any number of ranks)")
+        rank = process_rank()
+        apply = read_in_place(info, into, rank=rank, strict=strict) if into else None
+        elsewhere = sharded | set(into or ())  # loaded in place by read_in_place
+        out = {keys.get(g, g): v for g, v in group_values(info, exclude=elsewhere).items()}
+        if isinstance(meta, dict) and "hf" in meta and "state_dict" in out:
+            out["state_dict"] = from_hf_keys(out["state_dict"], meta["hf"], where=str(folder))
+        if map_location is not None and isinstance(map_location, (str, torch.device)):
+            out = map_tree(out, torch.device(map_location))
+        if isinstance(out.get("optimizer_states"), list):  # Lightning hands each to optimizer.load_state_dict
+            out["optimizer_states"] = [optimizer_state_for_loading(s) if isinstance(s, Mapping) else s
+                                       for s in out["optimizer_states"]]
+        if apply is not None:
+            apply()
+        if self.restore_rng and "loops" in out:
+            restore_rank_rng(info, rank)
+        if "loops" in out and rank == 0:
+            repair_links(folder, out.get("callbacks"))
+        self._mine.add(folder)
+        return out
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it."""
+        p = self._found_at(Path(os.path.abspath(path)))
+        with self._lock:
+            for links in self._pending.values():
+                while p in links:
+                    links.remove(p)
+        if p.is_dir() and STEP_DIR.match(p.name):
+            self._retire(p)
+            return
+        if not p.is_file():
+            return
+        try:
+            folder: Path | None = read_link(p)
+        except UnsafeCheckpoint:
+            folder = None  # not ours (e.g. a .ckpt from TorchCheckpointIO): remove it as Lightning would
+        # the last name of a folder: a marker first, so a kill between unlinking and deleting never leaves a
+        # complete folder that nothing names (the next start finishes the deletion, see _finish_retirements)
+        marker = p.parent / f"{RETIRE}{folder.name}" if folder is not None and not self._named(folder, besides=p) \
+            else None
+        if marker is not None and not marker.exists():
+            write_small_file(marker, b"")
+            fsync_dir(p.parent)
+        os.unlink(p)
+        fsync_dir(p.parent)
+        if marker is not None and folder is not None:
+            self._retire(folder)
+            marker.unlink(missing_ok=True)
+
+    def _finish_retirements(self, root: Path) -> None:
+        """Delete the folders whose last name was removed by a process that died before deleting them."""
+        for marker in sorted(root.glob(f"{RETIRE}checkpoint-*")):
+            folder = root / marker.name[len(RETIRE):]
+            if STEP_DIR.match(folder.name) and folder.is_dir() and not self._named(folder):
+                log.warning("btckpt: deleting %s, whose last name was removed by an earlier run", folder)
+                delete_checkpoint(folder)
+            marker.unlink(missing_ok=True)
+
+    def _named(self, folder: Path, *, besides: Path | None = None) -> bool:
+        with self._lock:
+            if self._pending.get(folder):
+                return True
+        for entry in folder.parent.iterdir():
+            if entry == besides:
+                continue
+            if entry.is_file() and not entry.name.startswith(".") and entry.stat().st_size <= MAX_LINK:
+                try:
+                    if read_link(entry) == folder:
+                        return True
+                except (UnsafeCheckpoint, OSError):
+                    continue
+        return False
+
+    def _retire(self, folder: Path) -> None:
+        with self._lock:
+            pending = folder in self._pending
+        if pending:
+            self.wait()
+        if folder.is_dir():
+            delete_checkpoint(folder)
+        self._mine.discard(folder)
+
+    def teardown(self) -> None:
+        """Wait for every save, write pending names, release the writers (raises a save's error)."""
+        ckpts, self._ckpts = list(self._ckpts.values()), {}
+        errors = []
+        for ck in ckpts:
+            try:
+                ck.close()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+        with self._lock:
+            self._pending.clear()
+        if errors:
+            raise errors[0]
+
+
+class ModelCheckpoint(_ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with the platform's defaults (same arguments, same state key).
+
+    ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. Under DDP it makes every
+    rank's RNG state part of the checkpoint (module doc). With
+    :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
+    the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0).
+    """
+
+    def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(resolve_dir(dirpath), *args, **kwargs)
+        self._ck: Checkpointer | None = None
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """On every rank: hand this rank's RNG state to rank 0's plugin; at a mid-epoch training batch end,
+        let rank 0's plugin copy parameters and moments behind the step gate (module doc)."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, SafetensorsCheckpointIO):
+            return
+        if io.save_rng:
+            _rng.note(checkpoint)
+        if trainer.is_global_zero and safe_for_background_copy(trainer):
+            io.gate_with(checkpoint, list(trainer.optimizers))
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        check_strategy(trainer.strategy)
+        if isinstance(trainer.strategy.checkpoint_io, SafetensorsCheckpointIO):
+            trainer.strategy.checkpoint_io.attach(pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafetensorsCheckpointIO) and trainer.world_size == 1 and self.dirpath:
+            # created after Lightning installed its SIGTERM handler: ours takes over until teardown
+            self._ck = io.checkpointer(self.dirpath, handle_sigterm=True)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        ck = self._ck
+        if ck is None or not ck.preempted:
+            return
+        assert self.dirpath is not None
+        filepath = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        self.last_model_path = filepath
+        trainer.save_checkpoint(filepath)
+        trainer.strategy.checkpoint_io.wait()
+        log.warning("btckpt: preemption checkpoint for step %d committed; stopping", trainer.global_step)
+        raise SIGTERMException()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._ck = None
+        super().teardown(trainer, pl_module, stage)
+
+
+_RESOLVE_DIR = "_ModelCheckpoint__resolve_ckpt_dir"  # Lightning >= 2.0: ModelCheckpoint's one folder choice
+
+
+def _route_lightning_dir_choice() -> None:
+    """Make Lightning's ``ModelCheckpoint`` ask :meth:`SafetensorsCheckpointIO.placement` for its folder.
+
+    Lightning decides a ``ModelCheckpoint``'s folder in one private method, called by ``setup`` and by
+    ``ckpt_path="last"`` (before any plugin call): for a trainer whose ``checkpoint_io`` is this plugin and
+    with ``$BT_CHECKPOINT_DIR`` set, the answer becomes that folder; every other trainer keeps Lightning's.
+    Without the method (a future Lightning), ``save_checkpoint`` still stores under ``$BT_CHECKPOINT_DIR``,
+    with its warning; only ``ckpt_path="last"`` would no longer look there.
+    """
+    lightning_choice = getattr(_ModelCheckpoint, _RESOLVE_DIR, None)
+    if lightning_choice is None or getattr(lightning_choice, "_btckpt", False):
+        return
+
+    def resolve_ckpt_dir(callback: _ModelCheckpoint, trainer: Any) -> Any:
+        io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None)
+        if isinstance(io, SafetensorsCheckpointIO):
+            check_strategy(trainer.strategy)  # also for Lightning's own / the default ModelCheckpoint
+            asked = callback.dirpath
+            bt = io.placement(asked, what=f"{type(callback).__name__}(dirpath={asked!r})")
+            if bt is not None:
+                return str(bt)
+        return lightning_choice(callback, trainer)
+
+    resolve_ckpt_dir._btckpt = True  # type: ignore[attr-defined]
+    setattr(_ModelCheckpoint, _RESOLVE_DIR, resolve_ckpt_dir)
+
+
+_route_lightning_dir_choice()

@@ -1,0 +1,188 @@
+"""Lightning's sharded strategies with :class:`~btckpt.lightning.SafetensorsCheckpointIO`.
+
+Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel applied in ``configure_model``),
+``FSDPStrategy`` and ``DeepSpeedStrategy`` override ``save_checkpoint`` *and* ``load_checkpoint``: a sharded
+save goes straight to DCP plus a pickled ``meta.pt`` (the plugin is never called), a full-state save
+reaches the plugin on rank 0 only, and no load ever calls the plugin (resuming would ``torch.load`` the
+plugin's link file). So:
+
+- :class:`ModelParallelStrategy` (Lightning's, same arguments) hands the plugin the live LightningModule and
+  optimizer on every rank. The core's sharded path (:mod:`btckpt.distributed.shards`) then writes each rank's own
+  shards (``model-rank0000N.safetensors``, ``optimizer-rank0000N...``) and each rank's RNG, and rank 0 the
+  rest of Lightning's dict (loops, callbacks, schedulers), in one commit; rank 0 writes the names
+  (``last.ckpt`` link files). Loading reads and verifies the folder on every rank, then loads the model and
+  optimizer in place through DCP's planner: any world size or mesh (2 ranks -> 1 reshards).
+- :func:`check_strategy` refuses Lightning's own ``ModelParallelStrategy`` / ``FSDPStrategy`` /
+  ``DeepSpeedStrategy`` with the plugin (ConfigError naming the strategy and the fix), rather than letting
+  checkpoints bypass the plugin. FSDP1 (``FSDPStrategy``) has no btckpt path: its flat parameters are not
+  DTensors, and neither Lightning nor torch run it on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
+
+from ..adapters import model_config_files, read_groups
+from ..distributed.shards import META_KEY, is_dtensor, sharded_groups
+from ..errors import ConfigError, StateMismatch
+from ..storage.discovery import CheckpointInfo
+from .state import safe_for_background_copy
+
+if TYPE_CHECKING:
+    from . import SafetensorsCheckpointIO
+    from .servable import HFLayout
+
+__all__ = ["ModelParallelStrategy", "ShardedCheckpointIO", "check_strategy", "is_live", "refuse_rank0_shards",
+           "saved_sharded", "read_in_place", "hf_model_group"]
+
+
+class ShardedCheckpointIO:
+    """Base of btckpt's plugin (:class:`btckpt.lightning.SafetensorsCheckpointIO`), by which the strategies
+    here recognise it without importing :mod:`btckpt.lightning` (which imports this module)."""
+
+
+def _plugin(strategy: Any) -> SafetensorsCheckpointIO | None:
+    """The strategy's CheckpointIO when it is btckpt's plugin."""
+    io = strategy.checkpoint_io
+    return cast("SafetensorsCheckpointIO", io) if isinstance(io, ShardedCheckpointIO) else None
+
+
+class ModelParallelStrategy(_LightningModelParallel):
+    """Lightning's ``ModelParallelStrategy`` (same arguments) whose checkpoints go through
+    :class:`~btckpt.lightning.SafetensorsCheckpointIO`: every rank writes its own shards, resume reshards to
+    any world size (module doc). With another ``CheckpointIO`` it behaves exactly as Lightning's."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """On every rank: save ``checkpoint`` with the live model and optimizer in place of their state dicts."""
+        io = _plugin(self)
+        if io is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
+                            "SafetensorsCheckpointIO")
+        module = self.lightning_module
+        assert module is not None
+        path = self.broadcast(str(filepath))  # rank 0's name, on every rank
+        checkpoint["state_dict"] = module
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = self._optimizer()
+        io.wait()  # every rank sees the same committed folders (a commit ends with a barrier on all ranks)
+        io.save_checkpoint(checkpoint, path)
+        if not safe_for_background_copy(module.trainer):
+            io.fence()  # e.g. epoch end: callbacks may write parameters before the next optimizer.step()
+        return None
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """On every rank: load the model (and optimizer, when fitting) in place; return the rest of the dict."""
+        io = _plugin(self)
+        if io is None:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        module = self.lightning_module
+        assert module is not None
+        into: dict[str, Any] = {"model": module}
+        if self.optimizers:
+            into["optimizer"] = self._optimizer()
+        path = self.broadcast(str(checkpoint_path))
+        return io.load_checkpoint(path, into=into, strict=module.strict_loading)
+
+    def _optimizer(self) -> Any:
+        if len(self.optimizers) > 1:
+            raise ConfigError(f"btckpt.lightning.ModelParallelStrategy saves one optimizer; configure_optimizers "
+                              f"returned {len(self.optimizers)} (combine their parameter groups into one optimizer)")
+        return self.optimizers[0]
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse (ConfigError) a strategy that would save or load around the plugin (module doc)."""
+    if isinstance(strategy, ModelParallelStrategy) or _plugin(strategy) is None:
+        return
+    name = type(strategy).__name__
+    if isinstance(strategy, _LightningModelParallel):
+        raise ConfigError(f"{name} saves and loads checkpoints itself (DCP + a pickled meta.pt), never through "
+                          "SafetensorsCheckpointIO: use btckpt.lightning.ModelParallelStrategy (same arguments), "
+                          "which hands every rank's shards to the plugin")
+    if isinstance(strategy, FSDPStrategy):
+        raise ConfigError(f"{name} (FSDP1) loads checkpoints without SafetensorsCheckpointIO and btckpt has no "
+                          "FSDP1 format: apply FSDP2 (torch.distributed.fsdp.fully_shard) in configure_model "
+                          "with btckpt.lightning.ModelParallelStrategy, or drop the plugin")
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ConfigError(f"{name} saves and loads checkpoints through DeepSpeed, never through "
+                          "SafetensorsCheckpointIO; DeepSpeed is not supported by btckpt: drop the plugin")
+
+
+def is_live(groups: Mapping[str, Any]) -> bool:
+    """True when ``groups`` hold a live model or optimizer with DTensors: a save every rank takes part in."""
+    return bool(sharded_groups(groups))
+
+
+def _dtensor_at(value: Any, path: str) -> str | None:
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return path if is_dtensor(value) else None
+    for k, v in items:
+        found = _dtensor_at(v, f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_rank0_shards(groups: Mapping[str, Any], keys: Mapping[str, str]) -> None:
+    """ConfigError when a dict handed to the plugin by one rank holds DTensors: it has that rank's shards
+    only, so saving it would silently lose every other rank's part."""
+    for name in ("model", "optimizer"):
+        found = _dtensor_at(groups.get(name), keys.get(name, name))
+        if found is not None:
+            raise ConfigError(f"Lightning checkpoint entry {found!r} is a DTensor (one rank's shard): the strategy "
+                              "hands SafetensorsCheckpointIO sharded state from rank 0 only, which would lose the "
+                              "other ranks' shards; use btckpt.lightning.ModelParallelStrategy (FSDP2 / tensor "
+                              "parallel), which saves every rank's shards")
+
+
+def hf_model_group(layout: HFLayout, groups: dict[str, Any], meta: dict[str, Any]) -> dict[str, bytes] | None:
+    """A sharded LightningModule whose whole state lives in one transformers model (``self.model``): save that
+    model as the ``model`` group (HF keys) with its ``config.json``, so ``btckpt consolidate`` turns the
+    checkpoint into a ``from_pretrained`` folder. Returns the config files (None: not such a module)."""
+    module, hit = groups.get("model"), layout.find()
+    if hit is None or not isinstance(module, torch.nn.Module):
+        return None
+    attr, hf = hit
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    if any(not n.startswith(attr + ".") for n in names):
+        return None  # state outside the transformers model: keep the LightningModule's keys
+    groups["model"] = hf
+    meta["hf_module"] = attr
+    return model_config_files(hf)
+
+
+def saved_sharded(info: CheckpointInfo) -> set[str]:
+    """The groups of a checkpoint that were saved sharded (per-rank files)."""
+    return set((info.manifest.meta.get(META_KEY) or {}) if info.manifest is not None else {})
+
+
+def read_in_place(info: CheckpointInfo, into: MutableMapping[str, Any], *, rank: int,
+                  strict: bool) -> Callable[[], None]:
+    """Read and verify the model (and optimizer) of ``into`` from ``info`` (a collective: every rank calls
+    it); return the function that loads them in place. A plain model group (e.g. saved under DDP) reshards
+    too; an optimizer saved whole (a list of Lightning optimizer states) cannot become a sharded one."""
+    sharded = saved_sharded(info)
+    where = Path(info.path)
+    if "optimizer" in into and "optimizer" not in sharded:
+        if info.manifest is not None and "optimizer" not in info.manifest.state:
+            raise StateMismatch(f"{where}: the checkpoint holds no optimizer state (saved weights-only?); "
+                                "fit(ckpt_path=...) needs a training checkpoint")
+        raise StateMismatch(f"{where}: the optimizer state was not saved sharded (saved by another strategy, "
+                            "e.g. ddp); resume with that strategy, or load the weights only")
+    meta = info.manifest.meta.get("lightning") if info.manifest is not None else None
+    attr = meta.get("hf_module") if isinstance(meta, dict) else None
+    if isinstance(attr, str):  # saved as the transformers model inside the LightningModule (hf_model_group)
+        into = dict(into, model=into["model"].get_submodule(attr))
+    return read_groups(info, into, list(into), rank=rank, strict=strict)

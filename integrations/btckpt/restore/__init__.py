@@ -1,0 +1,10 @@
+"""Reading a checkpoint back: which one, verified how, applied when.
+
+``policy`` (the one resume decision: own dir, load dir, a named folder), ``reader`` (verified reads of
+safetensors files), ``load`` (read and verify everything a state asks for, then apply it in place),
+``resume`` (the Checkpointer's restore across ranks), ``rng`` (RNG state as JSON), ``dcp`` (reading
+sharded or DCP checkpoints at any world size through DCP's planner).
+
+May import: ``format``, ``storage``, ``distributed``, ``btckpt.config``, ``btckpt.errors``.
+Never ``saving`` (its sibling).
+"""

@@ -1,0 +1,141 @@
+"""The resume policy: which checkpoint a (re)started job or a named folder resumes from, written once.
+
+Every entry point asks a :class:`ResumePolicy`: the Checkpointer (:mod:`btckpt.restore.resume`), the one-shot
+``btckpt.load``, HF's ``resume_checkpoint``, Lightning's ``resume_path`` and its load of a folder, and the
+CLI (``btckpt show``/``verify``). The policy says
+
+- *in which dir*: a job's own dir (the ``checkpoint-<N>`` folders directly in it, ``$BT_CHECKPOINT_DIR``
+  by default; with ``dir=URL`` also the published ones; and its node-local tier, :mod:`btckpt.tiers`: the
+  newest step of either wins, the tier's copy first on a tie), then its load dir (``$BT_LOAD_CHECKPOINT_DIR`` by
+  default; any layout, nested ``<job>/rank-<node>/checkpoint-<N>/`` included) -- or, for a folder a user
+  names, that folder in every layout (:meth:`ResumePolicy.at`), the folder itself when it is a checkpoint;
+- *which checkpoint*: the newest complete one, in that order, that the caller's ``accept`` takes;
+- *verified how*: checksums (:meth:`~ResumePolicy.choose`, for callers that hand a path on), or a full,
+  verified read into the state (:func:`btckpt.restore.resume.restore_from`); a damaged candidate is skipped with a
+  warning naming the file (:func:`btckpt.storage.discovery.select`);
+- *what if none*: ``on_missing`` -- ``"raise"`` (:class:`NoCheckpointFound` when a load dir was set, or a
+  named folder holds nothing) or ``"start_fresh"`` (None).
+
+Torch-free (the CLI imports it). The mechanism is :mod:`btckpt.storage.discovery`'s (``scan``, ``select``,
+``verified``, ``nothing_to_resume``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import NoCheckpointFound
+from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, verified
+from ..storage.local import is_url, local_path, remote_fs
+
+__all__ = ["ResumePolicy", "latest"]
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """Which checkpoint to resume from (module doc). Build one with :meth:`for_job` or :meth:`at`.
+
+    ``dir``: the own dir (its direct ``checkpoint-<N>`` folders; None: none). ``load_dir``: a previous
+    job's folder, or the folder a user named (any layout). ``remote``: the own dir's published copy
+    (a URL; its checkpoints not present locally count as own). ``accept``: complete candidates it returns
+    False for are passed over. ``named``: ``load_dir`` was named by the user (:meth:`at`): a checkpoint
+    itself is that checkpoint, and an empty folder raises whatever ``on_missing`` says. ``local``: the own
+    node-local tier folder (:func:`btckpt.tiers.resumable_tier`), searched with the own dir.
+    """
+
+    dir: str | None = None
+    load_dir: str | None = None
+    on_missing: str = "raise"
+    accept: Callable[[CheckpointInfo], bool] | None = None
+    remote: str | None = None
+    rank: int | None = None
+    named: bool = False
+    local: str | None = None
+
+    @classmethod
+    def for_job(cls, *, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
+                on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
+                remote: str | None = None, local: str | os.PathLike[str] | None = None) -> ResumePolicy:
+        """A (re)started job's policy: its own ``dir`` first, then ``load_dir`` (both as given; see
+        :func:`btckpt.config.resolve_dir` / :func:`~btckpt.config.resolve_load_dir` for the env defaults)."""
+        return cls(dir=os.fspath(dir) if dir is not None else None,
+                   load_dir=os.fspath(load_dir) if load_dir else None,
+                   on_missing=on_missing, accept=accept, remote=remote,
+                   local=os.fspath(local) if local is not None else None)
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> ResumePolicy:
+        """The policy for a folder a user names (``btckpt.load(path)``, ``btckpt show path``, Lightning's
+        ``ckpt_path=<folder>``): that checkpoint, else the newest sound one at or under it (any layout)."""
+        return cls(load_dir=os.fspath(path), named=True)
+
+    # -- candidates -------------------------------------------------------------------------------------
+    def target(self) -> CheckpointInfo | None:
+        """For :meth:`at`: the named folder when it is a checkpoint itself (no fallback then), else None."""
+        if not self.named or self.load_dir is None:
+            return None
+        infos = self.candidates()
+        here = remote_fs(self.load_dir)[1] if is_url(self.load_dir) else str(local_path(self.load_dir))
+        if len(infos) == 1 and str(infos[0].path).rstrip("/") == here.rstrip("/"):
+            return infos[0]
+        return None
+
+    def candidates(self) -> list[CheckpointInfo]:
+        """Every candidate in order of preference, damaged ones included (skipping names each one): the own
+        dir's (local, then the published ones not present locally) newest first, then the load dir's."""
+        own = resume_candidates(self.dir, None, rank=self.rank) if self.dir is not None else []
+        if self.local is not None:  # stable sort: on a tie the tier's copy (read from memory) comes first
+            own = sorted(scan(self.local, rank=self.rank, own=True) + own, key=lambda i: i.step, reverse=True)
+        if self.remote is not None:
+            steps = {i.step for i in own if i.complete}
+            own = sorted(own + [i for i in scan(self.remote, rank=self.rank, own=True) if i.step not in steps],
+                         key=lambda i: i.step, reverse=True)
+        load = resume_candidates(None, self.load_dir, rank=self.rank) if self.load_dir else []
+        return [i for i in own + load if self.accept is None or not i.complete or self.accept(i)]
+
+    # -- choosing -----------------------------------------------------------------------------------------
+    def select(self, attempt: Callable[[CheckpointInfo], Any] = verified,
+               candidates: list[CheckpointInfo] | None = None) -> tuple[CheckpointInfo, Any] | None:
+        """The first candidate (default :meth:`candidates`) that is complete and passes ``attempt``
+        (default: checksums), with what ``attempt`` returned; None when there is none (nothing raised)."""
+        return select(self.candidates() if candidates is None else candidates, attempt)
+
+    def choose(self) -> CheckpointInfo | None:
+        """The checkpoint to resume from, checksums verified (for callers that hand a path on); None or
+        :class:`NoCheckpointFound` per :meth:`missing` when there is none."""
+        found = self.select()
+        if found is None:
+            self.missing()
+            return None
+        return found[0]
+
+    def missing(self) -> None:
+        """What happens when nothing was chosen: raises :class:`NoCheckpointFound` when a resume was asked
+        for (a load dir set, or a folder named) and ``on_missing`` is ``"raise"``; returns otherwise."""
+        if not self.named:
+            nothing_to_resume(self.dir, self.load_dir, self.on_missing)
+            return
+        if self.on_missing == "raise":
+            where = self.load_dir
+            if where is not None and not is_url(where) and not local_path(where).exists():
+                raise NoCheckpointFound(f"{local_path(where)} does not exist")
+            raise NoCheckpointFound(f"no complete, verified checkpoint at or under {where} (damaged ones are named "
+                                    "in the warnings above)")
+
+
+def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
+    """``btckpt.latest``: the checkpoint the resume policy picks at or under ``path`` (any supported layout),
+    the newest complete and verified one, or None (never raises for "nothing there").
+
+    Damaged ones are skipped with a warning; checksums are checked, so this reads the files of the
+    checkpoints it tries. For an fsspec URL the answer is the checkpoint's URL (a ``str``).
+    """
+    found = ResumePolicy(load_dir=os.fspath(path), rank=rank).select()
+    if found is None:
+        return None
+    info = found[0]
+    return info.path if info.store.local else info.where

@@ -1,0 +1,91 @@
+"""Where a (re)started job resumes from: the Checkpointer's side of the resume policy, and the verified read.
+
+Which checkpoint, in which dir, verified how and what if none is :class:`btckpt.restore.policy.ResumePolicy`'s
+(the one policy every entry point asks). Here: :func:`restore_from` reads the policy's first sound candidate
+into the state (every byte verified before anything is applied; :func:`btckpt.restore.load.restore_first`), and
+:class:`Resume` adds what only the Checkpointer has: with several ranks, every rank calls
+:meth:`Resume.restore` and all load the same step, the newest one complete on every node and verified on
+every rank, agreed through the c10d store (no collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from ..config import CheckpointConfig
+from ..distributed.world import World
+from ..errors import CheckpointError
+from ..storage.discovery import CheckpointInfo, verified
+from .load import restore_first
+from .policy import ResumePolicy
+
+__all__ = ["Resume", "restore_from"]
+
+log = logging.getLogger("btckpt")
+
+
+def restore_from(policy: ResumePolicy, state: MutableMapping[str, Any], *, rank: int, want_rng: bool,
+                 strict: bool, candidates: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+    """Load ``policy``'s first candidate (or of ``candidates``) that reads and verifies into ``state``;
+    the checkpoint, or None / :class:`NoCheckpointFound` as the policy says (:meth:`ResumePolicy.missing`)."""
+    cands = policy.candidates() if candidates is None else candidates
+    info = restore_first(cands, state, rank=rank, want_rng=want_rng, strict=strict)
+    if info is None:
+        policy.missing()
+    return info
+
+
+class Resume:
+    """Finds and loads the checkpoint a Checkpointer resumes from (one per Checkpointer, every rank)."""
+
+    def __init__(self, *, config: CheckpointConfig, world: World, root: Path, remote: str | None,
+                 session: str, local: Path | None = None) -> None:
+        self.config, self.world, self.root, self.remote, self.session = config, world, root, remote, session
+        self.policy = ResumePolicy.for_job(dir=root, load_dir=config.load_dir, on_missing=config.on_missing,
+                                           remote=remote, local=local)
+
+    def candidates(self) -> list[CheckpointInfo]:
+        """Complete checkpoints in order of preference: own (local tier and dir) newest first, then ``load_dir``'s."""
+        return [i for i in self.policy.candidates() if i.complete]
+
+    def restore(self, state: MutableMapping[str, Any], *, strict: bool) -> int | None:
+        """Load the preferred checkpoint into ``state``; its step, or None (or NoCheckpointFound, see below).
+
+        Raises :class:`NoCheckpointFound` when ``load_dir`` is set, nothing was found anywhere and
+        ``on_missing='raise'``: a resume was asked for and the run would silently start from scratch.
+        """
+        cands = None
+        if self.world.size > 1 and self.world.store is not None:
+            cands = self._agree_on_step(self.candidates())
+        info = restore_from(self.policy, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict,
+                            candidates=cands)
+        return info.step if info is not None else None
+
+    def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The candidate every rank can load: the newest step complete on every node *and* verified on every
+        rank (checksums), agreed through the store. A step that fails verification on any rank is dropped by
+        all of them together, so ranks never restore different steps (or some start fresh)."""
+        remaining, newest, attempt = list(cands), max((c.step for c in cands), default=-1), 0
+        while True:
+            key = f"{self.session}/restore/{attempt}"
+            step = self.world.agree_step(key, [c.step for c in remaining], timeout=self.config.barrier_timeout)
+            mine = [c for c in remaining if c.step == step]
+            ok = False
+            if mine:
+                try:
+                    verified(mine[0])
+                    ok = True
+                except CheckpointError as exc:
+                    log.warning("btckpt: rank %d: %s is damaged: %s", self.world.rank, mine[0].path, exc)
+            agreed = self.world.agree_step(f"{key}/verified", [step] if ok else [],
+                                           timeout=self.config.barrier_timeout)
+            if step < 0 or agreed == step:
+                break
+            remaining, attempt = [c for c in remaining if c.step != step], attempt + 1
+        if newest > step:
+            log.warning("btckpt: rank %d: checkpoint-%d is not complete and verified on every rank; resuming from "
+                        "%s", self.world.rank, newest, f"step {step}" if step >= 0 else "scratch")
+        return mine if step >= 0 else []

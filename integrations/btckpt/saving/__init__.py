@@ -1,0 +1,11 @@
+"""Writing a checkpoint: mechanism only (when and how many is the Checkpointer's policy).
+
+``plan`` (the cached staging plan), ``snapshot`` (the reusable pinned arena, the copy stream or thread,
+the optimizer-step gate), ``writer`` (files from the arena, checksummed), ``priority`` (background
+threads yield the CPU to training), ``job`` (one save across ranks: files, then the commit), ``commit``
+(temp folder, fsync, manifest last, rename), ``retention`` and ``retired`` (what may be deleted, and the
+record of it for the uploader).
+
+May import: ``format``, ``storage``, ``distributed``, ``testing``, ``btckpt.config``, ``btckpt.errors``.
+Never ``restore`` (its sibling).
+"""

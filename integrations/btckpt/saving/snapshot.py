@@ -1,0 +1,450 @@
+"""The snapshot: copy the state's tensors into a reusable staging arena, off the training thread.
+
+Call order (by each rank, from the training thread): ``Stager.stage(flat, layout, sync_keys)`` returns a
+:class:`Staged` once the small/volatile tensors are copied; large tensors keep copying on a side CUDA
+stream (device tensors) or the copy thread (host tensors). :class:`StepGate` makes every
+``optimizer.step()`` wait for those copies, so the arena equals the state at the ``save()`` call.
+The arena is laid out as the files' data sections (see :mod:`btckpt.format.layout`), page-aligned, pinned on
+CUDA, allocated once and reused while the layout's signature is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..format.layout import FlatState, Layout
+from ..testing import faults
+
+__all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "DirectStaged", "Snapshot", "Stager", "StepGate",
+           "PAGE"]
+
+PAGE = 4096
+
+
+class ThreadStream:
+    """An in-order work queue on one thread: the CPU stand-in for a CUDA stream (and the host copier)."""
+
+    def __init__(self, name: str = "btckpt-copy") -> None:
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                self._error = exc
+
+    def run(self, fn: Callable[[], None]) -> None:
+        """Enqueue ``fn`` after everything enqueued before it."""
+        self._q.put(fn)
+
+    def record(self) -> threading.Event:
+        """An event set when everything enqueued so far has run."""
+        ev = threading.Event()
+        self._q.put(ev.set)
+        return ev
+
+    @staticmethod
+    def query(ev: threading.Event) -> bool:
+        return ev.is_set()
+
+    @staticmethod
+    def sync(ev: threading.Event) -> None:
+        ev.wait()
+
+    gate = sync  # host copies: the training thread itself must wait
+
+    def take_error(self) -> BaseException | None:
+        err, self._error = self._error, None
+        return err
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+
+class CudaStream:
+    """A side CUDA stream that first waits for the compute stream, then copies device->host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def start_after_compute(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with torch.cuda.stream(self.stream):
+            fn()
+
+    def record(self) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    @staticmethod
+    def query(ev: Any) -> bool:
+        return bool(ev.query())
+
+    @staticmethod
+    def sync(ev: Any) -> None:
+        ev.synchronize()
+
+    def gate(self, ev: Any) -> None:
+        """Order the compute stream after the copy: the host does not block, the GPU waits if needed."""
+        ev.wait(torch.cuda.current_stream(self.device))
+
+
+class Staged:
+    """A snapshot in flight over a full arena: the events its async copies signal.
+
+    ``gate()`` (the step gate, the fence) orders what follows after the copies: the host waits for host
+    copies; for device copies the compute stream waits on the copy event (no host stall). ``wait()``
+    blocks the host until every copy is done; ``pieces()`` (the writer) yields the arena bytes of one
+    file in large slices, after the copies are done. ``events`` holds ``(stream, event)`` pairs.
+    """
+
+    def __init__(self, arena: torch.Tensor, layout: Layout, events: list[tuple[Any, Any]], host: ThreadStream) -> None:
+        self.arena = arena
+        self.layout = layout
+        self._events = events
+        self._host = host
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once every async copy finished (never blocks)."""
+        return all(stream.query(ev) for stream, ev in self._events)
+
+    def gate(self) -> float:
+        """Make what the training thread does next run after the copies; return host seconds waited."""
+        t0 = time.perf_counter()
+        for stream, ev in list(self._events):
+            stream.gate(ev)
+        return time.perf_counter() - t0
+
+    def wait(self) -> float:
+        """Block until every copy finished; return seconds waited. A copy error lands in ``error``."""
+        t0 = time.perf_counter()
+        for stream, ev in list(self._events):
+            stream.sync(ev)
+        self._events = []
+        err = self._host.take_error()
+        if err is not None:
+            self.error = err
+        return time.perf_counter() - t0
+
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        """The arena bytes ``[begin, begin+size)`` in slices of at most ``chunk`` bytes."""
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        mv = memoryview(self.arena.numpy())  # type: ignore[arg-type]
+        for off in range(begin, begin + size, chunk):
+            yield mv[off:min(off + chunk, begin + size)]
+
+
+class ChunkedStaged:
+    """A snapshot larger than the memory budget: the writer copies one window of the (virtual) arena
+    at a time into a budget-sized buffer and writes it. The step gate holds ``optimizer.step()`` until
+    the last window was copied (more stall, bounded memory). Volatile tensors were cloned at ``save()``.
+    """
+
+    def __init__(self, buf: torch.Tensor, layout: Layout, sources: dict[tuple[str, str], torch.Tensor]) -> None:
+        self.buf = buf
+        self.layout = layout
+        self.error: BaseException | None = None
+        self._sources = sources
+        self._slots = sorted(layout.slots.items(), key=lambda kv: kv[1].offset)
+        self._window = -1
+        self._copied = threading.Event()
+        if layout.arena_size == 0:
+            self._copied.set()
+
+    def done(self) -> bool:
+        return self._copied.is_set()
+
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - t0
+
+    gate = wait
+
+    def abandon(self) -> None:
+        """Release the gate when the writer gives up (the error is raised elsewhere)."""
+        self._copied.set()
+
+    def _fill(self, w: int) -> None:
+        size = self.buf.numel()
+        lo, hi = w * size, min((w + 1) * size, self.layout.arena_size)
+        with torch.no_grad():
+            for key, s in self._slots:
+                a, b = max(lo, s.offset), min(hi, s.offset + s.nbytes)
+                if a >= b:
+                    continue
+                src = self._sources[key]
+                flat = src.detach().contiguous().reshape(-1).view(torch.uint8)
+                self.buf[a - lo:b - lo].copy_(flat[a - s.offset:b - s.offset])
+        self._window = w
+        if hi >= self.layout.arena_size:
+            self._copied.set()
+
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        wsize = self.buf.numel()
+        mv = memoryview(self.buf.numpy())  # type: ignore[arg-type]
+        pos, end = begin, begin + size
+        while pos < end:
+            w = pos // wsize
+            if w != self._window:
+                self._fill(w)
+            stop = min((w + 1) * wsize, end, pos + chunk)
+            yield mv[pos - w * wsize:stop - w * wsize]
+            pos = stop
+        if end >= self.layout.arena_size:
+            self._copied.set()
+
+
+class DirectStaged:
+    """A synchronous save of host tensors: the writer reads the tensors themselves, no arena copy.
+
+    Only for a sync save, where ``save()`` returns after the write, so nothing mutates the tensors while
+    they are read. The bytes written are the same as an arena's (same layout, same order).
+    """
+
+    def __init__(self, flat: FlatState, layout: Layout) -> None:
+        self.layout = layout
+        self.error: BaseException | None = None
+        self._sources = {(g.name, k): t for g in flat for k, t in g.tensors.items()}
+        self._slots = sorted((s.offset, s.nbytes, key) for key, s in layout.slots.items())
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> float:
+        return 0.0
+
+    gate = wait
+
+    def pieces(self, begin: int, size: int, *, chunk: int = 32 << 20) -> Iterator[memoryview]:
+        end = begin + size
+        for off, nbytes, key in self._slots:
+            if nbytes == 0 or not begin <= off < end:
+                continue
+            t = self._sources[key].detach().resolve_conj().resolve_neg().contiguous()
+            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            for a in range(0, nbytes, chunk):
+                yield mv[a:a + chunk]
+
+
+Snapshot = Staged | ChunkedStaged | DirectStaged
+
+
+class Stager:
+    """Owns the staging arena and the copy streams of one Checkpointer (one per rank).
+
+    ``small_bytes``: gated tensors smaller than this are copied before ``stage()`` returns (default 0:
+    every gated tensor, Adam's ``step`` counters included, copies behind the step gate). ``budget``: the
+    most bytes of staging memory; a larger snapshot is staged in windows
+    (:class:`ChunkedStaged`). ``device_stream``/``is_device`` let tests drive the CUDA code path on CPU.
+    """
+
+    def __init__(self, *, small_bytes: int = 0, budget: int | None = None,
+                 device_stream: Callable[[torch.device], Any] | None = None,
+                 is_device: Callable[[torch.Tensor], bool] | None = None) -> None:
+        self.small_bytes = small_bytes
+        self.budget = budget
+        self.allocations = 0
+        self._arena: torch.Tensor | None = None
+        self._arena_pinned = False
+        self._views: dict[tuple[str, str], torch.Tensor] = {}
+        self._views_sig: Any = None
+        self._copies: tuple[Any, _CopyPlan, set[tuple[str, str]]] | None = None
+        self._host = ThreadStream()
+        self._streams: dict[torch.device, Any] = {}
+        self._device_stream = device_stream or CudaStream
+        self._is_device = is_device or (lambda t: t.is_cuda)
+
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes of the staging arena now (0: none allocated)."""
+        return 0 if self._arena is None else self._arena.numel()
+
+    @property
+    def arena_pinned(self) -> bool:
+        """Whether the arena is page-locked (allocated for device-to-host copies)."""
+        return self._arena is not None and self._arena_pinned
+
+    def _alloc(self, need: int, pinned: bool) -> torch.Tensor:
+        if self._arena is None or self._arena.numel() < need or (pinned and not self._arena_pinned):
+            self._arena = None
+            self._views = {}
+            self._views_sig = None
+            raw = torch.empty(max(need, 1) + PAGE, dtype=torch.uint8, pin_memory=pinned)
+            shift = (-raw.data_ptr()) % PAGE
+            self._arena = raw[shift:shift + max(need, 1)]
+            self._arena_pinned = pinned
+            self.allocations += 1
+        return self._arena
+
+    def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Snapshot:
+        """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
+        faults.point("stage")
+        if sync and all(t.device.type == "cpu" and not self._is_device(t) for g in flat for t in g.tensors.values()):
+            return DirectStaged(flat, layout)
+        pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
+        if self.budget is not None and layout.arena_size > self.budget:
+            return self._stage_chunked(flat, layout, async_keys, pinned)
+        arena = self._alloc(layout.arena_size, pinned)
+        if self._views_sig is not layout.signature:
+            self._views = {key: arena[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                           for key, s in layout.slots.items()}
+            self._views_sig = layout.signature
+            self._copies = None
+        srcs = [t for g in flat for t in g.tensors.values()]
+        plan = self._copy_plan(flat, srcs, async_keys, sync)
+        with torch.no_grad():
+            if plan.now:
+                torch._foreach_copy_(plan.now_dst, [srcs[i] for i in plan.now])
+        events: list[tuple[Any, Any]] = []
+        for dev, (dsts, idx) in plan.later_dev.items():
+            cs = self._streams.get(dev)
+            if cs is None:
+                cs = self._streams[dev] = self._device_stream(dev)
+            cs.start_after_compute()
+            cs.run(functools.partial(_copy_all, list(zip(dsts, [srcs[i] for i in idx], strict=True)),
+                                     non_blocking=True))
+            events.append((cs, cs.record()))
+        if plan.later_host:
+            pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
+            self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
+            events.append((self._host, self._host.record()))
+        return Staged(arena, layout, events, self._host)
+
+    def _copy_plan(self, flat: FlatState, srcs: list[torch.Tensor], async_keys: set[tuple[str, str]],
+                   sync: bool) -> _CopyPlan:
+        """Which tensors copy now and which behind the gate (host thread or device stream), with their arena
+        views; cached while the views, the gated keys and the tensors' devices stay the same."""
+        key = (sync, len(srcs))
+        if self._copies is not None and self._copies[0] == key and self._copies[2] is async_keys:
+            return self._copies[1]  # the same gated-key set object: the save plan was reused
+        plan = _CopyPlan()
+        i = 0
+        for g in flat:
+            for k, t in g.tensors.items():
+                dst = self._views[(g.name, k)]
+                if sync or (g.name, k) not in async_keys or t.numel() * t.element_size() < self.small_bytes:
+                    plan.now.append(i)
+                    plan.now_dst.append(dst)
+                elif self._is_device(t):
+                    dsts, idx = plan.later_dev.setdefault(t.device, ([], []))
+                    dsts.append(dst)
+                    idx.append(i)
+                else:
+                    plan.later_host.append(i)
+                    plan.later_host_dst.append(dst)
+                i += 1
+        self._copies = (key, plan, async_keys)
+        return plan
+
+    def _stage_chunked(self, flat: FlatState, layout: Layout, async_keys: set[tuple[str, str]],
+                       pinned: bool) -> ChunkedStaged:
+        assert self.budget is not None
+        buf = self._alloc(max(PAGE, self.budget // PAGE * PAGE), pinned)
+        sources: dict[tuple[str, str], torch.Tensor] = {}
+        for g in flat:
+            for key, t in g.tensors.items():
+                volatile = (g.name, key) not in async_keys or t.numel() * t.element_size() < self.small_bytes
+                sources[(g.name, key)] = t.detach().to("cpu", copy=True) if volatile else t
+        return ChunkedStaged(buf, layout, sources)
+
+    def close(self) -> None:
+        self._host.close()
+        self._arena = None
+        self._views = {}
+
+
+@dataclass
+class _CopyPlan:
+    """Positions (in flattening order) and arena views of the tensors copied now / behind the gate."""
+
+    now: list[int] = field(default_factory=list)
+    now_dst: list[torch.Tensor] = field(default_factory=list)
+    later_host: list[int] = field(default_factory=list)
+    later_host_dst: list[torch.Tensor] = field(default_factory=list)
+    later_dev: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = field(default_factory=dict)
+
+
+def _copy_all(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bool) -> None:
+    """Copy each ``(dst, src)``: host sources in one batched ``_foreach_copy_``, device ones one by one
+    (each must be recorded on the side stream)."""
+    pairs = list(pairs)
+    with torch.no_grad():
+        if not any(src.is_cuda for _, src in pairs):
+            if pairs:
+                dsts, srcs = zip(*pairs, strict=True)
+                torch._foreach_copy_(list(dsts), list(srcs))
+            return
+        for dst, src in pairs:
+            if src.is_cuda:  # on the side stream: keep the caching allocator from reusing src until the copy ran
+                src.record_stream(torch.cuda.current_stream(src.device))
+            dst.copy_(src, non_blocking=non_blocking)
+
+
+class StepGate:
+    """Holds ``optimizer.step()`` until the current snapshot's copies are done (a step pre-hook).
+
+    Register once per optimizer in the saved state; ``arm(staged)`` at each save; ``wait()`` is also the
+    public fence for other in-place writers (EMA updates, manual weight edits).
+    """
+
+    def __init__(self) -> None:
+        self._staged: Snapshot | None = None
+        # by weak reference, never by id(): a rebuilt optimizer may get a dead one's id
+        self._handles: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
+        self.waited = 0.0
+        self.waits = 0
+
+    def watch(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Make sure each optimizer's ``step()`` waits for the snapshot (called at every save: an optimizer
+        rebuilt mid-run, or one whose hooks were cleared, is hooked again)."""
+        for opt in optimizers:
+            handle = self._handles.get(opt)
+            hooks = getattr(opt, "_optimizer_step_pre_hooks", None)  # torch's registry: is our hook still there?
+            if handle is None or (hooks is not None and handle.id not in hooks):
+                self._handles[opt] = opt.register_step_pre_hook(self._pre_step)
+
+    def _pre_step(self, *_args: Any, **_kwargs: Any) -> None:
+        self.wait()
+
+    def arm(self, staged: Snapshot) -> None:
+        self._staged = staged
+
+    def wait(self) -> None:
+        staged = self._staged
+        if staged is None:
+            return
+        if not staged.done():
+            self.waits += 1
+        self.waited += staged.gate()
+        self._staged = None
+
+    def close(self) -> None:
+        for h in list(self._handles.values()):
+            h.remove()
+        self._handles = weakref.WeakKeyDictionary()
+        self._staged = None

@@ -1,0 +1,9 @@
+"""Where checkpoints live and how they are found.
+
+``store`` (the :class:`~btckpt.storage.store.Store` protocol: list, stat, read a range, get, open; local
+folders and fsspec URLs), ``local`` (durable local writes: fsync, free space, temp-name tags), ``nodes``
+(this node's rank), ``discovery`` (inspect / scan / verify / select over a Store: one rule for "complete"
+in every layout), ``remote`` (the verified download cache for URLs).
+
+May import: ``format``, ``btckpt.errors``, ``btckpt.names``.
+"""

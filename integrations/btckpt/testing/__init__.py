@@ -1,0 +1,5 @@
+"""Fault points for tests: ``faults.point(phase)`` fails a named phase of a save, commit or upload on
+purpose (raise, ENOSPC, EIO, SIGKILL, exit) when a test arms it (``faults.arm`` or ``$BTCKPT_FAULT``).
+
+A no-op unless armed. Imports nothing of btckpt; anything may import it.
+"""
