@@ -105,6 +105,19 @@ def test_tier_saves_retention_promotion_and_clean_close(tmp_path: Path, capsys: 
     assert torch.equal(fresh["model"].weight, state["model"].weight) and fresh["extra"]["step"] == 8
 
 
+def test_promoted_checkpoints_are_uploaded(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    state = _state()
+    ck = _tier_ck(tmp_path, upload_to=f"file://{remote}")
+    _train(ck, state, range(1, 9))
+    ck.close()  # waits for the uploader's last pass
+    assert _steps(tmp_path / "d") == [6, 8]
+    assert _steps(remote) == [6, 8]  # what reached the durable dir was published, nothing from the tier itself
+    for step in (6, 8):
+        assert verify(inspect(remote / f"checkpoint-{step}")) == []
+    assert not (tmp_path / "ram").exists()
+
+
 def test_promotion_keeps_the_tier_manifest_and_files(tmp_path: Path) -> None:
     state = _state()
     ck = _tier_ck(tmp_path)
