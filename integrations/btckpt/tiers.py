@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +41,7 @@ from typing import Any
 from .distributed.world import World
 from .errors import CheckpointError, TierMismatch, TierTooSmall
 from .format.manifest import entry_problem
-from .saving.commit import DirLock, LocalCommit, checkpoint_name
+from .saving.commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
 from .saving.priority import background_thread, leave
 from .saving.retention import apply_retention
 from .saving.writer import write_arena_file
@@ -337,12 +336,19 @@ class LocalTier:
             self._pool = None
         if self._lock is None:
             return
-        self._lock.release()
-        self._lock = None
-        if remove and not self.failed:
-            for info in scan(self.root, own=True):
-                shutil.rmtree(info.path, ignore_errors=True)
-            for name in (IDENTITY, ".btckpt.lock"):
+        removing = remove and not self.failed
+        try:
+            if removing:
+                # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
+                # its files go (never a checkpoint-<N> with files missing), and the identity record goes last
+                for info in scan(self.root, own=True):
+                    delete_checkpoint(info.path, retired=False)
+                remove_stale_temps(self.root, locked=True)
+        finally:
+            self._lock.release()
+            self._lock = None
+        if removing:
+            for name in (".btckpt.lock", IDENTITY):
                 try:
                     (self.root / name).unlink()
                 except FileNotFoundError:

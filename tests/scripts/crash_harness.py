@@ -68,26 +68,36 @@ def same_as_reference(root: Path, ref: Path, steps: list[int], path: SavePath | 
             assert got.state == want.state, f"checkpoint-{step}: plain-data state differs from the uninterrupted run's"
 
 
-def check_restart_invariants(root: Path) -> list[int]:
+def check_restart_invariants(root: Path, tier: Path | None = None) -> list[int]:
     """What every restart must see: returns the steps of the complete checkpoints, newest first.
 
     Starts a Checkpointer on ``root`` (the restart), then asserts: no temp folder survives it; every
-    ``checkpoint-*`` folder listed is complete (never incomplete or corrupt) and verifies byte for byte.
+    ``checkpoint-*`` folder listed is complete (never incomplete or corrupt) and verifies byte for byte;
+    the resume policy offers exactly those, newest first. ``tier``: the run's local tier folder, whose
+    checkpoints count too (a restart resumes from the newest step of either).
     """
     import btckpt
+    from btckpt.restore.policy import ResumePolicy
     from btckpt.storage.discovery import scan, verify
+    from btckpt.tiers import resumable_tier
 
     ck = btckpt.Checkpointer(dir=str(root), async_save=False, handle_sigterm=False)
     try:
         left = temp_folders(root)
         assert not left, f"temp folders survived a restart: {left}"
         infos = scan(root)
+        if tier is not None:
+            infos = sorted(infos + scan(tier, own=True), key=lambda i: i.step, reverse=True)
         bad = [(i.path.name, i.status, i.reason) for i in infos if not i.complete]
         assert not bad, f"incomplete/corrupt checkpoint listed after a crash: {bad}"
         for i in infos:
             problems = verify(i)
             assert not problems, f"{i.path} does not verify after a crash: {problems}"
-        cands = [c.step for c in ck.candidates()]
+        if tier is None:
+            cands = [c.step for c in ck.candidates()]
+        else:
+            policy = ResumePolicy.for_job(dir=root, load_dir=None, local=resumable_tier(root, tier))
+            cands = [c.step for c in policy.candidates() if c.complete]
         assert cands == [i.step for i in infos], (cands, [i.step for i in infos])
     finally:
         ck.close()
@@ -307,9 +317,9 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
             assert trial.restored == expect, f"resumed from {trial.restored}, newest complete was {expect}"
             if out.exists():  # the run finished before the kill: start over from a fresh folder
                 out.unlink()
-            trial.complete_after = check_restart_invariants(root)
+            trial.complete_after = check_restart_invariants(root, path.tier_of(root))
             if ref_dir is not None:
-                same_as_reference(root, ref_dir, trial.complete_after, path)
+                _same_as_reference_everywhere(root, ref_dir, path)
             if path.check is not None:
                 path.check(root, ref_dir, False)
         except AssertionError as exc:
@@ -320,9 +330,9 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
             newest = None
     _finish(path, root, out, {}, logdir)
     try:
-        final = check_restart_invariants(root)
+        check_restart_invariants(root, path.tier_of(root))
         if ref_dir is not None:
-            same_as_reference(root, ref_dir, final, path)
+            _same_as_reference_everywhere(root, ref_dir, path)
         if path.check is not None:
             path.check(root, ref_dir, True)
         if expect_digest is not None:
@@ -332,6 +342,16 @@ def run_chain(path: SavePath, workdir: Path, *, phases: list[str | None], seed: 
     except AssertionError as exc:
         raise AssertionError(f"{path.name}: {exc}\ntrials: {history(trials)}") from None
     return trials
+
+
+def _same_as_reference_everywhere(root: Path, ref: Path, path: SavePath) -> None:
+    """:func:`same_as_reference` for the complete checkpoints of ``root`` and of the path's local tier."""
+    from btckpt.storage.discovery import scan
+
+    for folder in filter(None, (root, path.tier_of(root))):
+        if folder.is_dir():
+            own = folder != root
+            same_as_reference(folder, ref, [i.step for i in scan(folder, own=own) if i.complete], path)
 
 
 def history(trials: list[Trial]) -> str:

@@ -8,6 +8,8 @@ fault is injected into it, and the invariants particular to it.
 - ``torchrun``: 2 ranks (gloo, DDP) under torchrun (crash_dist.py); an injected fault kills one rank (rank 0
   at the phases only the leader reaches, a random rank at ``write_rng``) and torchrun tears the job down;
   a random kill takes the agent and both ranks at once;
+- ``tier``: crash_train.py with a local tier (btckpt.tiers) beside the dir, promoted into it; a restart
+  resumes from the newest complete step of either, and the tier's checkpoints meet every invariant too;
 - ``upload``: crash_train.py with ``upload_to=file://<root>-remote``; a fault kills the whole process group
   (``killpg``: uploader and training, as a node crash would). After every kill: every remote folder with a
   manifest is complete, verifies, and equals the uninterrupted run's checkpoint; then one upload pass (what
@@ -61,6 +63,11 @@ class SavePath:
     compare: Callable[[str], bool] | None = None  # manifest files compared with the reference (None: all)
     compare_state: bool = True  # compare the manifest's plain-data state with the reference's too
     check: Callable[[Path, Path | None, bool], None] | None = None  # (root, reference dir, final): more checks
+    tier: bool = False  # saves go to a local tier beside the dir (<root>-tier) first: restarts may resume there
+
+    def tier_of(self, root: Path) -> Path | None:
+        """The local tier folder of a run saving into ``root`` (None: the path has none)."""
+        return root.with_name(root.name + "-tier") if self.tier else None
 
     @property
     def ref_key(self) -> str:
@@ -189,6 +196,8 @@ SAVE_PATHS: dict[str, SavePath] = {
                           compare=_lightning_files, compare_state=False, check=_check_lightning),
     "torchrun": SavePath("torchrun", _torchrun, final_step=30, auto_delay=True, fault=_rank_fault,
                          phase_killed=_rank_killed),
+    "tier": SavePath("tier", _crash_train("async", 60, 3, "--tier"), phases=LOCAL_PHASES + ("promote",),
+                     tier=True),
     "upload": SavePath("upload", _upload_argv, final_step=24, phases=LOCAL_PHASES + UPLOAD_PHASES, auto_delay=True,
                        fault=lambda phase, rng: f"{phase}:killpg", check=_check_upload),
 }

@@ -113,14 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--upload-to", default=None, help="Checkpointer(upload_to=URL): the upload save path")
+    ap.add_argument("--tier", action="store_true", help="the tier save path: maybe_save into a local tier beside "
+                    "--dir (<dir>-tier) every --every steps, promoted every 2 x --every (reference runs: every time)")
     args = ap.parse_args(argv)
 
     state = build(args.width)
     if args.mode == "oneshot":
         return oneshot(args, state)
     keep = None if os.environ.get("CRASH_KEEP_ALL") else args.keep_last  # reference runs keep every step
+    tier = {}
+    if args.tier:  # the reference run promotes every tier step, so each one can be compared with it
+        tier = {"local_every_steps": args.every, "local_tier_dir": args.dir.rstrip("/") + "-tier",
+                "every_steps": args.every if keep is None else 2 * args.every}
     with btckpt.Checkpointer(dir=args.dir, async_save=args.mode == "async", keep_last=keep,
-                             space_margin=0, upload_to=args.upload_to) as ckpt:
+                             space_margin=0, upload_to=args.upload_to, **tier) as ckpt:
         start = ckpt.restore(state)
         say(f"RESTORED {start if start is not None else 'none'}")
         start = start or 0
@@ -129,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             loss = train_step(state, args.width)
             state["extra"]["loss_sum"] += loss
             state["extra"]["seen"].append(step)
-            if step % args.every == 0 or step == args.steps:
+            if args.tier:
+                ckpt.maybe_save(step, state)  # the last step (a multiple of 2 x --every) is promoted
+            elif step % args.every == 0 or step == args.steps:
                 ckpt.save(step, state)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
