@@ -1,11 +1,11 @@
 """Crash consistency: a real training run is SIGKILLed at random instants and at injected phases of the save
 (BTCKPT_FAULT=<phase>:kill), for each save path (tests/scripts/crash_paths.py): sync and async Checkpointer,
 one-shot save/load, HF Trainer, Lightning, torchrun (2 ranks, DDP), upload_to and the local (RAM) tier with its
-promotions. After every kill the run restarts; the harness asserts that no incomplete checkpoint is ever listed or loaded, that the run resumes
-from the newest complete checkpoint, that the older ones verify byte for byte and equal the uninterrupted
-run's, that no temp folder survives the restart, each path's own invariants (Lightning's link files; the
-upload's remote side never shows a manifest over incomplete files, and a restart finishes the upload), and
-that the final state is bit-identical to an uninterrupted run's.
+promotions. After every kill the run restarts; the harness asserts that no incomplete checkpoint is ever listed
+or loaded, that the run resumes from the newest complete checkpoint, that the older ones verify byte for byte
+and equal the uninterrupted run's, that no temp folder survives the restart, each path's own invariants
+(Lightning's link files; the upload's remote side never shows a manifest over incomplete files, and a restart
+finishes the upload), and that the final state is bit-identical to an uninterrupted run's.
 
 CI runs 4 x 17 kills over the core paths (every phase, the rest random) and 2-3 kills for each of the four
 integration paths (process starts dominate there); ``benchmarks/crash_soak.py --trials 500`` runs the long
