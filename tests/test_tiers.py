@@ -70,6 +70,12 @@ def test_local_tier_dir_is_validated(tmp_path: Path) -> None:
     assert cfg.local_tier_dir == str(tmp_path / "ram")
 
 
+def test_hf_callback_refuses_the_tier_until_wired() -> None:
+    hf = pytest.importorskip("btckpt.hf")
+    with pytest.raises(btckpt.ConfigError, match="not wired into the HF callback"):
+        hf.CheckpointCallback(local_every_steps=2)
+
+
 def test_default_tier_dir_is_one_per_job(tmp_path: Path) -> None:
     a, b = default_tier_dir(tmp_path / "job-a"), default_tier_dir(tmp_path / "job-b")
     assert a.parent == b.parent == Path("/dev/shm/btckpt")

@@ -184,6 +184,9 @@ class CheckpointCallback(TrainerCallback):
     """
 
     def __init__(self, *, auto_resume: bool = True, exit_on_preemption: bool = True, **options: Any) -> None:
+        if options.get("local_every_steps") is not None:  # its saves would lack the Trainer's files (trainer_state)
+            raise ConfigError("local_every_steps: the local (RAM) tier is not wired into the HF callback yet; use "
+                              "btckpt.Checkpointer with maybe_save() for it, or drop the option")
         self.options = dict(options)
         self.auto_resume = auto_resume
         self.exit_on_preemption = exit_on_preemption
