@@ -183,6 +183,11 @@ def test_a_tier_of_another_job_is_refused_and_never_resumed(tmp_path: Path) -> N
     with btckpt.Checkpointer(dir=tmp_path / "d", local_every_steps=2, local_tier_dir=tmp_path / "ram2",
                              handle_sigterm=False) as other:
         assert other.restore(_state()) is None
+    fresh = tmp_path / "fresh"  # a start killed while writing its identity record leaves its temp file
+    fresh.mkdir()
+    (fresh / f".{IDENTITY}.tmp-123").write_text("{")
+    _tier_ck(tmp_path, local_tier_dir=fresh).close()
+    assert not fresh.exists()  # taken over, then removed at the clean close
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")

@@ -112,13 +112,16 @@ def claim(root: Path, durable: Path) -> DirLock:
     if owner is not None and owner != mine:
         raise TierMismatch(f"local tier {root} belongs to the job saving into {owner}, not {mine}; give this job "
                            "its own local_tier_dir (or remove that folder once its job is gone)")
-    if owner is None and root.is_dir() and any(e.name != ".btckpt.lock" for e in root.iterdir()):
+    ours = (".btckpt.lock", f".{IDENTITY}.tmp-")  # what a start killed before its record was written leaves
+    if owner is None and root.is_dir() and any(not e.name.startswith(ours) for e in root.iterdir()):
         raise TierMismatch(f"local tier {root} holds files but no {IDENTITY} (it is not a btckpt local tier); "
                            "point local_tier_dir at an empty or new folder")
     if root.parent == DEFAULT_BASE and not DEFAULT_BASE.exists():
         DEFAULT_BASE.mkdir(parents=True, exist_ok=True)
         os.chmod(DEFAULT_BASE, 0o1777)  # shared by every user's jobs, like /tmp
     lock = DirLock(root)
+    for left in root.glob(f".{IDENTITY}.tmp-*"):  # the lock is ours: nobody else is writing one
+        left.unlink(missing_ok=True)
     if owner is None:
         tmp = root / f".{IDENTITY}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
