@@ -17,12 +17,12 @@ Limits, kept honestly:
   (:class:`~btckpt.errors.TierTooSmall`, with the numbers and the fix) before the first local save;
 - **identity**: the folder records the durable dir it belongs to (:data:`IDENTITY`); a folder recording
   another is refused (:class:`~btckpt.errors.TierMismatch`) and never resumed from, and one writer per
-  folder is enforced by the same lock as the durable dir (:class:`~btckpt.commit.DirLock`);
+  folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
 - **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder;
   after a crash it stays, and the restarted job resumes from it when it holds the newest step
-  (:class:`btckpt.policy.ResumePolicy` searches it first).
+  (:class:`btckpt.restore.policy.ResumePolicy` searches it with the own dir).
 
-Torch-free (the resume policy and the CLI import it).
+Torch-free (the framework adapters import it for their resume search).
 """
 
 from __future__ import annotations
