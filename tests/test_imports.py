@@ -133,7 +133,8 @@ LAYERS = [
     {"checkpointer", "oneshot", "consolidate", "adapters", "upload", ""},
     {"hf", "lightning", "cli"},
 ]
-FOLDERS = {"format", "storage", "distributed", "saving", "restore", "publish", "hf", "lightning", "cli", "testing"}
+FOLDERS = {"format", "storage", "distributed", "saving", "restore", "tiers", "publish", "hf", "lightning", "cli",
+           "testing"}
 
 
 def _unit(module: str) -> str:

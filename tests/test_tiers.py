@@ -257,6 +257,29 @@ def test_failed_promotion_leaves_older_checkpoints_and_the_tier(tmp_path: Path) 
     assert _steps(d) == [6, 12] and not ram.exists()
 
 
+def test_close_never_drops_the_tier_when_the_dir_holds_a_broken_folder_of_its_step(tmp_path: Path) -> None:
+    """A damaged ``checkpoint-<N>`` in the dir (no manifest) must not pass for the tier's step N at close: the
+    promotion is refused, close() raises, and the tier keeps N (the only complete copy)."""
+    d, ram = tmp_path / "d", tmp_path / "ram"
+    state = _state()
+    ck = _tier_ck(tmp_path)
+    _train(ck, state, range(1, 9))
+    ck.wait()
+    assert _steps(d) == [6] and _steps(ram) == [8]
+    (d / "checkpoint-8").mkdir()  # a careless colleague's folder: the name of the tier's newest step, no manifest
+    (d / "checkpoint-8" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(btckpt.CheckpointError, match="checkpoint-8"):
+        ck.close()
+    assert _steps(ram) == [8] and verify(inspect(ram / "checkpoint-8")) == []  # kept for the restart
+    assert (d / "checkpoint-8" / "model.safetensors").read_bytes() == b"junk"  # never overwritten
+    fresh = _state(seed=2)
+    with _tier_ck(tmp_path) as again:
+        assert again.restore(fresh) == 8 and fresh["extra"]["step"] == 8
+        assert torch.equal(fresh["model"].weight, state["model"].weight)
+        shutil.rmtree(d / "checkpoint-8")
+    assert _steps(d) == [6, 8] and not ram.exists()
+
+
 def test_crash_mid_promotion_keeps_durable_dir_sound(tmp_path: Path) -> None:
     d, ram = tmp_path / "d", tmp_path / "ram"
     env = env_with(BTCKPT_FAULT="promote:kill")

@@ -624,7 +624,11 @@ class Checkpointer:
         if self._tier is None:
             return
         step = self._tier.newest()  # saved by this run, or the step it resumed from
-        if step is not None and step != self._tier.scheduled and not (self.root / checkpoint_name(step)).is_dir():
+        if step is None or step == self._tier.scheduled:
+            return
+        # the one completeness rule: a folder of that name that is not complete (outside damage) does not count;
+        # promote() then refuses to overwrite it, which fails the close and keeps the tier (the only good copy)
+        if not inspect(self.root / checkpoint_name(step)).complete:
             self._promote(step)
 
     def _close_tier(self, clean: bool) -> None:

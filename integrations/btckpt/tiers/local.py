@@ -38,16 +38,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .distributed.world import World
-from .errors import CheckpointError, TierMismatch, TierTooSmall
-from .format.manifest import entry_problem
-from .saving.commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
-from .saving.priority import background_thread, leave
-from .saving.retention import apply_retention
-from .saving.writer import write_arena_file
-from .storage.discovery import inspect, scan
-from .storage.local import free_bytes, fsync_dir, fsync_file, space_error
-from .testing import faults
+from ..distributed.world import World
+from ..errors import CheckpointError, TierMismatch, TierTooSmall
+from ..format.manifest import entry_problem
+from ..saving.commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
+from ..saving.priority import background_thread, leave
+from ..saving.retention import apply_retention
+from ..saving.writer import write_arena_file
+from ..storage.discovery import inspect, scan
+from ..storage.local import free_bytes, fsync_dir, fsync_file, space_error
+from ..testing import faults
 
 __all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
            "check_fits", "promote", "LocalTier"]

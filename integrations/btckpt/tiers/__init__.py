@@ -1,0 +1,26 @@
+"""Tiers: frequent checkpoints into node-local memory, promoted to the durable dir, replicated to a peer node.
+
+- :mod:`.local`: the node-local tier (a folder on a tmpfs): its identity, memory preflight, retention and the
+  background promotion into the durable dir.
+- :mod:`.replicas`: with several nodes, each node's tier checkpoint also copied into the next node's tier over
+  a process group of its own, and fetched back by a node that lost its memory.
+
+Layer: above ``saving``/``restore`` (tier saves go through the one save and commit path), below ``publish``
+and the Checkpointer, which drives both.
+"""
+
+from .local import (
+    COPIES,
+    DEFAULT_BASE,
+    IDENTITY,
+    LocalTier,
+    check_fits,
+    default_tier_dir,
+    promote,
+    resumable_tier,
+    tier_bytes,
+    tier_dir,
+)
+
+__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
+           "check_fits", "promote", "LocalTier"]
