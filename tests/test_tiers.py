@@ -401,3 +401,81 @@ def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Pat
 
     ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_a_node_that_lost_its_memory_restores_its_part_from_the_peer(tmp_path: Path) -> None:
+    """Node 1's processes are killed after the tier save of step 8 and its RAM folder wiped (a replacement
+    node): at restart it fetches its part of step 8 from node 0's memory (the peer replica) instead of falling
+    back to the disk's step 6; both nodes resume from 8, bit-identical to an uninterrupted run."""
+    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors")]):
+        assert rc == 0, out[-4000:]
+        assert "peer replica" not in out, out[-3000:]  # every exchange went through
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+    held = tmp_path / "ram-run-0" / ".replicas" / "node-1"
+    assert _steps(held) == [8] and verify(inspect(held / "checkpoint-8")) == []  # node 1's part, in node 0's RAM
+    assert json.loads((held / "checkpoint-8" / "btckpt.json").read_text())["world"]["node_rank"] == 1
+    assert _steps(tmp_path / "ram-run-1") == [8] and _steps(tmp_path / "run" / "node1") == [6]
+    shutil.rmtree(tmp_path / "ram-run-1")  # node 1's memory is gone
+    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors")])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"resumed from 8 in {tmp_path / f'ram-run-{node}'}" in out, out[-3000:]
+    assert "node 1: fetched its part of step 8 from node 0's memory" in results[1][1], results[1][1][-3000:]
+    assert "fetched its part" not in results[0][1]  # node 0 had its own
+    from safetensors.torch import load_file
+
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    for node in (0, 1):  # a clean end: every node's newest step durable, tiers (and the replicas in them) removed
+        assert _steps(tmp_path / "run" / f"node{node}")[-1] == 12
+        assert not (tmp_path / f"ram-run-{node}").exists()
+
+
+
+@pytest.mark.slow
+def test_a_damaged_peer_replica_is_refused_and_the_node_falls_back_to_disk(tmp_path: Path) -> None:
+    """The replica node 0 holds for node 1 has a flipped byte: node 1's fetch fails its checksum, nothing of it
+    is kept, the link stays usable, and every rank resumes from the newest step all nodes have (disk's 6)."""
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+    held = tmp_path / "ram-run-0" / ".replicas" / "node-1" / "checkpoint-8"
+    victim = max((p for p in held.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    shutil.rmtree(tmp_path / "ram-run-1")
+    results = _two_nodes(tmp_path, "run", [])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 6 in" in out and "peer replica" not in out, out[-3000:]
+    assert "fetching its part of step 8 from node 0 failed" in results[1][1], results[1][1][-3000:]
+    assert "checksum mismatch" in results[1][1]
+    assert "removed" in results[0][1] and "ram-run-0/checkpoint-8: newer than the step every rank resumed from (6)" \
+        in results[0][1]  # node 0's abandoned step 8 (it would have collided with the new save of step 8)
+    assert _steps(tmp_path / "run" / "node1")[-1] == 12
+    assert not [p for p in (tmp_path / "run" / "node1").iterdir() if p.name.startswith(".checkpoint-")]
+
+
+@pytest.mark.slow
+def test_a_step_damaged_on_one_node_is_saved_again_by_every_node(tmp_path: Path) -> None:
+    """Node 1's part of the durable step 12 is damaged: the restart resumes every rank from 6, each node removes
+    its own (abandoned) step 12, and the run saves step 12 again on both nodes instead of one node finding the
+    name taken and skipping while the other waits for it."""
+    for rc, out in _two_nodes(tmp_path, "run", ["--local-every", "100"]):
+        assert rc == 0, out[-4000:]
+    for node in (0, 1):
+        assert _steps(tmp_path / "run" / f"node{node}") == [6, 12]
+    part = tmp_path / "run" / "node1" / "checkpoint-12"
+    victim = max((p for p in part.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    results = _two_nodes(tmp_path, "run", ["--local-every", "100"])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 6" in out, out[-3000:]
+        assert f"node{node}/checkpoint-12: newer than the step every rank resumed from (6)" in out, out[-3000:]
+        durable = tmp_path / "run" / f"node{node}"
+        assert _steps(durable) == [6, 12] and verify(inspect(durable / "checkpoint-12")) == []

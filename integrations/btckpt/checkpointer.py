@@ -44,12 +44,13 @@ from .saving.commit import DirLock, checkpoint_name
 from .saving.job import SaveJob, checked_extra_files, run_save
 from .saving.plan import SavePlans, prepare_flat
 from .saving.priority import background_thread, leave, urgent
-from .saving.retention import apply_retention
+from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url, local_path, new_tag, space_error
 from .tiers import LocalTier, resumable_tier
+from .tiers.replicas import PeerReplicas
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -166,9 +167,14 @@ class Checkpointer:
             if self._lock.removed:
                 log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
                             len(self._lock.removed), ", ".join(p.name for p in self._lock.removed))
+        self._tier: LocalTier | None = None
         try:
             self._tier = LocalTier.create(self.config, self.world, self.root)  # None without local_every_steps
+            # with several nodes: connect to the peer nodes, fetch back this node's part if its memory was lost
+            self._replicas = PeerReplicas.create(self.config, self.world, self._tier, session=self._session)
         except BaseException:
+            if self._tier is not None:
+                self._tier.close(remove=False)
             if self._lock is not None:
                 self._lock.release()
             raise
@@ -395,6 +401,8 @@ class Checkpointer:
         if job.root != self.root:
             if self._tier is not None and self.world.is_local_leader:
                 self._tier.retain(keep=path)
+            if self._replicas is not None:  # node leaders: a copy into the next node's tier, in the background
+                self._replicas.schedule(job.step)
         else:
             self._published(path)
         if job.on_commit is not None:
@@ -571,6 +579,8 @@ class Checkpointer:
             self._drain()
             if self._tier is not None:
                 self._tier.wait()
+            if self._replicas is not None:
+                self._replicas.wait()
             self._raise_pending()
         if self.remote is not None and self._uploader is not None:
             finish_upload(self._uploader, self.remote, restart=True)
@@ -588,6 +598,8 @@ class Checkpointer:
             clean = True
         finally:
             self._closed = True
+            if self._replicas is not None:  # its exchanges read tier checkpoints: they finish first
+                self._replicas.close()
             if self._tier is not None:
                 self._close_tier(clean)
             if self._consolidator is not None:
@@ -676,4 +688,16 @@ class Checkpointer:
             step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
             if step is not None:
                 self._last_save_step = step
+                self._remove_diverged(step)
         return step
+
+    def _remove_diverged(self, step: int) -> None:
+        """After every rank resumed from ``step``: the node's own checkpoints newer than it are an abandoned
+        future; the tier's always go (a cache; promoting one would fail), the dir's when there are several nodes
+        (a step complete on some nodes only: saving it again must not find the name taken on those alone)."""
+        if not self.world.is_local_leader:
+            return
+        if self._tier is not None and self._tier.root.is_dir():
+            remove_diverged(self._tier.root, resumed=step)
+        if self.world.nodes > 1:
+            remove_diverged(self.root, resumed=step, protected=self._protected)

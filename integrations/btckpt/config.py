@@ -93,6 +93,9 @@ class CheckpointConfig:
     cadence (``every_steps``/``every_seconds``, SIGTERM, ``close()``) copies the newest of them into ``dir``
     in the background. ``local_tier_dir``: that folder (default ``/dev/shm/btckpt/<job>``, ``<job>`` derived
     from the resolved checkpoint dir, so two jobs never share one); a local path, never inside ``dir``.
+    ``peer_replicas``: with a local tier and two or more nodes, each node's tier checkpoints are also kept in
+    the next node's tier, and a node that lost its memory fetches its part back from there at start
+    (:mod:`btckpt.tiers.replicas`); the tier then needs room for twice as many copies.
     """
 
     dir: str | None = None
@@ -117,6 +120,7 @@ class CheckpointConfig:
     consolidate: bool | str = False
     local_every_steps: int | None = None
     local_tier_dir: str | None = None
+    peer_replicas: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -175,6 +179,8 @@ class CheckpointConfig:
 
     def _check_local_tier(self) -> None:
         k, d = self.local_every_steps, self.local_tier_dir
+        if not isinstance(self.peer_replicas, bool):
+            raise ConfigError(f"peer_replicas={self.peer_replicas!r}: must be True or False")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError(f"local_every_steps={k!r}: must be a positive integer (steps between node-local "
                               "saves) or None (no local tier)")

@@ -6,6 +6,10 @@ files at the top of the dir. Rules: keep the newest ``keep_last`` complete check
 complete one; never a protected one (e.g. the best model, one being read); never anything that is not a
 complete btckpt checkpoint (folders written by other tools, incomplete ones); and only after a newer
 checkpoint committed (the caller runs this right after a commit).
+
+One exception, :func:`remove_diverged`: after every rank resumed from step S, this writer's own checkpoints
+newer than S are a future the job abandoned (not complete and verified on every node, or the job would have
+resumed from them); the next save of such a step would find its name taken on some nodes only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from ..storage.discovery import STEP_DIR, CheckpointInfo, scan
 from .commit import delete_checkpoint
 
-__all__ = ["select_for_deletion", "apply_retention"]
+__all__ = ["select_for_deletion", "apply_retention", "remove_diverged"]
 
 log = logging.getLogger("btckpt")
 
@@ -34,6 +38,33 @@ def select_for_deletion(infos: Iterable[CheckpointInfo], *, keep_last: int | Non
     return list(reversed(doomed))
 
 
+def _own(base: Path) -> list[CheckpointInfo]:
+    return [i for i in scan(base, own=True) if i.path.parent == base and STEP_DIR.match(i.path.name)]
+
+
+def remove_diverged(root: str | os.PathLike[str], *, resumed: int, protected: Iterable[Path] = ()) -> list[Path]:
+    """Delete this writer's complete btckpt checkpoints newer than ``resumed``, the step every rank resumed from
+    (call it on the node's leader after the agreed restore); the deleted ones. Protected ones are kept (logged)."""
+    prot = {Path(p).resolve() for p in protected}
+    removed = []
+    for info in _own(Path(root)):
+        if not (info.complete and info.kind == "btckpt" and info.step > resumed):
+            continue
+        if info.path.resolve() in prot:
+            log.warning("btckpt: %s is newer than the step resumed from (%d) but protected; kept (a save of "
+                        "step %d will find its name taken)", info.path, resumed, info.step)
+            continue
+        try:
+            delete_checkpoint(info.path)
+        except OSError as exc:
+            log.warning("btckpt: could not remove %s: %s", info.path, exc)
+            continue
+        log.warning("btckpt: removed %s: newer than the step every rank resumed from (%d), so not a checkpoint of "
+                    "the whole job; the run saves that step again", info.path, resumed)
+        removed.append(info.path)
+    return removed
+
+
 def apply_retention(root: str | os.PathLike[str], *, keep_last: int | None,
                     protected: Iterable[Path] = ()) -> list[Path]:
     """Delete the old checkpoints of the writer whose dir is ``root`` (see the module doc); the deleted ones.
@@ -42,10 +73,8 @@ def apply_retention(root: str | os.PathLike[str], *, keep_last: int | None,
     """
     if keep_last is None:
         return []
-    base = Path(root)
-    own = [i for i in scan(base, own=True) if i.path.parent == base and STEP_DIR.match(i.path.name)]
     removed = []
-    for path in select_for_deletion(own, keep_last=keep_last, protected=protected):
+    for path in select_for_deletion(_own(Path(root)), keep_last=keep_last, protected=protected):
         try:
             delete_checkpoint(path)
         except OSError as exc:

@@ -32,15 +32,16 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
-from ..format.manifest import entry_problem
+from ..format.manifest import Manifest, entry_problem
 from ..saving.commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
@@ -49,8 +50,8 @@ from ..storage.discovery import inspect, scan
 from ..storage.local import free_bytes, fsync_dir, fsync_file, space_error
 from ..testing import faults
 
-__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
-           "check_fits", "promote", "LocalTier"]
+__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "REPLICAS", "copy_verified", "file_pieces", "default_tier_dir",
+           "tier_dir", "resumable_tier", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -58,6 +59,7 @@ DEFAULT_BASE = Path("/dev/shm/btckpt")
 IDENTITY = ".btckpt-tier.json"  # {"format": ..., "dir": <the durable dir, resolved>}
 FORMAT = "btckpt-tier/1"
 COPIES = 2  # steps the tier holds at most: one complete, one being written
+REPLICAS = ".replicas"  # <tier>/.replicas/node-<i>/: the tier checkpoints this node holds for node i (tiers.replicas)
 _CHUNK = 8 << 20
 
 
@@ -141,16 +143,25 @@ def tier_bytes(state_bytes: int, *, copies: int = COPIES) -> int:
     return copies * state_bytes
 
 
-def check_fits(root: Path, state_bytes: int, *, margin: int) -> None:
+def _held_bytes(root: Path) -> int:
+    """Bytes of the complete checkpoints in the tier folder and its peer replicas (retention frees them)."""
+    if not root.is_dir():
+        return 0
+    folders = [root, *((root / REPLICAS).iterdir() if (root / REPLICAS).is_dir() else [])]
+    return sum(i.size for f in folders for i in scan(f, own=True) if i.complete)
+
+
+def check_fits(root: Path, state_bytes: int, *, margin: int, copies: int = COPIES) -> None:
     """Refuse (:class:`TierTooSmall`, with the numbers and the fix) a local tier whose filesystem cannot hold
-    :func:`tier_bytes` of ``state_bytes`` plus ``margin``; the tier's own checkpoints count as free (retention
-    frees them). Nothing is written."""
-    held = sum(i.size for i in scan(root, own=True) if i.complete) if root.is_dir() else 0
+    :func:`tier_bytes` of ``state_bytes`` (``copies`` of it: :data:`COPIES`, twice that with peer replicas) plus
+    ``margin``; the tier's own checkpoints and replicas count as free (retention frees them). Nothing is
+    written."""
+    held = _held_bytes(root)
     free = free_bytes(root)
-    need = tier_bytes(state_bytes) + margin
+    need = tier_bytes(state_bytes, copies=copies) + margin
     if free + held < need:
         raise TierTooSmall(
-            f"local tier {root}: it keeps {COPIES} copies of this node's state ({state_bytes / 1e6:.1f} MB each), "
+            f"local tier {root}: it keeps {copies} copies of this node's state ({state_bytes / 1e6:.1f} MB each), "
             f"{need / 1e6:.1f} MB with the {margin / 1e6:.0f} MB margin, but its filesystem has {free / 1e6:.1f} MB "
             f"free (+{held / 1e6:.1f} MB of this tier's own checkpoints). Enlarge it (docker run --shm-size=..., "
             "or mount -o remount,size=... /dev/shm), point local_tier_dir at a larger node-local folder, or set "
@@ -166,6 +177,30 @@ def _pieces(fd: int) -> Iterator[memoryview]:
         if not n:
             return
         yield view[:n]  # consumed (written and hashed) before the next read refills the buffer
+
+
+def file_pieces(path: Path) -> Iterator[memoryview]:
+    """The bytes of the file ``path`` in chunks (one reused buffer: consume each before asking for the next)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield from _pieces(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_verified(man: Manifest, commit: LocalCommit, pieces_of: Callable[[str], Iterable[memoryview]], *,
+                  where: str) -> None:
+    """Write every file ``man`` lists into ``commit``'s temp folder from ``pieces_of(name)`` (fsync'ed), checking
+    each against its manifest entry as it is written; a :class:`~btckpt.errors.CheckpointError` naming ``where``
+    on the first mismatch (then nothing is committed: the caller aborts). The caller commits ``man`` after."""
+    for name, entry in man.files.items():
+        target = commit.tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size, digest = write_arena_file(target, b"", pieces_of(name))
+        problem = entry_problem(name, size, digest, entry)
+        if problem:
+            raise CheckpointError(f"{where}: {problem}; not copied (the source changed or is damaged)")
+        commit.record(name, size, digest)
 
 
 def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None, timeout: float = 600.0) -> Path:
@@ -191,18 +226,7 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     try:
         try:
             commit.begin()
-            for name, entry in man.files.items():
-                target = commit.tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(src / name, os.O_RDONLY)
-                try:
-                    size, digest = write_arena_file(target, b"", _pieces(fd))
-                finally:
-                    os.close(fd)
-                problem = entry_problem(name, size, digest, entry)
-                if problem:
-                    raise CheckpointError(f"{src}: {problem}; not promoted (the local copy changed or is damaged)")
-                commit.record(name, size, digest)
+            copy_verified(man, commit, lambda name: file_pieces(src / name), where=str(src))
             faults.point("promote")
             if w.node_rank != 0:
                 commit.commit(man)
@@ -219,6 +243,11 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     return commit.final
 
 
+def _replica_folders(root: Path) -> list[Path]:
+    held = root / REPLICAS
+    return sorted(p for p in held.iterdir() if p.is_dir() and not p.is_symlink()) if held.is_dir() else []
+
+
 class LocalTier:
     """One Checkpointer's local tier (see the module doc): its folder, lock, memory check, retention, promoter.
 
@@ -227,6 +256,7 @@ class LocalTier:
 
     def __init__(self, root: Path, durable: Path, *, world: World, margin: int) -> None:
         self.root, self.durable, self.world, self.margin = root, durable, world, margin
+        self.copies = COPIES  # state copies the folder must hold (twice as many with peer replicas)
         self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
         self.scheduled: int | None = None  # the newest step whose promotion was scheduled
         self._fits: int | None = None  # the state size check_fits last passed
@@ -249,7 +279,7 @@ class LocalTier:
     def check(self, state_bytes: int) -> None:
         """:func:`check_fits` for this state size (once per size)."""
         if self._fits != state_bytes:
-            check_fits(self.root, state_bytes, margin=self.margin)
+            check_fits(self.root, state_bytes, margin=self.margin, copies=self.copies)
             self._fits = state_bytes
 
     def newest(self) -> int | None:
@@ -258,9 +288,22 @@ class LocalTier:
 
     @property
     def busy(self) -> set[Path]:
-        """Tier checkpoints queued or being promoted (retention keeps them)."""
+        """Tier checkpoints queued or being promoted or replicated (retention keeps them)."""
         with self._mutex:
             return set(self._busy)
+
+    def hold(self, path: Path) -> None:
+        """Keep the tier checkpoint ``path`` from retention until as many :meth:`release` calls (a promotion or a
+        peer replication queued or reading it)."""
+        with self._mutex:
+            self._busy[path] = self._busy.get(path, 0) + 1
+
+    def release(self, path: Path) -> None:
+        """Undo one :meth:`hold`; retention may delete ``path`` at its next pass (:meth:`retain`)."""
+        with self._mutex:
+            self._busy[path] -= 1
+            if not self._busy[path]:
+                del self._busy[path]
 
     def retain(self, keep: Path | None = None) -> None:
         """After a tier commit (``keep``) or a promotion: keep only the newest step (and those being promoted)."""
@@ -277,6 +320,7 @@ class LocalTier:
         if not self.world.is_local_leader:
             return
         src = self.root / checkpoint_name(step)
+        self.hold(src)
         with self._mutex:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-promote",
@@ -284,7 +328,6 @@ class LocalTier:
             if any(not f.done() for f in self._futures):
                 log.warning("btckpt: promotion of step %d queued behind an earlier one still copying; the durable "
                             "interval is shorter than the copy time", step)
-            self._busy[src] = self._busy.get(src, 0) + 1
             self._futures.append(self._pool.submit(self._promote, src, after, tag, timeout, on_commit))
 
     def _promote(self, src: Path, after: Future[Any] | None, tag: str, timeout: float,
@@ -301,10 +344,7 @@ class LocalTier:
             log.error("btckpt: promotion of %s failed: %s", src, exc)
             raise
         finally:
-            with self._mutex:
-                self._busy[src] -= 1
-                if not self._busy[src]:
-                    del self._busy[src]
+            self.release(src)
             self.retain()  # what the writer's retention kept for this promotion may go now
 
     def take_error(self) -> BaseException | None:
@@ -344,9 +384,13 @@ class LocalTier:
             if removing:
                 # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
                 # its files go (never a checkpoint-<N> with files missing), and the identity record goes last
-                for info in scan(self.root, own=True):
-                    delete_checkpoint(info.path, retired=False)
-                remove_stale_temps(self.root, locked=True)
+                for folder in [*_replica_folders(self.root), self.root]:
+                    for info in scan(folder, own=True):
+                        delete_checkpoint(info.path, retired=False)
+                    remove_stale_temps(folder, locked=True)
+                for folder in _replica_folders(self.root):
+                    shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(self.root / REPLICAS, ignore_errors=True)
         finally:
             self._lock.release()
             self._lock = None

@@ -1,0 +1,298 @@
+"""Peer replicas: each node's local-tier checkpoint also kept in the next node's memory, fetched back after a loss.
+
+With a local tier (``local_every_steps``) and two or more nodes, node ``i``'s leader sends every tier checkpoint
+it commits (this node's part: its folder, manifest included) to node ``(i + 1) mod n``, which keeps it under
+``<its tier>/.replicas/node-<i>/`` through the commit protocol (temp folder, every file checked against the
+manifest as it lands, manifest last, rename; one complete step kept, plus the one arriving). A node that
+starts with its memory lost (a replacement node, a wiped ``/dev/shm``) fetches its part of the newest step
+its peer holds back into its own tier before anything resumes, so the usual resume policy and the multi-rank
+step agreement find it there.
+
+Transport: a gloo process group of the node leaders alone, made from the job's c10d store under this
+Checkpointer's session prefix, never the training process group, so it cannot deadlock with training's
+collectives; every exchange runs on a background thread of its own, and every wait is bounded by
+``barrier_timeout``. Call order: :meth:`PeerReplicas.create` in the Checkpointer's constructor (every rank;
+the node leaders connect, :meth:`recover` runs, all ranks wait for it), :meth:`schedule` after each tier
+commit (node leaders, the writer thread; every node schedules the same steps, in the same order),
+:meth:`wait` and :meth:`close` from ``wait()``/``close()``.
+
+Guarantees: a replica is complete and verified or absent; a failed exchange (a peer died, a timeout) is logged
+and never fails training (the durable dir is unaffected; the next exchange tries again). Replicas are
+best-effort redundancy for a node's RAM, not a durable tier.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.world import World
+from ..errors import CheckpointError
+from ..format.manifest import Manifest
+from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint
+from ..saving.priority import background_thread, leave
+from ..saving.retention import apply_retention
+from ..storage.discovery import inspect, scan
+from ..storage.local import new_tag
+from .local import REPLICAS, LocalTier, copy_verified, file_pieces
+
+__all__ = ["PeerReplicas", "replicating"]
+
+log = logging.getLogger("btckpt")
+
+_CHUNK = 16 << 20  # bytes per message
+_TAGS = 1 << 20  # message tags cycle through this many steps
+
+
+def replicating(config: Any, world: World) -> bool:
+    """Whether a Checkpointer of ``config`` in ``world`` keeps peer replicas (the same answer on every rank)."""
+    return bool(config.local_every_steps is not None and config.peer_replicas and world.nodes > 1
+                and world.distributed and world.size % world.nodes == 0)
+
+
+def _tag(step: int, kind: int) -> int:
+    return (step % _TAGS) * 4 + kind
+
+
+class _Link:
+    """Messages between two node leaders over the replica process group (bounded waits, a tag per step)."""
+
+    def __init__(self, pg: Any, timeout: float) -> None:
+        self.pg, self.timeout = pg, datetime.timedelta(seconds=timeout)
+
+    def send_json(self, obj: Any, dst: int, step: int) -> None:
+        raw = json.dumps(obj).encode()
+        self._send(torch.tensor([len(raw)], dtype=torch.int64), dst, _tag(step, 0))
+        self._send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), dst, _tag(step, 1))
+
+    def recv_json(self, src: int, step: int) -> Any:
+        n = torch.zeros(1, dtype=torch.int64)
+        self._recv(n, src, _tag(step, 0))
+        raw = bytearray(int(n[0]))
+        if raw:
+            self._recv(torch.frombuffer(raw, dtype=torch.uint8), src, _tag(step, 1))
+        return json.loads(bytes(raw) or b"null")
+
+    def send_files(self, folder: Path, man: Manifest, dst: int, step: int) -> None:
+        """Every file ``man`` lists, in its order, in chunks of at most :data:`_CHUNK` bytes."""
+        for name in man.files:
+            for piece in file_pieces(folder / name):
+                self._send(torch.frombuffer(piece, dtype=torch.uint8), dst, _tag(step, 2))
+
+    def recv_pieces(self, size: int, src: int, step: int, buf: bytearray) -> Iterator[memoryview]:
+        """The ``size`` bytes of one file from ``src``, chunk by chunk (``buf`` reused: consume each first)."""
+        t, view = torch.frombuffer(buf, dtype=torch.uint8), memoryview(buf)
+        left = size
+        while left > 0:
+            n = min(left, len(buf))
+            self._recv(t[:n], src, _tag(step, 2))
+            yield view[:n]
+            left -= n
+
+    def _send(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        if t.numel():
+            self.pg.send([t], dst, tag).wait(self.timeout)
+
+    def _recv(self, t: torch.Tensor, src: int, tag: int) -> None:
+        if t.numel():
+            self.pg.recv([t], src, tag).wait(self.timeout)
+
+
+class PeerReplicas:
+    """This node's side of the replica ring (see the module doc): what it sends to ``next``, holds for ``prev``."""
+
+    def __init__(self, tier: LocalTier, world: World, *, session: str, timeout: float) -> None:
+        self.tier, self.world, self.timeout = tier, world, timeout
+        n, me = world.nodes, world.node_rank
+        self.next, self.prev = (me + 1) % n, (me - 1) % n
+        self.held = tier.root / REPLICAS / f"node-{self.prev}"  # the replicas of prev's part, kept here
+        store = dist.PrefixStore(f"btckpt/{session}/replicas/", world.store)
+        self._pg: Any = dist.ProcessGroupGloo(store, me, n, datetime.timedelta(seconds=timeout))
+        self._link = _Link(self._pg, timeout)
+        self._buf = bytearray(_CHUNK)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-replica",
+                                        initializer=background_thread)
+        self._futures: list[Future[None]] = []
+        self._mutex = threading.Lock()
+        self.failures = 0  # exchanges that failed (logged)
+        self.exchanged: int | None = None  # the newest step whose exchange completed
+
+    @classmethod
+    def create(cls, config: Any, world: World, tier: LocalTier | None, *, session: str) -> PeerReplicas | None:
+        """Every rank calls it in the Checkpointer's constructor: the node leaders connect and recover what their
+        node lost (:meth:`recover`), every rank waits until that is done; None on ranks that do not exchange
+        (non-leaders) and without replicas (:func:`replicating`)."""
+        if tier is None or not replicating(config, world):
+            return None
+        if not 0 <= world.node_rank < world.nodes:
+            raise CheckpointError(f"peer replicas need node ranks 0..{world.nodes - 1}, this node says "
+                                  f"{world.node_rank} ($BT_NODE_RANK / GROUP_RANK); fix the node rank or set "
+                                  "peer_replicas=False")
+        tier.copies *= 2  # its own steps and the peer's replicas
+        key = f"{session}/replicas/recovered"
+        mine: PeerReplicas | None = None
+        try:
+            if world.is_local_leader:
+                mine = cls(tier, world, session=session, timeout=config.barrier_timeout)
+                mine.recover(session)
+            world.barrier(key, timeout=config.barrier_timeout)
+        except BaseException:
+            world.fail(key)  # peers waiting in the barrier learn it at once
+            if mine is not None:
+                mine.close()
+            raise
+        return mine
+
+    # -- at start: a node that lost its memory fetches its part back -------------------------------------------
+    def _own_newest(self) -> int:
+        """The newest step this node has complete in its tier or its durable dir (-1: none)."""
+        steps = [i.step for root in (self.tier.root, self.tier.durable) for i in scan(root, own=True) if i.complete]
+        return max(steps, default=-1)
+
+    def _held_newest(self) -> int:
+        """The newest complete replica held for ``prev`` of this job's shape (-1: none)."""
+        for info in scan(self.held, own=True) if self.held.is_dir() else []:
+            man = info.manifest
+            if info.complete and man is not None and man.world.get("nodes") == self.world.nodes \
+                    and man.world.get("node_rank") == self.prev:
+                return info.step
+        return -1
+
+    def recover(self, session: str) -> int | None:
+        """Fetch this node's part of the newest step its holder (``next``) keeps when that is newer than anything
+        this node has, into this node's tier; serve ``prev`` the same way. Node leaders; the step fetched."""
+        key = f"{session}/replicas/have"
+        me = {"own": self._own_newest(), "held": self._held_newest()}
+        self.world.publish(f"{key}/{self.world.node_rank}", me)
+        holder = self.world.collect(f"{key}/{self.next}", timeout=self.timeout)
+        owner = self.world.collect(f"{key}/{self.prev}", timeout=self.timeout)
+        # both ends decide from the same published figures: the holder serves exactly when the owner fetches
+        fetch = int(holder["held"]) if int(holder["held"]) > me["own"] else None
+        serve = me["held"] if me["held"] > int(owner["own"]) else None
+        sender = None
+        if serve is not None:
+            sender = threading.Thread(target=self._send_step, args=(self.held, serve, self.prev),
+                                      name="btckpt-replica-serve", daemon=True)
+            sender.start()
+        try:
+            if fetch is not None:
+                try:
+                    path = self._receive_into(self.tier.root, fetch, self.next)
+                except Exception as exc:  # noqa: BLE001 - the resume falls back to what this node has
+                    log.error("btckpt: node %d: fetching its part of step %d from node %d failed; resuming from "
+                              "what this node has: %s", self.world.node_rank, fetch, self.next, exc)
+                    return None
+                log.warning("btckpt: node %d: fetched its part of step %d from node %d's memory into %s",
+                            self.world.node_rank, fetch, self.next, path)
+        finally:
+            if sender is not None:
+                sender.join()
+        return fetch
+
+    # -- while training: every tier commit is sent to next, prev's is received -----------------------------
+    def schedule(self, step: int) -> None:
+        """Exchange tier step ``step`` in the background: send this node's part to ``next``, receive ``prev``'s
+        (node leaders, after the tier commit of ``step``; every node schedules the same steps in order)."""
+        src = self.tier.root / checkpoint_name(step)
+        self.tier.hold(src)  # retention keeps it until it was sent
+        with self._mutex:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._futures.append(self._pool.submit(self._exchange, step, src))
+
+    def _exchange(self, step: int, src: Path) -> None:
+        try:
+            sender = threading.Thread(target=self._send_step, args=(self.tier.root, step, self.next),
+                                      name="btckpt-replica-send", daemon=True)
+            sender.start()
+            try:
+                self._receive_into(self.held, step, self.prev, replace=True)
+                apply_retention(self.held, keep_last=1)
+            finally:
+                sender.join()
+            self.exchanged = step
+        except Exception as exc:  # noqa: BLE001 - redundancy lost for this step, training and the dir unaffected
+            self.failures += 1
+            log.error("btckpt: node %d: peer replica of step %d not exchanged (node %d keeps no copy of this "
+                      "node's step %d until the next one): %s", self.world.node_rank, step, self.next, step, exc)
+        finally:
+            self.tier.release(src)
+            self.tier.retain()
+
+    # -- the two halves of a transfer ---------------------------------------------------------------------------
+    def _send_step(self, root: Path, step: int, dst: int) -> None:
+        """Send ``root/checkpoint-<step>`` to ``dst`` (a header with its manifest, then its files); a header saying
+        there is nothing when it is not complete here. Errors are logged (the receiver reports its side)."""
+        src = root / checkpoint_name(step)
+        try:
+            info = inspect(src)
+            man = info.manifest if info.complete else None
+            raw = (src / "btckpt.json").read_text() if man is not None else None
+            self._link.send_json({"step": step, "manifest": raw}, dst, step)
+            if man is not None:
+                self._link.send_files(src, man, dst, step)
+        except Exception as exc:  # noqa: BLE001 - runs on its own thread; the receiver reports its side too
+            log.error("btckpt: node %d: sending %s to node %d failed: %s", self.world.node_rank, src, dst, exc)
+
+    def _receive_into(self, root: Path, step: int, src: int, *, replace: bool = False) -> Path:
+        """Receive ``src``'s ``checkpoint-<step>`` into ``root`` through the commit protocol (every file checked
+        against the manifest sent with it); the new folder. ``replace``: a folder of that step already there
+        (a replica from before a restart that went back to an older step) is retired first."""
+        head = self._link.recv_json(src, step)
+        if not isinstance(head, dict) or head.get("step") != step:
+            raise CheckpointError(f"node {src} sent {str(head)[:200]!r} for step {step}; replicas out of step")
+        if head.get("manifest") is None:
+            raise CheckpointError(f"node {src} has no complete checkpoint-{step} to send")
+        where = f"checkpoint-{step} from node {src}"
+        man = Manifest.from_json(str(head["manifest"]).encode(), where=where)
+        streams = {name: self._link.recv_pieces(int(entry["size"]), src, step, self._buf)
+                   for name, entry in man.files.items()}
+        final = root / checkpoint_name(step)
+        commit = LocalCommit(root, step, tag=new_tag())
+        try:
+            if replace and final.is_dir() and not final.is_symlink():
+                delete_checkpoint(final, retired=False)
+            if final.exists():
+                raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
+            commit.begin()
+            copy_verified(man, commit, streams.__getitem__, where=where)
+            return commit.commit(man)
+        except (CheckpointError, OSError):
+            for stream in streams.values():  # keep the link in step: take the rest of the bytes off the wire
+                for _ in stream:
+                    pass
+            raise
+        finally:
+            commit.abort()
+
+    # -- end ------------------------------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the exchanges scheduled so far (up to ``timeout`` s); False when one is still running then."""
+        with self._mutex:
+            futures = list(self._futures)
+        for f in futures:
+            try:
+                f.exception(timeout=timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Finish the queued exchanges, stop the thread, drop the process group (node leaders, from close())."""
+        self._pool.submit(leave).result()
+        self._pool.shutdown(wait=True)
+        pg, self._pg = self._pg, None
+        shutdown = getattr(pg, "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except RuntimeError:  # pragma: no cover - already torn down by a failed peer
+                pass
