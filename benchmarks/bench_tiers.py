@@ -9,7 +9,16 @@ and in the local tier (``--tier-base``, default ``/dev/shm``). Contenders, alter
 - ``tier``: ``Checkpointer(local_every_steps=..., local_tier_dir=...)`` + ``restore({"model": m})`` (the resume
   policy picks the tier's copy of the newest step) + one step that reads a parameter;
 - ``disk``: the same restore with the tier gone (the node was replaced), page cache dropped first
-  (``drop_caches`` as root, else ``fadvise DONTNEED`` per file, checked with ``mincore``).
+  (``drop_caches`` as root, else ``fadvise DONTNEED`` per file, checked with ``mincore``);
+- ``DCP load``: ``torch.distributed.checkpoint.load`` of a DCP checkpoint of the same state on the same disk,
+  page cache dropped (no checksums);
+- ``peer`` (sizes in ``--peer-mb``): a 2-node job on this machine (two processes, gloo, each its own tier and
+  dir), node 1 started with its tier and dir empty (a replacement node): from its ``Checkpointer(...)``
+  (connecting to node 0, fetching its part from node 0's memory, verified) through ``restore`` to the first
+  step, timed inside node 1's process.
+
+Each is timed from the call that starts the restore to the first step that reads a parameter, inside a
+process that already imported torch (what a process start adds is the same for every contender).
 
 ``loop``: the CPU training loop of ``bench_async.py`` (``--loop-width``, Adam) for ``--steps`` steps, with no
 saves, a tier save every ``--every`` steps, and a disk save every ``--every`` steps; prints each loop's time
@@ -20,9 +29,12 @@ in their tier (``wait()``), the tier's last promotion excluded (it runs in the b
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -42,8 +54,86 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-def restart(mb: int, rounds: int, disk: Path, tier_base: Path) -> dict[str, list[float]]:
-    """Seconds from ``Checkpointer(...)`` to the first step, restoring from the tier and from disk."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peer_node(args: argparse.Namespace) -> int:
+    """One node of the 2-node peer job (``--peer-node N``): ``seed`` saves step 1 into its tier (exchanged with
+    the peer) and exits without close() (as a crash leaves the tiers); ``restore`` times the restart."""
+    import torch.distributed as dist
+
+    node = args.peer_node
+    store = dist.TCPStore("127.0.0.1", args.peer_port, 2, node == 0, datetime.timedelta(seconds=300))
+    os.environ.update(LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", BT_NODE_RANK=str(node))
+    dist.init_process_group("gloo", store=store, rank=node, world_size=2)
+    root = Path(args.peer_root)
+    opts = dict(dir=root / f"dir-{node}", local_every_steps=1, local_tier_dir=root / f"tier-{node}",
+                handle_sigterm=False, keep_last=None, barrier_timeout=300, name="bench-peer")
+    model = StateModule(transformer_like_state(args.peer_mb << 20, seed=0 if args.peer_phase == "seed" else 1))
+    if args.peer_phase == "seed":
+        ck = btckpt.Checkpointer(**opts)
+        ck.maybe_save(1, {"model": model})
+        ck.wait()  # the tier commit and its exchange with the peer
+        sys.stdout.flush()
+        os._exit(0)  # no close(): the tiers stay, as after a crash
+    dist.barrier()
+    t0 = time.perf_counter()
+    ck = btckpt.Checkpointer(**opts)
+    t1 = time.perf_counter()
+    got = ck.restore({"model": model})
+    if node == 1:
+        print(f"PEER_PARTS connect+fetch {t1 - t0:.3f}s, restore {time.perf_counter() - t1:.3f}s", flush=True)
+    float(next(iter(model.parameters())).sum())
+    took = time.perf_counter() - t0
+    assert got == 1, got
+    if node == 1:
+        print(f"PEER_S {took:.4f}", flush=True)
+    os._exit(0)  # no close(): nothing to promote or remove, the parent resets the folders
+
+
+def _peer_job(mb: int, root: Path, phase: str) -> str:
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--peer-mb", str(mb), "--peer-root", str(root), "--peer-port", str(port),
+           "--peer-phase", phase, "--peer-node"]
+    procs = [subprocess.Popen([*cmd, str(n)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"peer node failed ({p.returncode}):\n{out[-3000:]}")
+    return outs[1]
+
+
+def peer_rounds(mb: int, rounds: int, disk: Path, tier_base: Path) -> list[float]:
+    """Node 1's restart seconds (from ``Checkpointer(...)`` to the first step) with its memory and dir empty."""
+    root, pristine = tier_base / f"peer-{mb}", tier_base / f"peer-{mb}-pristine"
+    shutil.rmtree(root, ignore_errors=True)
+    _peer_job(mb, root, "seed")
+    assert (root / "tier-0" / ".replicas" / "node-1" / "checkpoint-1" / "btckpt.json").is_file()
+    shutil.rmtree(root / "tier-1")
+    shutil.rmtree(root / "dir-1")
+    shutil.copytree(root / "tier-0", pristine)
+    out = []
+    for r in range(-1, rounds):
+        shutil.rmtree(root / "tier-0", ignore_errors=True)
+        shutil.rmtree(root / "tier-1", ignore_errors=True)
+        shutil.rmtree(root / "dir-1", ignore_errors=True)
+        shutil.copytree(pristine, root / "tier-0")
+        text = _peer_job(mb, root, "restore")
+        print(" ".join(ln for ln in text.splitlines() if "PEER_PARTS" in ln or "fetched" in ln))
+        assert "fetched its part of step 1 from node 0" in text, text[-2000:]
+        if r >= 0:
+            out.append(float(text.split("PEER_S ")[1].split()[0]))
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(pristine, ignore_errors=True)
+    return out
+
+
+def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) -> dict[str, list[float]]:
+    """Seconds from the restore's first call to the first step: from the tier, from disk, DCP load, a peer."""
     tensors = transformer_like_state(mb << 20)
     durable, tier, pristine = disk / f"restart-{mb}", tier_base / f"tier-{mb}", tier_base / f"tier-{mb}-pristine"
     for p in (durable, tier, pristine):
@@ -54,17 +144,36 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path) -> dict[str, list
     ck.wait()
     shutil.copytree(tier, pristine)  # the tier as a crash leaves it (close() removes it)
     ck.close()
+    import torch.distributed.checkpoint as dcp
+
+    dcp_dir = disk / f"restart-{mb}-dcp"
+    shutil.rmtree(dcp_dir, ignore_errors=True)
+    dcp.save({"model": StateModule(tensors).state_dict()}, checkpoint_id=str(dcp_dir), no_dist=True)
     del tensors
     target = StateModule(transformer_like_state(mb << 20, seed=1))
-    out: dict[str, list[float]] = {"tier": [], "disk": []}
+    names = ["tier", "disk", "DCP load"] + (["peer"] if peer else [])
+    out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(-1, rounds):  # round -1 warms up (untimed)
-        for name in (("tier", "disk") if r % 2 == 0 else ("disk", "tier")):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if name == "peer":
+                got_s = peer_rounds(mb, 1, disk, tier_base)
+                if r >= 0:
+                    out[name] += got_s
+                continue
             shutil.rmtree(tier, ignore_errors=True)
             if name == "tier":
                 shutil.copytree(pristine, tier)
             else:
-                drop_file_cache(_files(durable / "checkpoint-1"))
+                drop_file_cache(_files(durable / "checkpoint-1") + _files(dcp_dir))
             t0 = time.perf_counter()
+            if name == "DCP load":
+                sd = target.state_dict()
+                dcp.load({"model": sd}, checkpoint_id=str(dcp_dir), no_dist=True)
+                target.load_state_dict(sd)
+                float(next(iter(target.parameters())).sum())
+                if r >= 0:
+                    out[name].append(time.perf_counter() - t0)
+                continue
             ck = btckpt.Checkpointer(**opts)
             got = ck.restore({"model": target})
             float(next(iter(target.parameters())).sum())  # the first step touches the weights
@@ -72,7 +181,7 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path) -> dict[str, list
                 out[name].append(time.perf_counter() - t0)
             ck.close()
             assert got == 1, got
-    for p in (durable, tier, pristine):
+    for p in (durable, tier, pristine, dcp_dir):
         shutil.rmtree(p, ignore_errors=True)
     return out
 
@@ -115,9 +224,18 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--parts", default="restart,loop")
     ap.add_argument("--quick", action="store_true", help="smoke: 160 MiB, 1 round, a 256-wide 20-step loop")
+    ap.add_argument("--peer-mb", default="1024", help="sizes (MiB) that also get the peer contender ('' for none: "
+                    "it needs ~4x the size in RAM)")
+    ap.add_argument("--peer-node", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peer-port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--peer-root", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-phase", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peer_node is not None:
+        args.peer_mb = int(args.peer_mb)
+        return peer_node(args)
     if args.quick:
-        args.mb, args.rounds, args.loop_width, args.steps = "160", 1, 256, 20
+        args.mb, args.rounds, args.loop_width, args.steps, args.peer_mb = "160", 1, 256, 20, "160"
     disk = Path(args.dir)
     tier_base = Path(args.tier_base) / f"btckpt-bench-tiers-{os.getpid()}"
     disk.mkdir(parents=True, exist_ok=True)
@@ -125,11 +243,14 @@ def main() -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         if "restart" in args.parts:
+            peer_sizes = {int(x) for x in args.peer_mb.split(",") if x.strip()}
             for mb in (int(x) for x in args.mb.split(",")):
-                res = restart(mb, args.rounds, disk, tier_base)
-                t, d = statistics.median(res["tier"]), statistics.median(res["disk"])
-                print(f"restart {mb} MiB: tier {t:.3f}s ({mb / 1024 / t:.2f} GiB/s), disk (cache dropped) {d:.3f}s "
-                      f"({mb / 1024 / d:.2f} GiB/s): tier {d / t:.1f}x faster  [n={args.rounds}]")
+                res = restart(mb, args.rounds, disk, tier_base, peer=mb in peer_sizes)
+                d = statistics.median(res["disk"])
+                for name, times in res.items():
+                    m = statistics.median(times)
+                    print(f"restart {mb} MiB, {name:8s}: median {m:.3f}s (min {min(times):.3f}, max {max(times):.3f}; "
+                          f"{mb / 1024 / m:.2f} GiB/s), {d / m:.2f}x the speed of disk  [n={len(times)}]")
         if "loop" in args.parts:
             res2 = loop(args.loop_width, args.steps, args.every, disk, tier_base)
             base = res2["none"]

@@ -407,18 +407,21 @@ def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Pat
 def test_a_node_that_lost_its_memory_restores_its_part_from_the_peer(tmp_path: Path) -> None:
     """Node 1's processes are killed after the tier save of step 8 and its RAM folder wiped (a replacement
     node): at restart it fetches its part of step 8 from node 0's memory (the peer replica) instead of falling
-    back to the disk's step 6; both nodes resume from 8, bit-identical to an uninterrupted run."""
-    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors")]):
+    back to the disk's step 6; both nodes resume from 8, bit-identical to an uninterrupted run. The model is
+    wide enough that its files span several of the link's messages."""
+    wide = ["--width", "500000"]  # files of 20 and 40 MB: more than one 16 MiB message each, the last one partial
+    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors"), *wide]):
         assert rc == 0, out[-4000:]
         assert "peer replica" not in out, out[-3000:]  # every exchange went through
-    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed"), *wide])
     assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
     held = tmp_path / "ram-run-0" / ".replicas" / "node-1"
     assert _steps(held) == [8] and verify(inspect(held / "checkpoint-8")) == []  # node 1's part, in node 0's RAM
     assert json.loads((held / "checkpoint-8" / "btckpt.json").read_text())["world"]["node_rank"] == 1
     assert _steps(tmp_path / "ram-run-1") == [8] and _steps(tmp_path / "run" / "node1") == [6]
+    assert max(p.stat().st_size for p in (held / "checkpoint-8").iterdir()) > 32 << 20
     shutil.rmtree(tmp_path / "ram-run-1")  # node 1's memory is gone
-    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors")])
+    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors"), *wide])
     for node, (rc, out) in enumerate(results):
         assert rc == 0, out[-4000:]
         assert f"resumed from 8 in {tmp_path / f'ram-run-{node}'}" in out, out[-3000:]

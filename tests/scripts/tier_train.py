@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=-1)
     ap.add_argument("--kill-rank", type=int, default=1)
     ap.add_argument("--kill-marker", default="")
+    ap.add_argument("--width", type=int, default=16, help="hidden width (500000: files of tens of MB)")
     args = ap.parse_args()
 
     # torchrun's agent keeps its store across restarts, and gloo's connect keys from the killed attempt would
@@ -41,7 +42,7 @@ def main() -> int:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout)
-    ddp, net = build("ddp", 16)
+    ddp, net = build("ddp", args.width)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     extra = {"step": 0}

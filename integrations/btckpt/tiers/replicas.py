@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -38,12 +39,12 @@ import torch.distributed as dist
 from ..distributed.world import World
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
-from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint
+from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan
 from ..storage.local import new_tag
-from .local import REPLICAS, LocalTier, copy_verified, file_pieces
+from .local import REPLICAS, LocalTier, copy_verified
 
 __all__ = ["PeerReplicas", "replicating"]
 
@@ -83,10 +84,22 @@ class _Link:
         return json.loads(bytes(raw) or b"null")
 
     def send_files(self, folder: Path, man: Manifest, dst: int, step: int) -> None:
-        """Every file ``man`` lists, in its order, in chunks of at most :data:`_CHUNK` bytes."""
-        for name in man.files:
-            for piece in file_pieces(folder / name):
-                self._send(torch.frombuffer(piece, dtype=torch.uint8), dst, _tag(step, 2))
+        """Every file ``man`` lists, in its order, as the manifest's sizes cut into :data:`_CHUNK`-byte messages:
+        the receiver cuts the same sizes the same way (gloo aborts the process on a message of another size)."""
+        buf = bytearray(_CHUNK)
+        t, view = torch.frombuffer(buf, dtype=torch.uint8), memoryview(buf)
+        for name, entry in man.files.items():
+            with open(folder / name, "rb", buffering=0) as f:
+                left = int(entry["size"])
+                while left > 0:
+                    n, got = min(left, _CHUNK), 0
+                    while got < n:
+                        k = f.readinto(view[got:n])
+                        if not k:
+                            raise CheckpointError(f"{folder / name}: shorter than its manifest says; not sent")
+                        got += k
+                    self._send(t[:n], dst, _tag(step, 2))
+                    left -= n
 
     def recv_pieces(self, size: int, src: int, step: int, buf: bytearray) -> Iterator[memoryview]:
         """The ``size`` bytes of one file from ``src``, chunk by chunk (``buf`` reused: consume each first)."""
@@ -115,6 +128,7 @@ class PeerReplicas:
         n, me = world.nodes, world.node_rank
         self.next, self.prev = (me + 1) % n, (me - 1) % n
         self.held = tier.root / REPLICAS / f"node-{self.prev}"  # the replicas of prev's part, kept here
+        remove_stale_temps(self.held, locked=True)  # a copy cut short by a crash (the tier's lock is this node's)
         store = dist.PrefixStore(f"btckpt/{session}/replicas/", world.store)
         self._pg: Any = dist.ProcessGroupGloo(store, me, n, datetime.timedelta(seconds=timeout))
         self._link = _Link(self._pg, timeout)
@@ -185,14 +199,16 @@ class PeerReplicas:
             sender.start()
         try:
             if fetch is not None:
+                t0 = time.perf_counter()
                 try:
                     path = self._receive_into(self.tier.root, fetch, self.next)
                 except Exception as exc:  # noqa: BLE001 - the resume falls back to what this node has
                     log.error("btckpt: node %d: fetching its part of step %d from node %d failed; resuming from "
                               "what this node has: %s", self.world.node_rank, fetch, self.next, exc)
                     return None
-                log.warning("btckpt: node %d: fetched its part of step %d from node %d's memory into %s",
-                            self.world.node_rank, fetch, self.next, path)
+                log.warning("btckpt: node %d: fetched its part of step %d from node %d's memory into %s (%.1f MB in "
+                            "%.2f s)", self.world.node_rank, fetch, self.next, path,
+                            inspect(path).size / 1e6, time.perf_counter() - t0)
         finally:
             if sender is not None:
                 sender.join()
