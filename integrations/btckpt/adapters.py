@@ -42,7 +42,8 @@ from .storage.local import is_url
 from .tiers import resumable_tier
 
 __all__ = ["resume_folder", "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
-           "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by", "model_config_files"]
+           "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
+           "model_config_files"]
 
 log = logging.getLogger("btckpt")
 
