@@ -190,9 +190,11 @@ def test_sigterm_saves_at_next_step_and_exits_zero_then_resume_is_exact(tmp_path
     assert_identical(baselines("plain"), tmp_path / "final.st")
 
 
-def test_local_tier_kill_resumes_from_the_tier_step_and_close_promotes(tmp_path: Path, baselines) -> None:
+@pytest.mark.parametrize("resume", ["line", "auto"])
+def test_local_tier_kill_resumes_from_the_tier_step_and_close_promotes(tmp_path: Path, baselines, resume: str) -> None:
     """local_every_steps=2, save_steps=4: SIGKILLed when step 11 begins, after the tier save of step 10 (durable:
-    step 8). The restart resumes from the tier's step 10, bit-identical; its clean end promotes step 18."""
+    step 8). The restart (resume_checkpoint(local_tier_dir=...), or the callback's auto_resume) resumes from the
+    tier's step 10, bit-identical; its clean end promotes step 18 and removes the tier."""
     from btckpt.storage.discovery import inspect
 
     ck, ram = tmp_path / "ck", tmp_path / "ram"
@@ -203,9 +205,12 @@ def test_local_tier_kill_resumes_from_the_tier_step_and_close_promotes(tmp_path:
     assert tier_ck.complete and tier_ck.manifest is not None
     assert "trainer_state.json" in tier_ck.manifest.files and "config.json" in tier_ck.manifest.files
     assert not (ck / "checkpoint-10").exists()  # only the tier holds step 10
-    proc = train(tmp_path, *tier, "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
+    proc = train(tmp_path, *tier, "--resume", resume, "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
     ok(proc)
-    assert resumed_from(proc) == str(ram / "checkpoint-10"), proc.stdout[-2000:]
+    if resume == "line":
+        assert resumed_from(proc) == str(ram / "checkpoint-10"), proc.stdout[-2000:]
+    else:
+        assert f"btckpt: resuming from {ram / 'checkpoint-10'}\n" in proc.stderr, proc.stderr[-3000:]
     assert "START 10\n" in proc.stdout, proc.stdout[-2000:]
     assert_identical(baselines("plain"), tmp_path / "final.st")
     assert not ram.exists()  # clean end: the newest step promoted, the tier removed
