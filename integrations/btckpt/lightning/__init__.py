@@ -559,7 +559,7 @@ class ModelCheckpoint(_ModelCheckpoint):
         self._local_step = step
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._ck = None
+        self._ck, self._local_step = None, None
         super().teardown(trainer, pl_module, stage)
 
 
