@@ -190,6 +190,37 @@ def test_sigterm_saves_at_next_step_and_exits_zero_then_resume_is_exact(tmp_path
     assert_identical(baselines("plain"), tmp_path / "final.st")
 
 
+@pytest.mark.parametrize("resume", ["line", "auto"])
+def test_local_tier_kill_resumes_from_the_tier_step_and_close_promotes(tmp_path: Path, baselines, resume: str) -> None:
+    """local_every_steps=2, save_steps=4: SIGKILLed when step 11 begins, after the tier save of step 10 (durable:
+    step 8). The restart (resume_checkpoint(local_tier_dir=...), or the callback's auto_resume) resumes from the
+    tier's step 10, bit-identical; its clean end promotes step 18 and removes the tier."""
+    from btckpt.storage.discovery import inspect
+
+    ck, ram = tmp_path / "ck", tmp_path / "ram"
+    tier = ("--local-every", "2", "--tier", str(ram))
+    proc = train(tmp_path, *tier, "--kill-at", "10", "--wait-commit", "10", ckpt_dir=ck)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    tier_ck = inspect(ram / "checkpoint-10")
+    assert tier_ck.complete and tier_ck.manifest is not None
+    assert "trainer_state.json" in tier_ck.manifest.files and "config.json" in tier_ck.manifest.files
+    assert not (ck / "checkpoint-10").exists()  # only the tier holds step 10
+    proc = train(tmp_path, *tier, "--resume", resume, "--dump", str(tmp_path / "final.st"), ckpt_dir=ck)
+    ok(proc)
+    if resume == "line":
+        assert resumed_from(proc) == str(ram / "checkpoint-10"), proc.stdout[-2000:]
+    else:
+        assert f"btckpt: resuming from {ram / 'checkpoint-10'}\n" in proc.stderr, proc.stderr[-3000:]
+    assert "START 10\n" in proc.stdout, proc.stdout[-2000:]
+    assert_identical(baselines("plain"), tmp_path / "final.st")
+    assert not ram.exists()  # clean end: the newest step promoted, the tier removed
+    steps = sorted(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    assert steps[-1] == 18 and 12 in steps and 16 in steps, steps  # save_steps went through the tier
+    final = inspect(ck / "checkpoint-18")
+    assert final.complete and final.manifest is not None and "trainer_state.json" in final.manifest.files
+    assert json.loads((ck / "checkpoint-18" / "trainer_state.json").read_text())["global_step"] == 18
+
+
 def test_ddp_two_processes_kill_and_resume_is_exact(tmp_path: Path, baselines) -> None:
     kill = RNG.randint(5, 11)
     ck = tmp_path / "ck"

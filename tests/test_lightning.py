@@ -113,6 +113,32 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path: Path, ref
     assert not [p for p in ck.iterdir() if ".tmp-" in p.name]
 
 
+def test_local_tier_kill_resumes_from_the_tier_step_and_teardown_promotes(tmp_path: Path, reference: Path) -> None:
+    """local_every_steps=2, ModelCheckpoint every 6 steps: SIGKILLed after the tier save of step 10 (durable: 6).
+    The restart resumes from the tier's step 10, bit-identical; its clean end leaves step 30 in the dir and
+    removes the tier."""
+    from btckpt.storage.discovery import inspect
+
+    ck, ram = tmp_path / "ck", tmp_path / "ram"
+    tier = ["--dir", str(ck), "--steps", "30", "--every", "6", "--local-every", "2", "--tier", str(ram)]
+    r = run_py([SCRIPT, *tier, "--kill-at", "10"], timeout=240)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert "killing itself at step 10" in r.stdout
+    assert inspect(ram / "checkpoint-10").complete
+    durable = sorted(p.name for p in ck.glob("checkpoint-*"))
+    assert durable == ["checkpoint-6"], durable  # ModelCheckpoint's save of step 6 went through the tier
+    assert _link_target(ck / "last.ckpt") == "checkpoint-6"
+    assert resume_path(dir=ck, local_tier_dir=ram) == str(ram / "checkpoint-10")
+    r = _run([*tier, "--resume", "--dump", str(tmp_path / "res.st")])
+    assert f"resume from {ram / 'checkpoint-10'}\n" in r.stdout
+    assert "START 10\n" in r.stdout  # resumed at the tier's step, not the durable 6
+    _assert_same(reference, tmp_path / "res.st")
+    assert not ram.exists()  # clean end: the newest step is in the dir, the tier removed
+    assert _link_target(ck / "last.ckpt") == "checkpoint-30" and inspect(ck / "checkpoint-30").complete
+    links = {_link_target(p) for p in ck.glob("*.ckpt")}
+    assert all(inspect(ck / name).complete for name in links)
+
+
 def test_sigterm_saves_at_next_batch_end_exits_zero_and_resumes_exactly(tmp_path: Path, reference: Path) -> None:
     ck = tmp_path / "ck"
     proc = _start(["--dir", str(ck), "--steps", "30", "--sleep", "0.05", "--every", "100"])

@@ -70,10 +70,11 @@ def test_local_tier_dir_is_validated(tmp_path: Path) -> None:
     assert cfg.local_tier_dir == str(tmp_path / "ram")
 
 
-def test_hf_callback_refuses_the_tier_until_wired() -> None:
-    hf = pytest.importorskip("btckpt.hf")
-    with pytest.raises(btckpt.ConfigError, match="not wired into the HF callback"):
-        hf.CheckpointCallback(local_every_steps=2)
+def test_save_local_without_a_tier_is_refused(tmp_path: Path) -> None:
+    with btckpt.Checkpointer(dir=tmp_path / "d", handle_sigterm=False) as ck:
+        with pytest.raises(btckpt.ConfigError, match="local_every_steps"):
+            ck.save_local(1, _state())
+    assert _steps(tmp_path / "d") == []
 
 
 def test_default_tier_dir_is_one_per_job(tmp_path: Path) -> None:
@@ -109,6 +110,50 @@ def test_tier_saves_retention_promotion_and_clean_close(tmp_path: Path, capsys: 
     with btckpt.Checkpointer(dir=d, handle_sigterm=False) as plain:
         assert plain.restore(fresh) == 8
     assert torch.equal(fresh["model"].weight, state["model"].weight) and fresh["extra"]["step"] == 8
+
+
+def test_save_with_a_tier_promotes_and_on_commit_gets_the_durable_folder(tmp_path: Path) -> None:
+    state = _state()
+    ram, d = tmp_path / "ram", tmp_path / "d"
+    ck = _tier_ck(tmp_path, every_steps=None)
+    seen: list[tuple[Path, bool]] = []
+
+    def on_commit(folder: Path) -> None:
+        seen.append((folder, inspect(folder).complete))
+
+    ck.save(3, state, extra_files={"notes.txt": b"three"}, meta={"who": "test"}, on_commit=on_commit)
+    ck.wait()  # the tier save of step 3, then its promotion
+    assert seen == [(d / "checkpoint-3", True)]  # the durable folder, committed, never the tier's
+    assert _steps(d) == [3] and _steps(ram) == [3]  # one tier save, promoted
+    durable = inspect(d / "checkpoint-3")
+    assert verify(durable) == [] and (d / "checkpoint-3" / "notes.txt").read_bytes() == b"three"
+    assert durable.manifest is not None and durable.manifest.meta["who"] == "test"
+    # save_local: the tier only, with the same keywords; on_commit gets the tier folder
+    assert ck.save_local(4, state, extra_files={"notes.txt": b"four"}, on_commit=on_commit) is True
+    assert ck.save_local(4, state) is False  # the tier holds it already
+    ck.wait()
+    assert seen[1] == (ram / "checkpoint-4", True) and (ram / "checkpoint-4" / "notes.txt").read_bytes() == b"four"
+    assert _steps(d) == [3] and _steps(ram) == [4]
+    ck.save(4, state, on_commit=on_commit)  # the tier holds step 4: promoted as it is, no second snapshot
+    ck.close()
+    assert seen[2] == (d / "checkpoint-4", True) and len(seen) == 3
+    assert (d / "checkpoint-4" / "notes.txt").read_bytes() == b"four"
+    assert _steps(d) == [3, 4] and not ram.exists()
+
+
+def test_on_commit_error_of_a_promoted_save_is_raised_once(tmp_path: Path) -> None:
+    ck = _tier_ck(tmp_path, every_steps=None)
+
+    def boom(folder: Path) -> None:
+        raise RuntimeError(f"publish {folder.name} failed")
+
+    ck.save(2, _state(), on_commit=boom)
+    with pytest.raises(RuntimeError, match="publish checkpoint-2 failed"):
+        ck.wait()
+    ck.wait()  # reported once
+    ck.close()
+    assert _steps(tmp_path / "d") == [2]  # the commit itself stands
+    shutil.rmtree(tmp_path / "ram", ignore_errors=True)  # a failed promotion leaves the tier (for a restart)
 
 
 def test_promoted_checkpoints_are_uploaded(tmp_path: Path) -> None:

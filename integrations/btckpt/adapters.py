@@ -12,6 +12,8 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
   frameworks that hand the checkpoint to rank 0 only, :func:`publish_rank_rng` / :func:`gather_rank_rng`
   (each rank's :func:`~btckpt.restore.rng.capture_rng` through the c10d store, under a key all ranks derive from the
   checkpoint, never from creation order);
+- **the local tier's cadence** -- :func:`local_save_due` (when a framework step goes into the tier with
+  ``Checkpointer.save_local``; its durable saves go through the tier by themselves, ``Checkpointer.save``);
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
   :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Container, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,9 @@ from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url
 from .tiers import resumable_tier
 
-__all__ = ["resume_folder", "open_checkpoint", "read_groups", "load_groups", "group_values", "restore_rank_rng",
-           "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by", "model_config_files"]
+__all__ = ["resume_folder", "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
+           "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
+           "model_config_files"]
 
 log = logging.getLogger("btckpt")
 
@@ -64,6 +67,13 @@ def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.Path
         raise ConfigError(f"load_dir {roots[1]!r} is a URL; {helper} reads local folders only (pass the "
                           "downloaded folder, or on_missing='start_fresh')")
     return str(found.path) if found is not None else None
+
+
+def local_save_due(every: int | None, step: int, *, done: Container[int | None]) -> bool:
+    """Whether a framework adapter saves optimizer step ``step`` into the local tier: every ``every`` steps
+    (``local_every_steps``; None: no tier), unless ``done`` (the steps it saved already, durably or into the
+    tier) holds it. Every rank of the framework's save asks it with the same answers."""
+    return every is not None and step > 0 and step % every == 0 and step not in done
 
 
 def open_checkpoint(path: str | os.PathLike[str] | None, *, btckpt_only: bool = False) -> CheckpointInfo | None:

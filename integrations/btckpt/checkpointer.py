@@ -58,6 +58,8 @@ log = logging.getLogger("btckpt")
 _SESSIONS: dict[str, itertools.count[int]] = {}  # session identity -> Checkpointers created on it so far
 _OPEN: dict[str, weakref.ref[Checkpointer]] = {}  # session identity -> the coordinating Checkpointer using it
 _SESSIONS_LOCK = threading.Lock()
+_SAVE_DEFAULTS: dict[str, Any] = {"extra_files": None, "meta": None, "on_commit": None, "peer_rng": None,
+                                  "optimizers": ()}  # save()'s keywords as _save takes them
 
 
 def session_identity(dir: str | os.PathLike[str] | None, name: str | None) -> str:
@@ -290,20 +292,47 @@ class Checkpointer:
         tensors (framework dicts), the optimizers whose ``step()`` alone writes their parameters and
         state; tensors of ``state`` sharing storage with those copy in the background behind their step gate.
 
+        With a local tier (``local_every_steps``) the checkpoint goes through it: a tier save of ``step``
+        (unless the tier already holds it), then its promotion into ``dir`` in the background (one device
+        copy); ``on_commit`` then gets the folder in ``dir`` once the promotion committed (on the node's
+        leader, the rank that promotes).
+
         Saves from several threads are serialized (each one's snapshot is taken alone). Plain-data groups
         (no tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json``
         and comes back to that rank at restore; groups holding tensors are taken from local rank 0.
         """
-        with self._busy, _no_gc():
-            self._save(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit, peer_rng=peer_rng,
-                       optimizers=optimizers, root=self.root)
+        self._save_durable(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit, peer_rng=peer_rng,
+                           optimizers=optimizers)
 
-    def _save_local(self, step: int, state: Mapping[str, Any]) -> None:
-        """Save ``step`` into the local tier (same save path, the tier's folder; :mod:`btckpt.tiers`)."""
+    def save_local(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
+                   meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
+                   peer_rng: Mapping[int, Mapping[str, Any]] | None = None,
+                   optimizers: Sequence[torch.optim.Optimizer] = ()) -> bool:
+        """Snapshot ``state`` as checkpoint ``step`` into the local tier only (``local_every_steps``; the
+        keywords as in :meth:`save`, ``on_commit`` gets the tier folder).
+
+        Called like :meth:`save`: by every rank that calls ``save``, at the same step, between two
+        training steps. It guarantees what a save guarantees, in the tier: returns once the snapshot is
+        safe, the checkpoint commits in the background, and a restart on this node resumes from it (the
+        tier keeps the newest step; :meth:`save`, the durable cadence of :meth:`maybe_save` and
+        ``close()`` promote it into ``dir``). A step the tier already holds from this Checkpointer is not
+        saved again (returns False; True when it saved). Raises ConfigError without a tier.
+        """
+        if self._tier is None:
+            raise ConfigError("save_local() needs a local tier: pass local_every_steps=K (and optionally "
+                              "local_tier_dir=) to the Checkpointer, or call save()")
+        return self._save_local(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit,
+                                peer_rng=peer_rng, optimizers=optimizers)
+
+    def _save_local(self, step: int, state: Mapping[str, Any], **keywords: Any) -> bool:
+        """Save ``step`` into the local tier (same save path, the tier's folder; :mod:`btckpt.tiers`) unless this
+        Checkpointer saved it there already; whether it saved."""
         assert self._tier is not None
+        if self._tier.last_step == step:
+            return False
         with self._busy, _no_gc():
-            self._save(step, state, extra_files=None, meta=None, on_commit=None, peer_rng=None, optimizers=(),
-                       root=self._tier.root)
+            self._save(step, state, root=self._tier.root, **{**_SAVE_DEFAULTS, **keywords})
+        return True
 
     def _save(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None,
               meta: Mapping[str, Any] | None, on_commit: Callable[[Path], None] | None,
@@ -462,10 +491,11 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> bool:
         """Call every step: saves when ``every_steps``/``every_seconds`` says so, or at preemption.
 
-        After SIGTERM it saves, waits for the commit (up to ``preemption_grace`` seconds) and exits the
-        process with status 0. With several ranks, a SIGTERM on any rank makes every rank stop at the same
-        step (agreed through the store, so ranks signalled at different times still save one checkpoint
-        together). Returns True when it saved.
+        With a local tier, also saves into it every ``local_every_steps`` steps (:meth:`save_local`); the
+        durable saves go through the tier (:meth:`save`). After SIGTERM it saves, waits for the commit (up
+        to ``preemption_grace`` seconds) and exits the process with status 0. With several ranks, a SIGTERM
+        on any rank makes every rank stop at the same step (agreed through the store, so ranks signalled at
+        different times still save one checkpoint together). Returns True when it saved.
         """
         if self._stop_step(step):
             self.finish_preemption(step, state)
@@ -477,30 +507,36 @@ class Checkpointer:
         if secs is not None and time.monotonic() - self._last_save_time >= secs:
             due = True
         if due and step != self._last_save_step:
-            self._save_durable(step, state)
-            return True
-        tier, k = self._tier, self.config.local_every_steps
-        if tier is not None and k is not None and step % k == 0 and step > 0 and step != tier.last_step:
-            self._save_local(step, state)
-            return True
-        return False
-
-    def _save_durable(self, step: int, state: Mapping[str, Any]) -> None:
-        """The durable checkpoint of ``step``: a save into ``dir``, or with a local tier, a tier save of
-        ``step`` (unless done) promoted into ``dir`` in the background (:meth:`_promote`)."""
-        if self._tier is None:
             self.save(step, state)
-            return
-        if self._tier.last_step != step:
-            self._save_local(step, state)
-        self._promote(step)
+            return True
+        k = self.config.local_every_steps
+        return k is not None and step % k == 0 and step > 0 and self.save_local(step, state)
 
-    def _promote(self, step: int) -> None:
-        """Queue the promotion of tier step ``step`` (after its save, still writing, committed)."""
+    def _save_durable(self, step: int, state: Mapping[str, Any], **keywords: Any) -> None:
+        """The durable checkpoint of ``step`` (:meth:`save`): a save into ``dir``, or with a local tier, a tier
+        save of ``step`` (unless done) promoted into ``dir`` in the background (:meth:`_promote`), which then
+        runs ``on_commit`` with the promoted folder."""
+        kw = {**_SAVE_DEFAULTS, **keywords}
+        if self._tier is None:
+            with self._busy, _no_gc():
+                self._save(step, state, root=self.root, **kw)
+            return
+        on_commit = kw.pop("on_commit")
+        self._save_local(step, state, **kw)
+        self._promote(step, on_commit=on_commit)
+
+    def _promote(self, step: int, *, on_commit: Callable[[Path], None] | None = None) -> None:
+        """Queue the promotion of tier step ``step`` (after its save, still writing, committed); after the
+        durable commit: retention, upload, consolidation (:meth:`_published`), then ``on_commit(folder)``."""
         assert self._tier is not None
         tag = self._op_tag("p")  # every rank draws it: the counter stays in step
-        self._tier.schedule(step, after=self._pending, tag=tag, timeout=self._barrier_timeout(),
-                            on_commit=self._published)
+
+        def committed(path: Path) -> None:
+            self._published(path)
+            if on_commit is not None:
+                on_commit(path)
+
+        self._tier.schedule(step, after=self._pending, tag=tag, timeout=self._barrier_timeout(), on_commit=committed)
         self._last_save_step, self._last_save_time = step, time.monotonic()
 
     def _stop_step(self, step: int) -> bool:

@@ -4,7 +4,9 @@ GPT-2 built from a config (2 layers, 32 wide, dropout on: RNG matters), a synthe
 Options pick the checkpointing (btckpt callback, HF native, none), how to resume, and faults to inject:
 ``--kill-at N`` SIGKILLs this process when step N begins; ``--progress FILE`` records each finished step
 (tests send real signals when a step shows up). ``--dump FILE`` writes the final parameters and
-optimizer state as safetensors (rank 0) for bit-exact comparison.
+optimizer state as safetensors (rank 0) for bit-exact comparison. ``--local-every K --tier DIR``: the callback
+also saves into the local tier DIR every K steps (``--wait-commit`` then waits for the tier's checkpoint).
+Prints ``RESUME <folder>`` (``--resume line``) and ``START <global_step>`` when training begins.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class Faults(TrainerCallback):
                  root: str | None = None) -> None:
         self.kill_at, self.progress, self.step_sleep, self.wait_commit = kill_at, progress, step_sleep, wait_commit
         self.root = root or os.environ.get("BT_CHECKPOINT_DIR", "./checkpoints")
+
+    def on_train_begin(self, args, state, control, **kw):
+        if args.process_index == 0:
+            say(f"START {state.global_step}")
 
     def on_step_begin(self, args, state, control, **kw):
         if self.kill_at is not None and state.global_step == self.kill_at:
@@ -118,6 +124,8 @@ def main() -> int:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--dump", default=None)
     p.add_argument("--result", default=None, help="write a JSON summary (rank 0)")
+    p.add_argument("--local-every", type=int, default=None, help="local_every_steps (with --tier)")
+    p.add_argument("--tier", default=None, help="local_tier_dir")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -136,12 +144,13 @@ def main() -> int:
         dataloader_num_workers=0, disable_tqdm=True, **eval_kw,
     )
     callbacks: list[TrainerCallback] = [Faults(a.kill_at, a.progress, a.step_sleep, a.wait_commit,
-                                                root=a.out if a.mode == "native" else None)]
+                                                root=a.out if a.mode == "native" else a.tier)]
     cb = None
     if a.mode == "btckpt":
         from btckpt.hf import CheckpointCallback
 
-        cb = CheckpointCallback(auto_resume=(a.resume == "auto"))
+        tier = {"local_every_steps": a.local_every, "local_tier_dir": a.tier} if a.local_every else {}
+        cb = CheckpointCallback(auto_resume=(a.resume == "auto"), **tier)
         callbacks.insert(0, cb)
     trainer = Trainer(model=model, args=args, train_dataset=Synthetic(a.samples, 1),
                       eval_dataset=Synthetic(8, 2) if a.eval_steps else None, callbacks=callbacks,
@@ -161,7 +170,7 @@ def main() -> int:
     if a.resume == "line":
         from btckpt.hf import resume_checkpoint
 
-        start = resume_checkpoint()
+        start = resume_checkpoint(local_tier_dir=a.tier)
         say(f"RESUME {start}")
         trainer.train(resume_from_checkpoint=start)
     elif a.resume == "native":

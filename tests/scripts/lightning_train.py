@@ -8,12 +8,15 @@ with its own dropout RNG (seeded per rank in setup()), so a resume is exact only
 --progress FILE: every rank appends "STEP <N>" to FILE.<rank> after each step (for kill tests).
 --time-interval S with --fake-clock: ModelCheckpoint(train_time_interval=S seconds) against a clock that
 advances exactly 1 s per training step (deterministic saves).
+--local-every K --tier DIR: the plugin also saves into the local tier DIR every K steps (resume_path searches it);
+--kill-at N: at step N's batch end, after every save so far committed, the process SIGKILLs itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -78,7 +81,7 @@ class StartStep(L.Callback):
 
 
 class Tiny(L.LightningModule):
-    def __init__(self, lr: float = 0.01, sleep: float = 0.0, progress: str = "") -> None:
+    def __init__(self, lr: float = 0.01, sleep: float = 0.0, progress: str = "", kill_at: int = -1) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.ReLU(),
@@ -105,6 +108,10 @@ class Tiny(L.LightningModule):
                 f.write(f"STEP {self.global_step}\n")
         if self.hparams.sleep:
             time.sleep(self.hparams.sleep)
+        if self.global_step == self.hparams.kill_at:  # after the callbacks' saves of this step (they run first)
+            self.trainer.strategy.checkpoint_io.wait()
+            say(f"killing itself at step {self.global_step}")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
@@ -143,6 +150,9 @@ def main() -> None:
     ap.add_argument("--restore-rng-ranks", default="all", help="comma list of ranks that restore their RNG")
     ap.add_argument("--time-interval", type=float, default=None)
     ap.add_argument("--fake-clock", action="store_true")
+    ap.add_argument("--local-every", type=int, default=None)
+    ap.add_argument("--tier", default=None)
+    ap.add_argument("--kill-at", type=int, default=-1)
     a = ap.parse_args()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if a.fake_clock:
@@ -151,11 +161,11 @@ def main() -> None:
         mc.time = FakeTime  # type: ignore[assignment]
 
     L.seed_everything(0, verbose=False)
-    model = Tiny(sleep=a.sleep, progress=a.progress)
+    model = Tiny(sleep=a.sleep, progress=a.progress, kill_at=a.kill_at)
     plugins = []
     if a.io == "safetensors":
         restore = a.restore_rng_ranks == "all" or str(rank) in a.restore_rng_ranks.split(",")
-        plugins = [SafetensorsCheckpointIO(restore_rng=restore)]
+        plugins = [SafetensorsCheckpointIO(restore_rng=restore, local_every_steps=a.local_every, local_tier_dir=a.tier)]
     elif a.io == "async":
         from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
@@ -168,7 +178,7 @@ def main() -> None:
                         plugins=plugins, callbacks=[cb, StartStep()], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
-    ckpt = a.ckpt_path or (resume_path(dir=a.dir) if a.resume else None)
+    ckpt = a.ckpt_path or (resume_path(dir=a.dir, local_tier_dir=a.tier) if a.resume else None)
     say(f"resume from {ckpt}")
     trainer.fit(model, train_dataloaders=Batches(rank=rank, world=world), ckpt_path=ckpt)
     dump = a.dump.format(rank=rank) if a.dump else None

@@ -53,6 +53,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from ..adapters import (
     files_written_by,
     load_groups,
+    local_save_due,
     model_config_files,
     open_checkpoint,
     restore_rank_rng,
@@ -129,7 +130,8 @@ def _pin_next_set_epoch(sampler: Any, epoch: int) -> None:
 
 
 def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
-                      load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise") -> str | None:
+                      load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise",
+                      local_tier_dir: str | os.PathLike[str] | None = None) -> str | None:
     """Path of the newest complete, verified checkpoint to resume from, or None.
 
     Looks in ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``: a restarted job's own
@@ -138,11 +140,12 @@ def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
     included). The same policy as ``Checkpointer.restore`` (:func:`btckpt.adapters.resume_folder`): incomplete
     folders are skipped; checksums are verified and a damaged checkpoint is skipped with a warning naming
     the file; a plain HF Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
-    Raises :class:`btckpt.NoCheckpointFound` when ``load_dir`` is set and nothing was found anywhere,
-    unless ``on_missing="start_fresh"`` (then None).
+    The node-local tier of ``dir`` (``local_tier_dir``, default ``/dev/shm/btckpt/<job>``) is searched with it:
+    its newer step wins. Raises :class:`btckpt.NoCheckpointFound` when ``load_dir`` is set and nothing was
+    found anywhere, unless ``on_missing="start_fresh"`` (then None).
     """
     return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=_resumable,
-                         helper="resume_checkpoint()")
+                         helper="resume_checkpoint()", local_tier_dir=local_tier_dir)
 
 
 def _resumable(info: CheckpointInfo) -> bool:
@@ -179,14 +182,14 @@ class CheckpointCallback(TrainerCallback):
     ``save_total_limit`` becomes ``keep_last`` and the best checkpoint is protected from retention.
     A SIGTERM saves at the next step boundary, waits for the commit and exits the process with status 0
     (``exit_on_preemption=False``: ``train()`` returns instead). ``auto_resume``: ``train()`` without
-    ``resume_from_checkpoint`` resumes from :func:`resume_checkpoint`. Other keyword options go to
-    :class:`btckpt.Checkpointer` (``dir``, ``load_dir``, ``keep_last``, ``async_save``, ``max_shard_size``...).
+    ``resume_from_checkpoint`` resumes from :func:`resume_checkpoint`. ``local_every_steps=K`` (and
+    ``local_tier_dir``): every K optimizer steps a save into the node-local tier, with the Trainer's files
+    like any save; the saves above go through the tier and are promoted into the dir (see README "Tiers").
+    Other keyword options go to :class:`btckpt.Checkpointer` (``dir``, ``load_dir``, ``keep_last``,
+    ``async_save``, ``max_shard_size``...).
     """
 
     def __init__(self, *, auto_resume: bool = True, exit_on_preemption: bool = True, **options: Any) -> None:
-        if options.get("local_every_steps") is not None:  # its saves would lack the Trainer's files (trainer_state)
-            raise ConfigError("local_every_steps: the local (RAM) tier is not wired into the HF callback yet; use "
-                              "btckpt.Checkpointer with maybe_save() for it, or drop the option")
         self.options = dict(options)
         self.auto_resume = auto_resume
         self.exit_on_preemption = exit_on_preemption
@@ -196,6 +199,7 @@ class CheckpointCallback(TrainerCallback):
         self._orig: dict[str, Callable[..., Any]] = {}
         self._best: Path | None = None
         self._saved: set[int] = set()
+        self._local_step: int | None = None  # the newest step saved into the local tier
         self._static_files: dict[str, bytes] | None = None
         self._resume_from: str | None = None  # the folder train() resumes from, until its state is loaded
         self._resumed_epoch_pending = False
@@ -225,7 +229,7 @@ class CheckpointCallback(TrainerCallback):
             limit = self.trainer.args.save_total_limit if self.trainer is not None else None
             opts.setdefault("keep_last", limit if limit and limit > 0 else None)
             self.ckpt = Checkpointer(**opts)
-            self._best, self._saved, self.preempted_at = None, set(), None
+            self._best, self._saved, self._local_step, self.preempted_at = None, set(), None, None
         return self.ckpt
 
     def close(self) -> None:
@@ -241,7 +245,8 @@ class CheckpointCallback(TrainerCallback):
     def _resume_checkpoint(self) -> str | None:
         """:func:`resume_checkpoint` with this callback's ``dir`` / ``load_dir`` / ``on_missing`` options."""
         return resume_checkpoint(dir=self.options.get("dir"), load_dir=self.options.get("load_dir"),
-                                 on_missing=self.options.get("on_missing", "raise"))
+                                 on_missing=self.options.get("on_missing", "raise"),
+                                 local_tier_dir=self.options.get("local_tier_dir"))
 
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
@@ -333,6 +338,12 @@ class CheckpointCallback(TrainerCallback):
 
     def _p_save_checkpoint(self, model: Any, trial: Any = None, *args: Any, **kwargs: Any) -> None:
         """Replaces ``Trainer._save_checkpoint``: the same bookkeeping, one async btckpt save, no HF write."""
+        self._save_step(trial, local=False)
+
+    def _save_step(self, trial: Any, *, local: bool) -> None:
+        """The Trainer's save bookkeeping and files, then a btckpt save of this step: durable (``save``,
+        through the local tier when there is one) or ``local`` (``save_local``: the tier only, no best-model
+        record, since the step may never reach the dir)."""
         tr = self.trainer
         assert tr is not None
         ckpt = self._checkpointer()
@@ -340,7 +351,7 @@ class CheckpointCallback(TrainerCallback):
         if tr.hp_search_backend is None and trial is None:
             tr.store_flos()
         best_step = tr.state.best_global_step
-        if tr.args.save_strategy in (trainer_utils.SaveStrategy.STEPS, trainer_utils.SaveStrategy.EPOCH,
+        if not local and tr.args.save_strategy in (trainer_utils.SaveStrategy.STEPS, trainer_utils.SaveStrategy.EPOCH,
                                       trainer_utils.SaveStrategy.BEST) and best_step:
             best = ckpt.root / f"checkpoint-{best_step}"
             if best_step == step or best_step in self._saved or best.exists():
@@ -357,9 +368,13 @@ class CheckpointCallback(TrainerCallback):
             else:
                 stateful[name] = cb.state()
         files = self._files() if ckpt.world.is_local_leader else {}
-        ckpt.save(step, self._state(), extra_files=files,
-                  meta={"integration": "transformers", "transformers_version": transformers.__version__})
-        self._saved.add(step)
+        save = ckpt.save_local if local else ckpt.save
+        save(step, self._state(), extra_files=files,
+             meta={"integration": "transformers", "transformers_version": transformers.__version__})
+        if local:
+            self._local_step = step
+        else:
+            self._saved.add(step)
 
     def _p_maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> Any:
         out = self._orig["_maybe_log_save_evaluate"](*args, **kwargs)
@@ -372,6 +387,10 @@ class CheckpointCallback(TrainerCallback):
             self.preempted_at = step
             tr.control.should_training_stop = True
             log.warning("btckpt: SIGTERM: saved checkpoint-%d; stopping training", step)
+        elif tr is not None and self.ckpt is not None and self.preempted_at is None and local_save_due(
+                self.options.get("local_every_steps"), int(tr.state.global_step),
+                done=(*self._saved, self._local_step)):
+            self._save_step(None, local=True)
         return out
 
     def _preempted_everywhere(self) -> bool:

@@ -64,10 +64,11 @@ Checkpointer and anything below it, never ``btckpt.hf`` or ``btckpt.cli``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,9 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..adapters import group_values, open_checkpoint, restore_rank_rng
+from ..adapters import group_values, local_save_due, open_checkpoint, restore_rank_rng
 from ..checkpointer import Checkpointer
-from ..config import resolve_dir
+from ..config import CheckpointConfig, resolve_dir
 from ..distributed.world import World
 from ..errors import (
     CheckpointError,
@@ -133,12 +134,21 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     (per-rank RNG files; restored when a training checkpoint is loaded), ``restore_rng``,
     ``rng_timeout`` (seconds rank 0 waits for the other ranks' RNG states at a save), ``background_copy``
     (copy parameters and optimizer moments behind the step gate; module doc), ``hf_model`` (the HF
-    model folder form; module doc).
+    model folder form; module doc). ``local_every_steps=K`` (and ``local_tier_dir``): with this module's
+    :class:`ModelCheckpoint`, every K training steps a save into the node-local tier; the ModelCheckpoint
+    saves go through the tier and are promoted into their folder (README "Tiers"); resume with
+    ``resume_path(local_tier_dir=...)``.
     """
 
     def __init__(self, *, async_save: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  save_rng: bool = True, restore_rng: bool = True, rng_timeout: float = 600.0,
-                 background_copy: bool = True, hf_model: str | bool = True) -> None:
+                 background_copy: bool = True, hf_model: str | bool = True, local_every_steps: int | None = None,
+                 local_tier_dir: str | os.PathLike[str] | None = None) -> None:
+        self.local_every_steps = local_every_steps
+        self.local_tier_dir = None if local_tier_dir is None else os.fspath(local_tier_dir)
+        if local_every_steps is not None or local_tier_dir is not None:  # refused now, not at the first save
+            CheckpointConfig(local_every_steps=local_every_steps, local_tier_dir=self.local_tier_dir)
+        self._into_tier = False  # the save in progress goes into the local tier (save_local)
         self._hf = HFLayout(hf_model)
         self.async_save = async_save
         self.background_copy = background_copy
@@ -208,7 +218,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         if ck is None:
             ck = Checkpointer(world=None if distributed else World(), dir=str(key), keep_last=None,
                               async_save=self.async_save, max_shard_size=self.max_shard_size, save_rng=self.save_rng,
-                              handle_sigterm=handle_sigterm)
+                              handle_sigterm=handle_sigterm, local_every_steps=self.local_every_steps,
+                              local_tier_dir=self.local_tier_dir)
             self._ckpts[key] = ck
             if process_rank() == 0:
                 self._finish_retirements(key)  # under the Checkpointer's writer lock
@@ -259,6 +270,18 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         """Tell the plugin the LightningModule (for ``hf_model``; :class:`ModelCheckpoint` calls this)."""
         self._hf.attach(module)
 
+    @contextlib.contextmanager
+    def into_local_tier(self) -> Iterator[None]:
+        """Within it, ``save_checkpoint`` saves into the local tier (``Checkpointer.save_local``), names
+        nothing, and leaves the dir alone (:class:`ModelCheckpoint` wraps its tier saves in it, every rank)."""
+        if self.local_every_steps is None:
+            raise ConfigError("into_local_tier(): pass SafetensorsCheckpointIO(local_every_steps=K) for a local tier")
+        self._into_tier = True
+        try:
+            yield
+        finally:
+            self._into_tier = False
+
     # -- CheckpointIO -----------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Snapshot ``checkpoint`` into ``<dir>/checkpoint-<global_step>`` and name it ``path`` once committed."""
@@ -281,6 +304,10 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         step = int(checkpoint.get("global_step", 0))
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
         ck = self.checkpointer(folder.parent, distributed=distributed)
+        if self._into_tier:
+            self._save_groups(ck.save_local, step, checkpoint, distributed=distributed, peer_rng=peer_rng,
+                              optimizers=optimizers)
+            return
         with self._lock:
             waiting = self._pending.get(folder)
             if waiting is not None:  # the same step is being written: this name shares the folder
@@ -302,6 +329,21 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 self._relink(link, folder)
             self._mine.add(folder)
             return
+        with self._lock:
+            self._pending[folder] = [] if link == folder else [link]
+        try:
+            self._save_groups(ck.save, step, checkpoint, distributed=distributed, peer_rng=peer_rng,
+                              optimizers=optimizers, on_commit=self._committed)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(folder, None)
+            raise
+        self._mine.add(folder)
+
+    def _save_groups(self, save: Callable[..., Any], step: int, checkpoint: dict[str, Any], *, distributed: bool,
+                     peer_rng: Any, optimizers: list[torch.optim.Optimizer], **keywords: Any) -> None:
+        """Lightning's dict as btckpt groups (+ the HF model folder form), saved by ``save`` (the Checkpointer's
+        ``save`` or ``save_local``)."""
         groups, keys = to_groups(checkpoint)
         if not distributed:
             refuse_rank0_shards(groups, keys)
@@ -312,21 +354,11 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             groups["model"], files, meta["hf"] = hf
         elif distributed:
             files = hf_model_group(self._hf, groups, meta)
-        with self._lock:
-            self._pending[folder] = [] if link == folder else [link]
         try:
-            ck.save(step, groups, meta={"lightning": meta}, extra_files=files,
-                    on_commit=self._committed,
-                    peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers)
+            save(step, groups, meta={"lightning": meta}, extra_files=files,
+                 peer_rng=peer_rng if self.save_rng else None, optimizers=optimizers, **keywords)
         except UnsupportedValue as exc:
-            with self._lock:
-                self._pending.pop(folder, None)
             raise name_bad_key(groups, keys, exc) from None
-        except BaseException:
-            with self._lock:
-                self._pending.pop(folder, None)
-            raise
-        self._mine.add(folder)
 
     def _resolve(self, path: Path) -> Path:
         path = self._found_at(path)
@@ -466,12 +498,14 @@ class ModelCheckpoint(_ModelCheckpoint):
     ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. Under DDP it makes every
     rank's RNG state part of the checkpoint (module doc). With
     :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
-    the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0).
+    the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0). With
+    the plugin's ``local_every_steps=K`` it also saves into the local tier every K training steps.
     """
 
     def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(resolve_dir(dirpath), *args, **kwargs)
         self._ck: Checkpointer | None = None
+        self._local_step: int | None = None  # the newest step saved into the local tier
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """On every rank: hand this rank's RNG state to rank 0's plugin; at a mid-epoch training batch end,
@@ -502,6 +536,7 @@ class ModelCheckpoint(_ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         ck = self._ck
         if ck is None or not ck.preempted:
+            self._maybe_save_local(trainer)
             return
         assert self.dirpath is not None
         filepath = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
@@ -511,8 +546,20 @@ class ModelCheckpoint(_ModelCheckpoint):
         log.warning("btckpt: preemption checkpoint for step %d committed; stopping", trainer.global_step)
         raise SIGTERMException()
 
+    def _maybe_save_local(self, trainer: Any) -> None:
+        """Every ``local_every_steps`` training steps (the plugin's), a save of this step into the local tier,
+        unless this callback saved the step already; on every rank, as Lightning's own saves."""
+        io = trainer.strategy.checkpoint_io
+        step = trainer.global_step
+        if not isinstance(io, SafetensorsCheckpointIO) or not self.dirpath or not local_save_due(
+                io.local_every_steps, step, done=(self._last_global_step_saved, self._local_step)):
+            return
+        with io.into_local_tier():
+            trainer.save_checkpoint(os.path.join(self.dirpath, checkpoint_name(step)))
+        self._local_step = step
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._ck = None
+        self._ck, self._local_step = None, None
         super().teardown(trainer, pl_module, stage)
 
 

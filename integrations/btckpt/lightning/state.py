@@ -163,15 +163,18 @@ def safe_for_background_copy(trainer: Any) -> bool:
 
 
 def resume_path(*, dir: str | os.PathLike[str] | None = None,
-                load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise") -> str | None:
+                load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise",
+                local_tier_dir: str | os.PathLike[str] | None = None) -> str | None:
     """The checkpoint to pass as ``trainer.fit(ckpt_path=...)``: the newest complete, verified checkpoint in
     ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``; the ``checkpoint-<N>`` folders directly in
     it), else in ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``, nested ``<job>/rank-<node>/`` layouts
     included), else None. The same policy as ``Checkpointer.restore`` (:func:`btckpt.adapters.resume_folder`): a
     damaged checkpoint is skipped with a warning naming the file; :class:`btckpt.NoCheckpointFound` when
-    ``load_dir`` is set and nothing was found anywhere, unless ``on_missing="start_fresh"``."""
+    ``load_dir`` is set and nothing was found anywhere, unless ``on_missing="start_fresh"``. The node-local
+    tier of ``dir`` (``local_tier_dir``, default ``/dev/shm/btckpt/<job>``) is searched with it: its newer
+    step wins."""
     return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=lambda i: i.kind == "btckpt",
-                         helper="resume_path()")
+                         helper="resume_path()", local_tier_dir=local_tier_dir)
 
 
 def process_rank() -> int:
