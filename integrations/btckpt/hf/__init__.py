@@ -249,6 +249,7 @@ class CheckpointCallback(TrainerCallback):
                                  local_tier_dir=self.options.get("local_tier_dir"))
 
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self._checkpointer()  # first: with peer replicas, a node that lost its memory fetches its part back here
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
             resume_from_checkpoint = self._resume_checkpoint()
             if resume_from_checkpoint is None:
@@ -258,7 +259,6 @@ class CheckpointCallback(TrainerCallback):
             resume_from_checkpoint = self._resume_checkpoint()
             if resume_from_checkpoint is not None:
                 log.warning("btckpt: resuming from %s", resume_from_checkpoint)
-        self._checkpointer()
         resuming = isinstance(resume_from_checkpoint, str | os.PathLike)
         self._resume_from = os.fspath(resume_from_checkpoint) if resuming else None
         self._resumed_epoch_pending = resuming
