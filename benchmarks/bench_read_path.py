@@ -12,21 +12,26 @@ are in RAM), alternating the contenders round by round, medians:
   ``MADV_HUGEPAGE`` (``+ hugepages``: 512x fewer page faults), and ``dd`` (read only, no buffer kept);
 - the stages alone, bytes in RAM: page faults of a fresh buffer (``torch.empty`` + ``fill_``; the same with
   hugepages), the checksum of 1 buffer (xxh3-64), and the copy into already-touched destination tensors
-  (``copy_``: what ``load_state_dict`` costs after the read).
+  (``copy_``: what ``load_state_dict`` costs after the read);
+- end to end: ``Checkpointer(dir=...)`` + ``restore({"model": m})`` of a checkpoint of the same size (checksums
+  verified), with the staging buffer of 4 KiB pages (``torch.empty``: before) and with btckpt's
+  (:func:`btckpt.restore.reader.staging_buffer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import btckpt
 import torch
-from _common import drop_file_cache
+from _common import StateModule, drop_file_cache, transformer_like_state
 from btckpt.format.checksum import new_hasher
 from btckpt.restore import reader
 
@@ -74,6 +79,34 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def restore_rows(folder: Path, gib: float, rounds: int, cold: bool) -> dict[str, list[float]]:
+    """End to end: a Checkpointer restore of ``gib`` GiB, staging buffer of 4 KiB pages vs btckpt's."""
+    tensors = transformer_like_state(int(gib * 2**30))
+    own = folder / "bench-read-path-ckpt"
+    btckpt.save(own / "checkpoint-1", {"model": StateModule(tensors)}, save_rng=False)
+    files = [p for p in (own / "checkpoint-1").iterdir() if p.is_file()]
+    ours = reader.staging_buffer
+    variants = {"btckpt restore, torch.empty staging (before)": fresh, "btckpt restore (after)": ours}
+    times: dict[str, list[float]] = {}
+    try:
+        for r in range(rounds):
+            for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+                reader.staging_buffer = variants[name]  # type: ignore[assignment]
+                model = StateModule({k: torch.zeros_like(v) for k, v in tensors.items()})
+                if cold:
+                    drop_file_cache(files)
+                t0 = time.perf_counter()
+                with btckpt.Checkpointer(dir=own, save_rng=False, handle_sigterm=False) as ck:
+                    assert ck.restore({"model": model}) == 1
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+                assert all(torch.equal(model.p[k], v) for k, v in tensors.items())
+                del model
+    finally:
+        reader.staging_buffer = ours  # type: ignore[assignment]
+        shutil.rmtree(own)
+    return times
+
+
 def run_folder(folder: Path, gib: float, rounds: int) -> list[str]:
     n = int(gib * 2**30)
     path = folder / "bench-read-path.bin"
@@ -114,6 +147,7 @@ def run_folder(folder: Path, gib: float, rounds: int) -> list[str]:
                 times.setdefault(name, []).append(timed(stages[name]))
     finally:
         path.unlink()
+    times.update(restore_rows(folder, gib, rounds, cold))
     lines = [f"{folder} ({'page cache dropped' if cold else 'tmpfs: in RAM'}), {gib:g} GiB, rounds {rounds}",
              "| contender | median | GB/s | min..max |", "|---|---|---|---|"]
     for k, v in times.items():
