@@ -4,6 +4,7 @@ before anything reaches the live model, and a restore from ``s3://`` (moto serve
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -126,3 +127,81 @@ def test_a_restore_from_s3_verifies_what_it_downloaded(s3: str, saved: Path, tmp
         with pytest.raises(NoCheckpointFound):
             ck.restore(state)
     assert_unchanged(state, before)
+
+
+RANK_PROGRAM = '''
+import sys
+from pathlib import Path
+
+import btckpt
+import torch
+import torch.distributed as dist
+
+
+def rchar():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512), torch.nn.Linear(512, 256))
+
+
+dist.init_process_group("gloo")
+rank, root, mode = dist.get_rank(), Path(sys.argv[1]), sys.argv[2]
+with btckpt.Checkpointer(dir=root, async_save=False, keep_last=None, barrier_timeout=60,
+                         handle_sigterm=False) as ck:
+    if mode == "save":
+        for step in (2, 4):
+            ck.save(step, {"model": model(step)})
+    else:
+        m = model(99)
+        before = rchar()
+        step = ck.restore({"model": m})
+        read = rchar() - before
+        same = all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model(step).state_dict().values()))
+        print(f"RANK {rank} STEP {step} READ {read} SAME {same}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def _two_ranks(tmp_path: Path, *args: str) -> list[str]:
+    from dist_launch import env_with, finish, raw_ranks
+
+    script = tmp_path / "rank_program.py"
+    script.write_text(RANK_PROGRAM)
+    outs = []
+    for proc in raw_ranks(str(script), [str(tmp_path / "ck"), *args], world=2, env=env_with()):
+        rc, out = finish(proc, timeout=180)
+        assert rc == 0, out[-4000:]
+        outs.append(out)
+    return outs
+
+
+def _report(outs: list[str]) -> dict[int, tuple[int, int, bool]]:
+    found = [re.search(r"RANK (\d) STEP (-?\d+|None) READ (\d+) SAME (True|False)", o) for o in outs]
+    assert all(found), outs
+    return {int(m[1]): (int(m[2]), int(m[3]), m[4] == "True") for m in found if m}
+
+
+def test_multi_rank_restore_verifies_each_byte_once_and_every_rank_falls_back_together(tmp_path: Path):
+    """The ranks agree on a step that every rank read and verified; the read that verified it is the one loaded
+    (before, the agreement hashed the checkpoint and the load read and hashed it again: twice the bytes)."""
+    _two_ranks(tmp_path, "save")
+    folder = tmp_path / "ck" / "checkpoint-4"
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    tensor_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+    assert tensor_bytes > 0.9 * total
+    report = _report(_two_ranks(tmp_path, "restore"))
+    for rank in (0, 1):
+        step, read, same = report[rank]
+        assert (step, same) == (4, True), report
+        assert total <= read <= total + (total - tensor_bytes) + 256 * 1024, (rank, read, total)
+    # step 4 damaged (same size: only the checksum can tell): both ranks drop it together and load step 2
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    report = _report(_two_ranks(tmp_path, "restore"))
+    assert {r: (s, same) for r, (s, _, same) in report.items()} == {0: (2, True), 1: (2, True)}

@@ -23,7 +23,8 @@ from ..storage.remote import fetch
 from .reader import CheckpointReader, read_verified_bytes
 from .rng import RngState, apply_rng, read_rank_rng
 
-__all__ = ["read_for_state", "load_into", "read_checkpoint", "restore_first"]
+__all__ = ["read_for_state", "load_into", "read_checkpoint", "read_candidate", "reads_collectively",
+           "finish_restore", "restore_first"]
 
 log = logging.getLogger("btckpt")
 
@@ -128,20 +129,32 @@ def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names
     return apply
 
 
+def reads_collectively(info: CheckpointInfo, state: MutableMapping[str, Any]) -> bool:
+    """Whether reading ``info`` into ``state`` goes through DCP's planner (sharded groups, saved or targeted),
+    which every rank enters together: such a read must not be started by some ranks only."""
+    return bool(_reshard_groups(info, state))
+
+
+def read_candidate(info: CheckpointInfo, state: MutableMapping[str, Any], *, rank: int, want_rng: bool,
+                   strict: bool) -> tuple[CheckpointInfo, Callable[[], None]]:
+    """Read and verify one candidate for ``state`` (downloaded to the local cache first when behind an fsspec
+    URL): the candidate as read, and the function that loads it (:func:`read_checkpoint`)."""
+    if not info.store.local:
+        info = fetch(info)
+    return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict)
+
+
+def finish_restore(info: CheckpointInfo, apply: Callable[[], None]) -> CheckpointInfo:
+    """Load what :func:`read_candidate` read and verified into the state; ``info``."""
+    apply()
+    log.info("btckpt: restored step %d from %s", info.step, info.path)
+    return info
+
+
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
                   want_rng: bool, strict: bool) -> CheckpointInfo | None:
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones
     (:func:`btckpt.storage.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged)."""
-
-    def read(info: CheckpointInfo) -> tuple[CheckpointInfo, Callable[[], None]]:
-        if not info.store.local:  # behind an fsspec URL: download to the local cache first
-            info = fetch(info)
-        return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict)
-
-    found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates), read)
-    if found is None:
-        return None
-    info, apply = found[1]
-    apply()
-    log.info("btckpt: restored step %d from %s", info.step, info.path)
-    return info
+    found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates),
+                   lambda info: read_candidate(info, state, rank=rank, want_rng=want_rng, strict=strict))
+    return None if found is None else finish_restore(*found[1])

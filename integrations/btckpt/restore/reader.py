@@ -1,13 +1,21 @@
 """Read a committed checkpoint: verify checksums, parse safetensors safely, build tensors.
 
 Never unpickles: tensors come from safetensors data sections, everything else from JSON. Every file
-is read once, straight into one buffer (a few threads ``pread`` successive spans), and checksummed in file
-order as the spans land; tensors are views of that buffer (no second copy before ``load_state_dict``).
+is read once, straight into one fresh buffer (:func:`staging_buffer`: huge pages; a few threads ``pread``
+successive spans), and checksummed in file order as the spans land; tensors are views of that buffer (no second
+copy before ``load_state_dict``).
+
+Why not read straight into the live parameters (one pass instead of read + ``load_state_dict``'s copy): the
+restore's contract is that every byte is verified before anything is applied, so a damaged file must leave the
+state untouched and fall back to an older checkpoint. Reading into the parameters would need a copy of their
+old values first: the same fresh memory and the same pass over it as this buffer, which is what costs (its
+page faults; the copy into the parameters is ~0.1 s per GiB, see ``benchmarks/bench_read_path.py``).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -39,16 +47,37 @@ __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_he
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
 MAX_INDEX = 256 * 1024 * 1024
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
 
 
 safe_file = member_path  # ``folder/name``, refusing names and links that leave the folder
+
+
+def staging_buffer(n: int) -> torch.Tensor:
+    """A fresh ``uint8`` tensor of ``n`` bytes to read a file into: for ``n`` of a huge page or more, an anonymous
+    mapping advised ``MADV_HUGEPAGE``, so the first touch of each 2 MiB costs one page fault instead of 512.
+
+    The read's main cost on a VM: a fresh 1 GiB buffer of 4 KiB pages took 0.2-1.3 s to fault in, far more than
+    the read from tmpfs (0.14 s), the checksum (0.04 s) or the copy into the parameters (0.07 s; see
+    ``benchmarks/bench_read_path.py``). The tensor holds the mapping; it is unmapped with the last view.
+    Falls back to ``torch.empty`` where the advice is unknown (not Linux) or refused."""
+    if n < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(n, dtype=torch.uint8)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP disabled in this kernel: plain pages, as torch.empty would give
+        pass
+    return torch.frombuffer(m, dtype=torch.uint8)  # keeps ``m`` alive (and mapped) while any view lives
 
 
 def _read_hashed(fd: int, mv: memoryview, base: int, h: Any, path: Path) -> None:
     """Fill ``mv`` with the file's bytes from offset ``base`` on, each byte read once, and feed them to ``h`` in
     file order. ``READ_THREADS`` threads ``pread`` successive ``READ_CHUNK`` spans into their final place
     (no staging copy; several requests in flight keep a fast disk busy, and the page faults of the fresh
-    buffer are spread over cores) while this thread hashes each span as soon as it and those before it landed.
+    buffer are spread over cores: at 4 GiB from disk, page cache dropped, one thread took 6.8 s, four 4.6 s
+    with 4 KiB pages and 2.7 s with huge pages, dd 1.8 s) while this thread hashes each span as soon as it
+    and those before it landed.
     A file shorter than its header says is a CorruptCheckpoint; OSErrors propagate to the caller."""
     n = len(mv)
     if hasattr(os, "posix_fadvise"):
@@ -94,7 +123,7 @@ def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
             f.seek(0)
             h = new_hasher()
             h.update(read_upto(f, header.data_start, where=path))
-            buf = torch.empty(header.data_size, dtype=torch.uint8)
+            buf = staging_buffer(header.data_size)
             if header.data_size:
                 _read_hashed(f.fileno(), memoryview(buf.numpy()), header.data_start, h, path)  # type: ignore[arg-type]
         except OSError as exc:

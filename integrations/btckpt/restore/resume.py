@@ -11,20 +11,21 @@ every rank, agreed through the c10d store (no collectives).
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from ..config import CheckpointConfig
 from ..distributed.world import World
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, CoordinationError, StateMismatch
 from ..storage.discovery import CheckpointInfo, verified
-from .load import restore_first
+from .load import finish_restore, read_candidate, reads_collectively, restore_first
 from .policy import ResumePolicy
 
 __all__ = ["Resume", "restore_from"]
 
 log = logging.getLogger("btckpt")
+Read = tuple[CheckpointInfo, Callable[[], None]]  # a candidate read and verified, and the function that loads it
 
 
 def restore_from(policy: ResumePolicy, state: MutableMapping[str, Any], *, rank: int, want_rng: bool,
@@ -59,25 +60,39 @@ class Resume:
         """
         cands = None
         if self.world.size > 1 and self.world.store is not None:
-            cands = self._agree_on_step(self.candidates())
+            cands, read = self._agree_on_step(self.candidates(), state, strict=strict)
+            if read is not None:  # read and verified while agreeing: load it (its bytes are not hashed twice)
+                return finish_restore(*read).step
         info = restore_from(self.policy, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict,
                             candidates=cands)
         return info.step if info is not None else None
 
-    def _agree_on_step(self, cands: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        """The candidate every rank can load: the newest step complete on every node *and* verified on every
-        rank (checksums), agreed through the store. A step that fails verification on any rank is dropped by
-        all of them together, so ranks never restore different steps (or some start fresh)."""
+    def _agree_on_step(self, cands: list[CheckpointInfo], state: MutableMapping[str, Any], *, strict: bool
+                       ) -> tuple[list[CheckpointInfo], Read | None]:
+        """The candidate every rank can load: the newest step complete on every node *and* read and verified on
+        every rank (checksums, and the state fits), agreed through the store. A step that fails on any rank is
+        dropped by all of them together, so ranks never restore different steps (or some start fresh).
+
+        Returns the agreed candidate (or none) and, when this rank's check was the verified read itself
+        (:meth:`_check`), that read, to be loaded as it is. Like :func:`btckpt.storage.discovery.select`, raises the
+        first :class:`StateMismatch` when no step was agreed and the state did not fit one."""
         remaining, newest, attempt = list(cands), max((c.step for c in cands), default=-1), 0
+        mismatch: StateMismatch | None = None
         while True:
             key = f"{self.session}/restore/{attempt}"
             step = self.world.agree_step(key, [c.step for c in remaining], timeout=self.config.barrier_timeout)
             mine = [c for c in remaining if c.step == step]
+            read: Read | None = None  # the previous attempt's read is released before the next one
             ok = False
             if mine:
                 try:
-                    verified(mine[0])
+                    read = self._check(mine[0], state, strict=strict)
                     ok = True
+                except (ConfigError, CoordinationError):
+                    raise
+                except StateMismatch as exc:
+                    mismatch = mismatch or exc
+                    log.warning("btckpt: rank %d: %s does not fit the state: %s", self.world.rank, mine[0].path, exc)
                 except CheckpointError as exc:
                     log.warning("btckpt: rank %d: %s is damaged: %s", self.world.rank, mine[0].path, exc)
             agreed = self.world.agree_step(f"{key}/verified", [step] if ok else [],
@@ -88,4 +103,15 @@ class Resume:
         if newest > step:
             log.warning("btckpt: rank %d: checkpoint-%d is not complete and verified on every rank; resuming from "
                         "%s", self.world.rank, newest, f"step {step}" if step >= 0 else "scratch")
-        return mine if step >= 0 else []
+        if step < 0 and mismatch is not None:
+            raise mismatch
+        return (mine, read) if step >= 0 else ([], None)
+
+    def _check(self, info: CheckpointInfo, state: MutableMapping[str, Any], *, strict: bool) -> Read | None:
+        """This rank's check of the step the ranks consider: the verified read of it, kept so that the restore
+        hashes each byte once; or, when the read goes through DCP's planner (which every rank enters together,
+        so only after the agreement), the checksums alone (None: the read follows the agreement)."""
+        if reads_collectively(info, state):
+            verified(info)
+            return None
+        return read_candidate(info, state, rank=self.world.rank, want_rng=self.config.save_rng, strict=strict)
