@@ -1,6 +1,6 @@
 """The node-local tier (btckpt.tiers): restart time from the tier vs from disk, and the loop cost of tier saves.
 
-    python benchmarks/bench_tiers.py --mb 1024,4096 --rounds 3 --dir /var/tmp/btckpt-tiers
+    python benchmarks/bench_tiers.py --mb 1024,4096 --peer-mb 1024 --rounds 3 --every 1,10 --dir /var/tmp/btckpt-tiers
     python benchmarks/bench_tiers.py --quick            # smoke: 160 MiB, 1 round, a small loop
 
 ``restart``: one checkpoint of ``--mb`` MiB (a transformer-like state) committed in the durable dir (``--dir``)
@@ -21,8 +21,9 @@ Each is timed from the call that starts the restore to the first step that reads
 process that already imported torch (what a process start adds is the same for every contender).
 
 ``loop``: the CPU training loop of ``bench_async.py`` (``--loop-width``, Adam) for ``--steps`` steps, with no
-saves, a tier save every ``--every`` steps, and a disk save every ``--every`` steps; prints each loop's time
-and the cost vs no saves (goal: tier saves every 10 steps <= 2%). Each loop ends when its saves are durable
+saves, a tier save every ``e`` steps, and a disk save every ``e`` steps, for each ``e`` of ``--every`` (e.g.
+``1,10``), ``--rounds`` times in alternating order; prints the median loop time and the cost vs no saves
+(goal: tier saves every 10 steps <= 2%). Each loop ends when its saves are durable
 in their tier (``wait()``), the tier's last promotion excluded (it runs in the background).
 """
 
@@ -186,30 +187,40 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) ->
     return out
 
 
-def loop(width: int, steps: int, every: int, disk: Path, tier_base: Path) -> dict[str, float]:
-    """Loop seconds with no saves, tier saves every ``every`` steps, and disk saves every ``every`` steps."""
-    out = {}
-    for name in ("warm-up", "none", "tier", "disk"):
-        model, opt = build(width)
-        state = {"model": model, "optimizer": opt}
-        root, tier = disk / f"loop-{name}", tier_base / f"loop-{name}"
-        shutil.rmtree(root, ignore_errors=True)
-        opts: dict = dict(dir=root, handle_sigterm=False, keep_last=2)
-        if name == "tier":
-            opts.update(local_every_steps=every, local_tier_dir=tier)
-        elif name == "disk":
-            opts.update(every_steps=every)
-        ck = btckpt.Checkpointer(**opts)
-        t0 = time.perf_counter()
-        for s in range(1, steps + 1):
-            step(model, opt, width)
-            if name != "none":
-                ck.maybe_save(s, state)
-        ck.wait()
-        out[name] = time.perf_counter() - t0  # warm-up: the first loop pays torch's start-up
-        ck.close()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(tier, ignore_errors=True)
+def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_base: Path) -> float:
+    model, opt = build(width)
+    state = {"model": model, "optimizer": opt}
+    root, tier = disk / f"loop-{name}", tier_base / f"loop-{name}"
+    shutil.rmtree(root, ignore_errors=True)
+    opts: dict = dict(dir=root, handle_sigterm=False, keep_last=2)
+    if name == "tier":
+        opts.update(local_every_steps=every, local_tier_dir=tier)
+    elif name == "disk":
+        opts.update(every_steps=every)
+    ck = btckpt.Checkpointer(**opts)
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        step(model, opt, width)
+        if name != "none":
+            ck.maybe_save(s, state)
+    ck.wait()
+    took = time.perf_counter() - t0
+    ck.close()
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(tier, ignore_errors=True)
+    return took
+
+
+def loop(width: int, steps: int, everies: list[int], rounds: int, disk: Path,
+         tier_base: Path) -> dict[tuple[str, int], list[float]]:
+    """Loop seconds with no saves, tier saves every ``e`` steps and disk saves every ``e`` steps (each ``e`` of
+    ``everies``), ``rounds`` times, the order alternating round by round (a warm-up loop first, untimed)."""
+    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "disk")]
+    _loop_once("none", 0, width, steps, disk, tier_base)  # warm-up: torch's start-up, the allocator
+    out: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for name, every in (configs if r % 2 == 0 else configs[::-1]):
+            out[(name, every)].append(_loop_once(name, every, width, steps, disk, tier_base))
     return out
 
 
@@ -221,7 +232,7 @@ def main() -> int:
     ap.add_argument("--tier-base", default="/dev/shm", help="where the tier folders go (a tmpfs)")
     ap.add_argument("--loop-width", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--every", default="10", help="tier/disk save intervals for the loop, comma-separated")
     ap.add_argument("--parts", default="restart,loop")
     ap.add_argument("--quick", action="store_true", help="smoke: 160 MiB, 1 round, a 256-wide 20-step loop")
     ap.add_argument("--peer-mb", default="1024", help="sizes (MiB) that also get the peer contender ('' for none: "
@@ -252,11 +263,19 @@ def main() -> int:
                     print(f"restart {mb} MiB, {name:8s}: median {m:.3f}s (min {min(times):.3f}, max {max(times):.3f}; "
                           f"{mb / 1024 / m:.2f} GiB/s), {d / m:.2f}x the speed of disk  [n={len(times)}]")
         if "loop" in args.parts:
-            res2 = loop(args.loop_width, args.steps, args.every, disk, tier_base)
-            base = res2["none"]
-            for name in ("tier", "disk"):
-                print(f"loop width {args.loop_width}, {args.steps} steps, a {name} save every {args.every}: "
-                      f"{res2[name]:.3f}s vs {base:.3f}s without saves: {100 * (res2[name] / base - 1):+.1f}%")
+            everies = [int(x) for x in str(args.every).split(",")]
+            res2 = loop(args.loop_width, args.steps, everies, args.rounds, disk, tier_base)
+            base = statistics.median(res2[("none", 0)])
+            print(f"loop width {args.loop_width}, {args.steps} steps, no saves: median {base:.3f}s "
+                  f"(min {min(res2[('none', 0)]):.3f}, max {max(res2[('none', 0)]):.3f})  [n={args.rounds}]")
+            for (name, every), times in res2.items():
+                if name == "none":
+                    continue
+                m = statistics.median(times)
+                costs = sorted(100 * (t / base - 1) for t in times)
+                print(f"loop width {args.loop_width}, {args.steps} steps, a {name} save every {every}: median "
+                      f"{m:.3f}s, {100 * (m / base - 1):+.1f}% vs no saves (per round {costs[0]:+.1f}% .. "
+                      f"{costs[-1]:+.1f}%)  [n={args.rounds}]")
     finally:
         shutil.rmtree(tier_base, ignore_errors=True)
     return 0
