@@ -77,6 +77,20 @@ def test_save_local_without_a_tier_is_refused(tmp_path: Path) -> None:
     assert _steps(tmp_path / "d") == []
 
 
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_peer_replicas_is_validated(tmp_path: Path, bad) -> None:
+    with pytest.raises(btckpt.ConfigError, match="peer_replicas"):
+        btckpt.CheckpointConfig(dir=str(tmp_path / "d"), local_every_steps=2, peer_replicas=bad)
+
+
+def test_one_node_keeps_no_replicas(tmp_path: Path) -> None:
+    ck = _tier_ck(tmp_path)  # peer_replicas=True by default: nothing to do on one node
+    _train(ck, _state(), range(1, 5))
+    ck.wait()
+    assert not (tmp_path / "ram" / ".replicas").exists()
+    ck.close()
+
+
 def test_default_tier_dir_is_one_per_job(tmp_path: Path) -> None:
     a, b = default_tier_dir(tmp_path / "job-a"), default_tier_dir(tmp_path / "job-b")
     assert a.parent == b.parent == Path("/dev/shm/btckpt")

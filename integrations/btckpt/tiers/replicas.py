@@ -201,7 +201,7 @@ class PeerReplicas:
             if fetch is not None:
                 t0 = time.perf_counter()
                 try:
-                    path = self._receive_into(self.tier.root, fetch, self.next)
+                    path = self._receive_into(self.tier.root, fetch, self.next, owner=self.world.node_rank)
                 except Exception as exc:  # noqa: BLE001 - the resume falls back to what this node has
                     log.error("btckpt: node %d: fetching its part of step %d from node %d failed; resuming from "
                               "what this node has: %s", self.world.node_rank, fetch, self.next, exc)
@@ -230,7 +230,7 @@ class PeerReplicas:
                                       name="btckpt-replica-send", daemon=True)
             sender.start()
             try:
-                self._receive_into(self.held, step, self.prev, replace=True)
+                self._receive_into(self.held, step, self.prev, owner=self.prev, replace=True)
                 apply_retention(self.held, keep_last=1)
             finally:
                 sender.join()
@@ -258,10 +258,11 @@ class PeerReplicas:
         except Exception as exc:  # noqa: BLE001 - runs on its own thread; the receiver reports its side too
             log.error("btckpt: node %d: sending %s to node %d failed: %s", self.world.node_rank, src, dst, exc)
 
-    def _receive_into(self, root: Path, step: int, src: int, *, replace: bool = False) -> Path:
-        """Receive ``src``'s ``checkpoint-<step>`` into ``root`` through the commit protocol (every file checked
-        against the manifest sent with it); the new folder. ``replace``: a folder of that step already there
-        (a replica from before a restart that went back to an older step) is retired first."""
+    def _receive_into(self, root: Path, step: int, src: int, *, owner: int, replace: bool = False) -> Path:
+        """Receive from ``src`` node ``owner``'s part of ``checkpoint-<step>`` into ``root`` through the commit
+        protocol (every file checked against the manifest sent with it, which must be of that step, that node
+        and this job's node count); the new folder. ``replace``: a folder of that step already there (a replica
+        from before a restart that went back to an older step) is retired first."""
         head = self._link.recv_json(src, step)
         if not isinstance(head, dict) or head.get("step") != step:
             raise CheckpointError(f"node {src} sent {str(head)[:200]!r} for step {step}; replicas out of step")
@@ -274,6 +275,9 @@ class PeerReplicas:
         final = root / checkpoint_name(step)
         commit = LocalCommit(root, step, tag=new_tag())
         try:
+            if (man.step, man.node_rank, man.world.get("nodes")) != (step, owner, self.world.nodes):
+                raise CheckpointError(f"{where}: its manifest is of step {man.step}, node {man.node_rank} of "
+                                      f"{man.world.get('nodes')}, not step {step}, node {owner} of {self.world.nodes}")
             if replace and final.is_dir() and not final.is_symlink():
                 delete_checkpoint(final, retired=False)
             if final.exists():
