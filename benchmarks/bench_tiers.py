@@ -85,8 +85,8 @@ def peer_node(args: argparse.Namespace) -> int:
     ck = btckpt.Checkpointer(**opts)
     t1 = time.perf_counter()
     got = ck.restore({"model": model})
-    if node == 1:
-        print(f"PEER_PARTS connect+fetch {t1 - t0:.3f}s, restore {time.perf_counter() - t1:.3f}s", flush=True)
+    print(f"PEER_PARTS node {node}: connect+fetch {t1 - t0:.3f}s, restore {time.perf_counter() - t1:.3f}s",
+          flush=True)
     float(next(iter(model.parameters())).sum())
     took = time.perf_counter() - t0
     assert got == 1, got
@@ -95,7 +95,7 @@ def peer_node(args: argparse.Namespace) -> int:
     os._exit(0)  # no close(): nothing to promote or remove, the parent resets the folders
 
 
-def _peer_job(mb: int, root: Path, phase: str) -> str:
+def _peer_job(mb: int, root: Path, phase: str, *, both: bool = False) -> str:
     port = _free_port()
     cmd = [sys.executable, __file__, "--peer-mb", str(mb), "--peer-root", str(root), "--peer-port", str(port),
            "--peer-phase", phase, "--peer-node"]
@@ -105,7 +105,7 @@ def _peer_job(mb: int, root: Path, phase: str) -> str:
     for p, out in zip(procs, outs, strict=True):
         if p.returncode != 0:
             raise RuntimeError(f"peer node failed ({p.returncode}):\n{out[-3000:]}")
-    return outs[1]
+    return outs[0] + outs[1] if both else outs[1]
 
 
 def peer_rounds(mb: int, rounds: int, disk: Path, tier_base: Path) -> list[float]:
@@ -123,7 +123,7 @@ def peer_rounds(mb: int, rounds: int, disk: Path, tier_base: Path) -> list[float
         shutil.rmtree(root / "tier-1", ignore_errors=True)
         shutil.rmtree(root / "dir-1", ignore_errors=True)
         shutil.copytree(pristine, root / "tier-0")
-        text = _peer_job(mb, root, "restore")
+        text = _peer_job(mb, root, "restore", both=True)
         print(" ".join(ln for ln in text.splitlines() if "PEER_PARTS" in ln or "fetched" in ln))
         assert "fetched its part of step 1 from node 0" in text, text[-2000:]
         if r >= 0:

@@ -8,7 +8,7 @@ Layers (each imports only the ones below it; ``tests/test_imports.py`` checks it
 - ``checkpointer.py`` (:class:`Checkpointer`: when to save, the background worker, retention, resume),
   ``oneshot.py`` (``save``/``load``), ``consolidate.py`` (servable model folders), ``upload.py`` (entry);
 - ``publish/``: the uploader process, its journal and supervisor;
-- ``tiers.py``: the node-local (RAM) tier: its folder and identity, memory check, promotion into the dir;
+- ``tiers/``: the node-local (RAM) tier (folder, identity, memory check, promotion) and peer replicas;
 - ``saving/`` and ``restore/``: writing (plan, snapshot, write, commit, retention) and reading (policy,
   verified read, apply, RNG, DCP) -- siblings that never import each other;
 - ``config.py``, ``stats.py``: the options (validated once) and the public figures;
