@@ -419,13 +419,13 @@ def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path) 
     assert not (tmp_path / "ram").exists() and not (tmp_path / "ram-ref").exists()  # clean close removed them
 
 
-def _two_nodes(tmp: Path, tag: str, args: list[str]) -> list[tuple[int, str]]:
+def _two_nodes(tmp: Path, tag: str, args: list[str], **extra_env: str) -> list[tuple[int, str]]:
     """A 2-node job on this machine (torchrun --nnodes=2, one rank each), each node with its own dir and tier."""
     port = free_port()
     jobs = []
     try:
         for node in (0, 1):
-            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node))
+            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node), **extra_env)
             jobs.append(torchrun("tier_train.py", ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args], nproc=1,
                                  env=env, port=port, nnodes=2, node_rank=node, rdzv=True))
         return [finish(j, timeout=240) for j in jobs]
@@ -541,3 +541,25 @@ def test_a_step_damaged_on_one_node_is_saved_again_by_every_node(tmp_path: Path)
         assert f"node{node}/checkpoint-12: newer than the step every rank resumed from (6)" in out, out[-3000:]
         durable = tmp_path / "run" / f"node{node}"
         assert _steps(durable) == [6, 12] and verify(inspect(durable / "checkpoint-12")) == []
+
+
+@pytest.mark.slow
+def test_a_kill_while_a_replica_arrives_leaves_no_half_copy(tmp_path: Path) -> None:
+    """Node 0 is SIGKILLed after writing node 1's replica of step 2 and before committing it: the job dies, the
+    replica area holds only a temp folder (never a checkpoint-2 that looks whole), the restart removes it,
+    every rank resumes from the tiers' step 2, and the run ends with every node's step 12 durable."""
+    results = _two_nodes(tmp_path, "run", [], BTCKPT_FAULT="replicate:kill@0")
+    assert results[0][0] != 0, results[0][1][-3000:]
+    held = tmp_path / "ram-run-0" / ".replicas" / "node-1"
+    assert _steps(held) == [] and [p.name for p in held.iterdir() if p.name.startswith(".checkpoint-2.tmp-")]
+    assert btckpt.latest(held) is None
+    # both tier saves of step 2 committed before their exchange began (node 1 was sending its committed copy)
+    assert [_steps(tmp_path / f"ram-run-{node}") for node in (0, 1)] == [[2], [2]]
+    results = _two_nodes(tmp_path, "run", [])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 2" in out, out[-3000:]
+        durable = tmp_path / "run" / f"node{node}"
+        assert _steps(durable)[-1] == 12 and verify(inspect(durable / "checkpoint-12")) == []
+        assert not (tmp_path / f"ram-run-{node}").exists()  # clean end: tier and replicas removed
+

@@ -44,6 +44,7 @@ from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan
 from ..storage.local import new_tag
+from ..testing import faults
 from .local import REPLICAS, LocalTier, copy_verified
 
 __all__ = ["PeerReplicas", "replicating"]
@@ -284,6 +285,7 @@ class PeerReplicas:
                 raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
             commit.begin()
             copy_verified(man, commit, streams.__getitem__, where=where)
+            faults.point("replicate")
             return commit.commit(man)
         except (CheckpointError, OSError):
             for stream in streams.values():  # keep the link in step: take the rest of the bytes off the wire
