@@ -429,7 +429,7 @@ class Checkpointer:
         self._stats.committed(job.step, job.written_bytes, time.perf_counter() - job.started)
         if job.root != self.root:
             if self._tier is not None and self.world.is_local_leader:
-                self._tier.retain(keep=path)
+                self._tier.retain(committed=path)  # run_save returned: every node committed it
             if self._replicas is not None:  # node leaders: a copy into the next node's tier, in the background
                 self._replicas.schedule(job.step)
         else:

@@ -262,6 +262,7 @@ class LocalTier:
         self._fits: int | None = None  # the state size check_fits last passed
         self._lock: DirLock | None = claim(root, durable) if world.is_local_leader else None
         self._busy: dict[Path, int] = {}  # folders queued or being promoted -> how many times
+        self._settled: Path | None = None  # the newest tier save committed on every node
         self._mutex = threading.Lock()
         self._retaining = threading.Lock()
         self.failed = False  # a promotion failed: close() leaves the folder (its newest step may be only here)
@@ -305,10 +306,20 @@ class LocalTier:
             if not self._busy[path]:
                 del self._busy[path]
 
-    def retain(self, keep: Path | None = None) -> None:
-        """After a tier commit (``keep``) or a promotion: keep only the newest step (and those being promoted)."""
-        with self._retaining:  # the writer and the promoter both call it
-            apply_retention(self.root, keep_last=1, protected=({keep} if keep else set()) | self.busy)
+    def retain(self, committed: Path | None = None) -> None:
+        """After a tier save committed on every node (``committed``: its save passed the commit barrier), or a
+        promotion or replica exchange finished: delete the tier's steps older than the newest one committed
+        everywhere, except those being promoted or sent. A step newer than that (complete on this node only: a
+        peer died mid-save) never makes an older one go, or the nodes could be left without a common step."""
+        with self._retaining:  # the writer, the promoter and the replicator call it
+            if committed is not None:
+                self._settled = committed
+            settled = self._settled
+            if settled is None:  # nothing known to be complete on every node yet (e.g. just resumed): keep all
+                return
+            step = int(settled.name.rsplit("-", 1)[1])
+            newer = {i.path for i in scan(self.root, own=True) if i.step > step}
+            apply_retention(self.root, keep_last=1, protected={settled} | newer | self.busy)
 
     # -- promotion ----------------------------------------------------------------------------------------
     def schedule(self, step: int, *, after: Future[Any] | None, tag: str, timeout: float,
