@@ -243,6 +243,17 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     return commit.final
 
 
+def settled(futures: Iterable[Future[Any]], timeout: float | None) -> bool:
+    """Wait for each of ``futures`` (up to ``timeout`` s each) without raising its error; False when one is
+    still running then."""
+    for f in futures:
+        try:
+            f.exception(timeout=timeout)
+        except TimeoutError:
+            return False
+    return True
+
+
 def _replica_folders(root: Path) -> list[Path]:
     held = root / REPLICAS
     return sorted(p for p in held.iterdir() if p.is_dir() and not p.is_symlink()) if held.is_dir() else []
@@ -373,12 +384,7 @@ class LocalTier:
         """Wait for every promotion so far (up to ``timeout`` s); False when some is still running then."""
         with self._mutex:
             futures = list(self._futures)
-        for f in futures:
-            try:
-                f.exception(timeout=timeout)
-            except TimeoutError:
-                return False
-        return True
+        return settled(futures, timeout)
 
     # -- end ------------------------------------------------------------------------------------------------
     def close(self, *, remove: bool) -> None:

@@ -45,7 +45,7 @@ from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan
 from ..storage.local import new_tag
 from ..testing import faults
-from .local import REPLICAS, LocalTier, copy_verified
+from .local import REPLICAS, LocalTier, copy_verified, settled
 
 __all__ = ["PeerReplicas", "replicating"]
 
@@ -300,12 +300,7 @@ class PeerReplicas:
         """Wait for the exchanges scheduled so far (up to ``timeout`` s); False when one is still running then."""
         with self._mutex:
             futures = list(self._futures)
-        for f in futures:
-            try:
-                f.exception(timeout=timeout)
-            except TimeoutError:
-                return False
-        return True
+        return settled(futures, timeout)
 
     def close(self) -> None:
         """Finish the queued exchanges, stop the thread, drop the process group (node leaders, from close())."""
