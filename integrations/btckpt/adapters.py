@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Collection, Container, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from .restore.reader import CheckpointReader
 from .restore.rng import apply_rng, capture_rng, read_rank_rng
 from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url
-from .tiers import resumable_tier
+from .tiers import local_save_due, resumable_tier
 
 __all__ = ["resume_folder", "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
            "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
@@ -67,13 +67,6 @@ def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.Path
         raise ConfigError(f"load_dir {roots[1]!r} is a URL; {helper} reads local folders only (pass the "
                           "downloaded folder, or on_missing='start_fresh')")
     return str(found.path) if found is not None else None
-
-
-def local_save_due(every: int | None, step: int, *, done: Container[int | None]) -> bool:
-    """Whether a framework adapter saves optimizer step ``step`` into the local tier: every ``every`` steps
-    (``local_every_steps``; None: no tier), unless ``done`` (the steps it saved already, durably or into the
-    tier) holds it. Every rank of the framework's save asks it with the same answers."""
-    return every is not None and step > 0 and step % every == 0 and step not in done
 
 
 def open_checkpoint(path: str | os.PathLike[str] | None, *, btckpt_only: bool = False) -> CheckpointInfo | None:

@@ -49,7 +49,7 @@ from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url, local_path, new_tag, space_error
-from .tiers import LocalTier, resumable_tier
+from .tiers import LocalTier, local_save_due, resumable_tier
 from .tiers.replicas import PeerReplicas
 
 __all__ = ["Checkpointer", "default_budget"]
@@ -510,7 +510,7 @@ class Checkpointer:
             self.save(step, state)
             return True
         k = self.config.local_every_steps
-        return k is not None and step % k == 0 and step > 0 and self.save_local(step, state)
+        return local_save_due(k, step, done=()) and self.save_local(step, state)
 
     def _save_durable(self, step: int, state: Mapping[str, Any], **keywords: Any) -> None:
         """The durable checkpoint of ``step`` (:meth:`save`): a save into ``dir``, or with a local tier, a tier

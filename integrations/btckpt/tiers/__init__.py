@@ -16,11 +16,12 @@ from .local import (
     LocalTier,
     check_fits,
     default_tier_dir,
+    local_save_due,
     promote,
     resumable_tier,
     tier_bytes,
     tier_dir,
 )
 
-__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "tier_bytes",
-           "check_fits", "promote", "LocalTier"]
+__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "local_save_due",
+           "tier_bytes", "check_fits", "promote", "LocalTier"]

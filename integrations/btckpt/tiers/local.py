@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from ..storage.local import free_bytes, fsync_dir, fsync_file, space_error
 from ..testing import faults
 
 __all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "REPLICAS", "copy_verified", "file_pieces", "default_tier_dir",
-           "tier_dir", "resumable_tier", "tier_bytes", "check_fits", "promote", "LocalTier"]
+           "tier_dir", "resumable_tier", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -135,6 +135,13 @@ def claim(root: Path, durable: Path) -> DirLock:
         os.replace(tmp, root / IDENTITY)
         fsync_dir(root)
     return lock
+
+
+def local_save_due(every: int | None, step: int, *, done: Container[int | None]) -> bool:
+    """Whether step ``step`` goes into the local tier: every ``every`` steps (``local_every_steps``; None: no
+    tier), unless ``done`` (the steps saved already, durably or into the tier) holds it. The one cadence rule:
+    ``Checkpointer.maybe_save`` and the framework adapters ask it, every rank with the same answers."""
+    return every is not None and step > 0 and step % every == 0 and step not in done
 
 
 # -- memory ----------------------------------------------------------------------------------------------------
