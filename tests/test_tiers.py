@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import btckpt
@@ -196,6 +197,163 @@ def test_promotion_keeps_the_tier_manifest_and_files(tmp_path: Path) -> None:
     ck.close()
 
 
+# -- the arena is the tier: one host copy ---------------------------------------------------------------------
+def _ino(folder: Path, name: str = "model.safetensors") -> int:
+    return (folder / name).stat().st_ino
+
+
+def test_tier_saves_stage_into_the_tier_files_and_reuse_them(tmp_path: Path) -> None:
+    """A tier save's snapshot is copied straight into files in the tier, which become the checkpoint's files (no
+    second host copy); the two file arenas alternate and a retired step's files come back for the step after
+    next (same inodes: no page faulted in again), each step still a complete checkpoint of its own weights."""
+    state = _state()
+    ram = tmp_path / "ram"
+    ck = _tier_ck(tmp_path, every_steps=None)
+    inodes, weights = {}, {}
+    for s in range(1, 13):
+        _train(ck, state, range(s, s + 1))
+        if s % 2 == 0:
+            ck.wait()
+            assert _steps(ram) == [s]  # the older step retired
+            inodes[s] = _ino(ram / f"checkpoint-{s}")
+            weights[s] = state["model"].weight.detach().clone()
+            info = inspect(ram / f"checkpoint-{s}")
+            assert info.complete and verify(info) == []
+            loaded = _state(seed=9)
+            btckpt.load(ram / f"checkpoint-{s}", loaded)
+            assert torch.equal(loaded["model"].weight, weights[s]) and loaded["extra"]["step"] == s
+    assert inodes[2] == inodes[6] == inodes[10] and inodes[4] == inodes[8] == inodes[12] != inodes[2]
+    st = ck.stats
+    assert st.arena_allocations == 2  # the two file arenas, made once; no anonymous arena
+    assert st.arena_bytes == 2 * (ram / "checkpoint-12" / "model.safetensors").stat().st_size
+    assert len(list(ram.glob(".arena-*"))) == 2
+    ck.close()
+    assert not ram.exists()  # the staging folders go with the tier at a clean close
+    assert _steps(tmp_path / "d") == [12]
+
+
+def test_a_step_still_being_promoted_keeps_its_files_and_the_arena_is_made_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step whose files an arena would take back is still being copied to the dir: the next snapshot goes
+    into fresh files, never into that step's, and the promoted copy holds that step's bytes."""
+    import btckpt.tiers.local as local_mod
+
+    real, go = local_mod.promote, threading.Event()
+
+    def slow(*a, **kw):
+        assert go.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(local_mod, "promote", slow)
+    state, d = _state(), tmp_path / "d"
+    ck = _tier_ck(tmp_path, every_steps=4)
+    _train(ck, state, range(1, 5))  # 2: arena A; 4: arena B, promotion of 4 held
+    ck.fence()
+    at4 = state["model"].weight.detach().clone()
+    _train(ck, state, range(5, 9))  # 6: arena A again; 8: B's files are still checkpoint-4's, being promoted
+    ck.fence()
+    at8 = state["model"].weight.detach().clone()
+    go.set()
+    ck.wait()
+    assert ck.stats.arena_allocations == 3
+    assert _steps(d) == [4, 8]  # 8's promotion was queued behind 4's; wait() waited for both
+    for step, want in ((4, at4), (8, at8)):
+        info = inspect(d / f"checkpoint-{step}")
+        assert info.complete and verify(info) == []
+        loaded = _state(seed=9)
+        btckpt.load(d / f"checkpoint-{step}", loaded)
+        assert torch.equal(loaded["model"].weight, want) and loaded["extra"]["step"] == step
+    ck.close()
+
+
+def test_a_failed_landing_keeps_the_older_tier_step_and_the_next_save_reuses_the_arena(tmp_path: Path) -> None:
+    state, ram = _state(), tmp_path / "ram"
+    ck = _tier_ck(tmp_path, every_steps=None)
+    _train(ck, state, range(1, 5))
+    ck.wait()
+    before = (ram / "checkpoint-4" / "model.safetensors").read_bytes()
+    faults.arm("write_data", "raise")  # step 6, staged into the files step 2 gave back: fails before its rename
+    _train(ck, state, range(5, 7))
+    with pytest.raises(btckpt.CheckpointError):
+        ck.wait()
+    assert "write_data" in faults.reached()
+    faults.disarm()
+    assert _steps(ram) == [4] and (ram / "checkpoint-4" / "model.safetensors").read_bytes() == before
+    assert verify(inspect(ram / "checkpoint-4")) == []
+    assert not list(ram.glob(".checkpoint-*"))  # the aborted temp folder went
+    _train(ck, state, range(7, 11))
+    ck.wait()
+    assert _steps(ram) == [10]
+    loaded = _state(seed=9)
+    btckpt.load(ram / "checkpoint-10", loaded)
+    assert torch.equal(loaded["model"].weight, state["model"].weight) and loaded["extra"]["step"] == 10
+    assert ck.stats.arena_allocations == 2  # the arena of the failed step kept its files and took step 10
+    ck.close()
+
+
+def test_a_file_arena_lands_the_bytes_of_a_written_file_and_pins_each_mapping(tmp_path: Path) -> None:
+    from btckpt.format.layout import flatten_group, plan_layout
+    from btckpt.saving.snapshot import Stager
+    from btckpt.saving.writer import write_arena_file
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(300, 7), "b": torch.arange(5), "h": torch.ones(3, dtype=torch.float16),
+               "v": torch.randn(900)}
+    flat = [flatten_group("model", tensors)]
+    layout = plan_layout(flat, max_shard_size=4096)
+    assert len(layout.files) > 1  # sharded: several files, several mappings
+    pinned: list[tuple[int, int]] = []
+    unpinned: list[int] = []
+
+    def pin(address: int, nbytes: int):
+        pinned.append((address, nbytes))
+        return lambda: unpinned.append(address)
+
+    files, plain = Stager(pin=pin), Stager()
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    out.mkdir()
+    ref.mkdir()
+    try:
+        staged = files.stage(flat, layout, async_keys=set(), sync=False, into=tmp_path / "tier" / ".arena-x-0")
+        anon = plain.stage(flat, layout, async_keys=set(), sync=False)
+        assert staged.files is not None and anon.files is None
+        for fp in layout.files:
+            got = staged.land(fp, out / fp.name)
+            want = write_arena_file(ref / fp.name, fp.header, anon.pieces(fp.begin, fp.size))
+            assert got == want and (out / fp.name).read_bytes() == (ref / fp.name).read_bytes()
+        assert not any((tmp_path / "tier" / ".arena-x-0-0").iterdir())  # every file moved out
+        loaded = {k: v for fp in layout.files for k, v in load_file(out / fp.name).items()}
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+        assert sorted(n for _, n in pinned) == sorted(fp.file_size for fp in layout.files)
+        assert files.arena_pinned
+    finally:
+        files.close()
+        plain.close()
+    assert sorted(unpinned) == sorted(a for a, _ in pinned)  # every mapping unpinned at close
+
+
+def test_a_file_arena_that_cannot_be_pinned_falls_back_to_memory(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from btckpt.format.layout import flatten_group, plan_layout
+    from btckpt.saving.snapshot import Stager
+
+    def refuse(address: int, nbytes: int):
+        raise OSError("cudaHostRegister of 1 bytes failed (cudaError 1)")
+
+    flat = [flatten_group("model", {"w": torch.randn(64, 64)})]
+    layout = plan_layout(flat, max_shard_size=1 << 30)
+    st = Stager(pin=refuse)
+    try:
+        staged = st.stage(flat, layout, async_keys=set(), sync=False, into=tmp_path / "tier" / ".arena-x-0")
+        assert staged.files is None and "staging into memory" in caplog.text
+        assert not (tmp_path / "tier" / ".arena-x-0-0").exists()  # nothing left of the attempt
+        data = b"".join(bytes(p) for p in staged.pieces(layout.files[0].begin, layout.files[0].size))
+        assert data == flat[0].tensors["w"].numpy().tobytes()
+    finally:
+        st.close()
+
+
 # -- honest limits --------------------------------------------------------------------------------------------
 def test_preflight_refuses_a_tier_too_small(tmp_path: Path, tmpfs) -> None:
     shm = tmpfs(4 << 20, name="shm")  # 4 MiB, like a too-small /dev/shm
@@ -266,11 +424,14 @@ def test_restart_resumes_from_the_newest_tier(tmp_path: Path) -> None:
                timeout=120)
     assert r.returncode == 9, r.stderr[-3000:]
     assert _steps(d) == [6] and _steps(ram) == [8]
+    stale = list(ram.glob(".arena-*"))
+    assert stale  # the crashed run's staging folders (one of them holds no step)
     # every entry point asks the one resume policy: the frameworks' folder search picks the tier's step too
     assert resume_folder(dir=d, load_dir=None, on_missing="raise", accept=None, helper="t",
                          local_tier_dir=ram) == str(ram / "checkpoint-8")
     state = _state(seed=3)
     ck = _tier_ck(tmp_path)
+    assert not any(p.exists() for p in stale)  # a new session removed them when it claimed the tier
     assert ck.restore(state) == 8  # the tier's step 8 beats the durable step 6
     assert torch.equal(state["model"].weight, torch.load(tmp_path / "w8.pt"))
     assert state["extra"]["step"] == 8

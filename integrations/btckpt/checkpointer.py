@@ -171,7 +171,8 @@ class Checkpointer:
                             len(self._lock.removed), ", ".join(p.name for p in self._lock.removed))
         self._tier: LocalTier | None = None
         try:
-            self._tier = LocalTier.create(self.config, self.world, self.root)  # None without local_every_steps
+            # None without local_every_steps
+            self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session)
             # with several nodes: connect to the peer nodes, fetch back this node's part if its memory was lost
             self._replicas = PeerReplicas.create(self.config, self.world, self._tier, session=self._session)
         except BaseException:
@@ -183,6 +184,8 @@ class Checkpointer:
         # threads start only once nothing above can fail (a failed constructor leaks nothing)
         self._stager = Stager(budget=self.config.memory_budget or default_budget(self.world.local_size),
                               small_bytes=self.config.copy_inline_bytes)
+        if self._tier is not None:  # retention hands a retired tier step's files back to the arena they came from
+            self._tier.salvage = self._stager.reclaim
         self._gate = StepGate()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer",
                                         initializer=background_thread)
@@ -381,7 +384,9 @@ class Checkpointer:
             if part is not None and self.config.async_save:
                 async_keys = async_keys | part.async_keys  # a new set: the plan's is reused
             try:
-                staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save)
+                into = self._tier.arena(self.world.rank) if self._tier is not None and root == self._tier.root else None
+                staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save,
+                                            into=into)
             except OSError as exc:
                 raise space_error(exc, root / checkpoint_name(step)) from exc
             self._gate.watch([*optimizers_in(state), *optimizers])

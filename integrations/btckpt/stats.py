@@ -28,7 +28,9 @@ class CheckpointStats:
     - ``plan_reuses``: saves that reused the cached save plan (the state's structure was unchanged).
     - ``arena_bytes`` / ``arena_pinned`` / ``arena_allocations``: host memory of the reusable staging arena
       (0 before the first async save), whether it is pinned (page-locked, for device copies), and how many
-      times it was allocated (1 while the state's size stays the same).
+      times it was allocated (1 while the state's size stays the same). With a local tier, saves stage into
+      two file arenas in the tier (they become its checkpoints' files; ``arena_bytes`` counts both): 2
+      allocations, plus one each time a step still being promoted or sent kept an arena's files.
     """
 
     saves: int = 0

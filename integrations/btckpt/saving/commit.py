@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +193,15 @@ def remove_stale_temps(root: Path, *, locked: bool = False) -> list[Path]:
     return removed
 
 
-def delete_checkpoint(path: Path, *, retired: bool = True) -> None:
+def delete_checkpoint(path: Path, *, retired: bool = True, salvage: Callable[[Path], object] | None = None) -> None:
     """Retire a committed checkpoint: rename it to a temp name first (atomic), then remove the files.
 
     A crash mid-delete therefore leaves a temp folder (cleaned at the next start), never a
     ``checkpoint-<step>`` with some files missing. ``retired`` (the job's retention) first records it
     for an uploader working on that dir (:mod:`btckpt.saving.retired`): the only thing that lets mirror retention
-    delete the remote copy; the uploader's own ``--keep-local`` offload passes False.
+    delete the remote copy; the uploader's own ``--keep-local`` offload passes False. ``salvage(folder)`` runs on
+    the renamed folder before its files go (a local tier's Stager takes its file arena back:
+    :meth:`btckpt.saving.snapshot.Stager.reclaim`); its error is logged, the folder removed all the same.
     """
     faults.point("retention")
     if retired:
@@ -208,6 +211,11 @@ def delete_checkpoint(path: Path, *, retired: bool = True) -> None:
     doomed = path.parent / f".checkpoint-{step}.tmp-{new_tag()}-del"
     os.rename(path, doomed)
     fsync_dir(path.parent)
+    if salvage is not None:
+        try:
+            salvage(doomed)
+        except OSError as exc:
+            log.warning("btckpt: could not take back the staged files of %s: %s", path, exc)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -120,9 +120,12 @@ def run_save(job: SaveJob) -> Path:
         try:
             if job.staged is not None:
                 for fp in job.staged.layout.files:
-                    pieces = job.staged.pieces(fp.begin, fp.size)
-                    size, digest = write_arena_file(commit.tmp / fp.name, fp.header, pieces,
-                                                    hash_aside=job.io_threads > 1)
+                    target = commit.tmp / fp.name
+                    if job.staged.files is not None:  # staged into the tier's files: they become the checkpoint's
+                        size, digest = job.staged.land(fp, target)
+                    else:
+                        size, digest = write_arena_file(target, fp.header, job.staged.pieces(fp.begin, fp.size),
+                                                        hash_aside=job.io_threads > 1)
                     written[fp.name] = {"size": size, CHECKSUM: digest}
                 for name, data in job.staged.layout.index_files.items():
                     put(name, data)

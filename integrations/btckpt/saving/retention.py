@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..storage.discovery import STEP_DIR, CheckpointInfo, scan
@@ -65,9 +65,10 @@ def remove_diverged(root: str | os.PathLike[str], *, resumed: int, protected: It
     return removed
 
 
-def apply_retention(root: str | os.PathLike[str], *, keep_last: int | None,
-                    protected: Iterable[Path] = ()) -> list[Path]:
+def apply_retention(root: str | os.PathLike[str], *, keep_last: int | None, protected: Iterable[Path] = (),
+                    salvage: Callable[[Path], object] | None = None) -> list[Path]:
     """Delete the old checkpoints of the writer whose dir is ``root`` (see the module doc); the deleted ones.
+    ``salvage``: as in :func:`~btckpt.saving.commit.delete_checkpoint` (a local tier's arena files).
 
     A folder that cannot be removed is logged and kept; the next commit tries again.
     """
@@ -76,7 +77,7 @@ def apply_retention(root: str | os.PathLike[str], *, keep_last: int | None,
     removed = []
     for path in select_for_deletion(_own(Path(root)), keep_last=keep_last, protected=protected):
         try:
-            delete_checkpoint(path)
+            delete_checkpoint(path, salvage=salvage)
         except OSError as exc:
             log.warning("btckpt: retention could not remove %s: %s", path, exc)
             continue

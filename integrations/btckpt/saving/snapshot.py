@@ -5,29 +5,36 @@ Call order (by each rank, from the training thread): ``Stager.stage(flat, layout
 stream (device tensors) or the copy thread (host tensors). :class:`StepGate` makes every
 ``optimizer.step()`` wait for those copies, so the arena equals the state at the ``save()`` call.
 The arena is laid out as the files' data sections (see :mod:`btckpt.format.layout`), page-aligned, pinned on
-CUDA, allocated once and reused while the layout's signature is unchanged.
+CUDA, allocated once and reused while the layout's signature is unchanged. A local-tier save stages into
+files instead (``stage(..., into=)``, :class:`~btckpt.saving.arena.FileArena`): the arena is then the tier's
+checkpoint files themselves, and the writer only checksums and renames them (one host copy).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..format.layout import FlatState, Layout
+from ..format.layout import FilePlan, FlatState, Layout
 from ..testing import faults
+from .arena import FileArena, Register
 
 __all__ = ["ThreadStream", "CudaStream", "Staged", "ChunkedStaged", "DirectStaged", "Snapshot", "Stager", "StepGate",
            "PAGE"]
 
 PAGE = 4096
+
+log = logging.getLogger("btckpt")
 
 
 class ThreadStream:
@@ -115,12 +122,16 @@ class Staged:
 
     ``gate()`` (the step gate, the fence) orders what follows after the copies: the host waits for host
     copies; for device copies the compute stream waits on the copy event (no host stall). ``wait()``
-    blocks the host until every copy is done; ``pieces()`` (the writer) yields the arena bytes of one
-    file in large slices, after the copies are done. ``events`` holds ``(stream, event)`` pairs.
+    blocks the host until every copy is done; ``pieces()`` (the writer) yields the arena bytes of one file
+    in large slices, after the copies are done. Over a :class:`~btckpt.saving.arena.FileArena` (``files``)
+    the writer instead calls ``land()``, which makes the staged file itself the checkpoint's file.
+    ``region(begin, size)`` is the arena's bytes; ``events`` holds ``(stream, event)`` pairs.
     """
 
-    def __init__(self, arena: torch.Tensor, layout: Layout, events: list[tuple[Any, Any]], host: ThreadStream) -> None:
-        self.arena = arena
+    def __init__(self, region: Callable[[int, int], torch.Tensor], layout: Layout, events: list[tuple[Any, Any]],
+                 host: ThreadStream, *, files: FileArena | None = None) -> None:
+        self.region = region
+        self.files = files
         self.layout = layout
         self._events = events
         self._host = host
@@ -153,9 +164,18 @@ class Staged:
         self.wait()
         if self.error is not None:
             raise self.error
-        mv = memoryview(self.arena.numpy())  # type: ignore[arg-type]
-        for off in range(begin, begin + size, chunk):
-            yield mv[off:min(off + chunk, begin + size)]
+        mv = memoryview(self.region(begin, size).numpy())  # type: ignore[arg-type]
+        for off in range(0, size, chunk):
+            yield mv[off:min(off + chunk, size)]
+
+    def land(self, fp: FilePlan, target: Path) -> tuple[int, str]:
+        """Over a file arena: make its staged file ``fp`` the checkpoint's file ``target`` (must not exist);
+        ``(size, checksum)``. Writer thread, after the copies are done (it waits for them)."""
+        assert self.files is not None
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        return self.files.land(fp, target)
 
 
 class ChunkedStaged:
@@ -163,6 +183,8 @@ class ChunkedStaged:
     at a time into a budget-sized buffer and writes it. The step gate holds ``optimizer.step()`` until
     the last window was copied (more stall, bounded memory). Volatile tensors were cloned at ``save()``.
     """
+
+    files = None  # written from pieces(), never landed (see Staged)
 
     def __init__(self, buf: torch.Tensor, layout: Layout, sources: dict[tuple[str, str], torch.Tensor]) -> None:
         self.buf = buf
@@ -226,6 +248,8 @@ class DirectStaged:
     they are read. The bytes written are the same as an arena's (same layout, same order).
     """
 
+    files = None  # written from pieces(), never landed (see Staged)
+
     def __init__(self, flat: FlatState, layout: Layout) -> None:
         self.layout = layout
         self.error: BaseException | None = None
@@ -255,68 +279,131 @@ Snapshot = Staged | ChunkedStaged | DirectStaged
 
 
 class Stager:
-    """Owns the staging arena and the copy streams of one Checkpointer (one per rank).
+    """Owns the staging arenas and the copy streams of one Checkpointer (one per rank).
 
     ``small_bytes``: gated tensors smaller than this are copied before ``stage()`` returns (default 0:
     every gated tensor, Adam's ``step`` counters included, copies behind the step gate). ``budget``: the
-    most bytes of staging memory; a larger snapshot is staged in windows
-    (:class:`ChunkedStaged`). ``device_stream``/``is_device`` let tests drive the CUDA code path on CPU.
+    most bytes of (anonymous) staging memory; a larger snapshot is staged in windows
+    (:class:`ChunkedStaged`). ``device_stream``/``is_device`` let tests drive the CUDA code path on CPU;
+    ``pin`` replaces the CUDA page-locking of file arenas (:data:`~btckpt.saving.arena.Register`).
+
+    Arenas: one anonymous arena (pinned on CUDA) for saves into a folder, and, for saves into a local tier
+    (``stage(..., into=prefix)``), two :class:`~btckpt.saving.arena.FileArena` used in turn, in the folders
+    ``<prefix>-0`` and ``<prefix>-1``. :meth:`reclaim` (retention, any thread) gives a file arena its files
+    back when the checkpoint holding them is retired.
     """
 
     def __init__(self, *, small_bytes: int = 0, budget: int | None = None,
                  device_stream: Callable[[torch.device], Any] | None = None,
-                 is_device: Callable[[torch.Tensor], bool] | None = None) -> None:
+                 is_device: Callable[[torch.Tensor], bool] | None = None, pin: Register | None = None) -> None:
         self.small_bytes = small_bytes
         self.budget = budget
         self.allocations = 0
         self._arena: torch.Tensor | None = None
         self._arena_pinned = False
-        self._views: dict[tuple[str, str], torch.Tensor] = {}
-        self._views_sig: Any = None
-        self._copies: tuple[Any, _CopyPlan, set[tuple[str, str]]] | None = None
+        self._anon: _Target | None = None
+        self._file_arenas: list[FileArena | None] = [None, None]
+        self._file_targets: list[_Target | None] = [None, None]
+        self._turn = 0
+        self._files_lock = threading.Lock()  # reclaim (retention threads) vs. the choice of file arena
         self._host = ThreadStream()
         self._streams: dict[torch.device, Any] = {}
         self._device_stream = device_stream or CudaStream
         self._is_device = is_device or (lambda t: t.is_cuda)
+        self._pin = pin
 
     @property
     def arena_bytes(self) -> int:
-        """Bytes of the staging arena now (0: none allocated)."""
-        return 0 if self._arena is None else self._arena.numel()
+        """Bytes of the staging arenas now (0: none allocated): the anonymous one plus the file arenas."""
+        anon = 0 if self._arena is None else self._arena.numel()
+        return anon + sum(fa.nbytes for fa in self._file_arenas if fa is not None)
 
     @property
     def arena_pinned(self) -> bool:
-        """Whether the arena is page-locked (allocated for device-to-host copies)."""
+        """Whether the arenas in use are page-locked (allocated for device-to-host copies)."""
+        if any(fa is not None for fa in self._file_arenas):
+            return all(fa.pinned for fa in self._file_arenas if fa is not None)
         return self._arena is not None and self._arena_pinned
 
-    def _alloc(self, need: int, pinned: bool) -> torch.Tensor:
+    def _alloc(self, need: int, pinned: bool) -> _Target:
         if self._arena is None or self._arena.numel() < need or (pinned and not self._arena_pinned):
             self._arena = None
-            self._views = {}
-            self._views_sig = None
+            self._anon = None
             raw = torch.empty(max(need, 1) + PAGE, dtype=torch.uint8, pin_memory=pinned)
             shift = (-raw.data_ptr()) % PAGE
-            self._arena = raw[shift:shift + max(need, 1)]
+            arena = self._arena = raw[shift:shift + max(need, 1)]
             self._arena_pinned = pinned
+            self._anon = _Target(lambda begin, size: arena[begin:begin + size])
             self.allocations += 1
-        return self._arena
+        assert self._anon is not None
+        return self._anon
 
-    def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool) -> Snapshot:
-        """Copy every tensor into the arena. Keys in ``async_keys`` copy in the background unless ``sync``."""
+    def _file_target(self, into: Path, layout: Layout, pinned: bool) -> tuple[_Target, FileArena] | None:
+        """A file arena ready for ``layout``: the one whose turn it is, or the other when only that one has its
+        files back (after a failed save), else fresh files for the one whose turn it is; None when files cannot
+        be made there (logged; the caller stages into the anonymous arena). After the previous save finished."""
+        with self._files_lock:
+            ready = [k for k in (self._turn, 1 - self._turn) if self._ready(k, into, layout)]
+            k = ready[0] if ready else self._turn  # after a failed save the other arena may be the free one
+            fa = self._file_arenas[k]
+            folder = Path(f"{into}-{k}")
+            if not ready:
+                self._drop_file_arena(k)
+                try:
+                    fa = FileArena(folder, layout, register=self._pin or (_cuda_pin if pinned else None))
+                except OSError as exc:
+                    log.warning("btckpt: cannot stage into files in %s (%s); staging into memory and writing "
+                                "the files after (one more host copy)", folder, exc)
+                    return None
+                self._file_arenas[k] = fa
+                self._file_targets[k] = _Target(fa.region)
+                self.allocations += 1
+            self._turn = 1 - k
+            target = self._file_targets[k]
+            assert target is not None and fa is not None
+            return target, fa
+
+    def _ready(self, k: int, into: Path, layout: Layout) -> bool:
+        """Whether file arena ``k`` can take a snapshot of ``layout`` into ``into`` now: made for that layout
+        there, and its files back in its folder (not part of a committed checkpoint)."""
+        fa = self._file_arenas[k]
+        return (fa is not None and (fa.signature is layout.signature or fa.signature == layout.signature)
+                and fa.folder == Path(f"{into}-{k}") and fa.present())
+
+    def _drop_file_arena(self, k: int) -> None:
+        fa, self._file_arenas[k], self._file_targets[k] = self._file_arenas[k], None, None
+        if fa is not None:
+            fa.close()
+
+    def reclaim(self, retired: Path) -> bool:
+        """Called with a retired checkpoint folder (renamed to a temp name, about to be removed): when it holds
+        the files of one of the file arenas, move them back into that arena's folder; True then."""
+        with self._files_lock:
+            return any(fa is not None and fa.reclaim(retired) for fa in self._file_arenas)
+
+    def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool,
+              into: Path | None = None) -> Snapshot:
+        """Copy every tensor into an arena. Keys in ``async_keys`` copy in the background unless ``sync``.
+        ``into``: a local tier's arena prefix: stage into files there (see the class doc)."""
         faults.point("stage")
         if sync and all(t.device.type == "cpu" and not self._is_device(t) for g in flat for t in g.tensors.values()):
             return DirectStaged(flat, layout)
         pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
-        if self.budget is not None and layout.arena_size > self.budget:
+        chosen = self._file_target(into, layout, pinned) if into is not None else None
+        files = None
+        if chosen is not None:  # the tier's memory, preflighted by the tier: the budget is not this arena's
+            target, files = chosen
+        elif self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)
-        arena = self._alloc(layout.arena_size, pinned)
-        if self._views_sig is not layout.signature:
-            self._views = {key: arena[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-                           for key, s in layout.slots.items()}
-            self._views_sig = layout.signature
-            self._copies = None
+        else:
+            target = self._alloc(layout.arena_size, pinned)
+        if target.signature is not layout.signature:
+            target.views = {key: target.region(s.offset, s.nbytes).view(s.dtype).view(s.shape)
+                            for key, s in layout.slots.items()}
+            target.signature = layout.signature
+            target.copies = None
         srcs = [t for g in flat for t in g.tensors.values()]
-        plan = self._copy_plan(flat, srcs, async_keys, sync)
+        plan = self._copy_plan(target, flat, srcs, async_keys, sync)
         with torch.no_grad():
             if plan.now:
                 torch._foreach_copy_(plan.now_dst, [srcs[i] for i in plan.now])
@@ -333,20 +420,20 @@ class Stager:
             pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
             self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
             events.append((self._host, self._host.record()))
-        return Staged(arena, layout, events, self._host)
+        return Staged(target.region, layout, events, self._host, files=files)
 
-    def _copy_plan(self, flat: FlatState, srcs: list[torch.Tensor], async_keys: set[tuple[str, str]],
-                   sync: bool) -> _CopyPlan:
+    def _copy_plan(self, target: _Target, flat: FlatState, srcs: list[torch.Tensor],
+                   async_keys: set[tuple[str, str]], sync: bool) -> _CopyPlan:
         """Which tensors copy now and which behind the gate (host thread or device stream), with their arena
-        views; cached while the views, the gated keys and the tensors' devices stay the same."""
+        views; cached per arena while the views, the gated keys and the tensors' devices stay the same."""
         key = (sync, len(srcs))
-        if self._copies is not None and self._copies[0] == key and self._copies[2] is async_keys:
-            return self._copies[1]  # the same gated-key set object: the save plan was reused
+        if target.copies is not None and target.copies[0] == key and target.copies[2] is async_keys:
+            return target.copies[1]  # the same gated-key set object: the save plan was reused
         plan = _CopyPlan()
         i = 0
         for g in flat:
             for k, t in g.tensors.items():
-                dst = self._views[(g.name, k)]
+                dst = target.views[(g.name, k)]
                 if sync or (g.name, k) not in async_keys or t.numel() * t.element_size() < self.small_bytes:
                     plan.now.append(i)
                     plan.now_dst.append(dst)
@@ -358,24 +445,49 @@ class Stager:
                     plan.later_host.append(i)
                     plan.later_host_dst.append(dst)
                 i += 1
-        self._copies = (key, plan, async_keys)
+        target.copies = (key, plan, async_keys)
         return plan
 
     def _stage_chunked(self, flat: FlatState, layout: Layout, async_keys: set[tuple[str, str]],
                        pinned: bool) -> ChunkedStaged:
         assert self.budget is not None
-        buf = self._alloc(max(PAGE, self.budget // PAGE * PAGE), pinned)
+        self._alloc(max(PAGE, self.budget // PAGE * PAGE), pinned)
+        assert self._arena is not None
         sources: dict[tuple[str, str], torch.Tensor] = {}
         for g in flat:
             for key, t in g.tensors.items():
                 volatile = (g.name, key) not in async_keys or t.numel() * t.element_size() < self.small_bytes
                 sources[(g.name, key)] = t.detach().to("cpu", copy=True) if volatile else t
-        return ChunkedStaged(buf, layout, sources)
+        return ChunkedStaged(self._arena, layout, sources)
 
     def close(self) -> None:
         self._host.close()
         self._arena = None
-        self._views = {}
+        self._anon = None
+        with self._files_lock:
+            for k in range(len(self._file_arenas)):
+                self._drop_file_arena(k)
+
+
+@dataclass
+class _Target:
+    """One staging arena (its bytes by ``region(begin, size)``) and what is cached over it: the tensors' views
+    for one layout signature and the copy plan."""
+
+    region: Callable[[int, int], torch.Tensor]
+    signature: Any = None
+    views: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    copies: tuple[Any, _CopyPlan, set[tuple[str, str]]] | None = None
+
+
+def _cuda_pin(address: int, nbytes: int) -> Callable[[], None]:
+    """Page-lock ``nbytes`` at ``address`` for CUDA copies (``cudaHostRegister``); the call that undoes it.
+    An OSError when CUDA refuses (the Stager then stages into its pinned anonymous arena)."""
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(address, nbytes, 1))  # 1: cudaHostRegisterPortable
+    if err:
+        raise OSError(f"cudaHostRegister of {nbytes} bytes failed (cudaError {err})")
+    return lambda: cudart.cudaHostUnregister(address)
 
 
 @dataclass

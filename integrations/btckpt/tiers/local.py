@@ -50,8 +50,9 @@ from ..storage.discovery import inspect, scan
 from ..storage.local import free_bytes, fsync_dir, fsync_file, space_error
 from ..testing import faults
 
-__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "REPLICAS", "copy_verified", "file_pieces", "default_tier_dir",
-           "tier_dir", "resumable_tier", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
+__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
+           "default_tier_dir", "tier_dir", "resumable_tier", "local_save_due", "tier_bytes", "check_fits", "promote",
+           "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -60,6 +61,7 @@ IDENTITY = ".btckpt-tier.json"  # {"format": ..., "dir": <the durable dir, resol
 FORMAT = "btckpt-tier/1"
 COPIES = 2  # steps the tier holds at most: one complete, one being written
 REPLICAS = ".replicas"  # <tier>/.replicas/node-<i>/: the tier checkpoints this node holds for node i (tiers.replicas)
+ARENA = ".arena-"  # <tier>/.arena-<session>-<rank>-<k>/: a rank's staging files (btckpt.saving.arena), one per turn
 _CHUNK = 8 << 20
 
 
@@ -107,9 +109,14 @@ def resumable_tier(durable: str | os.PathLike[str], option: str | os.PathLike[st
     return None
 
 
-def claim(root: Path, durable: Path) -> DirLock:
+def _arenas(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob(f"{ARENA}*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+
+
+def claim(root: Path, durable: Path, *, session: str) -> DirLock:
     """Make ``root`` this job's local tier (the node's leader, at start): refuse a folder of another job
-    (:class:`TierMismatch`), take its writer lock (which removes unfinished temp folders), record the job."""
+    (:class:`TierMismatch`), take its writer lock (which removes unfinished temp folders and the staging
+    files of earlier sessions), record the job."""
     owner, mine = _recorded(root), _identity(durable)
     if owner is not None and owner != mine:
         raise TierMismatch(f"local tier {root} belongs to the job saving into {owner}, not {mine}; give this job "
@@ -124,6 +131,9 @@ def claim(root: Path, durable: Path) -> DirLock:
     lock = DirLock(root)
     for left in root.glob(f".{IDENTITY}.tmp-*"):  # the lock is ours: nobody else is writing one
         left.unlink(missing_ok=True)
+    for arena in _arenas(root):  # a crashed run's staging files; this session's ranks may have begun theirs
+        if not arena.name.startswith(f"{ARENA}{session}-"):
+            shutil.rmtree(arena, ignore_errors=True)
     if owner is None:
         tmp = root / f".{IDENTITY}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -155,7 +165,8 @@ def _held_bytes(root: Path) -> int:
     if not root.is_dir():
         return 0
     folders = [root, *((root / REPLICAS).iterdir() if (root / REPLICAS).is_dir() else [])]
-    return sum(i.size for f in folders for i in scan(f, own=True) if i.complete)
+    staging = sum(f.stat().st_size for a in _arenas(root) for f in a.iterdir() if f.is_file() and not f.is_symlink())
+    return staging + sum(i.size for f in folders for i in scan(f, own=True) if i.complete)
 
 
 def check_fits(root: Path, state_bytes: int, *, margin: int, copies: int = COPIES) -> None:
@@ -272,13 +283,15 @@ class LocalTier:
     Every rank has one (all know the folder); the node's leader claims it and runs the promoter thread.
     """
 
-    def __init__(self, root: Path, durable: Path, *, world: World, margin: int) -> None:
-        self.root, self.durable, self.world, self.margin = root, durable, world, margin
+    def __init__(self, root: Path, durable: Path, *, world: World, margin: int, session: str) -> None:
+        self.root, self.durable, self.world, self.margin, self.session = root, durable, world, margin, session
         self.copies = COPIES  # state copies the folder must hold (twice as many with peer replicas)
         self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
         self.scheduled: int | None = None  # the newest step whose promotion was scheduled
         self._fits: int | None = None  # the state size check_fits last passed
-        self._lock: DirLock | None = claim(root, durable) if world.is_local_leader else None
+        self._lock: DirLock | None = claim(root, durable, session=session) if world.is_local_leader else None
+        # set by the Checkpointer: takes a retired step's staged files back into its Stager (saving.arena)
+        self.salvage: Callable[[Path], object] | None = None
         self._busy: dict[Path, int] = {}  # folders queued or being promoted -> how many times
         self._settled: Path | None = None  # the newest tier save committed on every node
         self._mutex = threading.Lock()
@@ -288,11 +301,17 @@ class LocalTier:
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def create(cls, config: Any, world: World, durable: Path) -> LocalTier | None:
+    def create(cls, config: Any, world: World, durable: Path, *, session: str) -> LocalTier | None:
         """The Checkpointer's tier (None when ``local_every_steps`` is None)."""
         if config.local_every_steps is None:
             return None
-        return cls(tier_dir(durable, config.local_tier_dir), durable, world=world, margin=config.space_margin)
+        return cls(tier_dir(durable, config.local_tier_dir), durable, world=world, margin=config.space_margin,
+                   session=session)
+
+    def arena(self, rank: int) -> Path:
+        """The prefix of rank ``rank``'s staging folders in the tier (``Stager.stage(..., into=)``): the snapshot
+        of a tier save is staged into files there and renamed into the checkpoint (:mod:`btckpt.saving.arena`)."""
+        return self.root / f"{ARENA}{self.session}-{rank}"
 
     # -- saving into it ------------------------------------------------------------------------------------
     def check(self, state_bytes: int) -> None:
@@ -337,7 +356,7 @@ class LocalTier:
                 return
             step = int(settled.name.rsplit("-", 1)[1])
             newer = {i.path for i in scan(self.root, own=True) if i.step > step}
-            apply_retention(self.root, keep_last=1, protected={settled} | newer | self.busy)
+            apply_retention(self.root, keep_last=1, protected={settled} | newer | self.busy, salvage=self.salvage)
 
     # -- promotion ----------------------------------------------------------------------------------------
     def schedule(self, step: int, *, after: Future[Any] | None, tag: str, timeout: float,
@@ -412,7 +431,7 @@ class LocalTier:
                     for info in scan(folder, own=True):
                         delete_checkpoint(info.path, retired=False)
                     remove_stale_temps(folder, locked=True)
-                for folder in _replica_folders(self.root):
+                for folder in [*_replica_folders(self.root), *_arenas(self.root)]:
                     shutil.rmtree(folder, ignore_errors=True)
                 shutil.rmtree(self.root / REPLICAS, ignore_errors=True)
         finally:
