@@ -3,13 +3,14 @@
     python benchmarks/gpu_check.py --gib 4,16 --rounds 2 --batch 1024 --lightning --dir /tmp/btckpt-gpu
     python benchmarks/gpu_check.py --device cpu --gib 0.1 --rounds 2      # CPU smoke (device parts skipped)
 
-(a) checks (with a full arena and with a small memory budget) that a checkpoint equals the state at the
-save() call while kernels that write the parameters are still queued before it and optimizer steps
-follow it, and that it restores onto the device; (b) measures device->host
-bandwidth into btckpt's arena vs a plain pinned copy of the same bytes (target >= 0.8x) and a pageable
-copy; (c) per state size, the step-time increase over a window of steps whose first one saves (mean and
-worst step) and the host memory each contender adds (PSS of this process and its children, /dev/shm), for
-btckpt async vs DCP ``async_save`` by default and in its zero-overhead mode (torchtitan's
+(a) checks (with a full arena, with a small memory budget, and through a local tier whose files are the
+arena) that a checkpoint equals the state at the save() call while kernels that write the parameters are
+still queued before it and optimizer steps follow it, and that it restores onto the device; (b) measures
+device->host bandwidth into btckpt's arena and into a local tier's file arena (mapped, cudaHostRegister'ed)
+vs a plain pinned copy of the same bytes (target >= 0.8x) and a pageable copy; (c) per state size, the
+step-time increase over a window of steps whose first one saves (mean and worst step) and the host memory
+each contender adds (PSS of this process and its children, /dev/shm), for btckpt async, a btckpt local-tier
+save (``save_local``), DCP ``async_save`` by default and in its zero-overhead mode (torchtitan's
 ASYNC_WITH_PINNED_MEM: a checkpoint process fed by a reused pinned, shared-memory, async ``DefaultStager``);
 (d) prints one table. On CPU the device-only parts are skipped with a message.
 """
@@ -59,6 +60,7 @@ def make_model(gib: float, device: torch.device) -> tuple[torch.nn.Module, torch
 
 BATCH = [64]
 VERBOSE = [False]
+TIER_BASE = ["/dev/shm"]  # where local tiers go (a tmpfs)
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, width: int, device: torch.device) -> None:
@@ -68,12 +70,17 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, width: int, d
     opt.step()
 
 
-def check_correctness(root: Path, device: torch.device, *, budget: int | None, label: str) -> None:
+def check_correctness(root: Path, device: torch.device, *, budget: int | None, label: str,
+                      tier: bool = False) -> None:
+    """``tier``: every save goes through a local tier in /dev/shm (staged into its files: the file arena),
+    then is promoted into the dir, which is what is compared."""
     model, opt, width = make_model(0.5 if device.type == "cuda" else 0.05, device)
     big = [p for p in model.parameters() if p.dim() == 2]
     ok = True
+    tier_opts: dict[str, Any] = {"local_every_steps": 1, "local_tier_dir": f"{TIER_BASE[0]}/btckpt-gpu-{label}"}
     with btckpt.Checkpointer(
-        dir=root / label, keep_last=None, save_rng=False, handle_sigterm=False, memory_budget=budget
+        dir=root / label, keep_last=None, save_rng=False, handle_sigterm=False, memory_budget=budget,
+        **(tier_opts if tier else {}),
     ) as ck:
         for s in range(1, 4):
             with torch.no_grad():  # long in-place kernels still queued when save() is called
@@ -102,7 +109,7 @@ def check_correctness(root: Path, device: torch.device, *, budget: int | None, l
         pinned = fig.arena_pinned
         note = (f"arena {fig.arena_bytes / 2**20:.0f} MiB, pinned={pinned}, "
                 f"allocated {fig.arena_allocations}x in 3 saves")
-        if device.type == "cuda" and not (pinned and fig.arena_allocations == 1):
+        if device.type == "cuda" and not (pinned and (tier or fig.arena_allocations == 1)):
             ok = False
     rows.append((f"(a) snapshot == state at save() with kernels in flight, {label}", "PASS" if ok else "FAIL", note))
     if not ok:
@@ -165,13 +172,23 @@ def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
     pageable = torch.empty(n, dtype=torch.float32)
     pageable.zero_()
     keys = {("model", k) for k in flat[0].tensors}
-    times: dict[str, list[float]] = {"btckpt arena (side stream)": [], "plain pinned copy": [], "pageable copy": []}
+    tier = Path("/dev/shm/btckpt-gpu-check") if Path("/dev/shm").is_dir() else Path(TIER_BASE[0])
+    into = tier / ".arena-bw-0"  # a local tier's file arena: the tier's files, mapped and cudaHostRegister'ed
+    fstager = Stager(small_bytes=0)
+    times: dict[str, list[float]] = {"btckpt arena (side stream)": [], "btckpt tier file arena": [],
+                                     "plain pinned copy": [], "pageable copy": []}
     stager.stage(flat, layout, async_keys=keys, sync=False).wait()  # allocate the arena once
+    for _ in range(2):  # and both file arenas
+        fstager.stage(flat, layout, async_keys=keys, sync=False, into=into).wait()
     for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
         stager.stage(flat, layout, async_keys=keys, sync=False).wait()
         times["btckpt arena (side stream)"].append(time.perf_counter() - t0)
+        sync(device)
+        t0 = time.perf_counter()
+        fstager.stage(flat, layout, async_keys=keys, sync=False, into=into).wait()
+        times["btckpt tier file arena"].append(time.perf_counter() - t0)
         sync(device)
         t0 = time.perf_counter()
         pinned.copy_(src, non_blocking=True)
@@ -181,7 +198,10 @@ def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
         pageable.copy_(src)
         sync(device)
         times["pageable copy"].append(time.perf_counter() - t0)
+    file_pinned = fstager.arena_pinned
     stager.close()
+    fstager.close()
+    shutil.rmtree(tier, ignore_errors=True)
     nbytes = n * 4
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
@@ -190,6 +210,9 @@ def bandwidth(device: torch.device, gib: float, rounds: int) -> None:
         )
     ratio = med["plain pinned copy"] / med["btckpt arena (side stream)"]
     rows.append(("(b) arena / plain pinned bandwidth", f"{ratio:.2f}x", "target >= 0.8x"))
+    ratio = med["plain pinned copy"] / med["btckpt tier file arena"]
+    rows.append(("(b) tier file arena / plain pinned bandwidth", f"{ratio:.2f}x",
+                 f"target >= 0.8x; registered (pinned): {file_pinned}"))
 
 
 def host_memory() -> dict[str, int]:
@@ -336,7 +359,12 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
         t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
     label = f"{nbytes / 2**30:.1f} GiB"
-    names = ["btckpt async", "DCP async_save (default)", "DCP zero-overhead (process, pinned+shm stager)"]
+    names = ["btckpt async", "btckpt tier save (RAM, file arena)", "DCP async_save (default)",
+             "DCP zero-overhead (process, pinned+shm stager)"]
+    if nbytes * 2.2 > shutil.disk_usage(TIER_BASE[0]).free:
+        print(f"skipping the btckpt tier save at {label}: {TIER_BASE[0]} has too little free for its two copies",
+              flush=True)
+        names.remove("btckpt tier save (RAM, file arena)")
     if nbytes * 1.1 > shutil.disk_usage("/dev/shm").free:
         print(f"skipping DCP zero-overhead at {label}: /dev/shm has {shutil.disk_usage('/dev/shm').free >> 20} MiB "
               "free, its shared-memory staging needs the state's size", flush=True)
@@ -346,9 +374,11 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
     except Exception as exc:  # noqa: BLE001 - report, compare the others
         print(f"no process group for DCP's process-based checkpointer: {exc!r}", flush=True)
         made_pg = False
-        names = names[:2]
+        names = [n for n in names if "zero-overhead" not in n]
     ck = btckpt.Checkpointer(dir=root / "c", keep_last=1, save_rng=False, handle_sigterm=False)
-    dcps = {n: DcpContender(device, zero_overhead="zero" in n) for n in names[1:]}
+    ckt = btckpt.Checkpointer(dir=root / "t", keep_last=1, save_rng=False, handle_sigterm=False, local_every_steps=1,
+                              local_tier_dir=f"{TIER_BASE[0]}/btckpt-gpu-stall")
+    dcps = {n: DcpContender(device, zero_overhead="zero" in n) for n in names if n.startswith("DCP")}
     inc: dict[str, list[float]] = {n: [] for n in names}
     worst: dict[str, list[float]] = {n: [] for n in names}
     blocked: dict[str, list[float]] = {n: [] for n in names}
@@ -356,6 +386,10 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
     failed: dict[str, str] = {}
     base_all: list[float] = []
     window(model, opt, width, device, steps)  # warm-up, not measured
+    if "btckpt tier save (RAM, file arena)" in names:  # both file arenas made before measuring (steady state)
+        for s in (1, 2):
+            ckt.save_local(s, {"model": model, "optimizer": opt})
+            ckt.wait()
     try:
         for r in range(rounds):
             for name in names if r % 2 == 0 else list(reversed(names)):
@@ -372,6 +406,13 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
                         blocked[name].append(ck.stats.gate_wait_s - g0)
                         held = host_memory()  # while the save is still being written
                         ck.wait()
+                    elif name.startswith("btckpt tier"):
+                        g0 = ckt.stats.gate_wait_s
+                        times = window(model, opt, width, device, steps,
+                                       save=lambda r=r: ckt.save_local(r + 3, {"model": model, "optimizer": opt}))
+                        blocked[name].append(ckt.stats.gate_wait_s - g0)
+                        held = host_memory()
+                        ckt.wait()
                     else:
                         c = dcps[name]
                         cid = str(root / f"dcp-{names.index(name)}-{r}")
@@ -393,6 +434,7 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
                 mem[name] = {k: max(mem.get(name, {}).get(k, 0), held[k] - before[k]) for k in held}
     finally:
         ck.close()
+        ckt.close()  # promotes its newest step into root/t, then removes the tier
         for c in dcps.values():
             try:
                 c.close()
@@ -424,7 +466,7 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
                          "" if c.reusable else "this torch closes DefaultStager's StateDictStager after each stage "
                          "(KeyError(<class 'type'>) on reuse): a new stager per save"))
     for k, v in med.items():
-        if k != "btckpt async" and "btckpt async" in med and v > 0:
+        if k.startswith("DCP") and "btckpt async" in med and v > 0:
             rows.append((f"(c) {label} btckpt increase / {k}", f"{med['btckpt async'] / v:.2f}x", "target <= 0.5x"))
 
 
@@ -452,6 +494,7 @@ def main() -> None:
     check_correctness(root, device, budget=None, label="full arena")
     small = 64 << 20 if device.type == "cuda" else 8 << 20
     check_correctness(root, device, budget=small, label=f"{small >> 20} MiB budget (windows)")
+    check_correctness(root, device, budget=None, label="local tier (file arena)", tier=True)
     if args.lightning:
         lightning_check(root, device)
     print(f"(a) done in {time.perf_counter() - t0:.0f}s", flush=True)
