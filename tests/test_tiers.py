@@ -624,6 +624,27 @@ def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_a_promotion_committed_on_one_node_only_is_finished_at_close(tmp_path: Path) -> None:
+    """Node 1's part of step 8 reached its dir, node 0's did not (node 0 commits last): the restarted job's close
+    promotes node 0's part while node 1, which holds it already, copies nothing but joins (node 0 used to wait
+    for it until barrier_timeout, then fail the close and keep the tier)."""
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+    for node in (0, 1):
+        assert _steps(tmp_path / f"ram-run-{node}") == [8], results[node][1][-3000:]
+    shutil.copytree(tmp_path / "ram-run-1" / "checkpoint-8", tmp_path / "run" / "node1" / "checkpoint-8")
+    results = _two_nodes(tmp_path, "run", ["--steps", "8"])  # resumes from 8, trains nothing, closes
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 8" in out, out[-3000:]
+    for node in (0, 1):
+        durable = tmp_path / "run" / f"node{node}"
+        assert _steps(durable) == [6, 8]
+        assert verify(inspect(durable / "checkpoint-8")) == []
+        assert not (tmp_path / f"ram-run-{node}").exists()  # a clean close: the step is durable, the tier went
+
+
+@pytest.mark.slow
 def test_a_node_that_lost_its_memory_restores_its_part_from_the_peer(tmp_path: Path) -> None:
     """Node 1's processes are killed after the tier save of step 8 and its RAM folder wiped (a replacement
     node): at restart it fetches its part of step 8 from node 0's memory (the peer replica) instead of falling

@@ -672,16 +672,14 @@ class Checkpointer:
         self._raise_pending()
 
     def _final_promotion(self) -> None:
-        """At close: promote the tier's newest step when the durable dir lacks it (nothing is lost when the
-        tier folder goes)."""
+        """At close: promote the tier's newest step unless this run scheduled it already (nothing is lost when
+        the tier folder goes). Decided from the tier alone, the same on every node: whether this node's dir
+        holds that step is promote()'s business (it then copies nothing but joins the other nodes; a folder of
+        that name that is not complete fails the close and keeps the tier, the only good copy)."""
         if self._tier is None:
             return
         step = self._tier.newest()  # saved by this run, or the step it resumed from
-        if step is None or step == self._tier.scheduled:
-            return
-        # the one completeness rule: a folder of that name that is not complete (outside damage) does not count;
-        # promote() then refuses to overwrite it, which fails the close and keeps the tier (the only good copy)
-        if not inspect(self.root / checkpoint_name(step)).complete:
+        if step is not None and step != self._tier.scheduled:
             self._promote(step)
 
     def _close_tier(self, clean: bool) -> None:

@@ -45,7 +45,6 @@ __all__ = ["FileArena", "Register"]
 log = logging.getLogger("btckpt")
 
 _CHUNK = 32 << 20
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the allocated pages now, not one fault at a time in the copy
 
 Register = Callable[[int, int], Callable[[], None]]
 """``register(address, nbytes)`` page-locks a mapping for device copies; returns the call that unlocks it."""
@@ -91,10 +90,11 @@ class FileArena:
     def _create(self, fp: FilePlan, register: Register | None) -> _File:
         fd = os.open(self.folder / fp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            # allocated now: a full tmpfs fails here (ENOSPC), not later as a SIGBUS in the middle of a copy
+            # allocated now: a full tmpfs fails here (ENOSPC), not later as a SIGBUS in the middle of a copy. Not
+            # MAP_POPULATE: the page tables are filled by the first copy, on the copy thread, not on the training
+            # thread (252 MB: fallocate 0.06 s, populating 0.10 s), and stay filled while the arena is reused
             os.posix_fallocate(fd, 0, fp.file_size)
-            mm = mmap.mmap(fd, fp.file_size, flags=mmap.MAP_SHARED | _POPULATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, fp.file_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             st = os.fstat(fd)
         finally:
             os.close(fd)  # the mapping keeps the file

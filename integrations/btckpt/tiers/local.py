@@ -228,28 +228,31 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     raises :class:`~btckpt.errors.CorruptCheckpoint` and commits nothing); the same manifest is written last,
     then the temp folder is renamed into place. A step already complete in ``dest_root`` is left as it is.
     With several nodes (``world``), each node's leader promotes its part and node 0 commits last, after every
-    other node committed, as in a save. Any failure removes the temp folder; older checkpoints are untouched.
+    other node committed, as in a save; a node whose ``dest_root`` holds the step already (a restart after a
+    promotion that committed on some nodes only) copies nothing but still joins, so no node waits for it.
+    Any failure removes the temp folder; older checkpoints are untouched.
     """
     info = inspect(src)
     if not info.complete or info.manifest is None:
         raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
     man = info.manifest
     final = dest_root / checkpoint_name(man.step)
-    if final.is_dir() and inspect(final).complete:
+    have = final.is_dir() and inspect(final).complete
+    if have:
         log.info("btckpt: %s already holds step %d; nothing to promote", dest_root, man.step)
-        return final
     w = world or World()
     key = f"{tag}/promoted"
     commit = LocalCommit(dest_root, man.step, tag=tag)
     try:
         try:
-            commit.begin()
-            copy_verified(man, commit, lambda name: file_pieces(src / name), where=str(src))
-            faults.point("promote")
-            if w.node_rank != 0:
-                commit.commit(man)
+            if not have:
+                commit.begin()
+                copy_verified(man, commit, lambda name: file_pieces(src / name), where=str(src))
+                faults.point("promote")
+                if w.node_rank != 0:
+                    commit.commit(man)
             w.barrier(key, timeout=timeout, ranks=w.nodes)
-            if w.node_rank == 0:
+            if w.node_rank == 0 and not have:
                 commit.commit(man)
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
@@ -257,7 +260,8 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
         w.fail(key)
         commit.abort()
         raise
-    log.info("btckpt: promoted %s -> %s", src, commit.final)
+    if not have:
+        log.info("btckpt: promoted %s -> %s", src, commit.final)
     return commit.final
 
 
