@@ -558,13 +558,15 @@ def _torchrun(args: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path) -> None:
-    rc, out = _torchrun(["--tier", str(tmp_path / "ram-ref"), "--out", str(tmp_path / "ref.safetensors")],
-                        env_with(BT_CHECKPOINT_DIR=str(tmp_path / "ref")))
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path, mode: str) -> None:
+    """fsdp: every rank saves its own shards, so each stages into file arenas of its own in the node's tier."""
+    rc, out = _torchrun(["--tier", str(tmp_path / "ram-ref"), "--out", str(tmp_path / "ref.safetensors"),
+                         "--mode", mode], env_with(BT_CHECKPOINT_DIR=str(tmp_path / "ref")))
     assert rc == 0, out[-4000:]
     marker = tmp_path / "killed"
     rc, out = _torchrun(["--tier", str(tmp_path / "ram"), "--out", str(tmp_path / "got.safetensors"),
-                         "--kill-at", "8", "--kill-marker", str(marker)],
+                         "--kill-at", "8", "--kill-marker", str(marker), "--mode", mode],
                         env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run")))
     assert rc == 0, out[-4000:]
     assert marker.exists() and "rank 1: killing itself at step 8" in out

@@ -1,4 +1,5 @@
-"""A tiny deterministic DDP job (gloo, CPU) with the node-local tier, for tests/test_tiers.py.
+"""A tiny deterministic DDP (or FSDP2: ``--mode fsdp``) job (gloo, CPU) with the node-local tier, for
+tests/test_tiers.py.
 
 Saves into the local tier (``--tier``) every ``--local-every`` steps and promotes into ``$BT_CHECKPOINT_DIR``
 every ``--every`` steps. With ``--kill-at N --kill-marker F``: rank ``--kill-rank`` waits for its saves so far
@@ -32,6 +33,7 @@ def main() -> int:
     ap.add_argument("--kill-rank", type=int, default=1)
     ap.add_argument("--kill-marker", default="")
     ap.add_argument("--width", type=int, default=16, help="hidden width (500000: files of tens of MB)")
+    ap.add_argument("--mode", default="ddp", choices=["ddp", "fsdp"], help="fsdp: FSDP2, every rank saves its shards")
     args = ap.parse_args()
 
     # torchrun's agent keeps its store across restarts, and gloo's connect keys from the killed attempt would
@@ -42,7 +44,7 @@ def main() -> int:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout)
-    ddp, net = build("ddp", args.width)
+    ddp, net = build(args.mode, args.width)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     extra = {"step": 0}
@@ -69,7 +71,7 @@ def main() -> int:
             say(f"rank {rank}: killing itself at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
-    return end_rank("ddp", net, opt, out=args.out, rank=rank, distributed=True, step=step)
+    return end_rank(args.mode, net, opt, out=args.out, rank=rank, distributed=True, step=step)
 
 
 if __name__ == "__main__":
