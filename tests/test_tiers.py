@@ -291,6 +291,32 @@ def test_a_failed_landing_keeps_the_older_tier_step_and_the_next_save_reuses_the
     ck.close()
 
 
+def test_a_retired_step_being_read_keeps_its_bytes_and_the_arena_takes_fresh_files(tmp_path: Path) -> None:
+    """A btckpt reader (restore, verify) holding a tier file when its step is retired: the file is not taken back
+    for a new snapshot (the reader keeps its bytes); that arena gets fresh files, and reuse resumes after."""
+    from btckpt.format.members import open_regular
+
+    state, ram = _state(), tmp_path / "ram"
+    ck = _tier_ck(tmp_path, every_steps=None)
+    _train(ck, state, range(1, 3))
+    ck.wait()
+    before = (ram / "checkpoint-2" / "model.safetensors").read_bytes()
+    with open_regular(ram / "checkpoint-2" / "model.safetensors") as f:
+        _train(ck, state, range(3, 7))  # 4 retires 2 (being read: deleted, not taken back); 6 needs new files
+        ck.wait()
+        assert _steps(ram) == [6]
+        assert f.read() == before
+    assert ck.stats.arena_allocations == 3
+    ino6 = _ino(ram / "checkpoint-6")
+    _train(ck, state, range(7, 11))
+    ck.wait()
+    assert ck.stats.arena_allocations == 3 and _ino(ram / "checkpoint-10") == ino6  # reused again
+    loaded = _state(seed=9)
+    btckpt.load(ram / "checkpoint-10", loaded)
+    assert torch.equal(loaded["model"].weight, state["model"].weight) and loaded["extra"]["step"] == 10
+    ck.close()
+
+
 def test_a_file_arena_lands_the_bytes_of_a_written_file_and_pins_each_mapping(tmp_path: Path) -> None:
     from btckpt.format.layout import flatten_group, plan_layout
     from btckpt.saving.snapshot import Stager
@@ -644,6 +670,25 @@ def test_a_promotion_committed_on_one_node_only_is_finished_at_close(tmp_path: P
         assert _steps(durable) == [6, 8]
         assert verify(inspect(durable / "checkpoint-8")) == []
         assert not (tmp_path / f"ram-run-{node}").exists()  # a clean close: the step is durable, the tier went
+
+
+@pytest.mark.slow
+def test_a_node_whose_tier_is_gone_closes_without_waiting_for_a_promotion(tmp_path: Path) -> None:
+    """Both nodes resume step 6 from their dirs; node 0's tier still holds 6, node 1's is gone (and no replica
+    of it is left). The close's promotion is agreed (no step every tier holds: none): node 0 used to promote 6
+    and wait for node 1 at the barrier until barrier_timeout, failing the close."""
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "6", "--kill-marker", str(tmp_path / "killed")])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 6" in results[1][1]
+    for node in (0, 1):
+        assert _steps(tmp_path / f"ram-run-{node}") == [6] and _steps(tmp_path / "run" / f"node{node}") == [6]
+    shutil.rmtree(tmp_path / "ram-run-1")
+    shutil.rmtree(tmp_path / "ram-run-0" / ".replicas", ignore_errors=True)
+    results = _two_nodes(tmp_path, "run", ["--steps", "6"])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 6" in out, out[-3000:]
+        assert _steps(tmp_path / "run" / f"node{node}") == [6]
+        assert not (tmp_path / f"ram-run-{node}").exists()
 
 
 @pytest.mark.slow

@@ -384,7 +384,7 @@ class Checkpointer:
             if part is not None and self.config.async_save:
                 async_keys = async_keys | part.async_keys  # a new set: the plan's is reused
             try:
-                into = self._tier.arena(self.world.rank) if self._tier is not None and root == self._tier.root else None
+                into = self._arena_for(root)
                 staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save,
                                             into=into)
             except OSError as exc:
@@ -414,6 +414,15 @@ class Checkpointer:
                 log.warning("btckpt: saving step %d failed (continuing, on_error='warn'): %s", step, exc)
             finally:
                 self._stats.saved(time.perf_counter() - t0, plan_reused=reused)
+
+    def _arena_for(self, root: Path) -> Path | None:
+        """Where a save into ``root`` stages: into files in the local tier (they become the tier checkpoint's:
+        one host copy, :mod:`btckpt.saving.arena`) when ``root`` is the tier and this rank is its node's leader,
+        whose retention gives the files back for reuse; else (None) the anonymous arena. Other local ranks
+        (FSDP shards) would get fresh files at every save: their files are retired by the leader's process."""
+        if self._tier is None or root != self._tier.root or not self.world.is_local_leader:
+            return None
+        return self._tier.arena(self.world.rank)
 
     def _sharded_part(self, state: Mapping[str, Any]) -> Any:
         """This rank's shards of the FSDP2/DTensor groups of ``state`` (None when nothing is sharded)."""
@@ -672,14 +681,16 @@ class Checkpointer:
         self._raise_pending()
 
     def _final_promotion(self) -> None:
-        """At close: promote the tier's newest step unless this run scheduled it already (nothing is lost when
-        the tier folder goes). Decided from the tier alone, the same on every node: whether this node's dir
-        holds that step is promote()'s business (it then copies nothing but joins the other nodes; a folder of
+        """At close: promote the newest step every node's tier holds (saved by this run, or the step it resumed
+        from) unless this run scheduled it already, so nothing is lost when the tier folders go. Every rank
+        calls it and the step is agreed (a node may have lost its tier); whether this node's dir holds that
+        step already is promote()'s business (it then copies nothing but joins the other nodes; a folder of
         that name that is not complete fails the close and keeps the tier, the only good copy)."""
         if self._tier is None:
             return
-        step = self._tier.newest()  # saved by this run, or the step it resumed from
-        if step is not None and step != self._tier.scheduled:
+        key = f"{self._op_tag('f')}/tiers"
+        step = self.world.agree_step(key, self._tier.steps(), timeout=self._barrier_timeout())
+        if step >= 0 and step != self._tier.scheduled:
             self._promote(step)
 
     def _close_tier(self, clean: bool) -> None:

@@ -9,6 +9,7 @@ through it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -65,7 +66,8 @@ def open_regular(path: str | os.PathLike[str], *, where: Any = None) -> BinaryIO
     A FIFO, socket, device, directory or symbolic link is refused with a CheckpointError naming ``where``
     (default: ``path``) before it can block or be followed: ``lstat`` first, then ``open`` with
     ``O_NOFOLLOW | O_NONBLOCK``, then ``fstat`` of the descriptor (the same file, still regular), then
-    blocking mode is restored. Every way this can fail raises a CheckpointError."""
+    blocking mode is restored. The open file holds a shared ``flock`` while it is read (:func:`_share`).
+    Every way this can fail raises a CheckpointError."""
     where = path if where is None else where
     try:
         st = os.lstat(path)
@@ -84,12 +86,32 @@ def open_regular(path: str | os.PathLike[str], *, where: Any = None) -> BinaryIO
             raise CorruptCheckpoint(f"{where}: was replaced while being opened (now {file_kind(st2.st_mode)}); "
                                     "refusing to read it")
         os.set_blocking(fd, True)
+        _share(fd, path, st, where)
         return os.fdopen(fd, "rb", buffering=0)
     except BaseException as exc:
         os.close(fd)
         if isinstance(exc, OSError):
             raise read_error(where, exc) from None
         raise
+
+
+def _share(fd: int, path: str | os.PathLike[str], st: os.stat_result, where: Any) -> None:
+    """Take a shared ``flock`` on the opened file (held until it is closed), then check that ``path`` still
+    names it. A local tier reuses a retired step's files for a new snapshot only when it can lock each one
+    exclusively (:meth:`btckpt.saving.arena.FileArena.reclaim`), after renaming the step's folder away: so a
+    file a btckpt reader holds never changes under it, and one taken back while it was being opened is found
+    missing here. Never blocks: a file locked exclusively (being taken back, or by another tool) or a
+    filesystem without flock is read unlocked, after the same check."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        pass
+    try:
+        now = os.lstat(path)
+    except OSError as exc:
+        raise read_error(where, exc) from None
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        raise CorruptCheckpoint(f"{where}: was replaced while being opened; refusing to read it")
 
 
 def member_path(folder: str | os.PathLike[str], name: str) -> Path:

@@ -26,6 +26,7 @@ serializes reclaim against the choice of arena (its lock).
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import mmap
 import os
@@ -95,6 +96,8 @@ class FileArena:
             # thread (252 MB: fallocate 0.06 s, populating 0.10 s), and stay filled while the arena is reused
             os.posix_fallocate(fd, 0, fp.file_size)
             mm = mmap.mmap(fd, fp.file_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            if hasattr(mmap, "MADV_DONTFORK"):  # a forked DataLoader worker must not keep (or share) the arena
+                mm.madvise(mmap.MADV_DONTFORK)
             st = os.fstat(fd)
         finally:
             os.close(fd)  # the mapping keeps the file
@@ -134,12 +137,14 @@ class FileArena:
             raise FileNotFoundError(f"{self.folder / fp.name}: the staged file is gone (removed by someone "
                                     "else while the snapshot was written); this step is not saved")
         view = memoryview(f.mm)
-        view[:len(fp.header)] = fp.header
-        faults.point("write_data")
-        h = new_hasher()
-        for off in range(0, fp.file_size, _CHUNK):
-            h.update(view[off:off + _CHUNK])
-        view.release()
+        try:
+            view[:len(fp.header)] = fp.header
+            faults.point("write_data")
+            h = new_hasher()
+            for off in range(0, fp.file_size, _CHUNK):
+                h.update(view[off:off + _CHUNK])
+        finally:
+            view.release()  # else a kept traceback would keep the mapping past close()
         faults.point("before_fsync")
         f.mm.flush()  # msync: durable where the tier is on a disk; on a tmpfs it only orders
         faults.point("after_fsync")
@@ -148,12 +153,27 @@ class FileArena:
 
     def reclaim(self, retired: Path) -> bool:
         """When ``retired`` (a retired checkpoint folder, already renamed to a temp name) holds this arena's
-        files, rename them back into the arena folder for the next snapshot; True then."""
+        files and no reader holds any of them (each can be locked exclusively: btckpt's readers hold a shared
+        ``flock``, :func:`btckpt.format.members.open_regular`), rename them back into the arena folder for the
+        next snapshot; True then. Else False: the caller deletes them (a reader keeps its bytes)."""
         if not self._files or not all(self._at(retired, f) for f in self._files.values()):
             return False
-        for name in self._files:
-            os.rename(retired / name, self.folder / name)
-        return True
+        fds: list[int] = []
+        try:
+            for name in self._files:
+                fds.append(os.open(retired / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+                try:
+                    fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    log.info("btckpt: %s is being read (%s); its bytes are left to the reader", retired / name,
+                             exc.strerror)
+                    return False
+            for name in self._files:  # locked: a reader opening it now finds it gone (open_regular)
+                os.rename(retired / name, self.folder / name)
+            return True
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         """Unmap (and unpin) the files; they stay where they are (a committed checkpoint keeps its bytes)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import shutil
 import threading
 import time
 import weakref
@@ -304,6 +305,7 @@ class Stager:
         self._anon: _Target | None = None
         self._file_arenas: list[FileArena | None] = [None, None]
         self._file_targets: list[_Target | None] = [None, None]
+        self._file_staged: list[Staged | None] = [None, None]  # the last snapshot into each file arena
         self._turn = 0
         self._files_lock = threading.Lock()  # reclaim (retention threads) vs. the choice of file arena
         self._host = ThreadStream()
@@ -338,7 +340,7 @@ class Stager:
         assert self._anon is not None
         return self._anon
 
-    def _file_target(self, into: Path, layout: Layout, pinned: bool) -> tuple[_Target, FileArena] | None:
+    def _file_target(self, into: Path, layout: Layout, pinned: bool) -> tuple[int, _Target, FileArena] | None:
         """A file arena ready for ``layout``: the one whose turn it is, or the other when only that one has its
         files back (after a failed save), else fresh files for the one whose turn it is; None when files cannot
         be made there (logged; the caller stages into the anonymous arena). After the previous save finished."""
@@ -361,7 +363,7 @@ class Stager:
             self._turn = 1 - k
             target = self._file_targets[k]
             assert target is not None and fa is not None
-            return target, fa
+            return k, target, fa
 
     def _ready(self, k: int, into: Path, layout: Layout) -> bool:
         """Whether file arena ``k`` can take a snapshot of ``layout`` into ``into`` now: made for that layout
@@ -370,10 +372,18 @@ class Stager:
         return (fa is not None and (fa.signature is layout.signature or fa.signature == layout.signature)
                 and fa.folder == Path(f"{into}-{k}") and fa.present())
 
-    def _drop_file_arena(self, k: int) -> None:
+    def _drop_file_arena(self, k: int, *, remove: bool = False) -> None:
+        """Unmap file arena ``k`` (``remove``: and delete its folder, which holds no committed file), after its
+        last snapshot's copies finished: a device copy still in flight into memory about to be unpinned and
+        unmapped (a failed save that never waited for it) would write into freed pages."""
         fa, self._file_arenas[k], self._file_targets[k] = self._file_arenas[k], None, None
+        staged, self._file_staged[k] = self._file_staged[k], None
+        if staged is not None:
+            staged.wait()
         if fa is not None:
             fa.close()
+            if remove:
+                shutil.rmtree(fa.folder, ignore_errors=True)
 
     def reclaim(self, retired: Path) -> bool:
         """Called with a retired checkpoint folder (renamed to a temp name, about to be removed): when it holds
@@ -390,9 +400,9 @@ class Stager:
             return DirectStaged(flat, layout)
         pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
         chosen = self._file_target(into, layout, pinned) if into is not None else None
-        files = None
+        files, slot = None, -1
         if chosen is not None:  # the tier's memory, preflighted by the tier: the budget is not this arena's
-            target, files = chosen
+            slot, target, files = chosen
         elif self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)
         else:
@@ -420,7 +430,10 @@ class Stager:
             pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
             self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
             events.append((self._host, self._host.record()))
-        return Staged(target.region, layout, events, self._host, files=files)
+        staged = Staged(target.region, layout, events, self._host, files=files)
+        if files is not None:
+            self._file_staged[slot] = staged
+        return staged
 
     def _copy_plan(self, target: _Target, flat: FlatState, srcs: list[torch.Tensor],
                    async_keys: set[tuple[str, str]], sync: bool) -> _CopyPlan:
@@ -461,12 +474,13 @@ class Stager:
         return ChunkedStaged(self._arena, layout, sources)
 
     def close(self) -> None:
+        """Release the arenas (the file arenas' folders removed: they hold no committed file), stop the copier."""
+        with self._files_lock:
+            for k in range(len(self._file_arenas)):
+                self._drop_file_arena(k, remove=True)
         self._host.close()
         self._arena = None
         self._anon = None
-        with self._files_lock:
-            for k in range(len(self._file_arenas)):
-                self._drop_file_arena(k)
 
 
 @dataclass

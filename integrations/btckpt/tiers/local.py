@@ -165,7 +165,12 @@ def _held_bytes(root: Path) -> int:
     if not root.is_dir():
         return 0
     folders = [root, *((root / REPLICAS).iterdir() if (root / REPLICAS).is_dir() else [])]
-    staging = sum(f.stat().st_size for a in _arenas(root) for f in a.iterdir() if f.is_file() and not f.is_symlink())
+    staging = 0
+    for arena in _arenas(root):  # a rank may be replacing its arena right now: what vanished counts as nothing
+        try:
+            staging += sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(arena) if e.is_file())
+        except FileNotFoundError:
+            pass
     return staging + sum(i.size for f in folders for i in scan(f, own=True) if i.complete)
 
 
@@ -241,7 +246,7 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     if have:
         log.info("btckpt: %s already holds step %d; nothing to promote", dest_root, man.step)
     w = world or World()
-    key = f"{tag}/promoted"
+    key = f"{tag}/promoted/{man.step}"  # nodes promoting different steps never pass each other's barrier
     commit = LocalCommit(dest_root, man.step, tag=tag)
     try:
         try:
@@ -324,9 +329,9 @@ class LocalTier:
             check_fits(self.root, state_bytes, margin=self.margin, copies=self.copies)
             self._fits = state_bytes
 
-    def newest(self) -> int | None:
-        """The newest complete step in the tier (None: none)."""
-        return max((i.step for i in scan(self.root, own=True) if i.complete), default=None)
+    def steps(self) -> list[int]:
+        """The complete steps in the tier."""
+        return [i.step for i in scan(self.root, own=True) if i.complete]
 
     @property
     def busy(self) -> set[Path]:
