@@ -24,7 +24,9 @@ process that already imported torch (what a process start adds is the same for e
 saves, a tier save every ``e`` steps, and a disk save every ``e`` steps, for each ``e`` of ``--every`` (e.g.
 ``1,10``), ``--rounds`` times in alternating order; prints the median loop time and the cost vs no saves
 (goal: tier saves every 10 steps <= 2%). Each loop ends when its saves are durable
-in their tier (``wait()``), the tier's last promotion excluded (it runs in the background).
+in their tier (``wait()``), the tier's last promotion excluded (it runs in the background). ``--warm-saves 2``
+times the steady state: each loop starts timing after its first two saves (which allocate the arenas: for the
+tier, its two sets of staging files), the loop without saves after as many untimed steps.
 """
 
 from __future__ import annotations
@@ -187,40 +189,52 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) ->
     return out
 
 
-def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_base: Path) -> float:
+def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_base: Path,
+               warm: int = 0) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) of one loop."""
     model, opt = build(width)
     state = {"model": model, "optimizer": opt}
     root, tier = disk / f"loop-{name}", tier_base / f"loop-{name}"
     shutil.rmtree(root, ignore_errors=True)
     opts: dict = dict(dir=root, handle_sigterm=False, keep_last=2)
-    if name == "tier":
+    if name.startswith("tier"):
         opts.update(local_every_steps=every, local_tier_dir=tier)
     elif name == "disk":
         opts.update(every_steps=every)
     ck = btckpt.Checkpointer(**opts)
-    t0 = time.perf_counter()
-    for s in range(1, steps + 1):
+    if name == "tier-copy":  # the path before the arena became the tier: staged in memory, then written (A/B)
+        ck._arena_for = lambda root: None  # type: ignore[method-assign]
+    first = warm * max(every, 1)  # untimed: the first ``warm`` saves, which allocate the arenas (steady state after)
+    for s in range(1, first + 1):
         step(model, opt, width)
         if name != "none":
             ck.maybe_save(s, state)
     ck.wait()
-    took = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s in range(first + 1, first + steps + 1):
+        step(model, opt, width)
+        if name != "none":
+            ck.maybe_save(s, state)
+    ck.wait()
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
     ck.close()
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(tier, ignore_errors=True)
-    return took
+    return took, cpu
 
 
 def loop(width: int, steps: int, everies: list[int], rounds: int, disk: Path,
-         tier_base: Path) -> dict[tuple[str, int], list[float]]:
-    """Loop seconds with no saves, tier saves every ``e`` steps and disk saves every ``e`` steps (each ``e`` of
-    ``everies``), ``rounds`` times, the order alternating round by round (a warm-up loop first, untimed)."""
-    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "disk")]
+         tier_base: Path, warm: int = 0) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """(wall, CPU) seconds of loops with no saves, tier saves every ``e`` steps (``tier``; ``tier-copy``: the same
+    with the snapshot staged in memory and then written, the path before the arena became the tier) and disk
+    saves every ``e`` steps (each ``e`` of ``everies``), ``rounds`` times, the order alternating round by round
+    (a warm-up loop first, untimed; each loop after ``warm`` untimed save intervals)."""
+    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "tier-copy", "disk")]
     _loop_once("none", 0, width, steps, disk, tier_base)  # warm-up: torch's start-up, the allocator
-    out: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    out: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     for r in range(rounds):
         for name, every in (configs if r % 2 == 0 else configs[::-1]):
-            out[(name, every)].append(_loop_once(name, every, width, steps, disk, tier_base))
+            out[(name, every)].append(_loop_once(name, every, width, steps, disk, tier_base, warm))
     return out
 
 
@@ -234,6 +248,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", default="10", help="tier/disk save intervals for the loop, comma-separated")
     ap.add_argument("--parts", default="restart,loop")
+    ap.add_argument("--warm-saves", type=int, default=0, help="loop: time from after this many saves (2: the "
+                    "arenas are allocated, steady state); 0: from the Checkpointer's start")
     ap.add_argument("--quick", action="store_true", help="smoke: 160 MiB, 1 round, a 256-wide 20-step loop")
     ap.add_argument("--peer-mb", default="1024", help="sizes (MiB) that also get the peer contender ('' for none: "
                     "it needs ~4x the size in RAM)")
@@ -264,18 +280,26 @@ def main() -> int:
                           f"{mb / 1024 / m:.2f} GiB/s), {d / m:.2f}x the speed of disk  [n={len(times)}]")
         if "loop" in args.parts:
             everies = [int(x) for x in str(args.every).split(",")]
-            res2 = loop(args.loop_width, args.steps, everies, args.rounds, disk, tier_base)
-            base = statistics.median(res2[("none", 0)])
+            res2 = loop(args.loop_width, args.steps, everies, args.rounds, disk, tier_base, args.warm_saves)
+            none = [w for w, _ in res2[("none", 0)]]
+            none_cpu = [c for _, c in res2[("none", 0)]]
+            base = statistics.median(none)
             print(f"loop width {args.loop_width}, {args.steps} steps, no saves: median {base:.3f}s "
-                  f"(min {min(res2[('none', 0)]):.3f}, max {max(res2[('none', 0)]):.3f})  [n={args.rounds}]")
-            for (name, every), times in res2.items():
+                  f"(min {min(none):.3f}, max {max(none):.3f}; CPU {statistics.median(none_cpu):.2f}s)  "
+                  f"[n={args.rounds}]")
+            for (name, every), got in res2.items():
                 if name == "none":
                     continue
+                times, cpus = [w for w, _ in got], [c for _, c in got]
                 m = statistics.median(times)
-                costs = sorted(100 * (t / base - 1) for t in times)
+                # paired: each round against that round's loop without saves (run next to it), then the median
+                costs = sorted(100 * (t / n - 1) for t, n in zip(times, none, strict=True))
+                per_save = statistics.median((c - n) / (args.steps // every) for c, n in zip(cpus, none_cpu,
+                                                                                               strict=True))
                 print(f"loop width {args.loop_width}, {args.steps} steps, a {name} save every {every}: median "
-                      f"{m:.3f}s, {100 * (m / base - 1):+.1f}% vs no saves (per round {costs[0]:+.1f}% .. "
-                      f"{costs[-1]:+.1f}%)  [n={args.rounds}]")
+                      f"{m:.3f}s, {100 * (m / base - 1):+.1f}% vs no saves; paired per round: median "
+                      f"{statistics.median(costs):+.1f}% ({costs[0]:+.1f}% .. {costs[-1]:+.1f}%); CPU per save "
+                      f"{per_save * 1e3:.0f} ms (median, paired)  [n={args.rounds}]")
     finally:
         shutil.rmtree(tier_base, ignore_errors=True)
     return 0

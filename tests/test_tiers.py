@@ -317,6 +317,27 @@ def test_a_retired_step_being_read_keeps_its_bytes_and_the_arena_takes_fresh_fil
     ck.close()
 
 
+def test_a_file_taken_back_while_a_reader_opens_it_is_found_missing(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader's side of the handover: a file whose step is retired (folder renamed away, files taken back)
+    between the reader's open and its shared lock is refused as missing, never read as the old step."""
+    import btckpt.format.members as members
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 64)
+    real = members.fcntl.flock
+
+    def retired_meanwhile(fd: int, op: int) -> None:
+        (tmp_path / ".checkpoint-2.tmp-1-x-del").mkdir()
+        folder.rename(tmp_path / ".checkpoint-2.tmp-1-x-del" / "moved")
+        real(fd, op)
+
+    monkeypatch.setattr(members.fcntl, "flock", retired_meanwhile)
+    with pytest.raises(btckpt.IncompleteCheckpoint, match="missing"):
+        members.open_regular(folder / "model.safetensors")
+
+
 def test_a_file_arena_lands_the_bytes_of_a_written_file_and_pins_each_mapping(tmp_path: Path) -> None:
     from btckpt.format.layout import flatten_group, plan_layout
     from btckpt.saving.snapshot import Stager
