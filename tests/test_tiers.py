@@ -336,6 +336,7 @@ def test_a_file_taken_back_while_a_reader_opens_it_is_found_missing(tmp_path: Pa
     monkeypatch.setattr(members.fcntl, "flock", retired_meanwhile)
     with pytest.raises(btckpt.IncompleteCheckpoint, match="missing"):
         members.open_regular(folder / "model.safetensors")
+    shutil.rmtree(tmp_path / ".checkpoint-2.tmp-1-x-del")  # what the retention would remove next
 
 
 def test_a_file_arena_lands_the_bytes_of_a_written_file_and_pins_each_mapping(tmp_path: Path) -> None:
