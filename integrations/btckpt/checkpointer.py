@@ -385,8 +385,10 @@ class Checkpointer:
                 async_keys = async_keys | part.async_keys  # a new set: the plan's is reused
             try:
                 into = self._arena_for(root)
+                # ``into`` only when staging into the tier's files: the call is otherwise what it always was
+                # (tests and tools wrap Stager.stage with its original signature)
                 staged = self._stager.stage(flat, layout, async_keys=async_keys, sync=not self.config.async_save,
-                                            into=into)
+                                            **({"into": into} if into is not None else {}))
             except OSError as exc:
                 raise space_error(exc, root / checkpoint_name(step)) from exc
             self._gate.watch([*optimizers_in(state), *optimizers])
