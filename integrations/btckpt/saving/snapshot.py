@@ -303,9 +303,7 @@ class Stager:
         self._arena: torch.Tensor | None = None
         self._arena_pinned = False
         self._anon: _Target | None = None
-        self._file_arenas: list[FileArena | None] = [None, None]
-        self._file_targets: list[_Target | None] = [None, None]
-        self._file_staged: list[Staged | None] = [None, None]  # the last snapshot into each file arena
+        self._file_targets: list[_Target | None] = [None, None]  # the two file arenas (their ``files``)
         self._turn = 0
         self._files_lock = threading.Lock()  # reclaim (retention threads) vs. the choice of file arena
         self._host = ThreadStream()
@@ -318,13 +316,13 @@ class Stager:
     def arena_bytes(self) -> int:
         """Bytes of the staging arenas now (0: none allocated): the anonymous one plus the file arenas."""
         anon = 0 if self._arena is None else self._arena.numel()
-        return anon + sum(fa.nbytes for fa in self._file_arenas if fa is not None)
+        return anon + sum(fa.nbytes for fa in self._files())
 
     @property
     def arena_pinned(self) -> bool:
         """Whether the arenas in use are page-locked (allocated for device-to-host copies)."""
-        if any(fa is not None for fa in self._file_arenas):
-            return all(fa.pinned for fa in self._file_arenas if fa is not None)
+        if self._files():
+            return all(fa.pinned for fa in self._files())
         return self._arena is not None and self._arena_pinned
 
     def _alloc(self, need: int, pinned: bool) -> _Target:
@@ -340,35 +338,32 @@ class Stager:
         assert self._anon is not None
         return self._anon
 
-    def _file_target(self, into: Path, layout: Layout, pinned: bool) -> tuple[int, _Target, FileArena] | None:
+    def _file_target(self, into: Path, layout: Layout, pinned: bool) -> _Target | None:
         """A file arena ready for ``layout``: the one whose turn it is, or the other when only that one has its
         files back (after a failed save), else fresh files for the one whose turn it is; None when files cannot
         be made there (logged; the caller stages into the anonymous arena). After the previous save finished."""
         with self._files_lock:
             ready = [k for k in (self._turn, 1 - self._turn) if self._ready(k, into, layout)]
             k = ready[0] if ready else self._turn  # after a failed save the other arena may be the free one
-            fa = self._file_arenas[k]
-            folder = Path(f"{into}-{k}")
             if not ready:
                 self._drop_file_arena(k)
+                folder = Path(f"{into}-{k}")
                 try:
                     fa = FileArena(folder, layout, register=self._pin or (_cuda_pin if pinned else None))
                 except OSError as exc:
                     log.warning("btckpt: cannot stage into files in %s (%s); staging into memory and writing "
                                 "the files after (one more host copy)", folder, exc)
                     return None
-                self._file_arenas[k] = fa
-                self._file_targets[k] = _Target(fa.region)
+                self._file_targets[k] = _Target(fa.region, files=fa)
                 self.allocations += 1
             self._turn = 1 - k
-            target = self._file_targets[k]
-            assert target is not None and fa is not None
-            return k, target, fa
+            return self._file_targets[k]
 
     def _ready(self, k: int, into: Path, layout: Layout) -> bool:
         """Whether file arena ``k`` can take a snapshot of ``layout`` into ``into`` now: made for that layout
         there, and its files back in its folder (not part of a committed checkpoint)."""
-        fa = self._file_arenas[k]
+        target = self._file_targets[k]
+        fa = target.files if target is not None else None
         return (fa is not None and (fa.signature is layout.signature or fa.signature == layout.signature)
                 and fa.folder == Path(f"{into}-{k}") and fa.present())
 
@@ -376,20 +371,23 @@ class Stager:
         """Unmap file arena ``k`` (``remove``: and delete its folder, which holds no committed file), after its
         last snapshot's copies finished: a device copy still in flight into memory about to be unpinned and
         unmapped (a failed save that never waited for it) would write into freed pages."""
-        fa, self._file_arenas[k], self._file_targets[k] = self._file_arenas[k], None, None
-        staged, self._file_staged[k] = self._file_staged[k], None
-        if staged is not None:
-            staged.wait()
-        if fa is not None:
-            fa.close()
-            if remove:
-                shutil.rmtree(fa.folder, ignore_errors=True)
+        target, self._file_targets[k] = self._file_targets[k], None
+        if target is None or target.files is None:
+            return
+        if target.last is not None:
+            target.last.wait()
+        target.files.close()
+        if remove:
+            shutil.rmtree(target.files.folder, ignore_errors=True)
+
+    def _files(self) -> list[FileArena]:
+        return [t.files for t in self._file_targets if t is not None and t.files is not None]
 
     def reclaim(self, retired: Path) -> bool:
         """Called with a retired checkpoint folder (renamed to a temp name, about to be removed): when it holds
         the files of one of the file arenas, move them back into that arena's folder; True then."""
         with self._files_lock:
-            return any(fa is not None and fa.reclaim(retired) for fa in self._file_arenas)
+            return any(fa.reclaim(retired) for fa in self._files())
 
     def stage(self, flat: FlatState, layout: Layout, *, async_keys: set[tuple[str, str]], sync: bool,
               into: Path | None = None) -> Snapshot:
@@ -400,9 +398,8 @@ class Stager:
             return DirectStaged(flat, layout)
         pinned = torch.cuda.is_available() and any(t.is_cuda for g in flat for t in g.tensors.values())
         chosen = self._file_target(into, layout, pinned) if into is not None else None
-        files, slot = None, -1
         if chosen is not None:  # the tier's memory, preflighted by the tier: the budget is not this arena's
-            slot, target, files = chosen
+            target = chosen
         elif self.budget is not None and layout.arena_size > self.budget:
             return self._stage_chunked(flat, layout, async_keys, pinned)
         else:
@@ -430,9 +427,9 @@ class Stager:
             pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
             self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
             events.append((self._host, self._host.record()))
-        staged = Staged(target.region, layout, events, self._host, files=files)
-        if files is not None:
-            self._file_staged[slot] = staged
+        staged = Staged(target.region, layout, events, self._host, files=target.files)
+        if target.files is not None:
+            target.last = staged
         return staged
 
     def _copy_plan(self, target: _Target, flat: FlatState, srcs: list[torch.Tensor],
@@ -476,7 +473,7 @@ class Stager:
     def close(self) -> None:
         """Release the arenas (the file arenas' folders removed: they hold no committed file), stop the copier."""
         with self._files_lock:
-            for k in range(len(self._file_arenas)):
+            for k in range(len(self._file_targets)):
                 self._drop_file_arena(k, remove=True)
         self._host.close()
         self._arena = None
@@ -485,10 +482,13 @@ class Stager:
 
 @dataclass
 class _Target:
-    """One staging arena (its bytes by ``region(begin, size)``) and what is cached over it: the tensors' views
-    for one layout signature and the copy plan."""
+    """One staging arena (its bytes by ``region(begin, size)``; ``files``: a file arena's) and what is kept with
+    it: the tensors' views for one layout signature, the copy plan, and (file arenas) the last snapshot into it,
+    waited for before the arena is unmapped."""
 
     region: Callable[[int, int], torch.Tensor]
+    files: FileArena | None = None
+    last: Staged | None = None
     signature: Any = None
     views: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     copies: tuple[Any, _CopyPlan, set[tuple[str, str]]] | None = None
