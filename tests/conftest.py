@@ -34,12 +34,14 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
 
 
-def _tmpfs_mounts() -> set[str]:
+def _tmpfs_mounts(root: Path) -> set[str]:
+    """tmpfs mounts under ``root`` (the test's own tmp_path: another test run's mounts are not this test's)."""
     try:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:  # pragma: no cover
         return set()
-    return {ln.split()[1] for ln in lines if ln.split()[2] == "tmpfs" and ln.split()[1].startswith("/tmp/")}
+    prefix = str(root.resolve()) + "/"
+    return {ln.split()[1] for ln in lines if ln.split()[2] == "tmpfs" and ln.split()[1].startswith(prefix)}
 
 
 def _threads() -> set[threading.Thread]:
@@ -72,7 +74,7 @@ def _stale_temps(root: Path, depth: int = 6) -> list[str]:
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest, tmp_path: Path):
     """Fail a test that leaves threads, child processes, tmpfs mounts or stale temp folders behind."""
-    threads0, kids0, mounts0 = _threads(), _children(), _tmpfs_mounts()
+    threads0, kids0, mounts0 = _threads(), _children(), _tmpfs_mounts(tmp_path)
     yield
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -81,7 +83,7 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path: Path):
         if not extra_threads and not extra_kids:
             break
         time.sleep(0.05)
-    extra_mounts = _tmpfs_mounts() - mounts0
+    extra_mounts = _tmpfs_mounts(tmp_path) - mounts0
     stale = _stale_temps(tmp_path)
     problems = []
     if extra_threads:
