@@ -13,7 +13,7 @@ fi
 "$VENV/bin/python" -m pip install -q -c .ci/constraints.txt -e ".[dev]"
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=40 "$@"
 
 if [ "${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
   for constraints in .ci/constraints-*.txt; do

@@ -201,6 +201,24 @@ def test_arm_rejects_unknown_phase() -> None:
         faults.arm("no_such_phase")
 
 
+def test_every_point_in_the_package_is_armable_and_the_env_reads_the_same_table(monkeypatch) -> None:
+    """The phases production code marks are exactly the table arm() and $BTCKPT_FAULT accept ("replicate" was
+    used but missing, so arm("replicate") raised)."""
+    import re
+
+    src = Path(faults.__file__).resolve().parents[1]
+    used = {m for f in src.rglob("*.py") for m in re.findall(r'faults\.point\("([a-z_]+)"\)', f.read_text())}
+    assert used == set(faults.PHASES)
+    for phase in used:
+        faults.arm(phase)
+    faults.disarm()
+    monkeypatch.setenv("BTCKPT_FAULT", "no_such_phase:kill")
+    monkeypatch.setattr(faults, "_env_loaded", False)
+    with pytest.raises(ValueError, match="BTCKPT_FAULT names unknown fault phase 'no_such_phase'"):
+        faults.point("stage")
+    monkeypatch.setattr(faults, "_env_loaded", True)
+
+
 def test_leak_check_sees_stale_temp_folders(tmp_path: Path) -> None:
     """The autouse leak fixture (conftest) fails a test that leaves a checkpoint temp folder behind."""
     from conftest import _stale_temps

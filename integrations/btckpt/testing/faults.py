@@ -20,8 +20,8 @@ __all__ = ["PHASES", "arm", "disarm", "point", "reached"]
 
 PHASES = (
     "stage", "write_data", "write_rng", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
-    "before_rename", "after_rename", "retention", "upload_file", "upload_manifest", "promote",
-)
+    "before_rename", "after_rename", "retention", "upload_file", "upload_manifest", "promote", "replicate",
+)  # the one table: arm() and $BTCKPT_FAULT both accept exactly these
 
 _lock = threading.Lock()
 _armed: dict[str, str] = {}
@@ -37,6 +37,8 @@ def _load_env() -> None:
     for item in filter(None, os.environ.get("BTCKPT_FAULT", "").split(",")):
         phase, _, action = item.partition(":")
         action, _, rank = action.partition("@")
+        if phase.strip() not in PHASES:
+            raise ValueError(f"BTCKPT_FAULT names unknown fault phase {phase.strip()!r}; known: {', '.join(PHASES)}")
         if rank.strip() and rank.strip() != os.environ.get("RANK", "0").strip():
             continue
         _armed.setdefault(phase.strip(), action.strip() or "raise")
