@@ -99,8 +99,9 @@ def preflight(root: Path, nbytes: int, *, margin: int) -> None:
 
 # -- shared places (DESIGN.md "Shared places") ------------------------------------------------------------------
 def is_private(folder: str | os.PathLike[str]) -> bool:
-    """Whether ``folder`` (followed) grants nothing to group and others (0700): what btckpt creates in it
-    stays private (:func:`modes_in`). A local tier is; a durable dir following the user's umask is not."""
+    """Whether ``folder`` (followed) grants nothing to group and others (0700): what btckpt creates directly in
+    it stays private (:func:`modes_in`). A local tier is (and every folder btckpt makes in it); a durable dir
+    btckpt creates follows the umask (a dir the user made 0700 keeps its files to the user too)."""
     try:
         return not os.stat(folder).st_mode & 0o077
     except OSError:
@@ -113,15 +114,15 @@ def modes_in(folder: str | os.PathLike[str]) -> tuple[int, int]:
     return (0o700, 0o600) if is_private(folder) else (0o777, 0o644)
 
 
-def make_dirs(path: str | os.PathLike[str]) -> None:
-    """``mkdir -p path``: each missing folder private when the one it is created in is (:func:`modes_in`)."""
+def make_dirs(path: str | os.PathLike[str], *, private: bool = False) -> None:
+    """``mkdir -p path``: the missing folders as the umask says, or 0700 (``private``: in a local tier)."""
     p = Path(path)
     if p.is_dir():
         return
     if p.parent != p:
-        make_dirs(p.parent)
+        make_dirs(p.parent, private=private)
     try:
-        os.mkdir(p, modes_in(p.parent)[0])
+        os.mkdir(p, 0o700 if private else 0o777)
     except FileExistsError:
         if not p.is_dir():
             raise

@@ -54,6 +54,7 @@ from ..storage.local import (
     free_bytes,
     fsync_dir,
     fsync_file,
+    is_private,
     make_dirs,
     open_nofollow,
     owner_name,
@@ -371,7 +372,7 @@ def copy_verified(man: Manifest, commit: LocalCommit, pieces_of: Callable[[str],
     on the first mismatch (then nothing is committed: the caller aborts). The caller commits ``man`` after."""
     for name, entry in man.files.items():
         target = commit.tmp / name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent, private=is_private(commit.tmp))
         size, digest = write_arena_file(target, b"", pieces_of(name))
         problem = entry_problem(name, size, digest, entry)
         if problem:
