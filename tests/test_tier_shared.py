@@ -262,3 +262,47 @@ def test_a_restart_without_a_tier_owns_the_tier_it_resumed_from(shm: Path, tmp_p
     assert not tier.exists()  # and the tier left RAM at the clean close
     with btckpt.Checkpointer(dir=d, handle_sigterm=False) as again:
         assert again.restore(_state(seed=3)) == 8
+
+
+def test_the_uploader_never_writes_through_a_planted_state_folder(shm: Path, tmp_path: Path) -> None:
+    import fsspec
+    from btckpt.publish.uploader import Uploader
+
+    src = shm / "ck"  # a checkpoint dir in a place others can write (group-shared scratch, /tmp)
+    with btckpt.Checkpointer(dir=src, keep_last=None, handle_sigterm=False, async_save=False) as ck:
+        ck.save(1, _state())
+    os.chmod(src, 0o1777)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.jsonl").write_text("mine\n")
+    as_other("os.symlink(target, os.path.join(src, '.btckpt-upload'))", src=str(src), target=str(elsewhere))
+    dest = f"memory://m{secrets.token_hex(4)}/run"
+    with pytest.raises(btckpt.ConfigError) as err:
+        Uploader(src, dest, retries=0)
+    assert ".btckpt-upload" in str(err.value) and "symbolic link" in str(err.value)
+    assert sorted(os.listdir(elsewhere)) == ["keep.jsonl"]
+    # retention's record of a retired checkpoint does not go through it either
+    btckpt.saving.commit.delete_checkpoint(src / "checkpoint-1")
+    assert sorted(os.listdir(elsewhere)) == ["keep.jsonl"]
+    assert not fsspec.filesystem("memory").exists(dest[len("memory://"):])
+
+
+def test_the_dir_id_is_ignored_by_ls_verify_and_the_uploader(shm: Path, tmp_path: Path) -> None:
+    import fsspec
+    from btckpt.cli import main as cli_main
+    from btckpt.publish.uploader import Uploader
+
+    d = tmp_path / "d"
+    with _ck(d) as ck:
+        _train(ck, _state(), range(1, 7))
+    assert (d / ".btckpt-dir.json").is_file() and _steps(d) == [6]
+    assert cli_main(["ls", str(d)]) == 0 and cli_main(["verify", str(d)]) == 0
+    dest = f"memory://m{secrets.token_hex(4)}/run"
+    fs = fsspec.filesystem("memory")
+    try:
+        res = Uploader(d, dest, retries=0).run_pass()
+        assert len(res.uploaded) == 1 and not res.failed
+        assert not [p for p in fs.find(dest[len("memory://"):]) if "btckpt-dir" in p]
+    finally:
+        if fs.exists(dest[len("memory://"):]):
+            fs.rm(dest[len("memory://"):], recursive=True)

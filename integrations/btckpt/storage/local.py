@@ -20,6 +20,7 @@ from ..names import remember_secrets
 __all__ = [
     "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "remote_fs", "space_error",
     "is_private", "modes_in", "make_dirs", "open_nofollow", "owner_name", "unsafe_dir", "private_dir",
+    "state_dir", "read_nofollow",
 ]
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -186,3 +187,39 @@ def private_dir(path: str | os.PathLike[str], *, tighten: bool = True) -> str | 
     finally:
         os.close(fd)
     return None
+
+
+def state_dir(path: str | os.PathLike[str]) -> Path:
+    """The folder ``path`` that btckpt keeps state in inside a checkpoint dir (e.g. ``<dir>/.btckpt-upload``):
+    created (umask) when missing; a link, another uid's, or one others can write is refused (ConfigError:
+    the path, the owner, the fix) and nothing is written through it."""
+    p = Path(path)
+    try:
+        os.mkdir(p)
+    except FileExistsError:
+        pass
+    problem = unsafe_dir(p, private=False)
+    if problem is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{problem}; btckpt keeps its state there and never writes through a folder another "
+                          f"user controls. Remove {p} (its owner, or root, can) and start again")
+    return p
+
+
+def read_nofollow(path: str | os.PathLike[str], *, limit: int = 1 << 30) -> bytes:
+    """The bytes of the regular file ``path``, opened without following a link (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks = []
+        while limit > 0:
+            b = os.read(fd, min(limit, 8 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            limit -= len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -1,7 +1,7 @@
 """The node-local tier: frequent checkpoints into node-local memory, promoted to the durable dir in the background.
 
 With ``local_every_steps=K`` a Checkpointer's :meth:`~btckpt.Checkpointer.maybe_save` saves every K steps into
-the *local tier*, a folder on node-local memory (``/dev/shm/btckpt/<job>`` by default, a tmpfs), through the
+the *local tier*, a folder on node-local memory (``/dev/shm/btckpt-<uid>/<job>`` by default, a tmpfs), through the
 same save path as any checkpoint (same files, same manifest, same commit), so every reader, ``btckpt
 verify``/``ls`` and the resume policy read it unchanged. The durable cadence (``every_steps`` /
 ``every_seconds``, SIGTERM, ``close()``) *promotes* a local checkpoint: the background promoter copies its
@@ -15,9 +15,13 @@ Limits, kept honestly:
   promoted is kept until its copy committed), so it needs ``COPIES x state bytes per node`` (the bytes of
   the node's checkpoint folder) on its filesystem; :func:`check_fits` refuses a tier that cannot hold that
   (:class:`~btckpt.errors.TierTooSmall`, with the numbers and the fix) before the first local save;
-- **identity**: the folder records the durable dir it belongs to (:data:`IDENTITY`); a folder recording
-  another is refused (:class:`~btckpt.errors.TierMismatch`) and never resumed from, and one writer per
-  folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
+- **identity**: the folder records the durable dir it belongs to and that dir's incarnation (:data:`IDENTITY`,
+  :func:`incarnation`); a folder recording another dir is refused (:class:`~btckpt.errors.TierMismatch`) and
+  never resumed from, one of an earlier incarnation (the dir deleted and re-created) is discarded, and one
+  writer per folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
+- **privacy** (DESIGN.md "Shared places"): the folder and all in it are the user's alone (0700/0600) under a
+  per-user base (:func:`default_base`); a path another uid holds is never written through or resumed from
+  (:func:`place`: a fresh private folder for the default path, an error for a chosen one);
 - **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder;
   after a crash it stays, and the restarted job resumes from it when it holds the newest step
   (:class:`btckpt.restore.policy.ResumePolicy` searches it with the own dir).
