@@ -755,7 +755,11 @@ class Checkpointer:
         if self.world.agree_step(f"{self._op_tag('a')}/adopt", [step] if held else [],
                                  timeout=self._barrier_timeout()) != step:
             return  # some node resumed it from elsewhere: its tier (if any) is left as it is
-        self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session, resumed=True)
+        try:
+            self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session, resumed=True)
+        except CheckpointError as exc:  # housekeeping: the resumed state is loaded all the same
+            log.warning("btckpt: the local tier %s is left as it is (%s); step %d stays only there", local, exc, step)
+            return
         self._promote(step)
 
     def _remove_diverged(self, step: int) -> None:
