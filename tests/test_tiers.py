@@ -4,6 +4,7 @@ crash mid-promotion, and a real torchrun job whose worker is SIGKILLed and resum
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -94,7 +95,7 @@ def test_one_node_keeps_no_replicas(tmp_path: Path) -> None:
 
 def test_default_tier_dir_is_one_per_job(tmp_path: Path) -> None:
     a, b = default_tier_dir(tmp_path / "job-a"), default_tier_dir(tmp_path / "job-b")
-    assert a.parent == b.parent == Path("/dev/shm/btckpt")
+    assert a.parent == b.parent == Path(f"/dev/shm/btckpt-{os.geteuid()}")  # a base of this user's (DESIGN.md)
     assert a != b and a.name.startswith("job-a-")
     assert default_tier_dir(tmp_path / "x" / ".." / "job-a") == a  # the same dir, however it is spelled
 

@@ -58,7 +58,7 @@ def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.Path
     per ``on_missing``. Frameworks read local folders, so URL dirs are not searched; a URL load dir with
     nothing found locally is a :class:`ConfigError` naming ``helper`` (e.g. ``"resume_path()"``) unless
     ``on_missing="start_fresh"``. The own dir's node-local tier (``local_tier_dir``, default
-    ``/dev/shm/btckpt/<job>``; :mod:`btckpt.tiers`) is searched with it when it is there and this job's."""
+    ``/dev/shm/btckpt-<uid>/<job>``; :mod:`btckpt.tiers`) is searched with it when it is there and this job's."""
     roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
     own, load = (None if r is None or is_url(r) else r for r in roots)
     local = resumable_tier(own, local_tier_dir) if own is not None else None

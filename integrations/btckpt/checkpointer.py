@@ -321,7 +321,7 @@ class Checkpointer:
         ``close()`` promote it into ``dir``). A step the tier already holds from this Checkpointer is not
         saved again (returns False; True when it saved). Raises ConfigError without a tier.
         """
-        if self._tier is None:
+        if self._tier is None or self.config.local_every_steps is None:
             raise ConfigError("save_local() needs a local tier: pass local_every_steps=K (and optionally "
                               "local_tier_dir=) to the Checkpointer, or call save()")
         return self._save_local(step, state, extra_files=extra_files, meta=meta, on_commit=on_commit,
@@ -533,7 +533,7 @@ class Checkpointer:
         save of ``step`` (unless done) promoted into ``dir`` in the background (:meth:`_promote`), which then
         runs ``on_commit`` with the promoted folder."""
         kw = {**_SAVE_DEFAULTS, **keywords}
-        if self._tier is None:
+        if self._tier is None or self.config.local_every_steps is None:  # no tier, or only one resumed from
             with self._busy, _no_gc():
                 self._save(step, state, root=self.root, **kw)
             return
@@ -740,8 +740,27 @@ class Checkpointer:
             step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
             if step is not None:
                 self._last_save_step = step
+                self._adopt(step)
                 self._remove_diverged(step)
         return step
+
+    def _adopt(self, step: int) -> None:
+        """Without a tier of its own, a session that resumed ``step`` from the local tier (on every node) owns
+        that tier: the step is promoted into ``dir`` now, and a clean close removes the tier (DESIGN.md
+        "Lifetimes"); otherwise it would stay in RAM for good."""
+        if self._tier is not None:
+            return
+        local = resumable_tier(self.root, self.config.local_tier_dir)
+        held = local is not None and inspect(local / checkpoint_name(step)).complete
+        if self.world.agree_step(f"{self._op_tag('a')}/adopt", [step] if held else [],
+                                 timeout=self._barrier_timeout()) != step:
+            return  # some node resumed it from elsewhere: its tier (if any) is left as it is
+        try:
+            self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session, resumed=True)
+        except CheckpointError as exc:  # housekeeping: the resumed state is loaded all the same
+            log.warning("btckpt: the local tier %s is left as it is (%s); step %d stays only there", local, exc, step)
+            return
+        self._promote(step)
 
     def _remove_diverged(self, step: int) -> None:
         """After every rank resumed from ``step``: the node's own checkpoints newer than it are an abandoned

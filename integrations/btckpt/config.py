@@ -91,7 +91,7 @@ class CheckpointConfig:
     ``local_every_steps``: the node-local tier (:mod:`btckpt.tiers`): :meth:`maybe_save` saves every that many
     steps into ``local_tier_dir`` (same format and commit; at most two steps kept there), and the durable
     cadence (``every_steps``/``every_seconds``, SIGTERM, ``close()``) copies the newest of them into ``dir``
-    in the background. ``local_tier_dir``: that folder (default ``/dev/shm/btckpt/<job>``, ``<job>`` derived
+    in the background. ``local_tier_dir``: that folder (default ``/dev/shm/btckpt-<uid>/<job>``, ``<job>`` derived
     from the resolved checkpoint dir, so two jobs never share one); a local path, never inside ``dir``.
     ``peer_replicas``: with a local tier and two or more nodes, each node's tier checkpoints are also kept in
     the next node's tier, and a node that lost its memory fetches its part back from there at start
@@ -201,7 +201,7 @@ class CheckpointConfig:
             tier, durable = local_path(d).resolve(), local_path(self.dir).resolve()
             if tier == durable or durable in tier.parents or tier in durable.parents:
                 raise ConfigError(f"local_tier_dir={d!r} and dir={self.dir!r} overlap; the local tier must be a "
-                                  "folder of its own (e.g. /dev/shm/btckpt/<job>), outside the checkpoint dir")
+                                  "folder of its own (e.g. /dev/shm/btckpt-<uid>/<job>), outside the checkpoint dir")
 
     @property
     def consolidate_dir(self) -> Path | None:

@@ -10,12 +10,14 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..format.checksum import new_hasher
+from ..storage.local import open_nofollow, read_nofollow, state_dir
 from ..testing import faults
 
 __all__ = ["s3_etag", "Journal", "Callback", "SourceLock"]
@@ -72,11 +74,15 @@ class SourceLock:
         if self.fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, mode=0o644)
         except OSError as exc:
             raise ConfigError(f"cannot open the upload lock {self.path} ({exc.strerror}); SRC must be an "
-                              "existing, writable checkpoint folder") from None
+                              "existing, writable checkpoint folder (and the lock not a link)") from None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise ConfigError(f"the upload lock {self.path} is not a plain file of its own (a hard link or "
+                                  "a special file); btckpt never writes into it. Remove it and start again")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -113,9 +119,9 @@ class Journal:
         self.ckpts: dict[str, str] = {}
         self.offloaded: set[str] = set()
         self._lock = threading.Lock()
-        path.parent.mkdir(exist_ok=True)  # inside SRC, which must exist: never re-created here
-        if path.exists():
-            for line in path.read_text().splitlines():
+        state_dir(path.parent)  # inside SRC, which must exist: never re-created here; never a link or another's
+        if os.path.lexists(path):
+            for line in read_nofollow(path).decode(errors="replace").splitlines():
                 try:
                     r = json.loads(line)
                 except ValueError:
@@ -140,7 +146,7 @@ class Journal:
     def add(self, **r: Any) -> None:
         with self._lock:
             self._apply(r)
-            with open(self.path, "a") as f:
+            with open(open_nofollow(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode=0o644), "a") as f:
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

@@ -63,8 +63,9 @@ class _File:
 class FileArena:
     """The staging arena of one snapshot layout, as files in ``folder`` (see the module doc).
 
-    ``register``: page-lock each mapping (CUDA; :data:`Register`), None on CPU. Raises OSError when the
-    files cannot be created (the caller falls back to an anonymous arena); nothing is left behind then.
+    The folder is 0700 and its files 0600, created without following links (a tier is private: DESIGN.md
+    "Shared places"). ``register``: page-lock each mapping (CUDA; :data:`Register`), None on CPU. Raises
+    OSError when the files cannot be created (the caller falls back to an anonymous arena); nothing is left behind then.
     """
 
     def __init__(self, folder: Path, layout: Layout, *, register: Register | None = None) -> None:
@@ -77,7 +78,8 @@ class FileArena:
         self._by_begin: list[_File] = []
         try:
             shutil.rmtree(folder, ignore_errors=True)  # a stale arena of this name (a crashed run): only ours
-            folder.mkdir(parents=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(0o700)  # in the tier's private folder: private, like every file of the tier
             for fp in sorted(layout.files, key=lambda f: f.begin):
                 f = self._create(fp, register)
                 self._files[fp.name] = f
@@ -89,7 +91,7 @@ class FileArena:
             raise
 
     def _create(self, fp: FilePlan, register: Register | None) -> _File:
-        fd = os.open(self.folder / fp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self.folder / fp.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # allocated now: a full tmpfs fails here (ENOSPC), not later as a SIGBUS in the middle of a copy. Not
             # MAP_POPULATE: the page tables are filled by the first copy, on the copy thread, not on the training

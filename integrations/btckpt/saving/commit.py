@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,16 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..format.checksum import CHECKSUM, new_hasher
 from ..format.manifest import MANIFEST, Manifest
-from ..storage.local import fsync_dir, fsync_file, new_tag, space_error
+from ..storage.local import fsync_dir, fsync_file, make_dirs, modes_in, new_tag, open_nofollow, space_error
 from ..testing import faults
 from .retired import record_retired
 
-__all__ = ["LocalCommit", "DirLock", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps", "delete_checkpoint",
-           "write_small_file", "new_tag", "rename_noreplace"]
+__all__ = ["LocalCommit", "DirLock", "LOCK", "TMP_PATTERN", "checkpoint_name", "remove_stale_temps",
+           "delete_checkpoint", "write_small_file", "new_tag", "rename_noreplace"]
 
 log = logging.getLogger("btckpt")
 
+LOCK = ".btckpt.lock"
 TMP_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.tmp-(.+)$")
 NO_LOCK_ENV = "BTCKPT_NO_LOCK"
 
@@ -69,8 +71,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def write_small_file(path: Path, data: bytes) -> tuple[int, str]:
-    """Write ``data`` to a new file, fsync it, and return ``(size, checksum)``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Write ``data`` to a new file (0600 in a private folder, :func:`~btckpt.storage.local.modes_in`), fsync it,
+    and return ``(size, checksum)``."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         view = memoryview(data)
         while view:
@@ -102,8 +105,8 @@ class LocalCommit:
             raise CheckpointError(f"{self.final} already exists; btckpt never overwrites a checkpoint in place. "
                                   "Save under a new step, or move that folder away")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
+            make_dirs(self.root)
+            self.tmp.mkdir(modes_in(self.root)[0])  # inside a private folder (a local tier) private too
         except FileExistsError:
             raise CheckpointError(f"{self.tmp} already exists: two writers share the tag {self.tag!r}; "
                                   "give each writer its own tag (btckpt.saving.commit.new_tag())") from None
@@ -226,6 +229,10 @@ _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 class DirLock:
     """The one writer of a checkpoint dir: an exclusive ``flock`` on ``<dir>/.btckpt.lock``.
 
+    The lock file is opened without following a link and written only when it is a plain file with one name
+    (a link or hard link planted there is refused: :class:`CheckpointError`, nothing written through it);
+    0600 in a private folder (a local tier), else as the umask says.
+
     Taken by each node's local leader when its Checkpointer starts (creating the dir), then every temp
     folder there is removed (the holder has written none yet); released by :meth:`release` (``close()``).
     A second process saving into the same dir gets a :class:`CheckpointError` naming the holder; nothing
@@ -236,11 +243,21 @@ class DirLock:
 
     def __init__(self, root: Path) -> None:
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(root / ".btckpt.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            make_dirs(root)
+            # never through a link (ELOOP), and the file is checked before anything is written into it
+            fd = open_nofollow(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(f"{root / LOCK} is a symbolic link; btckpt never writes through one. "
+                                      "Remove it (and check who planted it)") from None
             raise ConfigError(f"checkpoint dir {str(root)!r} is not writable ({exc.strerror}); point dir / "
                               "$BT_CHECKPOINT_DIR at a writable folder") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise CheckpointError(f"{root / LOCK} is not a plain file of its own ("
+                                  f"{'a hard link' if stat.S_ISREG(st.st_mode) else 'not a regular file'}); "
+                                  "btckpt never writes into it. Remove it (and check who put it there)")
         self._fd: int | None = fd
         locked = self._flock(root)
         if locked:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..format.checksum import new_hasher
 from ..format.manifest import MANIFEST
+from ..storage.local import open_nofollow, read_nofollow, unsafe_dir
 
 __all__ = ["UPLOAD_DIR", "RETIRED", "manifest_hash", "record_retired", "read_retired"]
 
@@ -41,10 +42,15 @@ def record_retired(folder: Path) -> None:
     state = folder.parent / UPLOAD_DIR
     if not state.is_dir():
         return  # no uploader works on this dir
+    problem = unsafe_dir(state, private=False)
+    if problem is not None:
+        log.warning("btckpt: not recording the retirement of %s: %s (its uploaded copy, if any, is kept)", folder,
+                    problem)
+        return
     try:
         raw = (folder / MANIFEST).read_bytes()
         line = json.dumps({"name": folder.name, "manifest": manifest_hash(raw)}) + "\n"
-        fd = os.open(state / RETIRED, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = open_nofollow(state / RETIRED, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode=0o644)
         try:
             os.write(fd, line.encode())
         finally:
@@ -58,7 +64,7 @@ def read_retired(root: Path) -> dict[str, set[str]]:
     """Folder name -> manifest hashes that the job's retention retired under ``root`` (empty if none)."""
     out: dict[str, set[str]] = {}
     try:
-        lines = (root / UPLOAD_DIR / RETIRED).read_text(errors="replace").splitlines()
+        lines = read_nofollow(root / UPLOAD_DIR / RETIRED).decode(errors="replace").splitlines()
     except OSError:
         return out
     for line in lines:

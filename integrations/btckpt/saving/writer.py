@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..format.checksum import new_hasher
-from ..storage.local import fsync_file
+from ..storage.local import fsync_file, open_nofollow
 from ..testing import faults
 from .priority import background_thread, is_background, leave
 
@@ -30,7 +30,7 @@ def write_arena_file(path: Path, header: bytes, pieces: Iterable[memoryview], *,
 
     ``hash_aside``: checksum large pieces on a second thread while this one writes them (else inline)."""
     h = new_hasher()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # 0600 in a private folder (a local tier)
     try:
         h.update(header)
         _write_all(fd, memoryview(header))

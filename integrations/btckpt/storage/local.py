@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,11 @@ from ..names import remember_secrets
 
 __all__ = [
     "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "remote_fs", "space_error",
+    "is_private", "modes_in", "make_dirs", "open_nofollow", "owner_name", "unsafe_dir", "private_dir",
+    "state_dir", "read_nofollow",
 ]
+
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 
@@ -90,3 +96,130 @@ def preflight(root: Path, nbytes: int, *, margin: int) -> None:
         raise InsufficientSpace(f"{root}: the checkpoint needs {nbytes / 1e6:.1f} MB plus a {margin / 1e6:.0f} MB "
                                 f"margin, but only {free / 1e6:.1f} MB are free; free space, lower keep_last, or "
                                 "point dir at a larger volume. Nothing was written")
+
+
+# -- shared places (DESIGN.md "Shared places") ------------------------------------------------------------------
+def is_private(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` (followed) grants nothing to group and others (0700): what btckpt creates directly in
+    it stays private (:func:`modes_in`). A local tier is (and every folder btckpt makes in it); a durable dir
+    btckpt creates follows the umask (a dir the user made 0700 keeps its files to the user too)."""
+    try:
+        return not os.stat(folder).st_mode & 0o077
+    except OSError:
+        return False
+
+
+def modes_in(folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(folder mode, file mode)`` for what btckpt creates in ``folder``: 0700/0600 inside a private folder,
+    else 0777/0644 (the umask decides, as it always did in a durable dir)."""
+    return (0o700, 0o600) if is_private(folder) else (0o777, 0o644)
+
+
+def make_dirs(path: str | os.PathLike[str], *, private: bool = False) -> None:
+    """``mkdir -p path``: the missing folders as the umask says, or 0700 (``private``: in a local tier)."""
+    p = Path(path)
+    if p.is_dir():
+        return
+    if p.parent != p:
+        make_dirs(p.parent, private=private)
+    try:
+        os.mkdir(p, 0o700 if private else 0o777)
+    except FileExistsError:
+        if not p.is_dir():
+            raise
+
+
+def open_nofollow(path: str | os.PathLike[str], flags: int, *, mode: int | None = None) -> int:
+    """``os.open`` that never follows a link at the last component (ELOOP instead) and is not inherited by
+    children; ``mode`` defaults to :func:`modes_in` of the file's folder."""
+    if mode is None and flags & os.O_CREAT:
+        mode = modes_in(Path(path).parent)[1]
+    return os.open(path, flags | NOFOLLOW, 0o644 if mode is None else mode)
+
+
+def owner_name(uid: int) -> str:
+    """``uid 1000 (alice)``: a uid for a message, with its user name when known."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def unsafe_dir(path: str | os.PathLike[str], *, private: bool) -> str | None:
+    """Why ``path`` must not be written through or trusted (checked with ``lstat``): not a folder, a link,
+    owned by another uid than the effective one, writable by group or others, or (``private``) readable by
+    them; None when it is fine or does not exist."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link (owned by {owner_name(st.st_uid)})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder (owned by {owner_name(st.st_uid)})"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by {owner_name(st.st_uid)}, not by this process ({owner_name(os.geteuid())})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    if private and st.st_mode & 0o077:
+        return f"{path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def private_dir(path: str | os.PathLike[str], *, tighten: bool = True) -> str | None:
+    """Make ``path`` a private folder of this process (0700, owned by the effective uid, not a link): create it
+    (its parent must exist), or (``tighten``) take group/other read access away from one of ours that nobody
+    else could write into; the reason (as :func:`unsafe_dir`) when it is not usable, then nothing was changed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    problem = unsafe_dir(path, private=False)
+    if problem is not None:
+        return problem
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:  # swapped meanwhile
+            return f"{path} changed while it was checked (now owned by {owner_name(st.st_uid)})"
+        if tighten and stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)  # ours, and nobody else could write into it: only reads are taken away
+    finally:
+        os.close(fd)
+    return None
+
+
+def state_dir(path: str | os.PathLike[str]) -> Path:
+    """The folder ``path`` that btckpt keeps state in inside a checkpoint dir (e.g. ``<dir>/.btckpt-upload``):
+    created (umask) when missing; a link, another uid's, or one others can write is refused (ConfigError:
+    the path, the owner, the fix) and nothing is written through it."""
+    p = Path(path)
+    try:
+        os.mkdir(p)
+    except FileExistsError:
+        pass
+    problem = unsafe_dir(p, private=False)
+    if problem is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{problem}; btckpt keeps its state there and never writes through a folder another "
+                          f"user controls. Remove {p} (its owner, or root, can) and start again")
+    return p
+
+
+def read_nofollow(path: str | os.PathLike[str], *, limit: int = 1 << 30) -> bytes:
+    """The bytes of the regular file ``path``, opened without following a link (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks = []
+        while limit > 0:
+            b = os.read(fd, min(limit, 8 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            limit -= len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -11,11 +11,14 @@ and the Checkpointer, which drives both.
 
 from .local import (
     COPIES,
-    DEFAULT_BASE,
+    DIR_ID,
     IDENTITY,
+    SHARED_BASE,
     LocalTier,
     check_fits,
+    default_base,
     default_tier_dir,
+    incarnation,
     local_save_due,
     promote,
     resumable_tier,
@@ -23,5 +26,5 @@ from .local import (
     tier_dir,
 )
 
-__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "default_tier_dir", "tier_dir", "resumable_tier", "local_save_due",
-           "tier_bytes", "check_fits", "promote", "LocalTier"]
+__all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "default_base", "default_tier_dir", "tier_dir", "incarnation",
+           "resumable_tier", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]

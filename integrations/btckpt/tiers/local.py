@@ -1,7 +1,7 @@
 """The node-local tier: frequent checkpoints into node-local memory, promoted to the durable dir in the background.
 
 With ``local_every_steps=K`` a Checkpointer's :meth:`~btckpt.Checkpointer.maybe_save` saves every K steps into
-the *local tier*, a folder on node-local memory (``/dev/shm/btckpt/<job>`` by default, a tmpfs), through the
+the *local tier*, a folder on node-local memory (``/dev/shm/btckpt-<uid>/<job>`` by default, a tmpfs), through the
 same save path as any checkpoint (same files, same manifest, same commit), so every reader, ``btckpt
 verify``/``ls`` and the resume policy read it unchanged. The durable cadence (``every_steps`` /
 ``every_seconds``, SIGTERM, ``close()``) *promotes* a local checkpoint: the background promoter copies its
@@ -15,9 +15,13 @@ Limits, kept honestly:
   promoted is kept until its copy committed), so it needs ``COPIES x state bytes per node`` (the bytes of
   the node's checkpoint folder) on its filesystem; :func:`check_fits` refuses a tier that cannot hold that
   (:class:`~btckpt.errors.TierTooSmall`, with the numbers and the fix) before the first local save;
-- **identity**: the folder records the durable dir it belongs to (:data:`IDENTITY`); a folder recording
-  another is refused (:class:`~btckpt.errors.TierMismatch`) and never resumed from, and one writer per
-  folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
+- **identity**: the folder records the durable dir it belongs to and that dir's incarnation (:data:`IDENTITY`,
+  :func:`incarnation`); a folder recording another dir is refused (:class:`~btckpt.errors.TierMismatch`) and
+  never resumed from, one of an earlier incarnation (the dir deleted and re-created) is discarded, and one
+  writer per folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
+- **privacy** (DESIGN.md "Shared places"): the folder and all in it are the user's alone (0700/0600) under a
+  per-user base (:func:`default_base`); a path another uid holds is never written through or resumed from
+  (:func:`place`: a fresh private folder for the default path, an error for a chosen one);
 - **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder;
   after a crash it stays, and the restarted job resumes from it when it holds the newest step
   (:class:`btckpt.restore.policy.ResumePolicy` searches it with the own dir).
@@ -32,7 +36,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
+import tempfile
 import threading
 from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,23 +49,36 @@ from typing import Any
 from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
-from ..saving.commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
+from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, delete_checkpoint, new_tag, remove_stale_temps
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
 from ..storage.discovery import inspect, scan
-from ..storage.local import free_bytes, fsync_dir, fsync_file, space_error
+from ..storage.local import (
+    free_bytes,
+    fsync_dir,
+    fsync_file,
+    is_private,
+    make_dirs,
+    open_nofollow,
+    owner_name,
+    private_dir,
+    space_error,
+    unsafe_dir,
+)
 from ..testing import faults
 
-__all__ = ["DEFAULT_BASE", "IDENTITY", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
-           "default_tier_dir", "tier_dir", "resumable_tier", "local_save_due", "tier_bytes", "check_fits", "promote",
-           "LocalTier"]
+__all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
+           "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "place", "claim",
+           "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
-DEFAULT_BASE = Path("/dev/shm/btckpt")
-IDENTITY = ".btckpt-tier.json"  # {"format": ..., "dir": <the durable dir, resolved>}
+SHARED_BASE = Path("/dev/shm")  # shared with every local user: each one's tiers live in btckpt-<euid>/ (0700)
+IDENTITY = ".btckpt-tier.json"  # {"format": ..., "dir": <the durable dir, resolved>, "incarnation": <its id>}
 FORMAT = "btckpt-tier/1"
+DIR_ID = ".btckpt-dir.json"  # in the durable dir: {"format": DIR_FORMAT, "id": <random>}, written at first claim
+DIR_FORMAT = "btckpt-dir/1"
 COPIES = 2  # steps the tier holds at most: one complete, one being written
 REPLICAS = ".replicas"  # <tier>/.replicas/node-<i>/: the tier checkpoints this node holds for node i (tiers.replicas)
 ARENA = ".arena-"  # <tier>/.arena-<session>-<rank>-<k>/: a rank's staging files (btckpt.saving.arena), one per turn
@@ -70,12 +90,17 @@ def _identity(durable: Path) -> str:
     return str(Path(durable).resolve())
 
 
+def default_base() -> Path:
+    """``/dev/shm/btckpt-<euid>``: the folder of this user's default tiers (0700, checked before each use)."""
+    return SHARED_BASE / f"btckpt-{os.geteuid()}"
+
+
 def default_tier_dir(durable: str | os.PathLike[str]) -> Path:
-    """``/dev/shm/btckpt/<name>-<hash>``: ``<hash>`` of the resolved durable dir, so each job (each node's
-    dir) gets a folder of its own and a restarted job finds its own again."""
+    """``/dev/shm/btckpt-<euid>/<name>-<hash>``: ``<hash>`` of the resolved durable dir, so each job (each node's
+    dir) gets a folder of its own and a restarted job finds its own again; under a base private to the user."""
     ident = _identity(Path(durable))
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ident).name)[:40] or "root"
-    return DEFAULT_BASE / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return default_base() / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
 def tier_dir(durable: str | os.PathLike[str], option: str | os.PathLike[str] | None) -> Path:
@@ -84,66 +109,199 @@ def tier_dir(durable: str | os.PathLike[str], option: str | os.PathLike[str] | N
     return Path(os.fspath(option)) if option is not None else default_tier_dir(durable)
 
 
-def _recorded(root: Path) -> str | None:
-    """The durable dir ``root``'s identity record names; None when there is no readable record."""
+def _read_json(path: Path) -> Any:
+    """The JSON object in the small regular file ``path`` (never through a link); None when unreadable."""
     try:
-        obj = json.loads((root / IDENTITY).read_text())
+        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return json.loads(os.read(fd, 1 << 16))
     except (OSError, ValueError):
         return None
-    return str(obj.get("dir")) if isinstance(obj, dict) and obj.get("format") == FORMAT else None
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict[str, Any], *, replace: bool) -> bool:
+    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename; ``replace=False``: a link that fails
+    when ``path`` exists, then False); the folder's privacy decides the file's mode."""
+    tmp = path.parent / f".{path.name}.tmp-{new_tag()}"
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, json.dumps(obj).encode())
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except FileExistsError:
+                return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+def incarnation(durable: str | os.PathLike[str], *, create: bool = False) -> str | None:
+    """The random id of this incarnation of the durable dir (``<dir>/.btckpt-dir.json``); ``create``: written at
+    the first claim of a tier (atomically: concurrent claimers agree). None when there is none (a dir deleted
+    and re-created, or never given a tier): no tier recording an id is then resumed from it."""
+    path = Path(durable) / DIR_ID
+    obj = _read_json(path)
+    if isinstance(obj, dict) and obj.get("format") == DIR_FORMAT and isinstance(obj.get("id"), str):
+        return str(obj["id"])
+    if not create:
+        return None
+    if os.path.lexists(path):
+        raise CheckpointError(f"{path} is not a btckpt dir id record (unreadable, a link, or damaged); remove it "
+                              "(a local tier of this dir, if any, is then not resumed from)")
+    if not _write_json(path, {"format": DIR_FORMAT, "id": secrets.token_hex(16)}, replace=False):
+        return incarnation(durable, create=False)  # another node's leader wrote it first
+    return incarnation(durable, create=False)
+
+
+def _recorded(root: Path) -> tuple[str, str | None] | None:
+    """``(durable dir, its incarnation id)`` the identity record of ``root`` names; None without a readable
+    record (read without following links)."""
+    obj = _read_json(root / IDENTITY)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return None
+    inc = obj.get("incarnation")
+    return str(obj.get("dir")), (inc if isinstance(inc, str) else None)
+
+
+def _unsafe(root: Path, *, default: bool) -> str | None:
+    """Why the tier folder ``root`` (and, for the default path, its per-user base) must not be trusted:
+    a link, another uid's, writable by others (:func:`~btckpt.storage.local.unsafe_dir`)."""
+    for folder in (root.parent, root) if default else (root,):
+        problem = unsafe_dir(folder, private=False)
+        if problem is not None:
+            return problem
+    return None
 
 
 def resumable_tier(durable: str | os.PathLike[str], option: str | os.PathLike[str] | None) -> Path | None:
-    """The local tier folder a (re)started job may resume from: the one of :func:`tier_dir` when it exists
-    and records ``durable`` as its job; None otherwise (a folder recording another job is named in a warning
-    and ignored)."""
+    """The local tier folder a (re)started job may resume from: the one of :func:`tier_dir` when it exists, is
+    this user's (not a link, nobody else can write into it) and records ``durable`` as its job, with the dir's
+    current incarnation (:func:`incarnation`); None otherwise (a folder recording another job or an earlier
+    incarnation of the dir, or held by another user, is named in a warning and ignored)."""
     root = tier_dir(durable, option)
+    problem = _unsafe(root, default=option is None)
+    if problem is not None:
+        log.warning("btckpt: not resuming from the local tier %s: %s", root, problem)
+        return None
     if not root.is_dir():
         return None
-    owner = _recorded(root)
-    if owner == _identity(Path(durable)):
-        return root
-    if owner is not None:
+    rec = _recorded(root)
+    if rec is None:
+        return None
+    if rec[0] != _identity(Path(durable)):
         log.warning("btckpt: local tier %s belongs to the job saving into %s, not %s; not resuming from it",
-                    root, owner, durable)
-    return None
+                    root, rec[0], durable)
+        return None
+    if rec[1] is None or rec[1] != incarnation(durable):
+        log.warning("btckpt: local tier %s was left by an earlier incarnation of %s (the dir was deleted or "
+                    "re-created since); not resuming from it", root, durable)
+        return None
+    return root
+
+
+def place(root: Path, *, default: bool) -> Path:
+    """Make ``root`` (from :func:`tier_dir`) a private folder of this user (0700) and return the folder the tier
+    uses. The default path under a base another user holds (or a link, or one others can write) is never used:
+    a fresh private folder is, named in one log line with the owner. A chosen ``local_tier_dir`` in that state
+    is refused (:class:`TierMismatch`: the path, the owner, the fix); nothing is written into it."""
+    if default:
+        problem = None
+        try:
+            problem = private_dir(root.parent) or private_dir(root, tighten=False)
+        except FileNotFoundError:  # no /dev/shm (not Linux): made as it would be there
+            make_dirs(root.parent.parent)
+            problem = private_dir(root.parent) or private_dir(root, tighten=False)
+        if problem is None:
+            return root
+        fresh = Path(tempfile.mkdtemp(prefix=f"btckpt-{os.geteuid()}-{root.name}-", dir=root.parent.parent))
+        log.warning("btckpt: %s, so the default local tier %s is not used: this run's tier is the fresh private "
+                    "folder %s (a restart cannot resume from it; to get the default back, have that folder "
+                    "removed, or pass local_tier_dir=)", problem, root, fresh)
+        return fresh
+    parent = root.parent
+    make_dirs(parent)
+    st = os.stat(parent)
+    problem = None
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        problem = f"its folder {parent} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}, not sticky)"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"its folder {parent} is owned by {owner_name(st.st_uid)}"
+    problem = problem or private_dir(root, tighten=False)  # claim() makes it 0700 once it accepted it
+    if problem is not None:
+        raise TierMismatch(f"local_tier_dir {root}: {problem}; btckpt never writes into (or resumes from) a folder "
+                           "another user controls. Point local_tier_dir at a new folder of your own (e.g. under "
+                           f"{default_base()}), or have that one removed")
+    return root
 
 
 def _arenas(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{ARENA}*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
 
 
+def _discard(root: Path) -> None:
+    """Empty the tier folder ``root`` (its lock held) but its lock: checkpoints renamed away first, the identity
+    record last, so a kill meanwhile leaves a folder the next start discards again."""
+    for folder in [*_replica_folders(root), root]:
+        for info in scan(folder, own=True):
+            delete_checkpoint(info.path, retired=False)
+    for entry in os.scandir(root):
+        if entry.name in (LOCK, IDENTITY):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+    (root / IDENTITY).unlink(missing_ok=True)
+
+
 def claim(root: Path, durable: Path, *, session: str) -> DirLock:
-    """Make ``root`` this job's local tier (the node's leader, at start): refuse a folder of another job
-    (:class:`TierMismatch`), take its writer lock (which removes unfinished temp folders and the staging
-    files of earlier sessions), record the job."""
-    owner, mine = _recorded(root), _identity(durable)
-    if owner is not None and owner != mine:
-        raise TierMismatch(f"local tier {root} belongs to the job saving into {owner}, not {mine}; give this job "
+    """Make ``root`` (a private folder: :func:`place`) this job's local tier (the node's leader, at start):
+    refuse a folder of another job (:class:`TierMismatch`), take its writer lock (which removes unfinished
+    temp folders and the staging files of earlier sessions), discard one of an earlier incarnation of the dir
+    (with a warning), record the job and the dir's incarnation (:func:`incarnation`, created if new)."""
+    rec, mine = _recorded(root), _identity(durable)
+    if rec is not None and rec[0] != mine:
+        raise TierMismatch(f"local tier {root} belongs to the job saving into {rec[0]}, not {mine}; give this job "
                            "its own local_tier_dir (or remove that folder once its job is gone)")
-    ours = (".btckpt.lock", f".{IDENTITY}.tmp-")  # what a start killed before its record was written leaves
-    if owner is None and root.is_dir() and any(not e.name.startswith(ours) for e in root.iterdir()):
+    ours = (LOCK, f".{IDENTITY}.tmp-")  # what a start killed before its record was written leaves
+    if rec is None and root.is_dir() and any(not e.name.startswith(ours) for e in root.iterdir()):
         raise TierMismatch(f"local tier {root} holds files but no {IDENTITY} (it is not a btckpt local tier); "
                            "point local_tier_dir at an empty or new folder")
-    if root.parent == DEFAULT_BASE and not DEFAULT_BASE.exists():
-        DEFAULT_BASE.mkdir(parents=True, exist_ok=True)
-        os.chmod(DEFAULT_BASE, 0o1777)  # shared by every user's jobs, like /tmp
+    problem = private_dir(root)  # accepted: 0700 from now on (a folder of ours others could only read)
+    if problem is not None:
+        raise TierMismatch(f"local tier {root}: {problem}; point local_tier_dir at a new folder of your own")
     lock = DirLock(root)
-    for left in root.glob(f".{IDENTITY}.tmp-*"):  # the lock is ours: nobody else is writing one
-        left.unlink(missing_ok=True)
-    for arena in _arenas(root):  # a crashed run's staging files; this session's ranks may have begun theirs
-        if not arena.name.startswith(f"{ARENA}{session}-"):
-            shutil.rmtree(arena, ignore_errors=True)
-    if owner is None:
-        tmp = root / f".{IDENTITY}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, json.dumps({"format": FORMAT, "dir": mine}).encode())
-            fsync_file(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, root / IDENTITY)
-        fsync_dir(root)
+    try:
+        inc = incarnation(durable, create=True)
+        if rec is not None and rec[1] != inc:
+            log.warning("btckpt: local tier %s was left by an earlier incarnation of %s (the dir was deleted or "
+                        "re-created since); discarding it, never resuming from it", root, durable)
+            _discard(root)
+            rec = None
+        for left in root.glob(f".{IDENTITY}.tmp-*"):  # the lock is ours: nobody else is writing one
+            left.unlink(missing_ok=True)
+        for arena in _arenas(root):  # a crashed run's staging files; this session's ranks may have begun theirs
+            if not arena.name.startswith(f"{ARENA}{session}-"):
+                shutil.rmtree(arena, ignore_errors=True)
+        if rec is None:
+            _write_json(root / IDENTITY, {"format": FORMAT, "dir": mine, "incarnation": inc}, replace=True)
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
@@ -218,7 +376,7 @@ def copy_verified(man: Manifest, commit: LocalCommit, pieces_of: Callable[[str],
     on the first mismatch (then nothing is committed: the caller aborts). The caller commits ``man`` after."""
     for name, entry in man.files.items():
         target = commit.tmp / name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent, private=is_private(commit.tmp))
         size, digest = write_arena_file(target, b"", pieces_of(name))
         problem = entry_problem(name, size, digest, entry)
         if problem:
@@ -292,7 +450,10 @@ class LocalTier:
     Every rank has one (all know the folder); the node's leader claims it and runs the promoter thread.
     """
 
-    def __init__(self, root: Path, durable: Path, *, world: World, margin: int, session: str) -> None:
+    def __init__(self, root: Path, durable: Path, *, world: World, margin: int, session: str, default: bool = False,
+                 timeout: float = 600.0) -> None:
+        # the node's leader makes the folder private (default: or uses a fresh one) and tells the node's ranks
+        root = self._placed(root, world, default=default, key=f"tier/{session}/{world.node_rank}", timeout=timeout)
         self.root, self.durable, self.world, self.margin, self.session = root, durable, world, margin, session
         self.copies = COPIES  # state copies the folder must hold (twice as many with peer replicas)
         self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
@@ -309,13 +470,33 @@ class LocalTier:
         self._futures: list[Future[Path | None]] = []
         self._pool: ThreadPoolExecutor | None = None
 
+    @staticmethod
+    def _placed(root: Path, world: World, *, default: bool, key: str, timeout: float) -> Path:
+        shared = world.store is not None and world.local_size > 1
+        if not world.is_local_leader:
+            got = world.collect(key, timeout=timeout) if shared else {"root": str(root)}
+            if "error" in got:
+                raise TierMismatch(got["error"])
+            return Path(got["root"])
+        try:
+            placed = place(root, default=default)
+        except BaseException as exc:  # the node's ranks fail with it, not at their timeout
+            if shared:
+                world.publish(key, {"error": str(exc)})
+            raise
+        if shared:
+            world.publish(key, {"root": str(placed)})
+        return placed
+
     @classmethod
-    def create(cls, config: Any, world: World, durable: Path, *, session: str) -> LocalTier | None:
-        """The Checkpointer's tier (None when ``local_every_steps`` is None)."""
-        if config.local_every_steps is None:
+    def create(cls, config: Any, world: World, durable: Path, *, session: str,
+               resumed: bool = False) -> LocalTier | None:
+        """The Checkpointer's tier (None when ``local_every_steps`` is None, unless ``resumed``: the session
+        resumed from the tier and owns it, :meth:`btckpt.Checkpointer.restore`)."""
+        if config.local_every_steps is None and not resumed:
             return None
         return cls(tier_dir(durable, config.local_tier_dir), durable, world=world, margin=config.space_margin,
-                   session=session)
+                   session=session, default=config.local_tier_dir is None, timeout=config.barrier_timeout)
 
     def arena(self, rank: int) -> Path:
         """The prefix of rank ``rank``'s staging folders in the tier (``Stager.stage(..., into=)``): the snapshot

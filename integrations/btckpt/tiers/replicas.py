@@ -43,7 +43,7 @@ from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint, rem
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan
-from ..storage.local import new_tag
+from ..storage.local import make_dirs, new_tag
 from ..testing import faults
 from .local import REPLICAS, LocalTier, copy_verified, settled
 
@@ -283,6 +283,7 @@ class PeerReplicas:
                 delete_checkpoint(final, retired=False)
             if final.exists():
                 raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
+            make_dirs(root, private=True)  # <tier>/.replicas/node-<i>: private, as the whole tier
             commit.begin()
             copy_verified(man, commit, streams.__getitem__, where=where)
             faults.point("replicate")
