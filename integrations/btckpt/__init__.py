@@ -44,15 +44,17 @@ __all__ = [
     "Checkpointer", "CheckpointConfig", "CheckpointStats", "save", "load", "latest", "CheckpointError", "ConfigError",
     "CoordinationError", "CorruptCheckpoint", "IncompleteCheckpoint", "InsufficientSpace", "NoCheckpointFound",
     "StateMismatch", "TierMismatch", "TierTooSmall", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
+    "RestoreReport", "restore_reports",
 ]
 
 _LAZY = {"Checkpointer": "checkpointer", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "oneshot",
-         "load": "oneshot"}
+         "load": "oneshot", "RestoreReport": "restore.load", "restore_reports": "restore.load"}
 
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer
     from .config import CheckpointConfig
     from .oneshot import load, save
+    from .restore.load import RestoreReport, restore_reports
     from .stats import CheckpointStats
 
 

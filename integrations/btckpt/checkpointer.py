@@ -38,6 +38,7 @@ from .format.layout import rank_groups
 from .format.state import group_value, optimizers_in
 from .publish.staging import finish_upload, remote_target, staging_root
 from .publish.supervisor import UploadSupervisor
+from .restore.load import RestoreReport, restore_reports
 from .restore.resume import Resume
 from .restore.rng import capture_rng
 from .saving.commit import DirLock, checkpoint_name
@@ -162,6 +163,7 @@ class Checkpointer:
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
         self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
         self._stats = StatsRecorder()
+        self.last_restore: RestoreReport | None = None  # what the last restore() loaded and skipped, per group
         self._session = self._agree_session()
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
@@ -731,13 +733,18 @@ class Checkpointer:
 
         Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A
         damaged checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what
-        matches. Saves still writing are committed first. Raises ``NoCheckpointFound`` when ``load_dir`` is
-        set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
+        matches and says what it skipped: a warning per restore, and :attr:`last_restore` (a
+        :class:`~btckpt.RestoreReport`: per group, the keys loaded and skipped); it refuses
+        (``StateMismatch``) a load that matches nothing of a model, or that would load optimizer state for
+        parameters it did not load. Saves still writing are committed first. Raises ``NoCheckpointFound``
+        when ``load_dir`` is set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
         """
         self._check_open()
         with self._busy:
             self._drain()  # a save still writing is committed (or its error raised) before anything is read
-            step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+            with restore_reports() as reports:
+                step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+            self.last_restore = reports[-1] if reports else None
             if step is not None:
                 self._last_save_step = step
                 self._remove_diverged(step)

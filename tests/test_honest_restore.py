@@ -1,0 +1,155 @@
+"""Restore that says what it did (issue 23, section 3): non-strict restore reports and refuses, tied weights
+of HF folders count as present, errors name their cause, an unwritable dir is refused at construction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import btckpt
+import pytest
+import torch
+import tqdm
+from btckpt import StateMismatch
+
+tqdm.tqdm.monitor_interval = 0  # save_pretrained's progress bar would start tqdm's monitor thread (a "leak")
+
+
+class Named(torch.nn.Module):
+    """Two linear layers under names of our choosing (a "renamed" model has the same shapes, other keys)."""
+
+    def __init__(self, a: str = "enc", b: str = "dec", extra: bool = False) -> None:
+        super().__init__()
+        setattr(self, a, torch.nn.Linear(4, 4))
+        setattr(self, b, torch.nn.Linear(4, 2))
+        if extra:
+            self.head = torch.nn.Linear(2, 2)
+
+
+def _saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    torch.manual_seed(0)
+    model = Named()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.dec(model.enc(torch.ones(3, 4))).sum().backward()
+    opt.step()
+    d = tmp_path / "ck"
+    with btckpt.Checkpointer(dir=d) as ck:
+        ck.save(7, {"model": model, "optimizer": opt})
+    return d, {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+
+
+def _live(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# -- 1. non-strict restore reports what it did, and refuses what would be wrong ----------------------------
+def test_strict_false_on_a_renamed_model_is_refused_and_changes_nothing(tmp_path: Path):
+    d, _, _ = _saved(tmp_path)
+    torch.manual_seed(1)
+    model = Named("encoder", "decoder")  # same shapes, other names
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    before = _live(model)
+    with btckpt.Checkpointer(dir=d) as ck:
+        with pytest.raises(StateMismatch, match="strict=False"):  # the strict error suggests strict=False
+            ck.restore({"model": model, "optimizer": opt})
+        with pytest.raises(StateMismatch) as exc:
+            ck.restore({"model": model, "optimizer": opt}, strict=False)
+    msg = str(exc.value)
+    assert "would load none of state group 'model'" in msg
+    assert "encoder.weight" in msg and "enc.weight" in msg and "plain dict" in msg  # the keys and the fix
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.state == {} and opt.param_groups[0]["lr"] == 0.5  # the other model's optimizer state not applied
+
+
+def test_strict_false_reports_loaded_and_skipped_per_group(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    d, saved, _ = _saved(tmp_path)
+    model = Named(extra=True)  # the saved model plus a new head
+    with btckpt.Checkpointer(dir=d) as ck, caplog.at_level(logging.WARNING, logger="btckpt"):
+        step = ck.restore({"model": model, "extra": {"x": 1}}, strict=False)
+        report = ck.last_restore
+    assert step == 7
+    assert all(torch.equal(saved[k], model.state_dict()[k]) for k in saved)
+    assert report is not None and report.step == 7 and not report.complete
+    g = report.groups["model"]
+    assert sorted(g.loaded) == sorted(saved) and sorted(g.missing) == ["head.bias", "head.weight"]
+    assert report.groups["extra"].kind == "absent"
+    text = caplog.text
+    assert "loaded 4 of 6 tensors" in text and "head.weight" in text and "'extra': not in the checkpoint" in text
+    assert "\\x0a" not in text and "\n  'model'" in text  # our own multi-line message reads as lines
+
+
+def test_strict_false_refuses_optimizer_state_for_parameters_it_did_not_load(tmp_path: Path):
+    d, _, _ = _saved(tmp_path)
+    torch.manual_seed(1)
+    model = Named()
+    model.dec = torch.nn.Linear(4, 3)  # its shape changed: not loaded
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    before = _live(model)
+    with btckpt.Checkpointer(dir=d) as ck, pytest.raises(StateMismatch) as exc:
+        ck.restore({"model": model, "optimizer": opt}, strict=False)
+    msg = str(exc.value)
+    assert "optimizer state 'optimizer'" in msg and "model.dec.weight" in msg and "Leave 'optimizer' out" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and opt.state == {}
+
+
+def test_one_shot_load_reports_through_restore_reports(tmp_path: Path):
+    d, saved, _ = _saved(tmp_path)
+    model = Named(extra=True)
+    with btckpt.restore_reports() as reports:
+        assert btckpt.load(d / "checkpoint-7", {"model": model}, strict=False) == 7
+    assert len(reports) == 1 and sorted(reports[0].groups["model"].missing) == ["head.bias", "head.weight"]
+    assert torch.equal(model.enc.weight, saved["enc.weight"])
+    with btckpt.restore_reports() as reports:  # a strict load that matched everything reports too
+        btckpt.load(d / "checkpoint-7", {"model": Named()})
+    assert reports[0].complete and reports[0].strict
+
+
+# -- 2. warm start from an HF save_pretrained folder of a tied-weight model -------------------------------
+def _gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def _llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                        hidden_size=8, intermediate_size=16, vocab_size=32,
+                                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama-tied"])
+def test_warm_start_from_save_pretrained_of_a_tied_model(tmp_path: Path, build):
+    torch.manual_seed(0)
+    src = build()
+    src.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    torch.manual_seed(1)
+    dst = build()
+    assert not torch.equal(dst.lm_head.weight, src.lm_head.weight)
+    assert btckpt.load(tmp_path / "hf", {"model": dst}) == 0
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    assert dst.lm_head.weight.data_ptr() == dst.get_input_embeddings().weight.data_ptr()  # still tied
+
+
+# -- 3. errors that say the cause ------------------------------------------------------------------------
+def test_multi_line_warnings_read_as_lines_but_names_stay_escaped(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    d = tmp_path / "ck"
+    btckpt.save(d / "checkpoint-1", {"model": Named().state_dict()}, save_rng=False)
+    hostile = {**Named().state_dict(), "w\nbtckpt: restored step 99": torch.zeros(1)}
+    hostile.pop("dec.bias")
+    btckpt.save(d / "checkpoint-2", {"model": hostile}, save_rng=False)
+    with caplog.at_level(logging.INFO, logger="btckpt"):
+        assert btckpt.load(d, {"model": Named()}) == 1  # the newest does not fit: a warning, then the older one
+    assert "\\x0a" not in caplog.text
+    assert "does not match the checkpoint:\n  missing from the checkpoint (1): ['dec.bias']" in caplog.text
+    with caplog.at_level(logging.INFO, logger="btckpt"):
+        with btckpt.restore_reports() as reports:
+            btckpt.load(d / "checkpoint-2", {"model": Named()}, strict=False)
+    text = caplog.text
+    assert "\\x0a" not in text
+    assert "\n  'model': loaded 3 of 4 tensors" in text
+    assert not any(line.startswith("btckpt: restored step 99") for line in text.splitlines())  # a forged line
+    assert reports[0].groups["model"].unexpected == ("w\nbtckpt: restored step 99",)
