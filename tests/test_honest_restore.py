@@ -4,6 +4,10 @@ of HF folders count as present, errors name their cause, an unwritable dir is re
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import btckpt
@@ -153,3 +157,115 @@ def test_multi_line_warnings_read_as_lines_but_names_stay_escaped(tmp_path: Path
     assert "\n  'model': loaded 3 of 4 tensors" in text
     assert not any(line.startswith("btckpt: restored step 99") for line in text.splitlines())  # a forged line
     assert reports[0].groups["model"].unexpected == ("w\nbtckpt: restored step 99",)
+
+
+def test_a_newer_format_is_named_as_such_and_never_passed_over_silently(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture):
+    import json
+
+    from btckpt.storage.discovery import scan
+
+    d = tmp_path / "ck"
+    for s in (1, 2):
+        btckpt.save(d / f"checkpoint-{s}", {"model": Named().state_dict()}, save_rng=False)
+    man = d / "checkpoint-2" / "btckpt.json"
+    obj = json.loads(man.read_bytes())
+    obj.update(format="btckpt/2", layout_v2={"new": True})  # a field this btckpt does not know, too
+    man.write_text(json.dumps(obj))
+    with pytest.raises(btckpt.UnsupportedFormat) as exc:
+        btckpt.load(d / "checkpoint-2", {"model": Named()})
+    assert "written by a newer btckpt" in str(exc.value) and "upgrade btckpt" in str(exc.value)
+    assert "corrupt" not in str(exc.value) and "damaged" not in str(exc.value)
+    assert [(i.step, i.status) for i in scan(d)] == [(2, "newer"), (1, "complete")]
+    with caplog.at_level(logging.WARNING, logger="btckpt"):
+        assert btckpt.load(d, {"model": Named()}) == 1
+    warned = [r.getMessage() for r in caplog.records
+              if "checkpoint-2" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "newer btckpt" in warned[0] and "falling back" in warned[0], warned
+
+
+# As another uid (root, which CI runs as, bypasses permissions): a child process under uid/gid 65534.
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs a child as another uid, which needs root")
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder in /tmp the child uid can enter (pytest's tmp_path is 0700 root); removed afterwards."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="btckpt-honest-", dir="/tmp"))
+    base.chmod(0o755)
+    (base / "home").mkdir()
+    os.chown(base / "home", NOBODY, NOBODY)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def _as_nobody(base: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a child that imports btckpt as root, then drops to uid/gid 65534 (the interpreter may live
+    where that uid cannot read, e.g. under /root: so the imports come first)."""
+    src = str(Path(__file__).resolve().parents[1] / "integrations")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(base / "home"), "TMPDIR": str(base / "home"),
+           "PYTHONPATH": src}
+    prelude = ("import logging, sys, os, torch, btckpt, btckpt.checkpointer, btckpt.oneshot, btckpt.restore.load\n"
+               f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n")
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@needs_root
+def test_an_unreadable_load_dir_says_permission_denied(shared_tmp: Path):
+    load = shared_tmp / "load"
+    btckpt.save(load / "checkpoint-3", {"model": Named().state_dict()}, save_rng=False)
+    load.chmod(0o700)  # root's: the child may not list it
+    own = shared_tmp / "own"
+    own.mkdir()
+    os.chown(own, NOBODY, NOBODY)
+    code = f"""
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+for fn in (lambda: btckpt.Checkpointer(dir={str(own)!r}, load_dir={str(load)!r}).restore({{"w": torch.zeros(1)}}),
+           lambda: btckpt.load({str(load)!r}, {{"w": torch.zeros(1)}})):
+    try:
+        fn()
+    except btckpt.NoCheckpointFound as exc:
+        print("ERROR", exc)
+"""
+    r = _as_nobody(shared_tmp, code)
+    assert r.returncode == 0, r.stderr
+    errors = [ln for ln in r.stdout.splitlines() if ln.startswith("ERROR")]
+    assert len(errors) == 2, r.stdout
+    for e in errors:
+        assert "Permission denied" in e and str(load) in e, e
+        assert "damaged ones are named" not in e
+    assert f"cannot read {load} (Permission denied)" in r.stdout  # the warning too
+
+
+@needs_root
+def test_an_existing_unwritable_dir_is_refused_at_construction(shared_tmp: Path):
+    d = shared_tmp / "ck"
+    d.mkdir()
+    (d / ".btckpt.lock").touch()  # an earlier run's lock file, writable by the child: only the dir is not
+    for p in (d, d / ".btckpt.lock"):
+        os.chown(p, NOBODY, NOBODY)
+    d.chmod(0o555)
+    code = f"""
+try:
+    ck = btckpt.Checkpointer(dir={str(d)!r}, async_save=False, handle_sigterm=False)
+except btckpt.ConfigError as exc:
+    print("REFUSED", exc)
+else:
+    try:
+        ck.save(1, {{"w": torch.zeros(1)}})
+        ck.close()
+    except btckpt.CheckpointError as exc:
+        print("AT SAVE", exc)
+"""
+    r = _as_nobody(shared_tmp, code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("REFUSED"), r.stdout
+    assert str(d) in r.stdout and "not writable" in r.stdout and "$BT_CHECKPOINT_DIR" in r.stdout
+    assert list(d.iterdir()) == [d / ".btckpt.lock"]  # nothing written

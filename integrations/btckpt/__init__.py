@@ -34,6 +34,7 @@ from .errors import (
     TierMismatch,
     TierTooSmall,
     UnsafeCheckpoint,
+    UnsupportedFormat,
     UnsupportedValue,
 )
 from .restore.policy import latest
@@ -44,7 +45,7 @@ __all__ = [
     "Checkpointer", "CheckpointConfig", "CheckpointStats", "save", "load", "latest", "CheckpointError", "ConfigError",
     "CoordinationError", "CorruptCheckpoint", "IncompleteCheckpoint", "InsufficientSpace", "NoCheckpointFound",
     "StateMismatch", "TierMismatch", "TierTooSmall", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
-    "RestoreReport", "restore_reports",
+    "RestoreReport", "restore_reports", "UnsupportedFormat",
 ]
 
 _LAZY = {"Checkpointer": "checkpointer", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "oneshot",

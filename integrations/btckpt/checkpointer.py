@@ -49,7 +49,7 @@ from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect
-from .storage.local import is_url, local_path, new_tag, space_error
+from .storage.local import is_url, local_path, new_tag, space_error, unwritable
 from .tiers import LocalTier, local_save_due, resumable_tier
 from .tiers.replicas import PeerReplicas
 
@@ -146,6 +146,10 @@ class Checkpointer:
             self.root = staging_root(self.remote)
         else:
             self.root = self.config.local_dir
+        why = unwritable(self.root)  # refused here, not at the first save
+        if why:
+            raise ConfigError(f"checkpoint dir {str(self.root)!r}: {why}; give it write access (chmod/chown), or "
+                              "point dir= / $BT_CHECKPOINT_DIR at a writable folder")
         self._lock: DirLock | None = None
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None

@@ -19,6 +19,7 @@ __all__ = [
     "NoCheckpointFound",
     "StateMismatch",
     "UnsafeCheckpoint",
+    "UnsupportedFormat",
     "UnsupportedValue",
     "CoordinationError",
 ]
@@ -78,6 +79,11 @@ class StateMismatch(CheckpointError):
 
 class UnsafeCheckpoint(CorruptCheckpoint):
     """A manifest or index names a path outside its folder (absolute, ``..``, a link out)."""
+
+
+class UnsupportedFormat(CheckpointError):
+    """A checkpoint written by a newer btckpt (a manifest ``format`` this version does not read): not damaged;
+    upgrade btckpt to load it."""
 
 
 class UnsupportedValue(CheckpointError, TypeError):
