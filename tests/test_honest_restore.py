@@ -269,3 +269,24 @@ else:
     assert r.stdout.startswith("REFUSED"), r.stdout
     assert str(d) in r.stdout and "not writable" in r.stdout and "$BT_CHECKPOINT_DIR" in r.stdout
     assert list(d.iterdir()) == [d / ".btckpt.lock"]  # nothing written
+
+
+# -- 5. default retention, said where a user looks ---------------------------------------------------------
+def test_default_retention_keeps_3_and_says_so(tmp_path: Path):
+    import pydoc
+
+    from btckpt.hf import CheckpointCallback
+    from btckpt.lightning import SafetensorsCheckpointIO
+
+    d = tmp_path / "ck"
+    with btckpt.Checkpointer(dir=d, async_save=False, handle_sigterm=False) as ck:
+        for s in range(1, 6):
+            ck.save(s, {"w": torch.full((2,), float(s))})
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    assert "keep_last=3" in pydoc.render_doc(btckpt.Checkpointer, renderer=pydoc.plaintext)  # help(Checkpointer)
+    assert "default 3" in " ".join((btckpt.CheckpointConfig.__doc__ or "").split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "Retention is on by default: `keep_last=3` keeps the 3 newest" in readme
+    assert "as the Trainer does" in " ".join((CheckpointCallback.__doc__ or "").split())
+    assert "``keep_last`` is off here" in " ".join((SafetensorsCheckpointIO.__doc__ or "").split())

@@ -120,6 +120,9 @@ def _register_exit(ref: Any) -> None:
 class Checkpointer:
     """Saves and restores training state; see :class:`~btckpt.config.CheckpointConfig` for the options.
 
+    Retention is on by default: ``keep_last=3`` keeps the 3 newest committed checkpoints and deletes this
+    writer's older ``checkpoint-<N>`` folders in ``dir`` (pass ``keep_last=None`` to keep all).
+
     Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then
     ``ckpt.save(step, state)`` (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()``
     at the end (or use it as a context manager). All ranks call every method.
