@@ -290,3 +290,21 @@ def test_default_retention_keeps_3_and_says_so(tmp_path: Path):
     assert "Retention is on by default: `keep_last=3` keeps the 3 newest" in readme
     assert "as the Trainer does" in " ".join((CheckpointCallback.__doc__ or "").split())
     assert "``keep_last`` is off here" in " ".join((SafetensorsCheckpointIO.__doc__ or "").split())
+
+
+def test_the_ranks_candidates_name_a_newer_format_they_pass_over(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    import json
+
+    from btckpt.config import CheckpointConfig
+    from btckpt.distributed.world import World
+    from btckpt.restore.resume import Resume
+
+    d = tmp_path / "ck"
+    for s in (1, 2):
+        btckpt.save(d / f"checkpoint-{s}", {"w": torch.zeros(1)}, save_rng=False)
+    man = d / "checkpoint-2" / "btckpt.json"
+    man.write_text(json.dumps({**json.loads(man.read_bytes()), "format": "btckpt/3"}))
+    resume = Resume(config=CheckpointConfig(dir=str(d)), world=World(), root=d, remote=None, session="s")
+    with caplog.at_level(logging.WARNING, logger="btckpt"):
+        assert [i.step for i in resume.candidates()] == [1]  # what the ranks agree on
+    assert any("checkpoint-2" in r.getMessage() and "newer btckpt" in r.getMessage() for r in caplog.records)
