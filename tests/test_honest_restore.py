@@ -124,18 +124,32 @@ def _llama() -> torch.nn.Module:
                                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
-@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama-tied"])
+def _bert() -> torch.nn.Module:  # ties the decoder's weight *and* bias
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=16,
+                                      vocab_size=32, max_position_embeddings=16))
+
+
+def _t5() -> torch.nn.Module:  # three keys tied to one
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(num_layers=1, num_decoder_layers=1, num_heads=2, d_model=8, d_kv=4,
+                                               d_ff=16, vocab_size=32, decoder_start_token_id=0))
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama, _bert, _t5], ids=["gpt2", "llama-tied", "bert", "t5"])
 def test_warm_start_from_save_pretrained_of_a_tied_model(tmp_path: Path, build):
     torch.manual_seed(0)
     src = build()
     src.save_pretrained(tmp_path / "hf", safe_serialization=True)
     torch.manual_seed(1)
     dst = build()
-    assert not torch.equal(dst.lm_head.weight, src.lm_head.weight)
+    assert not torch.equal(dst.get_output_embeddings().weight, src.get_output_embeddings().weight)
     assert btckpt.load(tmp_path / "hf", {"model": dst}) == 0
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
-    assert dst.lm_head.weight.data_ptr() == dst.get_input_embeddings().weight.data_ptr()  # still tied
+    assert dst.get_output_embeddings().weight.data_ptr() == dst.get_input_embeddings().weight.data_ptr()  # still tied
 
 
 # -- 3. errors that say the cause ------------------------------------------------------------------------
