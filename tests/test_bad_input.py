@@ -22,6 +22,7 @@ from btckpt.errors import (
     CorruptCheckpoint,
     NoCheckpointFound,
     StateMismatch,
+    UnsupportedFormat,
     UnsupportedValue,
 )
 
@@ -175,8 +176,13 @@ def manifest_not_json(tmp, mp):
 
 
 def manifest_wrong_format(tmp, mp):
+    folder = edit_manifest(saved(tmp), lambda o: o.update(format="zip/1"))
+    return load_into_model(folder), ["btckpt.json", "zip/1"]
+
+
+def manifest_newer_format(tmp, mp):  # not damaged: written by a newer btckpt
     folder = edit_manifest(saved(tmp), lambda o: o.update(format="btckpt/9"))
-    return load_into_model(folder), ["btckpt.json", "btckpt/9"]
+    return load_into_model(folder), ["btckpt.json", "btckpt/9", "written by a newer btckpt", "upgrade btckpt"]
 
 
 def manifest_bad_step(tmp, mp):
@@ -380,6 +386,7 @@ CASES: dict[str, Case] = {
     "non_numeric_step_folders": Case(NoCheckpointFound, non_numeric_step_folder_is_not_a_checkpoint),
     "manifest_not_json": Case(CorruptCheckpoint, manifest_not_json),
     "manifest_wrong_format": Case(CorruptCheckpoint, manifest_wrong_format),
+    "manifest_newer_format": Case(UnsupportedFormat, manifest_newer_format),
     "manifest_bad_step": Case(CorruptCheckpoint, manifest_bad_step),
     "manifest_entry_without_checksum": Case(CorruptCheckpoint, manifest_entry_without_checksum),
     "manifest_state_not_object": Case(CorruptCheckpoint, manifest_state_not_object),

@@ -47,12 +47,12 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 LS_TABLE = """\
-STEP   NAME            TYPE                SIZE   CREATED               STATUS       DETAIL
+STEP   NAME            TYPE                SIZE   CREATED               STATUS       CHECKED   DETAIL
 {rule}
-  40   checkpoint-40   full                 7 B   -                     incomplete   no btckpt.json: never committed{tail}
-  30   checkpoint-30   LoRA             4.0 KiB   2026-01-02 03:04:05   complete
-  20   checkpoint-20   training-state   8.2 KiB   2026-01-02 03:04:05   complete
-  10   checkpoint-10   full             4.2 KiB   2026-01-02 03:04:05   complete"""  # noqa: E501
+  40   checkpoint-40   full                 7 B   -                     incomplete   -         no btckpt.json: never committed{tail}
+  30   checkpoint-30   LoRA             4.0 KiB   2026-01-02 03:04:05   complete     sizes
+  20   checkpoint-20   training-state   8.2 KiB   2026-01-02 03:04:05   complete     sizes
+  10   checkpoint-10   full             4.2 KiB   2026-01-02 03:04:05   complete     sizes"""  # noqa: E501
 
 SHOW_TABLE = """\
 {path}
@@ -76,7 +76,7 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
     rc, out, _ = run(capsys, "ls", root)
     tail = " (or upload unfinished)" if remote else ""
     assert rc == 0
-    assert out == LS_TABLE.format(tail=tail, rule="─" * (116 + len(tail)))
+    assert out == LS_TABLE.format(tail=tail, rule="─" * (126 + len(tail)))
 
     rc, out, _ = run(capsys, "ls", root, "--json", "--sort", "size", "--order", "asc")
     rows = json.loads(out)
@@ -85,7 +85,7 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
                                                                                          "complete")]
     assert rows[1]["size"] == 4096 + 16 and rows[1]["created"] == CREATED
     rc, out, _ = run(capsys, "ls", root, "--format", "csv", "--sort", "created", "--order", "asc")
-    assert out.splitlines()[0] == "step,name,type,size,created,status,reason"
+    assert out.splitlines()[0] == "step,name,type,size,created,status,checked,reason"
     assert [ln.split(",")[0] for ln in out.splitlines()[1:]] == ["40", "10", "20", "30"]
 
     ck = f"{root}/checkpoint-20"
@@ -106,8 +106,10 @@ def _check_outputs(capsys: pytest.CaptureFixture[str], root: str, *, remote: boo
 
     rc, out, err = run(capsys, "verify", ck)
     assert rc == 0 and out == f"OK {ck} (step 20): 3 files, 8.2 KiB, checksums match"
-    rc, out, _ = run(capsys, "verify", root, "--json")  # a root: its newest complete checkpoint
-    assert rc == 0 and json.loads(out) == {"path": f"{root}/checkpoint-30", "step": 30, "ok": True, "problems": []}
+    rc, out, _ = run(capsys, "verify", root, "--json")  # a root: every checkpoint (40 never committed: fails)
+    d = json.loads(out)
+    assert rc == 1 and d["ok"] is False and d["resume"] == {"path": f"{root}/checkpoint-30", "step": 30}
+    assert [(c["step"], c["status"]) for c in d["checkpoints"]] == [(40, "failed"), (30, "ok"), (20, "ok"), (10, "ok")]
     rc, out, err = run(capsys, "verify", f"{root}/checkpoint-40")
     assert rc == 1 and "incomplete" in err
 
@@ -154,3 +156,63 @@ def test_missing_target_and_start_up_without_torch(tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "btckpt.cli", "show", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "no checkpoint there" in r.stderr
+
+
+def _corrupt(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_verify_dir_checks_every_checkpoint_and_fails_on_a_corrupt_newest(capsys: pytest.CaptureFixture[str],
+                                                                          tmp_path: Path):
+    root = tmp_path / "ck"
+    for s in (10, 20):
+        btckpt.save(root / f"checkpoint-{s}", {"model": {"w": torch.full((4,), float(s))}}, save_rng=False)
+    _corrupt(root / "checkpoint-20" / "model.safetensors")
+    rc, out, err = run(capsys, "verify", str(root))
+    assert rc == 1
+    assert out.splitlines()[:2] == [f"FAILED {root}/checkpoint-20 (step 20): 1 problem(s) in 2 file(s)",
+                                    f"OK {root}/checkpoint-10 (step 10): 2 files, 4.1 KiB, checksums match"]
+    assert out.splitlines()[2] == f"checked 2 checkpoint(s) under {root}: 1 OK, 1 FAILED; a resume loads step 10"
+    assert "checkpoint-20: model.safetensors: checksum mismatch" in err
+    rc, out, _ = run(capsys, "verify", str(root), "--newest")
+    assert rc == 1 and out.splitlines()[0].startswith(f"FAILED {root}/checkpoint-20 (step 20)")
+    assert out.splitlines()[-1] == f"checked the newest checkpoint only (--newest) under {root}: 0 OK, 1 FAILED"
+    rc, out, _ = run(capsys, "verify", str(root), "--json")
+    d = json.loads(out)
+    assert rc == 1 and d["ok"] is False and d["checked"] == "all" and d["resume"]["step"] == 10
+    assert [(c["step"], c["status"]) for c in d["checkpoints"]] == [(20, "failed"), (10, "ok")]
+    # ls: complete by size (no data read) is not verified; --verify checks and says so
+    rc, out, _ = run(capsys, "ls", str(root), "--json")
+    assert [(r["step"], r["status"], r["checked"]) for r in json.loads(out)] == [(20, "complete", "sizes"),
+                                                                                 (10, "complete", "sizes")]
+    rc, out, _ = run(capsys, "ls", str(root), "--verify")
+    lines = out.splitlines()
+    assert lines[0].split()[-2:] == ["CHECKED", "DETAIL"]
+    assert lines[2].split()[7:10] == ["corrupt", "checksums", "model.safetensors:"]
+    assert lines[3].split()[-2:] == ["complete", "checksums"]
+
+
+def test_verify_dir_reports_a_checkpoint_retired_while_it_ran(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    import shutil
+
+    import btckpt.cli as cli
+
+    root = tmp_path / "ck"
+    for s in (10, 20):
+        btckpt.save(root / f"checkpoint-{s}", {"model": {"w": torch.full((4,), float(s))}}, save_rng=False)
+    real = cli.check_files
+
+    def retire_then_check(info):  # the running job's retention deletes step 10 after the listing
+        if info.step == 10:
+            shutil.rmtree(info.path)
+        return real(info)
+
+    monkeypatch.setattr(cli, "check_files", retire_then_check)
+    rc, out, _ = run(capsys, "verify", str(root))
+    assert rc == 0, out
+    assert out.splitlines()[1] == (f"RETIRED {root}/checkpoint-10 (step 10): deleted while verifying (a running "
+                                   "job's retention); skipped")
+    assert out.splitlines()[2].endswith("1 OK, 0 FAILED, 1 retired; a resume loads step 20")

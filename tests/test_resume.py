@@ -237,7 +237,8 @@ def test_every_entry_point_picks_the_same_checkpoint_in_a_tricky_folder(
         capsys.readouterr()
         for cmd in ("verify", "show"):
             cli_main([cmd, str(folder), "--json"])
-            got[f"btckpt {cmd}"] = json.loads(capsys.readouterr().out)["step"]
+            d = json.loads(capsys.readouterr().out)
+            got[f"btckpt {cmd}"] = d["resume"]["step"] if cmd == "verify" and "resume" in d else d["step"]
         return got
 
     # nothing sound in the own dir (9 damaged, 8 never committed): the load dir's newest sound one, rank 0's

@@ -169,10 +169,11 @@ def test_damaged_newest_is_skipped_by_every_entry_point(tmp_path: Path, caplog: 
     assert torch.equal(got["state_dict"]["0.weight"], _train_state(2)["model"][0].weight)
     warned()
     capsys.readouterr()
-    assert cli_main(["verify", str(own), "--json"]) == 0
+    assert cli_main(["verify", str(own), "--json"]) == 1  # every checkpoint checked: the damaged ones fail
     out = json.loads(capsys.readouterr().out)
-    assert out["step"] == 2 and out["path"] == str(good) and out["ok"] is True
-    warned()
+    assert out["resume"] == {"step": 2, "path": str(good)} and out["ok"] is False
+    failed = {c["path"]: " ".join(c["problems"]) for c in out["checkpoints"] if c["status"] == "failed"}
+    assert "model.safetensors" in failed[bad] and "trainer_state.json" in failed[str(own / "checkpoint-6")]
     assert cli_main(["verify", bad]) == 1  # named itself: its problem is reported, no fallback
     assert "model.safetensors: checksum mismatch" in capsys.readouterr().err
 

@@ -34,6 +34,7 @@ from .errors import (
     TierMismatch,
     TierTooSmall,
     UnsafeCheckpoint,
+    UnsupportedFormat,
     UnsupportedValue,
 )
 from .restore.policy import latest
@@ -44,15 +45,17 @@ __all__ = [
     "Checkpointer", "CheckpointConfig", "CheckpointStats", "save", "load", "latest", "CheckpointError", "ConfigError",
     "CoordinationError", "CorruptCheckpoint", "IncompleteCheckpoint", "InsufficientSpace", "NoCheckpointFound",
     "StateMismatch", "TierMismatch", "TierTooSmall", "UnsafeCheckpoint", "UnsupportedValue", "__version__",
+    "RestoreReport", "restore_reports", "UnsupportedFormat",
 ]
 
 _LAZY = {"Checkpointer": "checkpointer", "CheckpointConfig": "config", "CheckpointStats": "stats", "save": "oneshot",
-         "load": "oneshot"}
+         "load": "oneshot", "RestoreReport": "restore.load", "restore_reports": "restore.load"}
 
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer
     from .config import CheckpointConfig
     from .oneshot import load, save
+    from .restore.load import RestoreReport, restore_reports
     from .stats import CheckpointStats
 
 

@@ -38,6 +38,7 @@ from .format.layout import rank_groups
 from .format.state import group_value, optimizers_in
 from .publish.staging import finish_upload, remote_target, staging_root
 from .publish.supervisor import UploadSupervisor
+from .restore.load import RestoreReport, restore_reports
 from .restore.resume import Resume
 from .restore.rng import capture_rng
 from .saving.commit import DirLock, checkpoint_name
@@ -48,7 +49,7 @@ from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect
-from .storage.local import is_url, local_path, new_tag, space_error
+from .storage.local import is_url, local_path, new_tag, space_error, unwritable
 from .tiers import LocalTier, local_save_due, resumable_tier
 from .tiers.replicas import PeerReplicas
 
@@ -119,6 +120,9 @@ def _register_exit(ref: Any) -> None:
 class Checkpointer:
     """Saves and restores training state; see :class:`~btckpt.config.CheckpointConfig` for the options.
 
+    Retention is on by default: ``keep_last=3`` keeps the 3 newest committed checkpoints and deletes this
+    writer's older ``checkpoint-<N>`` folders in ``dir`` (pass ``keep_last=None`` to keep all).
+
     Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then
     ``ckpt.save(step, state)`` (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()``
     at the end (or use it as a context manager). All ranks call every method.
@@ -145,6 +149,10 @@ class Checkpointer:
             self.root = staging_root(self.remote)
         else:
             self.root = self.config.local_dir
+        why = unwritable(self.root)  # refused here, not at the first save
+        if why:
+            raise ConfigError(f"checkpoint dir {str(self.root)!r}: {why}; give it write access (chmod/chown), or "
+                              "point dir= / $BT_CHECKPOINT_DIR at a writable folder")
         self._lock: DirLock | None = None
         self._pending: Future[Path] | None = None
         self._error: BaseException | None = None
@@ -162,6 +170,7 @@ class Checkpointer:
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
         self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
         self._stats = StatsRecorder()
+        self.last_restore: RestoreReport | None = None  # what the last restore() loaded and skipped, per group
         self._session = self._agree_session()
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
@@ -731,13 +740,18 @@ class Checkpointer:
 
         Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A
         damaged checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what
-        matches. Saves still writing are committed first. Raises ``NoCheckpointFound`` when ``load_dir`` is
-        set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
+        matches and says what it skipped: a warning per restore, and :attr:`last_restore` (a
+        :class:`~btckpt.RestoreReport`: per group, the keys loaded and skipped); it refuses
+        (``StateMismatch``) a load that matches nothing of a model, or that would load optimizer state for
+        parameters it did not load. Saves still writing are committed first. Raises ``NoCheckpointFound``
+        when ``load_dir`` is set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
         """
         self._check_open()
         with self._busy:
             self._drain()  # a save still writing is committed (or its error raised) before anything is read
-            step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+            with restore_reports() as reports:
+                step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+            self.last_restore = reports[-1] if reports else None
             if step is not None:
                 self._last_save_step = step
                 self._adopt(step)

@@ -61,7 +61,9 @@ class CheckpointConfig:
 
     ``dir``/``load_dir``: where to save / where a previous job's checkpoints were downloaded
     (defaults from ``$BT_CHECKPOINT_DIR`` / ``$BT_LOAD_CHECKPOINT_DIR``). ``keep_last``: committed
-    checkpoints kept (None keeps all). ``async_save``: snapshot and return, write in the background.
+    checkpoints kept, **default 3**: after each commit the older ``checkpoint-<N>`` folders of this
+    writer in ``dir`` are deleted (None keeps all; protected ones always stay).
+    ``async_save``: snapshot and return, write in the background.
     ``max_shard_size``: bytes per safetensors file before sharding. ``save_rng``: save/restore RNGs.
     ``every_steps``/``every_seconds``: when :meth:`maybe_save` saves. ``on_missing``: what restore does when
     ``load_dir`` is set but holds no checkpoint (``"raise"`` or ``"start_fresh"``). ``on_error``: what a

@@ -19,6 +19,7 @@ __all__ = [
     "NoCheckpointFound",
     "StateMismatch",
     "UnsafeCheckpoint",
+    "UnsupportedFormat",
     "UnsupportedValue",
     "CoordinationError",
 ]
@@ -26,10 +27,22 @@ __all__ = [
 
 class CheckpointError(Exception):
     """Base class of every error btckpt raises. Its message never shows raw control characters or the
-    credentials of a URL (names in it come from checkpoints and buckets: see :mod:`btckpt.names`)."""
+    credentials of a URL (names in it come from checkpoints and buckets: see :mod:`btckpt.names`).
+
+    A multi-line message is given as one argument per line (``StateMismatch(first, "  detail", ...)``): each
+    line is escaped on its own (a newline inside a name shows as ``\\x0a``), and they are joined by real
+    newlines, in a raised traceback and in btckpt's log records alike (:meth:`safe_text`)."""
+
+    def _lines(self) -> bool:
+        return len(self.args) > 1 and all(isinstance(a, str) for a in self.args)
+
+    def safe_text(self) -> str:
+        """The message as a log shows it: each line escaped, lines joined by newlines (a one-argument message
+        is escaped whole, newlines included)."""
+        return "\n".join(safe(a) for a in self.args) if self._lines() else safe(super().__str__())
 
     def __str__(self) -> str:
-        return safe(super().__str__(), keep_newlines=True)
+        return self.safe_text() if self._lines() else safe(super().__str__(), keep_newlines=True)
 
 
 class ConfigError(CheckpointError, ValueError):
@@ -66,6 +79,11 @@ class StateMismatch(CheckpointError):
 
 class UnsafeCheckpoint(CorruptCheckpoint):
     """A manifest or index names a path outside its folder (absolute, ``..``, a link out)."""
+
+
+class UnsupportedFormat(CheckpointError):
+    """A checkpoint written by a newer btckpt (a manifest ``format`` this version does not read): not damaged;
+    upgrade btckpt to load it."""
 
 
 class UnsupportedValue(CheckpointError, TypeError):

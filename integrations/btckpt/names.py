@@ -11,7 +11,10 @@ i.e. from whoever wrote them. Before any of them reaches a terminal or a log:
 
 :class:`SafeLogArgs` applies :func:`printable` and :func:`redact_url` to every argument of btckpt's log
 records (installed on the ``btckpt`` loggers on import), and ``CheckpointError`` messages pass through
-the same two functions. Torch-free and rich-free (``text`` imports rich lazily).
+the same two functions. btckpt's own multi-line texts (a ``CheckpointError`` given one argument per line,
+a restore report) have a ``safe_text()`` that escapes each line on its own: their newlines read as
+newlines in a log, a newline inside a name still shows as ``\\x0a``. Torch-free and rich-free (``text``
+imports rich lazily).
 """
 
 from __future__ import annotations
@@ -89,7 +92,12 @@ def text(name: Any, style: str = "") -> Any:
 
 
 def _arg(a: Any) -> Any:
-    return a if isinstance(a, Number) else safe(a)
+    if isinstance(a, Number):
+        return a
+    own = getattr(a, "safe_text", None)  # btckpt's own multi-line text (CheckpointError, RestoreReport): escaped
+    if callable(own):                    # line by line, so its newlines stay newlines
+        return own()
+    return safe(a)
 
 
 class SafeLogArgs(logging.Filter):

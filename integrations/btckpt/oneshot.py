@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     CorruptCheckpoint,
     IncompleteCheckpoint,
+    UnsupportedFormat,
 )
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
 from .format.state import group_value
@@ -85,7 +86,7 @@ def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, stric
     if not info.complete:  # one named checkpoint: its own error, no fallback
         if info.status == "corrupt" and info.manifest is None:
             read_manifest(info.path)  # raises the precise error (UnsafeCheckpoint for names leaving the folder)
-        cls = CorruptCheckpoint if info.status == "corrupt" else IncompleteCheckpoint
+        cls = {"corrupt": CorruptCheckpoint, "newer": UnsupportedFormat}.get(info.status, IncompleteCheckpoint)
         raise cls(f"{info.path}: {info.reason}" if str(info.path) not in info.reason else info.reason)
     read_checkpoint(info, state, rank=0, want_rng=load_rng, strict=strict)()  # sharded groups via DCP
     return info.step

@@ -7,7 +7,8 @@ Starts fast: never imports torch, transformers or lightning (only torch-free mod
 ``format``, ``restore.policy``, ``publish.uploader``); ``browse`` (textual) and ``consolidate`` (torch) import what
 they need when they run. Remote URLs take their options from fsspec's environment
 variables (e.g. ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
-Exit status: 0 ok, 1 a checkpoint failed verification or is not complete, 2 usage / not found.
+Exit status: 0 ok, 1 a checkpoint failed verification or is not complete (``verify DIR``: any of those it
+checked; one retired while it ran is skipped, not failed), 2 usage / not found.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..storage.discovery import CheckpointInfo, scan, verified
 from ..storage.discovery import verify as check_files
 from .report import checkpoint_type, human, listed_files, read_header
 
-__all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify"]
+__all__ = ["main", "build_parser", "checkpoint_type", "list_checkpoints", "describe", "verify", "verify_all"]
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -50,14 +51,28 @@ def _rel(info: CheckpointInfo, root: str) -> str:
     return info.path.name
 
 
-def _row(info: CheckpointInfo, root: str) -> dict[str, Any]:
+def _row(info: CheckpointInfo, root: str, *, checksums: bool) -> dict[str, Any]:
+    status, reason, checked = info.status, info.reason, "-"
+    if info.complete and info.manifest is not None:
+        checked = "sizes"
+        if checksums:
+            checked = "checksums"
+            problems = check_files(info)
+            if problems:
+                status, reason = ("retired", "deleted while listing") if _vanished(info) else \
+                    ("corrupt", "; ".join(problems))
     return {"step": info.step, "name": _rel(info, root), "type": checkpoint_type(info), "size": info.size,
-            "created": info.created, "status": info.status, "reason": info.reason, "path": info.where}
+            "created": info.created, "status": status, "checked": checked, "reason": reason, "path": info.where}
 
 
-def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc") -> list[dict[str, Any]]:
-    """The rows ``btckpt ls`` prints (dicts: step, name, type, size, created, status, reason, path)."""
-    rows = [_row(i, target) for i in scan(target)]
+def list_checkpoints(target: str, *, sort: str = "step", order: str = "desc",
+                     checksums: bool = False) -> list[dict[str, Any]]:
+    """The rows ``btckpt ls`` prints (dicts: step, name, type, size, created, status, checked, reason, path).
+
+    ``checked`` says what ``complete`` rests on: ``sizes`` (the manifest parses and every file it lists has
+    its size: no data read), ``checksums`` (``checksums=True``: every file's xxh3-64 matched too; a mismatch
+    makes the row ``corrupt``), ``-`` (not complete, or a plain model folder without a manifest)."""
+    rows = [_row(i, target, checksums=checksums) for i in scan(target)]
     rows.sort(key=lambda r: (r[sort], r["step"]), reverse=(order == "desc"))
     return rows
 
@@ -178,32 +193,59 @@ def _print_show(d: dict[str, Any], console: Any) -> None:
 def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
     """Check every file against the manifest (size and xxh3-64). Returns the checkpoint and its problems.
 
-    Under a folder of checkpoints: the one a resume would choose (damaged ones skipped with a warning).
+    Under a folder of checkpoints: the one a resume would choose (damaged ones skipped with a warning);
+    ``btckpt verify DIR`` checks them all (:func:`verify_all`).
     """
     info, _ = _resolve(target, verify_checksums=True)
     return info, check_files(info)
 
 
+def _vanished(info: CheckpointInfo) -> bool:
+    """Whether ``info``'s folder is gone since it was listed (a running job's retention retired it)."""
+    return info.store.list(info.path) is None
+
+
+def verify_all(target: str, *, newest: bool = False) -> list[dict[str, Any]]:
+    """What ``btckpt verify DIR`` checks: every checkpoint at or under ``target`` in any layout (the resume
+    policy's candidates, in its order), or with ``newest`` only the newest one, whatever its state. One dict
+    per checkpoint: path, step, ``status`` (``ok``, ``failed``, or ``retired``: its folder disappeared
+    between the listing and the check, deleted by a running job's retention: skipped, not a failure),
+    problems, files, size."""
+    cands = ResumePolicy.at(target).candidates()
+    if not cands:
+        raise CheckpointError(f"{target}: no checkpoint there (nothing in any supported layout)")
+    if newest:
+        cands = sorted(cands, key=lambda i: i.step, reverse=True)[:1]
+    out = []
+    for info in cands:
+        problems = check_files(info)
+        status = "ok" if not problems else "retired" if _vanished(info) else "failed"
+        out.append({"path": info.where, "step": info.step, "status": status,
+                    "problems": problems if status == "failed" else [],
+                    "files": len(info.manifest.files) if info.manifest else 0, "size": info.size})
+    return out
+
+
 # -- commands ----------------------------------------------------------------------------------------------
 def _cmd_ls(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else args.format
-    rows = list_checkpoints(args.target, sort=args.sort, order=args.order)
+    rows = list_checkpoints(args.target, sort=args.sort, order=args.order, checksums=args.verify)
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(["step", "name", "type", "size", "created", "status", "reason"])
+        w.writerow(["step", "name", "type", "size", "created", "status", "checked", "reason"])
         for r in rows:
             w.writerow([r["step"], safe(r["name"]), r["type"], r["size"], safe(r["created"]), r["status"],
-                        safe(r["reason"])])
+                        r["checked"], safe(r["reason"])])
     else:
         if not rows:
             print(f"no checkpoints under {safe(args.target)}", file=sys.stderr)
             return 0
         cols = [("STEP", "right"), ("NAME", "left"), ("TYPE", "left"), ("SIZE", "right"), ("CREATED", "left"),
-                ("STATUS", "left")]
-        out = [[str(r["step"]), r["name"], r["type"], human(r["size"]), _when(r["created"]), r["status"]]
-               for r in rows]
+                ("STATUS", "left"), ("CHECKED", "left")]
+        out = [[str(r["step"]), r["name"], r["type"], human(r["size"]), _when(r["created"]), r["status"],
+                r["checked"]] for r in rows]
         if any(r["reason"] for r in rows):
             cols.append(("DETAIL", "left"))
             for o, r in zip(out, rows, strict=True):
@@ -222,6 +264,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    policy = ResumePolicy.at(args.target)
+    if policy.target() is None:  # a folder of checkpoints: all of them (or the newest)
+        return _verify_folder(args)
     info, problems = verify(args.target)
     if args.json or args.format == "json":
         print(json.dumps({"path": info.where, "step": info.step, "ok": not problems, "problems": problems},
@@ -236,6 +281,35 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(f"OK {where} (step {info.step}): {n} files, {human(info.size)}, checksums match")
     return 1 if problems else 0
+
+
+def _verify_folder(args: argparse.Namespace) -> int:
+    results = verify_all(args.target, newest=args.newest)
+    scope = "newest" if args.newest else "all"
+    failed = [r for r in results if r["status"] == "failed"]
+    resume = next((r for r in results if r["status"] == "ok"), None) if not args.newest else None
+    if args.json or args.format == "json":
+        print(json.dumps({"path": args.target, "checked": scope, "ok": not failed, "checkpoints": results,
+                          "resume": None if resume is None else {"path": resume["path"], "step": resume["step"]}},
+                         indent=1))
+        return 1 if failed else 0
+    for r in results:
+        where = safe(r["path"])
+        if r["status"] == "ok":
+            print(f"OK {where} (step {r['step']}): {r['files']} files, {human(r['size'])}, checksums match")
+        elif r["status"] == "retired":
+            print(f"RETIRED {where} (step {r['step']}): deleted while verifying (a running job's retention); "
+                  "skipped")
+        else:
+            for p in r["problems"]:
+                print(f"BAD {where}: {safe(p)}", file=sys.stderr)
+            print(f"FAILED {where} (step {r['step']}): {len(r['problems'])} problem(s) in {r['files']} file(s)")
+    counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "failed", "retired")}
+    what = "the newest checkpoint only (--newest)" if args.newest else f"{len(results)} checkpoint(s)"
+    print(f"checked {what} under {safe(args.target)}: {counts['ok']} OK, {counts['failed']} FAILED"
+          + (f", {counts['retired']} retired" if counts["retired"] else "")
+          + ("" if args.newest else f"; a resume loads {'step ' + str(resume['step']) if resume else 'none'}"))
+    return 1 if failed else 0
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
@@ -268,14 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--order", choices=["asc", "desc"], default="desc")
     ls.add_argument("--format", choices=["table", "json", "csv"], default="table")
     ls.add_argument("--json", action="store_true", help="same as --format json")
+    ls.add_argument("--verify", action="store_true", help="also check every complete checkpoint's checksums "
+                    "(reads all data); without it, CHECKED says 'sizes': complete means the files have their sizes")
     ls.set_defaults(func=_cmd_ls)
-    for name, func, hlp in (("show", _cmd_show, "files and tensor summary (safetensors headers only)"),
-                            ("verify", _cmd_verify, "check every file's size and checksum against the manifest")):
+    for name, func, hlp, target_help in (
+            ("show", _cmd_show, "files and tensor summary (safetensors headers only)",
+             "a checkpoint folder or URL (or a folder holding them: the one a resume would load)"),
+            ("verify", _cmd_verify, "check every file's size and checksum against the manifest",
+             "a checkpoint folder or URL, or a folder holding them: every checkpoint in it is checked")):
         sp = sub.add_parser(name, help=hlp)
-        sp.add_argument("target", metavar="CKPT", help="a checkpoint folder or URL (or a folder holding them: "
-                        "the newest complete one)")
+        sp.add_argument("target", metavar="CKPT", help=target_help)
         sp.add_argument("--format", choices=["table", "json"], default="table")
         sp.add_argument("--json", action="store_true", help="same as --format json")
+        if name == "verify":
+            sp.add_argument("--newest", action="store_true", help="under a folder of checkpoints, check only the "
+                            "newest one (whatever its state), and say so")
         sp.set_defaults(func=func)
     up = sub.add_parser("upload", help="mirror committed checkpoints to a URL (a separate process)")
     add_arguments(up)

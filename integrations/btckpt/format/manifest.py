@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint
+from ..errors import CorruptCheckpoint, IncompleteCheckpoint, UnsafeCheckpoint, UnsupportedFormat
 from .checksum import CHECKSUM, file_checksum, new_hasher
 from .header import DTYPE_SIZES
 from .members import (  # re-exported: the manifest's readers open files through these
@@ -65,6 +65,14 @@ def check_member(folder: str | os.PathLike[str], manifest: Manifest, name: str) 
         raise CorruptCheckpoint(f"{Path(folder) / problem}; the file is damaged: use an older checkpoint")
 
 
+def _newer_format(fmt: Any) -> str | None:
+    """``fmt`` when it names a btckpt format newer than :data:`FORMAT` (``btckpt/2``...), else None."""
+    if not isinstance(fmt, str) or not fmt.startswith("btckpt/") or not (fmt[7:].isascii() and fmt[7:].isdigit()) \
+            or len(fmt) > 20:
+        return None
+    return fmt if int(fmt[7:]) > int(FORMAT[7:]) else None
+
+
 @dataclass
 class Manifest:
     """The parsed manifest. ``files`` maps relative names to ``{"size": int, "xxh3_64": hex}``."""
@@ -100,6 +108,10 @@ class Manifest:
                                     "use an older one or delete this folder") from None
         if not isinstance(obj, dict):
             raise CorruptCheckpoint(f"{where}: manifest is not a JSON object")
+        newer = _newer_format(obj.get("format"))
+        if newer:  # before the fields and the checksum: a newer format may have changed either
+            raise UnsupportedFormat(f"{where}: written by a newer btckpt (format {newer!r}; this btckpt reads "
+                                    f"{FORMAT!r}): upgrade btckpt to load it")
         unknown = sorted(set(obj) - _FIELDS)
         if unknown:
             raise CorruptCheckpoint(f"{where}: manifest has unknown fields {unknown}; the file is damaged or "

@@ -15,7 +15,7 @@ import torch
 from ..errors import StateMismatch
 
 __all__ = ["unwrap_model", "group_value", "check_group", "apply_group", "optimizers_in", "gated_keys",
-           "optimizer_state_for_loading"]
+           "optimizer_state_for_loading", "module_fit"]
 
 
 def unwrap_model(obj: Any) -> Any:
@@ -61,10 +61,39 @@ def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
     return out
 
 
-def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+def _tied_to(own: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, str]:
+    """``{missing key: present key}`` for keys of the live model absent from ``loaded`` that the model ties to a
+    key ``loaded`` has (the same storage, offset and shape: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``).
+    ``save_pretrained`` writes a tied tensor once; loading the present key loads the tied one too."""
+    by_view: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for k, v in own.items():
+        if k in loaded and isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr():
+            by_view.setdefault((v.untyped_storage().data_ptr(), int(v.storage_offset()), tuple(v.shape)), k)
+    out = {}
+    for k, v in own.items():
+        if k not in loaded and isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr():
+            twin = by_view.get((v.untyped_storage().data_ptr(), int(v.storage_offset()), tuple(v.shape)))
+            if twin is not None:
+                out[k] = twin
+    return out
+
+
+def module_fit(module: torch.nn.Module, loaded: Mapping[str, Any]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """How ``loaded`` (a state_dict read from a checkpoint) fits ``module``: the keys that load (tied keys
+    included, see :func:`_tied_to`), those missing from the checkpoint, those unexpected in it, and
+    ``"key: why"`` for each shape/dtype mismatch. Changes nothing."""
     own = module.state_dict()
-    missing = [k for k in own if k not in loaded]
+    tied = _tied_to(own, loaded)
+    missing = [k for k in own if k not in loaded and k not in tied]
     unexpected = [k for k in loaded if k not in own]
+    mismatched = _mismatched(own, loaded)
+    wrong = {m.split(":")[0] for m in mismatched}
+    bad = wrong | {k for k, twin in tied.items() if twin in wrong}
+    fits = [k for k in own if k not in missing and k not in bad]
+    return fits, missing, unexpected, mismatched
+
+
+def _mismatched(own: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
     mismatched = []
     for k, v in own.items():
         if k not in loaded or not isinstance(v, torch.Tensor):
@@ -74,6 +103,15 @@ def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, An
             mismatched.append(f"{k}: checkpoint holds {type(lv).__name__}, the model a tensor")
         elif tuple(v.shape) != tuple(lv.shape) or v.dtype != lv.dtype:
             mismatched.append(f"{k}: checkpoint {lv.dtype}{list(lv.shape)} vs model {v.dtype}{list(v.shape)}")
+    return mismatched
+
+
+def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    own = module.state_dict()
+    tied = _tied_to(own, loaded)
+    missing = [k for k in own if k not in loaded and k not in tied]
+    unexpected = [k for k in loaded if k not in own]
+    mismatched = _mismatched(own, loaded)
     if strict and (missing or unexpected or mismatched):
         lines = [f"state group {name!r} does not match the checkpoint:"]
         if missing:
@@ -83,9 +121,11 @@ def _module_mismatch(name: str, module: torch.nn.Module, loaded: Mapping[str, An
         if mismatched:
             lines.append(f"  shape/dtype mismatch ({len(mismatched)}): {mismatched[:20]}")
         lines.append("  fix the model definition, or pass strict=False to load only what matches")
-        raise StateMismatch("\n".join(lines))
+        raise StateMismatch(*lines)
     bad = {m.split(":")[0] for m in mismatched}
-    return {k: v for k, v in loaded.items() if k in own and k not in bad}
+    out = {k: v for k, v in loaded.items() if k in own and k not in bad}
+    out.update({k: loaded[twin] for k, twin in tied.items() if twin not in bad})  # loads the same storage again
+    return out
 
 
 def check_group(name: str, target: Any, loaded: Any, *, strict: bool) -> None:

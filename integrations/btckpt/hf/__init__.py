@@ -179,7 +179,8 @@ class CheckpointCallback(TrainerCallback):
     """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``) and resume.
 
     Saves happen when the Trainer's own save would (``save_strategy`` steps/epoch/best, ``save_steps``);
-    ``save_total_limit`` becomes ``keep_last`` and the best checkpoint is protected from retention.
+    ``save_total_limit`` becomes ``keep_last`` (unset: every checkpoint is kept, as the Trainer does, not a
+    plain Checkpointer's default 3) and the best checkpoint is protected from retention.
     A SIGTERM saves at the next step boundary, waits for the commit and exits the process with status 0
     (``exit_on_preemption=False``: ``train()`` returns instead). ``auto_resume``: ``train()`` without
     ``resume_from_checkpoint`` resumes from :func:`resume_checkpoint`. ``local_every_steps=K`` (and

@@ -137,7 +137,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     model folder form; module doc). ``local_every_steps=K`` (and ``local_tier_dir``): with this module's
     :class:`ModelCheckpoint`, every K training steps a save into the node-local tier; the ModelCheckpoint
     saves go through the tier and are promoted into their folder (README "Tiers"); resume with
-    ``resume_path(local_tier_dir=...)``.
+    ``resume_path(local_tier_dir=...)``. Retention is ``ModelCheckpoint``'s (``save_top_k``): btckpt's own
+    ``keep_last`` is off here, nothing is deleted that Lightning did not ask to remove.
     """
 
     def __init__(self, *, async_save: bool = True, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NoCheckpointFound
-from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, verified
+from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, unreadable, verified
 from ..storage.local import is_url, local_path, remote_fs
 
 __all__ = ["ResumePolicy", "latest"]
@@ -123,6 +123,10 @@ class ResumePolicy:
             where = self.load_dir
             if where is not None and not is_url(where) and not local_path(where).exists():
                 raise NoCheckpointFound(f"{local_path(where)} does not exist")
+            why = None if where is None or is_url(where) else unreadable(local_path(where))
+            if why:
+                raise NoCheckpointFound(f"{where} cannot be read ({why}); give this process (uid {os.geteuid()}) "
+                                        "read access to it")
             raise NoCheckpointFound(f"no complete, verified checkpoint at or under {where} (damaged ones are named "
                                     "in the warnings above)")
 

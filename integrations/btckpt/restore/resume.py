@@ -50,7 +50,11 @@ class Resume:
 
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints in order of preference: own (local tier and dir) newest first, then ``load_dir``'s."""
-        return [i for i in self.policy.candidates() if i.complete]
+        infos = self.policy.candidates()
+        for i in infos:
+            if i.status == "newer":  # passed over: said, never silent
+                log.warning("btckpt: passing over %s: %s", i.where, i.reason)
+        return [i for i in infos if i.complete]
 
     def restore(self, state: MutableMapping[str, Any], *, strict: bool) -> int | None:
         """Load the preferred checkpoint into ``state``; its step, or None (or NoCheckpointFound, see below).

@@ -39,6 +39,7 @@ from ..errors import (
     IncompleteCheckpoint,
     NoCheckpointFound,
     StateMismatch,
+    UnsupportedFormat,
 )
 from ..format.checksum import file_checksum
 from ..format.manifest import MANIFEST, MAX_MANIFEST, Manifest, entry_problem, read_error
@@ -47,7 +48,7 @@ from .nodes import node_rank
 from .store import LOCAL, Entry, Store, open_store
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verified", "nothing_to_resume"]
+           "verify", "verified", "nothing_to_resume", "unreadable"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
@@ -62,7 +63,8 @@ class CheckpointInfo:
     """A checkpoint folder found on disk or behind a URL, and what state it is in.
 
     ``status``: ``complete`` (manifest and all files present), ``incomplete`` (never committed or files
-    missing) or ``corrupt`` (manifest malformed or unsafe). ``kind``: ``btckpt`` or ``hf`` (a plain HF
+    missing, or the folder cannot be read), ``corrupt`` (manifest malformed or unsafe) or ``newer`` (written
+    by a newer btckpt: not damaged, upgrade btckpt to read it). ``kind``: ``btckpt`` or ``hf`` (a plain HF
     model folder without a manifest, usable as a weights-only warm start). ``store`` reads its files
     (``path`` is the folder in it: a local path, or the fsspec path of a URL); ``where`` is the printable
     location (the path, or the URL).
@@ -115,12 +117,18 @@ def inspect(path: str | os.PathLike[str], *, store: Store | None = None, named: 
             size, created = man.total_bytes, man.created
         return CheckpointInfo(p, _step_of(p.name, man), status, kind, man, size, created, reason, store)
 
-    top = {e.name: e for e in store.list(folder) or []}
+    listed = store.list(folder)
+    why = unreadable(folder) if listed is None and store.local else None
+    if why:
+        return info("incomplete", reason=f"cannot read the folder: {why}")
+    top = {e.name: e for e in listed or []}
     if MANIFEST not in top:
         return _without_manifest(store, top, info, hf_ok=store.local or named)
     try:
         man = Manifest.from_json(store.get(folder, MANIFEST, limit=MAX_MANIFEST),
                                  where=store.where(folder, MANIFEST))
+    except UnsupportedFormat as exc:
+        return info("newer", reason=str(exc))
     except CheckpointError as exc:
         return info("corrupt", reason=str(exc))
     found = store.stat(folder, man.files)
@@ -201,6 +209,18 @@ def _holds_checkpoints(store: Store, root: str, top: list[Entry]) -> bool:
     return False
 
 
+def unreadable(path: str | os.PathLike[str]) -> str | None:
+    """Why the local folder ``path`` cannot be listed (``"Permission denied"``...), or None when it can, or
+    when it does not exist or is no folder (nothing to tell)."""
+    try:
+        with os.scandir(path):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = False) -> list[CheckpointInfo]:
     """All checkpoint folders under ``path`` (a local path or an fsspec URL such as ``s3://...``) in every
     supported layout, newest first (complete or not).
@@ -211,6 +231,9 @@ def scan(path: str | os.PathLike[str], *, rank: int | None = None, own: bool = F
     store, root = open_store(path)
     top = store.list(root)
     if top is None:
+        why = unreadable(root) if store.local else None
+        if why:
+            log.warning("btckpt: cannot read %s (%s): its checkpoints, if any, are not considered", root, why)
         return []
     if any(e.name == MANIFEST for e in top) or STEP_DIR.match(posixpath.basename(root)):
         return [inspect(root, store=store)]
@@ -295,6 +318,9 @@ def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointIn
     """
     mismatch: StateMismatch | None = None
     for info in candidates:
+        if info.status == "newer":
+            log.warning("btckpt: skipping %s, falling back to an older checkpoint: %s", info.where, info.reason)
+            continue
         if not info.complete:
             log.warning("btckpt: skipping %s (%s%s)", info.where, info.status,
                         f": {info.reason}" if info.reason else "")
@@ -324,6 +350,12 @@ def nothing_to_resume(dir: str | os.PathLike[str] | None, load_dir: str | os.Pat
     if not load_dir:
         return
     if on_missing == "raise":
+        why = None if is_url(os.fspath(load_dir)) else unreadable(os.fspath(load_dir))
+        if why:
+            raise NoCheckpointFound(
+                f"$BT_LOAD_CHECKPOINT_DIR / load_dir {os.fspath(load_dir)!r} cannot be read ({why}), and "
+                f"{os.fspath(dir) if dir is not None else 'the checkpoint dir'} has no checkpoint either. Give this "
+                f"job (uid {os.geteuid()}) read access to it, or point load_dir at a readable copy")
         raise NoCheckpointFound(
             f"$BT_LOAD_CHECKPOINT_DIR / load_dir {os.fspath(load_dir)!r} holds no complete, verified checkpoint "
             f"and {os.fspath(dir) if dir is not None else 'the checkpoint dir'} has none either (damaged ones "

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, InsufficientSpace
 from ..names import remember_secrets
 
 __all__ = [
-    "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "remote_fs", "space_error",
+    "preflight", "is_url", "fsync_dir", "fsync_file", "free_bytes", "remote_fs", "space_error", "unwritable",
     "is_private", "modes_in", "make_dirs", "open_nofollow", "owner_name", "unsafe_dir", "private_dir",
     "state_dir", "read_nofollow",
 ]
@@ -37,6 +37,19 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     """True for fsspec URLs such as ``s3://bucket/x`` (but not ``file://``, which maps to local)."""
     s = os.fspath(path)
     return "://" in s and not s.startswith("file://")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why this process could not create checkpoints in ``folder`` (it, or the nearest folder above it that
+    exists, is not writable and searchable by the effective uid), or None. Root passes every check."""
+    q = folder
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    eff = os.access in os.supports_effective_ids
+    if q.is_dir() and not os.access(q, os.W_OK | os.X_OK, effective_ids=eff):
+        what = "it" if q == folder else f"{str(q)!r}, where it would be created,"
+        return f"{what} is not writable by this process (uid {os.geteuid()})"
+    return None
 
 
 def local_path(path: str | os.PathLike[str]) -> Path:
