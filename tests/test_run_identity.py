@@ -141,6 +141,15 @@ def test_hf_a_changed_run_in_a_used_dir_is_refused_and_the_same_run_resumes(tmp_
         changed.train()
     assert str(ck) in str(err.value) and "checkpoint-4" in str(err.value)
     assert seen.begun == [] and _same(kept, _weights(ck / "checkpoint-4"))
+    # a load dir's checkpoint is a deliberate warm start: another identity (lr, max_steps) does not refuse it,
+    # but an own dir holding only the other run's checkpoints does, also for an explicit path from elsewhere
+    warm, seen = _hf(tmp_path / "out", dir=str(tmp_path / "ck_warm"), load_dir=str(ck), lr=3e-3, steps=6)
+    warm.train()
+    assert seen.begun == [4, 5] and (tmp_path / "ck_warm" / "checkpoint-6").is_dir()
+    into_used, seen = _hf(tmp_path / "out", dir=str(tmp_path / "ck_warm"), lr=1e-3, steps=8)
+    with pytest.raises(ConfigError, match="ck_warm holds checkpoints of an earlier run"):
+        into_used.train(resume_from_checkpoint=str(ck / "checkpoint-4"))
+    assert seen.begun == []
     same, seen = _hf(tmp_path / "out", dir=str(ck), steps=6)
     same.train()
     assert seen.begun == [4, 5]  # resumed from checkpoint-4

@@ -58,6 +58,7 @@ from ..adapters import (
     model_config_files,
     open_checkpoint,
     refuse_fresh_start,
+    refuse_other_runs,
     restore_rank_rng,
     resume_folder,
     run_fingerprint,
@@ -309,7 +310,8 @@ class CheckpointCallback(TrainerCallback):
         """What ``train(resume_from_checkpoint=...)`` resumes from under btckpt: ``True`` and (``auto_resume``)
         None: this run's newest checkpoint (:meth:`_resume_checkpoint`); ``False`` (or None without
         ``auto_resume``): a fresh start, refused in a dir that holds checkpoints (its saves would take their
-        names; README "Run identity"); a path: that folder."""
+        names; README "Run identity"); a path: that folder (from elsewhere: refused when the own dir holds
+        only another run's checkpoints)."""
         if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
             found = self._resume_checkpoint()
             if found is None:
@@ -323,6 +325,10 @@ class CheckpointCallback(TrainerCallback):
             return found
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             refuse_fresh_start(self._dir(), local_tier_dir=self.options.get("local_tier_dir"))
+        elif self.ckpt is not None and Path(resume_from_checkpoint).resolve().parent != self.ckpt.root.resolve():
+            # a warm start from a folder elsewhere: the own dir must not hold only another run's checkpoints
+            refuse_other_runs(self._dir(), run=self.ckpt.config.run_id,
+                              local_tier_dir=self.options.get("local_tier_dir"))
         return resume_from_checkpoint
 
     def _finished_run(self, folder: str) -> Any:

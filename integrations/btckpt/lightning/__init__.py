@@ -551,10 +551,11 @@ class ModelCheckpoint(_ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, SafetensorsCheckpointIO) and self.dirpath and trainer.is_global_zero:
+        if isinstance(io, SafetensorsCheckpointIO) and self.dirpath:  # every rank: all refuse together
             if trainer.ckpt_path is None:  # a fresh fit: its saves would take an earlier run's names
                 refuse_fresh_start(self.dirpath, local_tier_dir=io.local_tier_dir)
-            else:
+            elif Path(os.path.abspath(trainer.ckpt_path)).parent != Path(os.path.abspath(self.dirpath)):
+                # a warm start from elsewhere: the folder must not hold only another run's checkpoints
                 refuse_other_runs(self.dirpath, run=io._run, local_tier_dir=io.local_tier_dir)
         if isinstance(io, SafetensorsCheckpointIO) and trainer.world_size == 1 and self.dirpath:
             # created after Lightning installed its SIGTERM handler: ours takes over until teardown
