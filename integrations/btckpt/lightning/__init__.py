@@ -593,10 +593,10 @@ class ModelCheckpoint(_ModelCheckpoint):
 
 
 def run_identity(module: Any) -> str:
-    """The run identity of a LightningModule's run (README "Run identity"): its class, ``hparams`` and tensor
-    names, shapes and dtypes."""
-    hparams = dict(getattr(module, "hparams", None) or {})
-    return run_fingerprint({"integration": "lightning", "module": type(module).__qualname__, "hparams": hparams,
+    """The run identity of a LightningModule's run (README "Run identity"): its class and tensor names, shapes
+    and dtypes. ``hparams`` are left out: they often hold paths, flags and settings that change between
+    restarts of one run, and a retry refused as "another run" would lose the job."""
+    return run_fingerprint({"integration": "lightning", "module": type(module).__qualname__,
                             "tensors": tensor_shapes(module)})
 
 

@@ -169,7 +169,9 @@ def other_run_error(dir: str | os.PathLike[str], others: list[CheckpointInfo], *
         "(HF: TrainingArguments(output_dir=...) or CheckpointCallback(dir=...); Lightning: Trainer("
         "default_root_dir=...) or ModelCheckpoint(dirpath=...); Checkpointer(dir=...)), or move the earlier "
         f"run's checkpoint-<N> folders out of {os.fspath(dir)} (or delete them)"
-        + (", or resume it instead" if fresh else ""))
+        + (", or resume it instead" if fresh else "; to continue that run on purpose with the changed settings, "
+           "resume one of its checkpoints by path (HF: train(resume_from_checkpoint=...); Lightning: "
+           "fit(ckpt_path=...))"))
 
 
 def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:
