@@ -6,8 +6,10 @@ Usage::
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[CheckpointCallback()])
     trainer.train(resume_from_checkpoint=resume_checkpoint())   # None when there is nothing to resume
 
-(``trainer.train()`` alone resumes too: the callback fills in ``resume_checkpoint()`` when the argument is
-not given; pass ``resume_from_checkpoint=False`` to start fresh.)
+(``trainer.train()`` alone resumes too: the callback fills in ``resume_checkpoint()`` for this run's identity
+when the argument is not given; pass ``resume_from_checkpoint=False`` to start fresh, in a dir that holds no
+checkpoints. Off the platform, without ``$BT_CHECKPOINT_DIR``, the callback saves into ``output_dir``. Run
+identity: README "Run identity", :func:`run_identity`.)
 
 How it plugs in: when the Trainer is built, the callback finds it (the callback API hands callbacks no
 Trainer) and replaces a few of its checkpoint methods on that instance only (``_REPLACED``: each one's
@@ -204,7 +206,8 @@ def _is_peft(model: Any) -> bool:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``) and resume.
+    """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``, else the
+    Trainer's ``output_dir``) and resume.
 
     Saves happen when the Trainer's own save would (``save_strategy`` steps/epoch/best, ``save_steps``);
     ``save_total_limit`` becomes ``keep_last`` and the best checkpoint is protected from retention.
