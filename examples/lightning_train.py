@@ -41,7 +41,8 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu", max_steps=200, logger=False, enable_progress_bar=False,
         plugins=[SafetensorsCheckpointIO()],
-        # btckpt's ModelCheckpoint: dirpath defaults to $BT_CHECKPOINT_DIR (else ./checkpoints);
+        # btckpt's ModelCheckpoint: dirpath defaults to $BT_CHECKPOINT_DIR (else Lightning's own: with
+        # logger=False, <default_root_dir>/checkpoints, here ./checkpoints, where resume_path() looks);
         # SIGTERM saves last.ckpt at the next batch end and stops cleanly.
         callbacks=[ModelCheckpoint(every_n_train_steps=50, save_top_k=2, monitor="step", mode="max",
                                    save_last=True)],

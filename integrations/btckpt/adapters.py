@@ -14,6 +14,8 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
   checkpoint, never from creation order);
 - **the local tier's cadence** -- :func:`local_save_due` (when a framework step goes into the tier with
   ``Checkpointer.save_local``; its durable saves go through the tier by themselves, ``Checkpointer.save``);
+- **run identity** -- :func:`run_fingerprint` / :func:`tensor_shapes` (what the adapter says makes its run the
+  same run, as the Checkpointer's ``run_id``), :func:`refuse_fresh_start` (a run started fresh in a used dir);
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
   :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
 
@@ -22,10 +24,12 @@ Never imports transformers or lightning: the objects come from the adapter.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +38,15 @@ from .distributed.world import World, world
 from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
 from .format.manifest import MANIFEST
 from .restore.load import read_checkpoint
-from .restore.policy import ResumePolicy
+from .restore.policy import ResumePolicy, other_run_error
 from .restore.reader import CheckpointReader
 from .restore.rng import apply_rng, capture_rng, read_rank_rng
 from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url
 from .tiers import local_save_due, resumable_tier
 
-__all__ = ["resume_folder", "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
+__all__ = ["resume_folder", "refuse_fresh_start", "refuse_other_runs", "run_fingerprint", "tensor_shapes",
+           "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
            "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
            "model_config_files"]
 
@@ -51,22 +56,50 @@ log = logging.getLogger("btckpt")
 # -- resume search -------------------------------------------------------------------------------------------
 def resume_folder(*, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
                   on_missing: str, accept: Callable[[CheckpointInfo], bool] | None, helper: str,
-                  local_tier_dir: str | os.PathLike[str] | None = None) -> str | None:
+                  local_tier_dir: str | os.PathLike[str] | None = None, run: str | None = None) -> str | None:
     """The local checkpoint folder a framework resumes from: the resume policy over ``dir`` (default
     ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``) then ``load_dir`` (default ``$BT_LOAD_CHECKPOINT_DIR``),
     checksums verified, ``accept`` for the framework's kind of checkpoint; None, or ``NoCheckpointFound``
     per ``on_missing``. Frameworks read local folders, so URL dirs are not searched; a URL load dir with
     nothing found locally is a :class:`ConfigError` naming ``helper`` (e.g. ``"resume_path()"``) unless
     ``on_missing="start_fresh"``. The own dir's node-local tier (``local_tier_dir``, default
-    ``/dev/shm/btckpt-<uid>/<job>``; :mod:`btckpt.tiers`) is searched with it when it is there and this job's."""
+    ``/dev/shm/btckpt-<uid>/<job>``; :mod:`btckpt.tiers`) is searched with it when it is there and this job's.
+    ``run``: the run identity the framework's run has (:attr:`btckpt.config.CheckpointConfig.run_id`): ``dir``'s
+    checkpoints of another run are passed over, and a ``dir`` holding only such ones is refused
+    (:class:`ConfigError`, :func:`btckpt.restore.policy.other_run_error`)."""
     roots = [resolve_dir(dir), resolve_load_dir(load_dir)]
     own, load = (None if r is None or is_url(r) else r for r in roots)
     local = resumable_tier(own, local_tier_dir) if own is not None else None
-    found = ResumePolicy.for_job(dir=own, load_dir=load, on_missing=on_missing, accept=accept, local=local).choose()
+    found = ResumePolicy.for_job(dir=own, load_dir=load, on_missing=on_missing, accept=accept, local=local,
+                                 run=run).choose()
     if found is None and roots[1] is not None and is_url(roots[1]) and on_missing == "raise":
         raise ConfigError(f"load_dir {roots[1]!r} is a URL; {helper} reads local folders only (pass the "
                           "downloaded folder, or on_missing='start_fresh')")
     return str(found.path) if found is not None else None
+
+
+def refuse_fresh_start(dir: str | os.PathLike[str] | None, *,
+                       local_tier_dir: str | os.PathLike[str] | None = None) -> None:
+    """For a run the user starts fresh (no resume asked for): raise :class:`ConfigError` naming ``dir`` (default
+    ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``) and the fixes when it (or its node-local tier) holds complete
+    checkpoints, which the new run's saves would collide with (:func:`btckpt.restore.policy.other_run_error`)."""
+    own = resolve_dir(dir)
+    if is_url(own):
+        return
+    local = resumable_tier(own, local_tier_dir)
+    found = [i for i in ResumePolicy.for_job(dir=own, load_dir=None, local=local).candidates() if i.complete]
+    if found:
+        raise other_run_error(own, found, fresh=True)
+
+
+def refuse_other_runs(dir: str | os.PathLike[str] | None, *, run: str | None,
+                      local_tier_dir: str | os.PathLike[str] | None = None) -> None:
+    """For a run resumed from elsewhere (e.g. a warm start from the load dir): raise :class:`ConfigError` naming
+    ``dir`` and the fixes when it holds checkpoints of another run and none of ``run`` (the resume policy's
+    rule, :class:`~btckpt.restore.policy.ResumePolicy`)."""
+    own = resolve_dir(dir)
+    if run is not None and not is_url(own):
+        ResumePolicy.for_job(dir=own, load_dir=None, local=resumable_tier(own, local_tier_dir), run=run).candidates()
 
 
 def open_checkpoint(path: str | os.PathLike[str] | None, *, btckpt_only: bool = False) -> CheckpointInfo | None:
@@ -174,3 +207,23 @@ def model_config_files(model: Any) -> dict[str, bytes]:
             gen.save_pretrained(folder)
 
     return files_written_by(write)
+
+
+# -- run identity --------------------------------------------------------------------------------------------
+def run_fingerprint(parts: Mapping[str, Any]) -> str:
+    """A run identity (:attr:`btckpt.config.CheckpointConfig.run_id`) from what an integration says makes a run the
+    same run (model config, parameter shapes, key training arguments): 16 hex digits of a SHA-256 over their
+    canonical JSON (keys sorted; other values by ``repr``)."""
+    raw = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def tensor_shapes(module: Any) -> list[list[Any]]:
+    """``[name, shape, dtype]`` of each entry of ``module.state_dict()`` that has a shape (global shapes for
+    sharded tensors), for :func:`run_fingerprint`."""
+    out: list[list[Any]] = []
+    for name, value in module.state_dict().items():
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            out.append([name, list(shape), str(getattr(value, "dtype", ""))])
+    return out

@@ -35,10 +35,12 @@ from .distributed.world import World
 from .distributed.world import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .format.layout import rank_groups
+from .format.manifest import RUN_META
 from .format.state import group_value, optimizers_in
 from .publish.staging import finish_upload, remote_target, staging_root
 from .publish.supervisor import UploadSupervisor
 from .restore.load import RestoreReport, restore_reports
+from .restore.policy import same_run
 from .restore.resume import Resume
 from .restore.rng import capture_rng
 from .saving.commit import DirLock, checkpoint_name
@@ -365,6 +367,11 @@ class Checkpointer:
         final = root / checkpoint_name(step)
         if final.exists():
             info = inspect(final)
+            if info.complete and not same_run(info, self.config.run_id):
+                raise CheckpointError(f"{final} was committed by another run (its btckpt.run differs from this "
+                                      "run's run_id); btckpt never overwrites it, and skipping this save would "
+                                      "lose it: give this run a dir of its own, or move the other run's "
+                                      "checkpoints away")
             if info.complete:
                 log.warning("btckpt: %s already exists; not saving step %d again", final, step)
                 return
@@ -402,9 +409,12 @@ class Checkpointer:
                 raise space_error(exc, root / checkpoint_name(step)) from exc
             self._gate.watch([*optimizers_in(state), *optimizers])
             self._gate.arm(staged)
+        meta = dict(meta or {})
+        if self.config.run_id is not None:
+            meta[RUN_META] = self.config.run_id
         job = SaveJob(step=step, root=root, tag=tag, world=self.world, flat=flat, staged=staged,
                       rng=capture_rng() if self.config.save_rng else None, extra_files=dict(extra_files or {}),
-                      meta=dict(meta or {}), barrier_timeout=self._barrier_timeout(), sharded=part,
+                      meta=meta, barrier_timeout=self._barrier_timeout(), sharded=part,
                       rank_state=own_plain, tensor_groups=tensor_groups, io_threads=self.config.io_threads,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
                                                      if int(r) != self.world.rank})

@@ -98,6 +98,12 @@ class CheckpointConfig:
     ``peer_replicas``: with a local tier and two or more nodes, each node's tier checkpoints are also kept in
     the next node's tier, and a node that lost its memory fetches its part back from there at start
     (:mod:`btckpt.tiers.replicas`); the tier then needs room for twice as many copies.
+    ``run_id``: this run's identity (a string the same on every rank and every restart of the run, e.g. a hash
+    of the model config and the hyperparameters; the HF and Lightning integrations compute one). Recorded in
+    each checkpoint's manifest; :meth:`restore` then resumes only this run's checkpoints from ``dir`` (a
+    ``load_dir`` checkpoint is a deliberate warm start and is taken whatever its identity), refuses a ``dir``
+    that holds only another run's checkpoints, and a save never skips a step another run committed there.
+    None (default): no identity, every checkpoint in ``dir`` counts as this run's.
     """
 
     dir: str | None = None
@@ -123,6 +129,7 @@ class CheckpointConfig:
     local_every_steps: int | None = None
     local_tier_dir: str | None = None
     peer_replicas: bool = True
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", resolve_dir(self.dir))
@@ -159,6 +166,9 @@ class CheckpointConfig:
         if self.upload_to is not None and is_url(self.dir):
             raise ConfigError(f"dir={self.dir!r} is already a URL (checkpoints are published there); upload_to "
                               "mirrors a local dir: set one of them")
+        if self.run_id is not None and not (isinstance(self.run_id, str) and 0 < len(self.run_id) <= 256):
+            raise ConfigError(f"run_id={self.run_id!r}: must be a non-empty string (at most 256 characters), the "
+                              "same on every rank and restart of the run, or None")
         self._check_consolidate()
         self._check_local_tier()
         if not self.barrier_timeout > 0 or not self.preemption_grace > 0:

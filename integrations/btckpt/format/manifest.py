@@ -36,7 +36,7 @@ __all__ = ["FORMAT", "MANIFEST", "DEFAULT_MAX_SHARD_SIZE", "Manifest", "check_re
            "open_regular", "file_kind", "open_member",
            "member_path", "read_member", "read_upto", "read_error",
            "check_member",
-           "tiling_problem", "SHARDED_META"]
+           "tiling_problem", "SHARDED_META", "RUN_META"]
 
 FORMAT = "btckpt/1"
 MANIFEST = "btckpt.json"
@@ -154,6 +154,10 @@ class Manifest:
                                                     and k in state for k, v in sharded.items()):
             raise CorruptCheckpoint(f"{where}: manifest meta {SHARDED_META!r} {_short(sharded)} must map groups of "
                                     "the state to 'model' or 'optimizer'")
+        run = meta.get(RUN_META)
+        if run is not None and not (isinstance(run, str) and 0 < len(run) <= 256):
+            raise CorruptCheckpoint(f"{where}: manifest meta {RUN_META!r} {_short(run)} is not a run identity (a "
+                                    "non-empty string)")
         man = cls(step=step, files=files, state=state, world=world, created=created, meta=meta)
         for group, tree in state.items():
             try:
@@ -161,6 +165,13 @@ class Manifest:
             except CorruptCheckpoint as exc:
                 raise type(exc)(f"{where}: state group {group!r}: {exc}") from None
         return man
+
+    @property
+    def run(self) -> str | None:
+        """The run identity the writer recorded (``meta["btckpt.run"]``), or None (written without one, or
+        by a btckpt before run identities: such a checkpoint belongs to any run)."""
+        value = self.meta.get(RUN_META)
+        return value if isinstance(value, str) else None
 
     @property
     def node_rank(self) -> int:
@@ -199,6 +210,9 @@ class Manifest:
 
 
 SHARDED_META = "btckpt.sharded"
+# the run identity (optional, inside ``meta``: older readers take it as they take any meta key, so the format
+# stays btckpt/1): a fingerprint of what makes a run the same run, computed by the integration
+RUN_META = "btckpt.run"
 MAX_TILING_CELLS = 1 << 22
 
 

@@ -6,8 +6,10 @@ Usage::
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[CheckpointCallback()])
     trainer.train(resume_from_checkpoint=resume_checkpoint())   # None when there is nothing to resume
 
-(``trainer.train()`` alone resumes too: the callback fills in ``resume_checkpoint()`` when the argument is
-not given; pass ``resume_from_checkpoint=False`` to start fresh.)
+(``trainer.train()`` alone resumes too: the callback fills in ``resume_checkpoint()`` for this run's identity
+when the argument is not given; pass ``resume_from_checkpoint=False`` to start fresh, in a dir that holds no
+checkpoints. Off the platform, without ``$BT_CHECKPOINT_DIR``, the callback saves into ``output_dir``. Run
+identity: README "Run identity", :func:`run_identity`.)
 
 How it plugs in: when the Trainer is built, the callback finds it (the callback API hands callbacks no
 Trainer) and replaces a few of its checkpoint methods on that instance only (``_REPLACED``: each one's
@@ -49,6 +51,7 @@ import torch.distributed as dist
 import transformers
 from transformers import Trainer, TrainerCallback, trainer_utils
 from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from ..adapters import (
     files_written_by,
@@ -56,17 +59,22 @@ from ..adapters import (
     local_save_due,
     model_config_files,
     open_checkpoint,
+    refuse_fresh_start,
+    refuse_other_runs,
     restore_rank_rng,
     resume_folder,
+    run_fingerprint,
+    tensor_shapes,
 )
 from ..checkpointer import Checkpointer
 from ..config import resolve_dir
 from ..errors import ConfigError
 from ..format.state import unwrap_model
 from ..storage.discovery import CheckpointInfo
+from ..storage.discovery import inspect as inspect_folder
 from .sharded import refuse_unsupported
 
-__all__ = ["CheckpointCallback", "resume_checkpoint"]
+__all__ = ["CheckpointCallback", "resume_checkpoint", "run_identity"]
 
 log = logging.getLogger("btckpt")
 
@@ -131,7 +139,7 @@ def _pin_next_set_epoch(sampler: Any, epoch: int) -> None:
 
 def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
                       load_dir: str | os.PathLike[str] | None = None, on_missing: str = "raise",
-                      local_tier_dir: str | os.PathLike[str] | None = None) -> str | None:
+                      local_tier_dir: str | os.PathLike[str] | None = None, run_id: str | None = None) -> str | None:
     """Path of the newest complete, verified checkpoint to resume from, or None.
 
     Looks in ``dir`` (default ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``: a restarted job's own
@@ -142,10 +150,32 @@ def resume_checkpoint(*, dir: str | os.PathLike[str] | None = None,
     the file; a plain HF Trainer checkpoint (with ``trainer_state.json``, no ``btckpt.json``) counts too.
     The node-local tier of ``dir`` (``local_tier_dir``, default ``/dev/shm/btckpt/<job>``) is searched with it:
     its newer step wins. Raises :class:`btckpt.NoCheckpointFound` when ``load_dir`` is set and nothing was
-    found anywhere, unless ``on_missing="start_fresh"`` (then None).
+    found anywhere, unless ``on_missing="start_fresh"`` (then None). ``run_id``: only ``dir``'s checkpoints of
+    that run (:func:`run_identity`; the callback passes its Trainer's) are taken, and a ``dir`` holding only
+    another run's raises :class:`ConfigError` (README "Run identity").
     """
     return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=_resumable,
-                         helper="resume_checkpoint()", local_tier_dir=local_tier_dir)
+                         helper="resume_checkpoint()", local_tier_dir=local_tier_dir, run=run_id)
+
+
+# TrainingArguments that make a run a different run when they change (max_steps / num_train_epochs are left out:
+# raising them continues the same run; so are where and how often it saves, logs and evaluates)
+_RUN_ARGS = ("seed", "data_seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+             "max_grad_norm", "optim", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+             "per_device_train_batch_size", "gradient_accumulation_steps", "label_smoothing_factor")
+
+
+def run_identity(trainer: Trainer) -> str:
+    """The run identity of ``trainer``'s run (README "Run identity"): the model's config (without bookkeeping
+    keys such as ``transformers_version``) and tensor names, shapes and dtypes, and the training arguments in
+    ``_RUN_ARGS``."""
+    model = unwrap_model(trainer.model)
+    cfg: Any = getattr(model, "config", None)
+    config = {k: v for k, v in (cfg.to_dict() if hasattr(cfg, "to_dict") else {}).items()
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    args = {k: getattr(trainer.args, k, None) for k in _RUN_ARGS}
+    return run_fingerprint({"integration": "transformers", "model": type(model).__name__, "config": config,
+                            "tensors": tensor_shapes(model), "args": args})
 
 
 def _resumable(info: CheckpointInfo) -> bool:
@@ -176,7 +206,8 @@ def _is_peft(model: Any) -> bool:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``) and resume.
+    """Takes over the Trainer's checkpoint saving (async btckpt saves into ``$BT_CHECKPOINT_DIR``, else the
+    Trainer's ``output_dir``) and resume.
 
     Saves happen when the Trainer's own save would (``save_strategy`` steps/epoch/best, ``save_steps``);
     ``save_total_limit`` becomes ``keep_last`` (unset: every checkpoint is kept, as the Trainer does, not a
@@ -224,11 +255,22 @@ class CheckpointCallback(TrainerCallback):
             self._orig[name] = getattr(trainer, name)
             setattr(trainer, name, getattr(self, f"_p{name}" if name.startswith("_") else f"_p_{name}"))
 
+    def _dir(self) -> str | None:
+        """Where this callback saves: ``dir=``, else ``$BT_CHECKPOINT_DIR``, else the Trainer's ``output_dir``
+        (as the Trainer's own checkpoints: two experiments never share a folder)."""
+        given = self.options.get("dir")
+        if given is not None or os.environ.get("BT_CHECKPOINT_DIR") or self.trainer is None:
+            return given
+        return str(self.trainer.args.output_dir) if self.trainer.args.output_dir else None
+
     def _checkpointer(self) -> Any:
         if self.ckpt is None:
             opts = dict(self.options)
             limit = self.trainer.args.save_total_limit if self.trainer is not None else None
             opts.setdefault("keep_last", limit if limit and limit > 0 else None)
+            opts["dir"] = self._dir()
+            if self.trainer is not None:
+                opts.setdefault("run_id", run_identity(self.trainer))
             self.ckpt = Checkpointer(**opts)
             self._best, self._saved, self._local_step, self.preempted_at = None, set(), None, None
         return self.ckpt
@@ -245,25 +287,21 @@ class CheckpointCallback(TrainerCallback):
     # -- train(): auto resume, lifetime, preemption exit --------------------------------------------------
     def _resume_checkpoint(self) -> str | None:
         """:func:`resume_checkpoint` with this callback's ``dir`` / ``load_dir`` / ``on_missing`` options."""
-        return resume_checkpoint(dir=self.options.get("dir"), load_dir=self.options.get("load_dir"),
+        return resume_checkpoint(dir=self._dir(), load_dir=self.options.get("load_dir"),
                                  on_missing=self.options.get("on_missing", "raise"),
-                                 local_tier_dir=self.options.get("local_tier_dir"))
+                                 local_tier_dir=self.options.get("local_tier_dir"),
+                                 run_id=self.ckpt.config.run_id if self.ckpt is not None else None)
 
     def _p_train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self._checkpointer()  # first: with peer replicas, a node that lost its memory fetches its part back here
-        if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
-            resume_from_checkpoint = self._resume_checkpoint()
-            if resume_from_checkpoint is None:
-                raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
-                                 f"{resolve_dir(self.options.get('dir'))} or the load dir")
-        elif resume_from_checkpoint is None and self.auto_resume:
-            resume_from_checkpoint = self._resume_checkpoint()
-            if resume_from_checkpoint is not None:
-                log.warning("btckpt: resuming from %s", resume_from_checkpoint)
-        resuming = isinstance(resume_from_checkpoint, str | os.PathLike)
-        self._resume_from = os.fspath(resume_from_checkpoint) if resuming else None
-        self._resumed_epoch_pending = resuming
         try:
+            resume_from_checkpoint = self._resume_arg(resume_from_checkpoint)
+            resuming = isinstance(resume_from_checkpoint, str | os.PathLike)
+            done = self._finished_run(os.fspath(resume_from_checkpoint)) if resuming else None
+            if done is not None:
+                return done
+            self._resume_from = os.fspath(resume_from_checkpoint) if resuming else None
+            self._resumed_epoch_pending = resuming
             out = self._orig["train"](resume_from_checkpoint, *args, **kwargs)
         finally:
             self.close()
@@ -272,9 +310,81 @@ class CheckpointCallback(TrainerCallback):
             raise SystemExit(0)
         return out
 
+    def _resume_arg(self, resume_from_checkpoint: Any) -> Any:
+        """What ``train(resume_from_checkpoint=...)`` resumes from under btckpt: ``True`` and (``auto_resume``)
+        None: this run's newest checkpoint (:meth:`_resume_checkpoint`); ``False`` (or None without
+        ``auto_resume``): a fresh start, refused in a dir that holds checkpoints (its saves would take their
+        names; README "Run identity"); a path: that folder (from elsewhere: refused when the own dir holds
+        only another run's checkpoints)."""
+        if resume_from_checkpoint is True:  # HF would look in output_dir only; look where btckpt saves
+            found = self._resume_checkpoint()
+            if found is None:
+                raise ValueError("resume_from_checkpoint=True, but there is no complete checkpoint in "
+                                 f"{resolve_dir(self._dir())} or the load dir")
+            return found
+        if resume_from_checkpoint is None and self.auto_resume:
+            found = self._resume_checkpoint()
+            if found is not None:
+                log.warning("btckpt: resuming from %s", found)
+            return found
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            refuse_fresh_start(self._dir(), local_tier_dir=self.options.get("local_tier_dir"))
+        elif self.ckpt is not None and Path(resume_from_checkpoint).resolve().parent != self.ckpt.root.resolve():
+            # a warm start from a folder elsewhere: the own dir must not hold only another run's checkpoints
+            refuse_other_runs(self._dir(), run=self.ckpt.config.run_id,
+                              local_tier_dir=self.options.get("local_tier_dir"))
+        return resume_from_checkpoint
+
+    def _finished_run(self, folder: str) -> Any:
+        """When ``folder`` (a btckpt checkpoint) is this run's last step (``global_step >= max_steps``), a re-run
+        has nothing to train: its weights (and, with ``load_best_model_at_end``, the best model) are loaded and
+        the TrainOutput returned without a step (the plain Trainer would train one step past ``max_steps``).
+        None otherwise."""
+        tr = self.trainer
+        assert tr is not None
+        info = _btckpt_info(folder)
+        if info is None or tr.args.max_steps <= 0 or "trainer_state.json" not in (info.manifest.files if
+                                                                                  info.manifest else {}):
+            return None
+        state = TrainerState.load_from_json(str(info.path / "trainer_state.json"))
+        if state.global_step < tr.args.max_steps:
+            return None
+        log.warning("btckpt: %s is step %d, and max_steps=%d: this run is finished, nothing to train; its "
+                    "weights are loaded (raise max_steps to train on)", info.path, state.global_step,
+                    tr.args.max_steps)
+        self._p_load_from_checkpoint(str(info.path))
+        tr.state = state
+        self._find_best(str(info.path))
+        if tr.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self._p_load_best_model()
+        loss = next((float(e["train_loss"]) for e in reversed(state.log_history) if "train_loss" in e), 0.0)
+        return TrainOutput(state.global_step, loss, {})
+
+    def _find_best(self, resumed: str | None) -> None:
+        """After the Trainer's state came back from ``resumed``: a best-model record naming a folder that is not
+        here (the previous job's path, for a warm start from the load dir; transformers 5 drops such a record,
+        4.x keeps the dead path) names the best step's folder beside ``resumed`` when it is there, else it warns
+        (``load_best_model_at_end`` would end with the last model)."""
+        tr = self.trainer
+        if tr is None or resumed is None or not tr.state.best_global_step:
+            return
+        best = tr.state.best_model_checkpoint
+        if best and Path(best).is_dir():
+            return
+        here = Path(resumed).parent / f"checkpoint-{tr.state.best_global_step}"
+        if here.is_dir() and inspect_folder(here).complete:
+            tr.state.best_model_checkpoint = str(here)
+            log.info("btckpt: the best checkpoint so far is %s", here)
+        else:
+            tr.state.best_model_checkpoint = None
+            log.warning("btckpt: the best checkpoint so far (step %d, %s) is not there, nor beside %s: "
+                        "load_best_model_at_end cannot load it unless a later checkpoint becomes the best",
+                        tr.state.best_global_step, best or "its folder", resumed)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._checkpointer()
         checkpoint, self._resume_from = self._resume_from, None
+        self._find_best(checkpoint)
         self._load_training_state(checkpoint)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

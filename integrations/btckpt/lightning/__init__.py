@@ -77,7 +77,16 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..adapters import group_values, local_save_due, open_checkpoint, restore_rank_rng
+from ..adapters import (
+    group_values,
+    local_save_due,
+    open_checkpoint,
+    refuse_fresh_start,
+    refuse_other_runs,
+    restore_rank_rng,
+    run_fingerprint,
+    tensor_shapes,
+)
 from ..checkpointer import Checkpointer
 from ..config import CheckpointConfig, resolve_dir
 from ..distributed.world import World
@@ -90,7 +99,7 @@ from ..errors import (
 )
 from ..format.manifest import DEFAULT_MAX_SHARD_SIZE
 from ..format.state import optimizer_state_for_loading
-from ..restore.policy import ResumePolicy
+from ..restore.policy import ResumePolicy, other_run_error, same_run
 from ..saving.commit import checkpoint_name, delete_checkpoint, write_small_file
 from ..storage.discovery import STEP_DIR, inspect
 from ..storage.local import fsync_dir, is_url
@@ -121,7 +130,8 @@ from .strategies import (
     saved_sharded,
 )
 
-__all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "LINK_FORMAT"]
+__all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "run_identity",
+           "LINK_FORMAT"]
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
@@ -164,6 +174,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
         self._lock = threading.Lock()
         self._warned_dirs: set[str] = set()
+        self._run: str | None = None  # the attached LightningModule's run identity (run_identity)
+        self._resumed = False  # a training checkpoint was loaded: this fit continues a run
 
     # -- where checkpoints go -----------------------------------------------------------------------------
     def placement(self, asked: str | os.PathLike[str] | None, *, what: str) -> Path | None:
@@ -220,7 +232,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             ck = Checkpointer(world=None if distributed else World(), dir=str(key), keep_last=None,
                               async_save=self.async_save, max_shard_size=self.max_shard_size, save_rng=self.save_rng,
                               handle_sigterm=handle_sigterm, local_every_steps=self.local_every_steps,
-                              local_tier_dir=self.local_tier_dir)
+                              local_tier_dir=self.local_tier_dir, run_id=self._run)
             self._ckpts[key] = ck
             if process_rank() == 0:
                 self._finish_retirements(key)  # under the Checkpointer's writer lock
@@ -268,8 +280,10 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._gate_next = (checkpoint, list(optimizers)) if self.background_copy and optimizers else None
 
     def attach(self, module: Any) -> None:
-        """Tell the plugin the LightningModule (for ``hf_model``; :class:`ModelCheckpoint` calls this)."""
+        """Tell the plugin the LightningModule (for ``hf_model`` and the run identity, :func:`run_identity`;
+        :class:`ModelCheckpoint` calls this)."""
         self._hf.attach(module)
+        self._run = run_identity(module) if module is not None else None
 
     @contextlib.contextmanager
     def into_local_tier(self) -> Iterator[None]:
@@ -322,9 +336,12 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         ck.wait()  # at most one save in flight (btckpt's back-pressure); also surfaces an earlier error
         with self._lock:
             self._pending.clear()
-        if folder.exists() and inspect(folder).complete:
-            # an earlier run committed this step (e.g. the checkpoint this run resumed from): btckpt never
-            # deletes a committed checkpoint before a newer one committed, so the name points at it
+        info = inspect(folder) if folder.exists() else None
+        if info is not None and info.complete:
+            if not self._resumed or not same_run(info, self._run):  # a fresh fit, or another run's step
+                raise other_run_error(folder.parent, [info], fresh=not self._resumed)
+            # this run committed this step before a restart (e.g. the checkpoint this run resumed from): btckpt
+            # never deletes a committed checkpoint before a newer one committed, so the name points at it
             log.info("btckpt: %s was committed by an earlier run at this step; naming it %s", folder, link.name)
             if link != folder:
                 self._relink(link, folder)
@@ -409,6 +426,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                                        for s in out["optimizer_states"]]
         if apply is not None:
             apply()
+        if "loops" in out:
+            self._resumed = True
         if self.restore_rng and "loops" in out:
             restore_rank_rng(info, rank)
         if "loops" in out and rank == 0:
@@ -496,7 +515,11 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
 class ModelCheckpoint(_ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with the platform's defaults (same arguments, same state key).
 
-    ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. Under DDP it makes every
+    ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else Lightning's own choice (``<default_root_dir>/checkpoints``,
+    or the logger's ``<log_dir>/checkpoints``: two experiments never share a folder). A fit started fresh
+    (no ``ckpt_path``) into a folder holding checkpoints, or resumed from elsewhere into one holding only another
+    run's, is refused before its first step (:class:`ConfigError` naming the folder and the fixes; README "Run
+    identity"). Under DDP it makes every
     rank's RNG state part of the checkpoint (module doc). With
     :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
     the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0). With
@@ -504,7 +527,7 @@ class ModelCheckpoint(_ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
-        super().__init__(resolve_dir(dirpath), *args, **kwargs)
+        super().__init__(resolve_dir(dirpath) if dirpath is not None or platform_dir() else None, *args, **kwargs)
         self._ck: Checkpointer | None = None
         self._local_step: int | None = None  # the newest step saved into the local tier
 
@@ -529,6 +552,12 @@ class ModelCheckpoint(_ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafetensorsCheckpointIO) and self.dirpath:  # every rank: all refuse together
+            if trainer.ckpt_path is None:  # a fresh fit: its saves would take an earlier run's names
+                refuse_fresh_start(self.dirpath, local_tier_dir=io.local_tier_dir)
+            elif Path(os.path.abspath(trainer.ckpt_path)).parent != Path(os.path.abspath(self.dirpath)):
+                # a warm start from elsewhere: the folder must not hold only another run's checkpoints
+                refuse_other_runs(self.dirpath, run=io._run, local_tier_dir=io.local_tier_dir)
         if isinstance(io, SafetensorsCheckpointIO) and trainer.world_size == 1 and self.dirpath:
             # created after Lightning installed its SIGTERM handler: ours takes over until teardown
             self._ck = io.checkpointer(self.dirpath, handle_sigterm=True)
@@ -562,6 +591,14 @@ class ModelCheckpoint(_ModelCheckpoint):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._ck, self._local_step = None, None
         super().teardown(trainer, pl_module, stage)
+
+
+def run_identity(module: Any) -> str:
+    """The run identity of a LightningModule's run (README "Run identity"): its class and tensor names, shapes
+    and dtypes. ``hparams`` are left out: they often hold paths, flags and settings that change between
+    restarts of one run, and a retry refused as "another run" would lose the job."""
+    return run_fingerprint({"integration": "lightning", "module": type(module).__qualname__,
+                            "tensors": tensor_shapes(module)})
 
 
 _RESOLVE_DIR = "_ModelCheckpoint__resolve_ckpt_dir"  # Lightning >= 2.0: ModelCheckpoint's one folder choice

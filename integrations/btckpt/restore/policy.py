@@ -14,7 +14,12 @@ CLI (``btckpt show``/``verify``). The policy says
   verified read into the state (:func:`btckpt.restore.resume.restore_from`); a damaged candidate is skipped with a
   warning naming the file (:func:`btckpt.storage.discovery.select`);
 - *what if none*: ``on_missing`` -- ``"raise"`` (:class:`NoCheckpointFound` when a load dir was set, or a
-  named folder holds nothing) or ``"start_fresh"`` (None).
+  named folder holds nothing) or ``"start_fresh"`` (None);
+- *whose*: with a ``run`` identity (``btckpt.run`` in the manifest, :attr:`btckpt.format.manifest.Manifest.run`),
+  the own dir's checkpoints of another run are never candidates, and an own dir holding only such ones is
+  refused (:class:`ConfigError` naming the dir and the fixes: :func:`other_run_error`), since this run's saves
+  would land beside them under the same step names; a load dir's checkpoint is a deliberate warm start and is
+  taken whatever its identity. Checkpoints without one (older btckpt) count as any run's.
 
 Torch-free (the CLI imports it). The mechanism is :mod:`btckpt.storage.discovery`'s (``scan``, ``select``,
 ``verified``, ``nothing_to_resume``).
@@ -28,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoCheckpointFound
+from ..errors import ConfigError, NoCheckpointFound
 from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, unreadable, verified
 from ..storage.local import is_url, local_path, remote_fs
 
-__all__ = ["ResumePolicy", "latest"]
+__all__ = ["ResumePolicy", "latest", "same_run", "other_run_error"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class ResumePolicy:
     (a URL; its checkpoints not present locally count as own). ``accept``: complete candidates it returns
     False for are passed over. ``named``: ``load_dir`` was named by the user (:meth:`at`): a checkpoint
     itself is that checkpoint, and an empty folder raises whatever ``on_missing`` says. ``local``: the own
-    node-local tier folder (:func:`btckpt.tiers.resumable_tier`), searched with the own dir.
+    node-local tier folder (:func:`btckpt.tiers.resumable_tier`), searched with the own dir. ``run``: this
+    run's identity (module doc, "whose"; None: every own checkpoint counts as this run's).
     """
 
     dir: str | None = None
@@ -55,17 +61,20 @@ class ResumePolicy:
     rank: int | None = None
     named: bool = False
     local: str | None = None
+    run: str | None = None
 
     @classmethod
     def for_job(cls, *, dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None,
                 on_missing: str = "raise", accept: Callable[[CheckpointInfo], bool] | None = None,
-                remote: str | None = None, local: str | os.PathLike[str] | None = None) -> ResumePolicy:
+                remote: str | None = None, local: str | os.PathLike[str] | None = None,
+                run: str | None = None) -> ResumePolicy:
         """A (re)started job's policy: its own ``dir`` first, then ``load_dir`` (both as given; see
-        :func:`btckpt.config.resolve_dir` / :func:`~btckpt.config.resolve_load_dir` for the env defaults)."""
+        :func:`btckpt.config.resolve_dir` / :func:`~btckpt.config.resolve_load_dir` for the env defaults);
+        ``run``: this run's identity (class doc)."""
         return cls(dir=os.fspath(dir) if dir is not None else None,
                    load_dir=os.fspath(load_dir) if load_dir else None,
                    on_missing=on_missing, accept=accept, remote=remote,
-                   local=os.fspath(local) if local is not None else None)
+                   local=os.fspath(local) if local is not None else None, run=run)
 
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> ResumePolicy:
@@ -94,8 +103,21 @@ class ResumePolicy:
             steps = {i.step for i in own if i.complete}
             own = sorted(own + [i for i in scan(self.remote, rank=self.rank, own=True) if i.step not in steps],
                          key=lambda i: i.step, reverse=True)
+        own = self._this_run(own)
         load = resume_candidates(None, self.load_dir, rank=self.rank) if self.load_dir else []
         return [i for i in own + load if self.accept is None or not i.complete or self.accept(i)]
+
+    def _this_run(self, own: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The own checkpoints of this run (module doc, "whose"); raises :func:`other_run_error` when the own
+        ones are all another run's."""
+        if self.run is None:
+            return own
+        mine = [i for i in own if same_run(i, self.run)]
+        if not any(i.complete for i in mine):
+            others = [i for i in own if i.complete and not same_run(i, self.run)]
+            if others:
+                raise other_run_error(self.dir or self.local or "", others)
+        return mine
 
     # -- choosing -----------------------------------------------------------------------------------------
     def select(self, attempt: Callable[[CheckpointInfo], Any] = verified,
@@ -129,6 +151,31 @@ class ResumePolicy:
                                         "read access to it")
             raise NoCheckpointFound(f"no complete, verified checkpoint at or under {where} (damaged ones are named "
                                     "in the warnings above)")
+
+
+def same_run(info: CheckpointInfo, run: str | None) -> bool:
+    """Whether ``info`` may belong to the run ``run``: no identity on either side, or the same one."""
+    theirs = info.manifest.run if info.manifest is not None else None
+    return run is None or theirs is None or theirs == run
+
+
+def other_run_error(dir: str | os.PathLike[str], others: list[CheckpointInfo], *, fresh: bool = False) -> ConfigError:
+    """The refusal of a run that would write into ``dir`` beside ``others``, another run's checkpoints (or,
+    ``fresh``: any earlier checkpoints, the run being started fresh): names the dir and the two fixes."""
+    names = ", ".join(i.path.name for i in sorted(others, key=lambda i: i.step, reverse=True)[:3])
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    why = ("this run starts fresh (no resume asked for), and its saves would take the same checkpoint-<step> "
+           "names" if fresh else "their run identity (btckpt.run in btckpt.json: the model's config and shapes "
+           "and the key training arguments) differs from this run's, so they are not resumed")
+    return ConfigError(
+        f"{os.fspath(dir)} holds checkpoints of an earlier run ({names}{more}): {why}. btckpt never resumes, "
+        "overwrites or skips another run's checkpoints. Either give this run a checkpoint dir of its own "
+        "(HF: TrainingArguments(output_dir=...) or CheckpointCallback(dir=...); Lightning: Trainer("
+        "default_root_dir=...) or ModelCheckpoint(dirpath=...); Checkpointer(dir=...)), or move the earlier "
+        f"run's checkpoint-<N> folders out of {os.fspath(dir)} (or delete them)"
+        + (", or resume it instead" if fresh else "; to continue that run on purpose with the changed settings, "
+           "resume one of its checkpoints by path (HF: train(resume_from_checkpoint=...); Lightning: "
+           "fit(ckpt_path=...))"))
 
 
 def latest(path: str | os.PathLike[str], *, rank: int | None = None) -> Path | str | None:

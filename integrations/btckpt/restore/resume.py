@@ -46,7 +46,7 @@ class Resume:
                  session: str, local: Path | None = None) -> None:
         self.config, self.world, self.root, self.remote, self.session = config, world, root, remote, session
         self.policy = ResumePolicy.for_job(dir=root, load_dir=config.load_dir, on_missing=config.on_missing,
-                                           remote=remote, local=local)
+                                           remote=remote, local=local, run=config.run_id)
 
     def candidates(self) -> list[CheckpointInfo]:
         """Complete checkpoints in order of preference: own (local tier and dir) newest first, then ``load_dir``'s."""
