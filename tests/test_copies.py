@@ -224,3 +224,23 @@ def test_readers_of_a_running_tier_never_report_a_retired_step_as_damaged_or_mis
     assert rc == 0, out[-3000:]
     assert reads >= 40, reads  # enough reads to have met retirements
     assert not failures, f"{len(failures)} false failures in {reads} reads: {failures[:5]}"
+
+
+# -- saving: a damaged folder of the step is no reason to skip the save ------------------------------------------
+def test_a_save_over_a_damaged_folder_of_its_step_saves_it_again(tmp_path: Path) -> None:
+    """The dir's step 8 is damaged (sizes right): the restart resumes from 6, trains to 8 and saves it. The save
+    used to find the name taken and skip ("already exists; not saving step 8 again"), keeping the damaged copy
+    as the newest step; now the new copy supersedes it (retired once the new one committed)."""
+    d = tmp_path / "d"
+    state = _state()
+    with btckpt.Checkpointer(dir=d, every_steps=2, keep_last=None, handle_sigterm=False) as ck:
+        _train(ck, state, range(1, 9))
+    _flip(d / "checkpoint-8")
+    again = _state(seed=5)
+    with btckpt.Checkpointer(dir=d, every_steps=2, keep_last=None, handle_sigterm=False) as ck:
+        assert ck.restore(again) == 6
+        _train(ck, again, range(7, 9))
+    assert verify(inspect(d / "checkpoint-8")) == []
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".checkpoint-")]
+    got = _state(seed=6)
+    assert btckpt.load(d, got) == 8 and torch.equal(got["model"].weight, again["model"].weight)
