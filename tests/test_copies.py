@@ -21,6 +21,7 @@ from btckpt.cli import main as cli_main
 from btckpt.storage.discovery import inspect, scan, verify
 from conftest import PY
 from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun
+from test_upload import moto, s3  # noqa: F401 - fixtures
 
 
 def _state(seed: int = 0) -> dict:
@@ -181,6 +182,27 @@ def test_a_damaged_own_copy_falls_back_to_the_load_dirs_copy_of_the_same_step(tm
     with btckpt.Checkpointer(dir=own, load_dir=prev, handle_sigterm=False) as ck:
         assert ck.restore(got) == 8
     assert torch.equal(got["model"].weight, s8["model"].weight)
+
+
+def test_a_damaged_local_copy_falls_back_to_the_published_copy_of_the_same_step(s3: str, tmp_path: Path) -> None:  # noqa: F811
+    """``dir=URL``: the local staging copy of step 8 is damaged (sizes right), the published copy of 8 is sound:
+    the resume downloads and loads the published 8 (it used to list published copies only of steps not
+    complete locally, so it fell back to the local 4)."""
+    import fsspec
+    from btckpt.restore.policy import ResumePolicy
+    from btckpt.restore.resume import restore_from
+    from test_upload import make_ckpts
+
+    local = tmp_path / "ck"
+    states = make_ckpts(local, [4, 8])
+    remote = f"{s3}/run"
+    fsspec.filesystem("s3").put(str(local) + "/", f"{remote[5:]}/", recursive=True)
+    _flip(local / "checkpoint-8")
+    policy = ResumePolicy.for_job(dir=local, load_dir=None, remote=remote)
+    state = {"model": {"w": torch.zeros(1000), "b": torch.zeros(7, dtype=torch.int64)}, "extra": {"step": 0}}
+    info = restore_from(policy, state, rank=0, want_rng=False, strict=True)
+    assert info is not None and info.step == 8 and state["extra"]["step"] == 8
+    assert torch.equal(state["model"]["w"], states[8]["model"]["w"])
 
 
 # -- readers of a running job's tier ------------------------------------------------------------------------------
