@@ -224,6 +224,10 @@ def test_readers_of_a_running_tier_never_report_a_retired_step_as_damaged_or_mis
         for line in proc.stdout:
             if line.strip() == "READY":
                 break
+        deadline = time.monotonic() + 60
+        while not _steps(ram):  # READY comes after the first tier save was queued, not committed
+            assert time.monotonic() < deadline, "no tier save committed within 60 s"
+            time.sleep(0.01)
         deadline = time.monotonic() + 90
         while reads < 600 and time.monotonic() < deadline:
             state = _state(seed=1)
