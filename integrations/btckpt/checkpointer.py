@@ -50,7 +50,7 @@ from .saving.priority import background_thread, leave, urgent
 from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
-from .storage.discovery import CheckpointInfo, inspect
+from .storage.discovery import CheckpointInfo, inspect, verify
 from .storage.local import is_url, local_path, new_tag, space_error, unwritable
 from .tiers import LocalTier, local_save_due, resumable_tier
 from .tiers.replicas import PeerReplicas
@@ -365,6 +365,7 @@ class Checkpointer:
                         "interval is shorter than the write time", step)
         self._drain()
         final = root / checkpoint_name(step)
+        damaged: list[str] = []  # a btckpt checkpoint of this step there whose bytes do not verify: replaced
         if final.exists():
             info = inspect(final)
             if info.complete and not same_run(info, self.config.run_id):
@@ -372,11 +373,15 @@ class Checkpointer:
                                       "run's run_id); btckpt never overwrites it, and skipping this save would "
                                       "lose it: give this run a dir of its own, or move the other run's "
                                       "checkpoints away")
-            if info.complete:
+            damaged = verify(info) if info.complete and info.kind == "btckpt" else []
+            if info.complete and not damaged:
                 log.warning("btckpt: %s already exists; not saving step %d again", final, step)
                 return
-            raise CheckpointError(f"{final} exists but is not a complete btckpt checkpoint ({info.reason}); "
-                                  "btckpt never overwrites a folder in place: move or delete it")
+            if damaged:
+                log.warning("btckpt: %s is damaged (%s); saving step %d again over it", final, damaged[0], step)
+            else:
+                raise CheckpointError(f"{final} exists but is not a complete btckpt checkpoint ({info.reason}); "
+                                      "btckpt never overwrites a folder in place: move or delete it")
         writes_groups = self.world.is_local_leader
         part = self._sharded_part(state)
         skip = set(part.groups) if part is not None else set()
@@ -417,7 +422,7 @@ class Checkpointer:
                       meta=meta, barrier_timeout=self._barrier_timeout(), sharded=part,
                       rank_state=own_plain, tensor_groups=tensor_groups, io_threads=self.config.io_threads,
                       on_commit=on_commit, peer_rng={int(r): dict(v) for r, v in (peer_rng or {}).items()
-                                                     if int(r) != self.world.rank})
+                                                     if int(r) != self.world.rank}, supersede=bool(damaged))
         if root == self.root:
             self._last_save_step, self._last_save_time = step, time.monotonic()
         elif self._tier is not None:

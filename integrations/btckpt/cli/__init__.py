@@ -31,7 +31,7 @@ from ..format.manifest import DEFAULT_MAX_SHARD_SIZE, check_relative_name
 from ..names import safe, text
 from ..publish.uploader import add_arguments, run_from_args
 from ..restore.policy import ResumePolicy
-from ..storage.discovery import CheckpointInfo, scan, verified
+from ..storage.discovery import RESCANS, CheckpointInfo, check, scan, verified
 from ..storage.discovery import verify as check_files
 from .report import checkpoint_type, human, listed_files, read_header
 
@@ -196,7 +196,11 @@ def verify(target: str) -> tuple[CheckpointInfo, list[str]]:
     Under a folder of checkpoints: the one a resume would choose (damaged ones skipped with a warning);
     ``btckpt verify DIR`` checks them all (:func:`verify_all`).
     """
-    info, _ = _resolve(target, verify_checksums=True)
+    for _ in range(RESCANS):  # a pick retired while it was checked (a running job's tier) is looked for again
+        info, _ = _resolve(target, verify_checksums=True)
+        problems = check(info)
+        if problems is not None:
+            return info, problems
     return info, check_files(info)
 
 

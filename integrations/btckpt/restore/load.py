@@ -331,9 +331,12 @@ def finish_restore(info: CheckpointInfo, apply: Callable[[], None]) -> Checkpoin
 
 
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
-                  want_rng: bool, strict: bool) -> CheckpointInfo | None:
+                  want_rng: bool, strict: bool,
+                  rescan: Callable[[], Iterable[CheckpointInfo]] | None = None) -> CheckpointInfo | None:
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones
-    (:func:`btckpt.storage.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged)."""
+    (:func:`btckpt.storage.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged;
+    ``rescan``: lists the candidates again when one was retired while it was read)."""
     found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates),
-                   lambda info: read_candidate(info, state, rank=rank, want_rng=want_rng, strict=strict))
+                   lambda info: read_candidate(info, state, rank=rank, want_rng=want_rng, strict=strict),
+                   rescan=rescan)
     return None if found is None else finish_restore(*found[1])

@@ -94,18 +94,22 @@ class ResumePolicy:
         return None
 
     def candidates(self) -> list[CheckpointInfo]:
-        """Every candidate in order of preference, damaged ones included (skipping names each one): the own
-        dir's (local, then the published ones not present locally) newest first, then the load dir's."""
-        own = resume_candidates(self.dir, None, rank=self.rank) if self.dir is not None else []
-        if self.local is not None:  # stable sort: on a tie the tier's copy (read from memory) comes first
-            own = sorted(scan(self.local, rank=self.rank, own=True) + own, key=lambda i: i.step, reverse=True)
-        if self.remote is not None:
-            steps = {i.step for i in own if i.complete}
-            own = sorted(own + [i for i in scan(self.remote, rank=self.rank, own=True) if i.step not in steps],
-                         key=lambda i: i.step, reverse=True)
-        own = self._this_run(own)
-        load = resume_candidates(None, self.load_dir, rank=self.rank) if self.load_dir else []
-        return [i for i in own + load if self.accept is None or not i.complete or self.accept(i)]
+        """Every candidate in order of preference, damaged ones included (skipping names each one): the steps of
+        the own dir (the tier's, the dir's, the published ones) newest first, then the load dir's; each step's
+        copies together, fastest first (the tier's, the dir's, the load dir's, the published one: downloaded
+        into the cache), so a damaged copy falls back to the next copy of its step before any older step."""
+        sources = [scan(self.local, rank=self.rank, own=True) if self.local is not None else [],
+                   resume_candidates(self.dir, None, rank=self.rank) if self.dir is not None else [],
+                   resume_candidates(None, self.load_dir, rank=self.rank) if self.load_dir else [],
+                   scan(self.remote, rank=self.rank, own=True) if self.remote is not None else []]
+        mine = {id(i) for i in self._this_run([*sources[0], *sources[1], *sources[3]])}  # this run's own copies
+        sources = [[i for i in src if n == 2 or id(i) in mine] for n, src in enumerate(sources)]
+        own = sorted({i.step for src in (sources[0], sources[1], sources[3]) for i in src}, reverse=True)
+        steps = own + [s for s in dict.fromkeys(i.step for i in sources[2]) if s not in own]
+        rank = {s: n for n, s in enumerate(steps)}
+        found = sorted(((rank[i.step], n, k, i) for n, src in enumerate(sources) for k, i in enumerate(src)),
+                       key=lambda t: t[:3])
+        return [i for *_, i in found if self.accept is None or not i.complete or self.accept(i)]
 
     def _this_run(self, own: list[CheckpointInfo]) -> list[CheckpointInfo]:
         """The own checkpoints of this run (module doc, "whose"); raises :func:`other_run_error` when the own
@@ -123,8 +127,9 @@ class ResumePolicy:
     def select(self, attempt: Callable[[CheckpointInfo], Any] = verified,
                candidates: list[CheckpointInfo] | None = None) -> tuple[CheckpointInfo, Any] | None:
         """The first candidate (default :meth:`candidates`) that is complete and passes ``attempt``
-        (default: checksums), with what ``attempt`` returned; None when there is none (nothing raised)."""
-        return select(self.candidates() if candidates is None else candidates, attempt)
+        (default: checksums), with what ``attempt`` returned; None when there is none (nothing raised). A
+        candidate retired while it was read (a running job's retention) makes it list the candidates again."""
+        return select(self.candidates() if candidates is None else candidates, attempt, rescan=self.candidates)
 
     def choose(self) -> CheckpointInfo | None:
         """The checkpoint to resume from, checksums verified (for callers that hand a path on); None or

@@ -33,7 +33,9 @@ def restore_from(policy: ResumePolicy, state: MutableMapping[str, Any], *, rank:
     """Load ``policy``'s first candidate (or of ``candidates``) that reads and verifies into ``state``;
     the checkpoint, or None / :class:`NoCheckpointFound` as the policy says (:meth:`ResumePolicy.missing`)."""
     cands = policy.candidates() if candidates is None else candidates
-    info = restore_first(cands, state, rank=rank, want_rng=want_rng, strict=strict)
+    # candidates given (the step the ranks agreed on) are not listed again: every rank must load that step
+    info = restore_first(cands, state, rank=rank, want_rng=want_rng, strict=strict,
+                         rescan=policy.candidates if candidates is None else None)
     if info is None:
         policy.missing()
     return info
@@ -74,8 +76,9 @@ class Resume:
     def _agree_on_step(self, cands: list[CheckpointInfo], state: MutableMapping[str, Any], *, strict: bool
                        ) -> tuple[list[CheckpointInfo], Read | None]:
         """The candidate every rank can load: the newest step complete on every node *and* read and verified on
-        every rank (checksums, and the state fits), agreed through the store. A step that fails on any rank is
-        dropped by all of them together, so ranks never restore different steps (or some start fresh).
+        every rank (checksums, and the state fits), agreed through the store. Each rank tries its copies of the
+        step (tier, dir, load dir, published: the policy's order) until one verifies; a step with no sound copy on
+        some rank is dropped by all of them together, so ranks never restore different steps (or some start fresh).
 
         Returns the agreed candidate (or none) and, when this rank's check was the verified read itself
         (:meth:`_check`), that read, to be loaded as it is. Like :func:`btckpt.storage.discovery.select`, raises the
@@ -85,20 +88,22 @@ class Resume:
         while True:
             key = f"{self.session}/restore/{attempt}"
             step = self.world.agree_step(key, [c.step for c in remaining], timeout=self.config.barrier_timeout)
-            mine = [c for c in remaining if c.step == step]
+            mine = [c for c in remaining if c.step == step]  # this rank's copies of the step, fastest first
             read: Read | None = None  # the previous attempt's read is released before the next one
             ok = False
-            if mine:
+            for n, copy in enumerate(mine):  # a damaged copy is dropped alone: the next copy of the step is tried
                 try:
-                    read = self._check(mine[0], state, strict=strict)
-                    ok = True
+                    read = self._check(copy, state, strict=strict)
+                    ok, mine = True, mine[n:]
+                    break
                 except (ConfigError, CoordinationError):
                     raise
                 except StateMismatch as exc:
                     mismatch = mismatch or exc
-                    log.warning("btckpt: rank %d: %s does not fit the state: %s", self.world.rank, mine[0].path, exc)
+                    log.warning("btckpt: rank %d: %s does not fit the state: %s", self.world.rank, copy.path, exc)
                 except CheckpointError as exc:
-                    log.warning("btckpt: rank %d: %s is damaged: %s", self.world.rank, mine[0].path, exc)
+                    log.warning("btckpt: rank %d: %s is damaged: %s%s", self.world.rank, copy.path, exc,
+                                "; trying the next copy of this step" if n + 1 < len(mine) else "")
             agreed = self.world.agree_step(f"{key}/verified", [step] if ok else [],
                                            timeout=self.config.barrier_timeout)
             if step < 0 or agreed == step:

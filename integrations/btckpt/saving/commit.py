@@ -90,7 +90,14 @@ def write_small_file(path: Path, data: bytes) -> tuple[int, str]:
 class LocalCommit:
     """One checkpoint's commit into a local folder. See the module docstring for the call order."""
 
-    def __init__(self, root: Path, step: int, *, tag: str | None = None, name: str | None = None) -> None:
+    def __init__(self, root: Path, step: int, *, tag: str | None = None, name: str | None = None,
+                 supersede: bool = False) -> None:
+        """``supersede``: the caller found the folder of this step damaged (its bytes do not verify) and replaces
+        it with the verified copy this commit writes: :meth:`begin` accepts the existing folder, and
+        :meth:`commit` sets it aside only once the new copy is written and synced, renames the new one into
+        place, then removes the old one (a crash in between leaves temp folders, never a folder in place that
+        is half one copy and half the other; the step's source, e.g. the tier, still holds it)."""
+        self.supersede = supersede
         self.root = Path(root)
         self.step = step
         self.tag = tag or new_tag()  # every rank of a node passes the same (agreed, random) tag
@@ -101,7 +108,7 @@ class LocalCommit:
 
     def begin(self) -> Path:
         """Create the temp folder (leader only). Refuses when the step already exists."""
-        if self.final.exists() or self.final.is_symlink():
+        if (self.final.exists() or self.final.is_symlink()) and not self.supersede:
             raise CheckpointError(f"{self.final} already exists; btckpt never overwrites a checkpoint in place. "
                                   "Save under a new step, or move that folder away")
         try:
@@ -128,9 +135,13 @@ class LocalCommit:
             faults.point("after_manifest")
             fsync_dir(self.tmp)
             faults.point("before_rename")
+            aside = self._set_aside()
             try:
                 rename_noreplace(self.tmp, self.final)
             except OSError as exc:
+                if aside is not None:  # put the old copy back: a failed commit changes nothing
+                    os.rename(aside, self.final)
+                    aside = None
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                     raise CheckpointError(
                         f"{self.final} was created by another writer while this save ran; two processes are "
@@ -142,10 +153,25 @@ class LocalCommit:
                 fsync_dir(self.root)
             except OSError as exc:
                 self._unpublish(exc)
+                if aside is not None:
+                    os.rename(aside, self.final)
                 raise
         except OSError as exc:
             raise space_error(exc, self.tmp) from exc
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return self.final
+
+    def _set_aside(self) -> Path | None:
+        """With ``supersede``: rename the damaged folder in place to a temp name (removed at the next start if a
+        crash comes first); the new name, or None when there is nothing to set aside."""
+        if not self.supersede or not (self.final.exists() or self.final.is_symlink()):
+            return None
+        aside = self.root / f".{checkpoint_name(self.step)}.tmp-{self.tag}-damaged"
+        os.rename(self.final, aside)
+        fsync_dir(self.root)
+        log.warning("btckpt: %s is damaged; replaced by a verified copy of its step", self.final)
+        return aside
 
     def _unpublish(self, exc: OSError) -> None:
         """The rename happened but could not be made durable: take it back, so an error means "not committed"."""

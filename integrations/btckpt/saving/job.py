@@ -85,6 +85,7 @@ class SaveJob:
     sharded: Any = None  # btckpt.distributed.shards.ShardedPart: this rank's shards (FSDP2/DTensor groups)
     on_commit: Callable[[Path], None] | None = None
     name: str | None = None  # the committed folder's name (default checkpoint-<step>)
+    supersede: bool = False  # the folder of this step there is damaged: replaced once this save committed
     started: float = field(default_factory=time.perf_counter)
     written_bytes: int = 0  # set by run_save: the bytes this rank wrote
     io_threads: int = 2  # 1: the writer checksums its own writes; 2: a second thread checksums alongside
@@ -103,7 +104,7 @@ def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
 def run_save(job: SaveJob) -> Path:
     """Write and commit one checkpoint; return the committed folder. Raises on any failure (nothing committed)."""
     w = job.world
-    commit = LocalCommit(job.root, job.step, tag=job.tag, name=job.name)
+    commit = LocalCommit(job.root, job.step, tag=job.tag, name=job.name, supersede=job.supersede)
     key = f"{job.tag}/{job.step}"
     leader = w.is_local_leader
     nbytes = 0

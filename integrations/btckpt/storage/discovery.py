@@ -48,12 +48,13 @@ from .nodes import node_rank
 from .store import LOCAL, Entry, Store, open_store
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verified", "nothing_to_resume", "unreadable"]
+           "verify", "verified", "retired", "check", "RESCANS", "nothing_to_resume", "unreadable"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
 
 STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+RESCANS = 10  # how many times a reader whose pick was retired under it looks again before it gives up
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _is_url = is_url  # the name api.py imports
 
@@ -296,6 +297,31 @@ def verified(info: CheckpointInfo) -> CheckpointInfo:
     return info
 
 
+def retired(info: CheckpointInfo) -> bool:
+    """Whether ``info``'s folder no longer holds the checkpoint ``info`` describes: renamed away (retention and
+    every deletion rename a checkpoint away before its files go) or replaced by another checkpoint of that name.
+    A read of it that failed then says nothing about its bytes: the reader looks again (re-scans); it reports
+    no damage. A folder still there with the same manifest was not retired (its failure is damage)."""
+    if info.store.list(info.path) is None:
+        return True
+    if info.manifest is None:
+        return False
+    try:
+        now = Manifest.from_json(info.store.get(info.path, MANIFEST, limit=MAX_MANIFEST),
+                                 where=info.store.where(info.path, MANIFEST))
+    except CheckpointError:
+        return info.store.list(info.path) is None  # gone meanwhile, or a damaged manifest (not retired)
+    return now != info.manifest
+
+
+def check(info: CheckpointInfo) -> list[str] | None:
+    """:func:`verify`'s problems, or None when ``info`` was retired while it was read (:func:`retired`): then
+    there is nothing to report about it, and a reader of a running job's folder looks again. What ``btckpt
+    verify`` reports for each checkpoint it checks."""
+    problems = verify(info)
+    return None if problems and retired(info) else problems
+
+
 def resume_candidates(dir: str | os.PathLike[str] | None, load_dir: str | os.PathLike[str] | None, *,
                       rank: int | None = None) -> list[CheckpointInfo]:
     """Every checkpoint a (re)started job may resume from, in order of preference, damaged ones included:
@@ -304,38 +330,55 @@ def resume_candidates(dir: str | os.PathLike[str] | None, load_dir: str | os.Pat
     return own + (scan(load_dir, rank=rank) if load_dir else [])
 
 
-def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointInfo], T]
-           ) -> tuple[CheckpointInfo, T] | None:
+def select(candidates: Iterable[CheckpointInfo], attempt: Callable[[CheckpointInfo], T], *,
+           rescan: Callable[[], Iterable[CheckpointInfo]] | None = None) -> tuple[CheckpointInfo, T] | None:
     """The first candidate that is complete and for which ``attempt`` (a check, or a verified read) succeeds,
     with what ``attempt`` returned; None when there is none.
 
     Incomplete or corrupt candidates, and those ``attempt`` rejects with a :class:`CheckpointError`, are
-    skipped with a warning naming the folder and the file, and the next (older) one is tried. A candidate the
-    caller's state does not fit (:class:`StateMismatch`) is skipped too (a re-signed checkpoint may lie about
-    shapes), but if no candidate is chosen the first such mismatch is raised: the state, not the checkpoints,
-    is then the likely problem, and returning None would silently start from scratch. Errors about the
-    caller's setup (:class:`ConfigError`, :class:`CoordinationError`) propagate at once.
+    skipped with a warning naming the folder and the file, and the next one (the next copy of the same step,
+    else an older step: the order is the caller's) is tried. A candidate the caller's state does not fit
+    (:class:`StateMismatch`) is skipped too (a re-signed checkpoint may lie about shapes), but if no candidate
+    is chosen the first such mismatch is raised: the state, not the checkpoints, is then the likely problem,
+    and returning None would silently start from scratch. Errors about the caller's setup
+    (:class:`ConfigError`, :class:`CoordinationError`) propagate at once.
+
+    ``rescan`` (the caller's listing, e.g. :meth:`btckpt.restore.policy.ResumePolicy.candidates`): a candidate
+    retired while it was being read or listed (:func:`retired`: a running job's retention) is not damage; the
+    candidates are listed again and tried from the newest (at most :data:`RESCANS` times).
     """
     mismatch: StateMismatch | None = None
-    for info in candidates:
-        if info.status == "newer":
-            log.warning("btckpt: skipping %s, falling back to an older checkpoint: %s", info.where, info.reason)
-            continue
-        if not info.complete:
-            log.warning("btckpt: skipping %s (%s%s)", info.where, info.status,
-                        f": {info.reason}" if info.reason else "")
-            continue
-        try:
-            return info, attempt(info)
-        except (ConfigError, CoordinationError):
-            raise
-        except StateMismatch as exc:
-            mismatch = mismatch or exc
-            log.warning("btckpt: %s does not fit the state, trying an older checkpoint: %s",
-                        info.where, exc)
-        except CheckpointError as exc:
-            log.warning("btckpt: %s is damaged, falling back to an older checkpoint: %s",
-                        info.where, exc)
+    for _ in range(RESCANS + 1):
+        gone: CheckpointInfo | None = None
+        for info in candidates:
+            if info.status == "newer":
+                log.warning("btckpt: skipping %s, falling back to an older checkpoint: %s", info.where, info.reason)
+                continue
+            if not info.complete:
+                if rescan is not None and retired(info):
+                    gone = info
+                    break
+                log.warning("btckpt: skipping %s (%s%s)", info.where, info.status,
+                            f": {info.reason}" if info.reason else "")
+                continue
+            try:
+                return info, attempt(info)
+            except (ConfigError, CoordinationError):
+                raise
+            except StateMismatch as exc:
+                mismatch = mismatch or exc
+                log.warning("btckpt: %s does not fit the state, trying the next copy or an older checkpoint: %s",
+                            info.where, exc)
+            except CheckpointError as exc:
+                if rescan is not None and retired(info):
+                    gone = info
+                    break
+                log.warning("btckpt: %s is damaged, trying the next copy or an older checkpoint: %s",
+                            info.where, exc)
+        if gone is None or rescan is None:
+            break
+        log.info("btckpt: %s was retired while being read; looking again", gone.where)
+        candidates = rescan()
     if mismatch is not None:
         raise mismatch
     return None

@@ -81,6 +81,9 @@ class Store(Protocol):
         ...
 
 
+_RELIST = 5  # listings of a folder whose entries keep vanishing between listing and stat before one is kept
+
+
 def _kind(mode: int) -> str:
     return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else file_kind(mode)
 
@@ -95,19 +98,26 @@ class LocalStore:
         return str(Path(path) / name) if name else str(path)
 
     def list(self, folder: str | os.PathLike[str]) -> list[Entry] | None:
-        try:
-            found = list(os.scandir(folder))
-        except OSError:  # missing, not a folder, unreadable
-            return None
-        out = []
-        for e in sorted(found, key=lambda e: e.name):
+        for _ in range(_RELIST):
             try:
-                st = e.stat()  # follows a link, as a folder of checkpoints may hold linked ones
-            except OSError:  # a dangling link or a loop
-                out.append(Entry(e.name, "a broken link", link=True))
-                continue
-            kind = _kind(st.st_mode)
-            out.append(Entry(e.name, kind, st.st_size if kind == "file" else 0, st.st_mtime, link=e.is_symlink()))
+                found = list(os.scandir(folder))
+            except OSError:  # missing, not a folder, unreadable
+                return None
+            out, vanished = [], False
+            for e in sorted(found, key=lambda e: e.name):
+                try:
+                    st = e.stat()  # follows a link, as a folder of checkpoints may hold linked ones
+                except OSError as exc:
+                    if isinstance(exc, FileNotFoundError) and not e.is_symlink():
+                        vanished = True  # renamed away since it was listed (a running job's commit or retention)
+                        continue
+                    # a dangling link or a loop
+                    out.append(Entry(e.name, "a broken link", link=True))
+                    continue
+                kind = _kind(st.st_mode)
+                out.append(Entry(e.name, kind, st.st_size if kind == "file" else 0, st.st_mtime, link=e.is_symlink()))
+            if not vanished:
+                break  # else list again: what replaced the vanished entry (a newer checkpoint) may be there now
         return out
 
     def stat(self, folder: str | os.PathLike[str], names: Iterable[str]) -> dict[str, Entry]:

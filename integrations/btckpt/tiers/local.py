@@ -53,7 +53,7 @@ from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, delete_
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
-from ..storage.discovery import inspect, scan
+from ..storage.discovery import inspect, scan, verify
 from ..storage.local import (
     free_bytes,
     fsync_dir,
@@ -389,7 +389,9 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
 
     Every file is written with fsync and checked against ``src``'s manifest as it is copied (a damaged source
     raises :class:`~btckpt.errors.CorruptCheckpoint` and commits nothing); the same manifest is written last,
-    then the temp folder is renamed into place. A step already complete in ``dest_root`` is left as it is.
+    then the temp folder is renamed into place. A step whose copy in ``dest_root`` verifies is left as it is; a
+    copy of it there that is complete but damaged (its bytes do not match) is replaced, and retired only once
+    the new copy committed; anything else of that name is refused (never overwritten).
     With several nodes (``world``), each node's leader promotes its part and node 0 commits last, after every
     other node committed, as in a save; a node whose ``dest_root`` holds the step already (a restart after a
     promotion that committed on some nodes only) copies nothing but still joins, so no node waits for it.
@@ -400,12 +402,19 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
         raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
     man = info.manifest
     final = dest_root / checkpoint_name(man.step)
-    have = final.is_dir() and inspect(final).complete
+    there = inspect(final) if final.is_dir() else None
+    problems = verify(there) if there is not None else []  # "already there" only when its bytes verify
+    have = there is not None and not problems
+    damaged = there is not None and there.complete and there.kind == "btckpt" and not have
     if have:
-        log.info("btckpt: %s already holds step %d; nothing to promote", dest_root, man.step)
+        log.info("btckpt: %s already holds step %d (verified); nothing to promote", dest_root, man.step)
+    elif damaged:
+        log.warning("btckpt: %s holds a damaged copy of step %d (%s); promoting %s over it", dest_root, man.step,
+                    problems[0], src)
     w = world or World()
     key = f"{tag}/promoted/{man.step}"  # nodes promoting different steps never pass each other's barrier
-    commit = LocalCommit(dest_root, man.step, tag=tag)
+    # a damaged copy of the step is retired only once the verified one committed (LocalCommit's supersede)
+    commit = LocalCommit(dest_root, man.step, tag=tag, supersede=damaged)
     try:
         try:
             if not have:

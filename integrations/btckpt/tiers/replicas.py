@@ -39,10 +39,11 @@ import torch.distributed as dist
 from ..distributed.world import World
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
+from ..restore.policy import ResumePolicy
 from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
-from ..storage.discovery import inspect, scan
+from ..storage.discovery import inspect, scan, verify
 from ..storage.local import make_dirs, new_tag
 from ..testing import faults
 from .local import REPLICAS, LocalTier, copy_verified, settled
@@ -168,10 +169,23 @@ class PeerReplicas:
         return mine
 
     # -- at start: a node that lost its memory fetches its part back -------------------------------------------
-    def _own_newest(self) -> int:
-        """The newest step this node has complete in its tier or its durable dir (-1: none)."""
-        steps = [i.step for root in (self.tier.root, self.tier.durable) for i in scan(root, own=True) if i.complete]
-        return max(steps, default=-1)
+    def _own_newest(self, *, at_least: int) -> int:
+        """The newest step this node has a verified copy of in its tier or its durable dir (the resume policy's
+        copies, fastest first; a damaged copy is passed over with a warning), reading only steps of at least
+        ``at_least`` (the step the holder keeps a replica of: below it the answer only has to be below it, so the
+        newest complete one is given unread); -1: none."""
+        policy = ResumePolicy.for_job(dir=self.tier.durable, load_dir=None, local=self.tier.root)
+        for info in policy.candidates():
+            if not info.complete:
+                continue
+            if at_least < 0 or info.step < at_least:
+                return info.step
+            problems = verify(info)
+            if not problems:
+                return info.step
+            log.warning("btckpt: node %d: %s is damaged (%s); not counted as this node's copy of step %d",
+                        self.world.node_rank, info.path, problems[0], info.step)
+        return -1
 
     def _held_newest(self) -> int:
         """The newest complete replica held for ``prev`` of this job's shape (-1: none)."""
@@ -186,13 +200,15 @@ class PeerReplicas:
         """Fetch this node's part of the newest step its holder (``next``) keeps when that is newer than anything
         this node has, into this node's tier; serve ``prev`` the same way. Node leaders; the step fetched."""
         key = f"{session}/replicas/have"
-        me = {"own": self._own_newest(), "held": self._held_newest()}
-        self.world.publish(f"{key}/{self.world.node_rank}", me)
-        holder = self.world.collect(f"{key}/{self.next}", timeout=self.timeout)
-        owner = self.world.collect(f"{key}/{self.prev}", timeout=self.timeout)
+        held = self._held_newest()
+        self.world.publish(f"{key}/held/{self.world.node_rank}", held)
+        holder = int(self.world.collect(f"{key}/held/{self.next}", timeout=self.timeout))
+        own = self._own_newest(at_least=holder)  # a copy counts as this node's only once its bytes verified
+        self.world.publish(f"{key}/own/{self.world.node_rank}", own)
+        owner = int(self.world.collect(f"{key}/own/{self.prev}", timeout=self.timeout))
         # both ends decide from the same published figures: the holder serves exactly when the owner fetches
-        fetch = int(holder["held"]) if int(holder["held"]) > me["own"] else None
-        serve = me["held"] if me["held"] > int(owner["own"]) else None
+        fetch = holder if holder > own else None
+        serve = held if held > owner else None
         sender = None
         if serve is not None:
             sender = threading.Thread(target=self._send_step, args=(self.held, serve, self.prev),
@@ -202,7 +218,9 @@ class PeerReplicas:
             if fetch is not None:
                 t0 = time.perf_counter()
                 try:
-                    path = self._receive_into(self.tier.root, fetch, self.next, owner=self.world.node_rank)
+                    # a copy of that step in the tier is damaged (own < fetch): the verified one supersedes it
+                    path = self._receive_into(self.tier.root, fetch, self.next, owner=self.world.node_rank,
+                                              supersede=True)
                 except Exception as exc:  # noqa: BLE001 - the resume falls back to what this node has
                     log.error("btckpt: node %d: fetching its part of step %d from node %d failed; resuming from "
                               "what this node has: %s", self.world.node_rank, fetch, self.next, exc)
@@ -259,11 +277,13 @@ class PeerReplicas:
         except Exception as exc:  # noqa: BLE001 - runs on its own thread; the receiver reports its side too
             log.error("btckpt: node %d: sending %s to node %d failed: %s", self.world.node_rank, src, dst, exc)
 
-    def _receive_into(self, root: Path, step: int, src: int, *, owner: int, replace: bool = False) -> Path:
+    def _receive_into(self, root: Path, step: int, src: int, *, owner: int, replace: bool = False,
+                      supersede: bool = False) -> Path:
         """Receive from ``src`` node ``owner``'s part of ``checkpoint-<step>`` into ``root`` through the commit
         protocol (every file checked against the manifest sent with it, which must be of that step, that node
         and this job's node count); the new folder. ``replace``: a folder of that step already there (a replica
-        from before a restart that went back to an older step) is retired first."""
+        from before a restart that went back to an older step) is retired first. ``supersede``: a folder of that
+        step there is a damaged copy (the caller verified it), retired only once the received one committed."""
         head = self._link.recv_json(src, step)
         if not isinstance(head, dict) or head.get("step") != step:
             raise CheckpointError(f"node {src} sent {str(head)[:200]!r} for step {step}; replicas out of step")
@@ -274,14 +294,14 @@ class PeerReplicas:
         streams = {name: self._link.recv_pieces(int(entry["size"]), src, step, self._buf)
                    for name, entry in man.files.items()}
         final = root / checkpoint_name(step)
-        commit = LocalCommit(root, step, tag=new_tag())
+        commit = LocalCommit(root, step, tag=new_tag(), supersede=supersede)
         try:
             if (man.step, man.node_rank, man.world.get("nodes")) != (step, owner, self.world.nodes):
                 raise CheckpointError(f"{where}: its manifest is of step {man.step}, node {man.node_rank} of "
                                       f"{man.world.get('nodes')}, not step {step}, node {owner} of {self.world.nodes}")
             if replace and final.is_dir() and not final.is_symlink():
                 delete_checkpoint(final, retired=False)
-            if final.exists():
+            if final.exists() and not supersede:
                 raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
             make_dirs(root, private=True)  # <tier>/.replicas/node-<i>: private, as the whole tier
             commit.begin()
