@@ -6,6 +6,7 @@ Options pick the checkpointing (btckpt callback, HF native, none), how to resume
 (tests send real signals when a step shows up). ``--dump FILE`` writes the final parameters and
 optimizer state as safetensors (rank 0) for bit-exact comparison. ``--local-every K --tier DIR``: the callback
 also saves into the local tier DIR every K steps (``--wait-commit`` then waits for the tier's checkpoint).
+``--slow-commit S``: btckpt's writer sleeps S seconds before each commit (a kill then lands inside a save).
 Prints ``RESUME <folder>`` (``--resume line``) and ``START <global_step>`` when training begins.
 """
 
@@ -126,7 +127,12 @@ def main() -> int:
     p.add_argument("--result", default=None, help="write a JSON summary (rank 0)")
     p.add_argument("--local-every", type=int, default=None, help="local_every_steps (with --tier)")
     p.add_argument("--tier", default=None, help="local_tier_dir")
+    p.add_argument("--slow-commit", type=float, default=0.0)
     a = p.parse_args()
+    if a.slow_commit:
+        from slow_commit import install
+
+        install(a.slow_commit)
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_layer=a.n_layer, n_embd=a.n_embd, n_head=2)

@@ -125,6 +125,7 @@ __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy"
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
+MAX_DEFERRED = 64  # removals waiting for a commit; past it, remove_checkpoint waits for the save first
 
 
 class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
@@ -161,6 +162,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._ckpts: dict[Path, Checkpointer] = {}
         self._pending: dict[Path, list[Path]] = {}  # folder being written -> link files to write on commit
         self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
+        self._deferred: list[Path] = []  # names/folders Lightning removed while a save was still writing
         self._lock = threading.Lock()
         self._warned_dirs: set[str] = set()
 
@@ -230,6 +232,17 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             links = self._pending.pop(folder, [])
         for link in links:
             self._relink(link, folder)
+        self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        """Carry out the removals Lightning asked for while a save was writing, once none is (DESIGN.md,
+        Deletion: a deletion the framework asks for waits until the save that replaces it committed)."""
+        with self._lock:
+            if self._pending:
+                return
+            todo, self._deferred = self._deferred, []
+        for path in todo:
+            self._remove_now(path)
 
     def _relink(self, link: Path, folder: Path) -> None:
         """Point ``link`` at ``folder``; a folder that loses its last name this way is retired (as an
@@ -254,6 +267,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         """Block until every save so far committed and its names are written (raises a save's error)."""
         for ck in list(self._ckpts.values()):
             ck.wait()
+        self._run_deferred()
 
     def fence(self) -> None:
         """Block until the last save's background copies are done (before writing parameters in place
@@ -309,6 +323,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                               optimizers=optimizers)
             return
         with self._lock:
+            # a name (or folder) saved again is no longer to be removed by an earlier, deferred request
+            self._deferred = [p for p in self._deferred if p not in (link, folder)]
             waiting = self._pending.get(folder)
             if waiting is not None:  # the same step is being written: this name shares the folder
                 if link != folder:
@@ -416,12 +432,29 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         return out
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it."""
+        """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it.
+
+        Lightning asks right after ``save_checkpoint`` of the checkpoint that replaces it returned, while that
+        one is still being written: the removal then waits until it committed (it runs right after the
+        commit, on the writer; a kill before that leaves the older checkpoint in place, named). A save that
+        fails leaves the removal waiting for the next commit (or the clean end of ``teardown``)."""
         p = self._found_at(Path(os.path.abspath(path)))
         with self._lock:
             for links in self._pending.values():
                 while p in links:
                     links.remove(p)
+            defer = bool(self._pending)
+            if defer and p not in self._deferred:
+                self._deferred.append(p)
+            full = len(self._deferred) > MAX_DEFERRED
+        if full:
+            self.wait()  # bounded: the saves commit (or raise) and run the removals
+            self._run_deferred()
+        if defer:
+            return
+        self._remove_now(p)
+
+    def _remove_now(self, p: Path) -> None:
         if p.is_dir() and STEP_DIR.match(p.name):
             self._retire(p)
             return
@@ -489,7 +522,10 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         with self._lock:
             self._pending.clear()
         if errors:
+            with self._lock:
+                self._deferred.clear()  # a save failed: keep what it would have replaced
             raise errors[0]
+        self._run_deferred()
 
 
 class ModelCheckpoint(_ModelCheckpoint):
