@@ -60,3 +60,45 @@ def test_hf_rotation_kill_while_the_newer_save_is_written_resumes_from_the_older
     assert f"RESUME {ck / 'checkpoint-2'}" in r.stdout
     assert _start_step(r.stdout) == 2
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-8"]
+
+
+# -- 2. names of two ModelCheckpoints, and resume_path, never pick a weights-only folder to resume ----------
+def _lightning_meta(folder: Path) -> dict:
+    return json.loads((folder / "btckpt.json").read_text())["meta"]["lightning"]
+
+
+def test_lightning_weights_only_and_full_checkpoint_at_one_step_last_resumes(tmp_path: Path) -> None:
+    """A weights-only ModelCheckpoint (called first) and a full one both save at steps 3 and 6: the full one's
+    last.ckpt must name a full (resumable) folder and fit(ckpt_path="last") resumes at step 6 (before: it
+    named the weights-only folder and the fit failed)."""
+    from btckpt.lightning import resume_path
+
+    ck = tmp_path / "ck"
+    base = [LIGHTNING, "--dir", str(ck), "--every", "3", "--weights-every", "3", "--top-k", "1", "--monitor", ""]
+    r = run_py([*base, "--steps", "6"], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    target = ck / json.loads((ck / "last.ckpt").read_text())["checkpoint"]
+    assert target.name == "checkpoint-6"
+    assert "optimizer_states" in _lightning_meta(target)["keys"].values()
+    w6 = json.loads((ck / "weights-step=6.ckpt").read_text())["checkpoint"]
+    assert (ck / w6 / "btckpt.json").is_file()  # the weights-only name still loads
+    assert resume_path(dir=ck) == str(target)
+    r = run_py([*base, "--steps", "9", "--ckpt-path", "last"], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _start_step(r.stdout) == 6
+
+
+def test_resume_path_skips_a_newer_weights_only_checkpoint(tmp_path: Path) -> None:
+    """Full saves at 3 and 6, weights-only ones every 2 steps (newest: 8): resume_path() must return the
+    full checkpoint-6, and the restart resumes at 6 (before: checkpoint-8, and every restart crashed)."""
+    from btckpt.lightning import resume_path
+
+    ck = tmp_path / "ck"
+    base = [LIGHTNING, "--dir", str(ck), "--every", "3", "--weights-every", "2", "--top-k", "1", "--monitor", ""]
+    r = run_py([*base, "--steps", "8"], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "optimizer_states" not in _lightning_meta(ck / "checkpoint-8")["keys"].values()
+    assert resume_path(dir=ck) == str(ck / "checkpoint-6")
+    r = run_py([*base, "--steps", "12", "--resume"], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _start_step(r.stdout) == 6

@@ -13,6 +13,7 @@ advances exactly 1 s per training step (deterministic saves).
 --lightning-mc: Lightning's own ModelCheckpoint (its defaults: save_top_k=1, no last.ckpt) instead of btckpt's.
 --slow-commit S: the writer sleeps S seconds before each commit's manifest (widens the async window);
 --kill-after-remove N: SIGKILL right after Lightning's remove_checkpoint returned at step N (inside that window).
+--weights-every K: a second (weights-only) ModelCheckpoint, every K steps, keeping all, called before the first.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--lightning-mc", action="store_true")
     ap.add_argument("--slow-commit", type=float, default=0.0)
     ap.add_argument("--kill-after-remove", type=int, default=-1)
+    ap.add_argument("--weights-every", type=int, default=0)
     a = ap.parse_args()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if a.fake_clock:
@@ -199,8 +201,10 @@ def main() -> None:
         cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every or None,
                              train_time_interval=interval, save_top_k=a.top_k,
                              monitor=a.monitor or None, mode="max", save_last=not a.no_last)
+    weights = [ModelCheckpoint(dirpath=a.dir, filename="weights-{step}", every_n_train_steps=a.weights_every,
+                               save_weights_only=True, save_top_k=-1)] if a.weights_every else []
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
-                        plugins=plugins, callbacks=[cb, StartStep()], logger=False, enable_progress_bar=False,
+                        plugins=plugins, callbacks=[*weights, cb, StartStep()], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir, local_tier_dir=a.tier) if a.resume else None)

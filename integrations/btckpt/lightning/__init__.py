@@ -108,6 +108,8 @@ from .state import (
     resume_path,
     safe_for_background_copy,
     to_groups,
+    weights_only_dict,
+    weights_only_folder,
     write_link,
 )
 from .strategies import (
@@ -163,6 +165,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._pending: dict[Path, list[Path]] = {}  # folder being written -> link files to write on commit
         self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
         self._deferred: list[Path] = []  # names/folders Lightning removed while a save was still writing
+        self._weights_only: set[Path] = set()  # folders this process saved from a save_weights_only dict
         self._lock = threading.Lock()
         self._warned_dirs: set[str] = set()
 
@@ -316,6 +319,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         optimizers = gate[1] if gate is not None and gate[0] is checkpoint and not distributed else []
         link = self._stored_at(Path(os.path.abspath(path)))
         step = int(checkpoint.get("global_step", 0))
+        full = not weights_only_dict(checkpoint)
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
         ck = self.checkpointer(folder.parent, distributed=distributed)
         if self._into_tier:
@@ -326,17 +330,23 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             # a name (or folder) saved again is no longer to be removed by an earlier, deferred request
             self._deferred = [p for p in self._deferred if p not in (link, folder)]
             waiting = self._pending.get(folder)
-            if waiting is not None:  # the same step is being written: this name shares the folder
+            # a full save never shares a weights-only folder of its step (a weights-only one shares a full one)
+            upgrade = full and folder in self._weights_only and not distributed
+            if waiting is not None and not upgrade:  # the same step is being written: this name shares the folder
                 if link != folder:
                     waiting.append(link)
                 return
-        if folder in self._mine and inspect(folder).complete:
+        if not upgrade and folder in self._mine and inspect(folder).complete \
+                and not (full and not distributed and weights_only_folder(folder)):
             if link != folder:
                 self._relink(link, folder)
             return
         ck.wait()  # at most one save in flight (btckpt's back-pressure); also surfaces an earlier error
         with self._lock:
             self._pending.clear()
+        names: list[Path] = []
+        if full and not distributed and folder.exists() and inspect(folder).complete and weights_only_folder(folder):
+            names = self._replace_weights_only(folder)
         if folder.exists() and inspect(folder).complete:
             # an earlier run committed this step (e.g. the checkpoint this run resumed from): btckpt never
             # deletes a committed checkpoint before a newer one committed, so the name points at it
@@ -346,7 +356,9 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             self._mine.add(folder)
             return
         with self._lock:
-            self._pending[folder] = [] if link == folder else [link]
+            self._pending[folder] = [n for n in [link, *names] if n != folder]
+            if not full:
+                self._weights_only.add(folder)
         try:
             self._save_groups(ck.save, step, checkpoint, distributed=distributed, peer_rng=peer_rng,
                               optimizers=optimizers, on_commit=self._committed)
@@ -355,6 +367,30 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 self._pending.pop(folder, None)
             raise
         self._mine.add(folder)
+
+    def _replace_weights_only(self, folder: Path) -> list[Path]:
+        """Make way for a full (resumable) save of ``folder``'s step: a ``save_weights_only`` callback saved
+        that step first. Its folder holds nothing to resume from, so it goes now; the names pointing at it
+        are returned, to name the full folder once that committed (a weights-only name may name a full
+        checkpoint: it holds the same weights; the reverse would make ``fit(ckpt_path="last")`` fail)."""
+        names = [entry for entry in folder.parent.iterdir() if self._names_folder(entry, folder)]
+        log.info("btckpt: %s was saved weights-only; a full checkpoint of its step replaces it (%s will name that)",
+                 folder.name, ", ".join(n.name for n in names) or "no name")
+        delete_checkpoint(folder)
+        self._mine.discard(folder)
+        with self._lock:
+            self._weights_only.discard(folder)
+        return names
+
+    @staticmethod
+    def _names_folder(entry: Path, folder: Path) -> bool:
+        """Whether ``entry`` is a link file naming ``folder``."""
+        if not entry.is_file() or entry.name.startswith(".") or entry.stat().st_size > MAX_LINK:
+            return False
+        try:
+            return read_link(entry) == folder
+        except (UnsafeCheckpoint, OSError):
+            return False
 
     def _save_groups(self, save: Callable[..., Any], step: int, checkpoint: dict[str, Any], *, distributed: bool,
                      peer_rng: Any, optimizers: list[torch.optim.Optimizer], **keywords: Any) -> None:
@@ -490,16 +526,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         with self._lock:
             if self._pending.get(folder):
                 return True
-        for entry in folder.parent.iterdir():
-            if entry == besides:
-                continue
-            if entry.is_file() and not entry.name.startswith(".") and entry.stat().st_size <= MAX_LINK:
-                try:
-                    if read_link(entry) == folder:
-                        return True
-                except (UnsafeCheckpoint, OSError):
-                    continue
-        return False
+        return any(entry != besides and self._names_folder(entry, folder) for entry in folder.parent.iterdir())
 
     def _retire(self, folder: Path) -> None:
         with self._lock:
