@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_py
@@ -102,3 +103,115 @@ def test_resume_path_skips_a_newer_weights_only_checkpoint(tmp_path: Path) -> No
     r = run_py([*base, "--steps", "12", "--resume"], timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _start_step(r.stdout) == 6
+
+
+# -- 4. preemption: one store agreement, no collective per step; multi-rank Lightning preempts ------------------
+def _rank_pids(job: Any) -> dict[int, int]:
+    """RANK -> pid of a torchrun job's worker processes."""
+    import psutil
+
+    out = {}
+    for kid in psutil.Process(job.pid).children(recursive=True):
+        try:
+            env = kid.environ()
+        except psutil.Error:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env and kid.name().startswith("python"):
+            out[int(env["RANK"])] = kid.pid
+    return out
+
+
+def _sigterm_rank_when(job: Any, reached: Any, rank: int, *, timeout: float = 240) -> None:
+    """Once ``reached()`` is true, SIGTERM one rank of the torchrun job ``job`` (only that one: the others must
+    learn it through the store)."""
+    import os
+    import time
+
+    from dist_launch import kill_session
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached():
+            assert job.poll() is None, job.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the job never reached the step to signal at"
+            time.sleep(0.02)
+        pids = _rank_pids(job)
+        assert rank in pids, pids
+        os.kill(pids[rank], signal.SIGTERM)
+    except BaseException:
+        kill_session(job)
+        job.communicate(timeout=60)
+        raise
+
+
+def _steps(progress: Path) -> int:
+    import re
+
+    return max((int(x) for x in re.findall(r"(\d+)", progress.read_text())), default=0) if progress.exists() else 0
+
+
+def test_hf_ddp_no_collective_per_step_when_no_signal(tmp_path: Path) -> None:
+    """2-rank DDP (real torchrun, gloo): without a SIGTERM, btckpt's callback runs no all_reduce at all
+    (before: one all_reduce + .item() per optimizer step, a device sync per step on GPU)."""
+    from dist_launch import env_with, finish, torchrun
+
+    job = torchrun("hf_train.py", ["--out", str(tmp_path / "out"), "--bs", "2", "--max-steps", "6", "--save-steps",
+                                   "3", "--count-collectives"], env=env_with(BT_CHECKPOINT_DIR=str(tmp_path / "ck")))
+    rc, out = finish(job, timeout=300)
+    assert rc == 0, out[-4000:]
+    import re
+
+    counts = dict(re.findall(r"BTCKPT_ALL_REDUCE rank=(\d) n=(\d+)", out))
+    assert counts == {"0": "0", "1": "0"}, (counts, out[-3000:])
+    assert sorted(p.name for p in (tmp_path / "ck").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_hf_ddp_sigterm_on_one_rank_saves_the_agreed_step_exits_zero_and_resumes(tmp_path: Path) -> None:
+    """2-rank DDP, SIGTERM to rank 1 only: both ranks agree on a step through the store, save it, and the job
+    exits 0; the restart resumes from that step on both ranks."""
+    from dist_launch import env_with, finish, torchrun
+
+    ck, progress = tmp_path / "ck", tmp_path / "progress"
+    env = env_with(BT_CHECKPOINT_DIR=str(ck))
+    args = ["--out", str(tmp_path / "out"), "--bs", "2", "--save-steps", "100"]
+    job = torchrun("hf_train.py", [*args, "--step-sleep", "0.2", "--progress", str(progress)], env=env)
+    _sigterm_rank_when(job, lambda: _steps(progress) >= 5, rank=1)
+    rc, out = finish(job, timeout=240)
+    assert rc == 0, out[-4000:]
+    assert "DONE" not in out
+    saved = sorted(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    assert len(saved) == 1 and 5 <= saved[0] < 18, (saved, out[-3000:])  # only the preemption save
+    assert {"rng_state_0.json", "rng_state_1.json"} <= {p.name for p in (ck / f"checkpoint-{saved[0]}").iterdir()}
+    rc, out = finish(torchrun("hf_train.py", [*args, "--max-steps", str(saved[0] + 2)], env=env), timeout=300)
+    assert rc == 0, out[-4000:]
+    assert f"START {saved[0]}" in out and f"DONE {saved[0] + 2}" in out, out[-3000:]
+
+
+def test_lightning_ddp_sigterm_on_one_rank_saves_last_exits_zero_and_resumes_exactly(tmp_path: Path) -> None:
+    """Lightning DDP, 2 ranks (real torchrun, gloo), SIGTERM to rank 1 only (before: handled at world size 1
+    only, so rank 1 ignored it): every rank stops at one agreed step, last.ckpt names it, the job exits 0,
+    and resuming with ckpt_path="last" ends bit-identical to an uninterrupted run on both ranks."""
+    from dist_launch import env_with, finish, torchrun
+    from test_lightning import _assert_same
+
+    ddp = ["--strategy", "ddp", "--devices", "2", "--steps", "30", "--every", "100", "--top-k", "1"]
+    rc, out = finish(torchrun("lightning_train.py", [*ddp, "--dir", str(tmp_path / "ref"), "--dump",
+                                                     str(tmp_path / "ref.{rank}.st")], env=env_with()), timeout=300)
+    assert rc == 0, out[-4000:]
+    ck, progress = tmp_path / "ck", tmp_path / "progress"
+    job = torchrun("lightning_train.py", [*ddp, "--dir", str(ck), "--sleep", "0.1", "--progress", str(progress)],
+                   env=env_with())
+    _sigterm_rank_when(job, lambda: _steps(Path(f"{progress}.0")) >= 8, rank=1)
+    rc, out = finish(job, timeout=240)
+    assert rc == 0, out[-4000:]
+    assert "done" not in out, out[-3000:]
+    target = json.loads((ck / "last.ckpt").read_text())["checkpoint"]
+    step = int(target.split("-")[1])
+    assert 8 <= step < 30, (step, out[-3000:])
+    assert {"rng_state_0.json", "rng_state_1.json"} <= {p.name for p in (ck / target).iterdir()}
+    rc, out = finish(torchrun("lightning_train.py", [*ddp, "--dir", str(ck), "--ckpt-path", "last", "--dump",
+                                                     str(tmp_path / "res.{rank}.st")], env=env_with()), timeout=300)
+    assert rc == 0, out[-4000:]
+    assert out.count(f"START {step}") == 2, out[-3000:]
+    for r in (0, 1):
+        _assert_same(tmp_path / f"ref.{r}.st", tmp_path / f"res.{r}.st")

@@ -7,6 +7,8 @@ Options pick the checkpointing (btckpt callback, HF native, none), how to resume
 optimizer state as safetensors (rank 0) for bit-exact comparison. ``--local-every K --tier DIR``: the callback
 also saves into the local tier DIR every K steps (``--wait-commit`` then waits for the tier's checkpoint).
 ``--slow-commit S``: btckpt's writer sleeps S seconds before each commit (a kill then lands inside a save).
+``--count-collectives``: counts ``torch.distributed.all_reduce`` calls made from btckpt's code and prints
+``BTCKPT_ALL_REDUCE rank=<r> n=<n>`` at the end.
 Prints ``RESUME <folder>`` (``--resume line``) and ``START <global_step>`` when training begins.
 """
 
@@ -128,7 +130,22 @@ def main() -> int:
     p.add_argument("--local-every", type=int, default=None, help="local_every_steps (with --tier)")
     p.add_argument("--tier", default=None, help="local_tier_dir")
     p.add_argument("--slow-commit", type=float, default=0.0)
+    p.add_argument("--count-collectives", action="store_true")
     a = p.parse_args()
+    calls = [0]
+    if a.count_collectives:
+        import sys
+
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("btckpt"):
+                calls[0] += 1
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
     if a.slow_commit:
         from slow_commit import install
 
@@ -196,6 +213,8 @@ def main() -> int:
                 "wall_s": wall, "save_block_s": save_s[0], "steps": trainer.state.global_step,
                 "best": trainer.state.best_model_checkpoint,
                 "stats": cb.stats if cb is not None else None}))
+    if a.count_collectives:
+        say(f"BTCKPT_ALL_REDUCE rank={trainer.args.process_index} n={calls[0]}")
     say(f"DONE {trainer.state.global_step}")
     return 0
 

@@ -44,8 +44,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import transformers
 from transformers import Trainer, TrainerCallback, trainer_utils
 from transformers.trainer_callback import ExportableState, TrainerState
@@ -56,6 +54,7 @@ from ..adapters import (
     local_save_due,
     model_config_files,
     open_checkpoint,
+    preemption_due,
     restore_rank_rng,
     resume_folder,
 )
@@ -379,7 +378,8 @@ class CheckpointCallback(TrainerCallback):
     def _p_maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> Any:
         out = self._orig["_maybe_log_save_evaluate"](*args, **kwargs)
         tr = self.trainer
-        if tr is not None and self.ckpt is not None and self.preempted_at is None and self._preempted_everywhere():
+        if tr is not None and self.ckpt is not None and self.preempted_at is None and preemption_due(
+                self.ckpt, int(tr.state.global_step)):  # the store: no collective, no device sync per step
             step = int(tr.state.global_step)
             if step not in self._saved:
                 self._p_save_checkpoint(tr.model_wrapped, None)
@@ -392,16 +392,6 @@ class CheckpointCallback(TrainerCallback):
                 done=(*self._saved, self._local_step)):
             self._save_step(None, local=True)
         return out
-
-    def _preempted_everywhere(self) -> bool:
-        """Whether any rank got SIGTERM (all ranks agree, so they stop at the same step)."""
-        flag = bool(self.ckpt.preempted)
-        if self.ckpt.world.size <= 1:
-            return flag
-        assert self.trainer is not None
-        t = torch.tensor([1.0 if flag else 0.0], device=self.trainer.args.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def _p_load_best_model(self, *args: Any, **kwargs: Any) -> Any:
         if self.preempted_at is not None:

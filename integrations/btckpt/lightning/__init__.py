@@ -77,7 +77,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..adapters import group_values, local_save_due, open_checkpoint, restore_rank_rng
+from ..adapters import PreemptionWatch, group_values, local_save_due, open_checkpoint, restore_rank_rng
 from ..checkpointer import Checkpointer
 from ..config import CheckpointConfig, resolve_dir
 from ..distributed.world import World
@@ -560,14 +560,17 @@ class ModelCheckpoint(_ModelCheckpoint):
 
     ``dirpath`` defaults to ``$BT_CHECKPOINT_DIR``, else ``./checkpoints``. Under DDP it makes every
     rank's RNG state part of the checkpoint (module doc). With
-    :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
-    the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0). With
-    the plugin's ``local_every_steps=K`` it also saves into the local tier every K training steps.
+    :class:`SafetensorsCheckpointIO`, a SIGTERM (preemption) saves ``last.ckpt`` at the next training batch
+    end, waits for its commit, and stops the trainer cleanly (exit status 0); with several ranks, a SIGTERM
+    on any of them makes every rank save and stop at the same step (agreed through the c10d store, no
+    collective: :class:`btckpt.adapters.PreemptionWatch`). With the plugin's ``local_every_steps=K`` it also
+    saves into the local tier every K training steps.
     """
 
     def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(resolve_dir(dirpath), *args, **kwargs)
         self._ck: Checkpointer | None = None
+        self._watch: PreemptionWatch | None = None  # several ranks: SIGTERM on any makes every rank stop
         self._local_step: int | None = None  # the newest step saved into the local tier
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -591,21 +594,27 @@ class ModelCheckpoint(_ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, SafetensorsCheckpointIO) and trainer.world_size == 1 and self.dirpath:
-            # created after Lightning installed its SIGTERM handler: ours takes over until teardown
+        if not isinstance(io, SafetensorsCheckpointIO) or not self.dirpath:
+            return
+        # created after Lightning installed its SIGTERM handler: ours takes over until teardown
+        if trainer.world_size == 1:
             self._ck = io.checkpointer(self.dirpath, handle_sigterm=True)
+        else:  # every rank: Lightning saves on rank 0 only, so no Checkpointer is shared by the ranks
+            self._watch = PreemptionWatch(f"lightning:{self.dirpath}")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        ck = self._ck
-        if ck is None or not ck.preempted:
+        ck, watch = self._ck, self._watch
+        if not ((ck is not None and ck.preempted) or (watch is not None and watch.due(trainer.global_step))):
             self._maybe_save_local(trainer)
             return
         assert self.dirpath is not None
         filepath = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         self.last_model_path = filepath
-        trainer.save_checkpoint(filepath)
+        trainer.save_checkpoint(filepath)  # every rank (Lightning's save is collective)
         trainer.strategy.checkpoint_io.wait()
+        if watch is not None:
+            watch.stopped(timeout=CheckpointConfig.preemption_grace)
         log.warning("btckpt: preemption checkpoint for step %d committed; stopping", trainer.global_step)
         raise SIGTERMException()
 
@@ -622,7 +631,9 @@ class ModelCheckpoint(_ModelCheckpoint):
         self._local_step = step
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._ck, self._local_step = None, None
+        if self._watch is not None:
+            self._watch.close()
+        self._ck, self._watch, self._local_step = None, None, None
         super().teardown(trainer, pl_module, stage)
 
 
