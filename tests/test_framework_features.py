@@ -215,3 +215,32 @@ def test_lightning_ddp_sigterm_on_one_rank_saves_last_exits_zero_and_resumes_exa
     assert out.count(f"START {step}") == 2, out[-3000:]
     for r in (0, 1):
         _assert_same(tmp_path / f"ref.{r}.st", tmp_path / f"res.{r}.st")
+
+
+# -- 6. HF push_to_hub: refused at start, not silently dropped ----------------------------------------------------
+def test_hf_push_to_hub_is_refused_at_start_with_the_option_and_the_fix(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """push_to_hub=True (Hub client faked: no network): building the Trainer with the callback raises
+    ConfigError naming push_to_hub and the fix (before: it trained, pushed nothing and warned about nothing)."""
+    pytest.importorskip("transformers")
+    import transformers
+    from btckpt.errors import ConfigError
+    from btckpt.hf import CheckpointCallback
+    from test_hf import _tiny_trainer
+
+    hub: list[str] = []
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", lambda self, *a, **k: hub.append("init_hf_repo"))
+    monkeypatch.setattr(transformers.Trainer, "push_to_hub", lambda self, *a, **k: hub.append("push_to_hub"))
+
+    class FakeHub:  # the client the Trainer's pushes go through (hf_api().upload_folder / create_repo)
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: hub.append(name)
+
+    if hasattr(transformers.trainer, "hf_api"):
+        monkeypatch.setattr(transformers.trainer, "hf_api", lambda *a, **k: FakeHub())
+    with pytest.raises(ConfigError, match=r"push_to_hub=True.*push_to_hub=False") as err:
+        _tiny_trainer(tmp_path / "out", [CheckpointCallback(dir=str(tmp_path / "ck"))], push_to_hub=True,
+                      hub_model_id="someone/tiny", max_steps=2, save_steps=1)
+    assert "remove the callback" in str(err.value)
+    assert hub == ["init_hf_repo"]  # the Trainer's own start-up (faked); nothing was pushed
+    assert not (tmp_path / "ck").exists()  # nothing written

@@ -25,6 +25,7 @@ Each ``checkpoint-<step>`` folder is servable (``model.safetensors`` or shards +
 own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files; for PEFT models
 ``adapter_model.safetensors`` + ``adapter_config.json``) and resumable (``optimizer.safetensors``,
 ``scheduler``/``scaler`` state in the manifest, ``rng_state_<rank>.json``, ``trainer_state.json``).
+``push_to_hub=True`` is refused (:class:`ConfigError`): the Trainer pushes from the saving replaced here.
 Supported: one process, DDP (torchrun, several nodes), FSDP2 (accelerate ``fsdp_version: 2``: each rank
 writes its own shards, resume reshards to any world size, ``consolidate=True`` adds a servable folder; see
 :mod:`btckpt.hf.sharded`). FSDP1 and DeepSpeed raise :class:`ConfigError`.
@@ -106,6 +107,18 @@ def _check_trainer_api(trainer: Trainer) -> None:
         raise ConfigError(f"btckpt.hf.CheckpointCallback cannot attach to transformers {transformers.__version__}: "
                           + "; ".join(problems) + f". Install a supported transformers ({SUPPORTED_TRANSFORMERS}) "
                           "or remove the callback to use the Trainer's own checkpointing")
+
+
+def _refuse_push_to_hub(args: Any) -> None:
+    """ConfigError for ``push_to_hub=True``: the Trainer pushes from the checkpoint saving this callback
+    replaces, so with it nothing would reach the Hub, silently."""
+    if getattr(args, "push_to_hub", False):
+        raise ConfigError(
+            "TrainingArguments(push_to_hub=True) with btckpt.hf.CheckpointCallback: the Trainer pushes to the Hub "
+            "from its own checkpoint saving (hub_strategy), which the callback replaces, so nothing would be "
+            "pushed. Set push_to_hub=False and push the final model yourself (trainer.push_to_hub() after "
+            "train(), or upload a servable checkpoint-<N> folder), or remove the callback to keep the "
+            "Trainer's own checkpointing and Hub pushes")
 
 
 def _epoch_samplers(loader: Any) -> list[Any]:
@@ -217,6 +230,7 @@ class CheckpointCallback(TrainerCallback):
             return
         refuse_unsupported(trainer, peft=_is_peft(unwrap_model(getattr(trainer, "model", None))))
         _check_trainer_api(trainer)
+        _refuse_push_to_hub(trainer.args)
         self.trainer = trainer
         for name in _REPLACED:
             self._orig[name] = getattr(trainer, name)
