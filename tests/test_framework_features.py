@@ -244,3 +244,32 @@ def test_hf_push_to_hub_is_refused_at_start_with_the_option_and_the_fix(tmp_path
     assert "remove the callback" in str(err.value)
     assert hub == ["init_hf_repo"]  # the Trainer's own start-up (faked); nothing was pushed
     assert not (tmp_path / "ck").exists()  # nothing written
+
+
+def test_a_removal_lost_to_a_kill_after_the_commit_runs_at_the_next_start(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning removed a.ckpt (step 3) while step 6 was writing; the process died after step 6 committed but
+    before the deferred removal ran (here: the removal is made to never run, and the process 'dies' without
+    teardown). The next start carries the removal out: one name, one folder, as without the kill."""
+    import torch
+    from btckpt.lightning import SafetensorsCheckpointIO
+
+    def full(step: int) -> dict:
+        return {"global_step": step, "state_dict": {"w": torch.full((2,), float(step))}, "loops": {},
+                "optimizer_states": []}
+
+    d = tmp_path / "ck"
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint(full(3), d / "a.ckpt")
+    io.wait()
+    monkeypatch.setattr(io, "_run_deferred", lambda: None)  # the kill lands before the removal runs
+    io.save_checkpoint(full(6), d / "b.ckpt")
+    io.remove_checkpoint(d / "a.ckpt")
+    for ck in io._ckpts.values():  # the commit of step 6, then the process is gone (no teardown)
+        ck.close()
+    assert (d / "a.ckpt").is_file() and (d / "checkpoint-3").is_dir()
+    io2 = SafetensorsCheckpointIO()
+    io2.checkpointer(d)  # the next start (the first save or on_train_start creates it)
+    io2.teardown()
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == ["b.ckpt", "checkpoint-6"]
+    assert not list(d.glob(".btckpt-unname-*"))

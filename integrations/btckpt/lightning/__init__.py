@@ -105,6 +105,7 @@ from .state import (
     process_rank,
     read_link,
     repair_links,
+    resumable,
     resume_path,
     safe_for_background_copy,
     to_groups,
@@ -127,6 +128,7 @@ __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy"
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
+UNNAME = ".btckpt-unname-"  # + a name: Lightning asked to remove it while the save replacing it was writing
 MAX_DEFERRED = 64  # removals waiting for a commit; past it, remove_checkpoint waits for the save first
 
 
@@ -328,7 +330,10 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             return
         with self._lock:
             # a name (or folder) saved again is no longer to be removed by an earlier, deferred request
+            cancelled = [p for p in self._deferred if p in (link, folder)]
             self._deferred = [p for p in self._deferred if p not in (link, folder)]
+            for p in cancelled:
+                _unname_marker(p).unlink(missing_ok=True)
             waiting = self._pending.get(folder)
             # a full save never shares a weights-only folder of its step (a weights-only one shares a full one)
             upgrade = full and folder in self._weights_only and not distributed
@@ -480,9 +485,12 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 while p in links:
                     links.remove(p)
             defer = bool(self._pending)
-            if defer and p not in self._deferred:
+            new = defer and p not in self._deferred
+            if new:
                 self._deferred.append(p)
             full = len(self._deferred) > MAX_DEFERRED
+        if new:
+            self._mark_deferred(p)
         if full:
             self.wait()  # bounded: the saves commit (or raise) and run the removals
             self._run_deferred()
@@ -490,7 +498,22 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             return
         self._remove_now(p)
 
+    @staticmethod
+    def _mark_deferred(p: Path) -> None:
+        """A marker beside ``p``: a kill after the replacing save committed but before the removal ran leaves
+        the request on disk, and the next start carries it out (:meth:`_finish_retirements`)."""
+        try:
+            write_small_file(_unname_marker(p), b"")
+            fsync_dir(p.parent)
+        except OSError as exc:  # e.g. a name too long for a marker: the removal still runs after the commit
+            log.warning("btckpt: could not record the pending removal of %s (%s); a kill before it runs "
+                        "leaves that checkpoint behind", p.name, exc)
+
     def _remove_now(self, p: Path) -> None:
+        self._remove_name(p)
+        _unname_marker(p).unlink(missing_ok=True)
+
+    def _remove_name(self, p: Path) -> None:
         if p.is_dir() and STEP_DIR.match(p.name):
             self._retire(p)
             return
@@ -514,13 +537,40 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             marker.unlink(missing_ok=True)
 
     def _finish_retirements(self, root: Path) -> None:
-        """Delete the folders whose last name was removed by a process that died before deleting them."""
+        """Carry out the removals an earlier process was asked for but died before running: a name whose
+        replacing save had committed (a complete, resumable newer checkpoint exists; else it stays), and the
+        folders whose last name was removed before they were deleted."""
+        for marker in sorted(root.glob(f"{UNNAME}*")):
+            name = root / marker.name[len(UNNAME):]
+            if self._replaced(name):
+                log.warning("btckpt: removing %s, whose removal an earlier run asked for after a newer checkpoint",
+                            name.name)
+                self._remove_name(name)
+            marker.unlink(missing_ok=True)
         for marker in sorted(root.glob(f"{RETIRE}checkpoint-*")):
             folder = root / marker.name[len(RETIRE):]
             if STEP_DIR.match(folder.name) and folder.is_dir() and not self._named(folder):
                 log.warning("btckpt: deleting %s, whose last name was removed by an earlier run", folder)
                 delete_checkpoint(folder)
             marker.unlink(missing_ok=True)
+
+    @staticmethod
+    def _replaced(name: Path) -> bool:
+        """Whether a complete, resumable checkpoint newer than the one ``name`` (a link or a folder) names exists."""
+        try:
+            folder = name if name.is_dir() else read_link(name) if name.is_file() else None
+        except (UnsafeCheckpoint, OSError):
+            return False
+        found = STEP_DIR.match(folder.name) if folder is not None else None
+        if folder is None or found is None:
+            return False
+        for entry in folder.parent.iterdir():
+            m = STEP_DIR.match(entry.name)
+            if m and int(m.group(1)) > int(found.group(1)):
+                info = inspect(entry)
+                if info.complete and resumable(info):
+                    return True
+        return False
 
     def _named(self, folder: Path, *, besides: Path | None = None) -> bool:
         with self._lock:
@@ -550,9 +600,15 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             self._pending.clear()
         if errors:
             with self._lock:
-                self._deferred.clear()  # a save failed: keep what it would have replaced
+                kept, self._deferred = self._deferred, []  # a save failed: keep what it would have replaced
+            for p in kept:
+                _unname_marker(p).unlink(missing_ok=True)
             raise errors[0]
         self._run_deferred()
+
+
+def _unname_marker(p: Path) -> Path:
+    return p.parent / f"{UNNAME}{p.name}"
 
 
 class ModelCheckpoint(_ModelCheckpoint):
