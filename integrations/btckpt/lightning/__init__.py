@@ -128,7 +128,8 @@ __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy"
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
-UNNAME = ".btckpt-unname-"  # + a name: Lightning asked to remove it while the save replacing it was writing
+UNNAME = ".btckpt-unname-"  # + a name + UNNAME_END: Lightning asked to remove it while its replacement was writing
+UNNAME_END = ".pending"  # (so a marker never matches the user's own "*.ckpt")
 MAX_DEFERRED = 64  # removals waiting for a commit; past it, remove_checkpoint waits for the save first
 
 
@@ -235,9 +236,9 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     def _committed(self, folder: Path) -> None:
         with self._lock:
             links = self._pending.pop(folder, [])
+        self._run_deferred()  # first: once the new names exist, nothing of the older checkpoints is left to do
         for link in links:
             self._relink(link, folder)
-        self._run_deferred()
 
     def _run_deferred(self) -> None:
         """Carry out the removals Lightning asked for while a save was writing, once none is (DESIGN.md,
@@ -540,8 +541,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         """Carry out the removals an earlier process was asked for but died before running: a name whose
         replacing save had committed (a complete, resumable newer checkpoint exists; else it stays), and the
         folders whose last name was removed before they were deleted."""
-        for marker in sorted(root.glob(f"{UNNAME}*")):
-            name = root / marker.name[len(UNNAME):]
+        for marker in sorted(root.glob(f"{UNNAME}*{UNNAME_END}")):
+            name = root / marker.name[len(UNNAME):-len(UNNAME_END)]
             if self._replaced(name):
                 log.warning("btckpt: removing %s, whose removal an earlier run asked for after a newer checkpoint",
                             name.name)
@@ -608,7 +609,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
 
 
 def _unname_marker(p: Path) -> Path:
-    return p.parent / f"{UNNAME}{p.name}"
+    return p.parent / f"{UNNAME}{p.name}{UNNAME_END}"
 
 
 class ModelCheckpoint(_ModelCheckpoint):
