@@ -4,7 +4,8 @@
 
 The first Trainer stops halfway (as if the job were preempted); the second one, built from scratch,
 resumes from the newest complete checkpoint and finishes. Checkpoints go to $BT_CHECKPOINT_DIR
-(a temporary folder when unset); each checkpoint-<step>/ loads with from_pretrained.
+(a temporary folder when unset), the Trainer's output_dir to a temporary folder (nothing is left in the
+working directory); each checkpoint-<step>/ loads with from_pretrained.
 """
 
 from __future__ import annotations
@@ -48,24 +49,26 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def make_trainer(extra: list[TrainerCallback]) -> Trainer:
+def make_trainer(extra: list[TrainerCallback], output_dir: str) -> Trainer:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_layer=2, n_embd=32, n_head=2))
-    args = TrainingArguments(output_dir="hf_out", max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
+    args = TrainingArguments(output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
                              save_steps=3, save_total_limit=2, logging_steps=3, report_to="none", use_cpu=True,
                              disable_tqdm=True, seed=0)
     return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[CheckpointCallback(), *extra])
 
 
 def main() -> None:
-    os.environ.setdefault("BT_CHECKPOINT_DIR", tempfile.mkdtemp(prefix="btckpt-example-"))
+    work = tempfile.mkdtemp(prefix="btckpt-example-")
+    os.environ.setdefault("BT_CHECKPOINT_DIR", os.path.join(work, "checkpoints"))
+    out = os.path.join(work, "hf_out")  # the Trainer's output_dir (logs); not in the working directory
     print("checkpoints go to", os.environ["BT_CHECKPOINT_DIR"])
 
-    first = make_trainer([StopAt(STEPS // 2)])
+    first = make_trainer([StopAt(STEPS // 2)], out)
     first.train(resume_from_checkpoint=resume_checkpoint())  # None on the first run: starts fresh
     print("first run stopped at step", first.state.global_step)
 
-    second = make_trainer([])
+    second = make_trainer([], out)
     start = resume_checkpoint()
     print("resuming from", start)
     second.train(resume_from_checkpoint=start)

@@ -159,3 +159,20 @@ def test_hf_model_inside_gives_a_servable_folder_and_reshards(tmp_path: Path) ->
     out = run(tmp_path, "run", "--hf", "--steps", "6", "--resume", "--dump-start", str(tmp_path / "start.st"), nproc=1)
     assert resumed(out, 1) == {"4"}
     assert_same(tmp_path / "at4.st", tmp_path / "start.st")
+
+
+def test_default_sizes_fsdp2_on_the_data_parallel_mesh_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    """ModelParallelStrategy() with its defaults on one node (data_parallel 1, tensor_parallel 2) and the
+    usual FSDP2 configure_model (fully_shard(mesh=device_mesh["data_parallel"])): every tensor is whole on
+    both ranks. The first save used to fail ("the shards do not tile its shape"); now it commits one copy,
+    and a resume from step 8 ends with the uninterrupted run's weights and optimizer state."""
+    ref = run(tmp_path, "ref", "--default-sizes", "--steps", "10", "--dump", str(tmp_path / "ref.st"))
+    assert resumed(ref, 2) == {"0"}
+    from btckpt.storage.discovery import inspect
+
+    run(tmp_path, "run", "--default-sizes", "--steps", "8")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert inspect(tmp_path / "run" / "checkpoint-8").complete
+    out = run(tmp_path, "run", "--default-sizes", "--steps", "10", "--resume", "--dump", str(tmp_path / "res.st"))
+    assert resumed(out, 2) == {"8"}
+    assert_same(tmp_path / "ref.st", tmp_path / "res.st")

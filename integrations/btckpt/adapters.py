@@ -16,6 +16,10 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
   ``Checkpointer.save_local``; its durable saves go through the tier by themselves, ``Checkpointer.save``);
 - **run identity** -- :func:`run_fingerprint` / :func:`tensor_shapes` (what the adapter says makes its run the
   same run, as the Checkpointer's ``run_id``), :func:`refuse_fresh_start` (a run started fresh in a used dir);
+- **preemption** -- :func:`preemption_due` (a framework driving a shared Checkpointer, e.g. HF) and
+  :class:`PreemptionWatch` (one whose ranks share none, e.g. Lightning, which saves on rank 0): a SIGTERM on
+  any rank makes every rank stop at one agreed step, through the core's store agreement
+  (:class:`btckpt.distributed.world.StopAgreement`: no collective, no device sync per step);
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
   :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
 
@@ -25,16 +29,19 @@ Never imports transformers or lightning: the objects come from the adapter.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import resolve_dir, resolve_load_dir
-from .distributed.world import World, world
+from .distributed.world import StopAgreement, World, world
 from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
 from .format.manifest import MANIFEST
 from .restore.load import read_checkpoint
@@ -45,10 +52,13 @@ from .storage.discovery import CheckpointInfo, inspect
 from .storage.local import is_url
 from .tiers import local_save_due, resumable_tier
 
+if TYPE_CHECKING:
+    from .checkpointer import Checkpointer
+
 __all__ = ["resume_folder", "refuse_fresh_start", "refuse_other_runs", "run_fingerprint", "tensor_shapes",
            "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
            "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
-           "model_config_files"]
+           "model_config_files", "preemption_due", "PreemptionWatch"]
 
 log = logging.getLogger("btckpt")
 
@@ -184,6 +194,64 @@ def gather_rank_rng(key: str, *, timeout: float) -> dict[int, dict[str, Any]] | 
         except (RuntimeError, AttributeError):  # pragma: no cover - a store without delete: the key stays
             pass
     return out
+
+
+# -- preemption ----------------------------------------------------------------------------------------------
+def preemption_due(ckpt: Checkpointer, step: int) -> bool:
+    """At a step boundary, on every rank: whether training stops and saves at ``step`` because SIGTERM reached
+    some rank (``ckpt``'s handler, ``handle_sigterm``); every rank of ``ckpt``'s world gets the same answer at
+    the same step. One store lookup, no collective (``Checkpointer.maybe_save`` uses the same agreement)."""
+    return ckpt._stop_step(step)
+
+
+_WATCHES = itertools.count()  # every rank creates its watches in the same order: the same key on every rank
+
+
+class PreemptionWatch:
+    """SIGTERM handling for a framework whose ranks share no Checkpointer (Lightning saves on rank 0 only):
+    created on every rank (main thread) when training starts, it takes SIGTERM over until :meth:`close`, and
+    :meth:`due` at each step boundary says, the same on every rank, whether to save and stop at that step
+    (:class:`~btckpt.distributed.world.StopAgreement` over the c10d store; one process: SIGTERM arrived).
+    ``name`` tells the watches of one process apart (e.g. the checkpoint folder), the same on every rank."""
+
+    def __init__(self, name: str) -> None:
+        w = peer_world() or World()
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a kept store never answers a new attempt
+        self.world = w
+        self._key = f"preempt-watch/{digest}/{attempt}/{next(_WATCHES)}"
+        self._agreement = StopAgreement(w, self._key)
+        self._signalled = threading.Event()
+        self._prev: Any = None
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._signalled.is_set():
+            log.warning("btckpt: rank %d: SIGTERM received; every rank saves a final checkpoint at the next "
+                        "step boundary", self.world.rank)
+        self._signalled.set()
+
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM reached this rank."""
+        return self._signalled.is_set()
+
+    def due(self, step: int) -> bool:
+        """Whether every rank stops (and saves) at ``step``; call it on every rank at every step boundary."""
+        return self._agreement.due(step, local=self._signalled.is_set())
+
+    def stopped(self, *, timeout: float) -> None:
+        """After the preemption save committed: wait (at most ``timeout`` s) until every rank got here, so
+        no rank exits while another still writes."""
+        self.world.barrier(f"{self._key}/stopped", timeout=timeout)
+
+    def close(self) -> None:
+        """Give SIGTERM back to the handler it had before."""
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
 
 
 # -- HF config files -----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from .config import CheckpointConfig, default_budget
 from .consolidate import Consolidator
 from .distributed.shards import prepare, sharded_groups
-from .distributed.world import World
+from .distributed.world import StopAgreement, World
 from .distributed.world import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .format.layout import rank_groups
@@ -166,7 +166,6 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._preempted = threading.Event()
         self._watched = False  # something polls `preempted` (maybe_save, an integration): SIGTERM can be acted on
-        self._stop_at: int | None = None  # the step every rank stops at after a SIGTERM (agreed)
         self._grace = False  # in the preemption save: waits are bounded by preemption_grace
         self._prev_handler: Any = None
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
@@ -174,6 +173,7 @@ class Checkpointer:
         self._stats = StatsRecorder()
         self.last_restore: RestoreReport | None = None  # what the last restore() loaded and skipped, per group
         self._session = self._agree_session()
+        self._stop = StopAgreement(self.world, f"{self._session}/preempt")  # the step every rank stops at
         self._consolidator = Consolidator.create(self.config, self.world, self.root)
         if self.world.is_local_leader:
             self._lock = DirLock(self.root)
@@ -580,23 +580,9 @@ class Checkpointer:
         self._last_save_step, self._last_save_time = step, time.monotonic()
 
     def _stop_step(self, step: int) -> bool:
-        """Whether this rank stops (and saves) at ``step`` because some rank got SIGTERM.
-
-        The first rank to see its SIGTERM proposes the next step (peers in lockstep, e.g. DDP, are at most
-        one step apart and have not passed it); every rank checks the store at each call and stops once it
-        reaches the agreed step.
-        """
-        local = self.preempted
-        if self.world.size == 1 or self.world.store is None:
-            return local
-        if self._stop_at is None:
-            key = f"{self._session}/preempt"
-            found = self.world.propose(key, step + 1) if local else self.world.peek(key)
-            if found is not None:
-                self._stop_at = int(found)
-                log.warning("btckpt: rank %d: preemption agreed: every rank saves and stops at step %d",
-                            self.world.rank, self._stop_at)
-        return self._stop_at is not None and step >= self._stop_at
+        """Whether this rank stops (and saves) at ``step`` because some rank got SIGTERM (agreed through the
+        store: :class:`~btckpt.distributed.world.StopAgreement`)."""
+        return self._stop.due(step, local=self.preempted)
 
     def _barrier_timeout(self) -> float:
         """How long ranks wait for each other: ``preemption_grace`` bounds it in the preemption save."""

@@ -6,6 +6,9 @@ Options pick the checkpointing (btckpt callback, HF native, none), how to resume
 (tests send real signals when a step shows up). ``--dump FILE`` writes the final parameters and
 optimizer state as safetensors (rank 0) for bit-exact comparison. ``--local-every K --tier DIR``: the callback
 also saves into the local tier DIR every K steps (``--wait-commit`` then waits for the tier's checkpoint).
+``--slow-commit S``: btckpt's writer sleeps S seconds before each commit (a kill then lands inside a save).
+``--count-collectives``: counts ``torch.distributed.all_reduce`` calls made from btckpt's code and prints
+``BTCKPT_ALL_REDUCE rank=<r> n=<n>`` at the end.
 Prints ``RESUME <folder>`` (``--resume line``) and ``START <global_step>`` when training begins.
 """
 
@@ -126,7 +129,27 @@ def main() -> int:
     p.add_argument("--result", default=None, help="write a JSON summary (rank 0)")
     p.add_argument("--local-every", type=int, default=None, help="local_every_steps (with --tier)")
     p.add_argument("--tier", default=None, help="local_tier_dir")
+    p.add_argument("--slow-commit", type=float, default=0.0)
+    p.add_argument("--count-collectives", action="store_true")
     a = p.parse_args()
+    calls = [0]
+    if a.count_collectives:
+        import sys
+
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("btckpt"):
+                calls[0] += 1
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
+    if a.slow_commit:
+        from slow_commit import install
+
+        install(a.slow_commit)
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_layer=a.n_layer, n_embd=a.n_embd, n_head=2)
@@ -190,6 +213,8 @@ def main() -> int:
                 "wall_s": wall, "save_block_s": save_s[0], "steps": trainer.state.global_step,
                 "best": trainer.state.best_model_checkpoint,
                 "stats": cb.stats if cb is not None else None}))
+    if a.count_collectives:
+        say(f"BTCKPT_ALL_REDUCE rank={trainer.args.process_index} n={calls[0]}")
     say(f"DONE {trainer.state.global_step}")
     return 0
 

@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--dump-start", default="")
     ap.add_argument("--hf", action="store_true", help="a transformers model inside the LightningModule")
     ap.add_argument("--tp", action="store_true", help="tensor parallel over all ranks instead of FSDP2")
+    ap.add_argument("--default-sizes", action="store_true",
+                    help="ModelParallelStrategy() with its default sizes (one node: data_parallel 1, tensor_parallel "
+                         "= all ranks), FSDP2 on the data_parallel mesh: tensors replicated over tensor_parallel")
     ap.add_argument("--pause-at", type=int, default=-1)
     ap.add_argument("--pause-after", type=int, default=-1)
     a = ap.parse_args()
@@ -129,8 +132,8 @@ def main() -> None:
     model = HFSharded(dump_start=a.dump_start) if a.hf else Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp)
     cls = ModelParallelStrategy if a.strategy == "btckpt" else L.pytorch.strategies.ModelParallelStrategy
     cb = ModelCheckpoint(dirpath=a.dir, every_n_train_steps=a.every, save_top_k=-1, save_last=True)
-    dp = 1 if a.tp else world  # every tensor-parallel rank sees the same batches
-    strategy = cls(data_parallel_size=dp, tensor_parallel_size=world // dp)
+    dp = 1 if a.tp or a.default_sizes else world  # every tensor-parallel rank sees the same batches
+    strategy = cls() if a.default_sizes else cls(data_parallel_size=dp, tensor_parallel_size=world // dp)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.steps,
                         plugins=[SafetensorsCheckpointIO()], callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,

@@ -10,6 +10,10 @@ with its own dropout RNG (seeded per rank in setup()), so a resume is exact only
 advances exactly 1 s per training step (deterministic saves).
 --local-every K --tier DIR: the plugin also saves into the local tier DIR every K steps (resume_path searches it);
 --kill-at N: at step N's batch end, after every save so far committed, the process SIGKILLs itself.
+--lightning-mc: Lightning's own ModelCheckpoint (its defaults: save_top_k=1, no last.ckpt) instead of btckpt's.
+--slow-commit S: the writer sleeps S seconds before each commit's manifest (widens the async window);
+--kill-after-remove N: SIGKILL right after Lightning's remove_checkpoint returned at step N (inside that window).
+--weights-every K: a second (weights-only) ModelCheckpoint, every K steps, keeping all, called before the first.
 """
 
 from __future__ import annotations
@@ -153,6 +157,10 @@ def main() -> None:
     ap.add_argument("--local-every", type=int, default=None)
     ap.add_argument("--tier", default=None)
     ap.add_argument("--kill-at", type=int, default=-1)
+    ap.add_argument("--lightning-mc", action="store_true")
+    ap.add_argument("--slow-commit", type=float, default=0.0)
+    ap.add_argument("--kill-after-remove", type=int, default=-1)
+    ap.add_argument("--weights-every", type=int, default=0)
     a = ap.parse_args()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if a.fake_clock:
@@ -170,12 +178,33 @@ def main() -> None:
         from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
         plugins = [AsyncCheckpointIO()]
+    if a.slow_commit:
+        from slow_commit import install
+
+        install(a.slow_commit)
+    if a.kill_after_remove >= 0:
+        remove = SafetensorsCheckpointIO.remove_checkpoint
+
+        def remove_then_die(io: SafetensorsCheckpointIO, path: object) -> None:
+            remove(io, path)
+            if trainer.global_step == a.kill_after_remove:
+                say(f"killed after remove_checkpoint({os.path.basename(str(path))}) at step {trainer.global_step}")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        SafetensorsCheckpointIO.remove_checkpoint = remove_then_die  # type: ignore[method-assign]
     interval = None if a.time_interval is None else timedelta(seconds=a.time_interval)
-    cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every or None,
-                         train_time_interval=interval, save_top_k=a.top_k,
-                         monitor=a.monitor or None, mode="max", save_last=not a.no_last)
+    if a.lightning_mc:
+        from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+        cb = LightningModelCheckpoint(dirpath=a.dir, every_n_train_steps=a.every)
+    else:
+        cb = ModelCheckpoint(dirpath=a.dir, filename=a.filename, every_n_train_steps=a.every or None,
+                             train_time_interval=interval, save_top_k=a.top_k,
+                             monitor=a.monitor or None, mode="max", save_last=not a.no_last)
+    weights = [ModelCheckpoint(dirpath=a.dir, filename="weights-{step}", every_n_train_steps=a.weights_every,
+                               save_weights_only=True, save_top_k=-1)] if a.weights_every else []
     trainer = L.Trainer(accelerator="cpu", devices=a.devices, strategy=a.strategy, max_steps=a.steps,
-                        plugins=plugins, callbacks=[cb, StartStep()], logger=False, enable_progress_bar=False,
+                        plugins=plugins, callbacks=[*weights, cb, StartStep()], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
                         use_distributed_sampler=False)
     ckpt = a.ckpt_path or (resume_path(dir=a.dir, local_tier_dir=a.tier) if a.resume else None)

@@ -4,7 +4,9 @@ Save: a group whose model or optimizer holds DTensors is taken with ``get_model_
 ``get_optimizer_state_dict`` (FQN keys, DTensor leaves, no gather). Each rank flattens it into its own
 tensor group ``<group>-rank<RRRRR>`` (so its file is ``model-rank00001.safetensors``), holding the local
 shard of every DTensor it owns (replicas are written once, by the rank at coordinate 0 of every
-replicated mesh dimension) and, on rank 0 only, the plain tensors (e.g. optimizer ``step``). Ranks
+replicated mesh dimension) and, on rank 0 only, the plain tensors (e.g. optimizer ``step``). A DTensor on
+a slice of a larger mesh (FSDP2 on one dimension of a 2-D mesh) is replicated across the other dimensions
+without saying so: every copy is written and the manifest names the lowest rank's (identical pieces merge). Ranks
 publish their chunk lists through the c10d store (no collectives: the async writer may do this); each
 node's leader merges them into the manifest, where every tensor leaf of a sharded group becomes
 
@@ -142,7 +144,15 @@ def _merge(trees: list[Any], *, path: str) -> Any:
         return first
     if set(first) == {"__tensor__"} and isinstance(first["__tensor__"], dict) and "part" in first["__tensor__"]:
         refs = [t["__tensor__"]["part"] for t in trees]
-        chunks = [{k: r[k] for k in ("offsets", "sizes", "file", "key", "node")} for r in refs if "file" in r]
+        chunks, seen = [], set()
+        for r in refs:
+            # the same piece from several ranks: a replica the DTensor's own mesh does not show (its mesh is a
+            # slice of a larger one, e.g. FSDP2 on Lightning's "data_parallel" mesh of size 1 beside
+            # "tensor_parallel"); the lowest rank's copy is the one the manifest names
+            where = (tuple(r.get("offsets", ())), tuple(r.get("sizes", ())))
+            if "file" in r and where not in seen:
+                seen.add(where)
+                chunks.append({k: r[k] for k in ("offsets", "sizes", "file", "key", "node")})
         if not chunks:
             raise UnsupportedValue(f"no rank holds a shard of {path!r}; cannot save it")
         head = refs[0]

@@ -8,6 +8,7 @@ turns into :class:`CoordinationError` naming the missing ranks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from typing import Any
 from ..errors import CoordinationError
 from ..storage.nodes import node_rank
 
-__all__ = ["World", "world"]
+__all__ = ["World", "world", "StopAgreement"]
+
+log = logging.getLogger("btckpt")
 
 _STORE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ConnectionError, OSError)
 
@@ -183,6 +186,32 @@ class World:
                 common &= set(self.collect(f"{key}/steps/{r}", timeout=timeout))
             self.publish(f"{key}/agreed", max(common, default=-1))
         return int(self.collect(f"{key}/agreed", timeout=timeout))
+
+
+class StopAgreement:
+    """The step every rank stops (and saves) at after a SIGTERM reached any of them, agreed through the c10d
+    store: no collective, no device sync, safe to call at every step boundary.
+
+    The first rank to see its signal proposes the next step (peers in lockstep, e.g. DDP, are at most one step
+    apart and have not passed it); every rank checks the store at each call (one key lookup) and stops once
+    it reaches the agreed step. ``key`` must be the same on every rank and new for each run of a store
+    (the core keys it by its session; integrations by :class:`btckpt.adapters.PreemptionWatch`)."""
+
+    def __init__(self, world: World, key: str) -> None:
+        self.world, self.key = world, key
+        self.at: int | None = None  # the agreed step, once known
+
+    def due(self, step: int, *, local: bool) -> bool:
+        """Whether this rank stops at ``step``; ``local``: this rank got SIGTERM."""
+        if self.world.size == 1 or self.world.store is None:
+            return local
+        if self.at is None:
+            found = self.world.propose(self.key, step + 1) if local else self.world.peek(self.key)
+            if found is not None:
+                self.at = int(found)
+                log.warning("btckpt: rank %d: preemption agreed: every rank saves and stops at step %d",
+                            self.world.rank, self.at)
+        return self.at is not None and step >= self.at
 
 
 def world() -> World:

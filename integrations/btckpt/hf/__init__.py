@@ -27,6 +27,7 @@ Each ``checkpoint-<step>`` folder is servable (``model.safetensors`` or shards +
 own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files; for PEFT models
 ``adapter_model.safetensors`` + ``adapter_config.json``) and resumable (``optimizer.safetensors``,
 ``scheduler``/``scaler`` state in the manifest, ``rng_state_<rank>.json``, ``trainer_state.json``).
+``push_to_hub=True`` is refused (:class:`ConfigError`): the Trainer pushes from the saving replaced here.
 Supported: one process, DDP (torchrun, several nodes), FSDP2 (accelerate ``fsdp_version: 2``: each rank
 writes its own shards, resume reshards to any world size, ``consolidate=True`` adds a servable folder; see
 :mod:`btckpt.hf.sharded`). FSDP1 and DeepSpeed raise :class:`ConfigError`.
@@ -46,8 +47,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import transformers
 from transformers import Trainer, TrainerCallback, trainer_utils
 from transformers.trainer_callback import ExportableState, TrainerState
@@ -59,6 +58,7 @@ from ..adapters import (
     local_save_due,
     model_config_files,
     open_checkpoint,
+    preemption_due,
     refuse_fresh_start,
     refuse_other_runs,
     restore_rank_rng,
@@ -115,6 +115,18 @@ def _check_trainer_api(trainer: Trainer) -> None:
         raise ConfigError(f"btckpt.hf.CheckpointCallback cannot attach to transformers {transformers.__version__}: "
                           + "; ".join(problems) + f". Install a supported transformers ({SUPPORTED_TRANSFORMERS}) "
                           "or remove the callback to use the Trainer's own checkpointing")
+
+
+def _refuse_push_to_hub(args: Any) -> None:
+    """ConfigError for ``push_to_hub=True``: the Trainer pushes from the checkpoint saving this callback
+    replaces, so with it nothing would reach the Hub, silently."""
+    if getattr(args, "push_to_hub", False):
+        raise ConfigError(
+            "TrainingArguments(push_to_hub=True) with btckpt.hf.CheckpointCallback: the Trainer pushes to the Hub "
+            "from its own checkpoint saving (hub_strategy), which the callback replaces, so nothing would be "
+            "pushed. Set push_to_hub=False and push the final model yourself (trainer.push_to_hub() after "
+            "train(), or upload a servable checkpoint-<N> folder), or remove the callback to keep the "
+            "Trainer's own checkpointing and Hub pushes")
 
 
 def _epoch_samplers(loader: Any) -> list[Any]:
@@ -250,6 +262,7 @@ class CheckpointCallback(TrainerCallback):
             return
         refuse_unsupported(trainer, peft=_is_peft(unwrap_model(getattr(trainer, "model", None))))
         _check_trainer_api(trainer)
+        _refuse_push_to_hub(trainer.args)
         self.trainer = trainer
         for name in _REPLACED:
             self._orig[name] = getattr(trainer, name)
@@ -490,7 +503,8 @@ class CheckpointCallback(TrainerCallback):
     def _p_maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> Any:
         out = self._orig["_maybe_log_save_evaluate"](*args, **kwargs)
         tr = self.trainer
-        if tr is not None and self.ckpt is not None and self.preempted_at is None and self._preempted_everywhere():
+        if tr is not None and self.ckpt is not None and self.preempted_at is None and preemption_due(
+                self.ckpt, int(tr.state.global_step)):  # the store: no collective, no device sync per step
             step = int(tr.state.global_step)
             if step not in self._saved:
                 self._p_save_checkpoint(tr.model_wrapped, None)
@@ -503,16 +517,6 @@ class CheckpointCallback(TrainerCallback):
                 done=(*self._saved, self._local_step)):
             self._save_step(None, local=True)
         return out
-
-    def _preempted_everywhere(self) -> bool:
-        """Whether any rank got SIGTERM (all ranks agree, so they stop at the same step)."""
-        flag = bool(self.ckpt.preempted)
-        if self.ckpt.world.size <= 1:
-            return flag
-        assert self.trainer is not None
-        t = torch.tensor([1.0 if flag else 0.0], device=self.trainer.args.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def _p_load_best_model(self, *args: Any, **kwargs: Any) -> Any:
         if self.preempted_at is not None:

@@ -78,6 +78,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import (
+    PreemptionWatch,
     group_values,
     local_save_due,
     open_checkpoint,
@@ -114,9 +115,12 @@ from .state import (
     process_rank,
     read_link,
     repair_links,
+    resumable,
     resume_path,
     safe_for_background_copy,
     to_groups,
+    weights_only_dict,
+    weights_only_folder,
     write_link,
 )
 from .strategies import (
@@ -135,6 +139,9 @@ __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy"
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
+UNNAME = ".btckpt-unname-"  # + a name + UNNAME_END: Lightning asked to remove it while its replacement was writing
+UNNAME_END = ".pending"  # (so a marker never matches the user's own "*.ckpt")
+MAX_DEFERRED = 64  # removals waiting for a commit; past it, remove_checkpoint waits for the save first
 
 
 class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
@@ -172,6 +179,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         self._ckpts: dict[Path, Checkpointer] = {}
         self._pending: dict[Path, list[Path]] = {}  # folder being written -> link files to write on commit
         self._mine: set[Path] = set()  # folders this process wrote or loaded (safe to share between names)
+        self._deferred: list[Path] = []  # names/folders Lightning removed while a save was still writing
+        self._weights_only: set[Path] = set()  # folders this process saved from a save_weights_only dict
         self._lock = threading.Lock()
         self._warned_dirs: set[str] = set()
         self._run: str | None = None  # the attached LightningModule's run identity (run_identity)
@@ -241,8 +250,19 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
     def _committed(self, folder: Path) -> None:
         with self._lock:
             links = self._pending.pop(folder, [])
+        self._run_deferred()  # first: once the new names exist, nothing of the older checkpoints is left to do
         for link in links:
             self._relink(link, folder)
+
+    def _run_deferred(self) -> None:
+        """Carry out the removals Lightning asked for while a save was writing, once none is (DESIGN.md,
+        Deletion: a deletion the framework asks for waits until the save that replaces it committed)."""
+        with self._lock:
+            if self._pending:
+                return
+            todo, self._deferred = self._deferred, []
+        for path in todo:
+            self._remove_now(path)
 
     def _relink(self, link: Path, folder: Path) -> None:
         """Point ``link`` at ``folder``; a folder that loses its last name this way is retired (as an
@@ -267,6 +287,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         """Block until every save so far committed and its names are written (raises a save's error)."""
         for ck in list(self._ckpts.values()):
             ck.wait()
+        self._run_deferred()
 
     def fence(self) -> None:
         """Block until the last save's background copies are done (before writing parameters in place
@@ -317,6 +338,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         optimizers = gate[1] if gate is not None and gate[0] is checkpoint and not distributed else []
         link = self._stored_at(Path(os.path.abspath(path)))
         step = int(checkpoint.get("global_step", 0))
+        full = not weights_only_dict(checkpoint)
         folder = link if STEP_DIR.match(link.name) else link.parent / checkpoint_name(step)
         ck = self.checkpointer(folder.parent, distributed=distributed)
         if self._into_tier:
@@ -324,12 +346,20 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                               optimizers=optimizers)
             return
         with self._lock:
+            # a name (or folder) saved again is no longer to be removed by an earlier, deferred request
+            cancelled = [p for p in self._deferred if p in (link, folder)]
+            self._deferred = [p for p in self._deferred if p not in (link, folder)]
+            for p in cancelled:
+                _unname_marker(p).unlink(missing_ok=True)
             waiting = self._pending.get(folder)
-            if waiting is not None:  # the same step is being written: this name shares the folder
+            # a full save never shares a weights-only folder of its step (a weights-only one shares a full one)
+            upgrade = full and folder in self._weights_only and not distributed
+            if waiting is not None and not upgrade:  # the same step is being written: this name shares the folder
                 if link != folder:
                     waiting.append(link)
                 return
-        if folder in self._mine and inspect(folder).complete:
+        if not upgrade and folder in self._mine and inspect(folder).complete \
+                and not (full and not distributed and weights_only_folder(folder)):
             if link != folder:
                 self._relink(link, folder)
             return
@@ -337,9 +367,13 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         with self._lock:
             self._pending.clear()
         info = inspect(folder) if folder.exists() else None
-        if info is not None and info.complete:
+        if info is not None and info.complete and folder not in self._mine:
             if not self._resumed or not same_run(info, self._run):  # a fresh fit, or another run's step
                 raise other_run_error(folder.parent, [info], fresh=not self._resumed)
+        names: list[Path] = []
+        if full and not distributed and info is not None and info.complete and weights_only_folder(folder):
+            names = self._replace_weights_only(folder)
+        if folder.exists() and inspect(folder).complete:
             # this run committed this step before a restart (e.g. the checkpoint this run resumed from): btckpt
             # never deletes a committed checkpoint before a newer one committed, so the name points at it
             log.info("btckpt: %s was committed by an earlier run at this step; naming it %s", folder, link.name)
@@ -348,7 +382,9 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             self._mine.add(folder)
             return
         with self._lock:
-            self._pending[folder] = [] if link == folder else [link]
+            self._pending[folder] = [n for n in [link, *names] if n != folder]
+            if not full:
+                self._weights_only.add(folder)
         try:
             self._save_groups(ck.save, step, checkpoint, distributed=distributed, peer_rng=peer_rng,
                               optimizers=optimizers, on_commit=self._committed)
@@ -357,6 +393,30 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 self._pending.pop(folder, None)
             raise
         self._mine.add(folder)
+
+    def _replace_weights_only(self, folder: Path) -> list[Path]:
+        """Make way for a full (resumable) save of ``folder``'s step: a ``save_weights_only`` callback saved
+        that step first. Its folder holds nothing to resume from, so it goes now; the names pointing at it
+        are returned, to name the full folder once that committed (a weights-only name may name a full
+        checkpoint: it holds the same weights; the reverse would make ``fit(ckpt_path="last")`` fail)."""
+        names = [entry for entry in folder.parent.iterdir() if self._names_folder(entry, folder)]
+        log.info("btckpt: %s was saved weights-only; a full checkpoint of its step replaces it (%s will name that)",
+                 folder.name, ", ".join(n.name for n in names) or "no name")
+        delete_checkpoint(folder)
+        self._mine.discard(folder)
+        with self._lock:
+            self._weights_only.discard(folder)
+        return names
+
+    @staticmethod
+    def _names_folder(entry: Path, folder: Path) -> bool:
+        """Whether ``entry`` is a link file naming ``folder``."""
+        if not entry.is_file() or entry.name.startswith(".") or entry.stat().st_size > MAX_LINK:
+            return False
+        try:
+            return read_link(entry) == folder
+        except (UnsafeCheckpoint, OSError):
+            return False
 
     def _save_groups(self, save: Callable[..., Any], step: int, checkpoint: dict[str, Any], *, distributed: bool,
                      peer_rng: Any, optimizers: list[torch.optim.Optimizer], **keywords: Any) -> None:
@@ -436,12 +496,47 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         return out
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it."""
+        """Remove the name ``path``; the folder goes (rename, then delete) when no name points at it.
+
+        Lightning asks right after ``save_checkpoint`` of the checkpoint that replaces it returned, while that
+        one is still being written: the removal then waits until it committed (it runs right after the
+        commit, on the writer; a kill before that leaves the older checkpoint in place, named). A save that
+        fails leaves the removal waiting for the next commit (or the clean end of ``teardown``)."""
         p = self._found_at(Path(os.path.abspath(path)))
         with self._lock:
             for links in self._pending.values():
                 while p in links:
                     links.remove(p)
+            defer = bool(self._pending)
+            new = defer and p not in self._deferred
+            if new:
+                self._deferred.append(p)
+            full = len(self._deferred) > MAX_DEFERRED
+        if new:
+            self._mark_deferred(p)
+        if full:
+            self.wait()  # bounded: the saves commit (or raise) and run the removals
+            self._run_deferred()
+        if defer:
+            return
+        self._remove_now(p)
+
+    @staticmethod
+    def _mark_deferred(p: Path) -> None:
+        """A marker beside ``p``: a kill after the replacing save committed but before the removal ran leaves
+        the request on disk, and the next start carries it out (:meth:`_finish_retirements`)."""
+        try:
+            write_small_file(_unname_marker(p), b"")
+            fsync_dir(p.parent)
+        except OSError as exc:  # e.g. a name too long for a marker: the removal still runs after the commit
+            log.warning("btckpt: could not record the pending removal of %s (%s); a kill before it runs "
+                        "leaves that checkpoint behind", p.name, exc)
+
+    def _remove_now(self, p: Path) -> None:
+        self._remove_name(p)
+        _unname_marker(p).unlink(missing_ok=True)
+
+    def _remove_name(self, p: Path) -> None:
         if p.is_dir() and STEP_DIR.match(p.name):
             self._retire(p)
             return
@@ -465,7 +560,16 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             marker.unlink(missing_ok=True)
 
     def _finish_retirements(self, root: Path) -> None:
-        """Delete the folders whose last name was removed by a process that died before deleting them."""
+        """Carry out the removals an earlier process was asked for but died before running: a name whose
+        replacing save had committed (a complete, resumable newer checkpoint exists; else it stays), and the
+        folders whose last name was removed before they were deleted."""
+        for marker in sorted(root.glob(f"{UNNAME}*{UNNAME_END}")):
+            name = root / marker.name[len(UNNAME):-len(UNNAME_END)]
+            if self._replaced(name):
+                log.warning("btckpt: removing %s, whose removal an earlier run asked for after a newer checkpoint",
+                            name.name)
+                self._remove_name(name)
+            marker.unlink(missing_ok=True)
         for marker in sorted(root.glob(f"{RETIRE}checkpoint-*")):
             folder = root / marker.name[len(RETIRE):]
             if STEP_DIR.match(folder.name) and folder.is_dir() and not self._named(folder):
@@ -473,20 +577,29 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
                 delete_checkpoint(folder)
             marker.unlink(missing_ok=True)
 
+    @staticmethod
+    def _replaced(name: Path) -> bool:
+        """Whether a complete, resumable checkpoint newer than the one ``name`` (a link or a folder) names exists."""
+        try:
+            folder = name if name.is_dir() else read_link(name) if name.is_file() else None
+        except (UnsafeCheckpoint, OSError):
+            return False
+        found = STEP_DIR.match(folder.name) if folder is not None else None
+        if folder is None or found is None:
+            return False
+        for entry in folder.parent.iterdir():
+            m = STEP_DIR.match(entry.name)
+            if m and int(m.group(1)) > int(found.group(1)):
+                info = inspect(entry)
+                if info.complete and resumable(info):
+                    return True
+        return False
+
     def _named(self, folder: Path, *, besides: Path | None = None) -> bool:
         with self._lock:
             if self._pending.get(folder):
                 return True
-        for entry in folder.parent.iterdir():
-            if entry == besides:
-                continue
-            if entry.is_file() and not entry.name.startswith(".") and entry.stat().st_size <= MAX_LINK:
-                try:
-                    if read_link(entry) == folder:
-                        return True
-                except (UnsafeCheckpoint, OSError):
-                    continue
-        return False
+        return any(entry != besides and self._names_folder(entry, folder) for entry in folder.parent.iterdir())
 
     def _retire(self, folder: Path) -> None:
         with self._lock:
@@ -509,7 +622,16 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         with self._lock:
             self._pending.clear()
         if errors:
+            with self._lock:
+                kept, self._deferred = self._deferred, []  # a save failed: keep what it would have replaced
+            for p in kept:
+                _unname_marker(p).unlink(missing_ok=True)
             raise errors[0]
+        self._run_deferred()
+
+
+def _unname_marker(p: Path) -> Path:
+    return p.parent / f"{UNNAME}{p.name}{UNNAME_END}"
 
 
 class ModelCheckpoint(_ModelCheckpoint):
@@ -521,14 +643,17 @@ class ModelCheckpoint(_ModelCheckpoint):
     run's, is refused before its first step (:class:`ConfigError` naming the folder and the fixes; README "Run
     identity"). Under DDP it makes every
     rank's RNG state part of the checkpoint (module doc). With
-    :class:`SafetensorsCheckpointIO` on a single process, a SIGTERM (preemption) saves ``last.ckpt`` at
-    the next training batch end, waits for its commit, and stops the trainer cleanly (exit status 0). With
-    the plugin's ``local_every_steps=K`` it also saves into the local tier every K training steps.
+    :class:`SafetensorsCheckpointIO`, a SIGTERM (preemption) saves ``last.ckpt`` at the next training batch
+    end, waits for its commit, and stops the trainer cleanly (exit status 0); with several ranks, a SIGTERM
+    on any of them makes every rank save and stop at the same step (agreed through the c10d store, no
+    collective: :class:`btckpt.adapters.PreemptionWatch`). With the plugin's ``local_every_steps=K`` it also
+    saves into the local tier every K training steps.
     """
 
     def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(resolve_dir(dirpath) if dirpath is not None or platform_dir() else None, *args, **kwargs)
         self._ck: Checkpointer | None = None
+        self._watch: PreemptionWatch | None = None  # several ranks: SIGTERM on any makes every rank stop
         self._local_step: int | None = None  # the newest step saved into the local tier
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -552,27 +677,32 @@ class ModelCheckpoint(_ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, SafetensorsCheckpointIO) and self.dirpath:  # every rank: all refuse together
-            if trainer.ckpt_path is None:  # a fresh fit: its saves would take an earlier run's names
-                refuse_fresh_start(self.dirpath, local_tier_dir=io.local_tier_dir)
-            elif Path(os.path.abspath(trainer.ckpt_path)).parent != Path(os.path.abspath(self.dirpath)):
-                # a warm start from elsewhere: the folder must not hold only another run's checkpoints
-                refuse_other_runs(self.dirpath, run=io._run, local_tier_dir=io.local_tier_dir)
-        if isinstance(io, SafetensorsCheckpointIO) and trainer.world_size == 1 and self.dirpath:
-            # created after Lightning installed its SIGTERM handler: ours takes over until teardown
+        if not isinstance(io, SafetensorsCheckpointIO) or not self.dirpath:
+            return
+        if trainer.ckpt_path is None:  # every rank: all refuse together; a fresh fit would take earlier names
+            refuse_fresh_start(self.dirpath, local_tier_dir=io.local_tier_dir)
+        elif Path(os.path.abspath(trainer.ckpt_path)).parent != Path(os.path.abspath(self.dirpath)):
+            # a warm start from elsewhere: the folder must not hold only another run's checkpoints
+            refuse_other_runs(self.dirpath, run=io._run, local_tier_dir=io.local_tier_dir)
+        # created after Lightning installed its SIGTERM handler: ours takes over until teardown
+        if trainer.world_size == 1:
             self._ck = io.checkpointer(self.dirpath, handle_sigterm=True)
+        else:  # every rank: Lightning saves on rank 0 only, so no Checkpointer is shared by the ranks
+            self._watch = PreemptionWatch(f"lightning:{self.dirpath}")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        ck = self._ck
-        if ck is None or not ck.preempted:
+        ck, watch = self._ck, self._watch
+        if not ((ck is not None and ck.preempted) or (watch is not None and watch.due(trainer.global_step))):
             self._maybe_save_local(trainer)
             return
         assert self.dirpath is not None
         filepath = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         self.last_model_path = filepath
-        trainer.save_checkpoint(filepath)
+        trainer.save_checkpoint(filepath)  # every rank (Lightning's save is collective)
         trainer.strategy.checkpoint_io.wait()
+        if watch is not None:
+            watch.stopped(timeout=CheckpointConfig.preemption_grace)
         log.warning("btckpt: preemption checkpoint for step %d committed; stopping", trainer.global_step)
         raise SIGTERMException()
 
@@ -589,7 +719,9 @@ class ModelCheckpoint(_ModelCheckpoint):
         self._local_step = step
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._ck, self._local_step = None, None
+        if self._watch is not None:
+            self._watch.close()
+        self._ck, self._watch, self._local_step = None, None, None
         super().teardown(trainer, pl_module, stage)
 
 

@@ -19,12 +19,12 @@ import torch
 from ..adapters import resume_folder
 from ..errors import UnsafeCheckpoint, UnsupportedValue
 from ..format.layout import GROUP_NAME, flatten_group
-from ..storage.discovery import STEP_DIR
+from ..storage.discovery import STEP_DIR, CheckpointInfo, inspect
 from ..storage.local import fsync_dir, fsync_file, is_url, new_tag
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
-           "process_rank", "platform_dir"]
+           "process_rank", "platform_dir", "weights_only_dict", "weights_only_folder", "resumable"]
 
 log = logging.getLogger("btckpt")
 
@@ -173,8 +173,32 @@ def resume_path(*, dir: str | os.PathLike[str] | None = None,
     ``load_dir`` is set and nothing was found anywhere, unless ``on_missing="start_fresh"``. The node-local
     tier of ``dir`` (``local_tier_dir``, default ``/dev/shm/btckpt/<job>``) is searched with it: its newer
     step wins."""
-    return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=lambda i: i.kind == "btckpt",
+    return resume_folder(dir=dir, load_dir=load_dir, on_missing=on_missing, accept=resumable,
                          helper="resume_path()", local_tier_dir=local_tier_dir)
+
+
+def weights_only_dict(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether Lightning built ``checkpoint`` with ``weights_only=True`` (``ModelCheckpoint(save_weights_only=
+    True)``): it then holds ``loops`` but no ``optimizer_states`` (a full one holds both, ``[]`` included)."""
+    return "loops" in checkpoint and "optimizer_states" not in checkpoint
+
+
+def weights_only_folder(folder: Path) -> bool:
+    """Whether the committed btckpt checkpoint ``folder`` was saved from a weights-only dict."""
+    info = inspect(folder)
+    return info.manifest is not None and _weights_only_info(info)
+
+
+def _weights_only_info(info: CheckpointInfo) -> bool:
+    meta = info.manifest.meta.get("lightning") if info.manifest is not None else None
+    keys = meta.get("keys") if isinstance(meta, dict) else None
+    return isinstance(keys, dict) and weights_only_dict({v: None for v in keys.values()})
+
+
+def resumable(info: CheckpointInfo) -> bool:
+    """A btckpt checkpoint ``fit(ckpt_path=...)`` can resume training from: not a weights-only one (Lightning's
+    fit fails on those), as HF's ``resume_checkpoint()`` accepts only folders with ``trainer_state.json``."""
+    return info.kind == "btckpt" and not _weights_only_info(info)
 
 
 def process_rank() -> int:
