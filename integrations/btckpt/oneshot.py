@@ -17,7 +17,6 @@ from .errors import (
     IncompleteCheckpoint,
 )
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
-from .format.state import group_value
 from .restore.load import read_checkpoint
 from .restore.policy import ResumePolicy, latest
 from .restore.resume import restore_from
@@ -47,7 +46,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
         raise CheckpointError(f"{target} already exists; btckpt never overwrites a checkpoint in place")
     if not isinstance(state, Mapping) or not state:
         raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
-    flat, layout = prepare_flat(SavePlans(keep=False), [(name, group_value(obj)) for name, obj in state.items()],
+    flat, layout = prepare_flat(SavePlans(keep=False), list(state.items()),
                                 max_shard_size=max_shard_size)
     assert layout is not None
     extra_files = checked_extra_files(layout, extra_files, root=target.parent, margin=0)
