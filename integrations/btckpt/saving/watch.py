@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import operator
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -94,9 +95,11 @@ def _same(now: list[Any], then: list[Any]) -> bool:
 class Watch:
     """One group's remembered objects; :meth:`still` is the per-save check (see the module doc)."""
 
-    def __init__(self, obj: Any, group: FlatGroup, check: Callable[[], bool],
-                 make: Callable[[FlatGroup], FlatGroup] | None = None) -> None:
-        self.obj = obj
+    def __init__(self, obj: Any, group: FlatGroup, check: Callable[[Any], bool],
+                 make: Callable[[Any, FlatGroup], FlatGroup] | None = None) -> None:
+        # by weak reference: a watch must not keep a dropped optimizer alive (its id reused by a rebuilt one is
+        # then told apart by the dead reference, and its memory goes back)
+        self._ref = weakref.ref(obj)
         self.group = group
         self.epoch = REGISTRATIONS.epoch
         self._check = check
@@ -104,12 +107,12 @@ class Watch:
 
     def still(self, obj: Any) -> FlatGroup | None:
         """The group's FlatGroup for this save when nothing changed (its plain data encoded afresh), else None."""
-        if obj is not self.obj or REGISTRATIONS.epoch != self.epoch:
+        if obj is not self._ref() or REGISTRATIONS.epoch != self.epoch:
             return None
         try:
-            if not self._check():
+            if not self._check(obj):
                 return None
-            return self._make(self.group) if self._make is not None else self.group
+            return self._make(obj, self.group) if self._make is not None else self.group
         except (KeyError, TypeError, AttributeError, ValueError):
             return None
 
@@ -160,7 +163,7 @@ def _watch_module(obj: Any, group: FlatGroup) -> Watch | None:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     ptrs = list(map(_data_ptr, tensors))
 
-    def check() -> bool:
+    def check(obj: Any) -> bool:
         return (unwrap_model(obj) is root
                 and _same([*map(_MODULES, mods), *map(_PARAMS, mods), *map(_BUFFERS, mods)], dicts)
                 and not any(map(len, map(_SD_HOOKS, mods))) and not any(map(len, map(_SD_PRE_HOOKS, mods)))
@@ -207,14 +210,14 @@ def _watch_optimizer(opt: torch.optim.Optimizer, group: FlatGroup, encode_plain:
     except (ValueError, TypeError, KeyError):  # a tensor or an odd key among the hyperparameters
         return None
 
-    def check() -> bool:
+    def check(opt: torch.optim.Optimizer) -> bool:
         return (opt.state is state and opt.param_groups is groups and not opt._optimizer_state_dict_pre_hooks
                 and not opt._optimizer_state_dict_post_hooks and _same(groups, gdicts)
                 and _same(list(_chain(map(_GROUP_PARAMS, gdicts))), params)
                 and _same(list(state.keys()), keys) and _same(list(state.values()), sdicts)
                 and list(map(len, sdicts)) == lens and all(map(_is, _chain(map(dict.values, sdicts)), svals)))
 
-    def make(g: FlatGroup) -> FlatGroup:
+    def make(opt: torch.optim.Optimizer, g: FlatGroup) -> FlatGroup:
         return FlatGroup(g.name, {"state": state_node, "param_groups": param_groups()}, g.tensors, g.refs)
 
     return Watch(opt, group, check, make)
@@ -226,7 +229,7 @@ def _watch_tensor(t: torch.Tensor, group: FlatGroup) -> Watch | None:
     if not _tensors_alias(group, [t]):
         return None
     ptr = t.data_ptr()
-    return Watch(t, group, lambda: t.data_ptr() == ptr)
+    return Watch(t, group, lambda t: t.data_ptr() == ptr)
 
 
 def watch_group(obj: Any, group: FlatGroup, *, encode_plain: Callable[[Any], Any]) -> Watch | None:
