@@ -291,3 +291,28 @@ def test_an_unrelated_module_built_between_saves_only_costs_a_walk(tmp_path: Pat
         state_dict_calls.clear()
         ck.save(3, state)
         assert state_dict_calls == []
+
+
+def test_a_one_shot_save_runs_without_cyclic_gc_and_restores_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """btckpt.save pauses the cyclic collector (with 10^5 tensors alive its full collections cost more than the
+    save) and turns it back on afterwards, also when the save fails."""
+    import gc
+
+    import btckpt.saving.job as job_mod
+
+    seen: list[bool] = []
+    real = job_mod.run_save
+
+    def spy(job: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(job)
+
+    monkeypatch.setattr("btckpt.oneshot.run_save", spy)
+    model, opt = _build()
+    assert gc.isenabled()
+    btckpt.save(tmp_path / "a", {"model": model, "optimizer": opt}, save_rng=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(btckpt.CheckpointError):
+        btckpt.save(tmp_path / "a", {"model": model}, save_rng=False)  # exists: refused
+    assert gc.isenabled()

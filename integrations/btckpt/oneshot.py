@@ -22,7 +22,7 @@ from .restore.policy import ResumePolicy, latest
 from .restore.resume import restore_from
 from .restore.rng import capture_rng
 from .saving.job import SaveJob, checked_extra_files, run_save
-from .saving.plan import SavePlans, prepare_flat
+from .saving.plan import SavePlans, paused_gc, prepare_flat
 from .saving.snapshot import Stager
 from .storage.local import is_url, new_tag, space_error
 
@@ -31,6 +31,7 @@ __all__ = ["save", "load", "latest"]
 log = logging.getLogger("btckpt")
 
 
+@paused_gc()
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
          max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, save_rng: bool = True,
          extra_files: Mapping[str, bytes] | None = None) -> Path:

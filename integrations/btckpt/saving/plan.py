@@ -20,9 +20,11 @@ Call order (training thread, one rank): ``flatten(groups)`` -> ``layout(flat, ma
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import operator
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ from ..format.state import gated_keys, group_value
 from ..format.tree import encode_tree
 from .watch import REGISTRATIONS, Watch, watch_group
 
-__all__ = ["SavePlans", "prepare_flat"]
+__all__ = ["SavePlans", "prepare_flat", "paused_gc"]
 
 _DTYPE = operator.attrgetter("dtype")
 _NBYTES = operator.attrgetter("nbytes")
@@ -257,6 +259,20 @@ class SavePlans:
         keys = gated_keys(state, flat, optimizers)
         self._gated = (key, keys)
         return keys
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside (also a decorator): with 10^5 tensors alive, the full collections
+    that a save's per-tensor allocations trigger cost more than the save itself (a one-shot save of 80k tensors
+    took 2x as long with them; nothing cyclic is created)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def prepare_flat(plans: SavePlans, groups: Sequence[tuple[str, Any]], *, max_shard_size: int,
