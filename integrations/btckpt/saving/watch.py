@@ -47,6 +47,7 @@ _MODULES = operator.attrgetter("_modules")
 _SD_HOOKS = operator.attrgetter("_state_dict_hooks")
 _SD_PRE_HOOKS = operator.attrgetter("_state_dict_pre_hooks")
 _GROUP_PARAMS = operator.itemgetter("params")
+_KEY = operator.itemgetter("key")
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -136,15 +137,16 @@ def _plain_module(m: torch.nn.Module) -> bool:
             and not m._state_dict_hooks and not m._state_dict_pre_hooks)
 
 
-def _tensors_alias(group: FlatGroup, tensors: list[torch.Tensor]) -> bool:
-    """Whether the group's tensor references, in order, are ``tensors`` (same memory, shape and dtype)."""
+def _tensors_alias(group: FlatGroup, tensors: list[torch.Tensor], *, same_objects: bool = False) -> bool:
+    """Whether the group's tensor references, in order, are ``tensors``: the very objects (``same_objects``,
+    an optimizer's state) or tensors over the same memory (a module's ``state_dict()`` detaches each one, same
+    shape and dtype by construction). At planning only; C-speed passes."""
     if len(group.refs) != len(tensors):
         return False
-    for ref, t in zip(group.refs, tensors, strict=True):
-        g = group.tensors[ref["key"]]
-        if g.data_ptr() != t.data_ptr() or g.shape != t.shape or g.dtype != t.dtype or g.stride() != t.stride():
-            return False
-    return True
+    leaves = list(map(group.tensors.__getitem__, map(_KEY, group.refs)))
+    if same_objects:
+        return all(map(_is, leaves, tensors))
+    return list(map(_data_ptr, leaves)) == list(map(_data_ptr, tensors))
 
 
 def _watch_module(obj: Any, group: FlatGroup) -> Watch | None:
@@ -186,7 +188,7 @@ def _watch_optimizer(opt: torch.optim.Optimizer, group: FlatGroup, encode_plain:
     if not all(isinstance(k, torch.Tensor) for k in keys) or not all(type(d) is dict for d in sdicts):
         return None
     svals = list(_chain(map(dict.values, sdicts)))
-    if not all(isinstance(v, torch.Tensor) for v in svals) or not _tensors_alias(group, svals):
+    if not all(isinstance(v, torch.Tensor) for v in svals) or not _tensors_alias(group, svals, same_objects=True):
         return None
     gdicts = list(groups)
     params = list(_chain(map(_GROUP_PARAMS, gdicts)))
