@@ -13,12 +13,14 @@ group's ``state_dict()`` reads (a module's ``_parameters``/``_buffers``/``_modul
   (a ``del module.x``, a ``module._buffers[k] = t`` as ``module.to()`` does, a new or replaced optimizer
   state entry, ``load_state_dict``, ``add_param_group`` all fail this);
 - no ``state_dict`` hook was registered (they may change what ``state_dict()`` returns);
-- each module tensor's (and optimizer state tensor's) ``data_ptr()`` is unchanged, which catches
+- each module tensor's (and a tensor group's) ``data_ptr()`` is unchanged, which catches
   ``tensor.data = other`` (new memory: a new shape, dtype or device, ``module.half()``/``.to()``).
 
 What it does not see: a tensor whose metadata is changed in place over the same memory
-(``t.data = t.view(...)``, ``squeeze_``, ``resize_`` to a smaller size, ``set_`` onto its own storage).
-Those keep the old shape in the checkpoint (the bytes are current); re-plan with :meth:`SavePlans.forget
+(``t.data = t.view(...)``, ``squeeze_``, ``resize_`` to a smaller size, ``set_`` onto its own storage), and
+``.data`` reassigned on an optimizer *state* tensor (optimizers replace state entries, which is seen; a
+``data_ptr`` pass over every state tensor would cost more than the rest of the save). Those keep the old
+shape or memory in the checkpoint; re-plan with :meth:`SavePlans.forget
 <btckpt.saving.plan.SavePlans.forget>` after such surgery. Modules or optimizers that override
 ``state_dict``, keep extra state, or hold non-tensor optimizer state are never watched: they take the walk.
 """
