@@ -13,13 +13,22 @@ State: a ``torch.nn.ParameterList`` of N float32 parameters with Adam's state (e
 
     PYTHONPATH=integrations python benchmarks/bench_tensors.py --dir /tmp/btckpt-bench-tensors
     PYTHONPATH=integrations python benchmarks/bench_tensors.py --quick     # N / 100, a smoke test
+
+A/B in one run (``--against``): the save measurements only (first and steady ``save()``, ``btckpt.save`` vs
+``save_file``), each round running this checkout's ``integrations/`` and then the other one's, each in a fresh
+process, over ``--rounds`` rounds; medians and min-max over the rounds:
+
+    python benchmarks/bench_tensors.py --against /tmp/base/integrations --tensors 80000,400000 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -132,6 +141,76 @@ def bench_one(root: Path, n: int, nbytes: int, saves: int, rounds: int) -> dict[
     return r
 
 
+def bench_saves(root: Path, n: int, nbytes: int, saves: int) -> dict[str, Any]:
+    """The save side only, one process: first and steady ``save()`` (async), then sync ``btckpt.save`` and
+    ``save_file`` of the same tensors (one each, alternating order is the caller's)."""
+    model, opt = build(n, nbytes)
+    state = {"model": model, "optimizer": opt}
+    r: dict[str, Any] = {"tensors": len(flat(model, opt)), "btckpt": btckpt.__file__}
+    with btckpt.Checkpointer(dir=root / "async", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
+        blocks = []
+        for i in range(1, saves + 2):
+            t0 = time.perf_counter()
+            ck.save(i, state)
+            blocks.append(time.perf_counter() - t0)
+            train_step(model, opt)
+            ck.wait()
+    shutil.rmtree(root / "async")
+    r["first"], r["steady"] = blocks[0], blocks[1:]
+    tensors = flat(model, opt)
+    p = root / "plain.safetensors"
+    r["save_file"] = timed(lambda: (save_file(tensors, p), fsync_path(p)))
+    p.unlink()
+    r["btckpt.save"] = timed(lambda: btckpt.save(root / "sync", state, save_rng=False))
+    shutil.rmtree(root / "sync")
+    return r
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1e3:.1f} ms ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}, n={len(xs)})"
+
+
+def ab(a: argparse.Namespace) -> None:
+    """Alternate this checkout and ``--against`` round by round, each size in a fresh process per contender."""
+    here = str(Path(__file__).resolve().parent.parent / "integrations")
+    contenders = {"this": here, "against": str(Path(a.against).resolve())}
+    sizes = [_size(int(t)) for t in a.tensors.split(",")]
+    res: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rnd in range(a.rounds):
+        for n, nbytes in sizes:
+            order = list(contenders) if rnd % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                env = dict(os.environ, PYTHONPATH=contenders[name])
+                out = subprocess.run([sys.executable, __file__, "--worker", f"{n}:{nbytes}", "--dir",
+                                      str(Path(a.dir) / name), "--saves", str(a.saves), "--threads", str(a.threads)],
+                                     env=env, check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                res.setdefault((name, n), []).append(r)
+                print(f"round {rnd + 1} {name} N={n} ({r['tensors']} tensors): first {r['first'] * 1e3:.0f} ms, "
+                      f"steady {_spread(r['steady'])}, btckpt.save {r['btckpt.save']:.2f} s, "
+                      f"save_file {r['save_file']:.2f} s", flush=True)
+    print(f"\ncontenders: this = {contenders['this']}, against = {contenders['against']}; "
+          f"torch {torch.__version__}, {a.threads} torch thread(s)")
+    print("| contender | tensors | save() first | save() steady: median (min-max, n) | first / steady "
+          "| btckpt.save / save_file: median (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for (name, _n), rs in res.items():
+        firsts = [r["first"] for r in rs]
+        steady = [x for r in rs for x in r["steady"]]
+        ratios = [r["btckpt.save"] / r["save_file"] for r in rs]
+        print(f"| {name} | {rs[0]['tensors']:,} | {_spread(firsts)} | {_spread(steady)} "
+              f"| {statistics.median(firsts) / statistics.median(steady):.1f}x "
+              f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
+def _size(tensors: int) -> tuple[int, int]:
+    """(parameters, bytes each) of SIZES for a tensor count (4 tensors per parameter with Adam)."""
+    for n, nbytes in SIZES:
+        if 4 * n == tensors:
+            return n, nbytes
+    return tensors // 4, 64
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="/tmp/btckpt-bench-tensors")
@@ -139,8 +218,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N / 100 and 2 steady saves (a smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the sync save/restore contenders")
+    ap.add_argument("--against", help="A/B: another checkout's integrations/ folder (see the module doc)")
+    ap.add_argument("--tensors", default="80000,400000", help="A/B: tensor counts, comma-separated")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.against:
+        ab(a)
+        return
+    if a.worker:
+        n, nbytes = map(int, a.worker.split(":"))
+        root = Path(a.dir)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        try:
+            print(json.dumps(bench_saves(root, n, nbytes, a.saves)))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

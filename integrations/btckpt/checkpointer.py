@@ -36,7 +36,7 @@ from .distributed.world import world as _world
 from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .format.layout import rank_groups
 from .format.manifest import RUN_META
-from .format.state import group_value, optimizers_in
+from .format.state import optimizers_in
 from .publish.staging import finish_upload, remote_target, staging_root
 from .publish.supervisor import UploadSupervisor
 from .restore.load import RestoreReport, restore_reports
@@ -385,7 +385,7 @@ class Checkpointer:
         writes_groups = self.world.is_local_leader
         part = self._sharded_part(state)
         skip = set(part.groups) if part is not None else set()
-        groups = [(name, group_value(obj)) for name, obj in state.items() if name not in skip] if writes_groups else []
+        groups = [(name, obj) for name, obj in state.items() if name not in skip] if writes_groups else []
         own_plain, tensor_groups = ({}, []) if writes_groups else rank_groups(state, skip=skip)
         flat, layout = prepare_flat(self._plans, groups, extra=part.flat if part is not None else [],
                                     max_shard_size=self.config.max_shard_size)

@@ -18,13 +18,12 @@ from .errors import (
     UnsupportedFormat,
 )
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, read_manifest
-from .format.state import group_value
 from .restore.load import read_checkpoint
 from .restore.policy import ResumePolicy, latest
 from .restore.resume import restore_from
 from .restore.rng import capture_rng
 from .saving.job import SaveJob, checked_extra_files, run_save
-from .saving.plan import SavePlans, prepare_flat
+from .saving.plan import SavePlans, paused_gc, prepare_flat
 from .saving.snapshot import Stager
 from .storage.local import is_url, new_tag, space_error
 
@@ -33,6 +32,7 @@ __all__ = ["save", "load", "latest"]
 log = logging.getLogger("btckpt")
 
 
+@paused_gc()
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | None = None,
          max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, save_rng: bool = True,
          extra_files: Mapping[str, bytes] | None = None) -> Path:
@@ -48,7 +48,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
         raise CheckpointError(f"{target} already exists; btckpt never overwrites a checkpoint in place")
     if not isinstance(state, Mapping) or not state:
         raise ConfigError("state must be a non-empty dict of named groups, e.g. {'model': model}")
-    flat, layout = prepare_flat(SavePlans(keep=False), [(name, group_value(obj)) for name, obj in state.items()],
+    flat, layout = prepare_flat(SavePlans(keep=False), list(state.items()),
                                 max_shard_size=max_shard_size)
     assert layout is not None
     extra_files = checked_extra_files(layout, extra_files, root=target.parent, margin=0)

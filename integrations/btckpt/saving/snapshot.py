@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import queue
 import shutil
 import threading
@@ -409,34 +410,31 @@ class Stager:
                             for key, s in layout.slots.items()}
             target.signature = layout.signature
             target.copies = None
-        srcs = [t for g in flat for t in g.tensors.values()]
-        plan = self._copy_plan(target, flat, srcs, async_keys, sync)
+        sources = self._copy_plan(target, flat, async_keys, sync).sources(flat)
         with torch.no_grad():
-            if plan.now:
-                torch._foreach_copy_(plan.now_dst, [srcs[i] for i in plan.now])
+            if sources.now:
+                torch._foreach_copy_(sources.now_dst, sources.now)
         events: list[tuple[Any, Any]] = []
-        for dev, (dsts, idx) in plan.later_dev.items():
+        for dev, (dsts, srcs) in sources.later_dev.items():
             cs = self._streams.get(dev)
             if cs is None:
                 cs = self._streams[dev] = self._device_stream(dev)
             cs.start_after_compute()
-            cs.run(functools.partial(_copy_all, list(zip(dsts, [srcs[i] for i in idx], strict=True)),
-                                     non_blocking=True))
+            cs.run(functools.partial(_copy_all, _Pairs(dsts, srcs), non_blocking=True))
             events.append((cs, cs.record()))
-        if plan.later_host:
-            pairs = list(zip(plan.later_host_dst, [srcs[i] for i in plan.later_host], strict=True))
-            self._host.run(functools.partial(_copy_all, pairs, non_blocking=False))
+        if sources.later_host:
+            self._host.run(functools.partial(_copy_all, _Pairs(sources.later_host_dst, sources.later_host),
+                                             non_blocking=False))
             events.append((self._host, self._host.record()))
         staged = Staged(target.region, layout, events, self._host, files=target.files)
         if target.files is not None:
             target.last = staged
         return staged
 
-    def _copy_plan(self, target: _Target, flat: FlatState, srcs: list[torch.Tensor],
-                   async_keys: set[tuple[str, str]], sync: bool) -> _CopyPlan:
+    def _copy_plan(self, target: _Target, flat: FlatState, async_keys: set[tuple[str, str]], sync: bool) -> _CopyPlan:
         """Which tensors copy now and which behind the gate (host thread or device stream), with their arena
         views; cached per arena while the views, the gated keys and the tensors' devices stay the same."""
-        key = (sync, len(srcs))
+        key = (sync, sum(len(g.tensors) for g in flat))
         if target.copies is not None and target.copies[0] == key and target.copies[2] is async_keys:
             return target.copies[1]  # the same gated-key set object: the save plan was reused
         plan = _CopyPlan()
@@ -505,6 +503,18 @@ def _cuda_pin(address: int, nbytes: int) -> Callable[[], None]:
 
 
 @dataclass
+class _Sources:
+    """A copy plan's source tensors for one flattening (``later_dev``: device -> (arena views, sources))."""
+
+    tensors: list[dict[str, torch.Tensor]]  # the groups' tensor dicts they were taken from
+    now: list[torch.Tensor]
+    now_dst: list[torch.Tensor]
+    later_host: list[torch.Tensor]
+    later_host_dst: list[torch.Tensor]
+    later_dev: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+@dataclass
 class _CopyPlan:
     """Positions (in flattening order) and arena views of the tensors copied now / behind the gate."""
 
@@ -513,19 +523,49 @@ class _CopyPlan:
     later_host: list[int] = field(default_factory=list)
     later_host_dst: list[torch.Tensor] = field(default_factory=list)
     later_dev: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = field(default_factory=dict)
+    last: _Sources | None = None
+
+    def sources(self, flat: FlatState) -> _Sources:
+        """The source tensors of ``flat`` in this plan's order; the last ones again (no Python work per tensor)
+        when ``flat``'s groups hold the very same tensor dicts (a watched, unchanged state)."""
+        dicts = [g.tensors for g in flat]
+        last = self.last
+        if last is not None and len(last.tensors) == len(dicts) and all(map(operator.is_, dicts, last.tensors)):
+            return last
+        srcs = [t for d in dicts for t in d.values()]
+        self.last = _Sources(dicts, [srcs[i] for i in self.now], self.now_dst, [srcs[i] for i in self.later_host],
+                             self.later_host_dst, {dev: (dsts, [srcs[i] for i in idx])
+                                                   for dev, (dsts, idx) in self.later_dev.items()})
+        return self.last
+
+
+class _Pairs:
+    """``(arena view, source)`` pairs kept as two lists (no tuple per tensor, which the cyclic garbage collector
+    would then walk); iterates as pairs."""
+
+    __slots__ = ("dsts", "srcs")
+
+    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        self.dsts, self.srcs = dsts, srcs
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return zip(self.dsts, self.srcs, strict=True)
 
 
 def _copy_all(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, non_blocking: bool) -> None:
     """Copy each ``(dst, src)``: host sources in one batched ``_foreach_copy_``, device ones one by one
     (each must be recorded on the side stream)."""
-    pairs = list(pairs)
+    if isinstance(pairs, _Pairs):
+        dsts, srcs = pairs.dsts, pairs.srcs
+    else:
+        both = list(pairs)
+        dsts, srcs = [d for d, _ in both], [src for _, src in both]
     with torch.no_grad():
-        if not any(src.is_cuda for _, src in pairs):
-            if pairs:
-                dsts, srcs = zip(*pairs, strict=True)
-                torch._foreach_copy_(list(dsts), list(srcs))
+        if not any(src.is_cuda for src in srcs):
+            if srcs:
+                torch._foreach_copy_(dsts, srcs)
             return
-        for dst, src in pairs:
+        for dst, src in zip(dsts, srcs, strict=True):
             if src.is_cuda:  # on the side stream: keep the caching allocator from reusing src until the copy ran
                 src.record_stream(torch.cuda.current_stream(src.device))
             dst.copy_(src, non_blocking=non_blocking)
