@@ -888,3 +888,45 @@ def test_a_failed_promotion_made_good_later_no_longer_keeps_the_tier(tmp_path: P
     with _tier_ck(tmp_path) as again:
         assert again.restore(_state(seed=2)) == 18
     assert _steps(d) == [12, 18] and not ram.exists()
+
+
+# -- deadlines after SIGTERM: the whole exit, the at-exit close included, fits preemption_grace ---------------
+@pytest.mark.parametrize("tier", [True, False], ids=["slow-promotion", "slow-save"])
+def test_sigterm_with_work_slower_than_the_grace_exits_0_in_time_and_the_restart_resumes(
+        tmp_path: Path, tier: bool) -> None:
+    """SIGTERM while the preemption checkpoint's promotion (or, without a tier, its save) takes 20 s, with a
+    2 s grace: the process exits 0 within the grace (+ slack for the interpreter's exit), the tier stays as it
+    is, and the restart resumes from it (or, without a tier, from the newest committed durable step)."""
+    d, ram, grace = tmp_path / "d", tmp_path / "ram", 2.0
+    slow = "promote:sleep20" if tier else "write_data:sleep20"
+    args = [PY, LOOP, str(d), str(ram) if tier else "-", "--steps", "0", "--ready-at", "5", "--every", "4",
+            "--slow", slow, "--grace", str(grace)]
+    proc = subprocess.Popen(args, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "READY":
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc, out = finish(proc, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        kill_session(proc)
+    assert rc == 0, out[-3000:]
+    assert "exiting without it" in out, out[-3000:]
+    assert took < grace + 3.0, (took, out[-3000:])
+    if tier:
+        assert "kept as it is" in out, out[-3000:]
+        stop = _steps(ram)[-1]
+        assert stop >= 6 and _steps(d) == [], (_steps(ram), _steps(d))  # the preemption step, only in RAM
+    else:
+        stop = 4  # the preemption save never committed: the durable step before it
+        assert _steps(d) == [4], _steps(d)
+    state = _state(seed=4)
+    opts = dict(local_every_steps=2, local_tier_dir=ram) if tier else {}
+    with btckpt.Checkpointer(dir=d, handle_sigterm=False, **opts) as ck:
+        assert ck.restore(state) == stop
+    assert state["extra"]["step"] == stop
+    assert not ram.exists()

@@ -532,8 +532,8 @@ class LocalTier:
             return True
         removing = remove and self.failed is None
         if not removing and self.steps():
-            why = (kept or (f"the promotion of step {self.failed} failed and no later step was promoted"
-                            if self.failed is not None else "not every step reached the durable dir"))
+            why = (f"the promotion of step {self.failed} failed and no later step was promoted"
+                   if self.failed is not None else kept or "not every step reached the durable dir")
             log.warning("btckpt: local tier %s kept (%s); a restart on this node resumes from it, a later clean "
                         "close() removes it", self.root, why)
         try:
