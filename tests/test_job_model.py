@@ -50,6 +50,10 @@ import torch.distributed  # noqa: F401
 EVENTS = int(os.environ.get("BTCKPT_MODEL_EVENTS", "0") or 0)  # offline: run at least this many events
 STEPS_PER_EXAMPLE = 30
 TRACE = bool(os.environ.get("BTCKPT_MODEL_TRACE"))
+# offline triage only, never in CI: invariants relaxed for defects other fixes are known to address (the report
+# names each): "orphan": a session without a tier that resumed from one leaves it at clean close (issue 22, 3);
+# "incarnation": a tier of a deleted and re-created dir is resumed from (issue 22, 3)
+KNOWN = set(filter(None, os.environ.get("BTCKPT_MODEL_KNOWN", "").split(",")))
 SKIP = set(filter(None, os.environ.get("BTCKPT_MODEL_SKIP", "").split(",")))  # rules left out (offline triage)
 EXAMPLES = 12  # CI: about a minute on 2 cores
 GRACE = 3.0
@@ -76,6 +80,10 @@ def _worker(conn: Any, place: dict[str, int], store: str, opts: dict[str, Any]) 
     from btckpt.testing import faults
 
     logging.getLogger("btckpt").setLevel(logging.WARNING)
+    if TRACE:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(logging.Formatter(f"[rank {place['rank']}] %(message)s"))
+        logging.getLogger("btckpt").addHandler(handler)
     torch.set_num_threads(1)
     size = place["size"]
     if TRACE:
@@ -376,7 +384,7 @@ class JobModel:
         answers = self.ask("close")
         self.stop(kill=False)
         clean = all(a[0] == "ok" for a in answers)
-        if clean and not self.faulty:
+        if clean and not self.faulty and not ("orphan" in KNOWN and not self.with_tier):
             assert self.job is not None
             # kept only while its newest step has no verified copy in the dir (a promotion failed)
             durable = [_verified_steps(self.job, n, [False] * self.job.nodes) for n in range(self.job.nodes)]
@@ -512,7 +520,7 @@ class JobModel:
         for d in self.job.dirs:
             shutil.rmtree(d)
             d.mkdir()
-        self.tier_ok = [False] * self.job.nodes
+        self.tier_ok = ["incarnation" in KNOWN] * self.job.nodes
         self.common = self.verified_common()
 
     def plant(self) -> None:

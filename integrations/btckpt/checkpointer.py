@@ -622,6 +622,10 @@ class Checkpointer:
                       self.config.preemption_grace)
             return
         self.wait()
+        if self._tier is not None and not self.world.is_local_leader:  # the node's leader promotes: it knows
+            log.warning("btckpt: preemption checkpoint for step %d saved into the local tier; local rank 0 promotes "
+                        "it into the dir", step)
+            return
         log.warning("btckpt: preemption checkpoint for step %d committed", step)
 
     def _done_in_time(self) -> bool:
@@ -685,7 +689,9 @@ class Checkpointer:
                     self._abandoned = True  # after SIGTERM: the save still writing outlived the grace
                 else:
                     self._drain()
-                    if not self._crashed:  # after a crash the tier stays as it is, for the restart
+                    # after a crash the tier stays as it is, for the restart; after SIGTERM the preemption save was
+                    # the final promotion (every rank knows it: no agreement that a rank past its grace would miss)
+                    if not self._crashed and self._deadline is None:
                         self._final_promotion()
                     clean = True
         finally:
