@@ -18,7 +18,8 @@ Limits, kept honestly:
 - **identity**: the folder records the durable dir it belongs to (:data:`IDENTITY`); a folder recording
   another is refused (:class:`~btckpt.errors.TierMismatch`) and never resumed from, and one writer per
   folder is enforced by the same lock as the durable dir (:class:`~btckpt.saving.commit.DirLock`);
-- **queue**: at most one promotion waits behind the one copying; a newer one supersedes it (its step is
+- **queue**: at most one promotion waits behind the one copying (with several nodes, one more that another
+  node started already); a newer one supersedes it (its step is
   released to retention), so a durable interval shorter than the copy time never makes the tier grow;
 - **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder
   (the log says when and why it keeps it: a promotion that failed and was not made good, a crash, time
