@@ -629,6 +629,9 @@ def test_job_model() -> None:
                 raise
             violations.append(str(exc))
             print(f"\nVIOLATION {len(violations)}: {exc}", file=sys.stderr, flush=True)
+        if EVENTS and COUNT["examples"] % 50 == 0:
+            print(f"job model: {COUNT['events']} events so far, {len(violations)} violations, "
+                  f"{time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
         if EVENTS and COUNT["events"] >= EVENTS:
             break
     print(f"\njob model: {COUNT['events']} events, {COUNT['examples']} examples, {COUNT['restarts']} restarts, "
