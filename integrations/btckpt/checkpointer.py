@@ -694,6 +694,9 @@ class Checkpointer:
                     if not self._crashed and self._deadline is None:
                         self._final_promotion()
                     clean = True
+                    if self._deadline is not None and self._tier is not None:  # the tier goes only once its newest
+                        newest = max(self._tier.steps(), default=None)           # step's promotion was scheduled
+                        clean = newest is None or newest == self._tier.scheduled
         finally:
             self._closed = True
             if self._replicas is not None:  # its exchanges read tier checkpoints: they finish first
@@ -757,7 +760,8 @@ class Checkpointer:
             self._error = self._error or err
         kept = ("the script died of an exception" if self._crashed else
                 "a save or promotion failed" if err is not None or self._error is not None else
-                "close() did not finish" if not clean else None)
+                "its newest step was not promoted (close() did not finish, or SIGTERM came first)" if not clean
+                else None)
         if not self._tier.close(remove=kept is None, timeout=self._left(), kept=kept):
             self._abandoned = True
 
