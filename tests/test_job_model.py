@@ -46,6 +46,7 @@ from typing import Any
 
 import btckpt  # imported here, so each forked rank starts in milliseconds  # noqa: F401
 import btckpt.checkpointer  # noqa: F401
+import pytest
 import torch  # noqa: F401
 import torch.distributed  # noqa: F401
 
@@ -609,6 +610,7 @@ def run_example(seed: int, events: int) -> None:
         model.teardown()
 
 
+@pytest.mark.timeout(0 if EVENTS else 600)  # offline: as long as its events take
 def test_job_model() -> None:
     """The seeded job model: CI runs a few examples (about a minute on 2 cores); BTCKPT_MODEL_EVENTS=N runs at
     least N events (every violation is printed with its seed and events, and the run goes on), BTCKPT_MODEL_SEED=S
