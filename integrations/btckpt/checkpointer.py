@@ -694,8 +694,9 @@ class Checkpointer:
                     if not self._crashed and self._deadline is None:
                         self._final_promotion()
                     clean = True
-                    if self._deadline is not None and self._tier is not None:  # the tier goes only once its newest
-                        newest = max(self._tier.steps(), default=None)           # step's promotion was scheduled
+                    if self._deadline is not None and self._tier is not None:
+                        # the tier goes only once the promotion of its newest step was scheduled
+                        newest = max(self._tier.steps(), default=None)
                         clean = newest is None or newest == self._tier.scheduled
         finally:
             self._closed = True
