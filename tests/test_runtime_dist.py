@@ -86,7 +86,8 @@ def test_preemption_with_a_dead_peer_waits_the_grace_not_the_barrier_timeout(tmp
                 kill_session(p)
                 p.communicate()
     assert rc != 0, out[-4000:]
-    assert "within 5s" in out and "a peer" in out, out[-4000:]
+    # the save's waits end before the grace does (a tenth of it kept for the exit), so its error is the reason
+    assert re.search(r"within [45]s", out) and "a peer" in out, out[-4000:]
     assert not any(i.complete for i in scan(ck))
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import btckpt
@@ -820,3 +821,113 @@ def test_a_kill_while_a_replica_arrives_leaves_no_half_copy(tmp_path: Path) -> N
         assert _steps(durable)[-1] == 12 and verify(inspect(durable / "checkpoint-12")) == []
         assert not (tmp_path / f"ram-run-{node}").exists()  # clean end: tier and replicas removed
 
+
+
+# -- lifetimes: a bounded promotion queue, flags cleared once their reason is gone ----------------------------
+def test_promotions_slower_than_the_durable_interval_coalesce_and_the_tier_stays_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A promotion every step, each slower than a step: a queued promotion is superseded by the newer one (its
+    step released), so the tier never holds more than two steps plus the one being copied, and close() copies
+    only the newest step, not the ones retention would delete at once."""
+    import btckpt.tiers.local as local_mod
+
+    real, copied = local_mod.promote, []
+
+    def slow(src, *a, **kw):
+        time.sleep(0.25)  # a slow durable dir
+        copied.append(int(src.name.rsplit("-", 1)[1]))
+        return real(src, *a, **kw)
+
+    monkeypatch.setattr(local_mod, "promote", slow)
+    d, ram, state = tmp_path / "d", tmp_path / "ram", _state()
+    ck = _tier_ck(tmp_path, local_every_steps=1, every_steps=1, keep_last=2)
+    most = 0
+    with caplog.at_level("INFO", logger="btckpt"):
+        for s in range(1, 21):
+            _train(ck, state, range(s, s + 1))
+            most = max(most, len(_steps(ram)))
+            time.sleep(0.02)
+        ck.fence()
+        final = state["model"].weight.detach().clone()
+        ck.close()
+    assert most <= local_mod.COPIES + 1, most  # two steps, +1 while promoting (README's bound)
+    assert copied[-1] == 20 and len(copied) < 12, copied  # the queued ones were superseded, never copied
+    assert "superseded by step" in caplog.text
+    assert _steps(d) == sorted(copied)[-2:] and not ram.exists()
+    loaded = _state(seed=9)
+    btckpt.load(d / "checkpoint-20", loaded)
+    assert torch.equal(loaded["model"].weight, final) and loaded["extra"]["step"] == 20
+
+
+def test_a_failed_promotion_made_good_later_no_longer_keeps_the_tier(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """on_error='warn': the promotion of step 6 fails, that of 12 commits. A clean close removes the tier (its
+    newest step is durable and verified); a tier kept for a failed promotion is named in the log with why."""
+    d, ram, state = tmp_path / "d", tmp_path / "ram", _state()
+    ck = _tier_ck(tmp_path, on_error="warn")
+    faults.arm("promote", "raise")
+    _train(ck, state, range(1, 7))
+    ck.wait()  # the failure is logged (warn), not raised
+    faults.disarm()
+    _train(ck, state, range(7, 13))
+    with caplog.at_level("INFO", logger="btckpt"):
+        ck.close()
+    assert _steps(d) == [12] and verify(inspect(d / "checkpoint-12")) == []
+    assert not ram.exists(), sorted(p.name for p in ram.iterdir())
+    assert "made good" in caplog.text
+    # the reason stays while it holds: 18's promotion fails and nothing later commits -> kept, and said why
+    ck = _tier_ck(tmp_path, on_error="warn")
+    assert ck.restore(_state(seed=1)) == 12
+    faults.arm("promote", "raise")
+    _train(ck, state, range(13, 19))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="btckpt"):
+        ck.close()
+    faults.disarm()
+    assert _steps(ram) == [18]
+    assert "kept (the promotion of step 18 failed" in caplog.text
+    with _tier_ck(tmp_path) as again:
+        assert again.restore(_state(seed=2)) == 18
+    assert _steps(d) == [12, 18] and not ram.exists()
+
+
+# -- deadlines after SIGTERM: the whole exit, the at-exit close included, fits preemption_grace ---------------
+@pytest.mark.parametrize("tier", [True, False], ids=["slow-promotion", "slow-save"])
+def test_sigterm_with_work_slower_than_the_grace_exits_0_in_time_and_the_restart_resumes(
+        tmp_path: Path, tier: bool) -> None:
+    """SIGTERM while the preemption checkpoint's promotion (or, without a tier, its save) takes 20 s, with a
+    2 s grace: the process exits 0 within the grace (+ slack for the interpreter's exit), the tier stays as it
+    is, and the restart resumes from it (or, without a tier, from the newest committed durable step)."""
+    d, ram, grace = tmp_path / "d", tmp_path / "ram", 2.0
+    slow = "promote:sleep20" if tier else "write_data:sleep20"
+    args = [PY, LOOP, str(d), str(ram) if tier else "-", "--steps", "0", "--ready-at", "5", "--every", "4",
+            "--slow", slow, "--grace", str(grace)]
+    proc = subprocess.Popen(args, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "READY":
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc, out = finish(proc, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        kill_session(proc)
+    assert rc == 0, out[-3000:]
+    assert "exiting without it" in out, out[-3000:]
+    assert took < grace + 3.0, (took, out[-3000:])
+    if tier:
+        assert "kept as it is" in out, out[-3000:]
+        stop = _steps(ram)[-1]
+        assert stop >= 6 and _steps(d) == [], (_steps(ram), _steps(d))  # the preemption step, only in RAM
+    else:
+        stop = 4  # the preemption save never committed: the durable step before it
+        assert _steps(d) == [4], _steps(d)
+    state = _state(seed=4)
+    opts = dict(local_every_steps=2, local_tier_dir=ram) if tier else {}
+    with btckpt.Checkpointer(dir=d, handle_sigterm=False, **opts) as ck:
+        assert ck.restore(state) == stop
+    assert state["extra"]["step"] == stop
+    assert not ram.exists()

@@ -99,16 +99,30 @@ def _close_at_exit(ref: Any) -> None:
     ``concurrent.futures`` stops taking work and joins its workers) and ``atexit`` as a backstop.
     """
     ckpt = ref()
-    if ckpt is None or ckpt._closed:
+    if ckpt is None:
         return
-    ckpt._crashed = getattr(sys, "last_value", None) is not None  # the script died of an uncaught exception
-    try:
-        ckpt.close()
-    except BaseException as exc:  # noqa: BLE001 - the process must not exit 0 over a lost checkpoint
-        log.error("btckpt: the save still in flight at exit failed, its checkpoint is lost: %s", exc)
+    if not ckpt._closed:
+        ckpt._crashed = getattr(sys, "last_value", None) is not None  # the script died of an uncaught exception
+        try:
+            ckpt.close()
+        except BaseException as exc:  # noqa: BLE001 - the process must not exit 0 over a lost checkpoint
+            log.error("btckpt: the save still in flight at exit failed, its checkpoint is lost: %s", exc)
+            _exit_now(1)
+    if ckpt._abandoned:  # after SIGTERM, work still running when the grace ran out: exit now, not after it
+        log.warning("btckpt: exiting with work still running (preemption_grace ran out); what is not committed is "
+                    "lost, older checkpoints and the local tier are intact")
+        _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once (no joining the threads still writing): flush the log and the streams first."""
+    for handler in logging.getLogger().handlers + log.handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+    os._exit(code)
 
 
 def _register_exit(ref: Any) -> None:
@@ -167,6 +181,8 @@ class Checkpointer:
         self._preempted = threading.Event()
         self._watched = False  # something polls `preempted` (maybe_save, an integration): SIGTERM can be acted on
         self._grace = False  # in the preemption save: waits are bounded by preemption_grace
+        self._deadline: float | None = None  # after SIGTERM: when the grace runs out (every wait ends by then)
+        self._abandoned = False  # after SIGTERM, close() left work running when the grace ran out (exit now)
         self._prev_handler: Any = None
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
         self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
@@ -585,9 +601,17 @@ class Checkpointer:
         return self._stop.due(step, local=self.preempted)
 
     def _barrier_timeout(self) -> float:
-        """How long ranks wait for each other: ``preemption_grace`` bounds it in the preemption save."""
+        """How long ranks wait for each other: after SIGTERM, the grace left less a reserve for the exit (a tenth
+        of the grace, at most 1 s), so a save that cannot finish fails (and says why) before the exit's deadline."""
         t = self.config.barrier_timeout
-        return min(t, self.config.preemption_grace) if self._grace else t
+        left = self._left()
+        if left is None:
+            return t
+        return max(0.1, min(t, left - min(1.0, self.config.preemption_grace / 10)))
+
+    def _left(self) -> float | None:
+        """Seconds left of ``preemption_grace`` after SIGTERM (never below 0); None before any SIGTERM save."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def finish_preemption(self, step: int, state: Mapping[str, Any]) -> None:
         """Save ``step`` and wait for its commit within ``preemption_grace`` seconds (integrations call this).
@@ -595,7 +619,7 @@ class Checkpointer:
         The grace covers everything: a save still writing from before, this save, and every wait for peers.
         """
         self._grace = True
-        deadline = time.monotonic() + self.config.preemption_grace
+        deadline = self._deadline = time.monotonic() + self.config.preemption_grace
         if step != self._last_save_step:
             if not self._settled(deadline):  # an earlier save still writing (e.g. waiting for a dead peer)
                 return
@@ -608,7 +632,24 @@ class Checkpointer:
                       self.config.preemption_grace)
             return
         self.wait()
+        if self._tier is not None and not self.world.is_local_leader:  # the node's leader promotes: it knows
+            log.warning("btckpt: preemption checkpoint for step %d saved into the local tier; local rank 0 promotes "
+                        "it into the dir", step)
+            return
         log.warning("btckpt: preemption checkpoint for step %d committed", step)
+
+    def _done_in_time(self) -> bool:
+        """After SIGTERM: wait for the pending save until the grace runs out; False when it is still running."""
+        fut = self._pending
+        if fut is None:
+            return True
+        try:
+            with urgent():
+                fut.exception(timeout=self._left())
+        except TimeoutError:
+            log.error("btckpt: the save still writing did not commit within preemption_grace; not waiting for it")
+            return False
+        return True
 
     def _settled(self, deadline: float) -> bool:
         """Wait for the pending save until ``deadline``; False (logged) when it is still running then."""
@@ -654,10 +695,19 @@ class Checkpointer:
         clean = False
         try:
             with self._busy:
-                self._drain()
-                if not self._crashed:  # after a crash the tier stays as it is, for the restart
-                    self._final_promotion()
-            clean = True
+                if self._deadline is not None and not self._done_in_time():
+                    self._abandoned = True  # after SIGTERM: the save still writing outlived the grace
+                else:
+                    self._drain()
+                    # after a crash the tier stays as it is, for the restart; after SIGTERM the preemption save was
+                    # the final promotion (every rank knows it: no agreement that a rank past its grace would miss)
+                    if not self._crashed and self._deadline is None:
+                        self._final_promotion()
+                    clean = True
+                    if self._deadline is not None and self._tier is not None:
+                        # the tier goes only once the promotion of its newest step was scheduled
+                        newest = max(self._tier.steps(), default=None)
+                        clean = newest is None or newest == self._tier.scheduled
         finally:
             self._closed = True
             if self._replicas is not None:  # its exchanges read tier checkpoints: they finish first
@@ -678,11 +728,14 @@ class Checkpointer:
                         self._error = self._error or exc
                 self._uploader = None
             self._gate.close()
-            self._stager.close()
-            self._pool.submit(leave).result()  # unmark the writer thread before it ends (btckpt.saving.priority)
-            self._pool.shutdown(wait=True)
-            if self._lock is not None:
-                self._lock.release()
+            if self._abandoned:  # the writer may still read the arena: it, the thread and the lock end with the process
+                self._pool.shutdown(wait=False)
+            else:
+                self._stager.close()
+                self._pool.submit(leave).result()  # unmark the writer thread before it ends (btckpt.saving.priority)
+                self._pool.shutdown(wait=True)
+                if self._lock is not None:
+                    self._lock.release()
             # after a preemption save the process is on its way out: a second SIGTERM must not kill it mid-exit
             if (self._prev_handler is not None and not self._grace
                     and threading.current_thread() is threading.main_thread()):
@@ -706,13 +759,22 @@ class Checkpointer:
             self._promote(step)
 
     def _close_tier(self, clean: bool) -> None:
-        """Wait for the promotions, then remove the tier folder when everything reached ``dir``."""
+        """Wait for the promotions (after SIGTERM: until the grace runs out), then remove the tier folder when
+        everything reached ``dir``."""
         assert self._tier is not None
-        self._tier.wait()
+        if not self._tier.wait(self._left()):
+            self._abandoned = True
+            self._tier.close(remove=False, timeout=0.0)  # the promoter is still copying: the tier stays as it is
+            return
         err = self._tier.take_error()
         if err is not None:
             self._error = self._error or err
-        self._tier.close(remove=clean and err is None and self._error is None and not self._crashed)
+        kept = ("the script died of an exception" if self._crashed else
+                "a save or promotion failed" if err is not None or self._error is not None else
+                "its newest step was not promoted (close() did not finish, or SIGTERM came first)" if not clean
+                else None)
+        if not self._tier.close(remove=kept is None, timeout=self._left(), kept=kept):
+            self._abandoned = True
 
     def _check_open(self) -> None:
         if self._closed:

@@ -4,7 +4,8 @@ Phases call :func:`point`; a test arms one with :func:`arm` (in process) or the 
 ``BTCKPT_FAULT=phase:action[,phase:action]`` (for subprocesses). Actions: ``raise`` (OSError EIO),
 ``enospc`` (OSError ENOSPC), ``eio``, ``kill`` (SIGKILL this process), ``killpg`` (SIGKILL this process's
 whole process group: e.g. the uploader takes the training process down with it, as a node crash would),
-``exit`` (os._exit(17)).
+``exit`` (os._exit(17)), ``sleep<seconds>`` (e.g. ``sleep5``: the phase takes that long, a slow disk or
+mount; it then goes on).
 An action may end in ``@<rank>`` (e.g. ``write_data:kill@1``): it then fires only where ``$RANK`` is that rank.
 :func:`reached` tells a test which points were hit, so it can fail if a configured point never was.
 """
@@ -15,6 +16,7 @@ import errno
 import os
 import signal
 import threading
+import time
 
 __all__ = ["PHASES", "arm", "disarm", "point", "reached"]
 
@@ -79,6 +81,9 @@ def point(phase: str) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
     if action == "exit":
         os._exit(17)
+    if action.startswith("sleep"):
+        time.sleep(float(action[5:] or 1))
+        return
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"injected ENOSPC at {phase}")
     raise OSError(errno.EIO, f"injected I/O error at {phase}")

@@ -12,7 +12,7 @@ so the next local save never waits for it. ``upload_to`` then publishes the dura
 Limits, kept honestly:
 
 - **memory**: the tier holds at most :data:`COPIES` steps (one complete, one being written; a step being
-  promoted is kept until its copy committed), so it needs ``COPIES x state bytes per node`` (the bytes of
+  promoted is kept until its copy committed: one more), so it needs ``COPIES x state bytes per node`` (the bytes of
   the node's checkpoint folder) on its filesystem; :func:`check_fits` refuses a tier that cannot hold that
   (:class:`~btckpt.errors.TierTooSmall`, with the numbers and the fix) before the first local save;
 - **identity**: the folder records the durable dir it belongs to and that dir's incarnation (:data:`IDENTITY`,
@@ -22,9 +22,13 @@ Limits, kept honestly:
 - **privacy** (DESIGN.md "Shared places"): the folder and all in it are the user's alone (0700/0600) under a
   per-user base (:func:`default_base`); a path another uid holds is never written through or resumed from
   (:func:`place`: a fresh private folder for the default path, an error for a chosen one);
-- **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder;
-  after a crash it stays, and the restarted job resumes from it when it holds the newest step
-  (:class:`btckpt.restore.policy.ResumePolicy` searches it with the own dir).
+- **queue**: at most one promotion waits behind the one copying (with several nodes, one more that another
+  node started already); a newer one supersedes it (its step is
+  released to retention), so a durable interval shorter than the copy time never makes the tier grow;
+- **lifetime**: a clean ``close()`` promotes what is newer than the durable dir, then removes the folder
+  (the log says when and why it keeps it: a promotion that failed and was not made good, a crash, time
+  running out after SIGTERM); after a crash it stays, and the restarted job resumes from it when it holds
+  the newest step (:class:`btckpt.restore.policy.ResumePolicy` searches it with the own dir).
 
 Torch-free (the framework adapters import it for their resume search).
 """
@@ -41,8 +45,11 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +455,19 @@ def settled(futures: Iterable[Future[Any]], timeout: float | None) -> bool:
     return True
 
 
+@dataclass(eq=False)
+class _Promotion:
+    """One scheduled promotion: its tier step, the save it waits for, its store tag, its outcome."""
+
+    step: int
+    src: Path
+    after: Future[Any] | None
+    tag: str
+    timeout: float
+    on_commit: Callable[[Path], None]
+    future: Future[Path | None] = field(default_factory=Future)
+
+
 def _replica_folders(root: Path) -> list[Path]:
     held = root / REPLICAS
     return sorted(p for p in held.iterdir() if p.is_dir() and not p.is_symlink()) if held.is_dir() else []
@@ -475,9 +495,15 @@ class LocalTier:
         self._settled: Path | None = None  # the newest tier save committed on every node
         self._mutex = threading.Lock()
         self._retaining = threading.Lock()
-        self.failed = False  # a promotion failed: close() leaves the folder (its newest step may be only here)
-        self._futures: list[Future[Path | None]] = []
-        self._pool: ThreadPoolExecutor | None = None
+        # the step of a promotion that failed and no later promotion made good (cleared when one does): close()
+        # then keeps the folder, whose newest step may be only here
+        self.failed: int | None = None
+        self._futures: list[Future[Path | None]] = []  # outcomes not reported yet (take_error)
+        self._queue: deque[_Promotion] = deque()  # waiting for the promoter: at most one supersedable (schedule)
+        self._running: _Promotion | None = None
+        self._wake = threading.Condition(self._mutex)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
     @staticmethod
     def _placed(root: Path, world: World, *, default: bool, key: str, timeout: float) -> Path:
@@ -561,38 +587,99 @@ class LocalTier:
     def schedule(self, step: int, *, after: Future[Any] | None, tag: str, timeout: float,
                  on_commit: Callable[[Path], None]) -> None:
         """Promote tier step ``step`` into the durable dir in the background, once ``after`` (the tier save
-        of that step) finished; ``on_commit(folder)`` runs on the promoter after the durable commit. Queued
-        promotions run in order (every node promotes the same steps); only the node's leader copies."""
+        of that step) finished; ``on_commit(folder)`` runs on the promoter after the durable commit. Promotions
+        run in order, one at a time, only the node's leader copies; one that has not started when a newer one
+        is scheduled is superseded (dropped, its step released to retention), so at most one waits behind the
+        one copying and the tier never holds more than its documented copies. With several nodes, whether a
+        queued promotion is dropped or run is agreed through the store (every node promotes the same steps)."""
         self.scheduled = step
         if not self.world.is_local_leader:
             return
-        src = self.root / checkpoint_name(step)
-        self.hold(src)
-        with self._mutex:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-promote",
-                                                initializer=background_thread)
-            if any(not f.done() for f in self._futures):
-                log.warning("btckpt: promotion of step %d queued behind an earlier one still copying; the durable "
-                            "interval is shorter than the copy time", step)
-            self._futures.append(self._pool.submit(self._promote, src, after, tag, timeout, on_commit))
+        job = _Promotion(step=step, src=self.root / checkpoint_name(step), after=after, tag=tag, timeout=timeout,
+                         on_commit=on_commit)
+        self.hold(job.src)
+        with self._wake:
+            dropped = [old for old in self._queue if self._decide(old, "skip") == "skip"]
+            for old in dropped:
+                self._queue.remove(old)
+                self._futures.remove(old.future)
+            if self._running is not None or self._queue:
+                log.warning("btckpt: promotion of step %d queued behind step %d still copying; the durable interval "
+                            "is shorter than the copy time", step, (self._running or self._queue[0]).step)
+            self._queue.append(job)
+            self._futures.append(job.future)
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._serve, name="btckpt-promote", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        for old in dropped:
+            log.info("btckpt: promotion of step %d superseded by step %d before it started; not copied", old.step,
+                     step)
+            old.future.set_result(None)
+            self._finished(old)
 
-    def _promote(self, src: Path, after: Future[Any] | None, tag: str, timeout: float,
-                 on_commit: Callable[[Path], None]) -> Path | None:
+    def _decide(self, job: _Promotion, choice: str) -> str:
+        """Whether ``job`` runs or is skipped (``choice``: what this node proposes): its own choice on one node,
+        else the first node's proposal (every node then does the same); "run" when the store is gone."""
+        if self.world.nodes == 1:
+            return choice
         try:
-            if after is not None and after.exception() is not None:
+            return str(self.world.propose(f"{job.tag}/go", choice))
+        except CheckpointError:
+            return "run"
+
+    def _serve(self) -> None:
+        """The promoter thread: runs the queued promotions one at a time until :meth:`close`."""
+        background_thread()
+        try:
+            while True:
+                with self._wake:
+                    while not self._queue and not self._stopping:
+                        self._wake.wait()
+                    if not self._queue:
+                        return
+                    job = self._running = self._queue.popleft()
+                try:
+                    if self._decide(job, "run") == "run":
+                        job.future.set_result(self._promote(job))
+                    else:  # another node dropped it before it started here (a newer one supersedes it)
+                        self._finished(job)
+                        job.future.set_result(None)
+                except BaseException as exc:  # noqa: BLE001 - reported through the future (take_error)
+                    job.future.set_exception(exc)
+                finally:
+                    with self._wake:
+                        self._running = None
+                        self._wake.notify_all()
+        finally:
+            leave()
+
+    def _finished(self, job: _Promotion) -> None:
+        self.release(job.src)
+        self.retain()  # what the writer's retention kept for this promotion may go now
+
+    def _promote(self, job: _Promotion) -> Path | None:
+        src = job.src
+        try:
+            if job.after is not None and job.after.exception() is not None:
                 log.warning("btckpt: %s was not saved (its error is raised by the Checkpointer); not promoted", src)
                 return None
-            path = promote(src, self.durable, tag=tag, world=self.world, timeout=timeout)
-            on_commit(path)
+            path = promote(src, self.durable, tag=job.tag, world=self.world, timeout=job.timeout)
+            job.on_commit(path)
+            with self._mutex:
+                if self.failed is not None and job.step >= self.failed:
+                    log.info("btckpt: step %d promoted; the failed promotion of step %d is made good", job.step,
+                             self.failed)
+                    self.failed = None
             return path
         except BaseException as exc:
-            self.failed = True
+            with self._mutex:
+                self.failed = max(job.step, self.failed if self.failed is not None else job.step)
             log.error("btckpt: promotion of %s failed: %s", src, exc)
             raise
         finally:
-            self.release(src)
-            self.retain()  # what the writer's retention kept for this promotion may go now
+            self._finished(job)
 
     def take_error(self) -> BaseException | None:
         """The first error of a finished promotion not reported yet (each is reported once)."""
@@ -606,22 +693,40 @@ class LocalTier:
         return None
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for every promotion so far (up to ``timeout`` s); False when some is still running then."""
+        """Wait for every promotion so far (up to ``timeout`` s in all); False when some is still running then."""
         with self._mutex:
             futures = list(self._futures)
-        return settled(futures, timeout)
+        if timeout is None:
+            return settled(futures, None)
+        deadline = time.monotonic() + timeout
+        return all(settled([f], max(0.0, deadline - time.monotonic())) for f in futures)
 
     # -- end ------------------------------------------------------------------------------------------------
-    def close(self, *, remove: bool) -> None:
-        """Stop the promoter (after the promotions queued), release the lock and, when ``remove`` (a clean
-        close whose newest step reached the durable dir), delete the tier's checkpoints and its folder."""
-        if self._pool is not None:
-            self._pool.submit(leave).result()
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def close(self, *, remove: bool, timeout: float | None = None, kept: str | None = None) -> bool:
+        """Stop the promoter (after the promotions queued, up to ``timeout`` s), release the lock and, when
+        ``remove`` (a clean close whose newest step reached the durable dir) and no promotion failed without
+        a later one making it good, delete the tier's checkpoints and its folder. A kept folder is named in
+        the log with the reason (``kept``: the caller's, e.g. a crash). False when the promoter was still
+        copying at ``timeout``: then the folder and its lock stay as they are (the process is on its way out;
+        a restart resumes from the folder)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            with self._wake:
+                self._stopping = True
+                self._wake.notify_all()
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("btckpt: local tier %s kept as it is: a promotion was still copying when time ran out "
+                            "(a restart resumes from the tier)", self.root)
+                return False
         if self._lock is None:
-            return
-        removing = remove and not self.failed
+            return True
+        removing = remove and self.failed is None
+        if not removing and self.steps():
+            why = (f"the promotion of step {self.failed} failed and no later step was promoted"
+                   if self.failed is not None else kept or "not every step reached the durable dir")
+            log.warning("btckpt: local tier %s kept (%s); a restart on this node resumes from it, a later clean "
+                        "close() removes it", self.root, why)
         try:
             if removing:
                 # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
@@ -646,4 +751,5 @@ class LocalTier:
                 self.root.rmdir()
             except OSError as exc:  # something else lives there: leave it
                 log.warning("btckpt: local tier %s not removed (%s)", self.root, exc.strerror)
+        return True
 
