@@ -391,8 +391,10 @@ class JobModel:
             assert self.job is not None
             # kept only while its newest step has no verified copy in the dir (a promotion failed)
             durable = [_verified_steps(self.job, n, [False] * self.job.nodes) for n in range(self.job.nodes)]
+            # a folder another user planted at the tier path is theirs, not btckpt's to remove
             left = [str(t) for n, t in enumerate(self.job.tiers)
-                    if t.exists() and (not _scan_complete(t) or _scan_complete(t)[0].step in durable[n])]
+                    if t.exists() and t.lstat().st_uid == os.geteuid()
+                    and (not _scan_complete(t) or _scan_complete(t)[0].step in durable[n])]
             if left:
                 self.fail(f"a clean close left the tier in shared memory although its newest step is durable: "
                           f"{left}")

@@ -50,9 +50,9 @@ from .saving.priority import background_thread, leave, urgent
 from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
-from .storage.discovery import CheckpointInfo, inspect, verify
+from .storage.discovery import CheckpointInfo, inspect, scan, verify
 from .storage.local import is_url, local_path, new_tag, space_error, unwritable
-from .tiers import LocalTier, local_save_due, resumable_tier
+from .tiers import LocalTier, local_save_due, resumable_tier, stale_tier
 from .tiers.replicas import PeerReplicas
 
 __all__ = ["Checkpointer", "default_budget"]
@@ -815,29 +815,52 @@ class Checkpointer:
             with restore_reports() as reports:
                 step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
             self.last_restore = reports[-1] if reports else None
+            self._adopt(step)
             if step is not None:
                 self._last_save_step = step
-                self._adopt(step)
                 self._remove_diverged(step)
         return step
 
-    def _adopt(self, step: int) -> None:
-        """Without a tier of its own, a session that resumed ``step`` from the local tier (on every node) owns
-        that tier: the step is promoted into ``dir`` now, and a clean close removes the tier (DESIGN.md
-        "Lifetimes"); otherwise it would stay in RAM for good."""
+    def _adopt(self, step: int | None) -> None:
+        """Without a tier of its own, a session owns the local tier of its dir (DESIGN.md "Lifetimes"; otherwise
+        it would stay in RAM for good). When it resumed ``step`` from it on every node, the step is promoted into
+        ``dir`` now and a clean close removes the tier. A tier holding nothing newer than what was resumed (a
+        crashed run's tier with no complete step, or only steps older than ``step``: a newer verified step
+        exists), or one an earlier incarnation of the dir left (never resumed from), is removed now by its
+        node's leader. Every rank calls it after the resume, with the same ``step``."""
         if self._tier is not None:
             return
         local = resumable_tier(self.root, self.config.local_tier_dir)
-        held = local is not None and inspect(local / checkpoint_name(step)).complete
-        if self.world.agree_step(f"{self._op_tag('a')}/adopt", [step] if held else [],
-                                 timeout=self._barrier_timeout()) != step:
-            return  # some node resumed it from elsewhere: its tier (if any) is left as it is
+        held = step is not None and local is not None and inspect(local / checkpoint_name(step)).complete
+        if self.world.agree_step(f"{self._op_tag('a')}/adopt", [step] if held and step is not None else [],
+                                 timeout=self._barrier_timeout()) != step or not held:
+            if self.world.is_local_leader:
+                self._discard_stale_tier(local, step)
+            return  # some node resumed it from elsewhere: a tier holding a newer step is left as it is
         try:
             self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session, resumed=True)
         except CheckpointError as exc:  # housekeeping: the resumed state is loaded all the same
             log.warning("btckpt: the local tier %s is left as it is (%s); step %d stays only there", local, exc, step)
             return
+        assert step is not None
         self._promote(step)
+
+    def _discard_stale_tier(self, local: Path | None, step: int | None) -> None:
+        """Remove this node's tier when it holds nothing newer than the resumed ``step`` (see :meth:`_adopt`)."""
+        if local is not None:
+            newest = max((i.step for i in scan(local, own=True) if i.complete), default=None)
+            if newest is not None and (step is None or newest >= step):
+                return
+        elif stale_tier(self.root, self.config.local_tier_dir) is None:
+            return
+        try:  # its own lock and nobody's world: claim (which discards an earlier incarnation's), then remove
+            tier = LocalTier.create(self.config, World(), self.root, session=self._session, resumed=True)
+            if tier is not None:
+                tier.close(remove=True)
+        except CheckpointError as exc:
+            log.warning("btckpt: the stale local tier of %s is left as it is (%s)", self.root, exc)
+            return
+        log.info("btckpt: removed the local tier of %s: it held nothing newer than the resumed step", self.root)
 
     def _remove_diverged(self, step: int) -> None:
         """After every rank resumed from ``step``: the node's own checkpoints newer than it are an abandoned

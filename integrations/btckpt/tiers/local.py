@@ -76,8 +76,8 @@ from ..storage.local import (
 from ..testing import faults
 
 __all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
-           "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "place", "claim",
-           "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
+           "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "stale_tier", "place",
+           "claim", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -218,6 +218,20 @@ def resumable_tier(durable: str | os.PathLike[str], option: str | os.PathLike[st
                     "re-created since); not resuming from it", root, durable)
         return None
     return root
+
+
+def stale_tier(durable: str | os.PathLike[str], option: str | os.PathLike[str] | None) -> Path | None:
+    """The local tier folder of ``durable``'s job left by an earlier incarnation of that dir (deleted or
+    re-created since): this user's own and safe, never resumed from (:func:`resumable_tier`); a session without a
+    tier of its own claims it, which discards it (:func:`claim`), and removes it at its clean close. None when
+    there is no such folder."""
+    root = tier_dir(durable, option)
+    if _unsafe(root, default=option is None) is not None or not root.is_dir():
+        return None
+    rec = _recorded(root)
+    if rec is None or rec[0] != _identity(Path(durable)):
+        return None
+    return root if rec[1] is None or rec[1] != incarnation(durable) else None
 
 
 def place(root: Path, *, default: bool) -> Path:
