@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import hashlib
 import itertools
 import logging
@@ -21,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from .restore.resume import Resume
 from .restore.rng import capture_rng
 from .saving.commit import DirLock, checkpoint_name
 from .saving.job import SaveJob, checked_extra_files, run_save
-from .saving.plan import SavePlans, prepare_flat
+from .saving.plan import SavePlans, paused_gc, prepare_flat
 from .saving.priority import background_thread, leave, urgent
 from .saving.retention import apply_retention, remove_diverged
 from .saving.snapshot import Stager, StepGate
@@ -77,19 +76,6 @@ def session_identity(dir: str | os.PathLike[str] | None, name: str | None) -> st
         return "env:BT_CHECKPOINT_DIR"
     raw = os.fspath(dir)
     return f"dir:{raw.rstrip('/')}" if is_url(raw) else f"dir:{os.path.normpath(local_path(raw))}"
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """No cyclic garbage collection while save() walks the state: with 10^5 tensors alive, the collections
-    its allocations trigger cost more than the walk itself (nothing cyclic is created here)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _close_at_exit(ref: Any) -> None:
@@ -360,7 +346,7 @@ class Checkpointer:
         assert self._tier is not None
         if self._tier.last_step == step:
             return False
-        with self._busy, _no_gc():
+        with self._busy, paused_gc():
             self._save(step, state, root=self._tier.root, **{**_SAVE_DEFAULTS, **keywords})
         return True
 
@@ -574,7 +560,7 @@ class Checkpointer:
         runs ``on_commit`` with the promoted folder."""
         kw = {**_SAVE_DEFAULTS, **keywords}
         if self._tier is None or self.config.local_every_steps is None:  # no tier, or only one resumed from
-            with self._busy, _no_gc():
+            with self._busy, paused_gc():
                 self._save(step, state, root=self.root, **kw)
             return
         on_commit = kw.pop("on_commit")
