@@ -246,8 +246,11 @@ class Checkpointer:
         return f"{self._session}-{op}{next(self._ops)}"
 
     def _resumer(self, session: str) -> Resume:
+        # the tier this session claimed (a fresh private folder when the default path was taken: a replica fetched
+        # from a peer lands there), else the one a restart finds at its path
+        local = self._tier.root if self._tier is not None else resumable_tier(self.root, self.config.local_tier_dir)
         return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session,
-                      local=resumable_tier(self.root, self.config.local_tier_dir))
+                      local=local)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self._grace:
