@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             state["extra"]["loss_sum"] += loss
             state["extra"]["seen"].append(step)
             if args.tier:
-                ckpt.maybe_save(step, state)  # the last step (a multiple of 2 x --every) is promoted
+                if ckpt.maybe_save(step, state) and keep is None and step % args.every == 0:
+                    ckpt.wait()  # reference: every promotion commits (a queued one would be superseded by the next)
             elif step % args.every == 0 or step == args.steps:
                 ckpt.save(step, state)
             if args.step_sleep:
