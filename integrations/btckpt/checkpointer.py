@@ -835,11 +835,17 @@ class Checkpointer:
         self._promote(step)
 
     def _discard_stale_tier(self, local: Path | None, step: int | None) -> None:
-        """Remove this node's tier when it holds nothing newer than the resumed ``step`` (see :meth:`_adopt`)."""
+        """Remove this node's tier when it holds nothing newer than the resumed ``step`` (see :meth:`_adopt`): only
+        older steps, or that step when the dir holds a verified copy of it (a copy goes only when another verified
+        durable copy, or a newer complete step, exists)."""
         if local is not None:
             newest = max((i.step for i in scan(local, own=True) if i.complete), default=None)
-            if newest is not None and (step is None or newest >= step):
+            if newest is not None and (step is None or newest > step):
                 return
+            if newest is not None and newest == step:  # goes only if the dir holds a verified copy of it
+                info = inspect(self.root / checkpoint_name(step))
+                if not info.complete or verify(info):
+                    return
         elif stale_tier(self.root, self.config.local_tier_dir) is None:
             return
         try:  # its own lock and nobody's world: claim (which discards an earlier incarnation's), then remove
