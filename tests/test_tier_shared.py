@@ -206,6 +206,30 @@ def test_another_users_folder_at_the_default_path_does_not_stop_the_job(shm: Pat
     assert sorted(os.listdir(target)) == ["x"]  # nothing written into theirs
 
 
+@pytest.mark.parametrize("with_tier", [True, False], ids=["restart-with-tier", "restart-without-tier"])
+def test_a_crashed_sessions_fresh_private_folder_is_removed_by_the_next_start(shm: Path, tmp_path: Path,
+                                                                             with_tier: bool) -> None:
+    """The default path taken, a session uses a fresh private folder; killed, nothing could find that folder
+    again and it stayed in RAM for good. The next start of the job removes it (DESIGN.md "Lifetimes")."""
+    d = tmp_path / "d"
+    target = default_tier_dir(d)
+    as_other("os.makedirs(target, 0o777)", target=str(target))
+    ck = _ck(d)
+    _train(ck, _state(), range(1, 5))
+    fresh = ck._tier.root  # noqa: SLF001
+    _crash(ck)
+    assert fresh.is_dir() and fresh != target and _steps(fresh) == [4]
+    again = _ck(d) if with_tier else _ck(d, local_every_steps=None, every_steps=None)
+    try:
+        assert again.restore(_state()) is None  # the dir holds nothing; the orphan was never resumable
+        assert not fresh.exists()
+        if with_tier:
+            assert again._tier.root.is_dir()  # noqa: SLF001  - its own fresh folder, kept while it runs
+    finally:
+        again.close()
+    assert sorted(os.listdir(target)) == []  # theirs, untouched
+
+
 def test_an_explicit_tier_dir_of_another_user_is_refused(shm: Path, tmp_path: Path) -> None:
     tier = shm / "theirs"
     as_other("os.mkdir(tier, 0o755)", tier=str(tier))

@@ -51,7 +51,7 @@ from .saving.snapshot import Stager, StepGate
 from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect, scan, verify
 from .storage.local import is_url, local_path, new_tag, space_error, unwritable
-from .tiers import LocalTier, local_save_due, resumable_tier, stale_tier
+from .tiers import LocalTier, local_save_due, resumable_tier, stale_tier, sweep_orphans, tier_dir
 from .tiers.replicas import PeerReplicas
 
 __all__ = ["Checkpointer", "default_budget"]
@@ -838,6 +838,8 @@ class Checkpointer:
         """Remove this node's tier when it holds nothing newer than the resumed ``step`` (see :meth:`_adopt`): only
         older steps, or that step when the dir holds a verified copy of it (a copy goes only when another verified
         durable copy, or a newer complete step, exists)."""
+        if self.config.local_tier_dir is None:  # a crashed session's private folder, if the default was taken
+            sweep_orphans(tier_dir(self.root, None))
         if local is not None:
             newest = max((i.step for i in scan(local, own=True) if i.complete), default=None)
             if newest is not None and (step is None or newest > step):

@@ -23,9 +23,11 @@ from .local import (
     promote,
     resumable_tier,
     stale_tier,
+    sweep_orphans,
     tier_bytes,
     tier_dir,
 )
 
 __all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "default_base", "default_tier_dir", "tier_dir", "incarnation",
-           "resumable_tier", "stale_tier", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
+           "resumable_tier", "stale_tier", "sweep_orphans", "local_save_due", "tier_bytes", "check_fits", "promote",
+           "LocalTier"]

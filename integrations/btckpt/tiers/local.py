@@ -76,8 +76,8 @@ from ..storage.local import (
 from ..testing import faults
 
 __all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
-           "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "stale_tier", "place",
-           "claim", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
+           "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "stale_tier",
+           "sweep_orphans", "place", "claim", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -234,12 +234,38 @@ def stale_tier(durable: str | os.PathLike[str], option: str | os.PathLike[str] |
     return root if rec[1] is None or rec[1] != incarnation(durable) else None
 
 
+def sweep_orphans(root: Path) -> None:
+    """Remove the fresh private folders (:func:`place`) earlier sessions of this job made when the default tier
+    path ``root`` was taken, once no process holds them (a crashed session's: nothing finds them again, and a
+    tmpfs is RAM). Only this user's own private folders (checked with lstat, no link followed), each under its
+    writer lock; one a live session holds is left. Called by the node's leader at start (one writer per dir:
+    the durable dir's lock is held)."""
+    base, prefix = root.parent.parent, f"btckpt-{os.geteuid()}-{root.name}-"
+    try:
+        found = [Path(e.path) for e in os.scandir(base) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in found:
+        if unsafe_dir(path, private=True) is not None:
+            continue
+        try:
+            lock = DirLock(path)
+        except CheckpointError:  # held: a live session's tier
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            lock.release()
+        log.info("btckpt: removed %s, the private local tier a crashed session of this job used", path)
+
+
 def place(root: Path, *, default: bool) -> Path:
     """Make ``root`` (from :func:`tier_dir`) a private folder of this user (0700) and return the folder the tier
     uses. The default path under a base another user holds (or a link, or one others can write) is never used:
     a fresh private folder is, named in one log line with the owner. A chosen ``local_tier_dir`` in that state
     is refused (:class:`TierMismatch`: the path, the owner, the fix); nothing is written into it."""
     if default:
+        sweep_orphans(root)
         problem = None
         try:
             problem = private_dir(root.parent) or private_dir(root, tighten=False)
