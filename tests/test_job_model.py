@@ -360,6 +360,9 @@ class JobModel:
         if self.job is not None:
             for t in self.job.tiers:
                 shutil.rmtree(t, ignore_errors=True)
+                # the fresh private folders sessions used while the default path was planted (tiers.local.place)
+                for fresh in t.parent.parent.glob(f"btckpt-{os.geteuid()}-{t.name}-*"):
+                    shutil.rmtree(fresh, ignore_errors=True)
             shutil.rmtree(self.job.base, ignore_errors=True)
 
     # -- rules: a running job ----------------------------------------------------------------------------
