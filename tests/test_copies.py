@@ -19,28 +19,11 @@ import btckpt
 import pytest
 import torch
 from btckpt.cli import main as cli_main
-from btckpt.storage.discovery import inspect, scan, verify
+from btckpt.storage.discovery import inspect, verify
 from conftest import PY
 from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun
+from test_tiers import _state, _steps, _train  # the tier tests' helpers
 from test_upload import moto, s3  # noqa: F401 - fixtures
-
-
-def _state(seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return {"model": torch.nn.Linear(64, 64), "extra": {"step": 0}}
-
-
-def _train(ck: btckpt.Checkpointer, state: dict, steps: range) -> None:
-    for s in steps:
-        ck.fence()
-        with torch.no_grad():
-            state["model"].weight.add_(1.0)
-        state["extra"]["step"] = s
-        ck.maybe_save(s, state)
-
-
-def _steps(folder: Path) -> list[int]:
-    return sorted(i.step for i in scan(folder, own=True) if i.complete)
 
 
 def _flip(folder: Path) -> Path:

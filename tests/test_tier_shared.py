@@ -21,9 +21,10 @@ import btckpt
 import pytest
 import torch
 from btckpt.format.manifest import MANIFEST
-from btckpt.storage.discovery import inspect, scan, verify
+from btckpt.storage.discovery import inspect, verify
 from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
 from btckpt.tiers import local as tier_local
+from test_tiers import _steps, _train  # the tier tests' helpers
 
 NOBODY = 65534
 SETPRIV = shutil.which("setpriv")
@@ -55,19 +56,6 @@ def shm(monkeypatch: pytest.MonkeyPatch):
 def _state(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     return {"model": torch.nn.Linear(16, 16), "extra": {"step": 0}}
-
-
-def _train(ck: btckpt.Checkpointer, state: dict, steps: range) -> None:
-    for s in steps:
-        ck.fence()
-        with torch.no_grad():
-            state["model"].weight.add_(1.0)
-        state["extra"]["step"] = s
-        ck.maybe_save(s, state)
-
-
-def _steps(folder: Path) -> list[int]:
-    return sorted(i.step for i in scan(folder, own=True) if i.complete)
 
 
 def _ck(d: Path, **kw) -> btckpt.Checkpointer:
