@@ -105,6 +105,38 @@ def test_a_damaged_own_tier_copy_is_replaced_by_the_peers_verified_replica(tmp_p
         assert not (tmp_path / f"ram-run-{node}").exists()
 
 
+@pytest.mark.slow
+def test_a_tierless_restart_still_fetches_a_lost_node_part_from_the_peers_replica(tmp_path: Path) -> None:
+    """Node 1's tier is wiped (a replacement node) and the job restarts *without* ``local_every_steps``; node 0's
+    RAM holds a verified replica of node 1's step 8. Node 1 fetches it all the same (the exchange used to be set
+    up only with a tier, so every rank resumed the dirs' 6), both nodes resume 8, the session promotes it into
+    both dirs and its clean close removes the tiers it claimed. The default tier path (the only one a session
+    without ``local_every_steps`` knows)."""
+    from btckpt.tiers import default_tier_dir
+
+    tiers = [default_tier_dir(tmp_path / "run" / f"node{node}") for node in (0, 1)]
+    try:
+        results = _two_nodes(tmp_path, "run", ["--tier", "", "--kill-at", "8",
+                                               "--kill-marker", str(tmp_path / "killed")])
+        assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+        assert verify(inspect(tiers[0] / ".replicas" / "node-1" / "checkpoint-8")) == []
+        for node in (0, 1):
+            assert 8 not in _steps(tmp_path / "run" / f"node{node}")
+        shutil.rmtree(tiers[1])
+        results = _two_nodes(tmp_path, "run", ["--tier", "", "--steps", "8", "--local-every", "0"])
+        for node, (rc, out) in enumerate(results):
+            assert rc == 0, out[-4000:]
+            assert f"rank {node}: resumed from 8" in out, out[-3000:]
+        assert "node 1: fetched its part of step 8 from node 0's memory" in results[1][1], results[1][1][-3000:]
+        for node in (0, 1):
+            durable = tmp_path / "run" / f"node{node}"
+            assert 8 in _steps(durable) and verify(inspect(durable / "checkpoint-8")) == []
+            assert not tiers[node].exists()
+    finally:
+        for t in tiers:
+            shutil.rmtree(t, ignore_errors=True)
+
+
 # -- promotion: a damaged dir copy of the step never counts as "already there" ---------------------------------
 def _tier_ck(tmp_path: Path, **kw) -> btckpt.Checkpointer:
     opts = dict(dir=tmp_path / "d", local_every_steps=2, local_tier_dir=tmp_path / "ram", every_steps=6,

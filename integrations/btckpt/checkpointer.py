@@ -52,7 +52,7 @@ from .stats import CheckpointStats, StatsRecorder
 from .storage.discovery import CheckpointInfo, inspect, scan, verify
 from .storage.local import is_url, local_path, new_tag, space_error, unwritable
 from .tiers import LocalTier, local_save_due, resumable_tier, stale_tier, sweep_orphans, tier_dir
-from .tiers.replicas import PeerReplicas
+from .tiers.replicas import PeerReplicas, recovery_needed
 
 __all__ = ["Checkpointer", "default_budget"]
 
@@ -186,6 +186,12 @@ class Checkpointer:
         try:
             # None without local_every_steps
             self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session)
+            if self._tier is None and recovery_needed(self.config, self.world, self.root,
+                                                      key=f"{self._session}/replicas/tiers"):
+                # a tier-less restart of a replicated job: the node that lost its copy fetches it back into its
+                # tier (the session owns the tiers it resumes from: _adopt promotes, a clean close removes them)
+                self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session,
+                                              resumed=True)
             # with several nodes: connect to the peer nodes, fetch back this node's part if its memory was lost
             self._replicas = PeerReplicas.create(self.config, self.world, self._tier, session=self._session)
         except BaseException:
@@ -816,16 +822,23 @@ class Checkpointer:
         ``dir`` now and a clean close removes the tier. A tier holding nothing newer than what was resumed (a
         crashed run's tier with no complete step, or only steps older than ``step``: a newer verified step
         exists), or one an earlier incarnation of the dir left (never resumed from), is removed now by its
-        node's leader. Every rank calls it after the resume, with the same ``step``."""
-        if self._tier is not None:
-            return
-        local = resumable_tier(self.root, self.config.local_tier_dir)
+        node's leader. A session that claimed the tiers at start for the replica exchange (``__init__``) promotes
+        the same way and removes them at its clean close. Every rank calls it after the resume, with the same
+        ``step``."""
+        if self._tier is not None and self.config.local_every_steps is not None:
+            return  # a tier session: its promotions run as scheduled
+        recovery = self._tier is not None  # claimed for the replica exchange at start (see __init__)
+        local = self._tier.root if self._tier is not None else resumable_tier(self.root, self.config.local_tier_dir)
         held = step is not None and local is not None and inspect(local / checkpoint_name(step)).complete
         if self.world.agree_step(f"{self._op_tag('a')}/adopt", [step] if held and step is not None else [],
                                  timeout=self._barrier_timeout()) != step or not held:
-            if self.world.is_local_leader:
+            if self.world.is_local_leader and not recovery:  # a claimed tier goes at the clean close
                 self._discard_stale_tier(local, step)
             return  # some node resumed it from elsewhere: a tier holding a newer step is left as it is
+        if recovery:
+            assert step is not None
+            self._promote(step)
+            return
         try:
             self._tier = LocalTier.create(self.config, self.world, self.root, session=self._session, resumed=True)
         except CheckpointError as exc:  # housekeeping: the resumed state is loaded all the same

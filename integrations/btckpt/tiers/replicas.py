@@ -46,9 +46,9 @@ from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan, verify
 from ..storage.local import make_dirs, new_tag
 from ..testing import faults
-from .local import REPLICAS, LocalTier, copy_verified, settled
+from .local import REPLICAS, LocalTier, copy_verified, resumable_tier, settled
 
-__all__ = ["PeerReplicas", "replicating"]
+__all__ = ["PeerReplicas", "recovery_needed", "replicating"]
 
 log = logging.getLogger("btckpt")
 
@@ -56,10 +56,25 @@ _CHUNK = 16 << 20  # bytes per message
 _TAGS = 1 << 20  # message tags cycle through this many steps
 
 
-def replicating(config: Any, world: World) -> bool:
-    """Whether a Checkpointer of ``config`` in ``world`` keeps peer replicas (the same answer on every rank)."""
-    return bool(config.local_every_steps is not None and config.peer_replicas and world.nodes > 1
+def replicating(config: Any, world: World, *, recovering: bool = False) -> bool:
+    """Whether a Checkpointer of ``config`` in ``world`` keeps peer replicas (the same answer on every rank).
+    ``recovering``: whether it would, for a session without ``local_every_steps`` that restarts a job whose
+    nodes kept tiers (it only fetches back what a node lost: :func:`recovery_needed`)."""
+    return bool((recovering or config.local_every_steps is not None) and config.peer_replicas and world.nodes > 1
                 and world.distributed and world.size % world.nodes == 0)
+
+
+def recovery_needed(config: Any, world: World, durable: Path, *, key: str) -> bool:
+    """Whether a session without a tier of its own (no ``local_every_steps``) must still take part in the
+    replica exchange at start: a job of several nodes with peer replicas where some node's leader finds a
+    resumable tier of its dir (:func:`btckpt.tiers.resumable_tier`), which may hold the replica of a node that
+    lost its memory. Every rank calls it (store agreement, the same answer everywhere); without it the node that
+    lost its copy would resume an older step although its peer's RAM holds a verified one."""
+    if config.local_every_steps is not None or not replicating(config, world, recovering=True):
+        return False
+    has = world.is_local_leader and resumable_tier(durable, config.local_tier_dir) is not None
+    # the intersection of every rank's list is [0] only when no node leader has a tier
+    return world.agree_step(key, [] if has else [0], timeout=config.barrier_timeout) != 0
 
 
 def _tag(step: int, kind: int) -> int:
@@ -147,7 +162,7 @@ class PeerReplicas:
         """Every rank calls it in the Checkpointer's constructor: the node leaders connect and recover what their
         node lost (:meth:`recover`), every rank waits until that is done; None on ranks that do not exchange
         (non-leaders) and without replicas (:func:`replicating`)."""
-        if tier is None or not replicating(config, world):
+        if tier is None or not replicating(config, world, recovering=True):
             return None
         if not 0 <= world.node_rank < world.nodes:
             raise CheckpointError(f"peer replicas need node ranks 0..{world.nodes - 1}, this node says "
