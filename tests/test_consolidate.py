@@ -163,3 +163,31 @@ def test_one_shot_save_beside_a_checkpoint_of_the_same_step(tmp_path: Path) -> N
     dest = consolidate(d / "checkpoint-3", d / "served")
     assert sorted(p.name for p in d.iterdir()) == ["checkpoint-3", "served"]
     assert btckpt.load(dest, {"model": torch.nn.Linear(2, 2)}) == 3
+
+
+def test_a_damaged_consolidated_copy_is_written_again_not_kept(tmp_path: Path) -> None:
+    """A consolidated folder whose sizes are right but whose bytes are damaged is not "done": when its step is
+    consolidated again (a restart re-submits it), it is rewritten from the verified checkpoint (it used to be
+    skipped because it was complete by sizes)."""
+    import btckpt
+    import torch
+    from btckpt.consolidate import Consolidator
+    from btckpt.storage.discovery import inspect, verify
+    from safetensors.torch import load_file
+
+    net = torch.nn.Linear(3, 2)
+    serve = tmp_path / "serve"
+    with btckpt.Checkpointer(dir=str(tmp_path / "ck"), keep_last=2, consolidate=str(serve)) as ck:
+        ck.save(1, {"model": net})
+    dest = serve / "checkpoint-1" / "model.safetensors"
+    raw = bytearray(dest.read_bytes())
+    raw[-1] ^= 0xFF
+    dest.write_bytes(bytes(raw))
+    assert verify(inspect(serve / "checkpoint-1")) != []
+    cons = Consolidator(serve, keep_last=2)
+    cons.submit(tmp_path / "ck" / "checkpoint-1")
+    cons.close()
+    assert cons.take_error() is None
+    assert verify(inspect(serve / "checkpoint-1")) == []
+    got = load_file(str(dest))
+    assert torch.equal(got["weight"], net.weight.detach()) and torch.equal(got["bias"], net.bias.detach())

@@ -46,9 +46,9 @@ from .names import safe
 from .oneshot import save
 from .restore.policy import latest
 from .restore.reader import CheckpointReader, NodeParts, read_verified_bytes
-from .saving.commit import remove_stale_temps
+from .saving.commit import delete_checkpoint, remove_stale_temps
 from .saving.retention import apply_retention
-from .storage.discovery import inspect
+from .storage.discovery import inspect, verify
 
 __all__ = ["consolidate", "Consolidator", "main"]
 
@@ -189,8 +189,14 @@ class Consolidator:
 
     def _one(self, src: Path) -> None:
         dest = self.out / src.name
-        if dest.exists() and inspect(dest).complete:
-            return
+        if dest.is_dir() and not dest.is_symlink():
+            there = inspect(dest)
+            problems = verify(there) if there.complete else [there.reason or there.status]
+            if not problems:  # "done" only when its bytes verify (a restart re-submits the step)
+                return
+            log.warning("btckpt: consolidated copy %s is damaged or incomplete (%s); writing it again from %s",
+                        safe(str(dest)), problems[0], safe(str(src)))
+            delete_checkpoint(dest, retired=False)  # derived from src, which verified: written again below
         consolidate(src, dest, group=self.group, max_shard_size=self.max_shard_size)
         log.info("btckpt: consolidated %s -> %s", src, dest)
         keep = {dest} | {self.out / p.name for p in self._protected}
