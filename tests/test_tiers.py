@@ -931,3 +931,34 @@ def test_sigterm_with_work_slower_than_the_grace_exits_0_in_time_and_the_restart
         assert ck.restore(state) == stop
     assert state["extra"]["step"] == stop
     assert not ram.exists()
+
+
+def test_sigterm_with_a_consolidation_slower_than_the_grace_exits_0_in_time(tmp_path: Path) -> None:
+    """SIGTERM while the background consolidation (servable weights) takes 20 s, with a 2 s grace: the preemption
+    save commits, the process exits 0 within the grace (the at-exit close used to join the consolidation with
+    no deadline), and the restart resumes from the preemption step."""
+    d, serve, grace = tmp_path / "d", tmp_path / "serve", 2.0
+    args = [PY, LOOP, str(d), "-", "--steps", "0", "--ready-at", "5", "--every", "4", "--slow",
+            "consolidate:sleep20", "--grace", str(grace), "--consolidate", str(serve)]
+    proc = subprocess.Popen(args, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "READY":
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc, out = finish(proc, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        kill_session(proc)
+    assert rc == 0, out[-3000:]
+    assert took < grace + 3.0, (took, out[-3000:])
+    assert "consolidation of" in out and "still running when time ran out" in out, out[-3000:]
+    stop = _steps(d)[-1]
+    assert stop >= 6, _steps(d)
+    state = _state(seed=4)
+    with btckpt.Checkpointer(dir=d, handle_sigterm=False) as ck:
+        assert ck.restore(state) == stop
+    assert state["extra"]["step"] == stop

@@ -705,20 +705,24 @@ class Checkpointer:
                         clean = newest is None or newest == self._tier.scheduled
         finally:
             self._closed = True
+            # after SIGTERM every wait below ends when the grace does (self._left()); what is cut short stays for
+            # the restart (a tier, a replica exchange, a consolidation, the uploader's journal)
             if self._replicas is not None:  # its exchanges read tier checkpoints: they finish first
-                self._replicas.close()
+                if not self._replicas.close(timeout=self._left()):
+                    self._abandoned = True
             if self._tier is not None:
                 self._close_tier(clean)
             if self._consolidator is not None:
-                self._consolidator.close()
-                if self.world.is_local_leader:  # what it was still reading when a newer one committed
+                if not self._consolidator.close(timeout=self._left()):
+                    self._abandoned = True
+                elif self.world.is_local_leader:  # what it was still reading when a newer one committed
                     apply_retention(self.root, keep_last=self.config.keep_last, protected=self._protected)
             if self._uploader is not None:
                 if self.remote is None:
-                    self._uploader.stop()
+                    self._uploader.stop(timeout=self._left())
                 else:
                     try:
-                        finish_upload(self._uploader, self.remote, restart=False)
+                        finish_upload(self._uploader, self.remote, restart=False, timeout=self._left())
                     except CheckpointError as exc:
                         self._error = self._error or exc
                 self._uploader = None

@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from .restore.reader import CheckpointReader, NodeParts, read_verified_bytes
 from .saving.commit import delete_checkpoint, remove_stale_temps
 from .saving.retention import apply_retention
 from .storage.discovery import inspect, verify
+from .testing import faults
 
 __all__ = ["consolidate", "Consolidator", "main"]
 
@@ -197,6 +199,7 @@ class Consolidator:
             log.warning("btckpt: consolidated copy %s is damaged or incomplete (%s); writing it again from %s",
                         safe(str(dest)), problems[0], safe(str(src)))
             delete_checkpoint(dest, retired=False)  # derived from src, which verified: written again below
+        faults.point("consolidate")
         consolidate(src, dest, group=self.group, max_shard_size=self.max_shard_size)
         log.info("btckpt: consolidated %s -> %s", src, dest)
         keep = {dest} | {self.out / p.name for p in self._protected}
@@ -209,14 +212,21 @@ class Consolidator:
             err, self._error = self._error, None
         return err
 
-    def close(self) -> None:
-        """Wait for the running and waiting consolidations."""
+    def close(self, *, timeout: float | None = None) -> bool:
+        """Wait for the running and waiting consolidations (up to ``timeout`` s: after SIGTERM, the grace left);
+        False when one was still running then (it goes on until the process exits; the restart's first save
+        consolidates again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
                 t = self._thread
             if t is None:
-                return
-            t.join()
+                return True
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("btckpt: consolidation of %s still running when time ran out; left to the exit",
+                            safe(str(self._current)))
+                return False
 
 
 def main(argv: list[str] | None = None) -> int:

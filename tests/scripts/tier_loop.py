@@ -8,7 +8,8 @@ Each step adds 1 to a Linear's weight (after ``fence()``: an in-place edit outsi
 calls ``maybe_save`` (tier every 2 steps, durable every ``--every``). ``--weights`` saves the weight at step
 ``--weights-at`` (torch.save); ``--ready-at`` prints READY (rank_output.say) at that step, after ``--slow``
 (a btckpt.testing.faults ``phase:action``) is armed once every save so far committed. ``--every 0``
-without a tier (``TIER`` ``-``): durable saves only. ``--grace``: ``preemption_grace``.
+without a tier (``TIER`` ``-``): durable saves only. ``--grace``: ``preemption_grace``. ``--consolidate``:
+``consolidate=``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--crash", action="store_true", help="end with os._exit(9): no close(), the tier stays")
     ap.add_argument("--slow", default="", help="phase:action armed at --ready-at (e.g. write_data:sleep20)")
     ap.add_argument("--grace", type=float, default=120.0)
+    ap.add_argument("--consolidate", default="", help="consolidate= (servable weights written in the background)")
     args = ap.parse_args()
     torch.manual_seed(0)
     m = torch.nn.Linear(64, 64)
@@ -44,7 +46,8 @@ def main() -> int:
     every = args.every if (not forever or not tier) else None
     ck = btckpt.Checkpointer(dir=args.dir, local_every_steps=2 if tier else None,
                              local_tier_dir=args.tier if tier else None, keep_last=None, every_steps=every,
-                             handle_sigterm=forever, preemption_grace=args.grace)
+                             handle_sigterm=forever, preemption_grace=args.grace,
+                             consolidate=args.consolidate or False)
     s = 0
     while forever or s < args.steps:
         s += 1

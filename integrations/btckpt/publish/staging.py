@@ -33,12 +33,14 @@ def staging_root(target: str) -> Path:
     return cache_root() / "staging" / hashlib.sha1(target.encode()).hexdigest()[:16]
 
 
-def finish_upload(uploader: Any, target: str, *, restart: bool) -> None:
+def finish_upload(uploader: Any, target: str, *, restart: bool, timeout: float | None = None) -> None:
     """Let the uploader finish a final pass (every committed checkpoint published); restart it if asked.
+    ``timeout``: how long that pass may take (None: the uploader's own bound), then it is stopped (its journal
+    lets the next run finish).
 
     Raises :class:`CheckpointError` when that pass left something unpublished.
     """
-    rc = uploader.stop()
+    rc = uploader.stop() if timeout is None else uploader.stop(timeout=timeout)
     if restart:
         uploader.start()
     if rc:

@@ -70,7 +70,10 @@ class UploadSupervisor:
                 pass
 
     def stop(self, *, timeout: float | None = 3600.0) -> int | None:
-        """SIGTERM: the uploader makes a final pass and exits; wait for it (kill after ``timeout``)."""
+        """End of input: the uploader makes a final pass and exits; wait for it (killed after ``timeout`` s, an
+        hour when None; its journal lets the next uploader finish the pass)."""
+        if timeout is None:
+            timeout = 3600.0
         if self.proc is None:
             return None
         self.check()

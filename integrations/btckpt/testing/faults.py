@@ -23,6 +23,7 @@ __all__ = ["PHASES", "arm", "disarm", "point", "reached"]
 PHASES = (
     "stage", "write_data", "write_rng", "before_fsync", "after_fsync", "before_manifest", "after_manifest",
     "before_rename", "after_rename", "retention", "upload_file", "upload_manifest", "promote", "replicate",
+    "consolidate",
 )  # the one table: arm() and $BTCKPT_FAULT both accept exactly these
 
 _lock = threading.Lock()

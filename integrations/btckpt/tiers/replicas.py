@@ -338,8 +338,15 @@ class PeerReplicas:
             futures = list(self._futures)
         return settled(futures, timeout)
 
-    def close(self) -> None:
-        """Finish the queued exchanges, stop the thread, drop the process group (node leaders, from close())."""
+    def close(self, *, timeout: float | None = None) -> bool:
+        """Finish the queued exchanges (up to ``timeout`` s: after SIGTERM, the grace left), stop the thread, drop
+        the process group (node leaders, from close()). False when an exchange was still running then: the
+        thread is left to the process's exit and the process group as it is (a replica is complete or absent)."""
+        if not self.wait(timeout):
+            log.warning("btckpt: node %d: a peer replica exchange was still running when time ran out; left to the "
+                        "exit", self.world.node_rank)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return False
         self._pool.submit(leave).result()
         self._pool.shutdown(wait=True)
         pg, self._pg = self._pg, None
@@ -349,3 +356,4 @@ class PeerReplicas:
                 shutdown()
             except RuntimeError:  # pragma: no cover - already torn down by a failed peer
                 pass
+        return True
