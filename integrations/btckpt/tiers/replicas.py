@@ -40,7 +40,7 @@ from ..distributed.world import World
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
 from ..restore.policy import ResumePolicy
-from ..saving.commit import LocalCommit, checkpoint_name, delete_checkpoint, remove_stale_temps
+from ..saving.commit import LocalCommit, checkpoint_name, remove_stale_temps
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan, verify
@@ -297,8 +297,9 @@ class PeerReplicas:
         """Receive from ``src`` node ``owner``'s part of ``checkpoint-<step>`` into ``root`` through the commit
         protocol (every file checked against the manifest sent with it, which must be of that step, that node
         and this job's node count); the new folder. ``replace``: a folder of that step already there (a replica
-        from before a restart that went back to an older step) is retired first. ``supersede``: a folder of that
-        step there is a damaged copy (the caller verified it), retired only once the received one committed."""
+        from before a restart that went back to an older step) is replaced. ``supersede``: a folder of that step
+        there is a damaged copy (the caller verified it). Either way the folder there is retired only once the
+        received one committed (a failed exchange leaves it as it was)."""
         head = self._link.recv_json(src, step)
         if not isinstance(head, dict) or head.get("step") != step:
             raise CheckpointError(f"node {src} sent {str(head)[:200]!r} for step {step}; replicas out of step")
@@ -309,13 +310,13 @@ class PeerReplicas:
         streams = {name: self._link.recv_pieces(int(entry["size"]), src, step, self._buf)
                    for name, entry in man.files.items()}
         final = root / checkpoint_name(step)
+        # the folder of that step already there is retired only once the received copy committed
+        supersede = supersede or (replace and final.is_dir() and not final.is_symlink())
         commit = LocalCommit(root, step, tag=new_tag(), supersede=supersede)
         try:
             if (man.step, man.node_rank, man.world.get("nodes")) != (step, owner, self.world.nodes):
                 raise CheckpointError(f"{where}: its manifest is of step {man.step}, node {man.node_rank} of "
                                       f"{man.world.get('nodes')}, not step {step}, node {owner} of {self.world.nodes}")
-            if replace and final.is_dir() and not final.is_symlink():
-                delete_checkpoint(final, retired=False)
             if final.exists() and not supersede:
                 raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
             make_dirs(root, private=True)  # <tier>/.replicas/node-<i>: private, as the whole tier
