@@ -42,6 +42,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -189,6 +190,37 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) ->
     return out
 
 
+class _CopyFloor:
+    """The ``copy`` contender: at each due step, ``copy_`` every tensor of the state (model and optimizer state)
+    into a preallocated buffer (allocated at the first save): the physical floor of a tier save on a CPU box."""
+
+    def __init__(self) -> None:
+        self.every, self.bufs = 0, []  # type: ignore[var-annotated]
+
+    @staticmethod
+    def _tensors(state: dict) -> list[torch.Tensor]:
+        out = list(state["model"].state_dict().values())
+        for st in state["optimizer"].state.values():
+            out += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        return out
+
+    def maybe_save(self, s: int, state: dict) -> None:
+        if self.every and s % self.every:
+            return
+        src = self._tensors(state)
+        if not self.bufs:
+            self.bufs = [torch.empty_like(t) for t in src]
+        with torch.no_grad():
+            for b, t in zip(self.bufs, src, strict=True):
+                b.copy_(t)
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.bufs = []
+
+
 def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_base: Path,
                warm: int = 0) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the whole process) of one loop."""
@@ -201,7 +233,11 @@ def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_b
         opts.update(local_every_steps=every, local_tier_dir=tier)
     elif name == "disk":
         opts.update(every_steps=every)
-    ck = btckpt.Checkpointer(**opts)
+    if name == "copy":  # the floor (issue 24, item 6): a bare copy_ of the same state into buffers made once
+        ck: Any = _CopyFloor()
+        ck.every = every
+    else:
+        ck = btckpt.Checkpointer(**opts)
     if name == "tier-copy":  # the path before the arena became the tier: staged in memory, then written (A/B)
         ck._arena_for = lambda root: None  # type: ignore[method-assign]
     first = warm * max(every, 1)  # untimed: the first ``warm`` saves, which allocate the arenas (steady state after)
@@ -225,11 +261,12 @@ def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_b
 
 def loop(width: int, steps: int, everies: list[int], rounds: int, disk: Path,
          tier_base: Path, warm: int = 0) -> dict[tuple[str, int], list[tuple[float, float]]]:
-    """(wall, CPU) seconds of loops with no saves, tier saves every ``e`` steps (``tier``; ``tier-copy``: the same
+    """(wall, CPU) seconds of loops with no saves, a bare ``copy_`` of the state every ``e`` steps (``copy``, the
+    floor), tier saves every ``e`` steps (``tier``; ``tier-copy``: the same
     with the snapshot staged in memory and then written, the path before the arena became the tier) and disk
     saves every ``e`` steps (each ``e`` of ``everies``), ``rounds`` times, the order alternating round by round
     (a warm-up loop first, untimed; each loop after ``warm`` untimed save intervals)."""
-    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "tier-copy", "disk")]
+    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "copy", "tier-copy", "disk")]
     _loop_once("none", 0, width, steps, disk, tier_base)  # warm-up: torch's start-up, the allocator
     out: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     for r in range(rounds):
@@ -296,6 +333,12 @@ def main() -> int:
                 costs = sorted(100 * (t / n - 1) for t, n in zip(times, none, strict=True))
                 per_save = statistics.median((c - n) / (args.steps // every) for c, n in zip(cpus, none_cpu,
                                                                                                strict=True))
+                if name == "tier" and ("copy", every) in res2:  # issue 24, item 6: the tier save vs the copy floor
+                    floor = [w for w, _ in res2[("copy", every)]]
+                    ratio = sorted((t - n) / max(f - n, 1e-9) for t, f, n in zip(times, floor, none, strict=True))
+                    print(f"loop width {args.loop_width}, a tier save every {every}: its cost over no saves is "
+                          f"{statistics.median(ratio):.2f}x the bare copy_'s (paired per round: {ratio[0]:.2f}x .. "
+                          f"{ratio[-1]:.2f}x; goal <= 1.5x)  [n={args.rounds}]")
                 print(f"loop width {args.loop_width}, {args.steps} steps, a {name} save every {every}: median "
                       f"{m:.3f}s, {100 * (m / base - 1):+.1f}% vs no saves; paired per round: median "
                       f"{statistics.median(costs):+.1f}% ({costs[0]:+.1f}% .. {costs[-1]:+.1f}%); CPU per save "
