@@ -66,14 +66,14 @@ def test_two_ranks_resume_from_the_dirs_copy_when_the_tiers_copy_is_damaged(tmp_
 
 
 # -- peer replicas: a damaged own copy does not hide the peer's verified replica --------------------------------
-def _two_nodes(tmp: Path, tag: str, args: list[str]) -> list[tuple[int, str]]:
+def _two_nodes(tmp: Path, tag: str, args: list[str], **env_extra: str) -> list[tuple[int, str]]:
     """A 2-node job on this machine (torchrun --nnodes=2, one rank each), each node with its own dir and tier
     (as tests/test_tiers.py runs them)."""
     port = free_port()
     jobs = []
     try:
         for node in (0, 1):
-            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node))
+            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node), **env_extra)
             jobs.append(torchrun("tier_train.py", ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args], nproc=1,
                                  env=env, port=port, nnodes=2, node_rank=node, rdzv=True))
         return [finish(j, timeout=240) for j in jobs]
@@ -135,6 +135,25 @@ def test_a_tierless_restart_still_fetches_a_lost_node_part_from_the_peers_replic
     finally:
         for t in tiers:
             shutil.rmtree(t, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_replica_exchanges_slower_than_the_tier_interval_coalesce(tmp_path: Path) -> None:
+    """A tier save every step, each peer exchange taking 1.5 s: exchanges do not queue without bound (each queued
+    one used to hold its tier step, so the tier grew with the backlog and close() sent them all); a newer one
+    supersedes the one waiting, on both nodes alike, and the job still ends cleanly with its newest step durable."""
+    results = _two_nodes(tmp_path, "run", ["--steps", "10", "--local-every", "1", "--every", "5"],
+                         BTCKPT_FAULT="replicate:sleep1.5")
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    logs = results[0][1] + results[1][1]
+    assert "superseded by step" in logs, logs[-4000:]
+    dropped = {int(m) for m in re.findall(r"peer replica exchange of step (\d+) superseded", logs)}
+    assert dropped and max(dropped) < 10, dropped
+    for node in (0, 1):
+        durable = tmp_path / "run" / f"node{node}"
+        assert 10 in _steps(durable) and verify(inspect(durable / "checkpoint-10")) == []
+        assert not (tmp_path / f"ram-run-{node}").exists()
 
 
 # -- promotion: a damaged dir copy of the step never counts as "already there" ---------------------------------

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,17 @@ class _Link:
             self.pg.recv([t], src, tag).wait(self.timeout)
 
 
+@dataclass(eq=False)
+class _Exchange:
+    """One scheduled exchange: its tier step, the folder it sends, its store key (run or dropped, agreed)."""
+
+    step: int
+    src: Path
+    key: str
+    future: Future[None] = field(default_factory=Future)
+    dropped: bool = False  # superseded by schedule(), which released its hold
+
+
 class PeerReplicas:
     """This node's side of the replica ring (see the module doc): what it sends to ``next``, holds for ``prev``."""
 
@@ -154,6 +166,10 @@ class PeerReplicas:
                                         initializer=background_thread)
         self._futures: list[Future[None]] = []
         self._mutex = threading.Lock()
+        self._session = session
+        self._seq = 0  # exchanges scheduled: the same sequence on every node (each schedules the same steps)
+        self._waiting: _Exchange | None = None  # scheduled, not started: a newer one supersedes it
+        self.superseded = 0  # exchanges dropped before they started (logged)
         self.failures = 0  # exchanges that failed (logged)
         self.exchanged: int | None = None  # the newest step whose exchange completed
 
@@ -254,9 +270,51 @@ class PeerReplicas:
         (node leaders, after the tier commit of ``step``; every node schedules the same steps in order)."""
         src = self.tier.root / checkpoint_name(step)
         self.tier.hold(src)  # retention keeps it until it was sent
+        self._seq += 1
+        job = _Exchange(step, src, f"{self._session}/replicas/x{self._seq}/go")
+        dropped = None
         with self._mutex:
+            old = self._waiting
+            if old is not None and self._decide(old, "skip") == "skip":  # both nodes drop it, or neither
+                old.dropped = True  # released here: _start returns at once if the thread took it meanwhile
+                old.future.cancel()
+                if old.future in self._futures:
+                    self._futures.remove(old.future)
+                dropped = old
+            self._waiting = job
             self._futures = [f for f in self._futures if not f.done()]
-            self._futures.append(self._pool.submit(self._exchange, step, src))
+            job.future = self._pool.submit(self._start, job)
+            self._futures.append(job.future)
+        if dropped is not None:
+            self.superseded += 1
+            log.warning("btckpt: node %d: peer replica exchange of step %d superseded by step %d before it started "
+                        "(exchanges are slower than the tier interval)", self.world.node_rank, dropped.step, step)
+            self._done(dropped.src)
+
+    def _decide(self, job: _Exchange, choice: str) -> str:
+        """Whether ``job`` runs or is dropped (``choice``: this node's proposal): the first node's proposal, which
+        every node then follows; "run" when the store is gone (the exchange then fails at its timeout)."""
+        try:
+            return str(self.world.propose(job.key, choice))
+        except CheckpointError:
+            return "run"
+
+    def _start(self, job: _Exchange) -> None:
+        """The replica thread: run ``job`` unless a newer one superseded it (here or on the peer, agreed)."""
+        with self._mutex:
+            if job.dropped:
+                return
+            if self._waiting is job:
+                self._waiting = None
+        if self._decide(job, "run") != "run":  # the peer dropped it first: so does this node
+            self.superseded += 1
+            self._done(job.src)
+            return
+        self._exchange(job.step, job.src)
+
+    def _done(self, src: Path) -> None:
+        self.tier.release(src)
+        self.tier.retain()
 
     def _exchange(self, step: int, src: Path) -> None:
         try:
@@ -274,8 +332,7 @@ class PeerReplicas:
             log.error("btckpt: node %d: peer replica of step %d not exchanged (node %d keeps no copy of this "
                       "node's step %d until the next one): %s", self.world.node_rank, step, self.next, step, exc)
         finally:
-            self.tier.release(src)
-            self.tier.retain()
+            self._done(src)
 
     # -- the two halves of a transfer ---------------------------------------------------------------------------
     def _send_step(self, root: Path, step: int, dst: int) -> None:
