@@ -724,7 +724,7 @@ def test_a_node_that_lost_its_memory_restores_its_part_from_the_peer(tmp_path: P
     wide = ["--width", "500000"]  # files of 20 and 40 MB: more than one 16 MiB message each, the last one partial
     for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors"), *wide]):
         assert rc == 0, out[-4000:]
-        assert "peer replica" not in out, out[-3000:]  # every exchange went through
+        assert "not exchanged" not in out, out[-3000:]  # no exchange failed (a waiting one may be superseded)
     results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed"), *wide])
     assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
     held = tmp_path / "ram-run-0" / ".replicas" / "node-1"
