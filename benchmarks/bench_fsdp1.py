@@ -104,10 +104,11 @@ def rank_main(a: argparse.Namespace) -> None:
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(folder, ignore_errors=True)
+    root = cb.ckpt.root
     cb.close()
     if rank == 0:
-        sizes = {"btckpt": sum(f.stat().st_size for f in cb.ckpt.root.glob("checkpoint-*/*") if f.is_file())
-                 / max(1, len(list(cb.ckpt.root.glob("checkpoint-*"))))}
+        sizes = {"btckpt": sum(f.stat().st_size for f in root.glob("checkpoint-*/*") if f.is_file())
+                 / max(1, len(list(root.glob("checkpoint-*"))))}
         out = {k: summary(v) for k, v in res.items()}
         out["params"] = n_params
         out["btckpt_folder_bytes"] = int(sizes["btckpt"])
