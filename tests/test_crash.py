@@ -27,6 +27,7 @@ CI_PHASES: dict[str, list[str | None]] = {
     "hf": ["before_rename", None],  # HF: manifest written in the temp folder, never renamed
     "lightning": ["after_rename", None],  # committed, but the link files (last.ckpt, top-k) not yet written
     "torchrun": ["write_rng", None],  # a rank (drawn by the seed) dies writing its files: nobody commits
+    "torchrun-fsdp1": ["write_data", None],  # FSDP1: a rank (drawn by the seed) dies writing its shard
     "upload": ["upload_file", None],  # the uploader takes the job down mid-file
 }
 

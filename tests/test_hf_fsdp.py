@@ -110,11 +110,8 @@ def test_deepspeed_fsdp1_and_peft_under_fsdp_are_refused_clearly() -> None:
 
     with pytest.raises(ConfigError, match="does not support DeepSpeed"):
         CheckpointCallback().attach(SimpleNamespace(is_deepspeed_enabled=True))  # type: ignore[arg-type]
-    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))  # FSDP1: tests/test_hf_fsdp1.py
     fsdp1 = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=state))
-    with pytest.raises(ConfigError, match="FSDP2 only"):
-        CheckpointCallback().attach(fsdp1)  # type: ignore[arg-type]
-    state.fsdp_plugin.fsdp_version = 2
     fsdp1.model = SimpleNamespace(peft_config={}, active_adapter="default")
     with pytest.raises(ConfigError, match="PEFT adapters under FSDP"):
         CheckpointCallback().attach(fsdp1)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
-"""The crash harness's torchrun save path: 2 ranks (gloo on CPU), DDP, an async Checkpointer on
-``--dir``; run it under ``torchrun --nproc_per_node=2``.
+"""The crash harness's torchrun save paths: 2 ranks (gloo on CPU), DDP (or FSDP1 with ``--fsdp1 1``: each rank
+writes its own shards), an async Checkpointer on ``--dir``; run it under ``torchrun --nproc_per_node=2``.
 
 Follows the contract in ``crash_train.py``'s docstring, from rank 0 only (ranks share torchrun's stdout):
 ``RESTORED <step|none>``, ``TRAINING``, and on a normal finish ``{"step", "digest"}`` in ``--out``: the model
@@ -25,12 +25,19 @@ from rank_output import say
 
 
 def main() -> int:
-    a = script_args(sleep=0.02)
+    a = script_args(sleep=0.02, fsdp1=0)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 3))
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    if a.fsdp1:  # FSDP1: each Linear and the root (device_id=cpu: FSDP1 needs it without an accelerator)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        ddp = FSDP(net, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}), device_id=torch.device("cpu"),
+                   use_orig_params=True)
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     extra = {"step": 0, "losses": []}
@@ -66,9 +73,19 @@ def main() -> int:
              extra["losses"]]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, draws)
+    sds = [net.state_dict(), opt.state_dict(), sched.state_dict()]
+    if a.fsdp1:  # the full (gathered) model and optimizer state, on every rank (a collective)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        sds[:2] = [get_model_state_dict(ddp, options=opts), get_optimizer_state_dict(ddp, opt, options=opts)]
     if rank == 0:
         h = hashlib.sha256()
-        for sd in (net.state_dict(), opt.state_dict(), sched.state_dict()):
+        for sd in sds:
             h.update(json.dumps(_plain(sd), sort_keys=True).encode())
             for t in _tensors(sd):
                 h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -8,6 +8,8 @@ fault is injected into it, and the invariants particular to it.
 - ``torchrun``: 2 ranks (gloo, DDP) under torchrun (crash_dist.py); an injected fault kills one rank (rank 0
   at the phases only the leader reaches, a random rank at ``write_rng``) and torchrun tears the job down;
   a random kill takes the agent and both ranks at once;
+- ``torchrun-fsdp1``: the same job under FSDP1 (crash_dist.py ``--fsdp1 1``): every rank writes its own shard
+  files, so a fault at ``write_data`` (the write of a rank's shard) or ``write_rng`` kills a random rank;
 - ``tier``: crash_train.py with a local tier (btckpt.tiers) beside the dir, promoted into it; a restart
   resumes from the newest complete step of either, and the tier's checkpoints meet every invariant too;
 - ``upload``: crash_train.py with ``upload_to=file://<root>-remote``; a fault kills the whole process group
@@ -97,6 +99,15 @@ def _torchrun(root: Path, out: Path) -> list[str]:
     return ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
             f"--master-port={_free_port()}", "--max-restarts=0", str(HERE / "crash_dist.py"), "--dir", str(root),
             "--out", str(out)]
+
+
+def _torchrun_fsdp1(root: Path, out: Path) -> list[str]:
+    return [*_torchrun(root, out), "--fsdp1", "1"]
+
+
+def _fsdp1_rank_fault(phase: str, rng: random.Random) -> str:
+    """Under FSDP1 every rank stages and writes its own shards (and RNG): kill a random rank there."""
+    return f"{phase}:kill@{rng.randrange(2) if phase in ('stage', 'write_data', 'write_rng') else 0}"
 
 
 def _rank_fault(phase: str, rng: random.Random) -> str:
@@ -196,6 +207,8 @@ SAVE_PATHS: dict[str, SavePath] = {
                           compare=_lightning_files, compare_state=False, check=_check_lightning),
     "torchrun": SavePath("torchrun", _torchrun, final_step=30, auto_delay=True, fault=_rank_fault,
                          phase_killed=_rank_killed),
+    "torchrun-fsdp1": SavePath("torchrun-fsdp1", _torchrun_fsdp1, final_step=30, auto_delay=True,
+                               fault=_fsdp1_rank_fault, phase_killed=_rank_killed),
     "tier": SavePath("tier", _crash_train("async", 60, 3, "--tier"), phases=LOCAL_PHASES + ("promote",),
                      tier=True),
     "upload": SavePath("upload", _upload_argv, final_step=24, phases=LOCAL_PHASES + UPLOAD_PHASES, auto_delay=True,

@@ -1,7 +1,9 @@
 """A tiny deterministic training job for the distributed tests (gloo on CPU).
 
 Run under torchrun (or with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set). Modes: ``ddp``, ``fsdp`` (FSDP2
-``fully_shard``), ``plain`` (no wrapper; with world size 1 it runs without a process group). Resumes from
+``fully_shard``), ``fsdp1`` (FSDP1 ``FullyShardedDataParallel``: each Linear and the root, FULL_SHARD,
+``use_orig_params``; ``device_id=cpu``, which FSDP1 needs on a machine without an accelerator), ``plain``
+(no wrapper; with world size 1 it runs without a process group). Resumes from
 the newest complete checkpoint, trains to ``--steps``, saves every ``--every`` steps, and writes the final
 full state (model + optimizer moments) to ``--out`` from rank 0 as safetensors.
 
@@ -35,6 +37,13 @@ def build(mode: str, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
         fully_shard(net)
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        root = FSDP(net, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}), device_id=torch.device("cpu"),
+                    use_orig_params=True)
+        return root, root
     return net, net
 
 
@@ -42,7 +51,7 @@ def full_state(mode: str, net: torch.nn.Module, opt: torch.optim.Optimizer) -> d
     """Every tensor of model + optimizer as full (unsharded) tensors, on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    if mode == "fsdp":
+    if mode in ("fsdp", "fsdp1"):
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         msd = get_model_state_dict(net, options=opts)
         osd = get_optimizer_state_dict(net, opt, options=opts)
@@ -89,7 +98,7 @@ def end_rank(mode: str, net: torch.nn.Module, opt: torch.optim.Optimizer, *, out
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="ddp", choices=["ddp", "fsdp", "plain"])
+    ap.add_argument("--mode", default="ddp", choices=["ddp", "fsdp", "fsdp1", "plain"])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--every", type=int, default=3)
     ap.add_argument("--width", type=int, default=16)

@@ -1,4 +1,6 @@
-"""A tiny HF Trainer run under FSDP2 (accelerate ``fsdp_version: 2``) on CPU with gloo, for tests/test_hf_fsdp.py.
+"""A tiny HF Trainer run under FSDP2 (accelerate ``fsdp_version: 2``) or FSDP1 (``--fsdp-version 1``:
+``fsdp="full_shard"``, ``fsdp_config={"version": 1, ...}``) on CPU with gloo, for tests/test_hf_fsdp.py and
+tests/test_hf_fsdp1.py.
 
 Run under torchrun. A 2-layer Llama built from a config (attention dropout on: RNG matters), a synthetic
 dataset, ``btckpt.hf.CheckpointCallback`` saving every ``--save-steps``, resume through
@@ -13,13 +15,19 @@ only for accelerator (GPU-type) distributed types. ``AcceleratorState.__init__``
 does what that branch does: ``distributed_type = FSDP``, ``fsdp_plugin = plugin`` (and the shared
 ``PartialState`` distributed type). Nothing else is touched: ``Accelerator.prepare`` then runs its real
 ``fsdp2_prepare_model`` -> ``fully_shard`` over gloo, and the Trainer its real FSDP code paths
-(``is_fsdp_enabled``, model loaded after wrapping, DTensor parameters and optimizer state).
+(``is_fsdp_enabled``, model loaded after wrapping, DTensor parameters and optimizer state). FSDP1 needs one
+more thing on CPU: accelerate passes ``device_id=accelerator.device`` to ``FullyShardedDataParallel``, which on
+``MULTI_CPU`` is ``cpu:<local rank>``, while FSDP1 computes on ``cpu`` and refuses the mismatch ("Inconsistent
+compute device and `device_id`"): the harness sets the state's device to ``cpu``, as a GPU run's is
+``cuda:<local rank>``.
 
 Lines printed: ``rank R: resumed from S`` (S = the Trainer's global_step at ``on_train_begin``; 0 for a
-fresh start) and ``rank R: fsdp2 W`` (W = world size, after checking the model really is FSDP2-sharded).
+fresh start) and ``rank R: fsdp2 W`` / ``rank R: fsdp1 W`` (W = world size, after checking the model really is
+FSDP2- / FSDP1-sharded).
 ``--pause-at N``: rank 0 writes ``PAUSED`` to ``--progress`` once step N begins *and* checkpoint
 ``--pause-after`` is committed, then waits to be SIGKILLed with the whole job. ``--dump`` writes the final
-full model + optimizer state (safetensors, rank 0); ``--dump-start`` the same at ``on_train_begin`` (the
+full model + optimizer state (safetensors, rank 0; its metadata: step, learning rate, the logged loss curve);
+``--dump-start`` the same at ``on_train_begin`` (the
 state just loaded); ``--dump-save N:FILE`` the same right after the save of step N.
 """
 
@@ -52,6 +60,9 @@ def cpu_fsdp2() -> None:
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             acc_state.PartialState._shared_state["distributed_type"] = self.distributed_type
+            if getattr(fsdp_plugin, "fsdp_version", 1) == 1:  # FSDP1 computes on "cpu", not "cpu:<rank>"
+                self.device = torch.device("cpu")
+                acc_state.PartialState._shared_state["device"] = self.device
 
     acc_state.AcceleratorState.__init__ = init
 
@@ -69,10 +80,13 @@ def full_state(trainer) -> dict[str, torch.Tensor]:
 def dump(trainer, path: str) -> None:
     flat = full_state(trainer)
     if dist.get_rank() == 0:
+        import json
+
         from safetensors.torch import save_file
 
+        losses = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]  # the loss curve
         save_file(flat, path, metadata={"step": str(trainer.state.global_step),
-                                        "lr": repr(trainer.lr_scheduler.get_last_lr())})
+                                        "lr": repr(trainer.lr_scheduler.get_last_lr()), "losses": json.dumps(losses)})
 
 
 def main() -> int:
@@ -89,6 +103,8 @@ def main() -> int:
     p.add_argument("--dump", default=None)
     p.add_argument("--dump-start", default=None)
     p.add_argument("--dump-save", default=None)
+    p.add_argument("--fsdp-version", type=int, default=2, choices=[1, 2])
+    p.add_argument("--sharding", default="full_shard", help="FSDP1's strategy (fsdp=...)")
     a = p.parse_args()
 
     cpu_fsdp2()
@@ -101,6 +117,13 @@ def main() -> int:
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
                       attention_dropout=0.1, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
+    if a.fsdp_version == 2:
+        fsdp_kw = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                              "reshard_after_forward": True})
+    else:  # as a user writes FSDP1 (sync_module_states=True is refused by torch on CPU)
+        fsdp_kw = dict(fsdp=a.sharding, fsdp_config={
+            "version": 1, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "sync_module_states": False,
+            "cpu_ram_efficient_loading": False})
     eval_kw = {}
     if a.eval_steps:
         eval_kw = dict(eval_strategy="steps", eval_steps=a.eval_steps, load_best_model_at_end=True,
@@ -109,21 +132,25 @@ def main() -> int:
         output_dir=a.out, per_device_train_batch_size=2, max_steps=a.max_steps, learning_rate=a.lr,
         warmup_steps=2, lr_scheduler_type="linear", weight_decay=0.01, save_strategy="steps",
         save_steps=a.save_steps, logging_steps=1, report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, fsdp=True,
-        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                     "reshard_after_forward": True},
-        **eval_kw,
+        disable_tqdm=True, **fsdp_kw, **eval_kw,
     )
     dump_save = a.dump_save.split(":", 1) if a.dump_save else None
 
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            from torch.distributed.fsdp import FSDPModule
+            from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
             tr = trainer
-            assert tr.is_fsdp_enabled and isinstance(tr.model, FSDPModule), type(tr.model)
-            assert all(type(p).__name__ == "DTensor" for p in tr.model.parameters())
-            say(f"rank {args.process_index}: fsdp2 {dist.get_world_size()}")
+            if a.fsdp_version == 2:
+                assert tr.is_fsdp_enabled and isinstance(tr.model, FSDPModule), type(tr.model)
+                assert all(type(p).__name__ == "DTensor" for p in tr.model.parameters())
+            else:  # the root and every decoder layer are FSDP1 units; parameters are plain (1-D flat shards on
+                # several ranks; on one, FSDP1 runs NO_SHARD and keeps their shapes)
+                assert tr.is_fsdp_enabled and isinstance(tr.model, FullyShardedDataParallel), type(tr.model)
+                assert len(FullyShardedDataParallel.fsdp_modules(tr.model)) == 3
+                assert all(type(p).__name__ == "Parameter" for p in tr.model.parameters())
+                assert dist.get_world_size() == 1 or all(p.dim() == 1 for p in tr.model.parameters())
+            say(f"rank {args.process_index}: fsdp{a.fsdp_version} {dist.get_world_size()}")
             say(f"rank {args.process_index}: resumed from {state.global_step}")
             if a.dump_start:
                 dump(tr, a.dump_start)

@@ -2,7 +2,13 @@
 
 Run with torchrun (CPU, gloo): ``--strategy btckpt`` is ``btckpt.lightning.ModelParallelStrategy`` (every rank
 writes its own shards through SafetensorsCheckpointIO), ``--strategy lightning`` Lightning's own (refused
-with the plugin). Each rank trains on its own data shard with its own dropout RNG (lightning_train.Tiny).
+with the plugin); ``--strategy fsdp1`` is ``btckpt.lightning.FSDPStrategy`` (FSDP1, each Linear and the root
+wrapped by ``auto_wrap_policy``; nothing in ``configure_model``), ``--strategy lightning-fsdp1`` Lightning's own
+``FSDPStrategy`` (refused). On CPU FSDP1 needs ``device_id=cpu``, which Lightning's FSDPStrategy never passes
+(it passes ``root_device.index``, None for CPU, and FSDP1 then asks for an accelerator): :func:`cpu_fsdp1`
+(test harness only) fills it in. Lightning's own ``FSDPStrategy`` also refuses ``accelerator="cpu"`` by an
+exact type check, which a subclass passes. Each rank trains on its own data shard with its own dropout RNG
+(lightning_train.Tiny).
 Prints ``rank R: resumed at step N`` at train start. --pause-at N --pause-after K: after step N, rank 0 waits
 until ``checkpoint-K`` is committed, writes ``PAUSED`` to --progress and hangs (the test then SIGKILLs the job).
 --dump FILE: the full model + optimizer state (gathered; rank 0 writes it) at the end; --dump-start FILE:
@@ -18,7 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from btckpt.lightning import ModelCheckpoint, ModelParallelStrategy, SafetensorsCheckpointIO, resume_path
+from btckpt.lightning import FSDPStrategy, ModelCheckpoint, ModelParallelStrategy, SafetensorsCheckpointIO, resume_path
 from dist_train import as_flat
 from lightning_train import Batches, Tiny
 from rank_output import say
@@ -34,14 +40,17 @@ def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
 
 
 class Sharded(Tiny):
-    def __init__(self, dump_start: str = "", pause: tuple[int, int, str, str] | None = None, tp: bool = False) -> None:
+    def __init__(self, dump_start: str = "", pause: tuple[int, int, str, str] | None = None, tp: bool = False,
+                 fsdp1: bool = False) -> None:
         super().__init__()
-        self.dump_start, self.tp = dump_start, tp
+        self.dump_start, self.tp, self.fsdp1 = dump_start, tp, fsdp1
         self.pause = pause  # (at step, after checkpoint, its folder's parent, progress file)
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        if self.fsdp1:  # the strategy wraps the model (auto_wrap_policy)
+            return
         if self.tp:  # tensor parallel: first Linear split by output features, the second by input features
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -99,9 +108,27 @@ class HFSharded(Sharded):
         return self.model(input_ids=ids, labels=ids).loss
 
 
+def cpu_fsdp1() -> None:
+    """FSDP1 on a CPU-only machine: ``device_id=cpu`` when none was given (see the module doc); test harness only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    original = FullyShardedDataParallel.__init__
+
+    def init(self, *args, device_id=None, **kwargs):
+        if device_id is None and not torch.accelerator.is_available():
+            device_id = torch.device("cpu")
+        original(self, *args, device_id=device_id, **kwargs)
+
+    FullyShardedDataParallel.__init__ = init
+
+
 def dump(module: L.LightningModule, path: str) -> None:
     opt = module.trainer.optimizers[0]
-    state = full_state(module, opt)
+    if getattr(module, "fsdp1", False):  # the FSDP1 root wraps the LightningModule: its state dict has the keys
+        state = full_state(module.trainer.strategy.model, opt)
+        state = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in state.items()}
+    else:
+        state = full_state(module, opt)
     if module.trainer.is_global_zero:
         save_file(state, path, metadata={"global_step": str(module.trainer.global_step),
                                          "lr": str(opt.param_groups[0]["lr"])})
@@ -112,7 +139,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--every", type=int, default=4)
-    ap.add_argument("--strategy", default="btckpt", choices=["btckpt", "lightning"])
+    ap.add_argument("--strategy", default="btckpt", choices=["btckpt", "lightning", "fsdp1", "lightning-fsdp1"])
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ckpt-path", default=None)
     ap.add_argument("--progress", default="")
@@ -129,11 +156,18 @@ def main() -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0, verbose=False)
     pause = (a.pause_at, a.pause_after, a.dir, a.progress) if a.pause_at >= 0 else None
-    model = HFSharded(dump_start=a.dump_start) if a.hf else Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp)
-    cls = ModelParallelStrategy if a.strategy == "btckpt" else L.pytorch.strategies.ModelParallelStrategy
+    fsdp1 = a.strategy in ("fsdp1", "lightning-fsdp1")
+    model = HFSharded(dump_start=a.dump_start) if a.hf else Sharded(dump_start=a.dump_start, pause=pause, tp=a.tp,
+                                                                    fsdp1=fsdp1)
     cb = ModelCheckpoint(dirpath=a.dir, every_n_train_steps=a.every, save_top_k=-1, save_last=True)
     dp = 1 if a.tp or a.default_sizes else world  # every tensor-parallel rank sees the same batches
-    strategy = cls() if a.default_sizes else cls(data_parallel_size=dp, tensor_parallel_size=world // dp)
+    if fsdp1:
+        cpu_fsdp1()
+        cls1 = FSDPStrategy if a.strategy == "fsdp1" else L.pytorch.strategies.FSDPStrategy
+        strategy = cls1(auto_wrap_policy={torch.nn.Linear})
+    else:
+        cls = ModelParallelStrategy if a.strategy == "btckpt" else L.pytorch.strategies.ModelParallelStrategy
+        strategy = cls() if a.default_sizes else cls(data_parallel_size=dp, tensor_parallel_size=world // dp)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.steps,
                         plugins=[SafetensorsCheckpointIO()], callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,

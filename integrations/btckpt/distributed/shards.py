@@ -29,6 +29,7 @@ from ..errors import CorruptCheckpoint, StateMismatch, UnsupportedValue
 from ..format.layout import DTYPE_TO_ST, ST_TO_DTYPE, FlatGroup
 from ..format.manifest import SHARDED_META, Manifest, tiling_problem
 from ..format.tree import encode_tree
+from .fsdp1 import fsdp1_groups, is_sharded_tensor, sharded_tensor_chunk, state_dict_options
 from .world import World
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
@@ -54,8 +55,9 @@ def _params(obj: Any) -> list[torch.Tensor]:
 
 
 def sharded_groups(state: Mapping[str, Any]) -> dict[str, str]:
-    """The groups of ``state`` that hold DTensors: name -> ``"model"`` or ``"optimizer"``."""
-    out = {}
+    """The groups of ``state`` that hold DTensors, or are FSDP1 models and their optimizers
+    (:mod:`btckpt.distributed.fsdp1`): name -> ``"model"`` or ``"optimizer"``."""
+    out = fsdp1_groups(state)
     for name, obj in state.items():
         if any(is_dtensor(p) for p in _params(obj)):
             out[name] = "model" if isinstance(obj, torch.nn.Module) else "optimizer"
@@ -78,8 +80,9 @@ def group_state_dict(name: str, kind: str, obj: Any, state: Mapping[str, Any]) -
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     if kind == "model":
-        return dict(get_model_state_dict(obj))
-    return dict(get_optimizer_state_dict(owning_module(obj, state), obj))
+        return dict(get_model_state_dict(obj, options=state_dict_options(obj)))
+    model = owning_module(obj, state)
+    return dict(get_optimizer_state_dict(model, obj, options=state_dict_options(model)))
 
 
 def rank_group(group: str, rank: int) -> str:
@@ -182,6 +185,8 @@ def prepare(state: Mapping[str, Any], w: World, groups: dict[str, str]) -> Shard
                 raise UnsupportedValue(f"tensor {name}.{key} has dtype {t.dtype}, which safetensors cannot store")
             if is_dtensor(t):
                 local, offsets, sizes, owned = _chunk_of(f"{name}.{key}", t)
+            elif is_sharded_tensor(t):  # FSDP1's sharded state dict
+                local, offsets, sizes, owned = sharded_tensor_chunk(f"{name}.{key}", t)
             else:
                 local, offsets, sizes, owned = t, [0] * t.dim(), list(t.shape), w.rank == 0
             ref: dict[str, Any] = {"key": key, "shape": list(t.shape), "dtype": DTYPE_TO_ST[t.dtype]}

@@ -30,7 +30,8 @@ own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files
 ``push_to_hub=True`` is refused (:class:`ConfigError`): the Trainer pushes from the saving replaced here.
 Supported: one process, DDP (torchrun, several nodes), FSDP2 (accelerate ``fsdp_version: 2``: each rank
 writes its own shards, resume reshards to any world size, ``consolidate=True`` adds a servable folder; see
-:mod:`btckpt.hf.sharded`). FSDP1 and DeepSpeed raise :class:`ConfigError`.
+:mod:`btckpt.hf.sharded`), and FSDP1 (``fsdp="full_shard"`` / ``"shard_grad_op"``) the same way.
+DeepSpeed raises :class:`ConfigError`.
 
 Package: this module (the callback and ``resume_checkpoint``) and ``sharded`` (which Trainer sharding modes
 are supported). An adapter: may import ``btckpt.adapters``, the Checkpointer and anything below it, never

@@ -1,4 +1,5 @@
-"""The HF Trainer under FSDP2 (accelerate ``fsdp_version: 2``): which parallel setups the callback takes.
+"""The HF Trainer under FSDP2 (accelerate ``fsdp_version: 2``) and FSDP1 (``fsdp_version: 1``): which parallel
+setups the callback takes.
 
 Saving needs nothing special: under FSDP2 ``trainer.model`` is the ``fully_shard``-ed model (DTensor
 parameters) and its optimizer holds DTensor state, so the Checkpointer's sharded path (:mod:`btckpt.distributed.shards`)
@@ -7,6 +8,12 @@ no gather; scheduler, RNG (per rank) and ``trainer_state.json`` are saved as in 
 writes ``config.json`` & co. ``Checkpointer(consolidate=True)`` (``CheckpointCallback(consolidate=True)``)
 adds a servable ``<dir>/consolidated/checkpoint-<step>/``. Resuming goes through DCP's planner
 (:func:`btckpt.adapters.load_groups`), so any world size loads it: FSDP2 on N ranks, or one process without FSDP.
+
+FSDP1 (``fsdp="full_shard"`` / ``"shard_grad_op"``, ``fsdp_config={"version": 1, ...}``): ``trainer.model`` is the
+root ``FullyShardedDataParallel``; its sharded state dict (ShardedTensor row blocks) is saved in the same
+per-rank files, manifest and commit as FSDP2's (:mod:`btckpt.distributed.fsdp1`), and resumes, reshards and
+consolidates the same way (``no_shard``, which FSDP1 uses on one rank, as a full state dict). The hybrid
+strategies are refused (ConfigError) when the callback attaches.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ __all__ = ["refuse_unsupported"]
 
 
 def refuse_unsupported(trainer: Any, *, peft: bool) -> None:
-    """Raise :class:`ConfigError` for DeepSpeed, FSDP1 and PEFT under FSDP (FSDP2 and replicated runs are
-    supported); ``peft``: the Trainer's model is a PEFT model."""
+    """Raise :class:`ConfigError` for DeepSpeed, FSDP1's hybrid strategies and PEFT under FSDP (FSDP2, FSDP1
+    ``full_shard`` / ``shard_grad_op`` / ``no_shard`` and replicated runs are supported); ``peft``: the
+    Trainer's model is a PEFT model."""
     if getattr(trainer, "is_deepspeed_enabled", False):
         raise ConfigError(
             "btckpt.hf.CheckpointCallback does not support DeepSpeed: its engine owns the model and optimizer "
@@ -29,13 +37,19 @@ def refuse_unsupported(trainer: Any, *, peft: bool) -> None:
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = trainer.accelerator.state.fsdp_plugin
         if getattr(plugin, "fsdp_version", 1) != 2:
-            raise ConfigError(
-                "btckpt.hf.CheckpointCallback supports FSDP2 only (fsdp_config={'version': 2}, or accelerate's "
-                "fsdp_version: 2); FSDP1's flat parameters are not saved. Switch to FSDP2, or remove the callback "
-                "to use the Trainer's own checkpointing under FSDP1")
+            _refuse_fsdp1_strategy(plugin)
         if peft:
             raise ConfigError(
                 "btckpt.hf.CheckpointCallback does not support PEFT adapters under FSDP yet (the adapter state "
                 "is sharded); remove the callback to use the Trainer's own checkpointing, or train the adapter "
                 "without FSDP (single process or DDP), where btckpt saves adapter_model.safetensors")
 
+
+
+def _refuse_fsdp1_strategy(plugin: Any) -> None:
+    strategy = getattr(plugin, "sharding_strategy", None) or getattr(plugin, "reshard_after_forward", None)
+    name = getattr(strategy, "name", str(strategy))
+    if name in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        raise ConfigError(
+            f"btckpt.hf.CheckpointCallback does not support FSDP1 hybrid sharding (sharding_strategy {name}): use "
+            "fsdp='full_shard' or 'shard_grad_op', or FSDP2 (fsdp_config={'version': 2})")

@@ -43,7 +43,8 @@ share the folder, so give them distinct ``filename=`` patterns. Unset, paths are
 
 Sharded models (FSDP2 ``fully_shard`` / tensor parallel in ``configure_model``): use
 :class:`ModelParallelStrategy` (Lightning's, same arguments; Lightning's own saves and loads around the
-plugin). Every rank then writes its own shards in one commit and a resume reshards to any world size; see
+plugin); FSDP1: :class:`FSDPStrategy` (Lightning's ``FSDPStrategy``, same arguments). Every rank then writes
+its own shards in one commit and a resume reshards to any world size; see
 :mod:`btckpt.lightning.strategies`. Lightning's ``ModelParallelStrategy``/``FSDPStrategy``/``DeepSpeedStrategy``
 with this plugin are refused when :class:`ModelCheckpoint` sets up.
 
@@ -124,6 +125,7 @@ from .state import (
     write_link,
 )
 from .strategies import (
+    FSDPStrategy,
     ModelParallelStrategy,
     ShardedCheckpointIO,
     check_strategy,
@@ -135,7 +137,7 @@ from .strategies import (
 )
 
 __all__ = ["SafetensorsCheckpointIO", "ModelCheckpoint", "ModelParallelStrategy", "resume_path", "run_identity",
-           "LINK_FORMAT"]
+           "LINK_FORMAT", "FSDPStrategy"]
 
 log = logging.getLogger("btckpt")
 RETIRE = ".btckpt-retire-"  # + folder name: that folder's last name is being removed (see remove_checkpoint)
@@ -472,7 +474,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         sharded = saved_sharded(info)
         if sharded and into is None:
             raise ConfigError(f"{folder} was saved sharded (per-rank files, by btckpt.lightning."
-                              "ModelParallelStrategy); load it with that strategy (any number of ranks)")
+                              "ModelParallelStrategy or FSDPStrategy); load it with that strategy (any number of "
+                              "ranks)")
         rank = process_rank()
         apply = read_in_place(info, into, rank=rank, strict=strict) if into else None
         elsewhere = sharded | set(into or ())  # loaded in place by read_in_place

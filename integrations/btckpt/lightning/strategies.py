@@ -12,10 +12,14 @@ plugin's link file). So:
   rest of Lightning's dict (loops, callbacks, schedulers), in one commit; rank 0 writes the names
   (``last.ckpt`` link files). Loading reads and verifies the folder on every rank, then loads the model and
   optimizer in place through DCP's planner: any world size or mesh (2 ranks -> 1 reshards).
+- :class:`FSDPStrategy` (Lightning's FSDP1 ``FSDPStrategy``, same arguments) does the same with the FSDP1
+  root (``strategy.model``): each rank writes its own row blocks of FSDP1's sharded state dict
+  (:mod:`btckpt.distributed.fsdp1`) in the same files and commit, and loading reshards through DCP's planner
+  (FSDP1 on any world size, or ``ModelParallelStrategy``'s FSDP2). Lightning's own sharded folder (DCP
+  ``.distcp`` files + a pickled ``meta.pt``) and its full ``.ckpt`` pickle are never written.
 - :func:`check_strategy` refuses Lightning's own ``ModelParallelStrategy`` / ``FSDPStrategy`` /
   ``DeepSpeedStrategy`` with the plugin (ConfigError naming the strategy and the fix), rather than letting
-  checkpoints bypass the plugin. FSDP1 (``FSDPStrategy``) has no btckpt path: its flat parameters are not
-  DTensors, and neither Lightning nor torch run it on CPU.
+  checkpoints bypass the plugin.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
 
 from ..adapters import model_config_files, read_groups
@@ -38,8 +43,8 @@ if TYPE_CHECKING:
     from . import SafetensorsCheckpointIO
     from .servable import HFLayout
 
-__all__ = ["ModelParallelStrategy", "ShardedCheckpointIO", "check_strategy", "is_live", "refuse_rank0_shards",
-           "saved_sharded", "read_in_place", "hf_model_group"]
+__all__ = ["ModelParallelStrategy", "FSDPStrategy", "ShardedCheckpointIO", "check_strategy", "is_live",
+           "refuse_rank0_shards", "saved_sharded", "read_in_place", "hf_model_group"]
 
 
 class ShardedCheckpointIO:
@@ -98,19 +103,79 @@ class ModelParallelStrategy(_LightningModelParallel):
         return self.optimizers[0]
 
 
+class FSDPStrategy(_LightningFSDP):
+    """Lightning's FSDP1 ``FSDPStrategy`` (same arguments) whose checkpoints go through
+    :class:`~btckpt.lightning.SafetensorsCheckpointIO`: every rank writes its own shards of the FSDP1 root's
+    sharded state dict, resume reshards to any world size (module doc). With another ``CheckpointIO`` it
+    behaves exactly as Lightning's (``state_dict_type`` applies only then).
+
+    With the plugin, the model and optimizer entries of the dict Lightning builds before a save are left
+    empty (``{}``: :meth:`lightning_module_state_dict`, :meth:`optimizer_state`); the save takes the live
+    root and optimizer instead. Lightning's own would gather the full state dict (``state_dict_type="full"``)
+    only to drop it, a collective per save (and, on CPU, a crash inside torch's FSDP1 full state dict)."""
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """``{}`` with btckpt's plugin (the save takes the live model, see the class doc); else Lightning's."""
+        return {} if _plugin(self) is not None else super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """``{}`` with btckpt's plugin (the save takes the live optimizer); else Lightning's."""
+        return {} if _plugin(self) is not None else super().optimizer_state(optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """On every rank: save ``checkpoint`` with the FSDP1 root and the optimizer in place of their state dicts."""
+        io = _plugin(self)
+        if io is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
+                            "SafetensorsCheckpointIO")
+        module, root = self.lightning_module, self.model
+        assert module is not None and root is not None
+        path = self.broadcast(str(filepath))  # rank 0's name, on every rank
+        checkpoint["state_dict"] = root  # FQN keys: the LightningModule's (FSDP1's wrapper names stripped)
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = _one_optimizer(self)
+        io.wait()  # every rank sees the same committed folders (a commit ends with a barrier on all ranks)
+        io.save_checkpoint(checkpoint, path)
+        if not safe_for_background_copy(module.trainer):
+            io.fence()  # e.g. epoch end: callbacks may write parameters before the next optimizer.step()
+        return None
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """On every rank: load the FSDP1 model (and optimizer, when fitting) in place; return the rest."""
+        io = _plugin(self)
+        if io is None:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        module, root = self.lightning_module, self.model
+        assert module is not None and root is not None
+        into: dict[str, Any] = {"model": root}
+        if self.optimizers:
+            into["optimizer"] = _one_optimizer(self)
+        path = self.broadcast(str(checkpoint_path))
+        return io.load_checkpoint(path, into=into, strict=module.strict_loading)
+
+
+def _one_optimizer(strategy: Any) -> Any:
+    if len(strategy.optimizers) > 1:
+        raise ConfigError(f"btckpt.lightning.{type(strategy).__name__} saves one optimizer; configure_optimizers "
+                          f"returned {len(strategy.optimizers)} (combine their parameter groups into one optimizer)")
+    return strategy.optimizers[0]
+
+
 def check_strategy(strategy: Any) -> None:
     """Refuse (ConfigError) a strategy that would save or load around the plugin (module doc)."""
-    if isinstance(strategy, ModelParallelStrategy) or _plugin(strategy) is None:
+    if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)) or _plugin(strategy) is None:
         return
     name = type(strategy).__name__
     if isinstance(strategy, _LightningModelParallel):
         raise ConfigError(f"{name} saves and loads checkpoints itself (DCP + a pickled meta.pt), never through "
                           "SafetensorsCheckpointIO: use btckpt.lightning.ModelParallelStrategy (same arguments), "
                           "which hands every rank's shards to the plugin")
-    if isinstance(strategy, FSDPStrategy):
-        raise ConfigError(f"{name} (FSDP1) loads checkpoints without SafetensorsCheckpointIO and btckpt has no "
-                          "FSDP1 format: apply FSDP2 (torch.distributed.fsdp.fully_shard) in configure_model "
-                          "with btckpt.lightning.ModelParallelStrategy, or drop the plugin")
+    if isinstance(strategy, _LightningFSDP):
+        raise ConfigError(f"{name} (FSDP1) saves and loads checkpoints itself (DCP + a pickled meta.pt, or a "
+                          "full pickle), never through SafetensorsCheckpointIO: use btckpt.lightning.FSDPStrategy "
+                          "(same arguments), which hands every rank's shards to the plugin")
     if isinstance(strategy, DeepSpeedStrategy):
         raise ConfigError(f"{name} saves and loads checkpoints through DeepSpeed, never through "
                           "SafetensorsCheckpointIO; DeepSpeed is not supported by btckpt: drop the plugin")

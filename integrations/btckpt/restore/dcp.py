@@ -34,9 +34,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 from torch.futures import Future
 
+from ..distributed.fsdp1 import empty_like_sharded, is_sharded_tensor, state_dict_options
 from ..distributed.shards import META_KEY, group_state_dict, owning_module, sharded_groups
 from ..errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
 from ..format.layout import ST_TO_DTYPE
@@ -206,7 +207,8 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
             man = dataclasses.replace(man, state=dict(man.state, **{name: tree}))
 
         def on_tensor(p: tuple[Any, ...], t: torch.Tensor, name: str = name) -> dict[str, Any]:
-            dest[f"{name}/{'.'.join(str(x) for x in p) or name}"] = torch.empty_like(t)
+            fresh = empty_like_sharded(t) if is_sharded_tensor(t) else torch.empty_like(t)  # FSDP1: ShardedTensor
+            dest[f"{name}/{'.'.join(str(x) for x in p) or name}"] = fresh
             return {}
 
         encode_tree(target, on_tensor, is_tensor=lambda x: isinstance(x, torch.Tensor), path=())
@@ -239,11 +241,11 @@ def read_sharded(info: CheckpointInfo, state: Mapping[str, Any], groups: dict[st
 
 def apply_sharded(state: Mapping[str, Any], loaded: dict[str, Any], groups: dict[str, str], *, strict: bool) -> None:
     """Load what :func:`read_sharded` returned into the state's modules/optimizers (all ranks call this)."""
-    opts = StateDictOptions(strict=strict)
     for name, kind in groups.items():
         if kind == "model":
-            set_model_state_dict(state[name], loaded[name], options=opts)
+            set_model_state_dict(state[name], loaded[name], options=state_dict_options(state[name], strict=strict))
     for name, kind in groups.items():
         if kind == "optimizer":
             opt = state[name]
-            set_optimizer_state_dict(owning_module(opt, state), opt, loaded[name], options=opts)
+            model = owning_module(opt, state)
+            set_optimizer_state_dict(model, opt, loaded[name], options=state_dict_options(model, strict=strict))
