@@ -306,3 +306,28 @@ def test_a_save_over_a_damaged_folder_of_its_step_saves_it_again(tmp_path: Path)
     assert not [p.name for p in d.iterdir() if p.name.startswith(".checkpoint-")]
     got = _state(seed=6)
     assert btckpt.load(d, got) == 8 and torch.equal(got["model"].weight, again["model"].weight)
+
+
+def test_a_fresh_start_drops_the_tiers_damaged_newer_steps_and_keeps_its_own_saves(tmp_path: Path) -> None:
+    """A crashed run left tier steps 3 and 4 (or 4 alone), all damaged (sizes right): the restart resumes nothing, and its own
+    tier saves (steps 1 and 2) are what the tier then holds (the damaged newer steps used to stay, retention
+    dropped the new saves in their favour, and close() failed promoting a damaged step, keeping the tier)."""
+    ram, d = tmp_path / "ram", tmp_path / "d"
+    ck = _tier_ck(tmp_path, every_steps=100)
+    state = _state()
+    for s in (3, 4):
+        ck.save_local(s, state)
+    ck.wait()
+    ck._crashed = True  # as the at-exit close after an uncaught exception: the tier stays for the restart
+    ck.close()
+    left = _steps(ram)
+    assert left and min(left) >= 3, left
+    for s in left:
+        _flip(ram / f"checkpoint-{s}")
+    with _tier_ck(tmp_path, every_steps=100) as again:
+        assert again.restore(_state(seed=1)) is None
+        for s in (1, 2):
+            again.save_local(s, state)
+        again.wait()
+        assert _steps(ram) and max(_steps(ram)) == 2, _steps(ram)  # this run's saves; none of the damaged ones
+    assert _steps(d) == [2] and verify(inspect(d / "checkpoint-2")) == [] and not ram.exists()

@@ -126,7 +126,8 @@ def _worker(conn: Any, place: dict[str, int], store: str, opts: dict[str, Any]) 
                     print(f"rank {place['rank']}: restore in {time.monotonic() - t0:.1f}s", file=sys.stderr)
                 w = float(model.weight.flatten()[0]) if got is not None else None
                 same = bool(torch.all(model.weight == model.weight.flatten()[0]))
-                conn.send(("ok", (got, w, same, state["extra"]["step"])))
+                tier = ck._tier.root if ck._tier is not None and place["local_rank"] == 0 else None  # the live one
+                conn.send(("ok", (got, w, same, state["extra"]["step"], str(tier) if tier else None)))
             elif cmd in ("tier", "durable", "maybe"):
                 ck.fence()
                 with torch.no_grad():
@@ -183,6 +184,7 @@ class Job:
     ranks_per_node: int
     dirs: list[Path] = field(default_factory=list)
     tiers: list[Path] = field(default_factory=list)
+    live: dict[int, Path] = field(default_factory=dict)  # node -> the tier folder its live session reported
 
     def __post_init__(self) -> None:
         from btckpt.tiers import default_tier_dir
@@ -206,19 +208,31 @@ class Job:
         return self.sentinel.read_text(), self.victim.read_text()
 
 
+def _tier_folders(job: Job, node: int, holders_ok: list[bool]) -> list[Path]:
+    """Node ``node``'s tier folders: its default tier (when it is the job's tier of the dir's current
+    incarnation) and the fresh private folder its live session uses when that path was taken
+    (``tiers.local.place``; its copies end with the session: a restart looks only at the default path)."""
+    out = [job.tiers[node]] if holders_ok[node] else []
+    live = job.live.get(node)
+    if live is not None and live != job.tiers[node]:
+        out.append(live)
+    return [t for t in out if t.is_dir()]
+
+
 def _copies(job: Job, node: int, holders_ok: list[bool]) -> list[Path]:
-    """Every checkpoint folder that holds node ``node``'s part: its dir, its tier (when it is the job's tier of
-    the dir's current incarnation), and its replicas in the other nodes' tiers."""
+    """Every checkpoint folder that holds node ``node``'s part: its dir, its tier folders (:func:`_tier_folders`),
+    and its replicas in the other nodes' tier folders."""
     from btckpt.storage.discovery import scan
     from btckpt.tiers.local import REPLICAS
 
     found = [i.path for i in scan(job.dirs[node], own=True)]
-    if holders_ok[node] and job.tiers[node].is_dir():
-        found += [i.path for i in scan(job.tiers[node], own=True)]
+    for t in _tier_folders(job, node, holders_ok):
+        found += [i.path for i in scan(t, own=True)]
     for other in range(job.nodes):
-        held = job.tiers[other] / REPLICAS / f"node-{node}"
-        if other != node and holders_ok[other] and held.is_dir():
-            found += [i.path for i in scan(held, own=True)]
+        for t in _tier_folders(job, other, holders_ok) if other != node else []:
+            held = t / REPLICAS / f"node-{node}"
+            if held.is_dir():
+                found += [i.path for i in scan(held, own=True)]
     return found
 
 
@@ -336,6 +350,13 @@ class JobModel:
                 r.proc.join(10)
             r.conn.close()
         self.ranks = []
+        if self.job is not None and any(t != self.job.tiers[n] for n, t in self.job.live.items()):
+            # the sessions' fresh private tier folders are unreachable from here on (a restart looks at the default
+            # path only, README "Shared places"): their copies ended with the sessions, not deleted by btckpt
+            self.job.live = {}
+            self.common = self.verified_common()
+        elif self.job is not None:
+            self.job.live = {}
 
     def verified_common(self) -> set[int]:
         assert self.job is not None
@@ -479,8 +500,10 @@ class JobModel:
         if step != newest:
             self.fail(f"resumed step {step}, but the newest step with a verified copy on every node is {newest} "
                       f"(verified on all nodes: {sorted(expected)})")
+        job = self.job
+        job.live = {r.node: Path(a[1][4]) for r, a in zip(self.ranks, got, strict=True) if a[1][4]}
         for a in got:
-            _, w, same, extra = a[1]
+            _, w, same, extra, _tier = a[1]
             if step is not None and (w != _value(step) or not same or extra != step):
                 self.fail(f"resumed step {step} with weights {w} (uniform: {same}), extra {extra}")
         self.step = step if step is not None else 0
@@ -572,7 +595,7 @@ class JobModel:
             self.fail(f"a file outside btckpt's folders changed: {self.job.outside()} != {self.outside}")
         from btckpt.tiers.local import COPIES
 
-        for t in self.job.tiers:
+        for t in {*self.job.tiers, *self.job.live.values()}:
             n = _tier_steps(t)
             if n > COPIES + 1:
                 self.fail(f"tier {t} holds {n} steps (documented: {COPIES}, +1 while promoting)")

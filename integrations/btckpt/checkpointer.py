@@ -817,7 +817,7 @@ class Checkpointer:
             self._adopt(step)
             if step is not None:
                 self._last_save_step = step
-                self._remove_diverged(step)
+            self._remove_diverged(step)
         return step
 
     def _adopt(self, step: int | None) -> None:
@@ -876,13 +876,15 @@ class Checkpointer:
             return
         log.info("btckpt: removed the local tier of %s: it held nothing newer than the resumed step", self.root)
 
-    def _remove_diverged(self, step: int) -> None:
+    def _remove_diverged(self, step: int | None) -> None:
         """After every rank resumed from ``step``: the node's own checkpoints newer than it are an abandoned
-        future; the tier's always go (a cache; promoting one would fail), the dir's when there are several nodes
-        (a step complete on some nodes only: saving it again must not find the name taken on those alone)."""
+        future; the tier's always go (a cache; promoting one would fail, and retention would drop this run's new
+        saves of lower steps before them), the dir's when there are several nodes (a step complete on some nodes
+        only: saving it again must not find the name taken on those alone). ``step`` None (a fresh start, every
+        copy damaged or incomplete): the tier's only."""
         if not self.world.is_local_leader:
             return
         if self._tier is not None and self._tier.root.is_dir():
-            remove_diverged(self._tier.root, resumed=step)
-        if self.world.nodes > 1:
+            remove_diverged(self._tier.root, resumed=-1 if step is None else step)
+        if self.world.nodes > 1 and step is not None:
             remove_diverged(self.root, resumed=step, protected=self._protected)
