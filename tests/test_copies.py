@@ -310,8 +310,9 @@ def test_a_save_over_a_damaged_folder_of_its_step_saves_it_again(tmp_path: Path)
 
 def test_a_fresh_start_drops_the_tiers_damaged_newer_steps_and_keeps_its_own_saves(tmp_path: Path) -> None:
     """A crashed run left tier steps 3 and 4 (or 4 alone), all damaged (sizes right): the restart resumes
-    nothing, and its own tier saves (steps 1 and 2) are what the tier then holds (the damaged newer steps used to stay, retention
-    dropped the new saves in their favour, and close() failed promoting a damaged step, keeping the tier)."""
+    nothing, and its own tier saves (steps 1 and 2) are what the tier then holds (the damaged newer steps used
+    to stay, retention dropped the new saves in their favour, and close() failed promoting a damaged step,
+    keeping the tier)."""
     ram, d = tmp_path / "ram", tmp_path / "d"
     ck = _tier_ck(tmp_path, every_steps=100)
     state = _state()

@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--every", type=int, default=6)
     ap.add_argument("--local-every", type=int, default=2, help="0: no local_every_steps (a tier-less session)")
-    ap.add_argument("--tier", required=True, help="the local tier folder; {node} becomes $BT_NODE_RANK; '': the default one")
+    ap.add_argument("--tier", required=True,
+                    help="the local tier folder; {node} becomes $BT_NODE_RANK; '': the default one")
     ap.add_argument("--out", default="")
     ap.add_argument("--kill-at", type=int, default=-1)
     ap.add_argument("--kill-rank", type=int, default=1)
@@ -54,7 +55,8 @@ def main() -> int:
     # handle_sigterm=False: torchrun stops the surviving rank with SIGTERM, which should end it at once here
     tier = args.tier.format(node=os.environ.get("BT_NODE_RANK", "0"))
     ckpt = btckpt.Checkpointer(keep_last=2, barrier_timeout=60, every_steps=args.every, on_missing="start_fresh",
-                               local_every_steps=args.local_every or None, local_tier_dir=tier or None, handle_sigterm=False)
+                               local_every_steps=args.local_every or None, local_tier_dir=tier or None,
+                               handle_sigterm=False)
     first = ckpt.candidates()
     start = ckpt.restore(state)
     say(f"rank {rank}: resumed from {start}" + (f" in {first[0].path.parent}" if start is not None else ""))
