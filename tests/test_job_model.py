@@ -16,7 +16,8 @@ Invariants, after every event (:meth:`JobModel.check`) and after every restart (
   verified step, and never a step another user planted;
 - the last verified copy of a step is never deleted unless a newer step is complete on every node (an event
   that destroys copies itself, a wipe or damage, is exempt);
-- a tier holds at most ``COPIES + 1`` complete steps of its own (README: two, a third while one is promoted);
+- a tier holds at most ``COPIES + 1`` complete steps of its own (README: two, a third while one is promoted;
+  checked while work is in flight, one more waiting, and one more with several nodes);
 - after a clean close nothing of btckpt is left in shared memory for the job;
 - files outside btckpt's own folders are unchanged (a sentinel, and the file a planted lock link points to);
 - after SIGTERM every rank exits 0 within ``preemption_grace`` + slack.
@@ -595,10 +596,14 @@ class JobModel:
             self.fail(f"a file outside btckpt's folders changed: {self.job.outside()} != {self.outside}")
         from btckpt.tiers.local import COPIES
 
+        # README "Memory": two steps, +1 while one is promoted; while work is in flight (a slow or full dir: the
+        # check does not wait) one more waits behind the promotion, and with several nodes one more that another
+        # node already started (or sent to the peer)
+        limit = COPIES + 1 if not self.faulty else COPIES + 2 + (self.job.nodes > 1)
         for t in {*self.job.tiers, *self.job.live.values()}:
             n = _tier_steps(t)
-            if n > COPIES + 1:
-                self.fail(f"tier {t} holds {n} steps (documented: {COPIES}, +1 while promoting)")
+            if n > limit:
+                self.fail(f"tier {t} holds {n} steps (documented: {COPIES}, +1 while promoting; in flight: {limit})")
         now = self.verified_common()
         gone = {s for s in self.common - now if not any(n > s for n in now)}
         if gone:
