@@ -173,3 +173,48 @@ def test_zero_fragments_become_boxes_that_tile_the_shape(shape: list[int]) -> No
                 chunks.append({"offsets": offsets, "sizes": sizes})
             assert sum(got) == numel and len(got) <= max(1, 2 * len(shape) - 1)
         assert tiling_problem(shape, chunks) is None, (shape, parts, chunks)
+
+
+def test_lightning_deepspeed_strategy_with_the_plugin_is_refused_naming_the_fix() -> None:
+    _needs_deepspeed()
+    pytest.importorskip("lightning")
+    from btckpt.errors import ConfigError
+    from btckpt.lightning import SafetensorsCheckpointIO
+    from btckpt.lightning.strategies import check_strategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy(stage=3)
+    strategy.checkpoint_io = SafetensorsCheckpointIO()
+    with pytest.raises(ConfigError, match=r"DeepSpeedStrategy.*CUDA only.*drop the plugin.*HF Trainer"):
+        check_strategy(strategy)
+
+
+@pytest.mark.slow
+def test_kill_during_one_ranks_partition_save_leaves_the_older_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    """Crash harness, ZeRO path: rank 1 is SIGKILLed while writing its ZeRO-3 partition of checkpoint-8
+    (``BTCKPT_FAULT=write_data:kill@1``; torchrun tears the job down). checkpoint-4 stays complete and verified,
+    no checkpoint-8 is complete, and the restart resumes from 4, removes the torn temp folder and ends
+    bit-identical to an uninterrupted run."""
+    _needs_deepspeed()
+    from btckpt.storage.discovery import inspect, verify
+
+    common = ("--stage", "3", "--max-steps", "12")
+    run(tmp_path, "ref", *common, "--dump", str(tmp_path / "ref.st"))
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run"), DS_ACCELERATOR="cpu")
+    job = torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), *common, "--pause-at", "6", "--pause-after", "4",
+                            "--progress", str(tmp_path / "progress")], env=env)
+    kill_when_paused(job, tmp_path / "progress")
+    only_zero_checkpoint(tmp_path / "run", 4)
+
+    env = env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run"), DS_ACCELERATOR="cpu", BTCKPT_FAULT="write_data:kill@1")
+    rc, out = finish(torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), *common], env=env), timeout=280)
+    assert rc != 0 and re.search(r"exitcode\s*:\s*-9\b", out), out[-3000:]  # rank 1 died of the SIGKILL
+    assert "rank 1: resumed from 4" in out
+    ck4 = inspect(tmp_path / "run" / "checkpoint-4")
+    assert ck4.complete and verify(ck4) == []
+    assert not (tmp_path / "run" / "checkpoint-8").exists() or not inspect(tmp_path / "run" / "checkpoint-8").complete
+
+    out = run(tmp_path, "run", *common, "--dump", str(tmp_path / "resumed.st"))
+    assert resumed(out, 3, 2) == {"0": "4", "1": "4"}
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".checkpoint-")]
+    assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")

@@ -19,6 +19,7 @@ Refused (:class:`ConfigError`): ZeRO-Infinity NVMe offload (``offload_optimizer`
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from ..distributed.zero import ZERO_META, ZeroState, load_zero, plain_data, read_tensor, zero_optimizer, zero_stage
@@ -90,9 +91,9 @@ _HOOK: dict[str, Any] = {}
 
 
 def install_load_hook(find: Any) -> None:
-    """Wrap ``transformers.trainer.deepspeed_load_checkpoint`` once: ``find(engine, path)`` returns the callback
-    that loads ``path`` into ``engine`` (a btckpt folder of a Trainer with a btckpt callback), else None and
-    the original runs."""
+    """Wrap ``transformers.trainer.deepspeed_load_checkpoint`` once: ``find(engine, path)`` (a bound method, held
+    weakly: a finished callback drops out) returns the function that loads ``path`` into ``engine`` (a btckpt
+    folder of a Trainer with a btckpt callback), else None and the original runs."""
     import transformers.trainer as tt
 
     original = getattr(tt, "deepspeed_load_checkpoint", None)
@@ -100,13 +101,15 @@ def install_load_hook(find: Any) -> None:
         raise ConfigError("transformers.trainer.deepspeed_load_checkpoint does not exist in this transformers "
                           "release; btckpt cannot resume DeepSpeed runs on it. Install a supported transformers "
                           "(4.57 - 5.x), or remove the callback to use DeepSpeed's own checkpoints")
-    _HOOK.setdefault("finders", []).append(find)
+    finders = _HOOK.setdefault("finders", [])
+    finders[:] = [f for f in finders if f() is not None] + [weakref.WeakMethod(find)]
     if getattr(original, "__btckpt__", False):
         return
 
     def deepspeed_load_checkpoint(engine: Any, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
-        for f in list(_HOOK.get("finders", [])):
-            load = f(engine, checkpoint_path)
+        for ref in list(_HOOK.get("finders", [])):
+            f = ref()
+            load = f(engine, checkpoint_path) if f is not None else None
             if load is not None:
                 return load()
         return original(engine, checkpoint_path, *args, **kwargs)
