@@ -10,7 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -c .ci/constraints.txt -e ".[dev]"
+"$VENV/bin/python" -m pip install -q -c .ci/constraints.txt -e ".[dev,deepspeed]"
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=40 "$@"

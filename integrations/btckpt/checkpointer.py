@@ -32,6 +32,7 @@ from .consolidate import Consolidator
 from .distributed.shards import prepare, sharded_groups
 from .distributed.world import StopAgreement, World
 from .distributed.world import world as _world
+from .distributed.zero import ZeroState, prepare_zero
 from .errors import CheckpointError, ConfigError, InsufficientSpace
 from .format.layout import rank_groups
 from .format.manifest import RUN_META
@@ -395,7 +396,7 @@ class Checkpointer:
                                       "btckpt never overwrites a folder in place: move or delete it")
         writes_groups = self.world.is_local_leader
         part = self._sharded_part(state)
-        skip = set(part.groups) if part is not None else set()
+        skip = set(part.groups) | set(getattr(part, "sources", ())) if part is not None else set()
         groups = [(name, obj) for name, obj in state.items() if name not in skip] if writes_groups else []
         own_plain, tensor_groups = ({}, []) if writes_groups else rank_groups(state, skip=skip)
         flat, layout = prepare_flat(self._plans, groups, extra=part.flat if part is not None else [],
@@ -465,6 +466,9 @@ class Checkpointer:
         """This rank's shards of the FSDP2/DTensor groups of ``state`` (None when nothing is sharded)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None  # a DTensor needs a device mesh, hence an initialized process group
+        zero = [name for name, obj in state.items() if isinstance(obj, ZeroState)]
+        if zero:  # DeepSpeed ZeRO: each rank's partition, in the same sharded format (btckpt.distributed.zero)
+            return prepare_zero(state[zero[0]], self.world, source=zero[0])
         groups = sharded_groups(state)
         return prepare(state, self.world, groups) if groups else None
 

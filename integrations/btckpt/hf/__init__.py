@@ -30,8 +30,8 @@ own keys, ``config.json``, ``generation_config.json``, tokenizer/processor files
 ``push_to_hub=True`` is refused (:class:`ConfigError`): the Trainer pushes from the saving replaced here.
 Supported: one process, DDP (torchrun, several nodes), FSDP2 (accelerate ``fsdp_version: 2``: each rank
 writes its own shards, resume reshards to any world size, ``consolidate=True`` adds a servable folder; see
-:mod:`btckpt.hf.sharded`), and FSDP1 (``fsdp="full_shard"`` / ``"shard_grad_op"``) the same way.
-DeepSpeed raises :class:`ConfigError`.
+:mod:`btckpt.hf.sharded`), FSDP1 (``fsdp="full_shard"`` / ``"shard_grad_op"``) the same way, DeepSpeed ZeRO
+1-3 (each rank writes its partition: :mod:`btckpt.hf.deepspeed`).
 
 Package: this module (the callback and ``resume_checkpoint``) and ``sharded`` (which Trainer sharding modes
 are supported). An adapter: may import ``btckpt.adapters``, the Checkpointer and anything below it, never
@@ -265,6 +265,10 @@ class CheckpointCallback(TrainerCallback):
         _check_trainer_api(trainer)
         _refuse_push_to_hub(trainer.args)
         self.trainer = trainer
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            from .deepspeed import install_load_hook
+
+            install_load_hook(self._zero_loader)
         for name in _REPLACED:
             self._orig[name] = getattr(trainer, name)
             setattr(trainer, name, getattr(self, f"_p{name}" if name.startswith("_") else f"_p_{name}"))
@@ -423,9 +427,25 @@ class CheckpointCallback(TrainerCallback):
             self.ckpt.wait()
 
     # -- saving --------------------------------------------------------------------------------------------
+    def _zero_loader(self, engine: Any, path: str) -> Callable[[], None] | None:
+        """For the DeepSpeed load hook: the loader of a btckpt folder into this Trainer's engine, else None."""
+        tr = self.trainer
+        if tr is None or tr.model_wrapped is not engine:
+            return None
+        info = _btckpt_info(path)
+        if info is None:
+            return None
+        from .deepspeed import load_engine
+
+        return lambda: load_engine(tr, info)
+
     def _state(self) -> dict[str, Any]:
         tr = self.trainer
         assert tr is not None
+        if getattr(tr, "is_deepspeed_enabled", False):
+            from .deepspeed import zero_groups
+
+            return zero_groups(tr)[0]
         model = unwrap_model(tr.model)
         groups: dict[str, Any] = {}
         if _is_peft(model):
@@ -494,8 +514,14 @@ class CheckpointCallback(TrainerCallback):
                 stateful[name] = cb.state()
         files = self._files() if ckpt.world.is_local_leader else {}
         save = ckpt.save_local if local else ckpt.save
-        save(step, self._state(), extra_files=files,
-             meta={"integration": "transformers", "transformers_version": transformers.__version__})
+        meta: dict[str, Any] = {"integration": "transformers", "transformers_version": transformers.__version__}
+        optimizers: list[Any] = []
+        if getattr(tr, "is_deepspeed_enabled", False):
+            from .deepspeed import zero_groups
+
+            _, optimizers, zmeta = zero_groups(tr)
+            meta.update(zmeta)
+        save(step, self._state(), extra_files=files, meta=meta, optimizers=optimizers)
         if local:
             self._local_step = step
         else:
@@ -532,6 +558,11 @@ class CheckpointCallback(TrainerCallback):
     # -- resuming -----------------------------------------------------------------------------------------
     def _p_load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> Any:
         info = _btckpt_info(resume_from_checkpoint)
+        if info is not None and getattr(self.trainer, "is_deepspeed_enabled", False):
+            from .deepspeed import load_engine
+
+            load_engine(self.trainer, info)
+            return None
         target = unwrap_model(model if model is not None else self.trainer.model)  # type: ignore[union-attr]
         if info is None or _is_peft(target) or "model" not in (info.manifest.state if info.manifest else {}):
             return self._orig["_load_from_checkpoint"](resume_from_checkpoint, model)
@@ -547,6 +578,10 @@ class CheckpointCallback(TrainerCallback):
         tr = self.trainer
         assert tr is not None and info.manifest is not None
         groups = info.manifest.state
+        if getattr(tr, "is_deepspeed_enabled", False):  # the engine's state came in through the DeepSpeed hook
+            if "scheduler" in groups and tr.lr_scheduler is not None:
+                load_groups(info, {"scheduler": tr.lr_scheduler}, ["scheduler"], rank=tr.args.process_index)
+            return
         if "optimizer" not in groups:
             log.warning("btckpt: %s holds no optimizer state (save_only_model?); the optimizer starts fresh", info.path)
             return

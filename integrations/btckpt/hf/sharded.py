@@ -26,14 +26,19 @@ __all__ = ["refuse_unsupported"]
 
 
 def refuse_unsupported(trainer: Any, *, peft: bool) -> None:
-    """Raise :class:`ConfigError` for DeepSpeed, FSDP1's hybrid strategies and PEFT under FSDP (FSDP2, FSDP1
-    ``full_shard`` / ``shard_grad_op`` / ``no_shard`` and replicated runs are supported); ``peft``: the
-    Trainer's model is a PEFT model."""
+    """Raise :class:`ConfigError` for FSDP1's hybrid strategies, PEFT under FSDP or DeepSpeed, and the DeepSpeed
+    setups btckpt does not save (FSDP2, FSDP1 ``full_shard`` / ``shard_grad_op`` / ``no_shard``, DeepSpeed ZeRO
+    1-3 and replicated runs are supported); ``peft``: the Trainer's model is a PEFT model."""
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ConfigError(
-            "btckpt.hf.CheckpointCallback does not support DeepSpeed: its engine owns the model and optimizer "
-            "state. Remove the callback to use the Trainer's own checkpointing under DeepSpeed, or use FSDP2 "
-            "(fsdp_config={'version': 2})")
+        from .deepspeed import refuse_unsupported_zero  # ZeRO 1-3 are supported: see btckpt.hf.deepspeed
+
+        refuse_unsupported_zero(trainer)
+        if peft:
+            raise ConfigError(
+                "btckpt.hf.CheckpointCallback does not support PEFT adapters under DeepSpeed yet (the adapter state "
+                "is partitioned); remove the callback to use the Trainer's own checkpointing, or train the adapter "
+                "without DeepSpeed (single process or DDP)")
+        return
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = trainer.accelerator.state.fsdp_plugin
         if getattr(plugin, "fsdp_version", 1) != 2:

@@ -178,7 +178,10 @@ def check_strategy(strategy: Any) -> None:
                           "(same arguments), which hands every rank's shards to the plugin")
     if isinstance(strategy, DeepSpeedStrategy):
         raise ConfigError(f"{name} saves and loads checkpoints through DeepSpeed, never through "
-                          "SafetensorsCheckpointIO; DeepSpeed is not supported by btckpt: drop the plugin")
+                          "SafetensorsCheckpointIO, and btckpt has no Lightning DeepSpeed path yet (Lightning runs "
+                          "DeepSpeedStrategy on CUDA only, where it was not built or tested): drop the plugin to "
+                          "keep DeepSpeed's own checkpoints, or train with the HF Trainer, whose DeepSpeed ZeRO 1-3 "
+                          "btckpt saves (btckpt.hf.CheckpointCallback)")
 
 
 def is_live(groups: Mapping[str, Any]) -> bool:
