@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("BTCKPT_FUZZ_EXAMPLES", "1000"))
 CASE_TIMEOUT = 60.0
-VARIANTS = ("plain", "sharded", "dcp")
+VARIANTS = ("plain", "sharded", "dcp", "zero")  # zero: a flat partition's boxes (distributed/zero.py's layout)
 
 HOSTILE_STRINGS = [".", "..", "", "/", "/etc/passwd", "../outside/secret.safetensors", "a/../../x", "a//b",
                    "./model.safetensors", "\x1b]0;pwn\x07", "\x1b[2J", "[/]", "[blink]x", "x\x00y", "C:/x",
@@ -98,19 +98,25 @@ def st_bytes(entries: dict[str, Any]) -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
-def to_sharded(folder: Path, *, dcp: bool) -> None:
-    """Checkpoint-2's first weight as a sharded tensor: two row chunks in ``model-rank00000.safetensors``."""
+def to_sharded(folder: Path, *, dcp: bool, zero: bool = False) -> None:
+    """Checkpoint-2's first weight as a sharded tensor in ``model-rank00000.safetensors``: two row chunks (FSDP2's
+    and FSDP1's row blocks), or with ``zero`` the three boxes a flat ZeRO partition boundary two elements into
+    the first row cuts it into (the rest of row 0 and the rows after it)."""
     from safetensors.torch import load_file
 
     w = next(v for k, v in load_file(str(folder / "model.safetensors")).items() if k.endswith("0.weight"))
-    (folder / "model-rank00000.safetensors").write_bytes(st_bytes({"c0": w[:1], "c1": w[1:]}))
+    rows, cols = w.shape
+    name = "model-rank00000.safetensors"
+    if zero:
+        parts = {"c0": ([0, 0], w[:1, :2]), "c1": ([0, 2], w[:1, 2:]), "c2": ([1, 0], w[1:])}
+    else:
+        parts = {"c0": ([0, 0], w[:1]), "c1": ([1, 0], w[1:])}
+    (folder / name).write_bytes(st_bytes({k: t.contiguous() for k, (_, t) in parts.items()}))
     man = json.loads((folder / MANIFEST).read_bytes())
     man["state"]["model"]["0.weight"] = {"__tensor__": {"sharded": {
-        "key": "0.weight", "shape": list(w.shape), "dtype": "F32",
-        "chunks": [{"offsets": [0, 0], "sizes": [1, w.shape[1]], "file": "model-rank00000.safetensors",
-                    "key": "c0", "node": 0},
-                   {"offsets": [1, 0], "sizes": [w.shape[0] - 1, w.shape[1]], "file": "model-rank00000.safetensors",
-                    "key": "c1", "node": 0}]}}}
+        "key": "0.weight", "shape": [rows, cols], "dtype": "F32",
+        "chunks": [{"offsets": off, "sizes": list(t.shape), "file": name, "key": k, "node": 0}
+                   for k, (off, t) in parts.items()]}}}
     man["files"]["model-rank00000.safetensors"] = {}
     if dcp:
         man["meta"] = {"btckpt.sharded": {"model": "model"}}
@@ -131,7 +137,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for step in (1, 2):
                 ck.save(step, make_state(step), extra_files={"config.json": b'{"hidden": 4}'})
         if variant != "plain":
-            to_sharded(root / "ck" / "checkpoint-2", dcp=variant == "dcp")
+            to_sharded(root / "ck" / "checkpoint-2", dcp=variant == "dcp", zero=variant == "zero")
         out[variant] = root
     c2 = out["plain"] / "ck" / "checkpoint-2"
     assert any(n.endswith(".index.json") for n in os.listdir(c2)), os.listdir(c2)  # sharded files + index
