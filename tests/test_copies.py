@@ -156,6 +156,27 @@ def test_replica_exchanges_slower_than_the_tier_interval_coalesce(tmp_path: Path
         assert not (tmp_path / f"ram-run-{node}").exists()
 
 
+@pytest.mark.slow
+def test_a_step_durable_on_one_node_and_only_in_the_others_tier_is_promoted_at_close(tmp_path: Path) -> None:
+    """Node 0 dies inside the promotion of step 4 after node 1 committed its part (node 0 commits last), then node
+    1's tier is wiped. The restart resumes 4 (node 0 from its tier, node 1 from its dir) and closes at once: the
+    close promotes node 0's tier copy into its dir (node 1 joins without copying). It used to agree only on steps
+    every node's *tier* held, found none, and removed node 0's tier: its only copy of step 4."""
+    results = _two_nodes(tmp_path, "run", ["--every", "4", "--steps", "8"], BTCKPT_FAULT="promote:kill@0")
+    assert results[0][0] != 0, results[0][1][-3000:]
+    node0, node1 = tmp_path / "run" / "node0", tmp_path / "run" / "node1"
+    assert 4 not in _steps(node0) and 4 in _steps(node1), (_steps(node0), _steps(node1))
+    assert 4 in _steps(tmp_path / "ram-run-0")
+    shutil.rmtree(tmp_path / "ram-run-1")
+    results = _two_nodes(tmp_path, "run", ["--every", "4", "--steps", "4"])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"rank {node}: resumed from 4" in out, out[-3000:]
+    for durable in (node0, node1):
+        assert 4 in _steps(durable) and verify(inspect(durable / "checkpoint-4")) == [], _steps(durable)
+    assert not (tmp_path / "ram-run-0").exists() and not (tmp_path / "ram-run-1").exists()
+
+
 # -- promotion: a damaged dir copy of the step never counts as "already there" ---------------------------------
 def _tier_ck(tmp_path: Path, **kw) -> btckpt.Checkpointer:
     opts = dict(dir=tmp_path / "d", local_every_steps=2, local_tier_dir=tmp_path / "ram", every_steps=6,

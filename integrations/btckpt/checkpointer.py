@@ -757,8 +757,16 @@ class Checkpointer:
         if self._tier is None:
             return
         key = f"{self._op_tag('f')}/tiers"
-        step = self.world.agree_step(key, self._tier.steps(), timeout=self._barrier_timeout())
-        if step >= 0 and step != self._tier.scheduled:
+        mine = self._tier.steps()
+        # a node whose tier lacks the step may hold it in its dir already (a promotion that committed on some nodes
+        # only, then the tier wiped): it counts, or the other nodes' tier copies (their only ones) would go at close
+        durable = [i.step for i in scan(self.root, own=True) if i.complete and i.kind == "btckpt"]
+        step = self.world.agree_step(key, sorted(set(mine) | set(durable)), timeout=self._barrier_timeout())
+        if step < 0 or step == self._tier.scheduled:
+            return
+        # promoted only when some node's tier holds it (the list above is [0] on nodes that do, so the
+        # intersection is [0] only when none does); promote() joins without copying where the dir has it verified
+        if self.world.agree_step(f"{key}/held", [] if step in mine else [0], timeout=self._barrier_timeout()) != 0:
             self._promote(step)
 
     def _close_tier(self, clean: bool) -> None:

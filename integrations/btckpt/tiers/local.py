@@ -442,11 +442,25 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     With several nodes (``world``), each node's leader promotes its part and node 0 commits last, after every
     other node committed, as in a save; a node whose ``dest_root`` holds the step already (a restart after a
     promotion that committed on some nodes only) copies nothing but still joins, so no node waits for it.
-    Any failure removes the temp folder; older checkpoints are untouched.
+    A node whose ``src`` is gone (its tier was wiped) but whose ``dest_root`` holds that step verified joins the same
+    way. Any failure removes the temp folder; older checkpoints are untouched.
     """
     info = inspect(src)
+    w = world or World()
     if not info.complete or info.manifest is None:
-        raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
+        there = inspect(dest_root / src.name) if (dest_root / src.name).is_dir() else None
+        if there is None or not there.complete or there.manifest is None or verify(there):
+            raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
+        # this node's tier lacks the step (wiped) but its dir holds a verified copy: nothing to copy; it joins the
+        # nodes that do copy theirs, so node 0 commits last as in a save
+        key = f"{tag}/promoted/{there.step}"
+        try:
+            w.barrier(key, timeout=timeout, ranks=w.nodes)
+        except BaseException:
+            w.fail(key)
+            raise
+        log.info("btckpt: %s already holds step %d (verified); nothing to promote", dest_root, there.step)
+        return there.path
     man = info.manifest
     final = dest_root / checkpoint_name(man.step)
     there = inspect(final) if final.is_dir() else None
@@ -458,7 +472,6 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
     elif damaged:
         log.warning("btckpt: %s holds a damaged copy of step %d (%s); promoting %s over it", dest_root, man.step,
                     problems[0], src)
-    w = world or World()
     key = f"{tag}/promoted/{man.step}"  # nodes promoting different steps never pass each other's barrier
     # a damaged copy of the step is retired only once the verified one committed (LocalCommit's supersede)
     commit = LocalCommit(dest_root, man.step, tag=tag, supersede=damaged)
