@@ -321,3 +321,74 @@ def test_two_ranks_where_one_ranks_copy_is_damaged_both_load_the_older_step_exac
     # each rank read all of step 2 in place (rank 1's damage is in its last file), then all of step 1
     assert direct == {0: 2 * state_bytes, 1: 2 * state_bytes}, (direct, state_bytes)
     assert "is damaged" in "".join(outs)
+
+
+def test_device_destinations_go_through_the_pinned_ring_and_a_side_stream(saved: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA destinations on CPU: every destination counts as device memory, the H2D copies run on the saving
+    side's CPU stand-in for a stream (:class:`btckpt.saving.snapshot.ThreadStream`), spans small enough that the
+    ring's slots are reused. The state restored is exact, and a damaged newest step still ends as the older."""
+    from btckpt.saving.snapshot import ThreadStream
+
+    copies: list[int] = []
+
+    class Counting(ThreadStream):
+        def run(self, fn: Any) -> None:
+            copies.append(1)
+            super().run(fn)
+
+    want = live(True)
+    assert restored(saved, want) == 2  # the reference: the plain CPU path
+    want_snap = snapshot(want)
+    monkeypatch.setattr(reader, "is_device", lambda t: True)
+    monkeypatch.setattr(reader, "device_stream", lambda device: Counting("btckpt-test-h2d"))
+    monkeypatch.setattr(reader, "READ_CHUNK", 256)
+    monkeypatch.setattr(reader, "RING_SLOTS", 2)
+    for trained in (True, False):
+        state = live(trained)
+        ptrs = [p.data_ptr() for p in state["model"].parameters()]
+        counts = dict(reader.READS)
+        assert restored(saved, state) == 2
+        assert reader.READS["ring_bytes"] > counts["ring_bytes"] and copies
+        assert reader.READS["staged_bytes"] == counts["staged_bytes"]
+        assert [p.data_ptr() for p in state["model"].parameters()] == ptrs
+        assert_same(snapshot(state), want_snap)
+
+    older = tmp_path / "older"
+    shutil.copytree(saved, older)
+    shutil.rmtree(older / "checkpoint-2")
+    ref = live(True)
+    assert restored(older, ref) == 1
+    ref_snap = snapshot(ref)
+    root = tmp_path / "damaged"
+    shutil.copytree(saved, root)
+    flip(sorted((root / "checkpoint-2").glob("optimizer*.safetensors"))[-1])
+    state = live(True)
+    assert restored(root, state) == 1
+    assert_same(snapshot(state), ref_snap)
+
+
+def test_a_non_strict_fallback_that_would_leave_overwritten_tensors_is_not_used(tmp_path: Path) -> None:
+    """strict=False: checkpoint-2 is read one pass and fails; checkpoint-1 lacks layer 0, which checkpoint-2's
+    read overwrote, so loading it would leave layer 0 half from a damaged checkpoint: it is skipped with a
+    warning, and with nothing else to restore the restore raises (naming the checkpoint) instead of loading it."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    part = torch.nn.Sequential(OrderedDict([("1", torch.nn.Linear(16, 4))]))  # no layer 0
+    btckpt.save(tmp_path / "checkpoint-1", {"model": part}, save_rng=False)
+    btckpt.save(tmp_path / "checkpoint-2", {"model": full}, save_rng=False, max_shard_size=512)
+    files = sorted((tmp_path / "checkpoint-2").glob("model*.safetensors"))
+    assert len(files) >= 2
+    flip(files[-1])  # layer 0 lives in the first file: overwritten before the damage is found
+    live_model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with btckpt.Checkpointer(dir=tmp_path, handle_sigterm=False, save_rng=False) as ck:
+        with pytest.raises(CorruptCheckpoint) as exc:
+            ck.restore({"model": live_model}, strict=False)
+    assert "checkpoint-2" in str(exc.value) and "model.0.weight" in str(exc.value)
+    # the same checkpoint alone (nothing overwritten before it) loads non-strict as ever
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    with btckpt.Checkpointer(dir=tmp_path, handle_sigterm=False, save_rng=False) as ck:
+        assert ck.restore({"model": live_model}, strict=False) == 1
+    assert torch.equal(live_model[1].weight, part[0].weight)

@@ -55,7 +55,7 @@ from ..format.state import apply_group, check_group, module_fit, unwrap_model
 from ..format.tree import decode_tree
 from ..storage.discovery import CheckpointInfo, inspect, select
 from ..storage.remote import fetch
-from .reader import CheckpointReader, direct_target, read_verified_bytes
+from .reader import CheckpointReader, device_target, direct_target, read_verified_bytes
 from .rng import RngState, apply_rng, read_rank_rng
 
 __all__ = ["read_for_state", "load_into", "read_checkpoint", "read_candidate", "reads_collectively",
@@ -232,6 +232,8 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
     if plan is None:  # staged: sharded refs, a plain HF folder, or asked for
         loaded = {name: own[name] if name in own else reader.load_group(name) for name in wanted}
         rng = read_rank_rng(info.path, info.manifest, rank) if want_rng and info.manifest is not None else None
+        if overwrites is not None and overwrites.touched and state is not None:
+            overwrites.check_covers(info, _covers(state, loaded))  # nothing of it applied yet
         return loaded, rng, None
     assert manifest is not None  # a plan is made for btckpt checkpoints only
     skeleton = {name: own[name] if name in own else plan.skeleton[name] for name in wanted}
@@ -251,6 +253,25 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
     for fname in plan.files:  # verify_first: every file checked before the first byte is applied
         reader.verify(fname)
     return {name: own[name] for name in wanted if name in own}, rng, read_tensors
+
+
+def _covers(state: Mapping[str, Any], loaded: Mapping[str, Any]) -> set[Region]:
+    """The live tensors loading ``loaded`` (group -> value, tensors real or meta) into ``state`` sets: a module's
+    tensors that fit, a tensor group, every state tensor of a loaded optimizer (its ``load_state_dict`` replaces
+    the whole state: each is set or dropped)."""
+    covers: set[Region] = set()
+    for name, value in loaded.items():
+        target = state.get(name)
+        if isinstance(target, torch.nn.Module) and isinstance(value, Mapping):
+            module = unwrap_model(target)
+            sd = module.state_dict()
+            covers.update(_region(sd[k]) for k in module_fit(module, value)[0] if isinstance(sd[k], torch.Tensor))
+        elif isinstance(target, torch.Tensor):
+            covers.add(_region(target))
+        elif isinstance(target, torch.optim.Optimizer):
+            covers.update(_region(t) for st in target.state.values() for t in st.values()
+                          if isinstance(t, torch.Tensor))
+    return covers
 
 
 @dataclass
@@ -274,7 +295,8 @@ def _direct_plan(reader: CheckpointReader, manifest: Manifest, state: MutableMap
                  names: list[str]) -> _Plan | None:
     """The destinations of a one-pass read of ``names`` into ``state`` (None: read it staged). Reads the files'
     headers only. A destination is a live CPU tensor matching the saved dtype and shape
-    (:func:`btckpt.restore.reader.direct_target`), its memory overlapping no other destination."""
+    (:func:`btckpt.restore.reader.direct_target`) or such a CUDA tensor (:func:`~btckpt.restore.reader.device_target`:
+    read through the pinned ring), its memory overlapping no other destination."""
     metas: dict[tuple[str, str], torch.Tensor] = {}
     ref_of: dict[int, tuple[str, str]] = {}
     entries: dict[str, dict[str, Any]] = {}
@@ -303,27 +325,21 @@ def _direct_plan(reader: CheckpointReader, manifest: Manifest, state: MutableMap
     except _Staged:
         return None
     cands: list[tuple[tuple[str, str], torch.Tensor, str]] = []
-    covers: set[Region] = set()
 
     def offer(v: Any, dest: Any, label: str) -> None:
         if isinstance(v, torch.Tensor) and id(v) in ref_of and isinstance(dest, torch.Tensor):
             cands.append((ref_of[id(v)], dest, label))
 
+    covers = _covers(state, skeleton)
     for name, value in skeleton.items():
         target = state.get(name)
         if isinstance(target, torch.nn.Module) and isinstance(value, Mapping):
-            module = unwrap_model(target)
-            sd = module.state_dict()
-            covers.update(_region(sd[k]) for k in module_fit(module, value)[0] if isinstance(sd[k], torch.Tensor))
+            sd = unwrap_model(target).state_dict()
             for k, v in value.items():
                 offer(v, sd.get(k), f"{name}.{k}")
         elif isinstance(target, torch.Tensor):
-            covers.add(_region(target))
             offer(value, target, name)
         elif isinstance(target, torch.optim.Optimizer) and isinstance(value, Mapping):
-            # load_state_dict replaces the whole state: every live state tensor is set (or dropped) by the load
-            covers.update(_region(t) for st in target.state.values() for t in st.values()
-                          if isinstance(t, torch.Tensor))
             saved, groups = value.get("state"), value.get("param_groups")
             if not isinstance(groups, list):
                 continue
@@ -342,7 +358,8 @@ def _direct_plan(reader: CheckpointReader, manifest: Manifest, state: MutableMap
     into: dict[str, dict[str, torch.Tensor]] = {}
     regions: dict[str, dict[Region, str]] = {}
     fitting = [(key, dest, label) for key, dest, label in cands
-               if direct_target(dest, metas[key].dtype, tuple(metas[key].shape))]
+               if direct_target(dest, metas[key].dtype, tuple(metas[key].shape))
+               or device_target(dest, metas[key].dtype, tuple(metas[key].shape))]
     end = -1
     for key, dest, label in sorted(fitting, key=lambda c: c[1].data_ptr()):
         r = _region(dest)

@@ -12,6 +12,9 @@ Never unpickles: tensors come from safetensors data sections, everything else fr
   into a fresh tensor of their own in the same pass. The caller decides when that is allowed
   (:mod:`btckpt.restore.load`: the bytes are in the live state before the file's checksum is known);
   :func:`verify_safetensors` (a hash-only pass through a small reused ring) checks a file first when it must.
+  A file holding a CUDA destination (:func:`device_target`) is read through a pinned staging ring instead
+  (:func:`_read_via_ring`): each span read and hashed into a slot, copied host-to-device on a side stream while
+  the next span is read, the slot reused once its copies ran.
 """
 from __future__ import annotations
 
@@ -44,16 +47,19 @@ from ..format.manifest import (
 from ..format.tree import decode_tree
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
-           "read_verified_bytes", "verify_safetensors", "direct_target", "tensor_bytes", "READS"]
+           "read_verified_bytes", "verify_safetensors", "direct_target", "device_target", "tensor_bytes", "READS",
+           "CudaCopier"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
 MAX_INDEX = 256 * 1024 * 1024
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+RING_SLOTS = 4  # pinned READ_CHUNK slots a file with device destinations is read through
 # bytes read each way in this process (tests, benchmarks): into live destinations, into fresh tensors of their own
 # (one-pass reads of tensors without a fitting destination), into staging buffers, and hashed only (verify pass)
-READS = {"direct_bytes": 0, "fresh_bytes": 0, "staged_bytes": 0, "verify_bytes": 0}
+# (ring_bytes: the data sections read through the pinned ring of a file with device destinations)
+READS = {"direct_bytes": 0, "fresh_bytes": 0, "staged_bytes": 0, "verify_bytes": 0, "ring_bytes": 0}
 
 
 safe_file = member_path  # ``folder/name``, refusing names and links that leave the folder
@@ -163,9 +169,113 @@ def direct_target(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | list[int]
     """Whether a saved tensor of ``dtype``/``shape`` can be read straight into ``t``: a plain CPU tensor (or
     Parameter) of that dtype and shape, contiguous, with memory of its own (not empty, no conj/neg bit)."""
     return (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter)
-            and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized
+            and t.device.type == "cpu" and not is_device(t) and t.layout == torch.strided and not t.is_quantized
             and t.dtype == dtype and tuple(t.shape) == tuple(shape) and t.numel() > 0
             and t.is_contiguous() and not t.is_conj() and not t.is_neg())
+
+
+class CudaCopier:
+    """A side CUDA stream for the restore's host-to-device copies (the protocol of
+    :class:`btckpt.saving.snapshot.ThreadStream`, its CPU stand-in: ``run``, ``record``, ``sync``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device=device)
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with torch.cuda.stream(self.stream):
+            fn()
+
+    def record(self) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    @staticmethod
+    def sync(ev: Any) -> None:
+        ev.synchronize()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+# The device side of a restore, replaceable so tests drive it on CPU (a ThreadStream and ``lambda t: True``):
+# the stream the H2D copies run on (per device), and which destinations are device memory.
+device_stream: Callable[[torch.device], Any] = CudaCopier
+is_device: Callable[[torch.Tensor], bool] = lambda t: t.device.type == "cuda"  # noqa: E731
+
+
+def device_target(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a saved tensor of ``dtype``/``shape`` can be copied straight into the device tensor ``t``
+    (contiguous, that dtype and shape) from the pinned ring (:func:`_read_via_ring`)."""
+    return (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter) and is_device(t)
+            and t.layout == torch.strided and t.dtype == dtype and tuple(t.shape) == tuple(shape)
+            and t.numel() > 0 and t.is_contiguous() and not t.is_conj() and not t.is_neg())
+
+
+def _read_via_ring(fd: int, header: Header, into: Mapping[str, torch.Tensor], h: Any, path: Path
+                   ) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`_read_into` for a file with device destinations: the data section read span by span into
+    :data:`RING_SLOTS` pinned slots of :data:`READ_CHUNK` bytes, hashed, then scattered: host destinations
+    (and fresh tensors) by a memory copy, device ones by ``copy_(non_blocking=True)`` on the
+    :data:`device_stream`, overlapped with the next span's read; a slot is reused once its copies ran.
+    Returns the tensors and the bytes that went straight into destinations."""
+    tensors: dict[str, torch.Tensor] = {}
+    segs: list[tuple[int, int, bool, Any]] = []  # (begin, end, on the device, byte view of the target)
+    direct, device = 0, None
+    for e in header.entries:
+        dtype = ST_TO_DTYPE.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpoint(f"{path}: tensor {e.name!r} has dtype {e.dtype}, unknown to this torch build")
+        dest = into.get(e.name)
+        if dest is not None and direct_target(dest, dtype, e.shape):
+            segs.append((e.begin, e.end, False, tensor_bytes(dest)))
+        elif dest is not None and device_target(dest, dtype, e.shape):
+            segs.append((e.begin, e.end, True, dest.detach().reshape(-1).view(torch.uint8)))
+            device = device or dest.device
+        else:
+            raw = torch.empty(e.end - e.begin, dtype=torch.uint8)
+            segs.append((e.begin, e.end, False, memoryview(raw.numpy())))  # type: ignore[arg-type]
+            tensors[e.name] = raw.view(dtype).view(e.shape)
+            continue
+        tensors[e.name] = dest
+        direct += e.end - e.begin
+    n = header.data_size
+    spans = [(pos, min(pos + READ_CHUNK, n)) for pos in range(0, n, READ_CHUNK)]
+    pin = torch.cuda.is_available()
+    slots = [torch.empty(min(READ_CHUNK, n), dtype=torch.uint8, pin_memory=pin)
+             for _ in range(min(RING_SLOTS, len(spans)))]
+    stream = device_stream(device or torch.device("cuda"))
+    events: list[Any] = [None] * len(slots)
+    seg = 0
+    try:
+        for k, (pos, end) in enumerate(spans):
+            i = k % len(slots)
+            if events[i] is not None:
+                stream.sync(events[i])  # the slot's copies of span k - RING_SLOTS ran
+            slot = slots[i]
+            mv = memoryview(slot.numpy())[:end - pos]  # type: ignore[arg-type]
+            _fill(fd, [mv], header.data_start + pos, path)
+            h.update(mv)
+            while seg < len(segs) and segs[seg][0] < end:
+                b, e_end, on_device, target = segs[seg]
+                lo, hi = max(b, pos), min(e_end, end)
+                if hi > lo and on_device:
+                    stream.run(lambda d=target[lo - b:hi - b], s=slot[lo - pos:hi - pos]:  # type: ignore[misc]
+                               d.copy_(s, non_blocking=True))
+                elif hi > lo:
+                    target[lo - b:hi - b] = mv[lo - pos:hi - pos]
+                if e_end > end:
+                    break
+                seg += 1
+            events[i] = stream.record()
+    finally:
+        for ev in events:
+            if ev is not None:
+                stream.sync(ev)
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
+    return tensors, direct
 
 
 def verify_safetensors(folder: Path, name: str, *, expect: dict[str, Any]) -> None:
@@ -216,6 +326,12 @@ def _read_into(f: BinaryIO, header: Header, into: Mapping[str, torch.Tensor], h:
     tensors: dict[str, torch.Tensor] = {}
     pieces: list[memoryview] = []
     direct = 0
+    if any(isinstance(t, torch.Tensor) and is_device(t) for t in into.values()):
+        tensors, direct = _read_via_ring(f.fileno(), header, into, h, path)
+        READS["ring_bytes"] += header.data_size
+        READS["direct_bytes"] += direct
+        READS["fresh_bytes"] += header.data_size - direct
+        return tensors
     for e in header.entries:  # sorted by offset, back to back (parse_header checks it)
         dtype = ST_TO_DTYPE.get(e.dtype)
         if dtype is None:
