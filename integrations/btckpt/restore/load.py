@@ -246,12 +246,19 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
     reader.on_read = lambda f: overwrites.touch(plan.regions.get(f, {}))
 
     def read_tensors() -> dict[str, Any]:
-        return {name: own[name] if name in own else reader.load_group(name) for name in wanted}
+        try:
+            return {name: own[name] if name in own else reader.load_group(name) for name in wanted}
+        finally:
+            reader.close()
 
     if mode == "onepass":
         return read_tensors(), rng, None
-    for fname in plan.files:  # verify_first: every file checked before the first byte is applied
-        reader.verify(fname)
+    try:
+        for fname in plan.files:  # verify_first: every file checked before the first byte is applied
+            reader.verify(fname)  # and kept open: retired before the load, it is still read as verified
+    except BaseException:
+        reader.close()
+        raise
     return {name: own[name] for name in wanted if name in own}, rng, read_tensors
 
 

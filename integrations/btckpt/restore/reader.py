@@ -18,6 +18,7 @@ Never unpickles: tensors come from safetensors data sections, everything else fr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -56,6 +57,7 @@ MAX_INDEX = 256 * 1024 * 1024
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
 RING_SLOTS = 4  # pinned READ_CHUNK slots a file with device destinations is read through
+MAX_KEPT = 256  # verified files a reader keeps open for the read that follows (beyond: reopened by name)
 # bytes read each way in this process (tests, benchmarks): into live destinations, into fresh tensors of their own
 # (one-pass reads of tensors without a fitting destination), into staging buffers, and hashed only (verify pass)
 # (ring_bytes: the data sections read through the pinned ring of a file with device destinations)
@@ -278,12 +280,13 @@ def _read_via_ring(fd: int, header: Header, into: Mapping[str, torch.Tensor], h:
     return tensors, direct
 
 
-def verify_safetensors(folder: Path, name: str, *, expect: dict[str, Any]) -> None:
+def verify_safetensors(folder: Path, name: str, *, expect: dict[str, Any], f: BinaryIO | None = None) -> None:
     """Check the listed file ``folder/name`` against its manifest entry (size, checksum) without keeping its
     bytes: read through a ring of :data:`READ_THREADS` reused :data:`READ_CHUNK` buffers, hashed in order
-    (the bytes stay in the page cache for the read that follows). A CheckpointError naming the file if not."""
+    (the bytes stay in the page cache for the read that follows). A CheckpointError naming the file if not.
+    ``f``: the file already open (:func:`btckpt.format.manifest.open_member`), left open for that read."""
     path = folder / name
-    with open_member(folder, name) as f:
+    with _opened(folder, name, f) as f:
         try:
             fd = f.fileno()
             size = os.fstat(fd).st_size
@@ -351,17 +354,24 @@ def _read_into(f: BinaryIO, header: Header, into: Mapping[str, torch.Tensor], h:
     return tensors
 
 
+def _opened(folder: Path, name: str, f: BinaryIO | None) -> Any:
+    """``f`` as a context that leaves it open, or the member opened (and closed after)."""
+    return contextlib.nullcontext(f) if f is not None else open_member(folder, name)
+
+
 def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None,
-                     into: Mapping[str, torch.Tensor] | None = None) -> tuple[Header, dict[str, torch.Tensor]]:
+                     into: Mapping[str, torch.Tensor] | None = None, f: BinaryIO | None = None
+                     ) -> tuple[Header, dict[str, torch.Tensor]]:
     """Read the whole safetensors file ``folder/name`` (a regular file inside the folder: see
     :func:`btckpt.format.manifest.open_member`); check its size and checksum against ``expect`` (its manifest entry)
     if given. Every failure is a CheckpointError naming the file.
 
     ``into`` (key -> live tensor): read the data section straight into the destinations that fit (module doc);
-    their bytes are in place before the checksum is checked, so a failure leaves them overwritten."""
+    their bytes are in place before the checksum is checked, so a failure leaves them overwritten. ``f``: the
+    file already open (kept from :func:`verify_safetensors`: a checkpoint retired since is still read whole)."""
     path = folder / name
     where = str(path)
-    with open_member(folder, name) as f:
+    with _opened(folder, name, f) as f:
         try:
             size = os.fstat(f.fileno()).st_size
             if expect is not None and size != expect["size"]:
@@ -414,6 +424,13 @@ class CheckpointReader:
         self._headers: dict[str, Header] = {}
         self.into: dict[str, dict[str, torch.Tensor]] | None = None
         self.on_read: Callable[[str], None] | None = None
+        self._kept: dict[str, BinaryIO] = {}  # verified files, kept open (and locked) for the read that follows
+        self._stack = contextlib.ExitStack()
+
+    def close(self) -> None:
+        """Close the files :meth:`verify` kept open."""
+        self._kept.clear()
+        self._stack.close()
 
     def _expect(self, name: str) -> dict[str, Any] | None:
         if self.manifest is None:
@@ -441,10 +458,17 @@ class CheckpointReader:
         return self._headers[name]
 
     def verify(self, name: str) -> None:
-        """Check the listed file ``name``'s size and checksum, keeping nothing (:func:`verify_safetensors`)."""
+        """Check the listed file ``name``'s size and checksum (:func:`verify_safetensors`), keeping none of its
+        bytes but the file open (and its shared lock) until it is read or :meth:`close`: a checkpoint retired in
+        between is still read as verified."""
         expect = self._expect(name)
-        if expect is not None and name not in self._files:
-            verify_safetensors(self.folder, name, expect=expect)
+        if expect is not None and name not in self._files and name not in self._kept:
+            if len(self._kept) >= MAX_KEPT:  # a checkpoint of very many files: the descriptors are not held
+                verify_safetensors(self.folder, name, expect=expect)
+                return
+            f = self._stack.enter_context(open_member(self.folder, name))
+            self._kept[name] = f
+            verify_safetensors(self.folder, name, expect=expect, f=f)
 
     @property
     def groups(self) -> list[str]:
@@ -458,7 +482,8 @@ class CheckpointReader:
             into = None if self.into is None else self.into.get(name, {})
             if into and self.on_read is not None:
                 self.on_read(name)
-            _, self._files[name] = read_safetensors(self.folder, name, expect=expect, into=into)
+            _, self._files[name] = read_safetensors(self.folder, name, expect=expect, into=into,
+                                                    f=self._kept.pop(name, None))
         return self._files[name]
 
     def _hf_weight_files(self) -> list[str]:
