@@ -10,6 +10,7 @@ are in RAM), alternating the contenders round by round, medians:
   ``pread xN`` (btckpt's reader, N threads ``pread`` successive spans while the caller hashes in order),
   ``readinto 1 thread`` (read a span, hash it, next span: no thread), the same into a buffer mapped with
   ``MADV_HUGEPAGE`` (``+ hugepages``: 512x fewer page faults), and ``dd`` (read only, no buffer kept);
+- the same reads into an already-touched buffer (the live parameters: what the one-pass restore does);
 - the stages alone, bytes in RAM: page faults of a fresh buffer (``torch.empty`` + ``fill_``; the same with
   hugepages), the checksum of 1 buffer (xxh3-64), and the copy into already-touched destination tensors
   (``copy_``: what ``load_state_dict`` costs after the read);
@@ -115,6 +116,11 @@ def run_folder(folder: Path, gib: float, rounds: int) -> list[str]:
             f.write(os.urandom(min(64 << 20, n - f.tell())))
     cold = not str(folder).startswith("/dev/shm")
     huge = reader.staging_buffer
+    live = torch.empty(n, dtype=torch.uint8).fill_(0)  # the live parameters a one-pass restore reads into
+
+    def touched(m: int) -> torch.Tensor:
+        return live[:m]
+
     contenders: dict[str, Callable[[], object]] = {
         "pread x4, torch.empty (before)": lambda: read_pread(path, n, 4, fresh),
         "pread x2, torch.empty": lambda: read_pread(path, n, 2, fresh),
@@ -122,6 +128,9 @@ def run_folder(folder: Path, gib: float, rounds: int) -> list[str]:
         "pread x4, hugepages": lambda: read_pread(path, n, 4, huge),
         "pread x2, hugepages": lambda: read_pread(path, n, 2, huge),
         "readinto 1 thread, hugepages": lambda: read_seq(path, n, huge),
+        "pread x4, into touched destination (one-pass)": lambda: read_pread(path, n, 4, touched),
+        "pread x1, into touched destination": lambda: read_pread(path, n, 1, touched),
+        "readinto 1 thread, into touched destination": lambda: read_seq(path, n, touched),
         "dd bs=16M (no buffer, no hash)": lambda: subprocess.run(
             ["dd", f"if={path}", "of=/dev/null", "bs=16M", "status=none"], check=True),
     }

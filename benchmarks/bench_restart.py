@@ -6,8 +6,16 @@
 Contenders, in one run, alternating order round by round, each after the page cache was dropped
 (``/proc/sys/vm/drop_caches`` as root, else ``posix_fadvise(DONTNEED)`` per file, checked with ``mincore``):
 
-- ``btckpt restore``: ``Checkpointer(dir=...)`` + ``restore({"model": m})`` (checksums verified, everything
-  verified before anything is applied) + one step that reads a parameter;
+- ``btckpt restore, older step present (one pass)``: ``Checkpointer(dir=...)`` + ``restore({"model": m})`` +
+  one step that reads a parameter, the dir holding the newest step and an older one (a running job's dir; the
+  older one is tiny here, only its presence matters): the newest is read in one pass straight into the model's
+  tensors (checksums as the bytes land);
+- ``btckpt restore, only checkpoint (verify first)``: the same with nothing to fall back on: every file hashed
+  through a small ring first, then read into the model (the disk read once, the second read from the page cache);
+- ``btckpt restore, only checkpoint (staged, before)``: today's reader before issue 24 (each file read into a
+  fresh staging buffer, verified, copied in by ``load_state_dict``: ``LAST_CANDIDATE = "staged"``);
+- ``btckpt restore from tmpfs (tier)``: the one-pass restore from a copy of the dir on ``/dev/shm`` (what a
+  node-local tier restart reads; no disk at all), ``--tier`` (default on);
 - ``load_file + load_state_dict``: safetensors' loader on the same bytes (no checksums);
 - ``DCP load``: ``torch.distributed.checkpoint.load`` of a DCP checkpoint of the same state;
 - ``dd``: ``dd if=<file> of=/dev/null bs=16M`` of every file btckpt reads (the disk's raw read speed).
@@ -15,7 +23,9 @@ Contenders, in one run, alternating order round by round, each after the page ca
   download cache emptied before each round) vs the download alone (``fs.get`` of the same files).
 
 Prints per contender the median time, GB/s, and btckpt's ratio to dd's speed (goal >= 0.9x), plus the bytes
-btckpt read (``/proc/self/io`` ``rchar``) per checkpoint byte (1.0 = each byte read once).
+btckpt read (``/proc/self/io`` ``rchar``) per checkpoint byte (1.0 = each byte read once) and the extra host
+memory of each btckpt restore: peak RSS during it (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the
+RSS before it (the model already built); goal <= 64 MiB + the largest tensor.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from pathlib import Path
 import btckpt
 import torch
 from _common import StateModule, drop_file_cache, io_counters, moto_s3, transformer_like_state
+from btckpt.restore import load as restore_load
 from safetensors.torch import load_file
 
 warnings.filterwarnings("ignore")
@@ -43,6 +54,22 @@ warnings.filterwarnings("ignore")
 def first_step(model: torch.nn.Module) -> float:
     """The first training step after the restart: here, one read of every parameter's first element."""
     return float(sum(p.view(-1)[0] for p in model.parameters()))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; the RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5\n")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
 
 
 def fresh_model(tensors: dict[str, torch.Tensor]) -> StateModule:
@@ -57,7 +84,7 @@ def add_s3(contenders: dict[str, tuple[Callable[[], float], list[Path]]], root: 
     import fsspec
 
     fs = fsspec.filesystem("s3")
-    fs.put(str(ck_dir) + "/", "restart/run/checkpoint-1/", recursive=True)
+    fs.put(str(ck_dir) + "/", "restart/run/checkpoint-2/", recursive=True)
     fs.invalidate_cache()
     cache = root / "s3-cache"
     os.environ["BTCKPT_CACHE"] = str(cache)
@@ -71,7 +98,7 @@ def add_s3(contenders: dict[str, tuple[Callable[[], float], list[Path]]], root: 
             step = ck.restore({"model": model})
             first_step(model)
             dt = time.perf_counter() - t0
-        assert step == 1, step
+        assert step == 2, step
         check(model, "btckpt s3")
         return dt
 
@@ -79,52 +106,75 @@ def add_s3(contenders: dict[str, tuple[Callable[[], float], list[Path]]], root: 
         out = root / "s3-get"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        fs.get("restart/run/checkpoint-1/", str(out) + "/", recursive=True)
+        fs.get("restart/run/checkpoint-2/", str(out) + "/", recursive=True)
         return time.perf_counter() - t0
 
     contenders["btckpt restore from s3:// (moto)"] = (c_s3, [])
     contenders["s3 download only (fs.get)"] = (c_s3_get, [])
 
 
-def run_size(gib: float, rounds: int, root: Path, with_s3: bool) -> list[str]:
+def run_size(gib: float, rounds: int, root: Path, with_s3: bool, *, tier: bool, dcp_too: bool,
+             staged: bool = True) -> list[str]:
     nbytes = int(gib * 2**30)
     tensors = transformer_like_state(nbytes)
     src = StateModule(tensors)
     own = root / "own"
-    btckpt.save(own / "checkpoint-1", {"model": src}, save_rng=False)
-    ck_dir = own / "checkpoint-1"
+    only = root / "only"
+    # the older step a running job's dir holds: only its being there matters (the newest is what is read), so a
+    # tiny one keeps the benchmark's memory (the tier copy lives in RAM) and disk small
+    btckpt.save(own / "checkpoint-1", {"model": StateModule({"w": torch.zeros(16)})}, save_rng=False)
+    btckpt.save(own / "checkpoint-2", {"model": src}, save_rng=False)
+    only.mkdir()
+    os.rename(own / "checkpoint-2", only / "checkpoint-2")  # the same bytes: the only checkpoint of a dir
+    shutil.copytree(only / "checkpoint-2", own / "checkpoint-2")
+    ck_dir = own / "checkpoint-2"
     files = sorted(p for p in ck_dir.iterdir() if p.is_file())
+    only_files = sorted(p for p in (only / "checkpoint-2").iterdir() if p.is_file())
     st_file = ck_dir / "model.safetensors"
+    shm = Path(tempfile.mkdtemp(prefix="btckpt-restart-tier-", dir="/dev/shm")) if tier else None
+    if shm is not None:
+        shutil.copytree(own, shm / "own")
     dcp_dir = root / "dcp"
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"model": src.state_dict()}, checkpoint_id=str(dcp_dir), no_dist=True)
+    if dcp_too:
+        dcp.save({"model": src.state_dict()}, checkpoint_id=str(dcp_dir), no_dist=True)
     dcp_files = sorted(p for p in dcp_dir.rglob("*") if p.is_file())
-    want = {k: v.clone() for k, v in src.state_dict().items()}
     del src
     total = sum(p.stat().st_size for p in files)
+    largest = max(v.numel() * v.element_size() for v in tensors.values())
 
     times: dict[str, list[float]] = {}
-    rchar: list[float] = []
+    rchar: dict[str, list[float]] = {}
+    extra: dict[str, list[int]] = {}
     how = ""
 
     def check(model: torch.nn.Module, label: str) -> None:
         got = model.state_dict()
-        if any(not torch.equal(got[k], v) for k, v in want.items()):
+        if any(not torch.equal(got[f"p.{k}"], v) for k, v in tensors.items()):
             raise SystemExit(f"{label}: the restored state differs from the saved one")
 
-    def c_btckpt() -> float:
-        model = fresh_model(tensors)
-        before = io_counters()["rchar"]
-        t0 = time.perf_counter()
-        with btckpt.Checkpointer(dir=own, save_rng=False, handle_sigterm=False) as ck:
-            step = ck.restore({"model": model})
-            first_step(model)
-            dt = time.perf_counter() - t0
-        rchar.append((io_counters()["rchar"] - before) / total)
-        assert step == 1, step
-        check(model, "btckpt")
-        return dt
+    def btckpt_restore(label: str, folder: Path, *, last: str = "verify_first") -> Callable[[], float]:
+        def run() -> float:
+            model = fresh_model(tensors)
+            old = restore_load.LAST_CANDIDATE
+            restore_load.LAST_CANDIDATE = last
+            before = io_counters()["rchar"]
+            rss = reset_peak_rss()
+            try:
+                t0 = time.perf_counter()
+                with btckpt.Checkpointer(dir=folder, save_rng=False, handle_sigterm=False) as ck:
+                    step = ck.restore({"model": model})
+                    first_step(model)
+                    dt = time.perf_counter() - t0
+            finally:
+                restore_load.LAST_CANDIDATE = old
+            extra.setdefault(label, []).append(peak_rss() - rss)
+            rchar.setdefault(label, []).append((io_counters()["rchar"] - before) / total)
+            assert step == 2, step
+            check(model, label)
+            return dt
+        return run
 
     def c_safetensors() -> float:
         model = fresh_model(tensors)
@@ -152,31 +202,64 @@ def run_size(gib: float, rounds: int, root: Path, with_s3: bool) -> list[str]:
             subprocess.run(["dd", f"if={p}", "of=/dev/null", "bs=16M", "status=none"], check=True)
         return time.perf_counter() - t0
 
+    onepass = "btckpt restore, older step present (one pass)"
     contenders: dict[str, tuple[Callable[[], float], list[Path]]] = {
-        "btckpt restore (checksums)": (c_btckpt, files),
+        onepass: (btckpt_restore(onepass, own), files),
+        "btckpt restore, only checkpoint (verify first)": (
+            btckpt_restore("btckpt restore, only checkpoint (verify first)", only), only_files),
         "load_file + load_state_dict": (c_safetensors, files),
-        "DCP load": (c_dcp, dcp_files),
         "dd (raw read)": (c_dd, files),
     }
-    with contextlib.ExitStack() as stack:
-        if with_s3:
-            stack.enter_context(moto_s3("restart"))
-            add_s3(contenders, root, ck_dir, tensors, check)
-        for r in range(rounds):
-            order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-            for name in order:
-                fn, paths = contenders[name]
-                how = drop_file_cache(paths or files)
-                times.setdefault(name, []).append(fn())
+    if staged:
+        label = "btckpt restore, only checkpoint (staged, before)"
+        contenders[label] = (btckpt_restore(label, only, last="staged"), only_files)
+    if dcp_too:
+        contenders["DCP load"] = (c_dcp, dcp_files)
+    if shm is not None:
+        label = "btckpt restore from tmpfs (tier, one pass)"
+        contenders[label] = (btckpt_restore(label, shm / "own"), [])
+    warm = root / "warm"  # one untimed restore of each kind first: imports, thread pools
+    small = {"w": torch.randn(1 << 16)}
+    for step in (1, 2):
+        btckpt.save(warm / f"checkpoint-{step}", {"model": StateModule(small)}, save_rng=False)
+    for last in ("verify_first", "staged"):
+        restore_load.LAST_CANDIDATE = last
+        with btckpt.Checkpointer(dir=warm, save_rng=False, handle_sigterm=False) as ck:
+            ck.restore({"model": fresh_model(small)})
+    restore_load.LAST_CANDIDATE = "verify_first"
+    try:
+        with contextlib.ExitStack() as stack:
+            if with_s3:
+                stack.enter_context(moto_s3("restart"))
+                add_s3(contenders, root, ck_dir, tensors, check)
+            for r in range(rounds):
+                order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+                for name in order:
+                    fn, paths = contenders[name]
+                    if paths or name.startswith("btckpt restore from s3") or name.startswith("s3 "):
+                        how = drop_file_cache(paths or files)
+                    times.setdefault(name, []).append(fn())
+    finally:
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     dd = med["dd (raw read)"]
-    lines = [f"state {total / 2**30:.2f} GiB in {len(files)} files; page cache: {how}; rounds {rounds}",
-             "| contender | median | GB/s | speed / dd's | min..max |", "|---|---|---|---|---|"]
+    lsd = med["load_file + load_state_dict"]
+    lines = [f"state {total / 2**30:.2f} GiB in {len(files)} files (largest tensor {largest / 2**20:.0f} MiB); "
+             f"page cache: {how}; rounds {rounds}",
+             "| contender | median | GB/s | speed / dd's | speed / load_file's | min..max | extra RSS (median) |",
+             "|---|---|---|---|---|---|---|"]
     for k, v in med.items():
-        lines.append(f"| {k} | {v:.3f}s | {total / v / 1e9:.2f} | {dd / v:.2f}x | "
-                     f"{min(times[k]):.3f}..{max(times[k]):.3f} |")
-    lines.append(f"btckpt restore read {statistics.median(rchar):.3f} bytes per checkpoint byte (rchar); goal: "
-                 f"speed / dd's >= 0.9x")
+        mem = f"{statistics.median(extra[k]) / 2**20:.0f} MiB" if k in extra else ""
+        lines.append(f"| {k} | {v:.3f}s | {total / v / 1e9:.2f} | {dd / v:.2f}x | {lsd / v:.2f}x | "
+                     f"{min(times[k]):.3f}..{max(times[k]):.3f} | {mem} |")
+    for k, v in rchar.items():
+        lines.append(f"{k}: read {statistics.median(v):.3f} bytes per checkpoint byte (rchar)")
+    if shm is not None:
+        lines.append(f"tier restart speed-up over the cold disk (one pass both): "
+                     f"{med[onepass] / med['btckpt restore from tmpfs (tier, one pass)']:.2f}x (goal >= 5x)")
+    lines.append(f"goals: speed / dd's >= 0.9x, / load_file's >= 1.0x; extra RSS <= 64 MiB + largest tensor = "
+                 f"{(64 * 2**20 + largest) / 2**20:.0f} MiB")
     return lines
 
 
@@ -187,6 +270,10 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp folder on /var/tmp)")
     ap.add_argument("--s3", action="store_true", help="also restore from s3:// (moto server on 127.0.0.1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 160 MiB, 1 round, s3 included")
+    ap.add_argument("--no-tier", action="store_true", help="leave out the tmpfs (tier) restore")
+    ap.add_argument("--no-dcp", action="store_true", help="leave out DCP's load")
+    ap.add_argument("--no-staged", action="store_true", help="leave out the staged reader (needs a file's size "
+                    "of extra RAM)")
     args = ap.parse_args()
     sizes = [160 / 1024] if args.quick else [float(s) for s in args.sizes.split(",")]
     rounds = 1 if args.quick else args.rounds
@@ -198,7 +285,8 @@ def main() -> None:
             root = base / f"{gib:g}gib"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            for line in run_size(gib, rounds, root, args.s3 or args.quick):
+            for line in run_size(gib, rounds, root, args.s3 or args.quick, tier=not args.no_tier,
+                                 dcp_too=not args.no_dcp, staged=not args.no_staged):
                 print(line, flush=True)
             shutil.rmtree(root, ignore_errors=True)
     finally:

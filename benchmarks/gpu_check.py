@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --gib 4,16 --rounds 2 --batch 1024 --lightning --dir /tmp/btckpt-gpu
     python benchmarks/gpu_check.py --device cpu --gib 0.1 --rounds 2      # CPU smoke (device parts skipped)
+    python benchmarks/gpu_check.py --only-restore --restore-gib 4          # (e) alone
 
 (a) checks (with a full arena, with a small memory budget, and through a local tier whose files are the
 arena) that a checkpoint equals the state at the save() call while kernels that write the parameters are
@@ -12,7 +13,12 @@ step-time increase over a window of steps whose first one saves (mean and worst 
 each contender adds (PSS of this process and its children, /dev/shm), for btckpt async, a btckpt local-tier
 save (``save_local``), DCP ``async_save`` by default and in its zero-overhead mode (torchtitan's
 ASYNC_WITH_PINNED_MEM: a checkpoint process fed by a reused pinned, shared-memory, async ``DefaultStager``);
-(d) prints one table. On CPU the device-only parts are skipped with a message.
+(e) the restore onto the device (issue 24): ``Checkpointer.restore`` of a checkpoint of the model, an older
+step present, into the built model on the device (btckpt reads each file through a pinned staging ring and
+copies host->device on a side stream while the next span is read) vs safetensors' ``load_file(device=...)`` +
+``load_state_dict`` and a plain pinned H2D copy of the same bytes (the floor), bytes in the page cache, checked
+equal; on CPU the same restore into CPU tensors (the one-pass path) vs ``load_file``; (d) prints one table.
+On CPU the device-only parts are skipped with a message.
 """
 
 from __future__ import annotations
@@ -470,6 +476,68 @@ def stall(root: Path, device: torch.device, gib: float, rounds: int, steps: int)
             rows.append((f"(c) {label} btckpt increase / {k}", f"{med['btckpt async'] / v:.2f}x", "target <= 0.5x"))
 
 
+def restore_path(root: Path, device: torch.device, gib: float, rounds: int) -> None:
+    """(e): restore onto ``device`` (module doc), page cache warm, medians of ``rounds``."""
+    from btckpt.restore import reader as rd
+    from safetensors.torch import load_file
+
+    model, _, _ = make_model(gib, device)
+    folder = root / "restore"
+    shutil.rmtree(folder, ignore_errors=True)
+    with btckpt.Checkpointer(dir=folder, save_rng=False, handle_sigterm=False, async_save=False) as ck:
+        ck.save(1, {"model": model})
+        ck.save(2, {"model": model})
+    want = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    files = sorted((folder / "checkpoint-2").glob("model*.safetensors"))
+    nbytes = sum(v.numel() * v.element_size() for v in want.values())
+    for p in files:  # warm the page cache: the contenders compare the host->device side
+        p.read_bytes()
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def c_btckpt() -> None:
+        with btckpt.Checkpointer(dir=folder, save_rng=False, handle_sigterm=False) as ck:
+            assert ck.restore({"model": model}) == 2
+
+    def c_load_file() -> None:
+        sd: dict[str, torch.Tensor] = {}
+        for p in files:
+            sd.update(load_file(str(p), device=str(device)))
+        model.load_state_dict(sd)
+
+    def c_pinned() -> None:
+        dev.copy_(host, non_blocking=True)
+
+    contenders = {"btckpt restore (H2D ring)" if device.type == "cuda" else "btckpt restore (one pass, CPU)":
+                  c_btckpt, f"load_file(device={device.type!r}) + load_state_dict": c_load_file}
+    if device.type == "cuda":
+        contenders["plain pinned H2D copy (floor)"] = c_pinned
+    times: dict[str, list[float]] = {}
+    ring0 = rd.READS["ring_bytes"]
+    for r in range(rounds):
+        for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            sync(device)
+            t0 = time.perf_counter()
+            contenders[name]()
+            sync(device)
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            if not name.startswith("plain"):
+                got = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                ok = all(torch.equal(got[k], v) for k, v in want.items())
+                rows.append((f"(e) {name} restores the state exactly", "ok" if ok else "FAIL", f"round {r}"))
+    for name, v in times.items():
+        med = statistics.median(v)
+        rows.append((f"(e) {name}", f"{med:.3f}s, {nbytes / med / 2**30:.2f} GiB/s",
+                     f"median of {rounds}, {nbytes / 2**30:.2f} GiB, page cache warm, {min(v):.3f}..{max(v):.3f}"))
+    if device.type == "cuda":
+        rows.append(("(e) bytes through the pinned ring", f"{(rd.READS['ring_bytes'] - ring0) / 2**30:.2f} GiB",
+                     "every file holding a device destination"))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", default="4,16", help="state sizes for (c), GiB, comma-separated; (b) uses the first")
@@ -480,6 +548,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rows per training step (more: more compute to overlap)")
     ap.add_argument("--lightning", action="store_true", help="also check btckpt's Lightning plugin on the device")
     ap.add_argument("--verbose", action="store_true", help="print every window's step times")
+    ap.add_argument("--restore-gib", type=float, default=None, help="state size for (e), GiB (default: the first)")
+    ap.add_argument("--only-restore", action="store_true", help="run (e) alone")
     args = ap.parse_args()
     BATCH[0] = args.batch
     VERBOSE[0] = args.verbose
@@ -491,18 +561,23 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
-    check_correctness(root, device, budget=None, label="full arena")
-    small = 64 << 20 if device.type == "cuda" else 8 << 20
-    check_correctness(root, device, budget=small, label=f"{small >> 20} MiB budget (windows)")
-    check_correctness(root, device, budget=None, label="local tier (file arena)", tier=True)
-    if args.lightning:
-        lightning_check(root, device)
-    print(f"(a) done in {time.perf_counter() - t0:.0f}s", flush=True)
-    if device.type == "cuda":
-        bandwidth(device, sizes[0], max(3, args.rounds))
-        print(f"(b) done in {time.perf_counter() - t0:.0f}s", flush=True)
+    restore_path(root, device, args.restore_gib if args.restore_gib is not None else sizes[0], max(3, args.rounds))
+    print(f"(e) done in {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.only_restore:
+        sizes = []
     else:
-        print("(b) D2H bandwidth: skipped, no CUDA device (pinned vs pageable copies need one)", flush=True)
+        check_correctness(root, device, budget=None, label="full arena")
+        small = 64 << 20 if device.type == "cuda" else 8 << 20
+        check_correctness(root, device, budget=small, label=f"{small >> 20} MiB budget (windows)")
+        check_correctness(root, device, budget=None, label="local tier (file arena)", tier=True)
+        if args.lightning:
+            lightning_check(root, device)
+        print(f"(a) done in {time.perf_counter() - t0:.0f}s", flush=True)
+        if device.type == "cuda":
+            bandwidth(device, sizes[0], max(3, args.rounds))
+            print(f"(b) done in {time.perf_counter() - t0:.0f}s", flush=True)
+        else:
+            print("(b) D2H bandwidth: skipped, no CUDA device (pinned vs pageable copies need one)", flush=True)
     for gib in sizes:
         stall(root, device, gib, args.rounds, args.window)
         print(f"(c) {gib:g} GiB done in {time.perf_counter() - t0:.0f}s", flush=True)

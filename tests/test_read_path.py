@@ -12,6 +12,7 @@ import btckpt
 import pytest
 import torch
 from btckpt.errors import CheckpointError, NoCheckpointFound
+from btckpt.restore import reader
 from test_upload import moto, s3  # noqa: F401 - fixtures
 
 NUMEL = 1 << 18  # 1 MiB per float32 tensor: the tensor bytes dominate the checkpoint
@@ -56,14 +57,20 @@ def rchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-def test_single_rank_restore_reads_each_byte_once(saved: Path):
-    folder = saved / "checkpoint-5"
+def test_single_rank_restore_reads_each_byte_once(saved: Path, tmp_path: Path):
+    """With an older checkpoint to fall back on, the newest is read in one pass straight into the live tensors:
+    each byte read once, nothing staged (issue 24)."""
+    root = tmp_path / "ckpts"
+    shutil.copytree(saved, root)
+    btckpt.save(root / "checkpoint-3", make_state(3), max_shard_size=400_000)
+    folder = root / "checkpoint-5"
     files = [p for p in folder.iterdir() if p.is_file()]
     total = sum(p.stat().st_size for p in files)
     tensor_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
     assert len([p for p in files if p.suffix == ".safetensors"]) >= 4 and tensor_bytes > 0.9 * total
     state = make_state(99)
-    with btckpt.Checkpointer(dir=saved, async_save=False, handle_sigterm=False) as ck:
+    counts = dict(reader.READS)
+    with btckpt.Checkpointer(dir=root, async_save=False, handle_sigterm=False) as ck:
         before = rchar()
         step = ck.restore(state)
         read = rchar() - before
@@ -72,6 +79,30 @@ def test_single_rank_restore_reads_each_byte_once(saved: Path):
     # every byte at least once (the checksums cover them all), and no file read a second time: a second pass
     # over the tensor files would add tensor_bytes (> 0.9x the total); the small JSON files may be read twice
     assert total <= read <= total + (total - tensor_bytes) + 256 * 1024, (read, total, tensor_bytes)
+    assert reader.READS["staged_bytes"] == counts["staged_bytes"] and reader.READS["verify_bytes"] == \
+        counts["verify_bytes"]
+
+
+def test_the_only_checkpoint_is_hashed_first_then_read_into_the_state_without_staging(saved: Path):
+    """Nothing to fall back on: every file is hashed first through a small ring (nothing applied until all
+    verified), then read into the live tensors: the disk is read once, the second read comes from the page cache
+    (rchar: about twice the tensor bytes), and no staging buffer holds a file."""
+    folder = saved / "checkpoint-5"
+    files = [p for p in folder.iterdir() if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    tensor_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    state = make_state(99)
+    counts = dict(reader.READS)
+    with btckpt.Checkpointer(dir=saved, async_save=False, handle_sigterm=False) as ck:
+        before = rchar()
+        step = ck.restore(state)
+        read = rchar() - before
+    assert step == 5
+    assert_equal_to_saved(state)
+    assert total + tensor_bytes <= read <= total + tensor_bytes + 2 * (total - tensor_bytes) + 256 * 1024, \
+        (read, total, tensor_bytes)
+    assert reader.READS["verify_bytes"] - counts["verify_bytes"] == tensor_bytes
+    assert reader.READS["staged_bytes"] == counts["staged_bytes"]
 
 
 def assert_equal_to_saved(state: dict) -> None:

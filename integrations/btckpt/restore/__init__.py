@@ -1,7 +1,8 @@
 """Reading a checkpoint back: which one, verified how, applied when.
 
 ``policy`` (the one resume decision: own dir, load dir, a named folder), ``reader`` (verified reads of
-safetensors files), ``load`` (read and verify everything a state asks for, then apply it in place),
+safetensors files, straight into the live tensors where they fit), ``load`` (read a candidate in one pass
+into the state when an older one follows, else verify everything first; what a damaged one leaves),
 ``resume`` (the Checkpointer's restore across ranks), ``rng`` (RNG state as JSON), ``dcp`` (reading
 sharded or DCP checkpoints at any world size through DCP's planner).
 

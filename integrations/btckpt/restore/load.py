@@ -1,7 +1,30 @@
-"""Restore: pick a checkpoint, read and verify what the state asks for, then load it in place.
+"""Restore: pick a checkpoint, read and verify what the state asks for, and load it in place.
 
-Everything requested is read and checksum-verified *before* the first byte is loaded into the state,
-so a corrupt checkpoint never leaves the model half-restored; the caller can fall back to an older one.
+How a candidate is read, and what a damaged one leaves (the guarantee):
+
+- **one pass** (``mode="onepass"``): every saved tensor whose dtype and shape match its live destination (a CPU,
+  contiguous tensor of the model's ``state_dict()``, an optimizer's existing state, a tensor group) is read
+  straight into the destination's memory, hashed as it lands; the rest (foreign or mismatched tensors, tied
+  weights after the first, optimizer state that does not exist yet: allocated once at its final size, then
+  handed to ``Optimizer.load_state_dict`` as it is, which keeps it without a copy) into a fresh tensor each,
+  loaded by ``load_state_dict`` as before. No staging buffer: host memory stays bounded, each byte is read once.
+  The old values are overwritten before a file's checksum is known, so :func:`restore_first` (and
+  :meth:`btckpt.restore.resume.Resume._agree_on_step`) read a candidate this way only when an older complete
+  candidate (another copy of the step, or an older step) comes after it. If its verification fails, the live
+  tensors it overwrote are recorded (:class:`Overwrites`) and a later candidate is used only if it loads every
+  one of them (a strict read does; a non-strict one that would leave some as they are is skipped with a
+  warning, nothing of it applied): the state then ends exactly as restoring that candidate leaves it (model,
+  optimizer, RNG: the RNG and plain data are applied only with the candidate that is chosen). If no later
+  candidate verifies, the state is no longer what it was: :class:`CorruptCheckpoint` names the checkpoints and
+  the fix (never None with an overwritten state).
+- **verify first** (``mode="verify_first"``, :data:`LAST_CANDIDATE`: a candidate with nothing to fall back on, and
+  a named checkpoint): today's guarantee, nothing is applied unless the whole candidate verified. Every file is
+  hashed first through a small reused ring (:func:`btckpt.restore.reader.verify_safetensors`; its bytes stay in
+  the page cache), the state's fit, the RNG and the plain data are checked, and only the returned ``apply()``
+  reads the tensors into their destinations as above (hashed again: a file changed in place between the two
+  reads raises CorruptCheckpoint from ``apply()``, the only case where it leaves the state partly loaded).
+- **staged** (``mode="staged"``): every file read into one fresh buffer, verified, then copied in by
+  ``load_state_dict`` (memory: the files' size); sharded groups (DCP's planner) and plain HF folders always.
 
 Every load says what it did: a :class:`RestoreReport` (per group: the keys loaded and those skipped, and
 the groups the checkpoint lacks) is logged (a warning when ``strict=False`` skipped anything), kept by the
@@ -18,26 +41,73 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..distributed.shards import sharded_groups
-from ..errors import CorruptCheckpoint, StateMismatch
-from ..format.layout import rank_state_file
-from ..format.manifest import check_member
+from ..errors import CheckpointError, CorruptCheckpoint, IncompleteCheckpoint, StateMismatch
+from ..format.layout import ST_TO_DTYPE, rank_state_file
+from ..format.manifest import Manifest, check_member
 from ..format.state import apply_group, check_group, module_fit, unwrap_model
 from ..format.tree import decode_tree
 from ..storage.discovery import CheckpointInfo, inspect, select
 from ..storage.remote import fetch
-from .reader import CheckpointReader, read_verified_bytes
+from .reader import CheckpointReader, device_target, direct_target, read_verified_bytes
 from .rng import RngState, apply_rng, read_rank_rng
 
 __all__ = ["read_for_state", "load_into", "read_checkpoint", "read_candidate", "reads_collectively",
-           "finish_restore", "restore_first", "GroupReport", "RestoreReport", "restore_reports"]
+           "finish_restore", "restore_first", "GroupReport", "RestoreReport", "restore_reports", "Overwrites",
+           "LAST_CANDIDATE", "MODES", "has_fallback"]
 
 log = logging.getLogger("btckpt")
+
+MODES = ("onepass", "verify_first", "staged")  # how a candidate is read: module doc
+LAST_CANDIDATE = "verify_first"  # how a candidate with nothing to fall back on is read ("staged": today's buffer)
+Region = tuple[int, int]  # a live tensor's memory: (data_ptr, nbytes)
+
+
+def _region(t: torch.Tensor) -> Region:
+    return (int(t.data_ptr()), int(t.numel() * t.element_size()))
+
+
+class Overwrites:
+    """What one restore's one-pass reads overwrote in the live state: ``touched`` (memory region -> the
+    tensor's name, ``group.key``) and ``failed`` (the candidates whose read then failed). A later candidate
+    must load every touched tensor (:meth:`check_covers`); if none does, :meth:`error` is raised."""
+
+    def __init__(self) -> None:
+        self.touched: dict[Region, str] = {}
+        self.failed: list[Path] = []
+        self.writes = 0  # files whose bytes started landing in the live state
+
+    def touch(self, regions: Mapping[Region, str]) -> None:
+        """Record ``regions`` as overwritten (called before their bytes start landing)."""
+        self.touched.update(regions)
+        self.writes += 1
+
+    def check_covers(self, info: CheckpointInfo, covers: set[Region]) -> None:
+        """Raise IncompleteCheckpoint (nothing of ``info`` applied yet) unless ``info`` loads every touched tensor."""
+        left = [name for r, name in self.touched.items() if r not in covers]
+        if left:
+            raise IncompleteCheckpoint(
+                f"{info.path}: would leave {len(left)} tensor(s) that the failed one-pass read of "
+                f"{[str(p) for p in self.failed] or 'an earlier candidate'} overwrote as they are now: {left[:10]}"
+                + (" ..." if len(left) > 10 else "") + "; not used")
+
+    def error(self) -> CorruptCheckpoint:
+        """The error of a restore that overwrote live tensors and then found nothing to restore instead."""
+        names = list(self.touched.values())
+        failed = ", ".join(str(p) for p in self.failed) or "the checkpoint the ranks did not agree on"
+        return CorruptCheckpoint(
+            f"restore read {failed} straight into the live state and it failed verification (or the ranks did "
+            "not agree on it), and no older checkpoint verified to restore instead: the live state is no longer "
+            f"what it was before restore() ({len(names)} tensor(s) overwritten, e.g. {names[:5]}). Rebuild the "
+            "model and optimizer (or restart the process) before training; to start fresh, move the damaged "
+            "checkpoint(s) out of the checkpoint dir (a single damaged checkpoint is verified before anything "
+            "is applied, so the restore then returns None and leaves the state as it was)")
 
 
 @dataclass(frozen=True)
@@ -126,10 +196,18 @@ def restore_reports() -> Iterator[list[RestoreReport]]:
 
 
 def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, want_rng: bool,
-                   strict: bool) -> tuple[dict[str, Any], RngState | None]:
-    """Read, verify and parse the groups in ``names`` (and this rank's RNG state) from one checkpoint.
+                   strict: bool, state: MutableMapping[str, Any] | None = None, mode: str = "staged",
+                   overwrites: Overwrites | None = None,
+                   precheck: Callable[[dict[str, Any]], None] | None = None
+                   ) -> tuple[dict[str, Any], RngState | None, Callable[[], dict[str, Any]] | None]:
+    """Read, verify and parse the groups in ``names`` (and this rank's RNG state) from one checkpoint: the
+    groups, the RNG state, and (``mode="verify_first"``) the function that reads the tensors into ``state``
+    afterwards (the groups then hold only the plain data until it ran; None in the other modes).
 
-    Nothing is applied; every failure is a CheckpointError naming the file."""
+    ``mode`` (module doc): ``staged`` applies nothing; ``onepass`` reads into ``state``'s tensors as it goes
+    (``overwrites`` records which, before any lands; ``precheck(groups)``, called with the groups' skeleton of
+    meta tensors, refuses a candidate that does not fit before anything is written); ``verify_first`` checks
+    every file, the fit and the RNG first. Every failure is a CheckpointError naming the file."""
     reader = CheckpointReader(info.path, info.manifest)
     if info.manifest is not None:  # the small side files (index, RNG, config JSON): check them all
         for fname in info.manifest.files:
@@ -137,7 +215,7 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
                 check_member(info.path, info.manifest, fname)
     own = _rank_state(info, rank)  # this rank's own plain-data groups (saved per rank), over the leader's
     available = set(reader.groups) | set(own)
-    loaded: dict[str, Any] = {}
+    wanted: list[str] = []
     for name in names:
         if name not in available:
             if info.kind == "hf":
@@ -147,9 +225,158 @@ def read_for_state(info: CheckpointInfo, names: Iterable[str], *, rank: int, wan
                 raise StateMismatch(f"{info.path}: the checkpoint has no group {name!r} (it has "
                                     f"{sorted(available)}); remove it from the state or pass strict=False")
             continue
-        loaded[name] = own[name] if name in own else reader.load_group(name)
-    rng = read_rank_rng(info.path, info.manifest, rank) if want_rng and info.manifest is not None else None
-    return loaded, rng
+        wanted.append(name)
+    plan, manifest = None, info.manifest
+    if mode != "staged" and state is not None and manifest is not None:
+        plan = _direct_plan(reader, manifest, state, [n for n in wanted if n not in own])
+    if plan is None:  # staged: sharded refs, a plain HF folder, or asked for
+        loaded = {name: own[name] if name in own else reader.load_group(name) for name in wanted}
+        rng = read_rank_rng(info.path, info.manifest, rank) if want_rng and info.manifest is not None else None
+        if overwrites is not None and overwrites.touched and state is not None:
+            overwrites.check_covers(info, _covers(state, loaded))  # nothing of it applied yet
+        return loaded, rng, None
+    assert manifest is not None  # a plan is made for btckpt checkpoints only
+    skeleton = {name: own[name] if name in own else plan.skeleton[name] for name in wanted}
+    if precheck is not None:
+        precheck(skeleton)  # StateMismatch before anything is written
+    overwrites = overwrites if overwrites is not None else Overwrites()
+    overwrites.check_covers(info, plan.covers)
+    rng = read_rank_rng(info.path, manifest, rank) if want_rng else None
+    reader.into = plan.into
+    reader.on_read = lambda f: overwrites.touch(plan.regions.get(f, {}))
+
+    def read_tensors() -> dict[str, Any]:
+        try:
+            return {name: own[name] if name in own else reader.load_group(name) for name in wanted}
+        finally:
+            reader.close()
+
+    if mode == "onepass":
+        return read_tensors(), rng, None
+    try:
+        for fname in plan.files:  # verify_first: every file checked before the first byte is applied
+            reader.verify(fname)  # and kept open: retired before the load, it is still read as verified
+    except BaseException:
+        reader.close()
+        raise
+    return {name: own[name] for name in wanted if name in own}, rng, read_tensors
+
+
+def _covers(state: Mapping[str, Any], loaded: Mapping[str, Any]) -> set[Region]:
+    """The live tensors loading ``loaded`` (group -> value, tensors real or meta) into ``state`` sets: a module's
+    tensors that fit, a tensor group, every state tensor of a loaded optimizer (its ``load_state_dict`` replaces
+    the whole state: each is set or dropped)."""
+    covers: set[Region] = set()
+    for name, value in loaded.items():
+        target = state.get(name)
+        if isinstance(target, torch.nn.Module) and isinstance(value, Mapping):
+            module = unwrap_model(target)
+            sd = module.state_dict()
+            covers.update(_region(sd[k]) for k in module_fit(module, value)[0] if isinstance(sd[k], torch.Tensor))
+        elif isinstance(target, torch.Tensor):
+            covers.add(_region(target))
+        elif isinstance(target, torch.optim.Optimizer):
+            covers.update(_region(t) for st in target.state.values() for t in st.values()
+                          if isinstance(t, torch.Tensor))
+    return covers
+
+
+@dataclass
+class _Plan:
+    """Where a candidate's tensors go: ``skeleton`` (group -> its value with meta tensors: the fit is checked on
+    it), ``into`` (file -> key -> live destination), ``regions`` (file -> the destinations' regions and names),
+    ``covers`` (the live tensors a load of this candidate sets: :meth:`Overwrites.check_covers`), ``files``."""
+
+    skeleton: dict[str, Any]
+    into: dict[str, dict[str, torch.Tensor]]
+    regions: dict[str, dict[Region, str]]
+    covers: set[Region]
+    files: list[str]
+
+
+class _Staged(Exception):
+    """A tensor reference a one-pass read does not handle (a sharded one): the candidate is read staged."""
+
+
+def _direct_plan(reader: CheckpointReader, manifest: Manifest, state: MutableMapping[str, Any],
+                 names: list[str]) -> _Plan | None:
+    """The destinations of a one-pass read of ``names`` into ``state`` (None: read it staged). Reads the files'
+    headers only. A destination is a live CPU tensor matching the saved dtype and shape
+    (:func:`btckpt.restore.reader.direct_target`) or such a CUDA tensor (:func:`~btckpt.restore.reader.device_target`:
+    read through the pinned ring), its memory overlapping no other destination."""
+    metas: dict[tuple[str, str], torch.Tensor] = {}
+    ref_of: dict[int, tuple[str, str]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+
+    def meta(ref: Any) -> torch.Tensor:
+        if not isinstance(ref, Mapping) or "sharded" in ref:
+            raise _Staged
+        key = (ref["file"], ref["key"])
+        t = metas.get(key)
+        if t is None:
+            if key[0] not in entries:
+                entries[key[0]] = reader.header(key[0]).by_name()
+            e = entries[key[0]].get(key[1])
+            if e is None:
+                raise CorruptCheckpoint(f"{reader.folder}/{key[0]}: tensor {key[1]!r} is missing")
+            dtype = ST_TO_DTYPE.get(e.dtype)
+            if dtype is None:
+                raise CorruptCheckpoint(f"{reader.folder}/{key[0]}: tensor {key[1]!r} has dtype {e.dtype}, unknown "
+                                        "to this torch build")
+            t = metas[key] = torch.empty(e.shape, dtype=dtype, device="meta")
+            ref_of[id(t)] = key
+        return t
+
+    try:
+        skeleton = {name: decode_tree(manifest.state[name], meta) for name in names}
+    except _Staged:
+        return None
+    cands: list[tuple[tuple[str, str], torch.Tensor, str]] = []
+
+    def offer(v: Any, dest: Any, label: str) -> None:
+        if isinstance(v, torch.Tensor) and id(v) in ref_of and isinstance(dest, torch.Tensor):
+            cands.append((ref_of[id(v)], dest, label))
+
+    covers = _covers(state, skeleton)
+    for name, value in skeleton.items():
+        target = state.get(name)
+        if isinstance(target, torch.nn.Module) and isinstance(value, Mapping):
+            sd = unwrap_model(target).state_dict()
+            for k, v in value.items():
+                offer(v, sd.get(k), f"{name}.{k}")
+        elif isinstance(target, torch.Tensor):
+            offer(value, target, name)
+        elif isinstance(target, torch.optim.Optimizer) and isinstance(value, Mapping):
+            saved, groups = value.get("state"), value.get("param_groups")
+            if not isinstance(groups, list):
+                continue
+            try:
+                id_map = dict(zip(chain.from_iterable(g["params"] for g in groups),
+                                  chain.from_iterable(g["params"] for g in target.param_groups), strict=False))
+            except (TypeError, KeyError):
+                continue
+            if not isinstance(saved, Mapping):
+                continue
+            for pid, st in saved.items():
+                live = target.state.get(id_map[pid]) if pid in id_map else None
+                if isinstance(st, Mapping) and live:  # a fresh optimizer has none: fresh tensors, kept as they are
+                    for k, v in st.items():
+                        offer(v, live.get(k), f"{name}.state.{pid}.{k}")
+    into: dict[str, dict[str, torch.Tensor]] = {}
+    regions: dict[str, dict[Region, str]] = {}
+    fitting = [(key, dest, label) for key, dest, label in cands
+               if direct_target(dest, metas[key].dtype, tuple(metas[key].shape))
+               or device_target(dest, metas[key].dtype, tuple(metas[key].shape))]
+    end = -1
+    for key, dest, label in sorted(fitting, key=lambda c: c[1].data_ptr()):
+        r = _region(dest)
+        if r[0] < end or key[1] in into.get(key[0], {}):
+            continue  # its memory overlaps another destination (tied), or its bytes go elsewhere already
+        end = r[0] + r[1]
+        into.setdefault(key[0], {})[key[1]] = dest
+        regions.setdefault(key[0], {})[r] = label
+        covers.add(r)
+    return _Plan(skeleton, into, regions, covers, sorted({f for f, _ in metas}))
 
 
 def _rank_state(info: CheckpointInfo, rank: int) -> dict[str, Any]:
@@ -280,17 +507,32 @@ def _reshard_groups(info: CheckpointInfo, state: MutableMapping[str, Any]) -> di
 
 
 def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names: Iterable[str] | None = None, *,
-                    rank: int, want_rng: bool, strict: bool) -> Callable[[], None]:
+                    rank: int, want_rng: bool, strict: bool, mode: str = LAST_CANDIDATE,
+                    overwrites: Overwrites | None = None) -> Callable[[], None]:
     """Read and verify the groups ``names`` of ``state`` (default: all) from ``info``; return the function
     that loads them into ``state`` in place. Sharded groups (FSDP2/DTensor, saved or targeted) go through
-    DCP's planner, so every rank calls this. Raises CorruptCheckpoint / IncompleteCheckpoint when damaged,
-    before anything is applied. ``state`` may hold more than ``names`` (the model a sharded optimizer updates)."""
+    DCP's planner, so every rank calls this. ``state`` may hold more than ``names`` (the model a sharded
+    optimizer updates).
+
+    ``mode`` (module doc): ``verify_first`` (default) and ``staged`` raise CorruptCheckpoint /
+    IncompleteCheckpoint when damaged before anything is applied; ``onepass`` writes the tensors into ``state``
+    as they are read (``overwrites`` records which), only its StateMismatch comes before any write."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {MODES}")
     wanted = list(state) if names is None else list(names)
     groups = {n: k for n, k in _reshard_groups(info, state).items() if n in wanted}
-    loaded, rng = read_for_state(info, [n for n in wanted if n not in groups], rank=rank, want_rng=want_rng,
-                                 strict=strict)
-    check_fits(state, loaded, strict=strict, where=info.path)  # a candidate that does not fit is not chosen
-    report = plan_report(info, state, wanted, loaded, groups, strict=strict)
+    reports: list[RestoreReport] = []
+
+    def precheck(skeleton: dict[str, Any]) -> None:  # a candidate that does not fit is not chosen
+        check_fits(state, skeleton, strict=strict, where=info.path)
+        reports.append(plan_report(info, state, wanted, skeleton, groups, strict=strict))
+
+    loaded, rng, later = read_for_state(info, [n for n in wanted if n not in groups], rank=rank, want_rng=want_rng,
+                                        strict=strict, state=state, mode=mode, overwrites=overwrites,
+                                        precheck=precheck)
+    if not reports:
+        precheck(loaded)
+    report = reports[-1]
     resharded = None
     if groups:  # DCP's planner reshards; every rank takes part
         from .dcp import read_sharded  # torch.distributed.checkpoint: see _reshard_groups
@@ -298,7 +540,15 @@ def read_checkpoint(info: CheckpointInfo, state: MutableMapping[str, Any], names
         resharded = read_sharded(info, state, groups, strict=strict)
 
     def apply() -> None:
-        load_into(state, loaded, rng, strict=strict, where=info.path)
+        value = loaded
+        if later is not None:  # verify_first: the files verified; now their bytes go into the state
+            try:
+                value = later()
+            except CheckpointError as exc:
+                raise CorruptCheckpoint(
+                    f"{exc} -- it verified a moment ago, so it was changed in place while being read; the live "
+                    "state is now partly loaded from it: rebuild the model and optimizer before training") from None
+        load_into(state, value, rng, strict=strict, where=info.path)
         if resharded is not None:
             from .dcp import apply_sharded  # torch.distributed.checkpoint: see _reshard_groups
 
@@ -315,12 +565,22 @@ def reads_collectively(info: CheckpointInfo, state: MutableMapping[str, Any]) ->
 
 
 def read_candidate(info: CheckpointInfo, state: MutableMapping[str, Any], *, rank: int, want_rng: bool,
-                   strict: bool) -> tuple[CheckpointInfo, Callable[[], None]]:
+                   strict: bool, mode: str = LAST_CANDIDATE, overwrites: Overwrites | None = None
+                   ) -> tuple[CheckpointInfo, Callable[[], None]]:
     """Read and verify one candidate for ``state`` (downloaded to the local cache first when behind an fsspec
-    URL): the candidate as read, and the function that loads it (:func:`read_checkpoint`)."""
+    URL): the candidate as read, and the function that loads it (:func:`read_checkpoint`; ``mode`` and
+    ``overwrites`` as there). A one-pass read that failed after its bytes began landing in the state is
+    recorded in ``overwrites.failed``."""
     if not info.store.local:
         info = fetch(info)
-    return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict)
+    before = overwrites.writes if overwrites is not None else 0
+    try:
+        return info, read_checkpoint(info, state, rank=rank, want_rng=want_rng, strict=strict, mode=mode,
+                                     overwrites=overwrites)
+    except CheckpointError:
+        if overwrites is not None and overwrites.writes > before:
+            overwrites.failed.append(info.path)
+        raise
 
 
 def finish_restore(info: CheckpointInfo, apply: Callable[[], None]) -> CheckpointInfo:
@@ -330,13 +590,50 @@ def finish_restore(info: CheckpointInfo, apply: Callable[[], None]) -> Checkpoin
     return info
 
 
+def has_fallback(infos: list[CheckpointInfo]) -> dict[int, bool]:
+    """``id(info) -> whether a usable candidate (complete, not of a newer format) comes after it in infos``:
+    the candidates that may be read one pass (module doc)."""
+    out: dict[int, bool] = {}
+    after = False
+    for c in reversed(infos):
+        out[id(c)] = after
+        after = after or (c.complete and c.status != "newer")
+    return out
+
+
 def restore_first(candidates: Iterable[CheckpointInfo | Path], state: MutableMapping[str, Any], *, rank: int,
                   want_rng: bool, strict: bool,
-                  rescan: Callable[[], Iterable[CheckpointInfo]] | None = None) -> CheckpointInfo | None:
+                  rescan: Callable[[], Iterable[CheckpointInfo]] | None = None,
+                  overwrites: Overwrites | None = None) -> CheckpointInfo | None:
     """Restore from the first candidate that reads and verifies; warn and fall back past damaged ones
     (:func:`btckpt.storage.discovery.select`: any :class:`CheckpointError` while reading makes a candidate damaged;
-    ``rescan``: lists the candidates again when one was retired while it was read)."""
-    found = select((c if isinstance(c, CheckpointInfo) else inspect(c) for c in candidates),
-                   lambda info: read_candidate(info, state, rank=rank, want_rng=want_rng, strict=strict),
-                   rescan=rescan)
-    return None if found is None else finish_restore(*found[1])
+    ``rescan``: lists the candidates again when one was retired while it was read).
+
+    A candidate with a usable one after it is read one pass, the last one verify-first (module doc); if a
+    one-pass read overwrote live tensors and no later candidate verifies (or fits), :class:`CorruptCheckpoint`
+    (:meth:`Overwrites.error`) instead of None. ``overwrites``: the caller's record (the ranks' agreement)."""
+    ow = overwrites if overwrites is not None else Overwrites()
+    later: dict[int, bool] = {}
+
+    def listed(infos: Iterable[CheckpointInfo | Path]) -> list[CheckpointInfo]:
+        out = [c if isinstance(c, CheckpointInfo) else inspect(c) for c in infos]
+        later.clear()
+        later.update(has_fallback(out))
+        return out
+
+    def attempt(info: CheckpointInfo) -> tuple[CheckpointInfo, Callable[[], None]]:
+        mode = "onepass" if later.get(id(info)) else LAST_CANDIDATE
+        return read_candidate(info, state, rank=rank, want_rng=want_rng, strict=strict, mode=mode, overwrites=ow)
+
+    try:
+        found = select(listed(candidates), attempt,
+                       rescan=(lambda: listed(rescan())) if rescan is not None else None)  # type: ignore[misc]
+    except StateMismatch:
+        if ow.touched:
+            raise ow.error() from None
+        raise
+    if found is None:
+        if ow.touched:
+            raise ow.error()
+        return None
+    return finish_restore(*found[1])

@@ -1,23 +1,29 @@
 """Read a committed checkpoint: verify checksums, parse safetensors safely, build tensors.
 
-Never unpickles: tensors come from safetensors data sections, everything else from JSON. Every file
-is read once, straight into one fresh buffer (:func:`staging_buffer`: huge pages; a few threads ``pread``
-successive spans), and checksummed in file order as the spans land; tensors are views of that buffer (no second
-copy before ``load_state_dict``).
+Never unpickles: tensors come from safetensors data sections, everything else from JSON. Two ways to read a file:
 
-Why not read straight into the live parameters (one pass instead of read + ``load_state_dict``'s copy): the
-restore's contract is that every byte is verified before anything is applied, so a damaged file must leave the
-state untouched and fall back to an older checkpoint. Reading into the parameters would need a copy of their
-old values first: the same fresh memory and the same pass over it as this buffer, which is what costs (its
-page faults; the copy into the parameters is ~0.1 s per GiB, see ``benchmarks/bench_read_path.py``).
+- staged (:func:`read_safetensors` without ``into``): the file is read once into one fresh buffer
+  (:func:`staging_buffer`: huge pages; a few threads ``pread`` successive spans), checksummed in file order as the
+  spans land; tensors are views of that buffer, copied into the live state by ``load_state_dict`` later;
+- into the destinations (``into``: key -> the live tensor): a saved tensor whose dtype and shape match its live
+  CPU, contiguous destination is read straight into the destination's memory (``preadv`` of large sequential
+  spans, each a list of views of the destinations' storages, hashed in file order as they land): no staging
+  buffer, no copy, no fresh page faults. Other tensors (foreign, dtype/shape differ, no destination) are read
+  into a fresh tensor of their own in the same pass. The caller decides when that is allowed
+  (:mod:`btckpt.restore.load`: the bytes are in the live state before the file's checksum is known);
+  :func:`verify_safetensors` (a hash-only pass through a small reused ring) checks a file first when it must.
+  A file holding a CUDA destination (:func:`device_target`) is read through a pinned staging ring instead
+  (:func:`_read_via_ring`): each span read and hashed into a slot, copied host-to-device on a side stream while
+  the next span is read, the slot reused once its copies ran.
 """
-
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,12 +48,20 @@ from ..format.manifest import (
 from ..format.tree import decode_tree
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
-           "read_verified_bytes"]
+           "read_verified_bytes", "verify_safetensors", "direct_target", "device_target", "tensor_bytes", "READS",
+           "CudaCopier"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
 MAX_INDEX = 256 * 1024 * 1024
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
+IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+RING_SLOTS = 4  # pinned READ_CHUNK slots a file with device destinations is read through
+MAX_KEPT = 256  # verified files a reader keeps open for the read that follows (beyond: reopened by name)
+# bytes read each way in this process (tests, benchmarks): into live destinations, into fresh tensors of their own
+# (one-pass reads of tensors without a fitting destination), into staging buffers, and hashed only (verify pass)
+# (ring_bytes: the data sections read through the pinned ring of a file with device destinations)
+READS = {"direct_bytes": 0, "fresh_bytes": 0, "staged_bytes": 0, "verify_bytes": 0, "ring_bytes": 0}
 
 
 safe_file = member_path  # ``folder/name``, refusing names and links that leave the folder
@@ -73,47 +87,291 @@ def staging_buffer(n: int) -> torch.Tensor:
 
 def _read_hashed(fd: int, mv: memoryview, base: int, h: Any, path: Path) -> None:
     """Fill ``mv`` with the file's bytes from offset ``base`` on, each byte read once, and feed them to ``h`` in
-    file order. ``READ_THREADS`` threads ``pread`` successive ``READ_CHUNK`` spans into their final place
-    (no staging copy; several requests in flight keep a fast disk busy, and the page faults of the fresh
-    buffer are spread over cores: at 4 GiB from disk, page cache dropped, one thread took 6.8 s, four 4.6 s
-    with 4 KiB pages and 2.7 s with huge pages, dd 1.8 s) while this thread hashes each span as soon as it
-    and those before it landed.
+    file order (:func:`_read_pieces` with one piece). ``READ_THREADS`` threads ``pread`` successive
+    ``READ_CHUNK`` spans into their final place (several requests in flight keep a fast disk busy, and the page
+    faults of a fresh buffer are spread over cores: at 4 GiB from disk, page cache dropped, one thread took
+    6.8 s, four 4.6 s with 4 KiB pages and 2.7 s with huge pages, dd 1.8 s) while this thread hashes each span
+    as soon as it and those before it landed.
     A file shorter than its header says is a CorruptCheckpoint; OSErrors propagate to the caller."""
-    n = len(mv)
+    _read_pieces(fd, [mv], base, h, path)
+
+
+def _fill(fd: int, bufs: list[memoryview], off: int, path: Path) -> None:
+    """``preadv`` the file from ``off`` into ``bufs`` (in order, each filled whole), :data:`IOV_MAX` at a time."""
+    i = 0
+    while i < len(bufs):
+        got = os.preadv(fd, bufs[i:i + IOV_MAX], off)
+        if not got:
+            raise CorruptCheckpoint(f"{path}: file ended early at byte {off}")
+        off += got
+        while got:
+            left = len(bufs[i])
+            if got >= left:
+                got -= left
+                i += 1
+            else:
+                bufs[i] = bufs[i][got:]
+                got = 0
+
+
+def _spans(pieces: list[memoryview], base: int) -> list[tuple[int, list[memoryview]]]:
+    """``pieces`` (consecutive in the file from ``base``) cut into spans of :data:`READ_CHUNK` bytes: each the
+    file offset it starts at and the views it fills (a large piece is cut, small ones share a span)."""
+    spans: list[tuple[int, list[memoryview]]] = []
+    cur: list[memoryview] = []
+    size, start, off = 0, base, base
+    for mv in pieces:
+        pos = 0
+        while pos < len(mv):
+            take = min(len(mv) - pos, READ_CHUNK - size)
+            cur.append(mv[pos:pos + take])
+            size, pos, off = size + take, pos + take, off + take
+            if size == READ_CHUNK:
+                spans.append((start, cur))
+                cur, size, start = [], 0, off
+    if cur:
+        spans.append((start, cur))
+    return spans
+
+
+def _read_pieces(fd: int, pieces: list[memoryview], base: int, h: Any, path: Path) -> None:
+    """Fill ``pieces`` (writable byte views, consecutive in the file from ``base``: e.g. the storages of the
+    live tensors a data section holds, in file order) with the file's bytes, each byte read once, large spans
+    (:func:`_spans`, one ``preadv`` each, :data:`READ_THREADS` in flight), and feed them to ``h`` in file order
+    as they land. A short file is a CorruptCheckpoint; OSErrors propagate to the caller."""
+    pieces = [p for p in pieces if len(p)]
+    n = sum(len(p) for p in pieces)
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, base, n, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
-
-    def fill(pos: int, end: int) -> None:
-        while pos < end:
-            got = os.preadv(fd, [mv[pos:end]], base + pos)
-            if not got:
-                raise CorruptCheckpoint(f"{path}: file ended early at byte {base + pos}")
-            pos += got
-
-    spans = [(pos, min(pos + READ_CHUNK, n)) for pos in range(0, n, READ_CHUNK)]
-    if len(spans) == 1:
-        fill(0, n)
-        h.update(mv)
+    spans = _spans(pieces, base)
+    if len(spans) <= 1:
+        for off, bufs in spans:
+            _fill(fd, list(bufs), off, path)
+            for b in bufs:
+                h.update(b)
         return
     with ThreadPoolExecutor(min(READ_THREADS, len(spans)), thread_name_prefix="btckpt-read") as pool:
-        filled = [pool.submit(fill, pos, end) for pos, end in spans]
+        filled = [pool.submit(_fill, fd, list(bufs), off, path) for off, bufs in spans]
         try:
-            for (pos, end), fut in zip(spans, filled, strict=True):
+            for (_, bufs), fut in zip(spans, filled, strict=True):
                 fut.result()
-                h.update(mv[pos:end])
+                for b in bufs:
+                    h.update(b)
         finally:
             for fut in filled:  # on an error, the spans not started yet are not read
                 fut.cancel()
 
 
-def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a CPU, contiguous tensor's memory (see :func:`direct_target`)."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def direct_target(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a saved tensor of ``dtype``/``shape`` can be read straight into ``t``: a plain CPU tensor (or
+    Parameter) of that dtype and shape, contiguous, with memory of its own (not empty, no conj/neg bit)."""
+    return (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and t.device.type == "cpu" and not is_device(t) and t.layout == torch.strided and not t.is_quantized
+            and t.dtype == dtype and tuple(t.shape) == tuple(shape) and t.numel() > 0
+            and t.is_contiguous() and not t.is_conj() and not t.is_neg())
+
+
+class CudaCopier:
+    """A side CUDA stream for the restore's host-to-device copies (the protocol of
+    :class:`btckpt.saving.snapshot.ThreadStream`, its CPU stand-in: ``run``, ``record``, ``sync``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device=device)
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with torch.cuda.stream(self.stream):
+            fn()
+
+    def record(self) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    @staticmethod
+    def sync(ev: Any) -> None:
+        ev.synchronize()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+# The device side of a restore, replaceable so tests drive it on CPU (a ThreadStream and ``lambda t: True``):
+# the stream the H2D copies run on (per device), and which destinations are device memory.
+device_stream: Callable[[torch.device], Any] = CudaCopier
+is_device: Callable[[torch.Tensor], bool] = lambda t: t.device.type == "cuda"  # noqa: E731
+
+
+def device_target(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a saved tensor of ``dtype``/``shape`` can be copied straight into the device tensor ``t``
+    (contiguous, that dtype and shape) from the pinned ring (:func:`_read_via_ring`)."""
+    return (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter) and is_device(t)
+            and t.layout == torch.strided and t.dtype == dtype and tuple(t.shape) == tuple(shape)
+            and t.numel() > 0 and t.is_contiguous() and not t.is_conj() and not t.is_neg())
+
+
+def _read_via_ring(fd: int, header: Header, into: Mapping[str, torch.Tensor], h: Any, path: Path
+                   ) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`_read_into` for a file with device destinations: the data section read span by span into
+    :data:`RING_SLOTS` pinned slots of :data:`READ_CHUNK` bytes, hashed, then scattered: host destinations
+    (and fresh tensors) by a memory copy, device ones by ``copy_(non_blocking=True)`` on the
+    :data:`device_stream`, overlapped with the next span's read; a slot is reused once its copies ran.
+    Returns the tensors and the bytes that went straight into destinations."""
+    tensors: dict[str, torch.Tensor] = {}
+    segs: list[tuple[int, int, bool, Any]] = []  # (begin, end, on the device, byte view of the target)
+    direct, device = 0, None
+    for e in header.entries:
+        dtype = ST_TO_DTYPE.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpoint(f"{path}: tensor {e.name!r} has dtype {e.dtype}, unknown to this torch build")
+        dest = into.get(e.name)
+        if dest is not None and direct_target(dest, dtype, e.shape):
+            segs.append((e.begin, e.end, False, tensor_bytes(dest)))
+        elif dest is not None and device_target(dest, dtype, e.shape):
+            segs.append((e.begin, e.end, True, dest.detach().reshape(-1).view(torch.uint8)))
+            device = device or dest.device
+        else:
+            raw = torch.empty(e.end - e.begin, dtype=torch.uint8)
+            segs.append((e.begin, e.end, False, memoryview(raw.numpy())))  # type: ignore[arg-type]
+            tensors[e.name] = raw.view(dtype).view(e.shape)
+            continue
+        tensors[e.name] = dest
+        direct += e.end - e.begin
+    n = header.data_size
+    spans = [(pos, min(pos + READ_CHUNK, n)) for pos in range(0, n, READ_CHUNK)]
+    pin = torch.cuda.is_available()
+    slots = [torch.empty(min(READ_CHUNK, n), dtype=torch.uint8, pin_memory=pin)
+             for _ in range(min(RING_SLOTS, len(spans)))]
+    stream = device_stream(device or torch.device("cuda"))
+    events: list[Any] = [None] * len(slots)
+    seg = 0
+    try:
+        for k, (pos, end) in enumerate(spans):
+            i = k % len(slots)
+            if events[i] is not None:
+                stream.sync(events[i])  # the slot's copies of span k - RING_SLOTS ran
+            slot = slots[i]
+            mv = memoryview(slot.numpy())[:end - pos]  # type: ignore[arg-type]
+            _fill(fd, [mv], header.data_start + pos, path)
+            h.update(mv)
+            while seg < len(segs) and segs[seg][0] < end:
+                b, e_end, on_device, target = segs[seg]
+                lo, hi = max(b, pos), min(e_end, end)
+                if hi > lo and on_device:
+                    stream.run(lambda d=target[lo - b:hi - b], s=slot[lo - pos:hi - pos]:  # type: ignore[misc]
+                               d.copy_(s, non_blocking=True))
+                elif hi > lo:
+                    target[lo - b:hi - b] = mv[lo - pos:hi - pos]
+                if e_end > end:
+                    break
+                seg += 1
+            events[i] = stream.record()
+    finally:
+        for ev in events:
+            if ev is not None:
+                stream.sync(ev)
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
+    return tensors, direct
+
+
+def verify_safetensors(folder: Path, name: str, *, expect: dict[str, Any], f: BinaryIO | None = None) -> None:
+    """Check the listed file ``folder/name`` against its manifest entry (size, checksum) without keeping its
+    bytes: read through a ring of :data:`READ_THREADS` reused :data:`READ_CHUNK` buffers, hashed in order
+    (the bytes stay in the page cache for the read that follows). A CheckpointError naming the file if not.
+    ``f``: the file already open (:func:`btckpt.format.manifest.open_member`), left open for that read."""
+    path = folder / name
+    with _opened(folder, name, f) as f:
+        try:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            if size != expect["size"]:
+                raise CorruptCheckpoint(f"{path}: size is {size} bytes, the manifest says {expect['size']}; "
+                                        "the file was truncated or replaced")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+            h = new_hasher()
+            spans = [(pos, min(READ_CHUNK, size - pos)) for pos in range(0, size, READ_CHUNK)]
+            ring = [bytearray(READ_CHUNK) for _ in range(min(READ_THREADS, len(spans)) or 1)]
+            with ThreadPoolExecutor(len(ring), thread_name_prefix="btckpt-verify") as pool:
+                def read(i: int) -> Any:
+                    pos, n = spans[i]
+                    mv = memoryview(ring[i % len(ring)])[:n]
+                    return pool.submit(_fill, fd, [mv], pos, path)
+
+                inflight = [read(i) for i in range(min(len(ring), len(spans)))]
+                try:
+                    for i in range(len(spans)):
+                        inflight[i].result()
+                        h.update(memoryview(ring[i % len(ring)])[:spans[i][1]])
+                        if i + len(ring) < len(spans):
+                            inflight.append(read(i + len(ring)))  # the slot just hashed is free again
+                finally:
+                    for fut in inflight:
+                        fut.cancel()
+            READS["verify_bytes"] += size
+        except OSError as exc:
+            raise read_error(path, exc) from None
+    if h.hexdigest() != expect[CHECKSUM]:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch ({CHECKSUM} {h.hexdigest()} != {expect[CHECKSUM]}); "
+                                "the file is corrupt")
+
+
+def _read_into(f: BinaryIO, header: Header, into: Mapping[str, torch.Tensor], h: Any, path: Path
+               ) -> dict[str, torch.Tensor]:
+    """The data section of the open file ``f`` read in one pass: into ``into``'s tensors where they fit
+    (:func:`direct_target`: the destination itself is returned for its key), else into a fresh tensor each."""
+    tensors: dict[str, torch.Tensor] = {}
+    pieces: list[memoryview] = []
+    direct = 0
+    if any(isinstance(t, torch.Tensor) and is_device(t) for t in into.values()):
+        tensors, direct = _read_via_ring(f.fileno(), header, into, h, path)
+        READS["ring_bytes"] += header.data_size
+        READS["direct_bytes"] += direct
+        READS["fresh_bytes"] += header.data_size - direct
+        return tensors
+    for e in header.entries:  # sorted by offset, back to back (parse_header checks it)
+        dtype = ST_TO_DTYPE.get(e.dtype)
+        if dtype is None:
+            raise CorruptCheckpoint(f"{path}: tensor {e.name!r} has dtype {e.dtype}, unknown to this torch build")
+        dest = into.get(e.name)
+        if dest is not None and direct_target(dest, dtype, e.shape):
+            pieces.append(tensor_bytes(dest))
+            tensors[e.name] = dest
+            direct += e.end - e.begin
+        else:
+            raw = torch.empty(e.end - e.begin, dtype=torch.uint8)
+            pieces.append(memoryview(raw.numpy()))  # type: ignore[arg-type]
+            tensors[e.name] = raw.view(dtype).view(e.shape)
+    _read_pieces(f.fileno(), pieces, header.data_start, h, path)
+    READS["direct_bytes"] += direct
+    READS["fresh_bytes"] += header.data_size - direct
+    return tensors
+
+
+def _opened(folder: Path, name: str, f: BinaryIO | None) -> Any:
+    """``f`` as a context that leaves it open, or the member opened (and closed after)."""
+    return contextlib.nullcontext(f) if f is not None else open_member(folder, name)
+
+
+def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None,
+                     into: Mapping[str, torch.Tensor] | None = None, f: BinaryIO | None = None
                      ) -> tuple[Header, dict[str, torch.Tensor]]:
     """Read the whole safetensors file ``folder/name`` (a regular file inside the folder: see
     :func:`btckpt.format.manifest.open_member`); check its size and checksum against ``expect`` (its manifest entry)
-    if given. Every failure is a CheckpointError naming the file."""
+    if given. Every failure is a CheckpointError naming the file.
+
+    ``into`` (key -> live tensor): read the data section straight into the destinations that fit (module doc);
+    their bytes are in place before the checksum is checked, so a failure leaves them overwritten. ``f``: the
+    file already open (kept from :func:`verify_safetensors`: a checkpoint retired since is still read whole)."""
     path = folder / name
     where = str(path)
-    with open_member(folder, name) as f:
+    with _opened(folder, name, f) as f:
         try:
             size = os.fstat(f.fileno()).st_size
             if expect is not None and size != expect["size"]:
@@ -123,14 +381,22 @@ def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
             f.seek(0)
             h = new_hasher()
             h.update(read_upto(f, header.data_start, where=path))
-            buf = staging_buffer(header.data_size)
-            if header.data_size:
-                _read_hashed(f.fileno(), memoryview(buf.numpy()), header.data_start, h, path)  # type: ignore[arg-type]
+            direct = None
+            if into is not None:
+                direct = _read_into(f, header, into, h, path)
+            else:
+                buf = staging_buffer(header.data_size)
+                if header.data_size:
+                    _read_hashed(f.fileno(), memoryview(buf.numpy()), header.data_start, h,  # type: ignore[arg-type]
+                                 path)
+                READS["staged_bytes"] += header.data_size
         except OSError as exc:
             raise read_error(path, exc) from None
     if expect is not None and h.hexdigest() != expect[CHECKSUM]:
         raise CorruptCheckpoint(f"{path}: checksum mismatch ({CHECKSUM} {h.hexdigest()} != {expect[CHECKSUM]}); "
                                 "the file is corrupt")
+    if direct is not None:
+        return header, direct
     tensors = {}
     for e in header.entries:
         dtype = ST_TO_DTYPE.get(e.dtype)
@@ -145,12 +411,64 @@ def read_safetensors(folder: Path, name: str, *, expect: dict[str, Any] | None
 
 
 class CheckpointReader:
-    """Reads one checkpoint folder. ``manifest`` is None for a plain HF model folder (weights only)."""
+    """Reads one checkpoint folder. ``manifest`` is None for a plain HF model folder (weights only).
+
+    ``into`` (file -> key -> live tensor; None: staged reads): the files are read straight into these
+    destinations (:func:`read_safetensors`), a file absent from it into fresh tensors of its own; ``on_read(file)``
+    is called before a file's bytes start landing (the restore records which live tensors it overwrites)."""
 
     def __init__(self, folder: str | os.PathLike[str], manifest: Manifest | None) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self._files: dict[str, dict[str, torch.Tensor]] = {}
+        self._headers: dict[str, Header] = {}
+        self.into: dict[str, dict[str, torch.Tensor]] | None = None
+        self.on_read: Callable[[str], None] | None = None
+        self._kept: dict[str, BinaryIO] = {}  # verified files, kept open (and locked) for the read that follows
+        self._stack = contextlib.ExitStack()
+
+    def close(self) -> None:
+        """Close the files :meth:`verify` kept open."""
+        self._kept.clear()
+        self._stack.close()
+
+    def _expect(self, name: str) -> dict[str, Any] | None:
+        if self.manifest is None:
+            return None
+        expect = self.manifest.files.get(name)
+        if expect is None:
+            raise CorruptCheckpoint(f"{self.folder}: the state references {name!r}, which the manifest "
+                                    "does not list")
+        return expect
+
+    def header(self, name: str) -> Header:
+        """The parsed header of the listed file ``name`` (its data not read), its size checked."""
+        if name not in self._headers:
+            expect = self._expect(name)
+            path = self.folder / name
+            with open_member(self.folder, name) as f:
+                try:
+                    size = os.fstat(f.fileno()).st_size
+                    if expect is not None and size != expect["size"]:
+                        raise CorruptCheckpoint(f"{path}: size is {size} bytes, the manifest says {expect['size']}; "
+                                                "the file was truncated or replaced")
+                    self._headers[name] = read_header(f, size, where=str(path))
+                except OSError as exc:
+                    raise read_error(path, exc) from None
+        return self._headers[name]
+
+    def verify(self, name: str) -> None:
+        """Check the listed file ``name``'s size and checksum (:func:`verify_safetensors`), keeping none of its
+        bytes but the file open (and its shared lock) until it is read or :meth:`close`: a checkpoint retired in
+        between is still read as verified."""
+        expect = self._expect(name)
+        if expect is not None and name not in self._files and name not in self._kept:
+            if len(self._kept) >= MAX_KEPT:  # a checkpoint of very many files: the descriptors are not held
+                verify_safetensors(self.folder, name, expect=expect)
+                return
+            f = self._stack.enter_context(open_member(self.folder, name))
+            self._kept[name] = f
+            verify_safetensors(self.folder, name, expect=expect, f=f)
 
     @property
     def groups(self) -> list[str]:
@@ -160,13 +478,12 @@ class CheckpointReader:
 
     def _file(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._files:
-            expect = None
-            if self.manifest is not None:
-                expect = self.manifest.files.get(name)
-                if expect is None:
-                    raise CorruptCheckpoint(f"{self.folder}: the state references {name!r}, which the manifest "
-                                            "does not list")
-            _, self._files[name] = read_safetensors(self.folder, name, expect=expect)
+            expect = self._expect(name)
+            into = None if self.into is None else self.into.get(name, {})
+            if into and self.on_read is not None:
+                self.on_read(name)
+            _, self._files[name] = read_safetensors(self.folder, name, expect=expect, into=into,
+                                                    f=self._kept.pop(name, None))
         return self._files[name]
 
     def _hf_weight_files(self) -> list[str]:
