@@ -16,6 +16,14 @@ rotated order, and measures on rank 0, between barriers:
   holds the partitioned placeholders, so a servable model still needs ``zero_to_fp32.py``).
 
 Also the step time without a save (median) and the bytes each contender wrote (all ranks).
+
+Then ``--restore-rounds`` rounds of restore into the same live engine (each contender's newest checkpoint of
+the save rounds, order alternating), rank 0's time between barriers (the files are in the page cache for both):
+
+- ``btckpt``: what the HF callback's resume does (``btckpt.hf.deepspeed.load_engine``): ``inspect`` the folder
+  (manifest), then ``load_zero`` (every rank reads and checksums the full tensors its fragments need, checks
+  them all, then fills its fp32 master partition, its optimizer moments and its model partition);
+- ``deepspeed``: ``engine.load_checkpoint(dir)`` (module and optimizer states, ``torch.load`` of the pickles).
 """
 
 from __future__ import annotations
@@ -125,6 +133,34 @@ def worker(a: argparse.Namespace) -> None:
                 nbytes[name] = _bytes(folder)
     for ck in bt.values():
         ck.close()
+
+    from btckpt.distributed.zero import load_zero, read_tensor
+    from btckpt.restore.reader import NodeParts
+    from btckpt.storage.discovery import inspect
+
+    bt_folder = btckpt.latest(root / "bt-sync")
+    assert bt_folder is not None
+
+    def bt_restore() -> None:  # btckpt.hf.deepspeed.load_engine, on the bench's engine
+        info = inspect(bt_folder)
+        assert info.complete and info.manifest is not None, info.reason
+        parts = NodeParts(info.path, info.manifest)
+        data = load_zero(zs, info.manifest.state, read_tensor(parts, info.manifest.node_rank), where=str(info.path))
+        engine.global_steps = int(data["counters"]["global_steps"])
+
+    def ds_restore() -> None:
+        path, _ = engine.load_checkpoint(str(root / "ds"), load_lr_scheduler_states=False)
+        assert path is not None, "deepspeed found no checkpoint"
+
+    restore = {"btckpt": bt_restore, "deepspeed": ds_restore}
+    for r in range(a.restore_rounds):
+        for name in list(restore)[r % 2:] + list(restore)[:r % 2]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            restore[name]()
+            dist.barrier()
+            res.setdefault(f"restore.{name}", []).append(time.perf_counter() - t0)
+        step()  # the restored engine trains
     if rank == 0:
         out = {"stage": a.stage, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                                for p in engine.module.parameters()),
@@ -138,10 +174,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--restore-rounds", type=int, default=None, help="restore rounds (default: --rounds)")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--root", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.restore_rounds is None:
+        a.restore_rounds = a.rounds
     if a.worker:
         worker(a)
         return
@@ -150,7 +189,8 @@ def main() -> None:
         env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE),
                "--worker", "--root", str(Path(tmp) / "ck"), "--json", str(js), "--stage", str(a.stage),
-               "--rounds", str(a.rounds), "--hidden", str(a.hidden), "--layers", str(a.layers)]
+               "--rounds", str(a.rounds), "--restore-rounds", str(a.restore_rounds), "--hidden", str(a.hidden),
+               "--layers", str(a.layers)]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not os.environ.get("VERBOSE") else None)
         out = json.loads(js.read_text())
     print(f"ZeRO-{out['stage']}, {out['params'] / 1e6:.1f} M parameters, 2 ranks, step {out['step_s']:.3f} s "
@@ -161,6 +201,12 @@ def main() -> None:
         s, t = out["results"][f"{name}.stall"], out["results"][f"{name}.total"]
         print(f"| {name} | {statistics.median(s):.3f} [{min(s):.3f}-{max(s):.3f}] | {statistics.median(t):.3f} "
               f"[{min(t):.3f}-{max(t):.3f}] | {out['bytes'].get(name, 0) / 1e6:.1f} |")
+    print(f"\nrestore into the live engine, {a.restore_rounds} rounds (median [min-max])")
+    print("| contender | restore (s) |")
+    print("|---|---|")
+    for name in ("btckpt", "deepspeed"):
+        t = out["results"][f"restore.{name}"]
+        print(f"| {name} | {statistics.median(t):.3f} [{min(t):.3f}-{max(t):.3f}] |")
 
 
 if __name__ == "__main__":

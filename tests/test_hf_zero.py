@@ -1,8 +1,8 @@
 """HF Trainer + DeepSpeed ZeRO (stages 1-3) with ``btckpt.hf.CheckpointCallback``: real torchrun, 2 ranks, gloo
 on CPU (``DS_ACCELERATOR=cpu``), a tiny Llama from a config. Each rank writes its own ZeRO partition as
 safetensors chunks (no pickle, no ``global_step*`` folder); SIGKILL of the whole job and resume is bit-identical
-(own dir, and a nested load dir); a ZeRO-3 checkpoint of 2 ranks restores into 1 rank and into a plain model;
-the consolidated folder loads with ``from_pretrained`` (no ``zero_to_fp32.py``).
+(own dir, and a nested load dir); a ZeRO-3 checkpoint of 2 ranks restores into 1 rank, into FSDP2 (2 ranks)
+and into a plain model; the consolidated folder loads with ``from_pretrained`` (no ``zero_to_fp32.py``).
 
 Needs the ``deepspeed`` extra (``pip install btckpt[deepspeed]``; scripts/test.sh installs it): skipped without."""
 
@@ -96,18 +96,27 @@ def test_zero3_from_nested_load_dir(tmp_path: Path) -> None:
     assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")
 
 
-@pytest.mark.slow
-def test_zero3_reshards_to_one_rank_and_plain_model_and_is_servable(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-rank ZeRO-3 run of 4 steps (consolidated), shared by the reshard tests (read only): ``a/`` holds
+    ``checkpoint-4``, ``saved.st`` the full fp32 master weights + moments right after its save."""
     _needs_deepspeed()
+    tmp = tmp_path_factory.mktemp("zero3")
+    run(tmp, "a", "--stage", "3", "--max-steps", "4", "--consolidate", "--dump-save", f"4:{tmp / 'saved.st'}")
+    return tmp
+
+
+@pytest.mark.slow
+def test_zero3_reshards_to_one_rank_and_plain_model_and_is_servable(tmp_path: Path, zero3_run: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import btckpt
     import torch
     import tqdm
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)  # no tqdm monitor thread (the leak check flags it)
-    run(tmp_path, "a", "--stage", "3", "--max-steps", "4", "--consolidate",
-        "--dump-save", f"4:{tmp_path / 'saved.st'}")
+    shutil.copy(zero3_run / "saved.st", tmp_path / "saved.st")
+    shutil.copytree(zero3_run / "a", tmp_path / "a")
     saved = load_st(tmp_path / "saved.st")  # full fp32 master + moments at the save of step 4 (2 ranks)
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -129,6 +138,30 @@ def test_zero3_reshards_to_one_rank_and_plain_model_and_is_servable(tmp_path: Pa
         assert torch.equal(opt.state[p]["exp_avg"], saved[f"optim.{n}.exp_avg"]), n
         assert torch.equal(opt.state[p]["exp_avg_sq"], saved[f"optim.{n}.exp_avg_sq"]), n
         assert float(opt.state[p]["step"]) == 4.0
+
+
+@pytest.mark.slow
+def test_zero3_of_two_ranks_restores_into_fsdp2_of_two_ranks(tmp_path: Path, zero3_run: Path) -> None:
+    """ZeRO-3 (2 ranks, HF Trainer) -> FSDP2 (2 ranks, ``fully_shard`` per decoder layer + root, torch AdamW):
+    every weight and both Adam moments of every parameter equal what was saved, and the step too."""
+    import torch
+
+    ck = zero3_run / "a" / "checkpoint-4"
+    e = env_with(DS_ACCELERATOR="cpu")
+    rc, out = finish(torchrun("zero_to_fsdp2.py", ["--ckpt", str(ck), "--dump", str(tmp_path / "fsdp2.st")],
+                              env=e), timeout=280)
+    assert rc == 0, out[-4000:]
+    shards = re.findall(r"rank (\d): fsdp2 2 (\d+)/(\d+)", out)
+    assert sorted(r for r, _, _ in shards) == ["0", "1"] and all(int(a) < int(b) for _, a, b in shards), out[-3000:]
+    saved, got = load_st(zero3_run / "saved.st"), load_st(tmp_path / "fsdp2.st")
+    assert sorted(saved) == sorted(got)
+    for k in saved:
+        assert got[k].dtype == saved[k].dtype and torch.equal(got[k], saved[k]), k
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fsdp2.st"), "pt") as f:
+        meta = f.metadata()
+    assert meta["step"] == "4" and json.loads(meta["optim_steps"]) == [4.0]
 
 
 def test_nvme_offload_and_stage_0_are_refused_naming_the_option() -> None:

@@ -3,9 +3,9 @@
 A *save path* is a way of producing checkpoints that the crash harness can kill and resume: a training
 script (following the contract in ``crash_train.py``'s docstring) plus the injected phases it reaches.
 They are registered in crash_paths.py (:data:`SAVE_PATHS`: sync, async, oneshot, hf, lightning, torchrun,
-upload); a new one plugs in there, with its own extra invariants if it has any. Every run starts in a
-session of its own and a kill takes its whole process tree at once (the uploader; torchrun's agent and
-its ranks, which torchrun starts in sessions of their own).
+torchrun-fsdp1, torchrun-zero3, tier, upload); a new one plugs in there, with its own extra invariants if it
+has any. Every run starts in a session of its own and a kill takes its whole process tree at once (the
+uploader; torchrun's agent and its ranks, which torchrun starts in sessions of their own).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ fault is injected into it, and the invariants particular to it.
   a random kill takes the agent and both ranks at once;
 - ``torchrun-fsdp1``: the same job under FSDP1 (crash_dist.py ``--fsdp1 1``): every rank writes its own shard
   files, so a fault at ``write_data`` (the write of a rank's shard) or ``write_rng`` kills a random rank;
+- ``torchrun-zero3``: the HF path under DeepSpeed ZeRO-3 on 2 ranks (crash_hf.py ``--zero 3`` under torchrun,
+  ``DS_ACCELERATOR=cpu``): every rank writes its own partition, so a fault at ``write_data`` (the write of a
+  rank's partition), ``stage`` or ``write_rng`` kills a random rank; needs ``deepspeed`` (skipped without);
 - ``tier``: crash_train.py with a local tier (btckpt.tiers) beside the dir, promoted into it; a restart
   resumes from the newest complete step of either, and the tier's checkpoints meet every invariant too;
 - ``upload``: crash_train.py with ``upload_to=file://<root>-remote``; a fault kills the whole process group
@@ -95,14 +98,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(root: Path, out: Path) -> list[str]:
+def _torchrun(root: Path, out: Path, script: str = "crash_dist.py") -> list[str]:
     return ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}", "--max-restarts=0", str(HERE / "crash_dist.py"), "--dir", str(root),
+            f"--master-port={_free_port()}", "--max-restarts=0", str(HERE / script), "--dir", str(root),
             "--out", str(out)]
 
 
 def _torchrun_fsdp1(root: Path, out: Path) -> list[str]:
     return [*_torchrun(root, out), "--fsdp1", "1"]
+
+
+def _torchrun_zero3(root: Path, out: Path) -> list[str]:
+    return [*_torchrun(root, out, "crash_hf.py"), "--zero", "3"]
 
 
 def _fsdp1_rank_fault(phase: str, rng: random.Random) -> str:
@@ -209,6 +216,9 @@ SAVE_PATHS: dict[str, SavePath] = {
                          phase_killed=_rank_killed),
     "torchrun-fsdp1": SavePath("torchrun-fsdp1", _torchrun_fsdp1, final_step=30, auto_delay=True,
                                fault=_fsdp1_rank_fault, phase_killed=_rank_killed),
+    "torchrun-zero3": SavePath("torchrun-zero3", _torchrun_zero3, final_step=30, auto_delay=True,
+                               env={"DS_ACCELERATOR": "cpu"}, fault=_fsdp1_rank_fault, phase_killed=_rank_killed,
+                               compare=_data_files),
     "tier": SavePath("tier", _crash_train("async", 60, 3, "--tier"), phases=LOCAL_PHASES + ("promote",),
                      tier=True),
     "upload": SavePath("upload", _upload_argv, final_step=24, phases=LOCAL_PHASES + UPLOAD_PHASES, auto_delay=True,

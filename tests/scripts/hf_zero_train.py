@@ -48,6 +48,15 @@ def dump(trainer, path: str) -> None:
                                         "lr": repr(trainer.lr_scheduler.get_last_lr())})
 
 
+def llama_config():
+    """The tiny Llama every ZeRO script builds (attention dropout on: RNG matters; untied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
+                       attention_dropout=0.1, tie_word_embeddings=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, help="the Trainer's output_dir")
@@ -65,13 +74,10 @@ def main() -> int:
 
     import btckpt
     from btckpt.hf import CheckpointCallback, resume_checkpoint
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ,
-                      attention_dropout=0.1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(llama_config())
     ds = {"zero_optimization": {"stage": a.stage},
           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
                                                     "eps": "auto"}},
