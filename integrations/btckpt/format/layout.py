@@ -189,7 +189,7 @@ class _Walk:
         refs = [{"key": k} for k in keys]
         nodes = [{"__tensor__": r} for r in refs]
         it = iter(nodes)
-        dicts = [dict(zip(d, it)) for d in vals]  # zip stops at d's end before taking from it
+        dicts = [dict(zip(d, it, strict=False)) for d in vals]  # zip stops at d's end before taking from it
         out = {"__dict__": [[k, d] for k, d in zip(outer, dicts, strict=True)]}
         self.keys += keys
         self.leaves += ts
@@ -406,7 +406,7 @@ def signature(flat: FlatState, max_shard_size: int) -> tuple[Any, ...]:
     """What the layout depends on: group names, tensor keys, shapes, dtypes, and the shard size."""
     return (max_shard_size,) + tuple(
         (g.name, tuple(zip(g.tensors, map(tuple, map(_SHAPE, g.tensors.values())),
-                           map(_DTYPE, g.tensors.values())))) for g in flat)
+                           map(_DTYPE, g.tensors.values()), strict=False))) for g in flat)
 
 
 def group_files(group: str, n: int) -> list[str]:
@@ -448,7 +448,7 @@ def plan_layout(flat: FlatState, *, max_shard_size: int) -> Layout:
     for g in flat:
         keys, ts = list(g.tensors), list(g.tensors.values())
         shapes, dtypes = list(map(tuple, map(_SHAPE, ts))), list(map(_DTYPE, ts))
-        sig.append((g.name, tuple(zip(keys, shapes, dtypes))))
+        sig.append((g.name, tuple(zip(keys, shapes, dtypes, strict=False))))
         if not ts:
             continue
         nbytes = list(map(_NBYTES, ts))
@@ -471,7 +471,7 @@ def plan_layout(flat: FlatState, *, max_shard_size: int) -> Layout:
                                           {"format": "pt"})
             rows = zip(fkeys, itertools.repeat(g.name), itertools.repeat(fname), fdtypes, fshapes,
                        map(pos.__add__, begins), fnbytes)
-            slots.update(zip(zip(itertools.repeat(g.name), fkeys), map(_NEW, _SLOTS, rows)))
+            slots.update(zip(zip(itertools.repeat(g.name), fkeys), map(_NEW, _SLOTS, rows), strict=False))
             weight_map.update(zip(fkeys, itertools.repeat(fname)))
             files.append(FilePlan(fname, header, pos, off, g.name, tuple(fkeys)))
             total += off
