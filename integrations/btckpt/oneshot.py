@@ -52,7 +52,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int | 
                                 max_shard_size=max_shard_size)
     assert layout is not None
     extra_files = checked_extra_files(layout, extra_files, root=target.parent, margin=0)
-    stager = Stager()
+    stager = Stager(small_via_arena=True)  # many small tensors: one batched copy, then large writes
     try:
         try:
             staged = stager.stage(flat, layout, async_keys=set(), sync=True)

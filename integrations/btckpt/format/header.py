@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from ..errors import CorruptCheckpoint
 from .members import short_repr as _short
 
-__all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "parse_header", "ALIGN"]
+__all__ = ["DTYPE_SIZES", "TensorEntry", "Header", "build_header", "build_header_columns", "parse_header",
+           "ALIGN"]
 
 ALIGN = 4096
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
@@ -71,6 +74,29 @@ def build_header(entries: list[TensorEntry], metadata: dict[str, str] | None = N
     for e in entries:
         obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     raw = json.dumps(obj, separators=(",", ":")).encode()
+    total = -(-(8 + len(raw)) // align) * align
+    n = total - 8
+    return struct.pack("<Q", n) + raw + b" " * (n - len(raw))
+
+
+_ENTRY = '{}:{{"dtype":"{}","shape":{},"data_offsets":[{},{}]}}'.format
+_COMPACT = (",", ":")
+
+
+def build_header_columns(names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                         begins: Sequence[int], ends: Sequence[int], metadata: dict[str, str] | None = None,
+                         *, align: int = ALIGN) -> bytes:
+    """:func:`build_header` of the entries given as columns (the same bytes), in one string: no dict per tensor.
+    ``dtypes`` are safetensors names (``"F32"``)."""
+    if metadata and "__metadata__" in names:  # that tensor's entry replaces the metadata: build_header does it
+        return build_header([TensorEntry(*row) for row in zip(names, dtypes, shapes, begins, ends, strict=True)],
+                            metadata, align=align)
+    shape_json = {s: json.dumps(list(s), separators=_COMPACT) for s in set(shapes)}
+    parts = list(map(_ENTRY, map(encode_basestring_ascii, names), dtypes, map(shape_json.__getitem__, shapes),
+                     begins, ends))
+    if metadata:
+        parts.insert(0, '"__metadata__":' + json.dumps(metadata, separators=_COMPACT))
+    raw = ("{" + ",".join(parts) + "}").encode()
     total = -(-(8 + len(raw)) // align) * align
     n = total - 8
     return struct.pack("<Q", n) + raw + b" " * (n - len(raw))

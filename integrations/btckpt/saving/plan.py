@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..format.layout import FlatGroup, FlatState, Layout, fill_refs, flatten_group, plan_layout
+from ..format.layout import FlatGroup, FlatState, Layout, fill_refs, flatten_group, flatten_indexed, plan_layout
 from ..format.state import gated_keys, group_value
 from ..format.tree import encode_tree
 from .watch import REGISTRATIONS, Watch, watch_group
@@ -119,37 +119,9 @@ class _GroupPlan:
         return {k: self.fill(v, node[k], leaves) for k, v in value.items()}
 
 
-def _index_tree(node: Any, refs_only: set[int], with_refs: set[int]) -> bool:
-    """Fill ``refs_only``/``with_refs`` for ``node`` and below; True when it holds a tensor reference."""
-    if _is_ref(node):
-        with_refs.add(id(node))
-        return True
-    if isinstance(node, dict):
-        kids = [v for pair in node["__dict__"] for v in pair] if _tagged(node, "__dict__") else (
-            node["__tuple__"] if _tagged(node, "__tuple__") else list(node.values()))
-    elif isinstance(node, list):
-        kids = node
-    else:
-        return False
-    found = [_index_tree(k, refs_only, with_refs) for k in kids]
-    if any(found):
-        with_refs.add(id(node))
-        if isinstance(node, dict) and len(node) > 1 and not _tagged(node, "__dict__") and all(map(_is_ref, kids)):
-            refs_only.add(id(node))
-        return True
-    return False
-
-
 def _plan_group(name: str, value: Any) -> _GroupPlan:
-    g = flatten_group(name, value)
-    leaves = [g.tensors[r["key"]] for r in g.refs]  # a tied leaf is its first occurrence (same identity)
-    firsts: dict[str, int] = {}
-    for i, r in enumerate(g.refs):
-        firsts.setdefault(r["key"], i)
-    refs_only: set[int] = set()
-    with_refs: set[int] = set()
-    _index_tree(g.tree, refs_only, with_refs)
-    return _GroupPlan(g, _idents(leaves), [firsts[k] for k in g.tensors], refs_only, with_refs)
+    g, ix = flatten_indexed(name, value)
+    return _GroupPlan(g, _idents(ix.leaves), ix.unique, ix.refs_only, ix.with_refs)
 
 
 def _reuse(plan: _GroupPlan, value: Any) -> FlatGroup:
