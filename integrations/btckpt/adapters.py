@@ -23,8 +23,8 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
   :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``;
 - **saving** -- the :class:`~btckpt.checkpointer.Checkpointer` itself (an adapter drives one: ``save``,
-  ``save_local``, ``wait``, ``close``), :func:`unwrap_model` (the model inside a framework's wrappers),
-  :data:`DEFAULT_MAX_SHARD_SIZE`;
+  ``save_local``, ``wait``, ``close``), :func:`solo_world` (for one a single rank drives alone),
+  :func:`unwrap_model` (the model inside a framework's wrappers), :data:`DEFAULT_MAX_SHARD_SIZE`;
 - **sharded state** -- :func:`holds_live_shards` (a save every rank takes part in), :func:`is_dtensor`,
   :func:`sharded_group_names` (the groups a checkpoint holds as per-rank files); DeepSpeed ZeRO:
   :func:`zero_optimizer`, :class:`ZeroState`, :func:`zero_stage`, :func:`zero_save_groups`,
@@ -53,8 +53,9 @@ Where an adapter does policy the core also has (kept as it is; candidates to fol
   start, beside the core's own retention and deletion record;
 - preemption: HF shares the core's SIGTERM handling (:func:`preemption_due`, ``Checkpointer.finish_preemption``);
   Lightning's ranks share no Checkpointer and use :class:`PreemptionWatch`, the same store agreement;
-- Lightning refuses a taken step itself (:func:`refuse_taken_step`) at save time, where the Checkpointer would
-  refuse it at start-up: Lightning's plugin learns whether the fit resumed only when it loads.
+- a step's folder already there: ``Checkpointer.save`` refuses another run's (:class:`btckpt.CheckpointError`)
+  and skips its own; Lightning's plugin refuses first (:func:`refuse_taken_step`), a fresh fit's too, since
+  it names the folder (link files) whichever way it goes and learns whether the fit resumed only at a load.
 
 Never imports transformers or lightning: the objects come from the adapter.
 """
