@@ -167,3 +167,38 @@ def test_layers_point_down() -> None:
             "btckpt.checkpointer": {"btckpt.oneshot"}}
     assert layer_violations(fake) == ["btckpt.format.manifest -> btckpt.storage.discovery",
                                       "btckpt.saving.job -> btckpt.restore.rng"]
+
+
+# The adapter seam (issue 26): a framework adapter reaches the core through one door. Besides its own
+# subpackage (and its framework, torch, the stdlib), ``btckpt.hf`` / ``btckpt.lightning`` import only these.
+ADAPTER_DOORS = {"btckpt.adapters", "btckpt.errors", "btckpt.config"}
+ADAPTERS = {"hf", "lightning"}
+
+
+def seam_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every runtime import of a btckpt module by a framework adapter that is not one of ``ADAPTER_DOORS`` and
+    not inside the adapter's own subpackage."""
+    bad = []
+    for a, targets in sorted(graph.items()):
+        ua = _unit(a)
+        if ua not in ADAPTERS:
+            continue
+        bad.extend(f"{a} -> {b}" for b in sorted(targets) if b not in ADAPTER_DOORS and _unit(b) != ua)
+    return bad
+
+
+def test_adapters_import_the_core_through_btckpt_adapters() -> None:
+    graph = import_graph()
+    assert {"btckpt.hf", "btckpt.hf.deepspeed", "btckpt.lightning", "btckpt.lightning.strategies"} <= set(graph)
+    assert seam_violations(graph) == [], ("an adapter reaches past btckpt.adapters (add what it needs there, "
+                                          "documented): " + ", ".join(seam_violations(graph)))
+    # the check itself: a core module, the package, and the other adapter are caught; the doors and the own
+    # subpackage are not
+    fake = {"btckpt.hf": {"btckpt.adapters", "btckpt.errors", "btckpt.config", "btckpt.hf.sharded",
+                          "btckpt.checkpointer"},
+            "btckpt.lightning.state": {"btckpt.lightning", "btckpt.storage.discovery", "btckpt"},
+            "btckpt.lightning.rng": {"btckpt.hf.deepspeed"},
+            "btckpt.checkpointer": {"btckpt.saving.commit"}}
+    assert seam_violations(fake) == ["btckpt.hf -> btckpt.checkpointer", "btckpt.lightning.rng -> btckpt.hf.deepspeed",
+                                     "btckpt.lightning.state -> btckpt", "btckpt.lightning.state -> "
+                                     "btckpt.storage.discovery"]

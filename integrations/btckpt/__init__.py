@@ -4,7 +4,8 @@
 
 Layers (each imports only the ones below it; ``tests/test_imports.py`` checks it):
 
-- ``hf/``, ``lightning/``, ``cli/``: adapters and the command; ``adapters.py`` is what every adapter shares;
+- ``hf/``, ``lightning/``, ``cli/``: adapters and the command; ``adapters.py`` is what every adapter shares,
+  and the framework adapters' one door into the core (besides ``errors.py`` and ``config.py``);
 - ``checkpointer.py`` (:class:`Checkpointer`: when to save, the background worker, retention, resume),
   ``oneshot.py`` (``save``/``load``), ``consolidate.py`` (servable model folders), ``upload.py`` (entry);
 - ``publish/``: the uploader process, its journal and supervisor;

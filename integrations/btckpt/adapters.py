@@ -21,7 +21,41 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
   any rank makes every rank stop at one agreed step, through the core's store agreement
   (:class:`btckpt.distributed.world.StopAgreement`: no collective, no device sync per step);
 - **HF config files** -- :func:`model_config_files` (``config.json``, ``generation_config.json``) and
-  :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``.
+  :func:`files_written_by` (whatever a ``save_pretrained`` writes), so a folder loads with ``from_pretrained``;
+- **saving** -- the :class:`~btckpt.checkpointer.Checkpointer` itself (an adapter drives one: ``save``,
+  ``save_local``, ``wait``, ``close``), :func:`solo_world` (for one a single rank drives alone),
+  :func:`unwrap_model` (the model inside a framework's wrappers), :data:`DEFAULT_MAX_SHARD_SIZE`;
+- **sharded state** -- :func:`holds_live_shards` (a save every rank takes part in), :func:`is_dtensor`,
+  :func:`sharded_group_names` (the groups a checkpoint holds as per-rank files); DeepSpeed ZeRO:
+  :func:`zero_optimizer`, :class:`ZeroState`, :func:`zero_stage`, :func:`zero_save_groups`,
+  :func:`load_zero_state`;
+- **loading what a framework reads itself** -- :func:`named_checkpoint` (a folder the user named),
+  :func:`optimizer_state_for_loading` (a saved optimizer state as ``optimizer.load_state_dict`` takes it),
+  :func:`refuse_taken_step` (a step's folder already holds another run's, or a fresh run's, checkpoint);
+- **the folders** -- :class:`CheckpointInfo` and :func:`inspect` (what a folder holds, complete or not; no
+  checksums read), :data:`STEP_DIR` / :func:`checkpoint_name` (``checkpoint-<N>``), :func:`is_url`;
+- **an adapter's own files beside the checkpoints** (Lightning's link files and its removal markers) --
+  :func:`replace_file` (a small file replaced atomically), :func:`write_small_file`, :func:`fsync_dir`,
+  :func:`delete_checkpoint` (a checkpoint folder removed: rename first, then its files), and
+  :func:`is_group_name` / :func:`check_storable` (what a framework's dict keys and values may be).
+
+The names re-exported from the core (the Checkpointer, the ZeRO and discovery vocabulary,
+``saving.commit``'s ``checkpoint_name`` / ``delete_checkpoint`` / ``write_small_file``, ``storage.local``'s
+``fsync_dir`` / ``is_url``) keep the core's names and behaviour: this module is the one place an adapter reaches
+them from (``tests/test_imports.py`` checks that ``btckpt.hf`` and ``btckpt.lightning`` import nothing of btckpt
+but this, ``btckpt.errors`` and ``btckpt.config``).
+
+Where an adapter does policy the core also has (kept as it is; candidates to fold into the core):
+
+- Lightning's retention is ``ModelCheckpoint``'s (``save_top_k``), not the Checkpointer's ``keep_last``: its
+  plugin counts the link files naming each folder and removes a folder (:func:`delete_checkpoint`) when the
+  last name goes, with its own crash markers (``.btckpt-retire-*``, ``.btckpt-unname-*``) finished at the next
+  start, beside the core's own retention and deletion record;
+- preemption: HF shares the core's SIGTERM handling (:func:`preemption_due`, ``Checkpointer.finish_preemption``);
+  Lightning's ranks share no Checkpointer and use :class:`PreemptionWatch`, the same store agreement;
+- a step's folder already there: ``Checkpointer.save`` refuses another run's (:class:`btckpt.CheckpointError`)
+  and skips its own; Lightning's plugin refuses first (:func:`refuse_taken_step`), a fresh fit's too, since
+  it names the folder (link files) whichever way it goes and learns whether the fit resumed only at a load.
 
 Never imports transformers or lightning: the objects come from the adapter.
 """
@@ -38,27 +72,44 @@ import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .checkpointer import Checkpointer
 from .config import resolve_dir, resolve_load_dir
+from .distributed.shards import META_KEY, is_dtensor, sharded_groups
 from .distributed.world import StopAgreement, World, world
+from .distributed.zero import ZERO_META, ZeroState, load_zero, plain_data, read_tensor, zero_optimizer, zero_stage
 from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
-from .format.manifest import MANIFEST
+from .format.layout import GROUP_NAME, flatten_group
+from .format.manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
+from .format.state import optimizer_state_for_loading, unwrap_model
 from .restore.load import read_checkpoint
-from .restore.policy import ResumePolicy, other_run_error
-from .restore.reader import CheckpointReader
+from .restore.policy import ResumePolicy, other_run_error, same_run
+from .restore.reader import CheckpointReader, NodeParts
 from .restore.rng import apply_rng, capture_rng, read_rank_rng
-from .storage.discovery import CheckpointInfo, inspect
-from .storage.local import is_url
+from .saving.commit import checkpoint_name, delete_checkpoint, write_small_file
+from .storage.discovery import STEP_DIR, CheckpointInfo, inspect
+from .storage.local import fsync_dir, fsync_file, is_url, new_tag
 from .tiers import local_save_due, resumable_tier
 
-if TYPE_CHECKING:
-    from .checkpointer import Checkpointer
-
-__all__ = ["resume_folder", "refuse_fresh_start", "refuse_other_runs", "run_fingerprint", "tensor_shapes",
-           "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
-           "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "files_written_by",
-           "model_config_files", "preemption_due", "PreemptionWatch"]
+__all__ = [
+    # resume search, opening, reading groups, a rank's RNG, the tier, run identity, preemption, HF files
+    "resume_folder", "refuse_fresh_start", "refuse_other_runs", "run_fingerprint", "tensor_shapes",
+    "local_save_due", "open_checkpoint", "read_groups", "load_groups", "group_values",
+    "restore_rank_rng", "publish_rank_rng", "gather_rank_rng", "peer_world", "solo_world", "files_written_by",
+    "model_config_files", "preemption_due", "PreemptionWatch",
+    # saving
+    "Checkpointer", "unwrap_model", "DEFAULT_MAX_SHARD_SIZE",
+    # sharded state, DeepSpeed ZeRO
+    "holds_live_shards", "is_dtensor", "sharded_group_names", "zero_optimizer", "ZeroState", "zero_stage",
+    "zero_save_groups", "load_zero_state",
+    # loading what a framework reads itself
+    "named_checkpoint", "optimizer_state_for_loading", "refuse_taken_step",
+    # the folders
+    "CheckpointInfo", "inspect", "STEP_DIR", "checkpoint_name", "is_url",
+    # an adapter's own files beside the checkpoints
+    "replace_file", "write_small_file", "fsync_dir", "delete_checkpoint", "is_group_name", "check_storable",
+]
 
 log = logging.getLogger("btckpt")
 
@@ -162,6 +213,12 @@ def peer_world() -> World | None:
     """This process's World when it is one of several ranks sharing a c10d store, else None."""
     w = world()
     return w if w.size > 1 and w.store is not None else None
+
+
+def solo_world() -> World:
+    """A World of this process alone (rank 0 of 1, no store): for a Checkpointer one rank drives by itself
+    (Lightning's plugin saves on rank 0 only, outside a sharded strategy)."""
+    return World()
 
 
 def _rng_key(key: str, rank: int) -> str:
@@ -295,3 +352,78 @@ def tensor_shapes(module: Any) -> list[list[Any]]:
         if shape is not None:
             out.append([name, list(shape), str(getattr(value, "dtype", ""))])
     return out
+
+
+# -- sharded state ---------------------------------------------------------------------------------------------
+def holds_live_shards(groups: Mapping[str, Any]) -> bool:
+    """Whether ``groups`` hold a live model or optimizer with DTensors (FSDP2 / tensor parallel, or an FSDP1
+    root): a save every rank takes part in, each writing its own shards
+    (:func:`btckpt.distributed.shards.sharded_groups`)."""
+    return bool(sharded_groups(groups))
+
+
+def sharded_group_names(info: CheckpointInfo) -> set[str]:
+    """The groups of ``info`` that were saved sharded (per-rank files, loaded in place by :func:`read_groups`
+    on every rank), from its manifest."""
+    return set((info.manifest.meta.get(META_KEY) or {}) if info.manifest is not None else {})
+
+
+def zero_save_groups(zs: ZeroState) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """What a save of a DeepSpeed ZeRO engine hands the Checkpointer (every rank): the state groups (``zero``:
+    this rank's partition; ``deepspeed``: stage, partition count, counters, loss scaler as JSON), the
+    optimizers to gate (the engine's inner one) and the manifest meta (the stage)."""
+    groups: dict[str, Any] = {"zero": zs, "deepspeed": plain_data(zs)}
+    return groups, [zs.optimizer.optimizer], {ZERO_META: {"stage": zero_stage(zs.optimizer)}}
+
+
+def load_zero_state(zs: ZeroState, info: CheckpointInfo) -> dict[str, Any]:
+    """Fill the live ZeRO engine of ``zs`` from ``info`` (any saving stage or world size; every tensor read and
+    checked first: :func:`btckpt.distributed.zero.load_zero`); returns the saved ``deepspeed`` plain data
+    (the engine's counters under ``"counters"``)."""
+    assert info.manifest is not None
+    parts = NodeParts(info.path, info.manifest)
+    return load_zero(zs, info.manifest.state, read_tensor(parts, info.manifest.node_rank), where=str(info.path))
+
+
+# -- loading what a framework reads itself ---------------------------------------------------------------------
+def named_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo | None:
+    """The checkpoint a folder the user named means (Lightning's ``ckpt_path=<folder>``): the folder itself
+    when it is a checkpoint (or a plain model folder), else the newest sound one at or under it, checksums
+    verified (:meth:`btckpt.restore.policy.ResumePolicy.at`; :class:`btckpt.NoCheckpointFound` when none is)."""
+    policy = ResumePolicy.at(path)
+    return policy.target() or policy.choose()
+
+
+def refuse_taken_step(dir: str | os.PathLike[str], info: CheckpointInfo, *, resumed: bool, run: str | None) -> None:
+    """For a framework about to save a step whose folder in ``dir`` already holds ``info``, a complete
+    checkpoint this process did not write: raise :class:`ConfigError` (naming the dir and the fixes,
+    :func:`btckpt.restore.policy.other_run_error`) unless the run resumed and ``info`` may be of its run
+    ``run`` (:func:`btckpt.restore.policy.same_run`): then the step is this run's, committed before a restart."""
+    if not resumed or not same_run(info, run):  # a fresh fit, or another run's step
+        raise other_run_error(dir, [info], fresh=not resumed)
+
+
+# -- an adapter's own files beside the checkpoints -------------------------------------------------------------
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically make ``path`` hold ``data`` (temp file beside it, fsync, rename, fsync of the folder): a
+    small file of the adapter's own (Lightning's link files), whole or absent after a crash."""
+    tmp = path.parent / f".{path.name}.tmp-{new_tag()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def is_group_name(name: str) -> bool:
+    """Whether ``name`` can be a group's name as it is (a framework's dict key kept as its group)."""
+    return GROUP_NAME.match(name) is not None
+
+
+def check_storable(name: str, value: Any) -> None:
+    """Raise :class:`btckpt.UnsupportedValue` (naming the entry) when ``value`` cannot be stored as group
+    ``name`` (e.g. an object that is neither a tensor nor plain data); None when it can."""
+    flatten_group(name, value)

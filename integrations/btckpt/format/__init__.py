@@ -6,4 +6,7 @@
 ``members`` (opening a checkpoint's files safely), ``checksum`` (xxh3-64, one place).
 
 May import: ``btckpt.errors``, ``btckpt.names``. Nothing above it: the format knows no storage, no ranks.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """

@@ -34,8 +34,9 @@ writes its own shards, resume reshards to any world size, ``consolidate=True`` a
 1-3 (each rank writes its partition: :mod:`btckpt.hf.deepspeed`).
 
 Package: this module (the callback and ``resume_checkpoint``) and ``sharded`` (which Trainer sharding modes
-are supported). An adapter: may import ``btckpt.adapters``, the Checkpointer and anything below it, never
-``btckpt.lightning`` or ``btckpt.cli``.
+are supported). An adapter: of btckpt it imports only ``btckpt.adapters`` (the Checkpointer and everything
+else of the core it uses come through it), ``btckpt.errors``, ``btckpt.config`` and its own modules; never
+``btckpt.lightning`` or ``btckpt.cli`` (``tests/test_imports.py`` checks it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from ..adapters import (
+    Checkpointer,
+    CheckpointInfo,
     files_written_by,
     load_groups,
     local_save_due,
@@ -66,13 +69,11 @@ from ..adapters import (
     resume_folder,
     run_fingerprint,
     tensor_shapes,
+    unwrap_model,
 )
-from ..checkpointer import Checkpointer
+from ..adapters import inspect as inspect_folder
 from ..config import resolve_dir
 from ..errors import ConfigError
-from ..format.state import unwrap_model
-from ..storage.discovery import CheckpointInfo
-from ..storage.discovery import inspect as inspect_folder
 from .sharded import refuse_unsupported
 
 __all__ = ["CheckpointCallback", "resume_checkpoint", "run_identity"]

@@ -8,7 +8,7 @@ the scheduler and RNG as in DDP, the Trainer's files from the node leader; DeepS
 
 Resuming: the Trainer calls ``transformers.trainer.deepspeed_load_checkpoint`` after the engine is built;
 that name is wrapped (once per process, :func:`install_load_hook`) so that a btckpt folder loads through
-:func:`btckpt.distributed.zero.load_zero` into the live engine (any stage, any world size: each rank fills
+:func:`btckpt.adapters.load_zero_state` into the live engine (any stage, any world size: each rank fills
 its fragments from the saved full tensors), and anything else goes to DeepSpeed as before. A plain model
 (one process, no DeepSpeed) or an FSDP2 model restores the same folder through DCP's planner.
 
@@ -22,11 +22,16 @@ import logging
 import weakref
 from typing import Any
 
-from ..distributed.zero import ZERO_META, ZeroState, load_zero, plain_data, read_tensor, zero_optimizer, zero_stage
+from ..adapters import (
+    CheckpointInfo,
+    ZeroState,
+    load_zero_state,
+    unwrap_model,
+    zero_optimizer,
+    zero_save_groups,
+    zero_stage,
+)
 from ..errors import ConfigError
-from ..format.state import unwrap_model
-from ..restore.reader import NodeParts
-from ..storage.discovery import CheckpointInfo
 
 __all__ = ["refuse_unsupported_zero", "zero_groups", "load_engine", "install_load_hook", "COUNTERS"]
 
@@ -66,11 +71,10 @@ def _zero_state(trainer: Any) -> ZeroState:
 
 def zero_groups(trainer: Any) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
     """(state groups, optimizers to gate, manifest meta) for a save of ``trainer`` under ZeRO."""
-    zs = _zero_state(trainer)
-    groups: dict[str, Any] = {"zero": zs, "deepspeed": plain_data(zs)}
+    groups, optimizers, meta = zero_save_groups(_zero_state(trainer))
     if trainer.lr_scheduler is not None:
         groups["scheduler"] = trainer.lr_scheduler
-    return groups, [zs.optimizer.optimizer], {ZERO_META: {"stage": zero_stage(zs.optimizer)}}
+    return groups, optimizers, meta
 
 
 def load_engine(trainer: Any, info: CheckpointInfo) -> None:
@@ -78,8 +82,7 @@ def load_engine(trainer: Any, info: CheckpointInfo) -> None:
     live DeepSpeed engine (every rank)."""
     assert info.manifest is not None
     zs = _zero_state(trainer)
-    parts = NodeParts(info.path, info.manifest)
-    data = load_zero(zs, info.manifest.state, read_tensor(parts, info.manifest.node_rank), where=str(info.path))
+    data = load_zero_state(zs, info)
     engine = trainer.model_wrapped
     for k, v in (data.get("counters") or {}).items():
         if k in COUNTERS and isinstance(v, int) and hasattr(engine, k):

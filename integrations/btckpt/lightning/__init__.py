@@ -59,8 +59,10 @@ key collision from the stripping is refused with an error.
 
 Package: this module (the plugin, ``ModelCheckpoint``, ``resume_path``), ``state`` (the Lightning dict
 <-> groups, link files), ``rng`` (every rank's RNG through the c10d store), ``servable`` (HF model folders),
-``strategies`` (FSDP / ModelParallel / DeepSpeed). An adapter: may import ``btckpt.adapters``, the
-Checkpointer and anything below it, never ``btckpt.hf`` or ``btckpt.cli``.
+``strategies`` (FSDP / ModelParallel / DeepSpeed). An adapter: of btckpt it imports only ``btckpt.adapters``
+(the Checkpointer and everything else of the core it uses come through it), ``btckpt.errors``,
+``btckpt.config`` and its own modules; never ``btckpt.hf`` or ``btckpt.cli`` (``tests/test_imports.py`` checks
+it). Its retention (link files counted per folder, removal markers) is its own: see :mod:`btckpt.adapters`.
 """
 
 from __future__ import annotations
@@ -79,19 +81,30 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import (
+    DEFAULT_MAX_SHARD_SIZE,
+    STEP_DIR,
+    Checkpointer,
     PreemptionWatch,
+    checkpoint_name,
+    delete_checkpoint,
+    fsync_dir,
     group_values,
+    inspect,
+    is_url,
     local_save_due,
+    named_checkpoint,
     open_checkpoint,
+    optimizer_state_for_loading,
     refuse_fresh_start,
     refuse_other_runs,
+    refuse_taken_step,
     restore_rank_rng,
     run_fingerprint,
+    solo_world,
     tensor_shapes,
+    write_small_file,
 )
-from ..checkpointer import Checkpointer
 from ..config import CheckpointConfig, resolve_dir
-from ..distributed.world import World
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -99,12 +112,6 @@ from ..errors import (
     UnsafeCheckpoint,
     UnsupportedValue,
 )
-from ..format.manifest import DEFAULT_MAX_SHARD_SIZE
-from ..format.state import optimizer_state_for_loading
-from ..restore.policy import ResumePolicy, other_run_error, same_run
-from ..saving.commit import checkpoint_name, delete_checkpoint, write_small_file
-from ..storage.discovery import STEP_DIR, inspect
-from ..storage.local import fsync_dir, is_url
 from . import rng as _rng
 from .servable import HFLayout, from_hf_keys
 from .state import (
@@ -240,7 +247,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         key = Path(os.path.abspath(root))
         ck = self._ckpts.get(key)
         if ck is None:
-            ck = Checkpointer(world=None if distributed else World(), dir=str(key), keep_last=None,
+            ck = Checkpointer(world=None if distributed else solo_world(), dir=str(key), keep_last=None,
                               async_save=self.async_save, max_shard_size=self.max_shard_size, save_rng=self.save_rng,
                               handle_sigterm=handle_sigterm, local_every_steps=self.local_every_steps,
                               local_tier_dir=self.local_tier_dir, run_id=self._run)
@@ -369,9 +376,8 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         with self._lock:
             self._pending.clear()
         info = inspect(folder) if folder.exists() else None
-        if info is not None and info.complete and folder not in self._mine:
-            if not self._resumed or not same_run(info, self._run):  # a fresh fit, or another run's step
-                raise other_run_error(folder.parent, [info], fresh=not self._resumed)
+        if info is not None and info.complete and folder not in self._mine:  # a fresh fit, or another run's step
+            refuse_taken_step(folder.parent, info, resumed=self._resumed, run=self._run)
         names: list[Path] = []
         if full and not distributed and info is not None and info.complete and weights_only_folder(folder):
             names = self._replace_weights_only(folder)
@@ -445,8 +451,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         if self._is_pending(path):
             self.wait()
         if path.is_dir():  # a checkpoint (or plain model folder) itself, else the resume policy under it
-            policy = ResumePolicy.at(path)
-            info = policy.target() or policy.choose()
+            info = named_checkpoint(path)
             assert info is not None  # a named folder with nothing sound raises NoCheckpointFound
             return info.path
         if path.is_file():

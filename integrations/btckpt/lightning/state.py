@@ -16,11 +16,17 @@ from typing import Any
 
 import torch
 
-from ..adapters import resume_folder
+from ..adapters import (
+    STEP_DIR,
+    CheckpointInfo,
+    check_storable,
+    inspect,
+    is_group_name,
+    is_url,
+    replace_file,
+    resume_folder,
+)
 from ..errors import UnsafeCheckpoint, UnsupportedValue
-from ..format.layout import GROUP_NAME, flatten_group
-from ..storage.discovery import STEP_DIR, CheckpointInfo, inspect
-from ..storage.local import fsync_dir, fsync_file, is_url, new_tag
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
@@ -66,7 +72,7 @@ def to_groups(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
                                    "keys as group names")
         name = _RENAMED.get(key)
         if name is None:
-            name = key if GROUP_NAME.match(key) and key not in taken else f"extra-{n}"
+            name = key if is_group_name(key) and key not in taken else f"extra-{n}"
         if key in _HPARAMS:
             value = _plain_hparams(value)
         groups[name] = value
@@ -78,7 +84,7 @@ def name_bad_key(groups: Mapping[str, Any], keys: Mapping[str, str], exc: Unsupp
     """``exc`` re-worded to name the Lightning key whose value cannot be stored."""
     for name, value in groups.items():
         try:
-            flatten_group(name, value)
+            check_storable(name, value)
         except UnsupportedValue as inner:
             return UnsupportedValue(f"Lightning checkpoint key {keys[name]!r}: {inner}")
     return exc
@@ -119,16 +125,7 @@ def read_link(path: Path) -> Path:
 
 def write_link(link: Path, folder: Path) -> None:
     """Atomically (temp file, fsync, rename, fsync dir) make ``link`` name ``folder``."""
-    data = json.dumps({"format": LINK_FORMAT, "checkpoint": folder.name}).encode()
-    tmp = link.parent / f".{link.name}.tmp-{new_tag()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        fsync_file(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, link)
-    fsync_dir(link.parent)
+    replace_file(link, json.dumps({"format": LINK_FORMAT, "checkpoint": folder.name}).encode())
 
 
 def repair_links(folder: Path, callbacks: Any) -> None:

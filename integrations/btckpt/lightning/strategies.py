@@ -33,10 +33,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallel
 
-from ..adapters import model_config_files, read_groups
-from ..distributed.shards import META_KEY, is_dtensor, sharded_groups
+from ..adapters import (
+    CheckpointInfo,
+    holds_live_shards,
+    is_dtensor,
+    model_config_files,
+    read_groups,
+    sharded_group_names,
+)
 from ..errors import ConfigError, StateMismatch
-from ..storage.discovery import CheckpointInfo
 from .state import safe_for_background_copy
 
 if TYPE_CHECKING:
@@ -186,7 +191,7 @@ def check_strategy(strategy: Any) -> None:
 
 def is_live(groups: Mapping[str, Any]) -> bool:
     """True when ``groups`` hold a live model or optimizer with DTensors: a save every rank takes part in."""
-    return bool(sharded_groups(groups))
+    return holds_live_shards(groups)
 
 
 def _dtensor_at(value: Any, path: str) -> str | None:
@@ -233,7 +238,7 @@ def hf_model_group(layout: HFLayout, groups: dict[str, Any], meta: dict[str, Any
 
 def saved_sharded(info: CheckpointInfo) -> set[str]:
     """The groups of a checkpoint that were saved sharded (per-rank files)."""
-    return set((info.manifest.meta.get(META_KEY) or {}) if info.manifest is not None else {})
+    return sharded_group_names(info)
 
 
 def read_in_place(info: CheckpointInfo, into: MutableMapping[str, Any], *, rank: int,

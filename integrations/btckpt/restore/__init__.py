@@ -8,4 +8,7 @@ sharded or DCP checkpoints at any world size through DCP's planner).
 
 May import: ``format``, ``storage``, ``distributed``, ``btckpt.config``, ``btckpt.errors``.
 Never ``saving`` (its sibling).
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """

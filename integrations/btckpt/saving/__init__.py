@@ -8,4 +8,7 @@ record of it for the uploader).
 
 May import: ``format``, ``storage``, ``distributed``, ``testing``, ``btckpt.config``, ``btckpt.errors``.
 Never ``restore`` (its sibling).
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """

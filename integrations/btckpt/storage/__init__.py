@@ -6,4 +6,7 @@ folders and fsspec URLs), ``local`` (durable local writes: fsync, free space, te
 in every layout), ``remote`` (the verified download cache for URLs).
 
 May import: ``format``, ``btckpt.errors``, ``btckpt.names``.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """

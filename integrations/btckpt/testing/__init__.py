@@ -2,4 +2,7 @@
 purpose (raise, ENOSPC, EIO, SIGKILL, exit) when a test arms it (``faults.arm`` or ``$BTCKPT_FAULT``).
 
 A no-op unless armed. Imports nothing of btckpt; anything may import it.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """
