@@ -57,6 +57,7 @@ from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
 from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, delete_checkpoint, new_tag, remove_stale_temps
+from ..saving.destination import LocalDir, commit_in_order
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
@@ -453,12 +454,8 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
             raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
         # this node's tier lacks the step (wiped) but its dir holds a verified copy: nothing to copy; it joins the
         # nodes that do copy theirs, so node 0 commits last as in a save
-        key = f"{tag}/promoted/{there.step}"
-        try:
-            w.barrier(key, timeout=timeout, ranks=w.nodes)
-        except BaseException:
-            w.fail(key)
-            raise
+        commit_in_order(w, lambda: None, key=f"{tag}/promoted/{there.step}", timeout=timeout, ranks=w.nodes,
+                        commits=False)
         log.info("btckpt: %s already holds step %d (verified); nothing to promote", dest_root, there.step)
         return there.path
     man = info.manifest
@@ -474,23 +471,21 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
                     problems[0], src)
     key = f"{tag}/promoted/{man.step}"  # nodes promoting different steps never pass each other's barrier
     # a damaged copy of the step is retired only once the verified one committed (LocalCommit's supersede)
-    commit = LocalCommit(dest_root, man.step, tag=tag, supersede=damaged)
+    dest = LocalDir(dest_root)
+    commit = dest.part(man.step, tag=tag, supersede=damaged)
     try:
         try:
             if not have:
-                commit.begin()
+                dest.begin(commit)
                 copy_verified(man, commit, lambda name: file_pieces(src / name), where=str(src))
                 faults.point("promote")
-                if w.node_rank != 0:
-                    commit.commit(man)
-            w.barrier(key, timeout=timeout, ranks=w.nodes)
-            if w.node_rank == 0 and not have:
-                commit.commit(man)
+            commit_in_order(w, lambda: dest.commit(commit, man), key=key, timeout=timeout, ranks=w.nodes,
+                            commits=not have)
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
     except BaseException:
         w.fail(key)
-        commit.abort()
+        dest.abort(commit)
         raise
     if not have:
         log.info("btckpt: promoted %s -> %s", src, commit.final)
