@@ -123,12 +123,14 @@ def commit_in_order(world: World, commit: Callable[[], object], *, key: str, tim
 class LocalDir:
     """A local checkpoint dir: a :class:`~btckpt.saving.commit.LocalCommit` per part (temp folder in the same
     parent, fsync, manifest last, atomic rename, parent fsync) and, with ``lock``, the dir's one-writer
-    :class:`~btckpt.saving.commit.DirLock` (held until :meth:`release`). A part's ``tmp`` is the folder files are
-    written into (``put``, or directly by the arena writer, then ``record``)."""
+    :class:`~btckpt.saving.commit.DirLock` (held until :meth:`release`; ``lock`` may be one taken already, as the
+    local tier's claim does). A part's ``tmp`` is the folder files are written into (``put``, or directly by the
+    arena writer, then ``record``)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, lock: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, lock: bool | DirLock | None = False) -> None:
         self.root = Path(root)
-        self.lock: DirLock | None = DirLock(self.root) if lock else None
+        self.lock: DirLock | None = (lock if isinstance(lock, DirLock) else
+                                     DirLock(self.root) if lock else None)
 
     def release(self) -> None:
         """Drop the writer lock, if held (idempotent)."""

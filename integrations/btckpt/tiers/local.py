@@ -536,7 +536,9 @@ class LocalTier:
         self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
         self.scheduled: int | None = None  # the newest step whose promotion was scheduled
         self._fits: int | None = None  # the state size check_fits last passed
-        self._lock: DirLock | None = claim(root, durable, session=session) if world.is_local_leader else None
+        # the tier is a LocalDir on node-local memory: its writer lock (the leader's claim), its checkpoints, and
+        # beside them the ranks' file arenas (:meth:`arena`) that tier saves stage into
+        self.dir = LocalDir(root, lock=claim(root, durable, session=session) if world.is_local_leader else None)
         # set by the Checkpointer: takes a retired step's staged files back into its Stager (saving.arena)
         self.salvage: Callable[[Path], object] | None = None
         self._busy: dict[Path, int] = {}  # folders queued or being promoted -> how many times
@@ -767,7 +769,7 @@ class LocalTier:
                 log.warning("btckpt: local tier %s kept as it is: a promotion was still copying when time ran out "
                             "(a restart resumes from the tier)", self.root)
                 return False
-        if self._lock is None:
+        if self.dir.lock is None:
             return True
         removing = remove and self.failed is None
         if not removing and self.steps():
@@ -780,15 +782,14 @@ class LocalTier:
                 # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
                 # its files go (never a checkpoint-<N> with files missing), and the identity record goes last
                 for folder in [*_replica_folders(self.root), self.root]:
-                    for info in scan(folder, own=True):
-                        delete_checkpoint(info.path, retired=False)
+                    for info in scan(folder, own=True):  # complete or not: each renamed away before its files go
+                        LocalDir(folder).remove(info.path.name, retired=False)
                     remove_stale_temps(folder, locked=True)
                 for folder in [*_replica_folders(self.root), *_arenas(self.root)]:
                     shutil.rmtree(folder, ignore_errors=True)
                 shutil.rmtree(self.root / REPLICAS, ignore_errors=True)
         finally:
-            self._lock.release()
-            self._lock = None
+            self.dir.release()
         if removing:
             for name in (".btckpt.lock", IDENTITY):
                 try:
