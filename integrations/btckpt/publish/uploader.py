@@ -229,7 +229,7 @@ class Uploader:
         mhash = manifest_hash(man_bytes)
         if self._journal_says_there(info, rdir, mhash, len(man_bytes), listing):
             return "skipped"
-        part = self.remote.part(info.step, name=info.path.name, listing=listing, expect=man_bytes)
+        part = self.remote.part(info.step, name=info.path.name, listing=listing, expect=man_bytes, supersede=True)
         self.remote.begin(part)  # a killed uploader's temp manifest goes; a different checkpoint there is un-committed
         task = None
         total = sum(int(e["size"]) for e in info.manifest.files.values())

@@ -42,13 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..errors import CheckpointError
 from ..format.checksum import CHECKSUM, new_hasher
 from ..format.manifest import MANIFEST, Manifest
 from ..storage.discovery import scan
 from ..storage.local import new_tag, remote_fs
 from ..storage.remote import join
 from ..testing import faults
-from .commit import DirLock, LocalCommit, delete_checkpoint, write_small_file
+from .commit import DirLock, LocalCommit, checkpoint_name, delete_checkpoint, write_small_file
 
 if TYPE_CHECKING:
     from ..distributed.world import World
@@ -187,6 +188,7 @@ class RemotePart:
     rdir: str
     listing: dict[str, dict[str, Any]] = field(default_factory=dict)
     expect: bytes | None = None
+    supersede: bool = False
     present: bool = False
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)
@@ -215,12 +217,14 @@ class Remote:
         """Every file under the root (or ``path``): relative name -> ``{"size", "ETag"}`` (:func:`listing_detail`)."""
         return listing_detail(self.fs, self.root if path is None else path)
 
-    def part(self, step: int, *, tag: str | None = None, name: str | None = None, supersede: bool = True,
+    def part(self, step: int, *, tag: str | None = None, name: str | None = None, supersede: bool = False,
              listing: dict[str, dict[str, Any]] | None = None, expect: bytes | None = None) -> RemotePart:
         """``listing``: what is under the part's folder now (relative names; the caller listed it); ``expect``: the
-        manifest bytes the part commits (a different manifest there is un-committed by ``begin``)."""
-        return RemotePart(step=step, rdir=join(self.root, name or f"checkpoint-{step}"), listing=dict(listing or {}),
-                          expect=expect)
+        manifest bytes the part commits (that very manifest there already: ``present``, nothing to commit);
+        ``supersede``: a different checkpoint there is un-committed by ``begin`` (a mirror: the local copy is the
+        truth), else refused. ``tag`` is unused (temp manifests get their own)."""
+        return RemotePart(step=step, rdir=join(self.root, name or checkpoint_name(step)), listing=dict(listing or {}),
+                          expect=expect, supersede=supersede)
 
     def begin(self, part: RemotePart) -> None:
         for stray in [n for n in part.listing if n.startswith(f".{MANIFEST}.tmp-")]:  # a killed uploader's manifest
@@ -230,6 +234,9 @@ class Remote:
         if part.expect is not None and self.fs.cat_file(join(part.rdir, MANIFEST)) == part.expect:
             part.present = True
             return
+        if not part.supersede:
+            raise CheckpointError(f"{part.rdir} already holds a different checkpoint; btckpt never overwrites one "
+                                  "in place")
         log.warning("%s holds a different checkpoint; un-committing it (manifest first) before the upload", part.rdir)
         self.fs.rm_file(join(part.rdir, MANIFEST))
 
@@ -314,3 +321,8 @@ class Remote:
         self._invalidate(rdir)
         if self.fs.exists(rdir) and not self.listing(rdir):
             self.fs.rm(rdir, recursive=True)  # empty folder markers only
+
+
+if TYPE_CHECKING:  # mypy checks that both implement the protocol
+    def _conforms(a: LocalDir, b: Remote) -> tuple[Destination[LocalCommit], Destination[RemotePart]]:
+        return a, b

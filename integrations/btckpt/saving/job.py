@@ -4,8 +4,10 @@ Mechanism only (when and how many is the manager's business). Runs on the backgr
 or the caller's thread (sync), on every rank. Call order per rank: the node's leader creates the temp
 folder; every rank writes its files (the leader: tensor groups and index files; each rank: its RNG
 file); ranks publish what they wrote through the store; the node's leader writes the manifest and
-renames. With several nodes, node 0 commits its part last, after every other node committed, so a
-complete node-0 part certifies the whole checkpoint. Any failure aborts the temp folder and tells peers.
+renames (through :class:`~btckpt.saving.destination.LocalDir`). With several nodes, node 0 commits its part last,
+after every other node committed, so a complete node-0 part certifies the whole checkpoint
+(:func:`~btckpt.saving.destination.commit_in_order`, the order a promotion uses too). Any failure aborts the
+temp folder and tells peers.
 """
 
 from __future__ import annotations
