@@ -49,18 +49,17 @@ from ..errors import CheckpointError, ConfigError
 from ..format.checksum import CHECKSUM, file_checksum
 from ..format.manifest import MANIFEST
 from ..saving.commit import delete_checkpoint
+from ..saving.destination import Remote, RemotePart, listing_detail
 from ..saving.retired import UPLOAD_DIR, manifest_hash, read_retired
 from ..storage.discovery import STEP_DIR, CheckpointInfo, inspect
-from ..storage.local import local_path, new_tag, remote_fs
+from ..storage.local import local_path
 from ..storage.remote import join
-from ..testing import faults
 from .journal import Callback, Journal, SourceLock, s3_etag
 from .supervisor import URL_ENV, UploadSupervisor
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
 
 log = logging.getLogger("btckpt.upload")
-_CHUNK = 8 << 20
 
 
 class _LocalProblem(Exception):
@@ -93,9 +92,8 @@ class Uploader:
             raise ConfigError(f"upload source {self.src} is not a folder; give the checkpoint dir "
                               "(e.g. $BT_CHECKPOINT_DIR)")
         self.dest = dest.rstrip("/")
-        self.fs, self.root = remote_fs(self.dest)
-        self.root = self.root.rstrip("/")
-        self.s3 = hasattr(self.fs, "call_s3")
+        self.remote = Remote(self.dest)  # the commit mechanics (manifest last); this class verifies and retries
+        self.fs, self.root, self.s3 = self.remote.fs, self.remote.root, self.remote.s3
         self.concurrency, self.retries, self.backoff = max(1, concurrency), max(0, retries), backoff
         self.keep_local, self.mirror_retention = keep_local, mirror_retention
         self.part_size = max(part_size, 5 << 20) if self.s3 else part_size
@@ -162,7 +160,7 @@ class Uploader:
                 res.failed.append(str(self.src))
                 return res
             try:
-                listing = _listing_detail(self.fs, self.root)
+                listing = self.remote.listing()
             except Exception as exc:  # noqa: BLE001 - logged; the next pass tries again
                 log.error("cannot list %s: %s; nothing uploaded or deleted in this pass", self.dest, exc)
                 res.failed.extend([self._remote_dir(i) for i in local] or [self.dest])
@@ -231,19 +229,14 @@ class Uploader:
         mhash = manifest_hash(man_bytes)
         if self._journal_says_there(info, rdir, mhash, len(man_bytes), listing):
             return "skipped"
-        for stray in [n for n in listing if n.startswith(f".{MANIFEST}.tmp-")]:  # a killed uploader's manifest
-            self.fs.rm_file(join(rdir, stray))
+        part = self.remote.part(info.step, name=info.path.name, listing=listing, expect=man_bytes, supersede=True)
+        self.remote.begin(part)  # a killed uploader's temp manifest goes; a different checkpoint there is un-committed
         task = None
         total = sum(int(e["size"]) for e in info.manifest.files.values())
         if self.progress is not None:
             task = self.progress.add_task(info.path.name, total=total)
-        rman = listing.get(MANIFEST)
-        if rman is not None and self.fs.cat_file(join(rdir, MANIFEST)) != man_bytes:
-            log.warning("%s holds a different checkpoint; un-committing it (manifest first) before the upload", rdir)
-            self.fs.rm_file(join(rdir, MANIFEST))
-            rman = None
         names = sorted(info.manifest.files, key=lambda n: info.manifest.files[n]["size"])  # type: ignore[union-attr]
-        futs = [pool.submit(self._upload_file, info.path / n, join(rdir, n), info.manifest.files[n],
+        futs = [pool.submit(self._upload_file, part, info.path / n, join(rdir, n), info.manifest.files[n],
                             listing.get(n), task) for n in names]
         errors = []
         sent = 0
@@ -260,29 +253,16 @@ class Uploader:
             raise local_problem
         if errors:
             raise RuntimeError("; ".join(errors))
-        if rman is not None:  # identical manifest already there
+        if part.present:  # identical manifest already there
             self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
             return "uploaded" if sent else "skipped"
-        self._retry(lambda: self._put_manifest(rdir, man_bytes), f"{rdir}/{MANIFEST}")
+        self._retry(lambda: self.remote.commit(part, man_bytes), f"{rdir}/{MANIFEST}")
         self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
         log.info("uploaded %s -> %s (%d files, %d bytes)", info.path, rdir, len(names), total)
         return "uploaded"
 
-    def _put_manifest(self, rdir: str, data: bytes) -> None:
-        faults.point("upload_manifest")
-        target = join(rdir, MANIFEST)
-        if self.s3:
-            self.fs.pipe_file(target, data)  # one PUT: atomic on an object store
-        else:
-            tmp = join(rdir, f".{MANIFEST}.tmp-{new_tag()}")
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, target)
-        self.fs.invalidate_cache(target) if hasattr(self.fs, "invalidate_cache") else None
-        if self.fs.cat_file(target) != data:
-            raise OSError(f"{target}: read-back differs from the local manifest")
-
-    def _upload_file(self, local: Path, rpath: str, entry: dict[str, Any], remote: dict[str, Any] | None,
-                     task: Any) -> int:
+    def _upload_file(self, part: RemotePart, local: Path, rpath: str, entry: dict[str, Any],
+                     remote: dict[str, Any] | None, task: Any) -> int:
         size = int(entry["size"])
         j = self.journal.files.get(rpath)
         if remote is not None and remote["size"] == size:
@@ -293,7 +273,7 @@ class Uploader:
             if self._remote_matches(local, rpath, entry, remote):
                 self._advance(task, size)
                 return 0
-        return self._retry(lambda: self._send(local, rpath, entry, task), rpath)
+        return self._retry(lambda: self._send(part, local, rpath, entry, task), rpath)
 
     def _advance(self, task: Any, n: int) -> None:
         if self.progress is not None and task is not None:
@@ -326,29 +306,16 @@ class Uploader:
             self.journal.add(t="file", remote=rpath, size=int(entry["size"]), etag=etag, **{CHECKSUM: entry[CHECKSUM]})
         return ok
 
-    def _send(self, local: Path, rpath: str, entry: dict[str, Any], task: Any) -> int:
+    def _send(self, part: RemotePart, local: Path, rpath: str, entry: dict[str, Any], task: Any) -> int:
         size = int(entry["size"])
         etag = self._local_digest(local, entry)
         cb = Callback(size, self.progress, task)
         try:
-            if self.s3:
-                self.fs.put_file(str(local), rpath, callback=cb, chunksize=self.part_size)
-            else:
-                self.fs.makedirs(self.fs._parent(rpath), exist_ok=True)
-                with open(local, "rb") as src, self.fs.open(rpath, "wb") as dst:
-                    while True:
-                        chunk = src.read(_CHUNK)
-                        if not chunk:
-                            break
-                        dst.write(chunk)
-                        cb.relative_update(len(chunk))
+            info = self.remote.put_file(part, rpath, local, callback=cb, part_size=self.part_size)
         except FileNotFoundError as exc:
             if not local.exists():
                 raise _LocalProblem(f"{local} vanished during the upload") from None
             raise exc
-        if hasattr(self.fs, "invalidate_cache"):
-            self.fs.invalidate_cache(rpath)
-        info = self.fs.info(rpath)
         if int(info["size"]) != size:
             raise OSError(f"{rpath}: remote size {info['size']} != {size} after upload")
         if self.s3:
@@ -378,14 +345,9 @@ class Uploader:
     def _drop_partial(self, rdir: str) -> None:
         """Remove what this uploader sent of a checkpoint it will not finish (never a committed folder,
         never files it did not send)."""
-        try:
-            if self.fs.exists(join(rdir, MANIFEST)):
-                return
-            for rpath in [p for p in self.journal.files if p.startswith(rdir + "/")]:
-                if self.fs.exists(rpath):
-                    self.fs.rm_file(rpath)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not remove the partial upload %s: %s", rdir, exc)
+        name = rdir.rsplit("/", 1)[-1]
+        self.remote.abort(self.remote.part(0, name=name), sent=[p for p in self.journal.files
+                                                                if p.startswith(rdir + "/")])
 
     # -- retention ----------------------------------------------------------------------------------------
     def _remote_copy_problem(self, info: CheckpointInfo, rdir: str) -> str | None:
@@ -394,7 +356,7 @@ class Uploader:
         assert info.manifest is not None
         if hasattr(self.fs, "invalidate_cache"):
             self.fs.invalidate_cache(rdir)
-        listing = _listing_detail(self.fs, rdir)
+        listing = self.remote.listing(rdir)
         if MANIFEST not in listing or self.fs.cat_file(join(rdir, MANIFEST)) != (info.path / MANIFEST).read_bytes():
             return f"{join(rdir, MANIFEST)} is missing or differs from the local manifest"
         for name, entry in info.manifest.files.items():
@@ -457,14 +419,9 @@ class Uploader:
                     log.warning("mirror retention: %s now holds a checkpoint this uploader did not publish; "
                                 "leaving it", rdir)
                     continue
-                self.fs.rm_file(join(rdir, MANIFEST))  # un-commit first: never a complete-looking partial
-                for rpath in [p for p in self.journal.files if p.startswith(rdir + "/")]:  # what it published
-                    if f"{name}/{rpath[len(rdir) + 1:]}" in listing:
-                        self.fs.rm_file(rpath)
-                if hasattr(self.fs, "invalidate_cache"):
-                    self.fs.invalidate_cache(rdir)
-                if self.fs.exists(rdir) and not _listing_detail(self.fs, rdir):
-                    self.fs.rm(rdir, recursive=True)  # empty folder markers only
+                published = [p[len(rdir) + 1:] for p in self.journal.files if p.startswith(rdir + "/")]
+                # un-commit first (manifest), then only the files it published that are listed there
+                self.remote.remove(name, files=[r for r in published if f"{name}/{r}" in listing])
             except FileNotFoundError:
                 pass
             except Exception as exc:  # noqa: BLE001
@@ -490,14 +447,7 @@ class Uploader:
         return self.run_pass()
 
 
-def _listing_detail(fs: Any, path: str) -> dict[str, dict[str, Any]]:
-    try:
-        found = fs.find(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    base = path.rstrip("/") + "/"
-    return {n[len(base):]: {"size": int(i.get("size") or 0), "ETag": i.get("ETag")} for n, i in found.items()
-            if n.startswith(base) and i.get("type", "file") != "directory"}
+_listing_detail = listing_detail  # the name it had here
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,8 +2,10 @@
 
 ``plan`` (the cached staging plan), ``snapshot`` (the reusable pinned arena, the copy stream or thread,
 the optimizer-step gate), ``writer`` (files from the arena, checksummed), ``priority`` (background
-threads yield the CPU to training), ``job`` (one save across ranks: files, then the commit), ``commit``
-(temp folder, fsync, manifest last, rename), ``retention`` and ``retired`` (what may be deleted, and the
+threads yield the CPU to training), ``job`` (one save across ranks: files, then the commit), ``destination``
+(the ``Destination`` protocol every commit goes through: ``LocalDir`` for a folder, ``Remote`` for an fsspec URL,
+and ``commit_in_order``, the one multi-node order), ``commit`` (the local mechanism: temp folder, fsync, manifest
+last, rename), ``retention`` and ``retired`` (what may be deleted, and the
 record of it for the uploader).
 
 May import: ``format``, ``storage``, ``distributed``, ``testing``, ``btckpt.config``, ``btckpt.errors``.

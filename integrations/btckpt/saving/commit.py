@@ -1,9 +1,11 @@
 """The commit: a checkpoint becomes visible all at once, or not at all.
 
-Local protocol (DESIGN.md): make ``.checkpoint-<step>.tmp-<id>`` in the same parent; write and fsync
-every file; write and fsync the manifest; fsync the folder; rename it to ``checkpoint-<step>``; fsync the
-parent. Call order: ``begin()`` (once, by the node's leader) -> files written into ``tmp`` (any local rank)
--> ``record()`` per file -> ``commit(manifest)`` by the leader, or ``abort()`` on any failure.
+The local mechanism behind :class:`btckpt.saving.destination.LocalDir` (whose ``Destination`` protocol gives
+the call order every destination shares). Local protocol (DESIGN.md): make ``.checkpoint-<step>.tmp-<id>`` in
+the same parent; write and fsync every file; write and fsync the manifest; fsync the folder; rename it to
+``checkpoint-<step>``; fsync the parent. Call order: ``begin()`` (once, by the node's leader) -> files written
+into ``tmp`` (any local rank) -> ``record()`` per file -> ``commit(manifest)`` by the leader, or ``abort()`` on
+any failure.
 Guarantees: a crash at any instant leaves either no ``checkpoint-<step>`` or a complete one; an existing
 step is never overwritten; a temp folder is never listed or loaded and is removed at the next start.
 """
@@ -126,12 +128,17 @@ class LocalCommit:
         """Note a file written into the temp folder (by any rank) for the manifest."""
         self.files[name] = {"size": size, CHECKSUM: checksum}
 
-    def commit(self, manifest: Manifest) -> Path:
-        """Write the manifest last, fsync, rename into place, fsync the parent. Leader only."""
-        manifest.files = dict(sorted(self.files.items()))
+    def commit(self, manifest: Manifest | bytes) -> Path:
+        """Write the manifest last, fsync, rename into place, fsync the parent. Leader only. ``manifest``: its files
+        are set from what was recorded; or a committed manifest's exact bytes, written as they are."""
+        if isinstance(manifest, Manifest):
+            manifest.files = dict(sorted(self.files.items()))
+            data = manifest.to_json()
+        else:
+            data = manifest
         try:
             faults.point("before_manifest")
-            write_small_file(self.tmp / MANIFEST, manifest.to_json())
+            write_small_file(self.tmp / MANIFEST, data)
             faults.point("after_manifest")
             fsync_dir(self.tmp)
             faults.point("before_rename")

@@ -4,8 +4,10 @@ Mechanism only (when and how many is the manager's business). Runs on the backgr
 or the caller's thread (sync), on every rank. Call order per rank: the node's leader creates the temp
 folder; every rank writes its files (the leader: tensor groups and index files; each rank: its RNG
 file); ranks publish what they wrote through the store; the node's leader writes the manifest and
-renames. With several nodes, node 0 commits its part last, after every other node committed, so a
-complete node-0 part certifies the whole checkpoint. Any failure aborts the temp folder and tells peers.
+renames (through :class:`~btckpt.saving.destination.LocalDir`). With several nodes, node 0 commits its part last,
+after every other node committed, so a complete node-0 part certifies the whole checkpoint
+(:func:`~btckpt.saving.destination.commit_in_order`, the order a promotion uses too). Any failure aborts the
+temp folder and tells peers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..format.layout import RANK_STATE_NAME, FlatState, Layout, rank_state_file,
 from ..format.manifest import MANIFEST, Manifest, check_relative_name
 from ..storage.local import preflight, space_error
 from ..testing import faults
-from .commit import LocalCommit, write_small_file
+from .destination import LocalDir, commit_in_order
 from .snapshot import ChunkedStaged, Snapshot
 from .writer import write_arena_file
 
@@ -104,18 +106,19 @@ def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
 def run_save(job: SaveJob) -> Path:
     """Write and commit one checkpoint; return the committed folder. Raises on any failure (nothing committed)."""
     w = job.world
-    commit = LocalCommit(job.root, job.step, tag=job.tag, name=job.name, supersede=job.supersede)
+    dest = LocalDir(job.root)
+    commit = dest.part(job.step, tag=job.tag, name=job.name, supersede=job.supersede)
     key = f"{job.tag}/{job.step}"
     leader = w.is_local_leader
     nbytes = 0
     try:
         if leader:
-            commit.begin()
+            dest.begin(commit)
         w.barrier(f"{key}/begin", timeout=job.barrier_timeout)
         written: dict[str, dict[str, Any]] = {}
 
         def put(name: str, data: bytes) -> None:
-            size, digest = write_small_file(commit.tmp / name, data)
+            size, digest = dest.put(commit, name, data)
             written[name] = {"size": size, CHECKSUM: digest}
 
         try:
@@ -155,16 +158,13 @@ def run_save(job: SaveJob) -> Path:
                     _check_tensor_groups(r, theirs["tensor_groups"], {g.name for g in job.flat})
                     files = theirs["files"]
                 for name, info in files.items():
-                    commit.record(name, info["size"], info[CHECKSUM])
+                    dest.record(commit, name, info["size"], info[CHECKSUM])
             manifest = Manifest(step=job.step, files={}, state={g.name: g.tree for g in job.flat},
                                 world=w.as_json(), meta=job.meta)
             if job.sharded is not None:
                 job.sharded.finish_manifest(manifest, w, key, timeout=job.barrier_timeout)
-            if w.node_rank != 0:
-                commit.commit(manifest)
-        w.barrier(f"{key}/parts", timeout=job.barrier_timeout)
-        if leader and w.node_rank == 0:
-            commit.commit(manifest)
+        commit_in_order(w, lambda: dest.commit(commit, manifest), key=f"{key}/parts", timeout=job.barrier_timeout,
+                        commits=leader)
         w.barrier(f"{key}/committed", timeout=job.barrier_timeout)
     except BaseException:
         if isinstance(job.staged, ChunkedStaged):
@@ -174,7 +174,7 @@ def run_save(job: SaveJob) -> Path:
         w.fail(f"{key}/parts")
         w.fail(f"{key}/committed")
         if leader:
-            commit.abort()
+            dest.abort(commit)
         raise
     dt = time.perf_counter() - job.started
     log.info("btckpt: committed %s (%.1f MB in %.2fs, %.0f MB/s)", commit.final, nbytes / 1e6, dt,

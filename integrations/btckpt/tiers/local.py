@@ -57,6 +57,7 @@ from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
 from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, delete_checkpoint, new_tag, remove_stale_temps
+from ..saving.destination import LocalDir, commit_in_order
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
@@ -453,12 +454,8 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
             raise CheckpointError(f"{src}: cannot promote it ({info.status}: {info.reason})")
         # this node's tier lacks the step (wiped) but its dir holds a verified copy: nothing to copy; it joins the
         # nodes that do copy theirs, so node 0 commits last as in a save
-        key = f"{tag}/promoted/{there.step}"
-        try:
-            w.barrier(key, timeout=timeout, ranks=w.nodes)
-        except BaseException:
-            w.fail(key)
-            raise
+        commit_in_order(w, lambda: None, key=f"{tag}/promoted/{there.step}", timeout=timeout, ranks=w.nodes,
+                        commits=False)
         log.info("btckpt: %s already holds step %d (verified); nothing to promote", dest_root, there.step)
         return there.path
     man = info.manifest
@@ -474,23 +471,21 @@ def promote(src: Path, dest_root: Path, *, tag: str, world: World | None = None,
                     problems[0], src)
     key = f"{tag}/promoted/{man.step}"  # nodes promoting different steps never pass each other's barrier
     # a damaged copy of the step is retired only once the verified one committed (LocalCommit's supersede)
-    commit = LocalCommit(dest_root, man.step, tag=tag, supersede=damaged)
+    dest = LocalDir(dest_root)
+    commit = dest.part(man.step, tag=tag, supersede=damaged)
     try:
         try:
             if not have:
-                commit.begin()
+                dest.begin(commit)
                 copy_verified(man, commit, lambda name: file_pieces(src / name), where=str(src))
                 faults.point("promote")
-                if w.node_rank != 0:
-                    commit.commit(man)
-            w.barrier(key, timeout=timeout, ranks=w.nodes)
-            if w.node_rank == 0 and not have:
-                commit.commit(man)
+            commit_in_order(w, lambda: dest.commit(commit, man), key=key, timeout=timeout, ranks=w.nodes,
+                            commits=not have)
         except OSError as exc:
             raise space_error(exc, commit.tmp) from exc
     except BaseException:
         w.fail(key)
-        commit.abort()
+        dest.abort(commit)
         raise
     if not have:
         log.info("btckpt: promoted %s -> %s", src, commit.final)
@@ -541,7 +536,9 @@ class LocalTier:
         self.last_step: int | None = None  # the newest step saved into the tier by this Checkpointer
         self.scheduled: int | None = None  # the newest step whose promotion was scheduled
         self._fits: int | None = None  # the state size check_fits last passed
-        self._lock: DirLock | None = claim(root, durable, session=session) if world.is_local_leader else None
+        # the tier is a LocalDir on node-local memory: its writer lock (the leader's claim), its checkpoints, and
+        # beside them the ranks' file arenas (:meth:`arena`) that tier saves stage into
+        self.dir = LocalDir(root, lock=claim(root, durable, session=session) if world.is_local_leader else None)
         # set by the Checkpointer: takes a retired step's staged files back into its Stager (saving.arena)
         self.salvage: Callable[[Path], object] | None = None
         self._busy: dict[Path, int] = {}  # folders queued or being promoted -> how many times
@@ -772,7 +769,7 @@ class LocalTier:
                 log.warning("btckpt: local tier %s kept as it is: a promotion was still copying when time ran out "
                             "(a restart resumes from the tier)", self.root)
                 return False
-        if self._lock is None:
+        if self.dir.lock is None:
             return True
         removing = remove and self.failed is None
         if not removing and self.steps():
@@ -785,15 +782,14 @@ class LocalTier:
                 # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
                 # its files go (never a checkpoint-<N> with files missing), and the identity record goes last
                 for folder in [*_replica_folders(self.root), self.root]:
-                    for info in scan(folder, own=True):
-                        delete_checkpoint(info.path, retired=False)
+                    for info in scan(folder, own=True):  # complete or not: each renamed away before its files go
+                        LocalDir(folder).remove(info.path.name, retired=False)
                     remove_stale_temps(folder, locked=True)
                 for folder in [*_replica_folders(self.root), *_arenas(self.root)]:
                     shutil.rmtree(folder, ignore_errors=True)
                 shutil.rmtree(self.root / REPLICAS, ignore_errors=True)
         finally:
-            self._lock.release()
-            self._lock = None
+            self.dir.release()
         if removing:
             for name in (".btckpt.lock", IDENTITY):
                 try:

@@ -41,7 +41,8 @@ from ..distributed.world import World
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
 from ..restore.policy import ResumePolicy
-from ..saving.commit import LocalCommit, checkpoint_name, remove_stale_temps
+from ..saving.commit import checkpoint_name, remove_stale_temps
+from ..saving.destination import LocalDir
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..storage.discovery import inspect, scan, verify
@@ -369,7 +370,8 @@ class PeerReplicas:
         final = root / checkpoint_name(step)
         # the folder of that step already there is retired only once the received copy committed
         supersede = supersede or (replace and final.is_dir() and not final.is_symlink())
-        commit = LocalCommit(root, step, tag=new_tag(), supersede=supersede)
+        dest = LocalDir(root)
+        commit = dest.part(step, tag=new_tag(), supersede=supersede)
         try:
             if (man.step, man.node_rank, man.world.get("nodes")) != (step, owner, self.world.nodes):
                 raise CheckpointError(f"{where}: its manifest is of step {man.step}, node {man.node_rank} of "
@@ -377,17 +379,17 @@ class PeerReplicas:
             if final.exists() and not supersede:
                 raise CheckpointError(f"{final} exists already; the copy from node {src} was not kept")
             make_dirs(root, private=True)  # <tier>/.replicas/node-<i>: private, as the whole tier
-            commit.begin()
+            dest.begin(commit)
             copy_verified(man, commit, streams.__getitem__, where=where)
             faults.point("replicate")
-            return commit.commit(man)
+            return dest.commit(commit, man)
         except (CheckpointError, OSError):
             for stream in streams.values():  # keep the link in step: take the rest of the bytes off the wire
                 for _ in stream:
                     pass
             raise
         finally:
-            commit.abort()
+            dest.abort(commit)
 
     # -- end ------------------------------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
