@@ -6,4 +6,7 @@ training), ``staging`` (``Checkpointer(dir=URL)``: commit locally, publish throu
 
 May import: ``format``, ``storage``, ``saving`` (the commit's delete and the retired record), ``testing``,
 ``btckpt.errors``.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """

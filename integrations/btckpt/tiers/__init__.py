@@ -7,6 +7,9 @@
 
 Layer: above ``saving``/``restore`` (tier saves go through the one save and commit path), below ``publish``
 and the Checkpointer, which drives both.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its modules and names may change without notice.
 """
 
 from .local import (
