@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CoordinationError
@@ -34,13 +34,15 @@ def _env_int(name: str, default: int) -> int:
     return int(raw) if raw.strip().isdigit() else default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class World:
     """This process's place: global ``rank``/``size``, ``local_rank``/``local_size`` and node index/count.
 
     ``store`` is the default process group's store while torch.distributed is initialised, else None
     (then every coordination call is a no-op for the single process). It is looked up at each use and
     never held, so nothing of btckpt keeps the store alive past ``destroy_process_group()``.
+    ``World(..., store=s)`` coordinates through the c10d store ``s`` instead (any ``torch.distributed.Store``:
+    a ``HashStore`` shared by threads lets a test run several ranks' agreements in one process).
     """
 
     rank: int = 0
@@ -50,10 +52,21 @@ class World:
     node_rank: int = 0
     nodes: int = 1
     distributed: bool = False
+    _store: Any = field(default=None, repr=False, compare=False)
+
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, local_size: int = 1, node_rank: int = 0,
+                 nodes: int = 1, distributed: bool = False, *, store: Any = None) -> None:
+        for name, value in (("rank", rank), ("size", size), ("local_rank", local_rank), ("local_size", local_size),
+                            ("node_rank", node_rank), ("nodes", nodes),
+                            ("distributed", distributed or store is not None), ("_store", store)):
+            object.__setattr__(self, name, value)
 
     @property
     def store(self) -> Any:
-        """The default process group's c10d store (None when not distributed or already destroyed)."""
+        """The c10d store coordination goes through: the one given to ``World(store=)``, else the default
+        process group's (None when not distributed or already destroyed)."""
+        if self._store is not None:
+            return self._store
         if not self.distributed:
             return None
         import torch.distributed as dist
