@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 
-
 @pytest.fixture(autouse=True)
 def _on(child_zygote):
     if child_zygote is None:

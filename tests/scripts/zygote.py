@@ -231,7 +231,7 @@ def _place_fds(fds: list[int], targets: list[int]) -> None:
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, high) for fd in fds]
     for fd in fds:
         os.close(fd)
-    for fd, target in zip(moved, targets):
+    for fd, target in zip(moved, targets, strict=True):
         os.dup2(fd, target)
     for fd in moved:
         os.close(fd)
