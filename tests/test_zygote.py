@@ -20,8 +20,8 @@ def _on(child_zygote):
     if child_zygote is None:
         pytest.skip("the zygote is off (BTCKPT_TEST_ZYGOTE=0 in the test session's environment)")
 
-REPORT = ("import json, os, sys; sys.stdin.readline(); print(json.dumps({'argv': sys.argv, 'cwd': os.getcwd(), 'foo': os.environ.get('FOO'),"
-          " 'ppid': os.getppid(), 'preloaded': 'torch' in sys.modules, 'btckpt': 'btckpt' in sys.modules,"
+REPORT = ("import json, os, sys; sys.stdin.readline(); print(json.dumps({'argv': sys.argv, 'cwd': os.getcwd(),"
+          " 'foo': os.environ.get('FOO'), 'ppid': os.getppid(), 'preloaded': 'torch' in sys.modules, 'btckpt': 'btckpt' in sys.modules,"
           " 'path0': sys.path[0]}))")
 
 
