@@ -21,7 +21,8 @@ def _on(child_zygote):
         pytest.skip("the zygote is off (BTCKPT_TEST_ZYGOTE=0 in the test session's environment)")
 
 REPORT = ("import json, os, sys; sys.stdin.readline(); print(json.dumps({'argv': sys.argv, 'cwd': os.getcwd(),"
-          " 'foo': os.environ.get('FOO'), 'ppid': os.getppid(), 'preloaded': 'torch' in sys.modules, 'btckpt': 'btckpt' in sys.modules,"
+          " 'foo': os.environ.get('FOO'), 'ppid': os.getppid(), 'preloaded': 'torch' in sys.modules,"
+          " 'btckpt': 'btckpt' in sys.modules,"
           " 'path0': sys.path[0]}))")
 
 
