@@ -26,6 +26,18 @@ def child_pythonpath():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def child_zygote(child_pythonpath, tmp_path_factory: pytest.TempPathFactory):
+    """Plain Python children (``[sys.executable, script | -m mod | -c code]``) start as forks of one process
+    that has imported torch, transformers and Lightning (tests/scripts/zygote.py): real processes, real
+    children of the test, a few seconds of imports less each. ``BTCKPT_TEST_ZYGOTE=0`` turns it off."""
+    import zygote
+
+    client = zygote.start(str(tmp_path_factory.getbasetemp() / "zygote.log"))
+    yield client
+    zygote.stop(client)
+
+
 def _children() -> set[int]:
     try:
         import psutil

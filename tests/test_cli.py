@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,8 @@ def test_missing_target_and_start_up_without_torch(tmp_path: Path):
     code = ("import sys; from btckpt.cli import main; rc = main(['ls', sys.argv[1]]); main(['show', sys.argv[1]]); "
             "bad = [m for m in ('torch', 'transformers', 'lightning', 'numpy') if m in sys.modules]; "
             "sys.exit(3 if bad else rc)")
-    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60)
+    fresh = dict(os.environ, BTCKPT_TEST_ZYGOTE="0")  # a fresh interpreter: the test zygote has torch imported
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60, env=fresh)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "btckpt.cli", "show", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)

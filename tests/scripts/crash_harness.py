@@ -231,18 +231,22 @@ def _restored(text: str) -> str | None:
 def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: random.Random,
               max_delay: float, logdir: Path | None = None, ref_seconds: float | None = None) -> Trial:
     """Run the save path once: let a fault kill it at ``phase`` or SIGKILL its tree after a random delay
-    (at most ``ref_seconds``, the reference run's training time, for auto_delay paths when given)."""
+    (for auto_delay paths when ``ref_seconds`` is given: within the reference run's training time, scaled to the
+    steps this run has left after its resume)."""
     t0 = time.monotonic()
     trial = Trial(kind=f"phase:{phase}" if phase else "random")
     trial.fault = path.fault(phase, rng) if phase else ""
     env = {"BTCKPT_FAULT": trial.fault} if phase else {}
     bound = path.max_delay if path.max_delay is not None else max_delay
-    if path.auto_delay and ref_seconds is not None:
-        bound = ref_seconds
-    delay = rng.uniform(0, bound)
+    share = rng.uniform(0, 1)  # of the window the kill lands in
     run = Run(path, root, out, env, logdir or root.parent / "logs")
     try:
         run.wait_for("TRAINING", timeout=300)
+        if path.auto_delay and ref_seconds is not None:  # the reference trained all steps: this run trains the rest
+            resumed = _restored(run.stdout())
+            done = int(resumed) if resumed is not None and resumed.isdigit() else 0
+            bound = ref_seconds * max(0.0, path.final_step - done) / path.final_step
+        delay = share * bound
         if phase is None and run.alive():
             run.sleep(delay)
             if run.alive():

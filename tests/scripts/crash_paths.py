@@ -64,7 +64,7 @@ class SavePath:
     fault: Callable[[str, random.Random], str] = kill_fault  # phase -> BTCKPT_FAULT value
     phase_killed: Callable[[int, str], bool] = died_of_sigkill  # (rc, stderr) -> the fault fired
     max_delay: float | None = None  # random kills land within this many s of TRAINING (None: the caller's)
-    auto_delay: bool = False  # ... within the time the uninterrupted reference run trained (when known)
+    auto_delay: bool = True  # ... within the time the uninterrupted reference run trained (when known)
     compare: Callable[[str], bool] | None = None  # manifest files compared with the reference (None: all)
     compare_state: bool = True  # compare the manifest's plain-data state with the reference's too
     check: Callable[[Path, Path | None, bool], None] | None = None  # (root, reference dir, final): more checks
@@ -209,19 +209,19 @@ SAVE_PATHS: dict[str, SavePath] = {
     "async": SavePath("async", _crash_train("async"), ref="train"),
     "oneshot": SavePath("oneshot", _crash_train("oneshot"), ref="train",
                         phases=tuple(p for p in LOCAL_PHASES if p != "retention")),
-    "hf": SavePath("hf", _script("crash_hf.py"), final_step=30, auto_delay=True, compare=_data_files),
-    "lightning": SavePath("lightning", _script("crash_lightning.py"), final_step=30, auto_delay=True,
+    "hf": SavePath("hf", _script("crash_hf.py"), final_step=30, compare=_data_files),
+    "lightning": SavePath("lightning", _script("crash_lightning.py"), final_step=30,
                           compare=_lightning_files, compare_state=False, check=_check_lightning),
-    "torchrun": SavePath("torchrun", _torchrun, final_step=30, auto_delay=True, fault=_rank_fault,
+    "torchrun": SavePath("torchrun", _torchrun, final_step=30, fault=_rank_fault,
                          phase_killed=_rank_killed),
-    "torchrun-fsdp1": SavePath("torchrun-fsdp1", _torchrun_fsdp1, final_step=30, auto_delay=True,
+    "torchrun-fsdp1": SavePath("torchrun-fsdp1", _torchrun_fsdp1, final_step=30,
                                fault=_fsdp1_rank_fault, phase_killed=_rank_killed),
-    "torchrun-zero3": SavePath("torchrun-zero3", _torchrun_zero3, final_step=30, auto_delay=True,
+    "torchrun-zero3": SavePath("torchrun-zero3", _torchrun_zero3, final_step=30,
                                env={"DS_ACCELERATOR": "cpu"}, fault=_fsdp1_rank_fault, phase_killed=_rank_killed,
                                compare=_data_files),
     "tier": SavePath("tier", _crash_train("async", 60, 3, "--tier"), phases=LOCAL_PHASES + ("promote",),
                      tier=True),
-    "upload": SavePath("upload", _upload_argv, final_step=24, phases=LOCAL_PHASES + UPLOAD_PHASES, auto_delay=True,
+    "upload": SavePath("upload", _upload_argv, final_step=24, phases=LOCAL_PHASES + UPLOAD_PHASES,
                        fault=lambda phase, rng: f"{phase}:killpg", check=_check_upload),
 }
 
