@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import operator
 import re
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ import torch
 from ..errors import UnsupportedValue
 from .header import ALIGN, build_header_columns
 from .state import group_value
-from .tree import MAX_DEPTH, TAGS, _path_str, encode_tree
+from .tree import MAX_DEPTH, NOT_SCALAR, TAGS, _path_str, encode_scalar, encode_tree
 
 __all__ = [
     "DTYPE_TO_ST", "ST_TO_DTYPE", "FlatGroup", "FlatState", "Slot", "FilePlan", "Layout", "flatten_group",
@@ -202,16 +201,9 @@ class _Walk:
 
     def walk(self, value: Any, path: tuple[Any, ...]) -> Any:
         """:func:`~btckpt.format.tree.encode_tree` of ``value`` (same output, same errors)."""
-        if len(path) > MAX_DEPTH:
-            raise UnsupportedValue(f"state at {_path_str(path)!r} is nested deeper than {MAX_DEPTH} levels")
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            if math.isfinite(value):
-                return float(value)
-            return {"__float__": repr(float(value))}
+        scalar = encode_scalar(value, path)
+        if scalar is not NOT_SCALAR:
+            return scalar
         if isinstance(value, torch.Tensor):
             return self.tensor(path, value)
         n0 = len(self.refs)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpoint, UnsupportedValue
 
-__all__ = ["encode_tree", "decode_tree", "TAGS", "MAX_DEPTH"]
+__all__ = ["encode_tree", "encode_scalar", "NOT_SCALAR", "decode_tree", "TAGS", "MAX_DEPTH"]
 
 TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
 MAX_DEPTH = 200
@@ -23,14 +23,12 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
-def encode_tree(
-    value: Any,
-    on_tensor: Callable[[tuple[Any, ...], Any], Any],
-    *,
-    is_tensor: Callable[[Any], bool],
-    path: tuple[Any, ...] = (),
-) -> Any:
-    """Return a JSON-able copy of ``value``; ``on_tensor(path, tensor)`` gives each tensor's key."""
+NOT_SCALAR: Any = object()  # encode_scalar's answer for anything but a JSON scalar
+
+
+def encode_scalar(value: Any, path: tuple[Any, ...]) -> Any:
+    """The JSON form of a leaf that is a plain scalar (None, bool, str, int, float: non-finite floats tagged),
+    or :data:`NOT_SCALAR`; raises when ``path`` is nested deeper than :data:`MAX_DEPTH`."""
     if len(path) > MAX_DEPTH:
         raise UnsupportedValue(f"state at {_path_str(path)!r} is nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, str)):
@@ -41,6 +39,20 @@ def encode_tree(
         if math.isfinite(value):
             return float(value)
         return {"__float__": repr(float(value))}
+    return NOT_SCALAR
+
+
+def encode_tree(
+    value: Any,
+    on_tensor: Callable[[tuple[Any, ...], Any], Any],
+    *,
+    is_tensor: Callable[[Any], bool],
+    path: tuple[Any, ...] = (),
+) -> Any:
+    """Return a JSON-able copy of ``value``; ``on_tensor(path, tensor)`` gives each tensor's key."""
+    scalar = encode_scalar(value, path)
+    if scalar is not NOT_SCALAR:
+        return scalar
     if is_tensor(value):
         return {"__tensor__": on_tensor(path, value)}
     if isinstance(value, tuple):
