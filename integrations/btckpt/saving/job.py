@@ -91,6 +91,7 @@ class SaveJob:
     started: float = field(default_factory=time.perf_counter)
     written_bytes: int = 0  # set by run_save: the bytes this rank wrote
     io_threads: int = 2  # 1: the writer checksums its own writes; 2: a second thread checksums alongside
+    dest: LocalDir | None = None  # where it commits (default: LocalDir(root)); a test passes a faulty one
 
 
 def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
@@ -106,7 +107,7 @@ def _check_tensor_groups(rank: int, theirs: list[str], ours: set[str]) -> None:
 def run_save(job: SaveJob) -> Path:
     """Write and commit one checkpoint; return the committed folder. Raises on any failure (nothing committed)."""
     w = job.world
-    dest = LocalDir(job.root)
+    dest = job.dest if job.dest is not None else LocalDir(job.root)
     commit = dest.part(job.step, tag=job.tag, name=job.name, supersede=job.supersede)
     key = f"{job.tag}/{job.step}"
     leader = w.is_local_leader
