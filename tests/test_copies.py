@@ -21,8 +21,8 @@ import torch
 from btckpt.cli import main as cli_main
 from btckpt.storage.discovery import inspect, verify
 from conftest import PY
-from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun
-from test_tiers import _state, _steps, _train  # the tier tests' helpers
+from dist_launch import SCRIPTS, env_with, finish, kill_session, torchrun
+from test_tiers import _state, _steps, _train, _two_nodes  # the tier tests' helpers
 from test_upload import moto, s3  # noqa: F401 - fixtures
 
 
@@ -66,22 +66,6 @@ def test_two_ranks_resume_from_the_dirs_copy_when_the_tiers_copy_is_damaged(tmp_
 
 
 # -- peer replicas: a damaged own copy does not hide the peer's verified replica --------------------------------
-def _two_nodes(tmp: Path, tag: str, args: list[str], **env_extra: str) -> list[tuple[int, str]]:
-    """A 2-node job on this machine (torchrun --nnodes=2, one rank each), each node with its own dir and tier
-    (as tests/test_tiers.py runs them)."""
-    port = free_port()
-    jobs = []
-    try:
-        for node in (0, 1):
-            env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node), **env_extra)
-            jobs.append(torchrun("tier_train.py", ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args], nproc=1,
-                                 env=env, port=port, nnodes=2, node_rank=node, rdzv=True))
-        return [finish(j, timeout=240) for j in jobs]
-    finally:
-        for j in jobs:
-            kill_session(j)
-
-
 @pytest.mark.slow
 def test_a_damaged_own_tier_copy_is_replaced_by_the_peers_verified_replica(tmp_path: Path) -> None:
     """Node 1's own tier copy of step 8 is damaged (sizes right), node 0's RAM holds a verified replica of

@@ -54,7 +54,10 @@ def main() -> int:
 
     # handle_sigterm=False: torchrun stops the surviving rank with SIGTERM, which should end it at once here
     tier = args.tier.format(node=os.environ.get("BT_NODE_RANK", "0"))
-    ckpt = btckpt.Checkpointer(keep_last=2, barrier_timeout=60, every_steps=args.every, on_missing="start_fresh",
+    # a run that kills a node (--kill-at): the survivor's save waits for the dead peer until the barrier timeout
+    # (then fails, as it should); 20 s instead of 60 keeps that wait short and is still ample for a live peer
+    wait = 20 if args.kill_at >= 0 else 60
+    ckpt = btckpt.Checkpointer(keep_last=2, barrier_timeout=wait, every_steps=args.every, on_missing="start_fresh",
                                local_every_steps=args.local_every or None, local_tier_dir=tier or None,
                                handle_sigterm=False)
     first = ckpt.candidates()
