@@ -130,11 +130,12 @@ LAYERS = [
     {"saving", "restore"},
     {"tiers"},
     {"publish"},
+    {"policies"},
     {"checkpointer", "oneshot", "consolidate", "adapters", "upload", ""},
     {"hf", "lightning", "cli"},
 ]
-FOLDERS = {"format", "storage", "distributed", "saving", "restore", "tiers", "publish", "hf", "lightning", "cli",
-           "testing"}
+FOLDERS = {"format", "storage", "distributed", "saving", "restore", "tiers", "publish", "policies", "hf", "lightning",
+           "cli", "testing"}
 
 
 def _unit(module: str) -> str:

@@ -6,8 +6,9 @@ Layers (each imports only the ones below it; ``tests/test_imports.py`` checks it
 
 - ``hf/``, ``lightning/``, ``cli/``: adapters and the command; ``adapters.py`` is what every adapter shares,
   and the framework adapters' one door into the core (besides ``errors.py`` and ``config.py``);
-- ``checkpointer.py`` (:class:`Checkpointer`: when to save, the background worker, retention, resume),
+- ``checkpointer.py`` (:class:`Checkpointer`: the facade over the save engine, the policies and the tiers),
   ``oneshot.py`` (``save``/``load``), ``consolidate.py`` (servable model folders), ``upload.py`` (entry);
+- ``policies/``: when to save (SaveSchedule), when to stop (Preemption), what to keep (Retention);
 - ``publish/``: the uploader process, its journal and supervisor;
 - ``tiers/``: the node-local (RAM) tier (folder, identity, memory check, promotion) and peer replicas;
 - ``saving/`` and ``restore/``: writing (plan, snapshot, write, commit, retention) and reading (policy,

@@ -67,22 +67,22 @@ import itertools
 import json
 import logging
 import os
-import signal
 import tempfile
-import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from .checkpointer import Checkpointer
-from .config import resolve_dir, resolve_load_dir
+from .config import CheckpointConfig, resolve_dir, resolve_load_dir
 from .distributed.shards import META_KEY, is_dtensor, sharded_groups
-from .distributed.world import StopAgreement, World, world
+from .distributed.world import World, world
 from .distributed.zero import ZERO_META, ZeroState, load_zero, plain_data, read_tensor, zero_optimizer, zero_stage
 from .errors import ConfigError, CorruptCheckpoint, IncompleteCheckpoint
 from .format.layout import GROUP_NAME, flatten_group
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .format.state import optimizer_state_for_loading, unwrap_model
+from .policies.preemption import Preemption
+from .policies.schedule import local_save_due
 from .restore.load import read_checkpoint
 from .restore.policy import ResumePolicy, other_run_error, same_run
 from .restore.reader import CheckpointReader, NodeParts
@@ -90,7 +90,7 @@ from .restore.rng import apply_rng, capture_rng, read_rank_rng
 from .saving.commit import checkpoint_name, delete_checkpoint, write_small_file
 from .storage.discovery import STEP_DIR, CheckpointInfo, inspect
 from .storage.local import fsync_dir, fsync_file, is_url, new_tag
-from .tiers import local_save_due, resumable_tier
+from .tiers import resumable_tier
 
 __all__ = [
     # resume search, opening, reading groups, a rank's RNG, the tier, run identity, preemption, HF files
@@ -258,57 +258,25 @@ def preemption_due(ckpt: Checkpointer, step: int) -> bool:
     """At a step boundary, on every rank: whether training stops and saves at ``step`` because SIGTERM reached
     some rank (``ckpt``'s handler, ``handle_sigterm``); every rank of ``ckpt``'s world gets the same answer at
     the same step. One store lookup, no collective (``Checkpointer.maybe_save`` uses the same agreement)."""
-    return ckpt._stop_step(step)
+    return ckpt._preemption.due(step)
 
 
 _WATCHES = itertools.count()  # every rank creates its watches in the same order: the same key on every rank
 
 
-class PreemptionWatch:
+class PreemptionWatch(Preemption):
     """SIGTERM handling for a framework whose ranks share no Checkpointer (Lightning saves on rank 0 only):
     created on every rank (main thread) when training starts, it takes SIGTERM over until :meth:`close`, and
     :meth:`due` at each step boundary says, the same on every rank, whether to save and stop at that step
-    (:class:`~btckpt.distributed.world.StopAgreement` over the c10d store; one process: SIGTERM arrived).
+    (the core's :class:`~btckpt.policies.Preemption`, the same store agreement; one process: SIGTERM arrived).
     ``name`` tells the watches of one process apart (e.g. the checkpoint folder), the same on every rank."""
 
     def __init__(self, name: str) -> None:
-        w = peer_world() or World()
         digest = hashlib.sha256(name.encode()).hexdigest()[:16]
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a kept store never answers a new attempt
-        self.world = w
-        self._key = f"preempt-watch/{digest}/{attempt}/{next(_WATCHES)}"
-        self._agreement = StopAgreement(w, self._key)
-        self._signalled = threading.Event()
-        self._prev: Any = None
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if not self._signalled.is_set():
-            log.warning("btckpt: rank %d: SIGTERM received; every rank saves a final checkpoint at the next "
-                        "step boundary", self.world.rank)
-        self._signalled.set()
-
-    @property
-    def preempted(self) -> bool:
-        """True once SIGTERM reached this rank."""
-        return self._signalled.is_set()
-
-    def due(self, step: int) -> bool:
-        """Whether every rank stops (and saves) at ``step``; call it on every rank at every step boundary."""
-        return self._agreement.due(step, local=self._signalled.is_set())
-
-    def stopped(self, *, timeout: float) -> None:
-        """After the preemption save committed: wait (at most ``timeout`` s) until every rank got here, so
-        no rank exits while another still writes."""
-        self.world.barrier(f"{self._key}/stopped", timeout=timeout)
-
-    def close(self) -> None:
-        """Give SIGTERM back to the handler it had before."""
-        if self._installed:
-            self._installed = False
-            signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
+        super().__init__(peer_world() or World(), f"preempt-watch/{digest}/{attempt}/{next(_WATCHES)}",
+                         grace=CheckpointConfig.preemption_grace, watched=True)
+        self.install()
 
 
 # -- HF config files -----------------------------------------------------------------------------------------

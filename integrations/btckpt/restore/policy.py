@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, NoCheckpointFound
-from ..storage.discovery import CheckpointInfo, nothing_to_resume, resume_candidates, scan, select, unreadable, verified
+from ..storage.discovery import (
+    CheckpointInfo,
+    nothing_to_resume,
+    resume_candidates,
+    same_run,
+    scan,
+    select,
+    unreadable,
+    verified,
+)
 from ..storage.local import is_url, local_path, remote_fs
 
 __all__ = ["ResumePolicy", "latest", "same_run", "other_run_error"]
@@ -156,12 +165,6 @@ class ResumePolicy:
                                         "read access to it")
             raise NoCheckpointFound(f"no complete, verified checkpoint at or under {where} (damaged ones are named "
                                     "in the warnings above)")
-
-
-def same_run(info: CheckpointInfo, run: str | None) -> bool:
-    """Whether ``info`` may belong to the run ``run``: no identity on either side, or the same one."""
-    theirs = info.manifest.run if info.manifest is not None else None
-    return run is None or theirs is None or theirs == run
 
 
 def other_run_error(dir: str | os.PathLike[str], others: list[CheckpointInfo], *, fresh: bool = False) -> ConfigError:

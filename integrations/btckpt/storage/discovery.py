@@ -48,7 +48,7 @@ from .nodes import node_rank
 from .store import LOCAL, Entry, Store, open_store
 
 __all__ = ["CheckpointInfo", "inspect", "scan", "node_rank", "STEP_DIR", "resume_candidates", "select",
-           "verify", "verified", "retired", "check", "RESCANS", "nothing_to_resume", "unreadable"]
+           "verify", "verified", "retired", "check", "RESCANS", "nothing_to_resume", "unreadable", "same_run"]
 
 log = logging.getLogger("btckpt")
 T = TypeVar("T")
@@ -406,3 +406,9 @@ def nothing_to_resume(dir: str | os.PathLike[str] | None, load_dir: str | os.Pat
             "load-checkpoint config, or pass on_missing='start_fresh' to train from scratch")
     log.warning("btckpt: load_dir %s holds no complete checkpoint; starting fresh (on_missing='start_fresh')",
                 os.fspath(load_dir))
+
+
+def same_run(info: CheckpointInfo, run: str | None) -> bool:
+    """Whether ``info`` may belong to the run ``run``: no identity on either side, or the same one."""
+    theirs = info.manifest.run if info.manifest is not None else None
+    return run is None or theirs is None or theirs == run

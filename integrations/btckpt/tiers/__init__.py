@@ -22,7 +22,6 @@ from .local import (
     default_base,
     default_tier_dir,
     incarnation,
-    local_save_due,
     promote,
     resumable_tier,
     stale_tier,
@@ -32,5 +31,5 @@ from .local import (
 )
 
 __all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "default_base", "default_tier_dir", "tier_dir", "incarnation",
-           "resumable_tier", "stale_tier", "sweep_orphans", "local_save_due", "tier_bytes", "check_fits", "promote",
+           "resumable_tier", "stale_tier", "sweep_orphans", "tier_bytes", "check_fits", "promote",
            "LocalTier"]

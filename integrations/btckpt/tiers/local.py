@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +78,7 @@ from ..testing import faults
 
 __all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "REPLICAS", "ARENA", "copy_verified", "file_pieces",
            "default_base", "default_tier_dir", "tier_dir", "incarnation", "resumable_tier", "stale_tier",
-           "sweep_orphans", "place", "claim", "local_save_due", "tier_bytes", "check_fits", "promote", "LocalTier"]
+           "sweep_orphans", "place", "claim", "tier_bytes", "check_fits", "promote", "LocalTier"]
 
 log = logging.getLogger("btckpt")
 
@@ -351,13 +351,6 @@ def claim(root: Path, durable: Path, *, session: str) -> DirLock:
         lock.release()
         raise
     return lock
-
-
-def local_save_due(every: int | None, step: int, *, done: Container[int | None]) -> bool:
-    """Whether step ``step`` goes into the local tier: every ``every`` steps (``local_every_steps``; None: no
-    tier), unless ``done`` (the steps saved already, durably or into the tier) holds it. The one cadence rule:
-    ``Checkpointer.maybe_save`` and the framework adapters ask it, every rank with the same answers."""
-    return every is not None and step > 0 and step % every == 0 and step not in done
 
 
 # -- memory ----------------------------------------------------------------------------------------------------
