@@ -185,6 +185,7 @@ class Checkpointer:
                        lambda self, stager: setattr(self._engine, "stager", stager))
     _gate = property(lambda self: self._engine.gate)
     _pending = property(lambda self: self._engine.pending)
+    _tier = property(lambda self: self._tiers.tier)
 
     # -- saving -----------------------------------------------------------------------------------------
     @property
