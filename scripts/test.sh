@@ -14,7 +14,10 @@ fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=40 "$@"
+# Two workers (pytest-xdist): most tests wait on child processes, so two overlap well on 2 cores. worksteal hands
+# each worker a contiguous half (module fixtures run about once) and lets an idle one take tests from the other.
+# BTCKPT_TEST_WORKERS=0 runs in one process.
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${BTCKPT_TEST_WORKERS:-2}" --dist worksteal --durations=40 "$@"
 
 if [ "${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
   for constraints in .ci/constraints-*.txt; do

@@ -38,6 +38,38 @@ def child_zygote(child_pythonpath, tmp_path_factory: pytest.TempPathFactory):
     zygote.stop(client)
 
 
+@pytest.fixture(scope="session")
+def moto():
+    """One moto S3 server for the session (per xdist worker), on a free port of 127.0.0.1; yields its endpoint
+    URL; killed at teardown. Tests get a fresh bucket each (``s3`` in tests/test_upload.py)."""
+    import socket
+    import subprocess
+
+    import fsspec.asyn
+
+    fsspec.asyn.get_loop()  # s3fs's IO thread lives for the whole process: start it before the leak checks
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen([str(Path(PY).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _children() -> set[int]:
     try:
         import psutil

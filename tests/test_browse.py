@@ -8,7 +8,7 @@ from pathlib import Path
 import btckpt
 import torch
 from btckpt.cli.browse import BrowseApp, CheckpointScreen, fuzzy_score
-from test_upload import moto, s3  # noqa: F401,F811 - fixtures
+from test_upload import s3  # noqa: F401,F811 - fixtures
 
 
 def _tree(root: Path) -> None:

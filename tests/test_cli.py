@@ -12,7 +12,7 @@ import btckpt
 import pytest
 import torch
 from btckpt.cli import main
-from test_upload import moto, s3  # noqa: F401,F811 - fixtures
+from test_upload import s3  # noqa: F401,F811 - fixtures
 
 CREATED = "2026-01-02T03:04:05.000000Z"
 

@@ -23,7 +23,7 @@ from btckpt.storage.discovery import inspect, verify
 from conftest import PY
 from dist_launch import SCRIPTS, env_with, finish, kill_session, torchrun
 from test_tiers import _state, _steps, _train, _two_nodes  # the tier tests' helpers
-from test_upload import moto, s3  # noqa: F401 - fixtures
+from test_upload import s3  # noqa: F401 - fixtures
 
 
 def _flip(folder: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from test_upload import make_ckpts, moto, s3  # noqa: F401 - fixtures
+from test_upload import make_ckpts, s3  # noqa: F401 - fixtures
 
 SCRIPT = Path(__file__).parent / "scripts" / "cache_restore.py"
 TRIALS, RANKS, NUMEL = 6, 4, 200_000

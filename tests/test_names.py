@@ -17,7 +17,7 @@ import pytest
 import torch
 from btckpt.format.checksum import file_checksum
 from btckpt.format.manifest import read_manifest
-from test_upload import moto, s3  # noqa: F401 - fixtures
+from test_upload import s3  # noqa: F401 - fixtures
 
 TITLE, CLEAR = "\x1b]0;title\x07", "\x1b[2J"
 TENSORS = ["[/]", "[blink]x", TITLE, CLEAR]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from btckpt.errors import CheckpointError, NoCheckpointFound
 from btckpt.restore import reader
-from test_upload import moto, s3  # noqa: F401 - fixtures
+from test_upload import s3  # noqa: F401 - fixtures
 
 NUMEL = 1 << 18  # 1 MiB per float32 tensor: the tensor bytes dominate the checkpoint
 

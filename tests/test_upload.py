@@ -1,7 +1,7 @@
 """The uploader against a real S3-protocol server (moto in server mode on 127.0.0.1), plus memory://.
 
-Fixtures ``moto`` (one server per module, killed at teardown) and ``s3`` (a fresh bucket per test,
-fsspec configured in-process and through the environment for subprocesses) are reused by test_cli.
+Fixture ``s3`` (a fresh bucket per test on the session's one ``moto`` server, tests/conftest.py; fsspec
+configured in-process and through the environment for subprocesses) is reused by test_cli and others.
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,40 +19,7 @@ import pytest
 import torch
 from btckpt.upload import Uploader
 
-BIN = Path(sys.executable).parent
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """A moto S3 server on a free port of 127.0.0.1; yields its endpoint URL; killed at teardown."""
-    import fsspec.asyn
-
-    fsspec.asyn.get_loop()  # s3fs's IO thread lives for the whole process: start it before the leak checks
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from btckpt.saving.commit import delete_checkpoint
 from btckpt.storage.discovery import inspect, verify
 from btckpt.upload import Uploader
-from test_upload import make_ckpts, moto, s3, upload_cli  # noqa: F401 - fixtures
+from test_upload import make_ckpts, s3, upload_cli  # noqa: F401 - fixtures
 
 
 def _remote_steps(dest: str) -> list[int]:
