@@ -41,6 +41,13 @@ def make_tree(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _piped_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables below are what a pipe gets (200 columns): a ``COLUMNS`` some earlier code in this process set
+    (a framework, another test's child setup) must not narrow them."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     rc = main(list(args))
     out, err = capsys.readouterr()

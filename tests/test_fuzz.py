@@ -340,7 +340,11 @@ def mutate(data: st.DataObject, folder: Path, outside: Path, sockets: list[socke
             os.mkfifo(p)
         elif what == "socket":
             s = socket.socket(socket.AF_UNIX)
-            s.bind(str(p))
+            fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)  # a short path: tmp_path may exceed AF_UNIX's 108
+            try:
+                s.bind(f"/proc/self/fd/{fd}/{p.name}")
+            finally:
+                os.close(fd)
             sockets.append(s)
         elif what == "link_out":
             p.symlink_to(outside / "secret.safetensors")

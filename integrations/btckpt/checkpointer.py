@@ -185,7 +185,7 @@ class Checkpointer:
                        lambda self, stager: setattr(self._engine, "stager", stager))
     _gate = property(lambda self: self._engine.gate)
     _pending = property(lambda self: self._engine.pending)
-    _tier = property(lambda self: self._tiers.tier)
+    _tier = property(lambda self: self._tiers.tier, lambda self, tier: setattr(self._tiers, "tier", tier))
 
     # -- saving -----------------------------------------------------------------------------------------
     @property
@@ -367,8 +367,8 @@ class Checkpointer:
         still running then."""
         if self._engine.settled(self._preemption.left()):
             return True
-        log.error("btckpt: the save still writing did not commit within %.0fs (preemption_grace); not waiting for "
-                  "it (older checkpoints are intact)", self.config.preemption_grace)
+        log.error("btckpt: the save still writing did not commit within %.0fs (preemption_grace); exiting without "
+                  "it, not waiting for it (older checkpoints are intact)", self.config.preemption_grace)
         return False
 
     def fence(self) -> None:
