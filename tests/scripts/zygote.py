@@ -199,10 +199,8 @@ def _serve(sock: socket.socket) -> None:
                 os.close(r)
                 pid = os.fork()
                 if pid == 0:
-                    os.close(w)
                     sock.close()
-                    _child(request, fds)  # never returns
-                os.write(w, str(pid).encode())
+                    _child(request, fds, report=w)  # never returns; it says its pid once it shows its own argv
             except BaseException:
                 code = 1
             os._exit(code)
@@ -237,9 +235,16 @@ def _place_fds(fds: list[int], targets: list[int]) -> None:
         os.close(fd)
 
 
-def _child(request: dict[str, Any], fds: list[int]) -> None:
+def _child(request: dict[str, Any], fds: list[int], *, report: int) -> None:
+    """Become the requested program. Its pid goes to ``report`` (then closed) only once ``/proc`` shows its own
+    argv and environment, so the caller's ``Popen`` never returns a pid that ``ps`` still shows as the zygote."""
     code: int = 1
     try:
+        import fcntl
+
+        moved = fcntl.fcntl(report, fcntl.F_DUPFD, max([*request["pass_fds"], *fds, report, 2]) + 1)
+        os.close(report)  # above every fd _place_fds targets: none overwrites it
+        report = moved
         if request["setsid"]:
             os.setsid()
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -265,6 +270,8 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
         mode, target, args = request["mode"], request["target"], request["args"]
         _show_as([sys.executable, *(["-u"] if request["unbuffered"] else []),
                   *([mode, target] if mode != "script" else [target]), *args], env)
+        os.write(report, str(os.getpid()).encode())
+        os.close(report)
         if mode == "script":
             path = os.path.abspath(target)
             first = os.path.dirname(os.path.realpath(path))
