@@ -19,7 +19,7 @@ Restore (any world size, any sharding) goes through DCP's planner: see :mod:`btc
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from .fsdp1 import fsdp1_groups, is_sharded_tensor, sharded_tensor_chunk, state_
 from .world import World
 
 __all__ = ["META_KEY", "ShardedPart", "is_dtensor", "sharded_groups", "group_state_dict", "prepare",
-           "owning_module", "rank_group", "assemble"]
+           "owning_module", "rank_group", "assemble", "merge_trees", "sharded_entry"]
 
 META_KEY = SHARDED_META
 
@@ -135,17 +135,16 @@ class ShardedPart:
         for g in self.flat:
             manifest.state.pop(g.name, None)
         for name in self.groups:
-            manifest.state[name] = _merge([t[name] for t in per_rank], path=name)
+            manifest.state[name] = merge_trees([t[name] for t in per_rank], path=name, leaf=self.merge_leaf)
         manifest.meta = dict(manifest.meta, **{META_KEY: dict(self.groups)})
 
-
-def _merge(trees: list[Any], *, path: str) -> Any:
-    first = trees[0]
-    if isinstance(first, list):
-        return [_merge([t[i] for t in trees], path=f"{path}.{i}") for i in range(len(first))]
-    if not isinstance(first, dict):
-        return first
-    if set(first) == {"__tensor__"} and isinstance(first["__tensor__"], dict) and "part" in first["__tensor__"]:
+    @staticmethod
+    def merge_leaf(trees: list[Any], *, path: str) -> Any:
+        """The manifest entry of one tensor from every rank's tree leaf, or None when the leaf is not one of this
+        part's tensors (a plain value, copied as it is)."""
+        ref = trees[0]["__tensor__"]
+        if not (isinstance(ref, dict) and "part" in ref):
+            return None
         refs = [t["__tensor__"]["part"] for t in trees]
         chunks, seen = [], set()
         for r in refs:
@@ -158,15 +157,34 @@ def _merge(trees: list[Any], *, path: str) -> Any:
                 chunks.append({k: r[k] for k in ("offsets", "sizes", "file", "key", "node")})
         if not chunks:
             raise UnsupportedValue(f"no rank holds a shard of {path!r}; cannot save it")
-        head = refs[0]
-        problem = tiling_problem(head["shape"], chunks)
-        if problem:
-            raise UnsupportedValue(f"the shards of {path!r} do not tile its shape: {problem}; its DTensor "
-                                   "placements are not understood, so nothing is committed rather than a "
-                                   "checkpoint with holes or overlaps")
-        return {"__tensor__": {"sharded": {"key": head["key"], "shape": head["shape"], "dtype": head["dtype"],
-                                           "chunks": chunks}}}
-    return {k: _merge([t[k] for t in trees], path=f"{path}.{k}") for k in first}
+        return sharded_entry(refs[0], chunks, path=path, what="shards", why="its DTensor placements are not "
+                             "understood, so ")
+
+def merge_trees(trees: list[Any], *, path: str, leaf: Callable[..., Any]) -> Any:
+    """Merge the same tree from every rank: lists and dicts walked together, a ``{"__tensor__": ...}`` leaf given
+    to ``leaf(trees, path=)`` (its merged entry, or None for a value kept as the first rank has it)."""
+    first = trees[0]
+    if isinstance(first, list):
+        return [merge_trees([t[i] for t in trees], path=f"{path}.{i}", leaf=leaf) for i in range(len(first))]
+    if not isinstance(first, dict):
+        return first
+    if set(first) == {"__tensor__"}:
+        merged = leaf(trees, path=path)
+        if merged is not None:
+            return merged
+    return {k: merge_trees([t[k] for t in trees], path=f"{path}.{k}", leaf=leaf) for k in first}
+
+
+def sharded_entry(head: Mapping[str, Any], chunks: list[dict[str, Any]], *, path: str, what: str,
+                  why: str = "") -> dict[str, Any]:
+    """The manifest's ``sharded`` entry for one tensor whose ``chunks`` must tile ``head["shape"]``; raises
+    :class:`UnsupportedValue` (nothing is committed) when they leave holes or overlap."""
+    problem = tiling_problem(head["shape"], chunks)
+    if problem:
+        raise UnsupportedValue(f"the {what} of {path!r} do not tile its shape: {problem}; {why}nothing is "
+                               "committed rather than a checkpoint with holes or overlaps")
+    return {"__tensor__": {"sharded": {"key": head["key"], "shape": head["shape"], "dtype": head["dtype"],
+                                       "chunks": chunks}}}
 
 
 def prepare(state: Mapping[str, Any], w: World, groups: dict[str, str]) -> ShardedPart:

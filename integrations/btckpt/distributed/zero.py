@@ -35,8 +35,7 @@ import torch
 
 from ..errors import ConfigError, CorruptCheckpoint, StateMismatch, UnsupportedValue
 from ..format.layout import DTYPE_TO_ST, FlatGroup
-from ..format.manifest import SHARDED_META, Manifest, tiling_problem
-from .shards import ShardedPart, assemble, rank_group
+from .shards import ShardedPart, assemble, rank_group, sharded_entry
 from .world import World
 
 __all__ = ["ZERO_META", "ZeroState", "Fragment", "zero_optimizer", "zero_stage", "fragments", "boxes",
@@ -202,33 +201,15 @@ class ZeroPart(ShardedPart):
 
     sources: tuple[str, ...] = ()
 
-    def finish_manifest(self, manifest: Manifest, w: World, key: str, *, timeout: float) -> None:
-        per_rank = [self.trees if r == w.rank else w.collect(f"{key}/shards/{r}", timeout=timeout)
-                    for r in range(w.size)]
-        for g in self.flat:
-            manifest.state.pop(g.name, None)
-        for name in self.groups:
-            manifest.state[name] = _merge([t[name] for t in per_rank], path=name)
-        manifest.meta = dict(manifest.meta, **{SHARDED_META: dict(self.groups)})
-
-
-def _merge(trees: list[Any], *, path: str) -> Any:
-    first = trees[0]
-    if isinstance(first, list):
-        return [_merge([t[i] for t in trees], path=f"{path}.{i}") for i in range(len(first))]
-    if not isinstance(first, dict):
-        return first
-    if set(first) == {"__tensor__"} and isinstance(first["__tensor__"], dict) and "parts" in first["__tensor__"]:
-        head = first["__tensor__"]["parts"]
+    @staticmethod
+    def merge_leaf(trees: list[Any], *, path: str) -> Any:
+        """A ZeRO leaf: several chunks per rank (its fragments), all of them tiling the full shape."""
+        ref = trees[0]["__tensor__"]
+        if not (isinstance(ref, dict) and "parts" in ref):
+            return None
         chunks = [{k: c[k] for k in ("offsets", "sizes", "file", "key", "node")}
                   for t in trees for c in t["__tensor__"]["parts"]["chunks"]]
-        problem = tiling_problem(head["shape"], chunks)
-        if problem:
-            raise UnsupportedValue(f"the ZeRO partitions of {path!r} do not tile its shape: {problem}; nothing is "
-                                   "committed rather than a checkpoint with holes or overlaps")
-        return {"__tensor__": {"sharded": {"key": head["key"], "shape": head["shape"], "dtype": head["dtype"],
-                                           "chunks": chunks}}}
-    return {k: _merge([t[k] for t in trees], path=f"{path}.{k}") for k in first}
+        return sharded_entry(trees[0]["__tensor__"]["parts"], chunks, path=path, what="ZeRO partitions")
 
 
 def _scaler(zo: Any) -> dict[str, Any]:
