@@ -10,8 +10,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ..adapters import is_url
-from .state import platform_dir
+from ..adapters import is_url, named_checkpoint
+from ..errors import IncompleteCheckpoint
+from .state import platform_dir, read_link
 
 __all__ = ["Placement"]
 
@@ -20,7 +21,8 @@ log = logging.getLogger("btckpt")
 
 class Placement:
     """The folder choice of one plugin: :meth:`folder` for a folder asked for, :meth:`stored_at` for a path
-    handed to ``save_checkpoint``, :meth:`found_at` for one handed to a load or a removal."""
+    handed to ``save_checkpoint``, :meth:`found_at` for one handed to a load or a removal, :meth:`resolve`
+    for the checkpoint folder a load means."""
 
     def __init__(self) -> None:
         self._warned: set[str] = set()
@@ -62,3 +64,21 @@ class Placement:
             return path
         moved = bt / path.name
         return moved if os.path.lexists(moved) or pending(moved) else path
+
+    def resolve(self, path: Path, *, pending: Callable[[Path], bool], wait: Callable[[], None]) -> Path:
+        """The checkpoint folder a load of ``path`` means: a link file's folder, a checkpoint (or plain model)
+        folder itself, else the newest sound one under it (the resume policy); ``wait()`` first when ``path``
+        is being written (``pending``)."""
+        path = self.found_at(path, pending=pending)
+        if pending(path):
+            wait()
+        if path.is_dir():
+            info = named_checkpoint(path)
+            assert info is not None  # a named folder with nothing sound raises NoCheckpointFound
+            return info.path
+        if path.is_file():
+            folder = read_link(path)
+            if not folder.is_dir():
+                raise IncompleteCheckpoint(f"{path} names {folder.name}, which does not exist (removed?)")
+            return folder
+        raise FileNotFoundError(f"Checkpoint at {path} not found. Aborting training.")

@@ -24,14 +24,13 @@ from ..adapters import (
     delete_checkpoint,
     inspect,
     is_url,
-    named_checkpoint,
     open_checkpoint,
     refuse_taken_step,
     restore_rank_rng,
     solo_world,
 )
 from ..config import CheckpointConfig
-from ..errors import CheckpointError, ConfigError, IncompleteCheckpoint
+from ..errors import CheckpointError, ConfigError
 from . import rng as _rng
 from .dict_io import read_dict, save_groups
 from .placement import Placement
@@ -247,21 +246,6 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
             self._weights_only.discard(folder)
         return names
 
-    def _resolve(self, path: Path) -> Path:
-        path = self._found_at(path)
-        if self._retention.is_pending(path):
-            self.wait()
-        if path.is_dir():  # a checkpoint (or plain model folder) itself, else the resume policy under it
-            info = named_checkpoint(path)
-            assert info is not None  # a named folder with nothing sound raises NoCheckpointFound
-            return info.path
-        if path.is_file():
-            folder = read_link(path)
-            if not folder.is_dir():
-                raise IncompleteCheckpoint(f"{path} names {folder.name}, which does not exist (removed?)")
-            return folder
-        raise FileNotFoundError(f"Checkpoint at {path} not found. Aborting training.")
-
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None, *,
                         into: dict[str, Any] | None = None, strict: bool = True) -> dict[str, Any]:
         """Rebuild Lightning's dict from safetensors + JSON (checksums verified; never unpickles).
@@ -272,7 +256,7 @@ class SafetensorsCheckpointIO(CheckpointIO, ShardedCheckpointIO):
         :class:`ModelParallelStrategy`): ``{"model": module, "optimizer": optimizer}`` loaded in place (any
         world size), left out of the returned dict; ``strict`` applies to them.
         """
-        folder = self._resolve(Path(os.path.abspath(path)))
+        folder = self._places.resolve(Path(os.path.abspath(path)), pending=self._retention.is_pending, wait=self.wait)
         info = open_checkpoint(folder)
         assert info is not None
         rank = process_rank()
