@@ -51,10 +51,10 @@ but this, ``btckpt.errors`` and ``btckpt.config``).
 Where an adapter does policy the core also has (kept as it is; candidates to fold into the core):
 
 - Lightning's retention is ``ModelCheckpoint``'s (``save_top_k``), not the Checkpointer's ``keep_last``: its
-  plugin drives a :class:`LinkRefcount` (the link files naming each folder counted; a folder removed with
-  :func:`delete_checkpoint` when the last name goes, crash markers ``.btckpt-retire-*`` / ``.btckpt-unname-*``
-  finished at the next start), fed from the save's ``on_commit`` rather than from the Checkpointer's own
-  retention (which runs ``keep_last=None`` for it);
+  plugin drives a :class:`LinkRefcount` (now the core's, :mod:`btckpt.policies.retention`: the link files
+  naming each folder counted, a folder removed with :func:`delete_checkpoint` when the last name goes, crash
+  markers ``.btckpt-retire-*`` / ``.btckpt-unname-*`` finished at the next start), fed from the save's
+  ``on_commit``; the plugin's Checkpointer runs with ``keep_last=None``;
 - preemption: HF shares the core's SIGTERM handling (:func:`preemption_due`, ``Checkpointer.finish_preemption``);
   Lightning's ranks share no Checkpointer and use :class:`PreemptionWatch`, the same store agreement;
 - a step's folder already there: ``Checkpointer.save`` refuses another run's (:class:`btckpt.CheckpointError`)
