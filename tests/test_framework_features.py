@@ -262,7 +262,7 @@ def test_a_removal_lost_to_a_kill_after_the_commit_runs_at_the_next_start(tmp_pa
     io = SafetensorsCheckpointIO()
     io.save_checkpoint(full(3), d / "a.ckpt")
     io.wait()
-    monkeypatch.setattr(io, "_run_deferred", lambda: None)  # the kill lands before the removal runs
+    monkeypatch.setattr(io._retention, "run_deferred", lambda: None)  # the kill lands before the removal runs
     io.save_checkpoint(full(6), d / "b.ckpt")
     io.remove_checkpoint(d / "a.ckpt")
     for ck in io._ckpts.values():  # the commit of step 6, then the process is gone (no teardown)

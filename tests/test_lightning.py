@@ -361,6 +361,26 @@ def test_shared_folder_survives_until_last_name_removed(tmp_path: Path) -> None:
     io.teardown()
 
 
+def test_the_link_refcount_is_a_retention_and_keeps_a_protected_folder_nameless(tmp_path: Path) -> None:
+    """The plugin's deletions are a :class:`btckpt.adapters.LinkRefcount`, the second ``Retention``: a protected
+    folder stays when its last name goes (the name still does); unprotected, the next one's removal takes it."""
+    from btckpt.adapters import LinkRefcount
+    from btckpt.policies import Retention
+    io = SafetensorsCheckpointIO()
+    assert isinstance(io._retention, LinkRefcount) and isinstance(io._retention, Retention)
+    io.save_checkpoint({"global_step": 5, "state_dict": {"w": torch.ones(3)}}, tmp_path / "a.ckpt")
+    io.save_checkpoint({"global_step": 6, "state_dict": {"w": torch.zeros(3)}}, tmp_path / "b.ckpt")
+    io.wait()
+    io._retention.protect(tmp_path / "checkpoint-5")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    assert not (tmp_path / "a.ckpt").exists() and (tmp_path / "checkpoint-5" / "btckpt.json").is_file()
+    assert not list(tmp_path.glob(".btckpt-retire-*"))  # no marker: a later start must not delete it either
+    io._retention.unprotect(tmp_path / "checkpoint-5")
+    io.remove_checkpoint(tmp_path / "b.ckpt")
+    assert not (tmp_path / "checkpoint-6").exists() and (tmp_path / "checkpoint-5").is_dir()
+    io.teardown()
+
+
 def test_kill_between_removing_the_last_name_and_deleting_its_folder(tmp_path: Path) -> None:
     """A process dying inside remove_checkpoint (here: a fault at the retention point, after the name is
     gone) leaves no complete folder that nothing names: the next start finishes the deletion."""

@@ -37,7 +37,10 @@ An adapter maps a framework's checkpoint hooks to these calls and nothing else:
 - **an adapter's own files beside the checkpoints** (Lightning's link files and its removal markers) --
   :func:`replace_file` (a small file replaced atomically), :func:`write_small_file`, :func:`fsync_dir`,
   :func:`delete_checkpoint` (a checkpoint folder removed: rename first, then its files), and
-  :func:`is_group_name` / :func:`check_storable` (what a framework's dict keys and values may be).
+  :func:`is_group_name` / :func:`check_storable` (what a framework's dict keys and values may be);
+- **retention by names** -- :class:`LinkRefcount` (:class:`btckpt.policies.Retention`'s second implementation:
+  link files name folders, a folder goes when its last name does, and a framework's delete waits for the
+  commit of the save that replaces it, with crash markers finished at the next start).
 
 The names re-exported from the core (the Checkpointer, the ZeRO and discovery vocabulary,
 ``saving.commit``'s ``checkpoint_name`` / ``delete_checkpoint`` / ``write_small_file``, ``storage.local``'s
@@ -48,9 +51,10 @@ but this, ``btckpt.errors`` and ``btckpt.config``).
 Where an adapter does policy the core also has (kept as it is; candidates to fold into the core):
 
 - Lightning's retention is ``ModelCheckpoint``'s (``save_top_k``), not the Checkpointer's ``keep_last``: its
-  plugin counts the link files naming each folder and removes a folder (:func:`delete_checkpoint`) when the
-  last name goes, with its own crash markers (``.btckpt-retire-*``, ``.btckpt-unname-*``) finished at the next
-  start, beside the core's own retention and deletion record;
+  plugin drives a :class:`LinkRefcount` (now the core's, :mod:`btckpt.policies.retention`: the link files
+  naming each folder counted, a folder removed with :func:`delete_checkpoint` when the last name goes, crash
+  markers ``.btckpt-retire-*`` / ``.btckpt-unname-*`` finished at the next start), fed from the save's
+  ``on_commit``; the plugin's Checkpointer runs with ``keep_last=None``;
 - preemption: HF shares the core's SIGTERM handling (:func:`preemption_due`, ``Checkpointer.finish_preemption``);
   Lightning's ranks share no Checkpointer and use :class:`PreemptionWatch`, the same store agreement;
 - a step's folder already there: ``Checkpointer.save`` refuses another run's (:class:`btckpt.CheckpointError`)
@@ -82,6 +86,7 @@ from .format.layout import GROUP_NAME, flatten_group
 from .format.manifest import DEFAULT_MAX_SHARD_SIZE, MANIFEST
 from .format.state import optimizer_state_for_loading, unwrap_model
 from .policies.preemption import Preemption
+from .policies.retention import LinkRefcount
 from .policies.schedule import local_save_due
 from .restore.load import read_checkpoint
 from .restore.policy import ResumePolicy, other_run_error, same_run
@@ -109,6 +114,8 @@ __all__ = [
     "CheckpointInfo", "inspect", "STEP_DIR", "checkpoint_name", "is_url",
     # an adapter's own files beside the checkpoints
     "replace_file", "write_small_file", "fsync_dir", "delete_checkpoint", "is_group_name", "check_storable",
+    # retention by names
+    "LinkRefcount",
 ]
 
 log = logging.getLogger("btckpt")

@@ -1,4 +1,5 @@
-"""Lightning's checkpoint dict <-> btckpt groups, and the link files that name checkpoint folders.
+"""Lightning's checkpoint dict <-> btckpt groups, the link files that name checkpoint folders, and the small
+helpers around them (the rank, ``$BT_CHECKPOINT_DIR``, weights-only dicts, a module's run identity).
 
 Used by :mod:`btckpt.lightning`; kept apart so the plugin module stays small. Nothing here pickles.
 """
@@ -25,12 +26,14 @@ from ..adapters import (
     is_url,
     replace_file,
     resume_folder,
+    run_fingerprint,
+    tensor_shapes,
 )
 from ..errors import UnsafeCheckpoint, UnsupportedValue
 
 __all__ = ["LINK_FORMAT", "MAX_LINK", "RNG_KEY", "to_groups", "name_bad_key", "map_tree", "read_link",
            "write_link", "repair_links", "resume_path", "safe_for_background_copy",
-           "process_rank", "platform_dir", "weights_only_dict", "weights_only_folder", "resumable"]
+           "process_rank", "platform_dir", "weights_only_dict", "weights_only_folder", "resumable", "run_identity"]
 
 log = logging.getLogger("btckpt")
 
@@ -211,3 +214,11 @@ def platform_dir() -> Path | None:
     if not value or is_url(value):
         return None
     return Path(os.path.realpath(os.path.expanduser(value)))
+
+
+def run_identity(module: Any) -> str:
+    """The run identity of a LightningModule's run (README "Run identity"): its class and tensor names, shapes
+    and dtypes. ``hparams`` are left out: they often hold paths, flags and settings that change between
+    restarts of one run, and a retry refused as "another run" would lose the job."""
+    return run_fingerprint({"integration": "lightning", "module": type(module).__qualname__,
+                            "tensors": tensor_shapes(module)})

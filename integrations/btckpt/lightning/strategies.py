@@ -45,7 +45,7 @@ from ..errors import ConfigError, StateMismatch
 from .state import safe_for_background_copy
 
 if TYPE_CHECKING:
-    from . import SafetensorsCheckpointIO
+    from .plugin import SafetensorsCheckpointIO
     from .servable import HFLayout
 
 __all__ = ["ModelParallelStrategy", "FSDPStrategy", "ShardedCheckpointIO", "check_strategy", "is_live",
@@ -63,25 +63,32 @@ def _plugin(strategy: Any) -> SafetensorsCheckpointIO | None:
     return cast("SafetensorsCheckpointIO", io) if isinstance(io, ShardedCheckpointIO) else None
 
 
-class ModelParallelStrategy(_LightningModelParallel):
-    """Lightning's ``ModelParallelStrategy`` (same arguments) whose checkpoints go through
-    :class:`~btckpt.lightning.SafetensorsCheckpointIO`: every rank writes its own shards, resume reshards to
-    any world size (module doc). With another ``CheckpointIO`` it behaves exactly as Lightning's."""
+class _ThroughPlugin:
+    """The save and load of both strategies below, on every rank, when their ``CheckpointIO`` is btckpt's
+    plugin (else the Lightning strategy's own, next in the MRO): the live model (:meth:`_live_model`) and the
+    one optimizer go to the plugin in place of their state dicts, and load in place (any world size)."""
+
+    lightning_module: Any  # the Lightning strategy's (annotations only: nothing here shadows them)
+    optimizers: Any
+    broadcast: Callable[..., Any]
+
+    def _live_model(self) -> Any:
+        raise NotImplementedError
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """On every rank: save ``checkpoint`` with the live model and optimizer in place of their state dicts."""
         io = _plugin(self)
         if io is None:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc,no-any-return]
         if storage_options is not None:
             raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
                             "SafetensorsCheckpointIO")
-        module = self.lightning_module
-        assert module is not None
+        module, model = self.lightning_module, self._live_model()
+        assert module is not None and model is not None
         path = self.broadcast(str(filepath))  # rank 0's name, on every rank
-        checkpoint["state_dict"] = module
+        checkpoint["state_dict"] = model
         if "optimizer_states" in checkpoint:
-            checkpoint["optimizer_states"] = self._optimizer()
+            checkpoint["optimizer_states"] = _one_optimizer(self)
         io.wait()  # every rank sees the same committed folders (a commit ends with a barrier on all ranks)
         io.save_checkpoint(checkpoint, path)
         if not safe_for_background_copy(module.trainer):
@@ -92,23 +99,26 @@ class ModelParallelStrategy(_LightningModelParallel):
         """On every rank: load the model (and optimizer, when fitting) in place; return the rest of the dict."""
         io = _plugin(self)
         if io is None:
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        module = self.lightning_module
-        assert module is not None
-        into: dict[str, Any] = {"model": module}
+            return super().load_checkpoint(checkpoint_path, weights_only)  # type: ignore[misc,no-any-return]
+        module, model = self.lightning_module, self._live_model()
+        assert module is not None and model is not None
+        into: dict[str, Any] = {"model": model}
         if self.optimizers:
-            into["optimizer"] = self._optimizer()
+            into["optimizer"] = _one_optimizer(self)
         path = self.broadcast(str(checkpoint_path))
         return io.load_checkpoint(path, into=into, strict=module.strict_loading)
 
-    def _optimizer(self) -> Any:
-        if len(self.optimizers) > 1:
-            raise ConfigError(f"btckpt.lightning.ModelParallelStrategy saves one optimizer; configure_optimizers "
-                              f"returned {len(self.optimizers)} (combine their parameter groups into one optimizer)")
-        return self.optimizers[0]
+
+class ModelParallelStrategy(_ThroughPlugin, _LightningModelParallel):
+    """Lightning's ``ModelParallelStrategy`` (same arguments) whose checkpoints go through
+    :class:`~btckpt.lightning.SafetensorsCheckpointIO`: every rank writes its own shards, resume reshards to
+    any world size (module doc). With another ``CheckpointIO`` it behaves exactly as Lightning's."""
+
+    def _live_model(self) -> Any:
+        return self.lightning_module
 
 
-class FSDPStrategy(_LightningFSDP):
+class FSDPStrategy(_ThroughPlugin, _LightningFSDP):
     """Lightning's FSDP1 ``FSDPStrategy`` (same arguments) whose checkpoints go through
     :class:`~btckpt.lightning.SafetensorsCheckpointIO`: every rank writes its own shards of the FSDP1 root's
     sharded state dict, resume reshards to any world size (module doc). With another ``CheckpointIO`` it
@@ -119,6 +129,9 @@ class FSDPStrategy(_LightningFSDP):
     root and optimizer instead. Lightning's own would gather the full state dict (``state_dict_type="full"``)
     only to drop it, a collective per save (and, on CPU, a crash inside torch's FSDP1 full state dict)."""
 
+    def _live_model(self) -> Any:
+        return self.model  # FQN keys: the LightningModule's (FSDP1's wrapper names stripped)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """``{}`` with btckpt's plugin (the save takes the live model, see the class doc); else Lightning's."""
         return {} if _plugin(self) is not None else super().lightning_module_state_dict()
@@ -126,39 +139,6 @@ class FSDPStrategy(_LightningFSDP):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """``{}`` with btckpt's plugin (the save takes the live optimizer); else Lightning's."""
         return {} if _plugin(self) is not None else super().optimizer_state(optimizer)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """On every rank: save ``checkpoint`` with the FSDP1 root and the optimizer in place of their state dicts."""
-        io = _plugin(self)
-        if io is None:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        if storage_options is not None:
-            raise TypeError("`Trainer.save_checkpoint(..., storage_options=...)` is not supported by "
-                            "SafetensorsCheckpointIO")
-        module, root = self.lightning_module, self.model
-        assert module is not None and root is not None
-        path = self.broadcast(str(filepath))  # rank 0's name, on every rank
-        checkpoint["state_dict"] = root  # FQN keys: the LightningModule's (FSDP1's wrapper names stripped)
-        if "optimizer_states" in checkpoint:
-            checkpoint["optimizer_states"] = _one_optimizer(self)
-        io.wait()  # every rank sees the same committed folders (a commit ends with a barrier on all ranks)
-        io.save_checkpoint(checkpoint, path)
-        if not safe_for_background_copy(module.trainer):
-            io.fence()  # e.g. epoch end: callbacks may write parameters before the next optimizer.step()
-        return None
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """On every rank: load the FSDP1 model (and optimizer, when fitting) in place; return the rest."""
-        io = _plugin(self)
-        if io is None:
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        module, root = self.lightning_module, self.model
-        assert module is not None and root is not None
-        into: dict[str, Any] = {"model": root}
-        if self.optimizers:
-            into["optimizer"] = _one_optimizer(self)
-        path = self.broadcast(str(checkpoint_path))
-        return io.load_checkpoint(path, into=into, strict=module.strict_loading)
 
 
 def _one_optimizer(strategy: Any) -> Any:

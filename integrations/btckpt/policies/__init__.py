@@ -5,7 +5,8 @@
 - :mod:`.preemption`: :class:`Preemption`, SIGTERM to one stop step agreed by every rank through the c10d
   store, and the grace every wait after it fits in (the Checkpointer, HF and Lightning all use it);
 - :mod:`.retention`: the :class:`Retention` interface (what a commit retires, protected folders) and
-  :class:`KeepLast`, the core's ``keep_last`` implementation (Lightning's link refcount is the other one).
+  :class:`KeepLast`, the core's ``keep_last`` implementation, and :class:`LinkRefcount`, the link-file refcount
+  (a folder goes when its last name does; Lightning's plugin drives one through ``btckpt.adapters``).
 
 Mechanism (snapshot, write, commit, the error channel) is :mod:`btckpt.saving.engine`; the
 :class:`~btckpt.Checkpointer` wires the two. Layer: above ``tiers``/``publish``, below the Checkpointer and
@@ -16,7 +17,7 @@ Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``bt
 """
 
 from .preemption import Preemption
-from .retention import KeepLast, Retention
+from .retention import KeepLast, LinkRefcount, Retention
 from .schedule import SaveSchedule
 
-__all__ = ["Preemption", "Retention", "KeepLast", "SaveSchedule"]
+__all__ = ["Preemption", "Retention", "KeepLast", "LinkRefcount", "SaveSchedule"]
