@@ -259,14 +259,18 @@ def _loop_once(name: str, every: int, width: int, steps: int, disk: Path, tier_b
     return took, cpu
 
 
+LOOP_CONTENDERS = ("tier", "copy", "tier-copy", "disk")
+
+
 def loop(width: int, steps: int, everies: list[int], rounds: int, disk: Path,
-         tier_base: Path, warm: int = 0) -> dict[tuple[str, int], list[tuple[float, float]]]:
+         tier_base: Path, warm: int = 0, contenders: tuple[str, ...] = LOOP_CONTENDERS,
+         ) -> dict[tuple[str, int], list[tuple[float, float]]]:
     """(wall, CPU) seconds of loops with no saves, a bare ``copy_`` of the state every ``e`` steps (``copy``, the
     floor), tier saves every ``e`` steps (``tier``; ``tier-copy``: the same
     with the snapshot staged in memory and then written, the path before the arena became the tier) and disk
     saves every ``e`` steps (each ``e`` of ``everies``), ``rounds`` times, the order alternating round by round
     (a warm-up loop first, untimed; each loop after ``warm`` untimed save intervals)."""
-    configs = [("none", 0)] + [(n, e) for e in everies for n in ("tier", "copy", "tier-copy", "disk")]
+    configs = [("none", 0)] + [(n, e) for e in everies for n in contenders]
     _loop_once("none", 0, width, steps, disk, tier_base)  # warm-up: torch's start-up, the allocator
     out: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in configs}
     for r in range(rounds):
@@ -285,6 +289,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", default="10", help="tier/disk save intervals for the loop, comma-separated")
     ap.add_argument("--parts", default="restart,loop")
+    ap.add_argument("--contenders", default=",".join(LOOP_CONTENDERS),
+                    help="loop: the savers beside 'none', comma-separated (tier,copy: issue 24 item 6's pair)")
     ap.add_argument("--warm-saves", type=int, default=0, help="loop: time from after this many saves (2: the "
                     "arenas are allocated, steady state); 0: from the Checkpointer's start")
     ap.add_argument("--quick", action="store_true", help="smoke: 160 MiB, 1 round, a 256-wide 20-step loop")
@@ -317,7 +323,8 @@ def main() -> int:
                           f"{mb / 1024 / m:.2f} GiB/s), {d / m:.2f}x the speed of disk  [n={len(times)}]")
         if "loop" in args.parts:
             everies = [int(x) for x in str(args.every).split(",")]
-            res2 = loop(args.loop_width, args.steps, everies, args.rounds, disk, tier_base, args.warm_saves)
+            res2 = loop(args.loop_width, args.steps, everies, args.rounds, disk, tier_base, args.warm_saves,
+                        tuple(c for c in args.contenders.split(",") if c))
             none = [w for w, _ in res2[("none", 0)]]
             none_cpu = [c for _, c in res2[("none", 0)]]
             base = statistics.median(none)
