@@ -15,7 +15,7 @@ import btckpt
 import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.format.manifest import MANIFEST, read_manifest
 from btckpt.restore.reader import CheckpointReader
 from btckpt.saving.snapshot import Stager

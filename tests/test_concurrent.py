@@ -13,7 +13,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.saving.commit import LocalCommit
 from btckpt.storage.discovery import scan, verify
 from crash_harness import PY, child_env, temp_folders

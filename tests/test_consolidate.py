@@ -123,10 +123,9 @@ def test_consolidator_done_stays_bounded_over_many_saves(tmp_path: Path) -> None
 def test_save_time_consolidation_errors(tmp_path: Path) -> None:
     import btckpt
     import torch
-    from btckpt.config import CheckpointConfig
+    from btckpt import CheckpointConfig, CheckpointError, ConfigError
     from btckpt.consolidate import Consolidator
     from btckpt.distributed.world import World
-    from btckpt.errors import CheckpointError, ConfigError
 
     for bad in ("", "s3://b/x", 3, str(tmp_path / "ck")):
         with pytest.raises(ConfigError, match="consolidate"):

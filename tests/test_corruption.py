@@ -13,7 +13,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.storage.discovery import inspect
 from btckpt.storage.discovery import verify as verify_files
 

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from btckpt.errors import CheckpointError, CoordinationError
+from btckpt import CheckpointError, CoordinationError
 from btckpt.format.manifest import MANIFEST, Manifest
 from btckpt.saving.destination import LocalDir, Remote, commit_in_order
 from btckpt.storage.discovery import inspect, verify

@@ -15,7 +15,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import InsufficientSpace
+from btckpt import InsufficientSpace
 from btckpt.storage import local as storage_mod
 from btckpt.storage.discovery import scan, verify
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, InsufficientSpace
+from btckpt import CheckpointError, InsufficientSpace
 from btckpt.storage.discovery import scan, verify
 from btckpt.testing import faults
 from crash_harness import LOCAL_PHASES, temp_folders

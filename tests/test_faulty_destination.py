@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from btckpt import CheckpointError, CoordinationError
 from btckpt.distributed.world import World
-from btckpt.errors import CheckpointError, CoordinationError
 from btckpt.saving.destination import LocalDir
 from btckpt.saving.job import SaveJob, run_save
 from btckpt.saving.plan import SavePlans, prepare_flat

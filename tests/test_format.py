@@ -9,7 +9,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import UnsupportedValue
+from btckpt import UnsupportedValue
 from btckpt.format.layout import DTYPE_TO_ST
 from btckpt.format.manifest import read_manifest
 from btckpt.restore.reader import CheckpointReader

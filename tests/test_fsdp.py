@@ -97,7 +97,7 @@ def test_ddp_checkpoint_restores_into_fsdp_model_and_optimizer(tmp_path: Path) -
 
 
 def test_plain_optimizer_into_sharded_needs_matching_param_groups(tmp_path: Path) -> None:
-    from btckpt.errors import StateMismatch
+    from btckpt import StateMismatch
     from btckpt.restore.dcp import _plain_optimizer_as_fqn
 
     tree = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}

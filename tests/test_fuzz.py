@@ -41,7 +41,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.format.manifest import _ZERO, MANIFEST, _digest, _needle
 from btckpt.storage.discovery import scan
 from hypothesis import HealthCheck, Phase, given, settings

@@ -165,7 +165,7 @@ def test_zero3_of_two_ranks_restores_into_fsdp2_of_two_ranks(tmp_path: Path, zer
 
 
 def test_nvme_offload_and_stage_0_are_refused_naming_the_option() -> None:
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.hf.deepspeed import refuse_unsupported_zero
 
     def trainer(cfg: dict) -> SimpleNamespace:
@@ -211,7 +211,7 @@ def test_zero_fragments_become_boxes_that_tile_the_shape(shape: list[int]) -> No
 def test_lightning_deepspeed_strategy_with_the_plugin_is_refused_naming_the_fix() -> None:
     _needs_deepspeed()
     pytest.importorskip("lightning")
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.lightning import SafetensorsCheckpointIO
     from btckpt.lightning.strategies import check_strategy
     from lightning.pytorch.strategies import DeepSpeedStrategy

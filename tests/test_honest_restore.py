@@ -309,7 +309,7 @@ def test_default_retention_keeps_3_and_says_so(tmp_path: Path):
 def test_the_ranks_candidates_name_a_newer_format_they_pass_over(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     import json
 
-    from btckpt.config import CheckpointConfig
+    from btckpt import CheckpointConfig
     from btckpt.distributed.world import World
     from btckpt.restore.resume import Resume
 

@@ -19,7 +19,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
+from btckpt import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
 from btckpt.format.checksum import file_checksum
 from btckpt.format.manifest import MANIFEST, Manifest
 

@@ -19,8 +19,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from btckpt import NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path
 from conftest import run_py
 
@@ -582,7 +581,7 @@ def test_hf_model_folder_loads_with_from_pretrained_and_resumes_exactly(tmp_path
 def test_hf_model_choice_collision_and_several_models(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                      no_tqdm_monitor: None) -> None:
     """Explicit hf_model=, a key collision refused with a clear error, several models: none, one warning."""
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
 
     module = torch.nn.Module()
     module.model = _tiny_gpt2()

@@ -11,7 +11,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, NoCheckpointFound
+from btckpt import CheckpointError, NoCheckpointFound
 from btckpt.restore import reader
 from test_upload import s3  # noqa: F401 - fixtures
 

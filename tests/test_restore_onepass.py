@@ -16,7 +16,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CorruptCheckpoint
+from btckpt import CorruptCheckpoint
 from btckpt.restore import reader
 
 SHARD = 768  # bytes per file: the tiny tensors below make several files per group

@@ -18,7 +18,7 @@ import btckpt.saving.job as saving_mod
 import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt.errors import CheckpointError, ConfigError
+from btckpt import CheckpointError, ConfigError
 from btckpt.restore.reader import CheckpointReader
 from btckpt.saving.commit import LocalCommit
 from btckpt.storage.discovery import inspect, scan, verify
@@ -182,7 +182,7 @@ def test_two_oneshot_saves_of_the_same_step_never_share_a_temp_folder(tmp_path: 
 
 ONESHOT_SCRIPT = """
 import os, sys, time, torch, btckpt
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 os.getpid = lambda: 4242  # containers on two hosts: the same pid
 target, go, value = sys.argv[1], sys.argv[2], float(sys.argv[3])
 state = {"model": {"w": torch.full((1 << 18,), value)}}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import btckpt
 import pytest
+from btckpt import ConfigError
 from btckpt.checkpointer import session_identity
-from btckpt.errors import ConfigError
 from dist_launch import env_with, finish, load_st, torchrun
 
 pytestmark = pytest.mark.slow

@@ -78,8 +78,8 @@ def test_2d_fsdp_over_tp_four_ranks_reshards(tmp_path: Path) -> None:
 
 
 def test_shards_with_holes_are_refused() -> None:
+    from btckpt import UnsupportedValue
     from btckpt.distributed.shards import _merge
-    from btckpt.errors import UnsupportedValue
     from btckpt.format.manifest import tiling_problem
 
     def part(off: int, rank: int) -> dict:

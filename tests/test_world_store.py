@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
+from btckpt import CoordinationError
 from btckpt.distributed.world import StopAgreement, World
-from btckpt.errors import CoordinationError
 from btckpt.saving.destination import commit_in_order
 
 
