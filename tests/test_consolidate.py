@@ -1,4 +1,9 @@
-"""``consolidate``: an FSDP2-sharded checkpoint -> an HF model folder that from_pretrained loads."""
+"""``consolidate``: an FSDP2-sharded checkpoint -> an HF model folder that from_pretrained loads.
+
+Internals used: btckpt.consolidate, btckpt.distributed.world, btckpt.storage.discovery (the consolidation function
+and its save-time ``Consolidator`` (``btckpt consolidate`` is a command, not an import), a ``World`` to build one,
+discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """FSDP2 (fully_shard, DTensor) under real torchrun with gloo on CPU: per-rank shard files, no gather,
-kill -9 + resume bit-identical, resharding N -> M ranks through DCP's planner, rank death mid-write."""
+kill -9 + resume bit-identical, resharding N -> M ranks through DCP's planner, rank death mid-write.
+
+Internals used: btckpt.restore.dcp (DCP's optimizer-key mapping called directly on a malformed tree (no public path
+gets it there)).
+"""
 
 from __future__ import annotations
 

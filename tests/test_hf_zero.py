@@ -4,7 +4,13 @@ safetensors chunks (no pickle, no ``global_step*`` folder); SIGKILL of the whole
 (own dir, and a nested load dir); a ZeRO-3 checkpoint of 2 ranks restores into 1 rank, into FSDP2 (2 ranks)
 and into a plain model; the consolidated folder loads with ``from_pretrained`` (no ``zero_to_fp32.py``).
 
-Needs the ``deepspeed`` extra (``pip install btckpt[deepspeed]``; scripts/test.sh installs it): skipped without."""
+Needs the ``deepspeed`` extra (``pip install btckpt[deepspeed]``; scripts/test.sh installs it): skipped without.
+
+Internals used: btckpt.distributed.zero, btckpt.format.manifest, btckpt.hf.deepspeed, btckpt.lightning.strategies,
+btckpt.storage.discovery (the ZeRO refusal and Lightning's DeepSpeed check called on hand-built trainer and strategy
+objects, ZeRO's partition boxes and the manifest's tiling check on hand-made layouts, discovery to judge the folders
+on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

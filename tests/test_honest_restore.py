@@ -1,5 +1,11 @@
 """Restore that says what it did (issue 23, section 3): non-strict restore reports and refuses, tied weights
-of HF folders count as present, errors name their cause, an unwritable dir is refused at construction."""
+of HF folders count as present, errors name their cause, an unwritable dir is refused at construction.
+
+Internals used: btckpt.checkpointer, btckpt.distributed.world, btckpt.oneshot, btckpt.restore.load,
+btckpt.restore.resume, btckpt.storage.discovery (the restore's ``Resume`` driven directly, modules imported before a
+child drops its privileges (they load lazily), discovery to judge the folders on disk (complete, verified), which no
+public name reports).
+"""
 
 from __future__ import annotations
 

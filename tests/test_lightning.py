@@ -1,4 +1,9 @@
-"""Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses)."""
+"""Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses).
+
+Internals used: btckpt.format.checksum, btckpt.saving.snapshot, btckpt.storage.discovery (the stager spied on to see
+what the plugin copies in the background, checksums, discovery to judge the folders on disk (complete, verified),
+which no public name reports).
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,11 @@
 (Lightning's ModelParallelStrategy runs on CPU as it is). Each rank writes its own shards; SIGKILL of the whole
 job and resume is bit-identical; 2 -> 1 reshard on resume; the consolidated folder holds the full weights; a
 tensor-parallel resume is bit-identical. Lightning's own ModelParallelStrategy / FSDPStrategy with the plugin
-are refused (they save and load around it)."""
+are refused (they save and load around it).
+
+Internals used: btckpt.storage.discovery (discovery to judge the folders on disk (complete, verified), which no
+public name reports).
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ The rule (README "Run identity"): each checkpoint records its run's identity; th
 run's checkpoints in the own dir are never resumed, overwritten or skipped (a run that would write beside them
 is refused before its first step, naming the dir and the fixes); a load dir's checkpoint is a warm start
 whatever its identity; off the platform the default dir is the framework's own.
+
+Internals used: btckpt.format.manifest (manifests built by hand (with and without the run identity)).
 """
 
 from __future__ import annotations

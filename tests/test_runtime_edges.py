@@ -1,6 +1,11 @@
 """Save-side and runtime edges (issue 11, items 3, 10, 11, 12, 15): unique temp names, the writer lock's
 errors and stale temp folders, a save still writing when the script ends, a rebuilt optimizer's step gate,
-saves from several threads and a restore behind a save in flight."""
+saves from several threads and a restore behind a save in flight.
+
+Internals used: btckpt.restore.reader, btckpt.saving.commit, btckpt.saving.job, btckpt.saving.snapshot,
+btckpt.storage.discovery (the local commit, the save job's writer, the snapshot copy and ``fcntl`` patched to force
+edge cases, the reader, discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

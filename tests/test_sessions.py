@@ -1,5 +1,8 @@
 """Which Checkpointer is which among ranks: the session key comes from the dir (or ``name=``), not from
-the order Checkpointers are created in (real torchrun, gloo, CPU)."""
+the order Checkpointers are created in (real torchrun, gloo, CPU).
+
+Internals used: btckpt.checkpointer (the session key function under test).
+"""
 
 from __future__ import annotations
 
