@@ -4,6 +4,10 @@ Every module of the installed ``btckpt`` package is found with ``pkgutil.walk_pa
 count too) and parsed, not imported; every ``import`` statement counts, at the top of a module or inside a
 function (an import moved into a function hides a cycle from Python, not from this test). Only imports for
 type checkers (``if TYPE_CHECKING:``), which never run, are left out.
+
+The public surface (issue 26 item 5): every internal folder and top-level module says it is internal in its
+docstring, and every test file names the internal modules it uses, and why (``Internals used: ...``), and
+imports no public name from its internal home (``PUBLIC_MODULES`` and below).
 """
 
 from __future__ import annotations
@@ -339,12 +343,41 @@ def internals_problems(source: Path, known: set[str]) -> list[str]:
     return bad
 
 
+def public_spellings() -> dict[tuple[str, str], str]:
+    """``{(the module that defines or imports it, name): its public spelling}`` for every name of ``btckpt.__all__``,
+    ``btckpt.hf.__all__`` and ``btckpt.lightning.__all__`` (the adapters' read from source: no framework imported)."""
+    out = {(mod, n): f"btckpt.{n}" for mod, names in _public_homes().items() for n in names}
+    for pkg in ("hf", "lightning"):
+        tree = ast.parse((Path(btckpt.__file__).parent / pkg / "__init__.py").read_text())
+        exported = {e.value for node in tree.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", "") == "__all__" for t in node.targets)
+                    for e in getattr(node.value, "elts", ()) if isinstance(e, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ["btckpt", pkg][:3 - node.level] if node.level <= 2 else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                out.update({(mod, a.name): f"btckpt.{pkg}.{a.name}" for a in node.names if a.name in exported})
+    return out
+
+
+def public_name_problems(source: Path, spellings: dict[tuple[str, str], str]) -> list[str]:
+    """Every import in ``source`` (functions and child programs included) of a public name from its internal home."""
+    tree = ast.parse(source.read_text(), str(source))
+    return [f"{source.name}: imports {a.name} from {node.module}; use {spellings[(node.module, a.name)]}"
+            for node in [*ast.walk(tree), *_code_in_strings(tree)]
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module
+            for a in node.names if (node.module, a.name) in spellings]
+
+
 def test_tests_use_public_names_or_say_which_internals_and_why() -> None:
     known = set(_modules())
+    spellings = public_spellings()
+    assert {("btckpt.errors", "ConfigError"), ("btckpt.config", "CheckpointConfig"),
+            ("btckpt.lightning.strategies", "ModelParallelStrategy")} <= set(spellings)
     # this file parses the package and imports none of it; the sources in its strings are fixtures
     files = [f for f in sorted(TESTS.glob("test_*.py")) if f.name != Path(__file__).name]
     assert len(files) > 40
-    problems = [p for f in files for p in internals_problems(f, known)]
+    problems = [p for f in files for p in internals_problems(f, known) + public_name_problems(f, spellings)]
     assert problems == [], "\n".join(problems)
 
 
@@ -373,3 +406,10 @@ def test_the_internals_rule_sees_every_kind_of_use(tmp_path: Path) -> None:
     assert internals_problems(src, known)[0].startswith("test_fake.py: uses btckpt.names; say why")
     src.write_text("from btckpt import save\nimport btckpt.hf\n")
     assert internals_problems(src, known) == []
+    # a public name imported from its internal home is caught, in a function or a child program too
+    src.write_text("from btckpt import ConfigError\ndef f():\n    from btckpt.errors import CheckpointError\n"
+                   "CHILD = 'from btckpt.lightning.strategies import ModelParallelStrategy'\n")
+    assert public_name_problems(src, public_spellings()) == [
+        "test_fake.py: imports CheckpointError from btckpt.errors; use btckpt.CheckpointError",
+        "test_fake.py: imports ModelParallelStrategy from btckpt.lightning.strategies; use "
+        "btckpt.lightning.ModelParallelStrategy"]
