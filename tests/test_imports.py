@@ -7,7 +7,7 @@ type checkers (``if TYPE_CHECKING:``), which never run, are left out.
 
 The public surface (issue 26 item 5): every internal folder and top-level module says it is internal in its
 docstring, and every test file names the internal modules it uses, and why (``Internals used: ...``), and
-imports no public name from its internal home (``PUBLIC_MODULES`` and below).
+imports no public name from its internal home (``PUBLIC_MODULES`` and below); tests/scripts and conftest.py too.
 """
 
 from __future__ import annotations
@@ -374,9 +374,11 @@ def test_tests_use_public_names_or_say_which_internals_and_why() -> None:
     spellings = public_spellings()
     assert {("btckpt.errors", "ConfigError"), ("btckpt.config", "CheckpointConfig"),
             ("btckpt.lightning.strategies", "ModelParallelStrategy")} <= set(spellings)
-    # this file parses the package and imports none of it; the sources in its strings are fixtures
+    # this file parses the package and imports none of it; the sources in its strings are fixtures. The helpers
+    # the tests run (tests/scripts: training scripts, the crash harness) and conftest.py follow the same rule.
     files = [f for f in sorted(TESTS.glob("test_*.py")) if f.name != Path(__file__).name]
     assert len(files) > 40
+    files += [*sorted((TESTS / "scripts").glob("*.py")), TESTS / "conftest.py"]
     problems = [p for f in files for p in internals_problems(f, known) + public_name_problems(f, spellings)]
     assert problems == [], "\n".join(problems)
 
