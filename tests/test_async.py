@@ -1,4 +1,9 @@
-"""The async snapshot: exact at the save() call while training goes on, arena reuse, errors, CUDA path."""
+"""The async snapshot: exact at the save() call while training goes on, arena reuse, errors, CUDA path.
+
+Internals used: btckpt.format.manifest, btckpt.restore.reader, btckpt.saving.job, btckpt.saving.snapshot (the stager
+(a fake CUDA stream), its copy and the save job's writer patched to slow or fail the background copy, the manifest
+and the reader to check the bytes that landed; no public name reaches the snapshot).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import btckpt
 import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.format.manifest import MANIFEST, read_manifest
 from btckpt.restore.reader import CheckpointReader
 from btckpt.saving.snapshot import Stager

@@ -16,7 +16,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import (
+from btckpt import (
     CheckpointError,
     ConfigError,
     CorruptCheckpoint,

@@ -1,4 +1,8 @@
-"""``btckpt browse``: the Textual UI driven headless by its pilot."""
+"""``btckpt browse``: the Textual UI driven headless by its pilot.
+
+Internals used: btckpt.cli.browse (the Textual app and its screens, driven by the pilot: the command's UI has no
+import surface).
+"""
 
 from __future__ import annotations
 

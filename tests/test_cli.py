@@ -1,4 +1,8 @@
-"""``btckpt ls / show / verify``: output snapshots (table, JSON, CSV) on a local folder and on S3 (moto)."""
+"""``btckpt ls / show / verify``: output snapshots (table, JSON, CSV) on a local folder and on S3 (moto).
+
+Internals used: btckpt.cli, btckpt.format.manifest, btckpt.storage.discovery (the command's ``main`` run in-process
+and one of its helpers patched; manifests read and discovery's scan to build the expected output).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """Concurrent writers: two processes with Checkpointers on the same folder (a multi-node job on shared
 storage without per-node dirs). The folder's writer lock (flock on .btckpt.lock) lets one in; the other
 gets a clear CheckpointError naming the holder and the folder, and writes nothing. Neither ever corrupts
-the other's checkpoints; the lock dies with its process."""
+the other's checkpoints; the lock dies with its process.
+
+Internals used: btckpt.format.manifest, btckpt.saving.commit, btckpt.storage.discovery (the local commit driven
+directly to race a second writer, manifests forged, discovery to judge the folders on disk (complete, verified),
+which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.saving.commit import LocalCommit
 from btckpt.storage.discovery import scan, verify
 from crash_harness import PY, child_env, temp_folders

@@ -1,4 +1,9 @@
-"""``consolidate``: an FSDP2-sharded checkpoint -> an HF model folder that from_pretrained loads."""
+"""``consolidate``: an FSDP2-sharded checkpoint -> an HF model folder that from_pretrained loads.
+
+Internals used: btckpt.consolidate, btckpt.distributed.world, btckpt.storage.discovery (the consolidation function
+and its save-time ``Consolidator`` (``btckpt consolidate`` is a command, not an import), a ``World`` to build one,
+discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -123,10 +128,9 @@ def test_consolidator_done_stays_bounded_over_many_saves(tmp_path: Path) -> None
 def test_save_time_consolidation_errors(tmp_path: Path) -> None:
     import btckpt
     import torch
-    from btckpt.config import CheckpointConfig
+    from btckpt import CheckpointConfig, CheckpointError, ConfigError
     from btckpt.consolidate import Consolidator
     from btckpt.distributed.world import World
-    from btckpt.errors import CheckpointError, ConfigError
 
     for bad in ("", "s3://b/x", 3, str(tmp_path / "ck")):
         with pytest.raises(ConfigError, match="consolidate"):

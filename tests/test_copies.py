@@ -2,7 +2,12 @@
 alone and the next copy of the same step is tried before any older step (DESIGN.md, Selection and
 Completeness); a copy is deleted only when a verified one of its step exists (Deletion); and readers of a
 running job's tier re-scan when their pick is retired, reporting damage only for bytes that did not match
-(Reading). Each test here failed before its fix."""
+(Reading). Each test here failed before its fix.
+
+Internals used: btckpt.cli, btckpt.restore.policy, btckpt.restore.resume, btckpt.storage.discovery, btckpt.tiers
+(the resume policy and ``restore_from`` to restore from one chosen copy, the tier's ``promote`` and folder, the
+command's ``main``, discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Checkpointer core behaviour: discovery layouts, retention, fallback, partial restores, preflight, lock."""
+"""Checkpointer core behaviour: discovery layouts, retention, fallback, partial restores, preflight, lock.
+
+Internals used: btckpt.storage.discovery, btckpt.storage.local (``storage.local.free_bytes`` patched to fake a full
+disk, discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Corruption of a committed checkpoint: flip one byte, truncate, or delete each kind of file (tensor shard,
 single-file group, index, manifest, RNG JSON, extra JSON). ``verify`` must report it naming the file, and
 restore (Checkpointer.restore and btckpt.load on the folder) must fall back to the previous complete
-checkpoint with a warning naming the file. A randomized sweep must detect 100% of the damage."""
+checkpoint with a warning naming the file. A randomized sweep must detect 100% of the damage.
+
+Internals used: btckpt.format.manifest, btckpt.storage.discovery (the manifest parser fed every byte flip, discovery
+to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.storage.discovery import inspect
 from btckpt.storage.discovery import verify as verify_files
 

@@ -1,5 +1,10 @@
 """The write-side seam (issue 26 item 1): the Destination verbs of LocalDir and Remote, and the one multi-node
-commit order (``commit_in_order``) that a save and a promotion share."""
+commit order (``commit_in_order``) that a save and a promotion share.
+
+Internals used: btckpt.format.manifest, btckpt.saving.destination, btckpt.storage.discovery (the Destination seam
+under test (``LocalDir``, ``Remote``, ``commit_in_order``), manifests, discovery to judge the folders on disk
+(complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from btckpt.errors import CheckpointError, CoordinationError
+from btckpt import CheckpointError, CoordinationError
 from btckpt.format.manifest import MANIFEST, Manifest
 from btckpt.saving.destination import LocalDir, Remote, commit_in_order
 from btckpt.storage.discovery import inspect, verify

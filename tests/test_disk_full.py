@@ -4,6 +4,10 @@ Each case: a clear InsufficientSpace, nothing half-written visible (no checkpoin
 older checkpoints intact and verifying, the space given back, and the training run going on or stopping
 according to ``on_error``. The preflight check refuses a save that cannot fit before writing anything.
 Needs root for ``mount -t tmpfs`` (skipped with that reason otherwise).
+
+Internals used: btckpt.storage.discovery, btckpt.storage.local (``storage.local.free_bytes`` patched so the
+preflight lets a save run into a real ENOSPC, discovery to judge the folders on disk (complete, verified), which no
+public name reports).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import InsufficientSpace
+from btckpt import InsufficientSpace
 from btckpt.storage import local as storage_mod
 from btckpt.storage.discovery import scan, verify
 

@@ -3,7 +3,12 @@ async Checkpointer and the one-shot ``btckpt.save``. Each must give a clear Chec
 for ENOSPC), raised once; commit nothing; leave no temp folder after the next start; leave the older
 checkpoints intact and verifying; and leave the Checkpointer usable. An upload phase (mid-file, the remote
 manifest) fails one upload pass: nothing shows complete remotely, the next pass finishes the upload.
-A configured point that is never reached fails the test."""
+A configured point that is never reached fails the test.
+
+Internals used: btckpt.format.manifest, btckpt.storage.discovery, btckpt.upload (the uploader object run pass by
+pass (``python -m btckpt.upload`` is a command), the manifest's name, discovery to judge the folders on disk
+(complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, InsufficientSpace
+from btckpt import CheckpointError, InsufficientSpace
 from btckpt.storage.discovery import scan, verify
 from btckpt.testing import faults
 from crash_harness import LOCAL_PHASES, temp_folders

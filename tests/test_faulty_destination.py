@@ -3,7 +3,13 @@ one ``HashStore`` (``World(store=)``), each committing into its own dir through 
 (``run_save``), one of them through a :class:`FaultyDir` (the test double of DCP's ``FaultyStorageWriter``
 shape: the chosen verb raises on the chosen node). Whatever fails, no node's folder of that step is complete,
 no temp folder is left, and the older step stays complete everywhere. The real-process versions (a SIGKILL at
-each phase) are tests/test_crash.py and tests/test_multinode.py."""
+each phase) are tests/test_crash.py and tests/test_multinode.py.
+
+Internals used: btckpt.distributed.world, btckpt.saving.destination, btckpt.saving.job, btckpt.saving.plan,
+btckpt.saving.snapshot, btckpt.storage.discovery (one multi-node save assembled from its parts (plan, stager, job,
+destination, a ``World`` over a shared store) so one node's destination can fail at one verb, discovery to judge the
+folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from btckpt import CheckpointError, CoordinationError
 from btckpt.distributed.world import World
-from btckpt.errors import CheckpointError, CoordinationError
 from btckpt.saving.destination import LocalDir
 from btckpt.saving.job import SaveJob, run_save
 from btckpt.saving.plan import SavePlans, prepare_flat

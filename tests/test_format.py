@@ -1,4 +1,8 @@
-"""Format v1: safetensors files readable by the safetensors library, every dtype, JSON state, sharding."""
+"""Format v1: safetensors files readable by the safetensors library, every dtype, JSON state, sharding.
+
+Internals used: btckpt.format.layout, btckpt.format.manifest, btckpt.format.state, btckpt.restore.reader (the format
+under test: the dtype table, manifests, the state mapping and the reader).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import UnsupportedValue
+from btckpt import UnsupportedValue
 from btckpt.format.layout import DTYPE_TO_ST
 from btckpt.format.manifest import read_manifest
 from btckpt.restore.reader import CheckpointReader

@@ -224,7 +224,7 @@ def test_hf_push_to_hub_is_refused_at_start_with_the_option_and_the_fix(tmp_path
     ConfigError naming push_to_hub and the fix (before: it trained, pushed nothing and warned about nothing)."""
     pytest.importorskip("transformers")
     import transformers
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.hf import CheckpointCallback
     from test_hf import _tiny_trainer
 

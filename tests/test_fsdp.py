@@ -1,5 +1,9 @@
 """FSDP2 (fully_shard, DTensor) under real torchrun with gloo on CPU: per-rank shard files, no gather,
-kill -9 + resume bit-identical, resharding N -> M ranks through DCP's planner, rank death mid-write."""
+kill -9 + resume bit-identical, resharding N -> M ranks through DCP's planner, rank death mid-write.
+
+Internals used: btckpt.restore.dcp (DCP's optimizer-key mapping called directly on a malformed tree (no public path
+gets it there)).
+"""
 
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ def test_ddp_checkpoint_restores_into_fsdp_model_and_optimizer(tmp_path: Path) -
 
 
 def test_plain_optimizer_into_sharded_needs_matching_param_groups(tmp_path: Path) -> None:
-    from btckpt.errors import StateMismatch
+    from btckpt import StateMismatch
     from btckpt.restore.dcp import _plain_optimizer_as_fqn
 
     tree = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}

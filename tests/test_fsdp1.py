@@ -2,7 +2,10 @@
 (tests/scripts/dist_train.py ``--mode fsdp1``): each rank saves its own row blocks of the sharded state dict as
 safetensors with chunk records (FSDP2's format), kill -9 + resume is bit-identical, and the checkpoint
 reshards through DCP's planner into FSDP1 on another world size, FSDP2, a plain process, and back; a rank
-killed while writing its shard leaves nothing committed; chunks that do not tile are refused."""
+killed while writing its shard leaves nothing committed; chunks that do not tile are refused.
+
+Internals used: btckpt.format.manifest (the manifest parsed to check the sharded tensor records).
+"""
 
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ file outside untouched) except the Checkpointer's own lock file.
 CI runs ``BTCKPT_FUZZ_EXAMPLES`` cases (default 1,000, derandomized: the same cases every run);
 ``BTCKPT_FUZZ_EXAMPLES=10000`` is the long run (about 12 minutes here; lift the suite's 300 s limit with
 ``-o timeout=1500``). ``BTCKPT_FUZZ_REPORT=<file>`` writes the outcome counts as JSON.
+
+Internals used: btckpt.cli, btckpt.format.manifest, btckpt.storage.discovery (the manifest's digest helpers to
+re-sign a mutated checkpoint, the command's ``verify``, discovery to judge the folders on disk (complete, verified),
+which no public name reports).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 from btckpt.format.manifest import _ZERO, MANIFEST, _digest, _needle
 from btckpt.storage.discovery import scan
 from hypothesis import HealthCheck, Phase, given, settings

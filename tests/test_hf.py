@@ -1,5 +1,9 @@
 """HF Trainer integration: real Trainer runs on CPU (tiny GPT-2 from a config), real SIGKILL/SIGTERM,
-real torchrun. Exactness is checked bit for bit against an uninterrupted run."""
+real torchrun. Exactness is checked bit for bit against an uninterrupted run.
+
+Internals used: btckpt.storage.discovery (discovery to judge the folders on disk (complete, verified), which no
+public name reports).
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,13 @@ safetensors chunks (no pickle, no ``global_step*`` folder); SIGKILL of the whole
 (own dir, and a nested load dir); a ZeRO-3 checkpoint of 2 ranks restores into 1 rank, into FSDP2 (2 ranks)
 and into a plain model; the consolidated folder loads with ``from_pretrained`` (no ``zero_to_fp32.py``).
 
-Needs the ``deepspeed`` extra (``pip install btckpt[deepspeed]``; scripts/test.sh installs it): skipped without."""
+Needs the ``deepspeed`` extra (``pip install btckpt[deepspeed]``; scripts/test.sh installs it): skipped without.
+
+Internals used: btckpt.distributed.zero, btckpt.format.manifest, btckpt.hf.deepspeed, btckpt.lightning.strategies,
+btckpt.storage.discovery (the ZeRO refusal and Lightning's DeepSpeed check called on hand-built trainer and strategy
+objects, ZeRO's partition boxes and the manifest's tiling check on hand-made layouts, discovery to judge the folders
+on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -165,7 +171,7 @@ def test_zero3_of_two_ranks_restores_into_fsdp2_of_two_ranks(tmp_path: Path, zer
 
 
 def test_nvme_offload_and_stage_0_are_refused_naming_the_option() -> None:
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.hf.deepspeed import refuse_unsupported_zero
 
     def trainer(cfg: dict) -> SimpleNamespace:
@@ -211,7 +217,7 @@ def test_zero_fragments_become_boxes_that_tile_the_shape(shape: list[int]) -> No
 def test_lightning_deepspeed_strategy_with_the_plugin_is_refused_naming_the_fix() -> None:
     _needs_deepspeed()
     pytest.importorskip("lightning")
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.lightning import SafetensorsCheckpointIO
     from btckpt.lightning.strategies import check_strategy
     from lightning.pytorch.strategies import DeepSpeedStrategy

@@ -1,5 +1,11 @@
 """Restore that says what it did (issue 23, section 3): non-strict restore reports and refuses, tied weights
-of HF folders count as present, errors name their cause, an unwritable dir is refused at construction."""
+of HF folders count as present, errors name their cause, an unwritable dir is refused at construction.
+
+Internals used: btckpt.checkpointer, btckpt.distributed.world, btckpt.oneshot, btckpt.restore.load,
+btckpt.restore.resume, btckpt.storage.discovery (the restore's ``Resume`` driven directly, modules imported before a
+child drops its privileges (they load lazily), discovery to judge the folders on disk (complete, verified), which no
+public name reports).
+"""
 
 from __future__ import annotations
 
@@ -309,7 +315,7 @@ def test_default_retention_keeps_3_and_says_so(tmp_path: Path):
 def test_the_ranks_candidates_name_a_newer_format_they_pass_over(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     import json
 
-    from btckpt.config import CheckpointConfig
+    from btckpt import CheckpointConfig
     from btckpt.distributed.world import World
     from btckpt.restore.resume import Resume
 

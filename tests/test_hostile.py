@@ -3,7 +3,12 @@ payloads where a loader might look, oversized or deeply nested JSON. Each is ref
 with restore falling back past it), nothing is executed (no unpickling, no eval, no process started:
 checked with a Python audit hook), and nothing outside the checkpoint folder is opened.
 
-Checksums are not signatures: an attacker recomputes them, so every case here carries valid checksums."""
+Checksums are not signatures: an attacker recomputes them, so every case here carries valid checksums.
+
+Internals used: btckpt.cli, btckpt.format.checksum, btckpt.format.manifest, btckpt.storage.discovery (manifests and
+checksums forged as an attacker would, the manifest's name checks, the command's ``main``/``verify``, discovery to
+judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
+from btckpt import CheckpointError, CorruptCheckpoint, UnsafeCheckpoint
 from btckpt.format.checksum import file_checksum
 from btckpt.format.manifest import MANIFEST, Manifest
 

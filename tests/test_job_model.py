@@ -26,6 +26,11 @@ CI runs a bounded number of examples (fixed seeds); ``BTCKPT_MODEL_EVENTS=10000`
 events with random seeds (``benchmarks/job_model.sh``), printing every violation (its seed and events) and the
 count and wall time at the end; ``BTCKPT_MODEL_SEED=S`` reruns one example, ``BTCKPT_MODEL_TRACE=1`` shows
 each rank's log and each event's time.
+
+Internals used: btckpt.checkpointer, btckpt.distributed.world, btckpt.storage.discovery, btckpt.tiers,
+btckpt.tiers.local (the Checkpointer's exit hook, a ``World`` per simulated rank, the tier's folder, identity and
+copy bounds the model checks, discovery to judge the folders on disk (complete, verified), which no public name
+reports).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses)."""
+"""Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses).
+
+Internals used: btckpt.format.checksum, btckpt.saving.snapshot, btckpt.storage.discovery (the stager spied on to see
+what the plugin copies in the background, a checksum to forge a manifest entry, discovery to judge the folders on
+disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from btckpt import NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError, NoCheckpointFound, UnsafeCheckpoint, UnsupportedValue
 from btckpt.lightning import LINK_FORMAT, SafetensorsCheckpointIO, resume_path
 from conftest import run_py
 
@@ -602,7 +606,7 @@ def test_hf_model_folder_loads_with_from_pretrained_and_resumes_exactly(tmp_path
 def test_hf_model_choice_collision_and_several_models(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                      no_tqdm_monitor: None) -> None:
     """Explicit hf_model=, a key collision refused with a clear error, several models: none, one warning."""
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
 
     module = torch.nn.Module()
     module.model = _tiny_gpt2()

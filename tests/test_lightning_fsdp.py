@@ -3,7 +3,11 @@
 (Lightning's ModelParallelStrategy runs on CPU as it is). Each rank writes its own shards; SIGKILL of the whole
 job and resume is bit-identical; 2 -> 1 reshard on resume; the consolidated folder holds the full weights; a
 tensor-parallel resume is bit-identical. Lightning's own ModelParallelStrategy / FSDPStrategy with the plugin
-are refused (they save and load around it)."""
+are refused (they save and load around it).
+
+Internals used: btckpt.storage.discovery (discovery to judge the folders on disk (complete, verified), which no
+public name reports).
+"""
 
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def test_sigkill_whole_job_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_resume_on_one_rank_reshards_and_consolidates(tmp_path: Path) -> None:
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.lightning import SafetensorsCheckpointIO
 
     run(tmp_path, "run", "--steps", "8", "--dump", str(tmp_path / "at8.st"))
@@ -87,7 +91,7 @@ def test_lightning_own_sharded_strategies_are_refused(tmp_path: Path) -> None:
     assert "ConfigError" in out and "btckpt.lightning.ModelParallelStrategy" in out, out[-3000:]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing saved around it
 
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.lightning import SafetensorsCheckpointIO, check_strategy
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -116,7 +120,7 @@ def test_one_ranks_dtensor_state_is_refused_not_saved(tmp_path: Path) -> None:
     error instead of a checkpoint holding rank 0's shards alone."""
     import torch
     import torch.distributed as dist
-    from btckpt.errors import ConfigError
+    from btckpt import ConfigError
     from btckpt.lightning import SafetensorsCheckpointIO
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

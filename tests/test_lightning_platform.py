@@ -4,6 +4,9 @@ lands in that folder and a job killed with SIGKILL resumes from it, at the right
 
 Each run is tests/scripts/lightning_platform.py in a real subprocess (its cwd a fresh folder, Lightning's
 default root), stopped after a known step, killed once the expected checkpoint committed, and restarted.
+
+Internals used: btckpt.lightning.state, btckpt.storage.discovery (the plugin's link files read back, discovery to
+judge the folders on disk (complete, verified), which no public name reports).
 """
 
 from __future__ import annotations

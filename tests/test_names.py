@@ -1,6 +1,11 @@
 """Names from checkpoints and buckets never reach a terminal or a log raw (issue 11, items 9 and 10):
 markup and control characters in file and tensor names, links out of the folder in ``btckpt show``,
-and credentials inside URLs."""
+and credentials inside URLs.
+
+Internals used: btckpt.cli.browse, btckpt.format.checksum, btckpt.format.manifest, btckpt.names,
+btckpt.publish.staging, btckpt.upload (the escaping functions under test, the browser's screens, the uploader's
+supervisor and ``finish_upload`` (their messages must redact URLs), checksums and manifests to forge hostile names).
+"""
 
 from __future__ import annotations
 

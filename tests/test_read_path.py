@@ -1,6 +1,9 @@
 """The restore's read path (issue 13, restart time): a single-rank restore reads each byte of the checkpoint
 once (counted by the kernel: ``/proc/self/io`` ``rchar``), a flipped byte in any file fails verification
-before anything reaches the live model, and a restore from ``s3://`` (moto server) still verifies."""
+before anything reaches the live model, and a restore from ``s3://`` (moto server) still verifies.
+
+Internals used: btckpt.restore.reader (the reader's byte counters (what the restore read, staged or verified)).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CheckpointError, NoCheckpointFound
+from btckpt import CheckpointError, NoCheckpointFound
 from btckpt.restore import reader
 from test_upload import s3  # noqa: F401 - fixtures
 

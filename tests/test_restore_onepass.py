@@ -3,7 +3,11 @@ a damaged one then leaves the state exactly as restoring the older candidate doe
 created state, RNG, plain data), the only candidate is verified before anything is applied, and a restore that
 overwrote the state and found nothing to restore instead raises instead of starting fresh. Also: the one-pass
 path is really taken (live storages kept, nothing staged, fresh optimizer state handed to the optimizer as read)
-and tensors without a fitting destination (mismatched, non-contiguous, tied) still load by the old path."""
+and tensors without a fitting destination (mismatched, non-contiguous, tied) still load by the old path.
+
+Internals used: btckpt.restore.reader, btckpt.saving.snapshot (the reader's byte counters and the thread copy
+stream).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import btckpt
 import pytest
 import torch
-from btckpt.errors import CorruptCheckpoint
+from btckpt import CorruptCheckpoint
 from btckpt.restore import reader
 
 SHARD = 768  # bytes per file: the tiny tensors below make several files per group

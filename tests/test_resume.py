@@ -1,4 +1,8 @@
-"""Kill-and-resume of a real training script: bit-identical to an uninterrupted run, both restart paths."""
+"""Kill-and-resume of a real training script: bit-identical to an uninterrupted run, both restart paths.
+
+Internals used: btckpt.cli, btckpt.format.manifest, btckpt.restore.reader (manifests and the reader to compare what
+was saved, the command's ``main``).
+"""
 
 from __future__ import annotations
 

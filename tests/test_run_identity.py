@@ -5,6 +5,8 @@ The rule (README "Run identity"): each checkpoint records its run's identity; th
 run's checkpoints in the own dir are never resumed, overwritten or skipped (a run that would write beside them
 is refused before its first step, naming the dir and the fixes); a load dir's checkpoint is a warm start
 whatever its identity; off the platform the default dir is the framework's own.
+
+Internals used: btckpt.format.manifest (manifests built by hand (with and without the run identity)).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import tqdm
 
 tqdm.tqdm.monitor_interval = 0  # from_pretrained's progress bar would start tqdm's monitor thread (a "leak")
 
-from btckpt import Checkpointer, ConfigError  # noqa: E402
-from btckpt.errors import CheckpointError  # noqa: E402
+from btckpt import Checkpointer, CheckpointError, ConfigError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +230,7 @@ def test_checkpointer_run_id_resumes_its_own_refuses_another_and_never_skips_its
 
 def test_manifest_run_identity_is_optional_and_checked(tmp_path: Path) -> None:
     """The identity lives in ``meta`` (format stays btckpt/1; a manifest without it reads as before)."""
-    from btckpt.errors import CorruptCheckpoint
+    from btckpt import CorruptCheckpoint
     from btckpt.format.manifest import FORMAT, Manifest
 
     old = Manifest(step=1, files={}, state={})

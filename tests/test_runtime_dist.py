@@ -1,6 +1,10 @@
 """Distributed runtime edges with real torchrun + gloo (issue 11, items 13, 14, 16): every agreement has keys
 of its own, per-rank plain state round-trips per rank, ranks signalled at different times stop together;
-and a SIGTERM that nothing can act on is passed on instead of swallowed."""
+and a SIGTERM that nothing can act on is passed on instead of swallowed.
+
+Internals used: btckpt.format.manifest, btckpt.restore.reader, btckpt.storage.discovery (manifests, verified byte
+reads, discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

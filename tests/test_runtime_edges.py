@@ -1,6 +1,11 @@
 """Save-side and runtime edges (issue 11, items 3, 10, 11, 12, 15): unique temp names, the writer lock's
 errors and stale temp folders, a save still writing when the script ends, a rebuilt optimizer's step gate,
-saves from several threads and a restore behind a save in flight."""
+saves from several threads and a restore behind a save in flight.
+
+Internals used: btckpt.restore.reader, btckpt.saving.commit, btckpt.saving.job, btckpt.saving.snapshot,
+btckpt.storage.discovery (the local commit, the save job's writer, the snapshot copy and ``fcntl`` patched to force
+edge cases, the reader, discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import btckpt.saving.job as saving_mod
 import btckpt.saving.snapshot as snapshot_mod
 import pytest
 import torch
-from btckpt.errors import CheckpointError, ConfigError
+from btckpt import CheckpointError, ConfigError
 from btckpt.restore.reader import CheckpointReader
 from btckpt.saving.commit import LocalCommit
 from btckpt.storage.discovery import inspect, scan, verify
@@ -182,7 +187,7 @@ def test_two_oneshot_saves_of_the_same_step_never_share_a_temp_folder(tmp_path: 
 
 ONESHOT_SCRIPT = """
 import os, sys, time, torch, btckpt
-from btckpt.errors import CheckpointError
+from btckpt import CheckpointError
 os.getpid = lambda: 4242  # containers on two hosts: the same pid
 target, go, value = sys.argv[1], sys.argv[2], float(sys.argv[3])
 state = {"model": {"w": torch.full((1 << 18,), value)}}

@@ -1,6 +1,10 @@
 """The watched save plan (btckpt.saving.watch): a steady save() does not walk the state, and every structure
 change (replaced parameters and buffers, `.data` reassignment, new optimizer state, load_state_dict, new param
-groups, hooks...) still lands in the checkpoint exactly as the state was at the save() call."""
+groups, hooks...) still lands in the checkpoint exactly as the state was at the save() call.
+
+Internals used: btckpt.format.manifest, btckpt.oneshot, btckpt.restore.reader, btckpt.saving.job (the one-shot
+save's ``run_save`` and the job's spied on (how often the state is walked), manifests and the reader).
+"""
 
 from __future__ import annotations
 

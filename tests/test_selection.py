@@ -1,7 +1,10 @@
 """One selection rule and one deletion scope for every entry point (DESIGN.md, "Rules every entry point
 shares"): the Checkpointer, ``btckpt.load``/``latest``, HF's ``resume_checkpoint``, Lightning's
 ``resume_path`` and the CLI choose the same checkpoint, skip the same damaged ones, and fail the same way
-when a resume was asked for and nothing is there; retention deletes only the writer's own folders."""
+when a resume was asked for and nothing is there; retention deletes only the writer's own folders.
+
+Internals used: btckpt.cli, btckpt.saving.retention (retention called directly, the command's ``main``).
+"""
 
 from __future__ import annotations
 

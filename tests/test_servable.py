@@ -3,6 +3,8 @@
 Those engines' default loaders take every ``*.safetensors`` at the top of a local model folder and narrow
 the list by ``model.safetensors.index.json`` only when that file exists. ``engine_selection`` below is that
 rule; every kind of checkpoint folder btckpt writes must yield exactly the model's tensors through it.
+
+Internals used: btckpt.consolidate, btckpt.format.manifest (the consolidation function, manifests).
 """
 
 from __future__ import annotations

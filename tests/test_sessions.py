@@ -1,5 +1,8 @@
 """Which Checkpointer is which among ranks: the session key comes from the dir (or ``name=``), not from
-the order Checkpointers are created in (real torchrun, gloo, CPU)."""
+the order Checkpointers are created in (real torchrun, gloo, CPU).
+
+Internals used: btckpt.checkpointer (the session key function under test).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from pathlib import Path
 
 import btckpt
 import pytest
+from btckpt import ConfigError
 from btckpt.checkpointer import session_identity
-from btckpt.errors import ConfigError
 from dist_launch import env_with, finish, load_st, torchrun
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,9 @@
 """The read-side seam: a local folder and the same folder in a bucket (fsspec ``memory://``) are found,
-classified and verified by the same code, with the same answers."""
+classified and verified by the same code, with the same answers.
+
+Internals used: btckpt.storage.discovery, btckpt.storage.store (the Store seam under test (local and fsspec stores,
+walk), discovery to judge the folders on disk (complete, verified), which no public name reports).
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 /dev/shm is shared with every local user: the attacker's actions here run for real as another uid (nobody,
 65534, through ``setpriv``), in a folder of this test that stands in for /dev/shm (sticky, 1777, like it),
 so a second user's folder never touches the real /dev/shm that other tests share. CI runs as root.
+
+Internals used: btckpt.cli, btckpt.format.manifest, btckpt.publish.uploader, btckpt.saving.commit,
+btckpt.storage.discovery, btckpt.tiers, btckpt.tiers.local (the tier's folder, identity file and resume search, the
+uploader object, the commit's delete, manifests, the command's ``main``, discovery to judge the folders on disk
+(complete, verified), which no public name reports).
 """
 
 from __future__ import annotations

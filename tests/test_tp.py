@@ -3,6 +3,9 @@
 Placements other than FSDP's Shard(0): ColwiseParallel (Shard(0)), RowwiseParallel (Shard(1) weight, Replicate
 bias) and, in 2-D, FSDP2's _StridedShard over TP. Saved in one layout, restored in another (other world size,
 other parallelism, a plain single process) and consolidated: full tensors must be equal.
+
+Internals used: btckpt.consolidate, btckpt.distributed.shards, btckpt.format.manifest (the shard merge and the
+manifest's tiling check on hand-made parts, the consolidation function).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ def test_2d_fsdp_over_tp_four_ranks_reshards(tmp_path: Path) -> None:
 
 
 def test_shards_with_holes_are_refused() -> None:
+    from btckpt import UnsupportedValue
     from btckpt.distributed.shards import _merge
-    from btckpt.errors import UnsupportedValue
     from btckpt.format.manifest import tiling_problem
 
     def part(off: int, rank: int) -> dict:

@@ -2,6 +2,10 @@
 
 Fixture ``s3`` (a fresh bucket per test on the session's one ``moto`` server, tests/conftest.py; fsspec
 configured in-process and through the environment for subprocesses) is reused by test_cli and others.
+
+Internals used: btckpt.publish.staging, btckpt.saving.commit, btckpt.storage.discovery, btckpt.upload (the uploader
+object run pass by pass, staging's folder, the commit's delete, discovery to judge the folders on disk (complete,
+verified), which no public name reports).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Remote deletion happens only on positive knowledge (this uploader published the checkpoint and the job's
 retention retired that very checkpoint); local deletion (``--keep-local``) only after the bucket, not the
 journal, shows a verified copy; one uploader per source.
+
+Internals used: btckpt.saving.commit, btckpt.storage.discovery, btckpt.upload (the uploader object run pass by pass,
+the commit's delete, discovery to judge the folders on disk (complete, verified), which no public name reports).
 """
 
 from __future__ import annotations

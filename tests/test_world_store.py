@@ -1,6 +1,10 @@
 """The store agreements of :class:`btckpt.distributed.world.World`, several ranks as threads over one injected
 ``HashStore`` (``World(store=)``): the same code paths torchrun jobs take (tests/test_runtime_dist.py keeps one
-real torchrun run per agreement), without starting processes."""
+real torchrun run per agreement), without starting processes.
+
+Internals used: btckpt.distributed.world, btckpt.saving.destination (``World``'s store agreements and the multi-node
+commit order under test, ranks as threads).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
+from btckpt import CoordinationError
 from btckpt.distributed.world import StopAgreement, World
-from btckpt.errors import CoordinationError
 from btckpt.saving.destination import commit_in_order
 
 

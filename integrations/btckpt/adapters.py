@@ -62,6 +62,10 @@ Where an adapter does policy the core also has (kept as it is; candidates to fol
   it names the folder (link files) whichever way it goes and learns whether the fit resumed only at a load.
 
 Never imports transformers or lightning: the objects come from the adapter.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); this is the core's door for btckpt's own adapters, and its names
+may change without notice (with the adapters).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Mechanism lives in :mod:`btckpt.saving.engine` (snapshot, write, commit, the one
 one Checkpointer with the same arguments. ``save()`` is called by every rank at the same step; it returns once
 the snapshot is safe and the background worker writes and commits. A background error is logged at once and
 raised exactly once, from the next ``save()``, ``wait()`` or ``close()``.
+
+Public through ``btckpt``: :class:`Checkpointer` (``btckpt.Checkpointer``); import it from there. The module
+itself is internal: its path and its other names may change without notice.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The one configuration object of a Checkpointer, validated at construction."""
+"""The one configuration object of a Checkpointer, validated at construction.
+
+Public through ``btckpt``: :class:`CheckpointConfig` (``btckpt.CheckpointConfig``); import it from there.
+The module itself is internal: its path and its other names may change without notice.
+"""
 
 from __future__ import annotations
 

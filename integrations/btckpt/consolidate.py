@@ -22,6 +22,10 @@ Multi-node: rank 0 reads every node's part, so each node's dir must be ``<shared
 filesystem rank 0 sees (the platform's nested layout on shared storage). Any other multi-node layout
 is refused with :class:`~btckpt.errors.ConfigError` at construction; run ``btckpt consolidate`` after
 gathering the parts instead.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); ``btckpt consolidate`` is public as a command line and
+``Checkpointer(consolidate=...)`` as an option, not this module: its names may change without notice.
 """
 
 from __future__ import annotations

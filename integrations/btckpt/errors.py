@@ -2,6 +2,9 @@
 
 Every error btckpt raises is a :class:`CheckpointError`; the subclasses say what went wrong so callers
 can react (fall back, free space, fix a config). Messages name the path or key involved and the fix.
+
+Public through ``btckpt``: every exception class here (``btckpt.CheckpointError`` and its subclasses);
+import them from there. The module itself is internal: its path may change without notice.
 """
 
 from __future__ import annotations

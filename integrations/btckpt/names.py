@@ -15,6 +15,9 @@ the same two functions. btckpt's own multi-line texts (a ``CheckpointError`` giv
 a restore report) have a ``safe_text()`` that escapes each line on its own: their newlines read as
 newlines in a log, a newline inside a name still shows as ``\\x0a``. Torch-free and rich-free (``text``
 imports rich lazily).
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); its names may change without notice.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""One-shot, synchronous save and load of a single checkpoint folder, and ``latest``."""
+"""One-shot, synchronous save and load of a single checkpoint folder, and ``latest``.
+
+Public through ``btckpt``: :func:`save` and :func:`load` (``btckpt.save``, ``btckpt.load``); import them
+from there. The module itself is internal: its path and its other names may change without notice.
+"""
 
 from __future__ import annotations
 

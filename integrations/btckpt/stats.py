@@ -1,4 +1,8 @@
-"""The figures a Checkpointer publishes about its saves (``Checkpointer.stats``), for logs and benchmarks."""
+"""The figures a Checkpointer publishes about its saves (``Checkpointer.stats``), for logs and benchmarks.
+
+Public through ``btckpt``: :class:`CheckpointStats` (``btckpt.CheckpointStats``); import it from there.
+The module itself is internal: its path and its other names may change without notice.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ They are registered in crash_paths.py (:data:`SAVE_PATHS`: sync, async, oneshot,
 torchrun-fsdp1, torchrun-zero3, tier, upload); a new one plugs in there, with its own extra invariants if it
 has any. Every run starts in a session of its own and a kill takes its whole process tree at once (the
 uploader; torchrun's agent and its ranks, which torchrun starts in sessions of their own).
+
+Internals used: btckpt.format.manifest, btckpt.restore.policy, btckpt.storage.discovery, btckpt.tiers (the
+invariants: manifests compared with the uninterrupted run's, and the resume choice recomputed over the dir and the
+tier with discovery's scan/verify, the resume policy and the tier's search).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ over the full fp32 master weights and Adam moments (gathered) and every rank's n
 Follows the contract in ``crash_train.py``'s docstring: ``RESTORED <step|none>``, ``TRAINING``, and on a
 normal finish ``{"step", "digest"}`` in ``--out`` (model, optimizer, scheduler, step and the next draws of
 every RNG: an interrupted-and-resumed run must match an uninterrupted one bit for bit).
+
+Internals used: btckpt.distributed.zero (ZeRO's optimizer and stage, to assert the run really is under DeepSpeed
+ZeRO).
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ fault is injected into it, and the invariants particular to it.
   a restart does) uploads every local checkpoint, verified.
 
 Import order: this module is imported by crash_harness (it imports crash_harness lazily, inside functions).
+
+Internals used: btckpt.format.manifest, btckpt.storage.discovery, btckpt.upload (the upload path's invariants:
+discovery to judge the remote and local folders (complete, verified), the manifest's name, and the uploader object
+for the restart's pass).
 """
 
 from __future__ import annotations

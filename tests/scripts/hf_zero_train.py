@@ -11,6 +11,9 @@ Lines printed: ``rank R: zero S W`` (after checking the engine really is ZeRO st
 *and* checkpoint ``--pause-after`` is committed, then waits to be SIGKILLed with the whole job. ``--dump``
 writes the final full fp32 weights and optimizer moments (DeepSpeed's ``safe_get_full_*``, rank 0);
 ``--dump-save N:FILE`` the same right after the save of step N; ``--dump-start`` at ``on_train_begin``.
+
+Internals used: btckpt.distributed.zero (ZeRO's optimizer and stage, to assert the run really is under DeepSpeed
+ZeRO).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Prints ``rank R: resumed at step N`` at train start. --pause-at N --pause-after 
 until ``checkpoint-K`` is committed, writes ``PAUSED`` to --progress and hangs (the test then SIGKILLs the job).
 --dump FILE: the full model + optimizer state (gathered; rank 0 writes it) at the end; --dump-start FILE:
 the same right after a resume (before any step).
+
+Internals used: btckpt.storage.discovery (discovery's inspect, to wait until a folder has committed).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ they need when they run. Remote URLs take their options from fsspec's environmen
 variables (e.g. ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
 Exit status: 0 ok, 1 a checkpoint failed verification or is not complete (``verify DIR``: any of those it
 checked; one retired while it ran is skipped, not failed), 2 usage / not found.
+
+Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
+``btckpt.lightning``); the ``btckpt`` command is public as a command line (its
+arguments, output and exit status), not as an import: its modules and names may change without notice.
 """
 
 from __future__ import annotations

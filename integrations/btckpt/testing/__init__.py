@@ -4,5 +4,6 @@ purpose (raise, ENOSPC, EIO, SIGKILL, exit) when a test arms it (``faults.arm`` 
 A no-op unless armed. Imports nothing of btckpt; anything may import it.
 
 Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``btckpt.hf`` and
-``btckpt.lightning``); its modules and names may change without notice.
+``btckpt.lightning``); ``btckpt.testing.faults`` is the test-support surface
+(``arm``, ``disarm``, ``point``, ``reached``, ``PHASES``, ``$BTCKPT_FAULT``: for tests, never for training code).
 """
