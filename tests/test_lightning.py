@@ -1,8 +1,9 @@
 """Lightning integration: real Trainer runs on CPU (in-process and as killed subprocesses).
 
-Internals used: btckpt.format.checksum, btckpt.saving.snapshot, btckpt.storage.discovery (the stager spied on to see
-what the plugin copies in the background, a checksum to forge a manifest entry, discovery to judge the folders on
-disk (complete, verified), which no public name reports).
+Internals used: btckpt.adapters, btckpt.format.checksum, btckpt.policies, btckpt.saving.snapshot,
+btckpt.storage.discovery (the stager spied on to see what the plugin copies in the background, a checksum to forge
+a manifest entry, discovery to judge the folders on disk (complete, verified), which no public name reports; the
+plugin's retention checked to be a ``Retention``).
 """
 
 from __future__ import annotations
