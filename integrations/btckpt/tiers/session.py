@@ -35,7 +35,7 @@ class TierSession:
 
     Call order, every rank, the same order: :meth:`create` in the Checkpointer's constructor; per tier save
     :meth:`target` (then the engine's save) and :meth:`promote` for a durable one; after the restore
-    :meth:`adopt` then :meth:`remove_diverged`; :meth:`wait` / the error channel any time; at the end
+    :meth:`resumed` (:meth:`adopt`, then :meth:`remove_diverged`); :meth:`wait` / the error channel any time; at the end
     :meth:`final_step` (the step a clean close promotes) then :meth:`close`. Only the node's leader copies,
     promotes and removes; every rank agrees on the steps through the store.
     """
@@ -171,6 +171,16 @@ class TierSession:
             log.warning("btckpt: the stale local tier of %s is left as it is (%s)", self.durable, exc)
             return
         log.info("btckpt: removed the local tier of %s: it held nothing newer than the resumed step", self.durable)
+
+    def resumed(self, step: int | None, *, key: Callable[[], str], timeout: float,
+                promote: Callable[[int], None]) -> None:
+        """After every rank resumed ``step``: a session without tier saves :meth:`adopt`-s (``key()``: the store
+        key, drawn only then) and ``promote(step)``-s a step it adopted; then :meth:`remove_diverged`."""
+        if not self.saving:
+            adopted = self.adopt(step, key=key(), timeout=timeout)
+            if adopted is not None:
+                promote(adopted)
+        self.remove_diverged(step)
 
     def remove_diverged(self, step: int | None) -> None:
         """After every rank resumed ``step`` (None: a fresh start): the tier's checkpoints newer than it go (a
