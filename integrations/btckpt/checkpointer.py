@@ -33,7 +33,7 @@ from .policies import KeepLast, Preemption, SaveSchedule
 from .policies.exit import close_at_exit as _close_at_exit  # noqa: F401 - tests run the at-exit close themselves
 from .policies.exit import register_exit
 from .publish.publication import Publication
-from .publish.staging import remote_target, staging_root
+from .publish.staging import commit_root
 from .restore.load import RestoreReport, restore_reports
 from .restore.resume import Resume
 from .restore.rng import capture_rng
@@ -41,7 +41,6 @@ from .saving.commit import DirLock
 from .saving.engine import SaveEngine, SaveRequest, Target
 from .stats import CheckpointStats
 from .storage.discovery import CheckpointInfo
-from .storage.local import is_url, unwritable
 from .tiers.session import TierSession
 
 __all__ = ["Checkpointer", "default_budget", "session_identity"]
@@ -52,39 +51,28 @@ log = logging.getLogger("btckpt")
 class Checkpointer:
     """Saves and restores training state; see :class:`~btckpt.config.CheckpointConfig` for the options.
 
-    Retention is on by default: ``keep_last=3`` keeps the 3 newest committed checkpoints and deletes this
-    writer's older ``checkpoint-<N>`` folders in ``dir`` (pass ``keep_last=None`` to keep all).
+    Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then ``ckpt.save(step, state)``
+    (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()`` at the end (or use it as a context
+    manager). All ranks call every method. Retention is on by default: ``keep_last=3`` keeps the 3 newest
+    committed checkpoints and deletes this writer's older ``checkpoint-<N>`` folders in ``dir`` (pass
+    ``keep_last=None`` to keep all). ``world`` overrides the process's place (default: from torch.distributed);
+    ``World()`` makes a Checkpointer that coordinates with nobody, for frameworks where only rank 0 saves
+    (Lightning).
 
-    Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then
-    ``ckpt.save(step, state)`` (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()``
-    at the end (or use it as a context manager). All ranks call every method.
-
-    ``world`` overrides the process's place (default: from torch.distributed); ``World()`` makes a
-    Checkpointer that coordinates with nobody, for frameworks where only rank 0 saves (Lightning).
-
-    Ranks find each other's Checkpointer by its identity (:func:`session_identity`): ``name`` when given,
-    else the ``dir`` argument as passed (unset: ``$BT_CHECKPOINT_DIR`` on every rank, whatever its value per
-    node). Checkpointers on different dirs may therefore be created in any order on each rank. Ones with
-    the same identity are told apart by how many came before in this process, so create those one after
-    another, in the same order on every rank (a second one open at the same time is refused). Pass the same
-    ``name`` on every rank when ranks pass different ``dir`` strings for one Checkpointer (e.g. one folder
-    per node on shared storage).
+    Ranks find each other's Checkpointer by its identity (:func:`session_identity`): ``name`` when given, else
+    the ``dir`` argument as passed (unset: ``$BT_CHECKPOINT_DIR`` on every rank, whatever its value per node), so
+    Checkpointers on different dirs may be created in any order on each rank. Ones with the same identity are
+    told apart by how many came before in this process: create those one after another, in the same order on
+    every rank (a second one open at the same time is refused). Pass the same ``name`` on every rank when ranks
+    pass different ``dir`` strings for one Checkpointer (e.g. one folder per node on shared storage).
     """
 
     def __init__(self, *, world: World | None = None, name: str | None = None, **options: Any) -> None:
         self._identity = session_identity(options.get("dir"), name)
         self.config = cfg = CheckpointConfig(**options)
         self.world: World = _world() if world is None else world
-        self.remote: str | None = None  # dir=URL: this node's checkpoints are published there
-        if is_url(cfg.dir or ""):
-            self.remote = remote_target(str(cfg.dir), nodes=self.world.nodes, node_rank=self.world.node_rank)
-            self.root = staging_root(self.remote)
-        else:
-            self.root = cfg.local_dir
-        why = unwritable(self.root)  # refused here, not at the first save
-        if why:
-            raise ConfigError(f"checkpoint dir {str(self.root)!r}: {why}; give it write access (chmod/chown), or "
-                              "point dir= / $BT_CHECKPOINT_DIR at a writable folder")
+        # dir=URL: this node's checkpoints are committed into a staging root, then published at self.remote
+        self.remote, self.root = commit_root(cfg, nodes=self.world.nodes, node_rank=self.world.node_rank)
         self._lock: DirLock | None = None
         self._closed = False
         self._crashed = False  # closed at exit after an uncaught exception: the local tier stays for the restart
@@ -175,23 +163,23 @@ class Checkpointer:
              optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
         """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
 
-        ``extra_files`` (name -> bytes) are written into the folder too (integrations use it for
-        ``config.json`` and the like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on
-        the writer after the commit (integrations use it to publish names that point at the folder);
-        its error counts as the save's error. ``peer_rng`` (rank -> :func:`~btckpt.restore.rng.capture_rng` data)
-        adds ``rng_state_<rank>.json`` for ranks that do not call ``save`` (frameworks where only rank 0
-        saves, e.g. Lightning), written inside the same commit. ``optimizers``: for states given as plain
-        tensors (framework dicts), the optimizers whose ``step()`` alone writes their parameters and
-        state; tensors of ``state`` sharing storage with those copy in the background behind their step gate.
+        ``extra_files`` (name -> bytes) are written into the folder too (integrations: ``config.json`` and the
+        like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on the writer after the commit
+        (integrations publish names that point at the folder); its error counts as the save's error. ``peer_rng``
+        (rank -> :func:`~btckpt.restore.rng.capture_rng` data) adds ``rng_state_<rank>.json``, inside the same
+        commit, for ranks that do not call ``save`` (frameworks where only rank 0 saves, e.g. Lightning).
+        ``optimizers``: for states given as plain tensors (framework dicts), the optimizers whose ``step()`` alone
+        writes their parameters and state; tensors of ``state`` sharing storage with those copy in the background
+        behind their step gate.
 
-        With a local tier (``local_every_steps``) the checkpoint goes through it: a tier save of ``step``
-        (unless the tier already holds it), then its promotion into ``dir`` in the background (one device
-        copy); ``on_commit`` then gets the folder in ``dir`` once the promotion committed (on the node's
-        leader, the rank that promotes).
+        With a local tier (``local_every_steps``) the checkpoint goes through it: a tier save of ``step`` (unless
+        the tier already holds it), then its promotion into ``dir`` in the background (one device copy);
+        ``on_commit`` then gets the folder in ``dir`` once the promotion committed (on the node's leader, the rank
+        that promotes).
 
-        Saves from several threads are serialized (each one's snapshot is taken alone). Plain-data groups
-        (no tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json``
-        and comes back to that rank at restore; groups holding tensors are taken from local rank 0.
+        Saves from several threads are serialized (each one's snapshot is taken alone). Plain-data groups (no
+        tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json`` and comes
+        back to that rank at restore; groups holding tensors are taken from local rank 0.
         """
         self._save_durable(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
 
@@ -316,15 +304,9 @@ class Checkpointer:
                     self._abandoned = True  # after SIGTERM: the save still writing outlived the grace
                 else:
                     self._engine.drain()
-                    # after a crash the tier stays as it is, for the restart; after SIGTERM the preemption save was
-                    # the final promotion (every rank knows it: no agreement that a rank past its grace would miss).
-                    # Otherwise the newest step every node's tier holds is promoted (TierSession.final_step)
-                    if not self._crashed and not pre.saving and self._tiers.tier is not None:
-                        step = self._tiers.final_step(key=f"{self._op_tag('f')}/tiers", timeout=self._barrier_timeout())
-                        if step is not None:
-                            self._promote(step)
-                    # after SIGTERM the tier goes only once the promotion of its newest step was scheduled
-                    clean = not pre.saving or self._tiers.newest_promoted()
+                    clean = self._tiers.closing(crashed=self._crashed, preempted=pre.saving,
+                                                key=lambda: f"{self._op_tag('f')}/tiers",
+                                                timeout=self._barrier_timeout(), promote=self._promote)
         finally:
             self._closed = True
             # after SIGTERM every wait below ends when the grace does (pre.left()); what is cut short stays for the
