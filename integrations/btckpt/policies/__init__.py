@@ -6,6 +6,8 @@
   store, and the grace every wait after it fits in (the Checkpointer, HF and Lightning all use it);
 - :mod:`.retention`: the :class:`Retention` interface (what a commit retires, protected folders) and
   :class:`KeepLast`, the core's ``keep_last`` implementation (Lightning's link refcount is the other one).
+- :mod:`.exit`: the end of the process (a Checkpointer never closed is closed at exit; after SIGTERM, work
+  that outlived the grace does not hold the exit up).
 
 Mechanism (snapshot, write, commit, the error channel) is :mod:`btckpt.saving.engine`; the
 :class:`~btckpt.Checkpointer` wires the two. Layer: above ``tiers``/``publish``, below the Checkpointer and
