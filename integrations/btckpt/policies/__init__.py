@@ -7,6 +7,8 @@
 - :mod:`.retention`: the :class:`Retention` interface (what a commit retires, protected folders) and
   :class:`KeepLast`, the core's ``keep_last`` implementation, and :class:`LinkRefcount`, the link-file refcount
   (a folder goes when its last name does; Lightning's plugin drives one through ``btckpt.adapters``).
+- :mod:`.exit`: the end of the process (a Checkpointer never closed is closed at exit; after SIGTERM, work
+  that outlived the grace does not hold the exit up).
 
 Mechanism (snapshot, write, commit, the error channel) is :mod:`btckpt.saving.engine`; the
 :class:`~btckpt.Checkpointer` wires the two. Layer: above ``tiers``/``publish``, below the Checkpointer and

@@ -12,9 +12,14 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..distributed.world import StopAgreement, World
+
+if TYPE_CHECKING:
+    from ..saving.engine import SaveEngine
+    from ..tiers.session import TierSession
 
 __all__ = ["Preemption"]
 
@@ -27,8 +32,9 @@ class Preemption:
     Call order, on every rank: :meth:`install` on the main thread (a no-op elsewhere: Python delivers signals
     there only); :meth:`due` at every step boundary (the same answer on every rank at the same step); once it
     is due, :meth:`begin` when the preemption save starts, then every wait is bounded by :meth:`left` /
-    :meth:`timeout`; :meth:`close` gives SIGTERM back to the handler it had (not during the preemption save:
-    the process is on its way out, and a second SIGTERM must not kill it mid-exit).
+    :meth:`timeout` (the Checkpointer's: :meth:`commit` for the save, :meth:`settled` at close); :meth:`close`
+    gives SIGTERM back to the handler it had (not during the preemption save: the process is on its way out, and
+    a second SIGTERM must not kill it mid-exit).
 
     ``watched=False`` (the Checkpointer): until something reads :attr:`preempted` (``maybe_save``, an
     integration), a SIGTERM is passed on to the previous handler, since no step boundary would ever save.
@@ -103,6 +109,31 @@ class Preemption:
         if left is None:
             return base
         return max(0.1, min(base, left - min(1.0, self.grace / 10)))
+
+    def settled(self, engine: SaveEngine) -> bool:
+        """After :meth:`begin`: wait for ``engine``'s save still writing until the grace runs out; False (logged)
+        when it is still running then."""
+        if engine.settled(self.left()):
+            return True
+        log.error("btckpt: the save still writing did not commit within %.0fs (preemption_grace); exiting without "
+                  "it, not waiting for it (older checkpoints are intact)", self.grace)
+        return False
+
+    def commit(self, step: int, *, engine: SaveEngine, tiers: TierSession, save: Callable[[], None] | None) -> bool:
+        """After :meth:`begin`, the Checkpointer's preemption checkpoint ``step`` within the grace: the save still
+        writing settles, then ``save()`` (None: ``step`` is saved already), then its write settles and (local tier)
+        its promotion commits. False (logged) when the grace ran out first: the process exits without it."""
+        if save is not None:
+            if not self.settled(engine):  # an earlier save still writing (e.g. waiting for a dead peer)
+                return False
+            save()
+        if not self.settled(engine):
+            return False
+        if tiers.wait(self.left(), replicas=False):
+            return True
+        log.error("btckpt: the promotion of step %d did not commit within %.0fs (preemption_grace); exiting "
+                  "without it (the local tier keeps it for a restart on this node)", step, self.grace)
+        return False
 
     def stopped(self, *, timeout: float) -> None:
         """After the preemption save committed: wait (at most ``timeout`` s) until every rank got here, so no rank

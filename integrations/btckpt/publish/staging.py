@@ -6,7 +6,8 @@ crash never leaves a half-written checkpoint that looks whole, locally or remote
 process (``btckpt upload --watch --mirror-retention``) publishes each commit and mirrors retention.
 Multi-node jobs give each node its part under ``URL/rank-<node>/`` (the platform's layout).
 
-Call order (local leader of each node): :func:`remote_target` and :func:`staging_root` at construction;
+Call order (local leader of each node): :func:`commit_root` (:func:`remote_target`, :func:`staging_root`) at
+construction;
 the Checkpointer's ``wait()``/``close()`` end with the uploader's final pass (:func:`finish_upload`).
 """
 
@@ -16,10 +17,26 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..config import CheckpointConfig
+from ..errors import CheckpointError, ConfigError
+from ..storage.local import is_url, unwritable
 from ..storage.remote import cache_root, join
 
-__all__ = ["remote_target", "staging_root", "finish_upload"]
+__all__ = ["commit_root", "remote_target", "staging_root", "finish_upload"]
+
+
+def commit_root(config: CheckpointConfig, *, nodes: int, node_rank: int) -> tuple[str | None, Path]:
+    """Where a Checkpointer commits, ``(remote, root)``: for ``dir=URL``, this node's part of the URL
+    (:func:`remote_target`) and its local staging folder; else ``(None, config.local_dir)``. Raises ConfigError
+    when ``root`` is not writable (refused at construction, not at the first save)."""
+    url = config.dir if config.dir is not None and is_url(config.dir) else None
+    remote = remote_target(url, nodes=nodes, node_rank=node_rank) if url is not None else None
+    root = staging_root(remote) if remote is not None else config.local_dir
+    why = unwritable(root)
+    if why:
+        raise ConfigError(f"checkpoint dir {str(root)!r}: {why}; give it write access (chmod/chown), or "
+                          "point dir= / $BT_CHECKPOINT_DIR at a writable folder")
+    return remote, root
 
 
 def remote_target(url: str, *, nodes: int, node_rank: int) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..config import CheckpointConfig
+from ..config import CheckpointConfig, default_budget
 from ..distributed.shards import prepare, sharded_groups
 from ..distributed.world import World
 from ..distributed.zero import ZeroState, prepare_zero
@@ -134,6 +134,14 @@ class SaveEngine:
         self._stats = StatsRecorder()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-writer",
                                         initializer=background_thread)
+
+    @classmethod
+    def create(cls, config: CheckpointConfig, world: World, *,
+               rng: Callable[[], dict[str, Any]] | None) -> SaveEngine:
+        """The engine with its own arena (``memory_budget``, else the node's share of the default) and step gate."""
+        stager = Stager(budget=config.memory_budget or default_budget(world.local_size),
+                        small_bytes=config.copy_inline_bytes)
+        return cls(config=config, world=world, stager=stager, gate=StepGate(), rng=rng)
 
     # -- the snapshot (training thread) --------------------------------------------------------------------
     def save(self, request: SaveRequest, target: Target, *, tag: str, barrier_timeout: float) -> bool:

@@ -35,8 +35,8 @@ class TierSession:
 
     Call order, every rank, the same order: :meth:`create` in the Checkpointer's constructor; per tier save
     :meth:`target` (then the engine's save) and :meth:`promote` for a durable one; after the restore
-    :meth:`adopt` then :meth:`remove_diverged`; :meth:`wait` / the error channel any time; at the end
-    :meth:`final_step` (the step a clean close promotes) then :meth:`close`. Only the node's leader copies,
+    :meth:`resumed` (:meth:`adopt`, then :meth:`remove_diverged`); :meth:`wait` / the error channel any time; at the end
+    :meth:`closing` (promotes :meth:`final_step`) then :meth:`close`. Only the node's leader copies,
     promotes and removes; every rank agrees on the steps through the store.
     """
 
@@ -172,6 +172,16 @@ class TierSession:
             return
         log.info("btckpt: removed the local tier of %s: it held nothing newer than the resumed step", self.durable)
 
+    def resumed(self, step: int | None, *, key: Callable[[], str], timeout: float,
+                promote: Callable[[int], None]) -> None:
+        """After every rank resumed ``step``: a session without tier saves :meth:`adopt`-s (``key()``: the store
+        key, drawn only then) and ``promote(step)``-s a step it adopted; then :meth:`remove_diverged`."""
+        if not self.saving:
+            adopted = self.adopt(step, key=key(), timeout=timeout)
+            if adopted is not None:
+                promote(adopted)
+        self.remove_diverged(step)
+
     def remove_diverged(self, step: int | None) -> None:
         """After every rank resumed ``step`` (None: a fresh start): the tier's checkpoints newer than it go (a
         cache; promoting one would fail, and retention would drop this run's new saves of lower steps before
@@ -199,6 +209,19 @@ class TierSession:
         # [0] only when none does)
         held = self.world.agree_step(f"{key}/held", [] if step in mine else [0], timeout=timeout)
         return step if held != 0 else None
+
+    def closing(self, *, crashed: bool, preempted: bool, key: Callable[[], str], timeout: float,
+                promote: Callable[[int], None]) -> bool:
+        """At close, the writes drained: ``promote(step)`` the :meth:`final_step` (``key()``: its store key, drawn
+        only with a tier), unless the script crashed (the tier stays as it is, for the restart) or was preempted
+        (the preemption save was the final promotion: every rank knows it, no agreement a rank past its grace would
+        miss). Whether the tier may go at :meth:`close` (``clean``): after SIGTERM only once the promotion of its
+        newest step was scheduled."""
+        if not crashed and not preempted and self.tier is not None:
+            step = self.final_step(key=key(), timeout=timeout)
+            if step is not None:
+                promote(step)
+        return not preempted or self.newest_promoted()
 
     def newest_promoted(self) -> bool:
         """Whether the promotion of the tier's newest step was scheduled (or the tier holds none)."""
