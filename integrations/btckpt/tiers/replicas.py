@@ -6,7 +6,9 @@ it commits (this node's part: its folder, manifest included) to node ``(i + 1) m
 manifest as it lands, manifest last, rename; one complete step kept, plus the one arriving). A node that
 starts with its memory lost (a replacement node, a wiped ``/dev/shm``) fetches its part of the newest step
 its peer holds back into its own tier before anything resumes, so the usual resume policy and the multi-rank
-step agreement find it there.
+step agreement find it there; each file is checked against the manifest as it lands, and the fetched part is
+vouched for (:func:`btckpt.restore.reader.vouch`), so its restore reads each byte once (into the state, hashed as
+it lands) even when it is the only candidate, instead of hashing every file first again.
 
 Transport: a gloo process group of the node leaders alone, made from the job's c10d store under this
 Checkpointer's session prefix, never the training process group, so it cannot deadlock with training's
