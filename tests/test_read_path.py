@@ -115,6 +115,58 @@ def assert_equal_to_saved(state: dict) -> None:
         assert torch.equal(got[k], v), k
 
 
+def test_a_copy_this_process_checked_as_it_wrote_it_is_read_once_with_its_checksums(saved: Path, tmp_path: Path):
+    """A part fetched from a peer's replica (every file checked against the manifest as it landed) is vouched for
+    (:func:`reader.vouch`): restoring it, the only candidate, skips the hash-only pass (each file read once, into
+    the state, its checksum still checked as it lands) and resumes exactly."""
+    from btckpt.format.manifest import read_manifest
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(saved, root)
+    folder = root / "checkpoint-5"
+    tensor_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+    reader.vouch(folder, read_manifest(folder))
+    state = make_state(99)
+    counts = dict(reader.READS)
+    with btckpt.Checkpointer(dir=root, async_save=False, handle_sigterm=False) as ck:
+        assert ck.restore(state) == 5
+    assert_equal_to_saved(state)
+    assert reader.READS["verify_bytes"] == counts["verify_bytes"]
+    assert reader.READS["vouched_bytes"] - counts["vouched_bytes"] == tensor_bytes
+    assert reader.READS["direct_bytes"] > counts["direct_bytes"]  # read into the live tensors
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_a_vouched_file_changed_since_is_verified_again_and_refused(saved: Path, tmp_path: Path,
+                                                                     keep_mtime: bool):
+    """A vouched file rewritten afterwards (a flipped byte; ``keep_mtime``: its mtime set back, which still moves
+    its ctime) is no longer trusted: the hash-only pass runs again, finds the damage, and nothing is applied."""
+    import os
+
+    from btckpt.format.manifest import read_manifest
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(saved, root)
+    folder = root / "checkpoint-5"
+    reader.vouch(folder, read_manifest(folder))
+    victim = folder / "ema.safetensors"
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    with open(victim, "r+b") as f:  # in place: the same inode
+        f.write(bytes(data))
+    if keep_mtime:
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_ino == st.st_ino and (victim.stat().st_mtime_ns == st.st_mtime_ns or not keep_mtime)
+    state = make_state(99)
+    before = snapshot(state)
+    counts = dict(reader.READS)
+    with btckpt.Checkpointer(dir=root, handle_sigterm=False) as ck:  # the only checkpoint is damaged
+        assert ck.restore(state) is None
+    assert_unchanged(state, before)
+    assert reader.READS["verify_bytes"] > counts["verify_bytes"]
+
+
 def test_a_flipped_byte_in_any_file_fails_before_anything_is_applied(saved: Path, tmp_path: Path):
     names = sorted(p.name for p in (saved / "checkpoint-5").iterdir())
     assert "btckpt.json" in names and "config.json" in names and "ema.safetensors" in names

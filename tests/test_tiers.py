@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -754,6 +755,38 @@ def test_a_node_that_lost_its_memory_restores_its_part_from_the_peer(tmp_path: P
         assert _steps(tmp_path / "run" / f"node{node}")[-1] == 12
         assert not (tmp_path / f"ram-run-{node}").exists()
 
+
+
+@pytest.mark.slow
+def test_a_replacement_node_with_nothing_of_its_own_resumes_exactly_from_the_peer_reading_each_byte_once(
+        tmp_path: Path) -> None:
+    """Node 1 lost its memory and its dir (a replacement node): the part fetched from node 0's replica is its only
+    candidate (verify-first), and since every file was checked as it landed (vouched for), the restore reads each
+    byte once, into the state, instead of hashing the files first again; both nodes resume from 8, bit-identical
+    to an uninterrupted run."""
+    wide = ["--width", "500000"]
+    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors"), *wide]):
+        assert rc == 0, out[-4000:]
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed"), *wide])
+    assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
+    shutil.rmtree(tmp_path / "ram-run-1")  # node 1's memory is gone, and so is its dir
+    shutil.rmtree(tmp_path / "run" / "node1")
+    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors"), *wide])
+    for node, (rc, out) in enumerate(results):
+        assert rc == 0, out[-4000:]
+        assert f"resumed from 8 in {tmp_path / f'ram-run-{node}'}" in out, out[-3000:]
+    out1 = results[1][1]
+    assert "node 1: fetched its part of step 8 from node 0's memory" in out1, out1[-3000:]
+    hashed, vouched = re.search(r"rank 1: restore hashed (\d+) bytes first, vouched for (\d+)", out1).groups()
+    assert int(hashed) == 0 and int(vouched) > 32 << 20, out1[-3000:]
+    assert re.search(r"rank 0: restore hashed \d+ bytes first, vouched for 0\b", results[0][1])  # its own tier
+    from safetensors.torch import load_file
+
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "got.safetensors")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    for node in (0, 1):
+        assert _steps(tmp_path / "run" / f"node{node}")[-1] == 12
+        assert not (tmp_path / f"ram-run-{node}").exists()
 
 
 @pytest.mark.slow

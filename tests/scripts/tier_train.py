@@ -63,6 +63,9 @@ def main() -> int:
     first = ckpt.candidates()
     start = ckpt.restore(state)
     say(f"rank {rank}: resumed from {start}" + (f" in {first[0].path.parent}" if start is not None else ""))
+    from btckpt.restore.reader import READS
+
+    say(f"rank {rank}: restore hashed {READS['verify_bytes']} bytes first, vouched for {READS['vouched_bytes']}")
     step = start or 0
     assert extra["step"] == step, (extra, step)
     while step < args.steps:

@@ -20,9 +20,11 @@ How a candidate is read, and what a damaged one leaves (the guarantee):
 - **verify first** (``mode="verify_first"``, :data:`LAST_CANDIDATE`: a candidate with nothing to fall back on, and
   a named checkpoint): today's guarantee, nothing is applied unless the whole candidate verified. Every file is
   hashed first through a small reused ring (:func:`btckpt.restore.reader.verify_safetensors`; its bytes stay in
-  the page cache), the state's fit, the RNG and the plain data are checked, and only the returned ``apply()``
-  reads the tensors into their destinations as above (hashed again: a file changed in place between the two
-  reads raises CorruptCheckpoint from ``apply()``, the only case where it leaves the state partly loaded).
+  the page cache; a file this process checked as it wrote it, unchanged since, is not hashed twice:
+  :func:`btckpt.restore.reader.vouch`), the state's fit, the RNG and the plain data are checked, and only the
+  returned ``apply()`` reads the tensors into their destinations as above (hashed again: a file changed in place
+  between the two reads raises CorruptCheckpoint from ``apply()``, the only case where it leaves the state
+  partly loaded).
 - **staged** (``mode="staged"``): every file read into one fresh buffer, verified, then copied in by
   ``load_state_dict`` (memory: the files' size); sharded groups (DCP's planner) and plain HF folders always.
 

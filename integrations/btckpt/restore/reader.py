@@ -23,6 +23,8 @@ import json
 import mmap
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,7 +51,7 @@ from ..format.tree import decode_tree
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
            "read_verified_bytes", "verify_safetensors", "direct_target", "device_target", "tensor_bytes", "READS",
-           "CudaCopier"]
+           "CudaCopier", "vouch", "vouched"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
@@ -61,7 +63,47 @@ MAX_KEPT = 256  # verified files a reader keeps open for the read that follows (
 # bytes read each way in this process (tests, benchmarks): into live destinations, into fresh tensors of their own
 # (one-pass reads of tensors without a fitting destination), into staging buffers, and hashed only (verify pass)
 # (ring_bytes: the data sections read through the pinned ring of a file with device destinations)
-READS = {"direct_bytes": 0, "fresh_bytes": 0, "staged_bytes": 0, "verify_bytes": 0, "ring_bytes": 0}
+# (vouched_bytes: files whose verify pass was skipped: this process checked them as it wrote them, :func:`vouch`)
+READS = {"direct_bytes": 0, "fresh_bytes": 0, "staged_bytes": 0, "verify_bytes": 0, "ring_bytes": 0,
+         "vouched_bytes": 0}
+MAX_VOUCHED = 4096  # files :func:`vouch` remembers (the oldest forgotten first: they are verified as usual)
+
+# (st_dev, st_ino) -> (size, mtime_ns, ctime_ns, checksum) of a file this process checked as it wrote it
+_VOUCHED: OrderedDict[tuple[int, int], tuple[int, int, int, str]] = OrderedDict()
+_VOUCHED_LOCK = threading.Lock()
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def vouch(folder: Path, manifest: Manifest) -> None:
+    """Record that this process wrote the committed checkpoint ``folder``'s safetensors files itself, each checked
+    against ``manifest`` (size, checksum) as its bytes were written (e.g. a part fetched from a peer's replica:
+    :meth:`btckpt.tiers.replicas.PeerReplicas.recover`), so that a verify-first read of it soon after skips the
+    hash-only pass (:meth:`CheckpointReader.verify`): each file is then read once, into the state, and its
+    checksum still checked as it lands. A file is trusted only while it is the same file, unchanged: the same
+    inode, size, mtime and ctime (any write, truncate, replacement or ``utime`` since changes one of them) and its
+    manifest entry the same checksum; otherwise it is verified as usual."""
+    with _VOUCHED_LOCK:
+        for name, entry in manifest.files.items():
+            if not name.endswith(".safetensors"):
+                continue
+            st = os.stat(safe_file(folder, name), follow_symlinks=False)
+            key = (st.st_dev, st.st_ino)
+            _VOUCHED.pop(key, None)
+            _VOUCHED[key] = (*_stamp(st), str(entry[CHECKSUM]))
+            while len(_VOUCHED) > MAX_VOUCHED:
+                _VOUCHED.popitem(last=False)
+
+
+def vouched(f: BinaryIO, expect: Mapping[str, Any]) -> bool:
+    """Whether the open file ``f`` is one :func:`vouch` recorded, unchanged since, with ``expect``'s size and
+    checksum (its manifest entry now)."""
+    st = os.fstat(f.fileno())
+    with _VOUCHED_LOCK:
+        rec = _VOUCHED.get((st.st_dev, st.st_ino))
+    return rec is not None and rec == (*_stamp(st), str(expect[CHECKSUM])) and st.st_size == int(expect["size"])
 
 
 safe_file = member_path  # ``folder/name``, refusing names and links that leave the folder
@@ -460,7 +502,8 @@ class CheckpointReader:
     def verify(self, name: str) -> None:
         """Check the listed file ``name``'s size and checksum (:func:`verify_safetensors`), keeping none of its
         bytes but the file open (and its shared lock) until it is read or :meth:`close`: a checkpoint retired in
-        between is still read as verified."""
+        between is still read as verified. A file this process checked as it wrote it, unchanged since
+        (:func:`vouched`), is not hashed again here (its read still checks its checksum as it lands)."""
         expect = self._expect(name)
         if expect is not None and name not in self._files and name not in self._kept:
             if len(self._kept) >= MAX_KEPT:  # a checkpoint of very many files: the descriptors are not held
@@ -468,6 +511,9 @@ class CheckpointReader:
                 return
             f = self._stack.enter_context(open_member(self.folder, name))
             self._kept[name] = f
+            if vouched(f, expect):  # checked by this process as it wrote it, unchanged since (:func:`vouch`)
+                READS["vouched_bytes"] += int(expect["size"])
+                return
             verify_safetensors(self.folder, name, expect=expect, f=f)
 
     @property
