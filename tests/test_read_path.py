@@ -2,7 +2,9 @@
 once (counted by the kernel: ``/proc/self/io`` ``rchar``), a flipped byte in any file fails verification
 before anything reaches the live model, and a restore from ``s3://`` (moto server) still verifies.
 
-Internals used: btckpt.restore.reader (the reader's byte counters (what the restore read, staged or verified)).
+Internals used: btckpt.format.manifest, btckpt.restore.reader (the reader's byte counters (what the restore read,
+staged or verified) and its vouch for a copy this process checked as it wrote it; the manifest read to know which
+files to vouch for).
 """
 
 from __future__ import annotations

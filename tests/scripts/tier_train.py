@@ -6,6 +6,9 @@ every ``--every`` steps. With ``--kill-at N --kill-marker F``: rank ``--kill-ran
 to commit at step N and SIGKILLs itself, once (the marker file remembers it across torchrun's restarts).
 Prints ``rank <r>: resumed from <step>`` (rank_output.say) and writes the final model + optimizer tensors
 to ``--out`` from rank 0 (safetensors).
+
+Internals used: btckpt.restore.reader (its byte counters, printed so the test can tell what the restore hashed
+first and what it read once, which no public name reports).
 """
 
 from __future__ import annotations
