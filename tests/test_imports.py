@@ -131,7 +131,7 @@ LAYERS = [
     {"format"},
     {"storage"},
     {"distributed"},
-    {"config", "stats"},
+    {"config", "stats", "streams"},
     {"saving", "restore"},
     {"tiers"},
     {"publish"},

@@ -13,7 +13,8 @@ Layers (each imports only the ones below it; ``tests/test_imports.py`` checks it
 - ``tiers/``: the node-local (RAM) tier (folder, identity, memory check, promotion) and peer replicas;
 - ``saving/`` and ``restore/``: writing (plan, snapshot, write, commit, retention) and reading (policy,
   verified read, apply, RNG, DCP) -- siblings that never import each other;
-- ``config.py``, ``stats.py``: the options (validated once) and the public figures;
+- ``config.py``, ``stats.py``, ``streams.py``: the options (validated once), the public figures, the copy streams
+  (a side CUDA stream and its one-thread CPU stand-in) the snapshot and the restore share;
 - ``distributed/``: ranks, agreement through the c10d store, sharded state;
 - ``storage/``: the Store protocol, local durability, discovery;
 - ``format/``: manifest, safetensors header, state tree, checksum;

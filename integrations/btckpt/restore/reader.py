@@ -48,10 +48,11 @@ from ..format.manifest import (
     read_upto,
 )
 from ..format.tree import decode_tree
+from ..streams import CudaStream
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
            "read_verified_bytes", "verify_safetensors", "direct_target", "device_target", "tensor_bytes", "READS",
-           "CudaCopier", "vouch", "vouched"]
+           "vouch", "vouched"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
@@ -218,33 +219,9 @@ def direct_target(t: Any, dtype: torch.dtype, shape: tuple[int, ...] | list[int]
             and t.is_contiguous() and not t.is_conj() and not t.is_neg())
 
 
-class CudaCopier:
-    """A side CUDA stream for the restore's host-to-device copies (the protocol of
-    :class:`btckpt.saving.snapshot.ThreadStream`, its CPU stand-in: ``run``, ``record``, ``sync``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device=device)
-
-    def run(self, fn: Callable[[], None]) -> None:
-        with torch.cuda.stream(self.stream):
-            fn()
-
-    def record(self) -> Any:
-        ev = torch.cuda.Event()
-        ev.record(self.stream)
-        return ev
-
-    @staticmethod
-    def sync(ev: Any) -> None:
-        ev.synchronize()
-
-    def close(self) -> None:
-        self.stream.synchronize()
-
-
 # The device side of a restore, replaceable so tests drive it on CPU (a ThreadStream and ``lambda t: True``):
 # the stream the H2D copies run on (per device), and which destinations are device memory.
-device_stream: Callable[[torch.device], Any] = CudaCopier
+device_stream: Callable[[torch.device], Any] = CudaStream
 is_device: Callable[[torch.Tensor], bool] = lambda t: t.device.type == "cuda"  # noqa: E731
 
 
