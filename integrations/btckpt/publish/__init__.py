@@ -1,8 +1,9 @@
 """Getting committed checkpoints to a bucket: the uploader runs as its own process.
 
 ``uploader`` (``btckpt upload`` / ``python -m btckpt.upload``: files first, manifest last, mirror
-retention), ``journal`` (what was sent, the source lock, ETags), ``supervisor`` (the uploader beside
-training), ``staging`` (``Checkpointer(dir=URL)``: commit locally, publish through the uploader).
+retention), ``remote_copy`` (each file hashed, sent, verified, journaled, retried), ``journal`` (what was
+sent, the source lock, ETags), ``supervisor`` (the uploader beside training), ``staging``
+(``Checkpointer(dir=URL)``: commit locally, publish through the uploader).
 
 May import: ``format``, ``storage``, ``saving`` (the commit's delete and the retired record), ``testing``,
 ``btckpt.errors``.
