@@ -1,11 +1,11 @@
 """The node-local tier (btckpt.tiers): options, memory preflight, retention, promotion, identity, resume,
 crash mid-promotion, and a real torchrun job whose worker is SIGKILLed and resumes from the tier.
 
-Internals used: btckpt.adapters, btckpt.cli, btckpt.format.layout, btckpt.format.members, btckpt.saving.snapshot,
-btckpt.saving.writer, btckpt.storage.discovery, btckpt.tiers, btckpt.tiers.local (the tier's internals (promotion,
-identity, copy bounds), a file arena written and mapped (layout, stager, arena writer), the members' lock patched,
-the adapters' resume search, the command's ``main``, discovery to judge the folders on disk (complete, verified),
-which no public name reports).
+Internals used: btckpt.adapters, btckpt.cli, btckpt.format.layout, btckpt.format.members, btckpt.saving.commit,
+btckpt.saving.snapshot, btckpt.saving.writer, btckpt.storage.discovery, btckpt.tiers, btckpt.tiers.local (the tier's
+internals (promotion, identity, copy bounds), a file arena written and mapped (layout, stager, arena writer), the
+members' lock patched, the dir lock held, the adapters' resume search, the command's ``main``, discovery to judge
+the folders on disk (complete, verified), which no public name reports).
 """
 
 from __future__ import annotations
@@ -1003,3 +1003,31 @@ def test_sigterm_with_a_consolidation_slower_than_the_grace_exits_0_in_time(tmp_
     with btckpt.Checkpointer(dir=d, handle_sigterm=False) as ck:
         assert ck.restore(state) == stop
     assert state["extra"]["step"] == stop
+
+
+def test_discarding_a_tier_uncommits_its_checkpoints_and_never_follows_a_link(tmp_path: Path) -> None:
+    """Emptying a tier (an earlier incarnation's, at claim) removes its checkpoints and its replicas' through
+    the one delete (renamed away first), its scratch folders (arenas) as a whole, and nothing a link points at."""
+    from btckpt.saving.commit import LOCK, DirLock
+    from btckpt.tiers import local as tier_local
+
+    root = tmp_path / "tier"
+    root.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.bin").write_bytes(b"x")
+    btckpt.save(root / "checkpoint-1", {"extra": {"a": 1}}, save_rng=False)
+    btckpt.save(root / tier_local.REPLICAS / "node-1" / "checkpoint-2", {"extra": {"a": 2}}, save_rng=False)
+    arena = root / f"{tier_local.ARENA}s-0-0"
+    arena.mkdir()
+    (arena / "staged.bin").write_bytes(b"y" * 10)
+    (root / f"{tier_local.ARENA}t-0-0").symlink_to(victim, target_is_directory=True)
+    (root / tier_local.REPLICAS / "node-2").symlink_to(victim, target_is_directory=True)
+    (root / IDENTITY).write_text("{}")
+    lock = DirLock(root)
+    try:
+        tier_local._discard(root)
+    finally:
+        lock.release()
+    assert sorted(p.name for p in root.iterdir()) == [LOCK]
+    assert (victim / "keep.bin").read_bytes() == b"x" and sorted(p.name for p in victim.iterdir()) == ["keep.bin"]

@@ -35,35 +35,28 @@ import argparse
 import hashlib
 import logging
 import os
-import random
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
-from ..format.checksum import CHECKSUM, file_checksum
 from ..format.manifest import MANIFEST
 from ..saving.commit import delete_checkpoint
-from ..saving.destination import Remote, RemotePart, listing_detail
+from ..saving.destination import Remote, listing_detail
 from ..saving.retired import UPLOAD_DIR, manifest_hash, read_retired
 from ..storage.discovery import STEP_DIR, CheckpointInfo, inspect
 from ..storage.local import local_path
 from ..storage.remote import join
-from .journal import Callback, Journal, SourceLock, s3_etag
+from .journal import Journal, SourceLock, s3_etag
+from .remote_copy import LocalProblem, RemoteCopy
 from .supervisor import URL_ENV, UploadSupervisor
 
 __all__ = ["Uploader", "UploadSupervisor", "PassResult", "add_arguments", "run_from_args", "main", "s3_etag", "URL_ENV"]
 
 log = logging.getLogger("btckpt.upload")
-
-
-class _LocalProblem(Exception):
-    """The local file is missing or does not match its manifest: retrying will not help."""
 
 
 @dataclass
@@ -108,6 +101,8 @@ class Uploader:
 
             self.progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), transient=True)
+        self.copy = RemoteCopy(self.remote, self.journal, retries=self.retries, backoff=self.backoff,
+                               part_size=self.part_size, progress=self.progress)  # verified, journaled, retried
 
     # -- the one-uploader-per-source lock ----------------------------------------------------------------
     def lock(self, *, wait: bool = False) -> None:
@@ -187,10 +182,10 @@ class Uploader:
                     here = {n[len(prefix):]: v for n, v in listing.items() if n.startswith(prefix)}
                     try:
                         status = self._upload_checkpoint(info, rdir, here, pool, res)
-                    except _LocalProblem as exc:
+                    except LocalProblem as exc:
                         log.warning("not uploading %s: %s", info.path, exc)
                         res.failed.append(rdir)
-                        self._drop_partial(rdir)
+                        self.copy.drop_partial(rdir)
                         continue
                     except Exception as exc:  # noqa: BLE001 - logged; retried at the next pass
                         log.error("upload of %s to %s failed: %s", info.path, rdir, exc)
@@ -201,33 +196,15 @@ class Uploader:
             if self.progress is not None:
                 self.progress.stop()
 
-    def _journal_says_there(self, info: CheckpointInfo, rdir: str, mhash: str, size: int,
-                            listing: dict[str, dict[str, Any]]) -> bool:
-        """The journal recorded this very checkpoint as published, and the listing still agrees: the manifest
-        and every file are there with their sizes (and, on S3, the ETags recorded at upload)."""
-        assert info.manifest is not None
-        if self.journal.ckpts.get(rdir) != mhash:
-            return False
-        man = listing.get(MANIFEST)
-        if man is None or man["size"] != size:
-            return False
-        for name, entry in info.manifest.files.items():
-            r, j = listing.get(name), self.journal.files.get(join(rdir, name))
-            if r is None or r["size"] != int(entry["size"]):
-                return False
-            if self.s3 and (j is None or j.get("etag") is None or j["etag"] != r.get("ETag")):
-                return False
-        return True
-
     def _upload_checkpoint(self, info: CheckpointInfo, rdir: str, listing: dict[str, dict[str, Any]],
                            pool: ThreadPoolExecutor, res: PassResult) -> str:
         assert info.manifest is not None
         try:
             man_bytes = (info.path / MANIFEST).read_bytes()
         except FileNotFoundError:
-            raise _LocalProblem("the checkpoint was deleted locally (retention) before it was uploaded") from None
+            raise LocalProblem("the checkpoint was deleted locally (retention) before it was uploaded") from None
         mhash = manifest_hash(man_bytes)
-        if self._journal_says_there(info, rdir, mhash, len(man_bytes), listing):
+        if self.copy.journal_says_there(info, rdir, mhash, len(man_bytes), listing):
             return "skipped"
         part = self.remote.part(info.step, name=info.path.name, listing=listing, expect=man_bytes, supersede=True)
         self.remote.begin(part)  # a killed uploader's temp manifest goes; a different checkpoint there is un-committed
@@ -236,15 +213,15 @@ class Uploader:
         if self.progress is not None:
             task = self.progress.add_task(info.path.name, total=total)
         names = sorted(info.manifest.files, key=lambda n: info.manifest.files[n]["size"])  # type: ignore[union-attr]
-        futs = [pool.submit(self._upload_file, part, info.path / n, join(rdir, n), info.manifest.files[n],
+        futs = [pool.submit(self.copy.upload_file, part, info.path / n, join(rdir, n), info.manifest.files[n],
                             listing.get(n), task) for n in names]
         errors = []
         sent = 0
-        local_problem: _LocalProblem | None = None
+        local_problem: LocalProblem | None = None
         for n, f in zip(names, futs, strict=True):  # wait for all before acting: no upload left running
             try:
                 sent += f.result()
-            except _LocalProblem as exc:
+            except LocalProblem as exc:
                 local_problem = local_problem or exc
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"{n}: {exc}")
@@ -256,122 +233,12 @@ class Uploader:
         if part.present:  # identical manifest already there
             self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
             return "uploaded" if sent else "skipped"
-        self._retry(lambda: self.remote.commit(part, man_bytes), f"{rdir}/{MANIFEST}")
+        self.copy.retry(lambda: self.remote.commit(part, man_bytes), f"{rdir}/{MANIFEST}")
         self.journal.add(t="ckpt", remote=rdir, manifest=mhash)
         log.info("uploaded %s -> %s (%d files, %d bytes)", info.path, rdir, len(names), total)
         return "uploaded"
 
-    def _upload_file(self, part: RemotePart, local: Path, rpath: str, entry: dict[str, Any],
-                     remote: dict[str, Any] | None, task: Any) -> int:
-        size = int(entry["size"])
-        j = self.journal.files.get(rpath)
-        if remote is not None and remote["size"] == size:
-            if (j and j["size"] == size and j[CHECKSUM] == entry[CHECKSUM]
-                    and (not self.s3 or j.get("etag") == remote.get("ETag"))):
-                self._advance(task, size)
-                return 0
-            if self._remote_matches(local, rpath, entry, remote):
-                self._advance(task, size)
-                return 0
-        return self._retry(lambda: self._send(part, local, rpath, entry, task), rpath)
-
-    def _advance(self, task: Any, n: int) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.update(task, advance=n)
-
-    def _local_digest(self, local: Path, entry: dict[str, Any]) -> str | None:
-        """Hash the local file (and its S3 ETag); refuse it when it does not match the manifest."""
-        try:
-            if self.s3:
-                digest, etag = s3_etag(local, part_size=self.part_size)
-            else:
-                _, digest = file_checksum(local)
-                etag = None
-        except FileNotFoundError:
-            raise _LocalProblem(f"{local} vanished (deleted locally before upload)") from None
-        if digest != entry[CHECKSUM]:
-            raise _LocalProblem(f"{local}: checksum {digest} differs from the manifest's {entry[CHECKSUM]}; "
-                                "the local file is corrupt and is not uploaded")
-        return etag
-
-    def _remote_matches(self, local: Path, rpath: str, entry: dict[str, Any], remote: dict[str, Any]) -> bool:
-        if self.s3:
-            etag = self._local_digest(local, entry)
-            ok = etag == remote.get("ETag")
-        else:
-            _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
-            ok = digest == entry[CHECKSUM]
-            etag = None
-        if ok:
-            self.journal.add(t="file", remote=rpath, size=int(entry["size"]), etag=etag, **{CHECKSUM: entry[CHECKSUM]})
-        return ok
-
-    def _send(self, part: RemotePart, local: Path, rpath: str, entry: dict[str, Any], task: Any) -> int:
-        size = int(entry["size"])
-        etag = self._local_digest(local, entry)
-        cb = Callback(size, self.progress, task)
-        try:
-            info = self.remote.put_file(part, rpath, local, callback=cb, part_size=self.part_size)
-        except FileNotFoundError as exc:
-            if not local.exists():
-                raise _LocalProblem(f"{local} vanished during the upload") from None
-            raise exc
-        if int(info["size"]) != size:
-            raise OSError(f"{rpath}: remote size {info['size']} != {size} after upload")
-        if self.s3:
-            if info.get("ETag") != etag:
-                raise OSError(f"{rpath}: remote ETag {info.get('ETag')} != expected {etag} after upload")
-        else:
-            _, digest = file_checksum(rpath, opener=lambda p: self.fs.open(p, "rb"))
-            if digest != entry[CHECKSUM]:
-                raise OSError(f"{rpath}: remote checksum {digest} != {entry[CHECKSUM]} after upload")
-        self.journal.add(t="file", remote=rpath, size=size, etag=info.get("ETag"), **{CHECKSUM: entry[CHECKSUM]})
-        return size
-
-    def _retry(self, fn: Any, what: str) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except _LocalProblem:
-                raise
-            except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
-                if attempt == self.retries:
-                    raise
-                delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random())
-                log.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt + 1, self.retries, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _drop_partial(self, rdir: str) -> None:
-        """Remove what this uploader sent of a checkpoint it will not finish (never a committed folder,
-        never files it did not send)."""
-        name = rdir.rsplit("/", 1)[-1]
-        self.remote.abort(self.remote.part(0, name=name), sent=[p for p in self.journal.files
-                                                                if p.startswith(rdir + "/")])
-
     # -- retention ----------------------------------------------------------------------------------------
-    def _remote_copy_problem(self, info: CheckpointInfo, rdir: str) -> str | None:
-        """Why the remote copy of ``info`` cannot stand in for the local one (None: it can), from a fresh
-        listing: the manifest's bytes, every file's size, and its S3 ETag (or, elsewhere, a read-back)."""
-        assert info.manifest is not None
-        if hasattr(self.fs, "invalidate_cache"):
-            self.fs.invalidate_cache(rdir)
-        listing = self.remote.listing(rdir)
-        if MANIFEST not in listing or self.fs.cat_file(join(rdir, MANIFEST)) != (info.path / MANIFEST).read_bytes():
-            return f"{join(rdir, MANIFEST)} is missing or differs from the local manifest"
-        for name, entry in info.manifest.files.items():
-            rpath, r = join(rdir, name), listing.get(name)
-            if r is None or r["size"] != int(entry["size"]):
-                return f"{rpath} is missing or has the wrong size"
-            j = self.journal.files.get(rpath)
-            if self.s3 and j and j.get(CHECKSUM) == entry[CHECKSUM] and j.get("etag"):
-                ok = j["etag"] == r.get("ETag")
-            else:
-                ok = self._remote_matches(info.path / name, rpath, entry, r)
-            if not ok:
-                return f"{rpath} does not match the local file (ETag / checksum)"
-        return None
-
     def _offload(self, res: PassResult, verified: set[str]) -> None:
         """``--keep-local K``: delete local checkpoints beyond the newest K whose remote copy checks out."""
         keep = max(0, self.keep_local or 0)
@@ -380,8 +247,8 @@ class Uploader:
             if rdir not in verified:
                 continue  # not uploaded in this pass: never delete it
             try:
-                problem = self._remote_copy_problem(info, rdir)
-            except _LocalProblem as exc:
+                problem = self.copy.copy_problem(info, rdir)
+            except LocalProblem as exc:
                 log.warning("keeping %s: %s", info.path, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - the remote cannot be checked: keep the local copy

@@ -122,7 +122,7 @@ def commit_in_order(world: World, commit: Callable[[], object], *, key: str, tim
 
 # -- a local folder -------------------------------------------------------------------------------------------
 class LocalDir:
-    """A local checkpoint dir: a :class:`~btckpt.saving.commit.LocalCommit` per part (temp folder in the same
+    """A local checkpoint dir: a :class:`~btckpt.storage.atomic.LocalCommit` per part (temp folder in the same
     parent, fsync, manifest last, atomic rename, parent fsync) and, with ``lock``, the dir's one-writer
     :class:`~btckpt.saving.commit.DirLock` (held until :meth:`release`; ``lock`` may be one taken already, as the
     local tier's claim does). A part's ``tmp`` is the folder files are written into (``put``, or directly by the

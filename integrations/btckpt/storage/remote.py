@@ -9,22 +9,20 @@ returns a local checkpoint that the ordinary reader verifies and loads.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
 import os
 import posixpath
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompleteCheckpoint
+from ..errors import CheckpointError, IncompleteCheckpoint
 from ..format.manifest import MANIFEST, check_relative_name
+from .atomic import LocalCommit
 from .discovery import CheckpointInfo, inspect, verify
-from .local import new_tag
+from .local import fsync_dir, fsync_file
 from .store import FsspecStore
 
 __all__ = ["fetch", "cache_root", "join"]
@@ -46,7 +44,7 @@ def cache_root() -> Path:
 @contextlib.contextmanager
 def _entry_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on one cache entry: one process downloads, the others wait for it. Where the
-    filesystem has no flock, go on unlocked (a lost rename race is then tolerated by :func:`fetch`)."""
+    filesystem has no flock, go on unlocked (a lost commit race is then tolerated by :func:`fetch`)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -81,8 +79,9 @@ def fetch(info: CheckpointInfo, *, cache: str | os.PathLike[str] | None = None) 
     Safe across processes (local ranks restoring at once share ``$BTCKPT_CACHE``): a per-entry lock lets one
     process download while the others wait and then reuse its copy. A cached copy is reused only when its
     manifest equals the remote one and every file's checksum matches; a damaged one (even of the right
-    size) is downloaded again. Files land in a unique temp folder, the manifest last, then one rename: a
-    killed download never looks whole. The returned local info is loaded by the ordinary reader.
+    size) is downloaded again. The download is committed like a save (:class:`~btckpt.storage.atomic.LocalCommit`:
+    a unique temp folder, every file fsynced, the manifest last, one rename): a killed download never looks
+    whole. The returned local info is loaded by the ordinary reader.
     """
     if not info.complete or info.manifest is None:
         raise IncompleteCheckpoint(f"{info.where}: not a complete checkpoint ({info.reason or info.status})")
@@ -96,18 +95,35 @@ def fetch(info: CheckpointInfo, *, cache: str | os.PathLike[str] | None = None) 
     final.parent.mkdir(parents=True, exist_ok=True)
     with _entry_lock(final.parent / f".{final.name}.lock"):
         local = _cached(final, raw)
-        if local is not None:
-            return local
-        token = new_tag()
-        tmp = final.parent / f".{final.name}.tmp-{token}"
-        tmp.mkdir()
-        try:
-            _download(fs, str(info.path), tmp, info.manifest.files, where=info.where)
-            (tmp / MANIFEST).write_bytes(raw)
-            _replace(tmp, final, raw)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if local is None:
+            _download_into(fs, info, final, raw)
     return inspect(final)
+
+
+def _download_into(fs: Any, info: CheckpointInfo, final: Path, raw: bytes) -> None:
+    """Download ``info`` and commit it as ``final`` through the one local commit (:class:`LocalCommit`: a temp
+    folder beside it, every file fsynced, the manifest last, one atomic rename, the parent fsynced). A damaged
+    copy in place is set aside only once the new one is complete (``supersede``). Without a working lock another
+    process may commit the same checkpoint meanwhile: its verified copy is kept (the race lost is no error)."""
+    assert info.manifest is not None
+    damaged = os.path.lexists(final)  # a copy there now did not verify (the caller checked it)
+    commit = LocalCommit(final.parent, info.step, name=final.name, supersede=True)
+    commit.begin()
+    try:
+        _download(fs, str(info.path), commit.tmp, info.manifest.files, where=info.where)
+        _fsync_files(commit.tmp, info.manifest.files)
+        commit.supersede = os.path.lexists(final)  # set aside only what is there now (re-checked first if new)
+        if commit.supersede and not damaged and _cached(final, raw) is not None:
+            commit.abort()  # another process committed a verified copy meanwhile: this one is not needed
+            return
+        commit.commit(raw)
+    except CheckpointError:
+        commit.abort()
+        if _cached(final, raw) is None:  # not a verified copy another process committed first
+            raise
+    except BaseException:
+        commit.abort()
+        raise
 
 
 def _download(fs: Any, src: str, dst: Path, files: dict[str, dict[str, Any]], *, where: str) -> None:
@@ -122,19 +138,15 @@ def _download(fs: Any, src: str, dst: Path, files: dict[str, dict[str, Any]], *,
         fs.get([join(src, n) for n in names], [str(dst / n) for n in names])
 
 
-def _replace(tmp: Path, final: Path, raw: bytes) -> None:
-    """Move the finished download ``tmp`` to ``final``, setting a damaged old copy aside first. Losing the
-    race to another process (without a working lock) that put the same checkpoint there is not an error."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+def _fsync_files(root: Path, files: dict[str, Any]) -> None:
+    """fsync every downloaded file and the folders below ``root`` holding them (the commit fsyncs ``root``)."""
+    folders = set()
+    for name in files:
+        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            os.rename(final, old)
-        except FileNotFoundError:
-            pass
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or _cached(final, raw) is None:
-            raise
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+        folders.add((root / name).parent)
+    for folder in folders - {root}:
+        fsync_dir(folder)

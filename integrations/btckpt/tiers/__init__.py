@@ -12,24 +12,7 @@ Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``bt
 ``btckpt.lightning``); its modules and names may change without notice.
 """
 
-from .local import (
-    COPIES,
-    DIR_ID,
-    IDENTITY,
-    SHARED_BASE,
-    LocalTier,
-    check_fits,
-    default_base,
-    default_tier_dir,
-    incarnation,
-    promote,
-    resumable_tier,
-    stale_tier,
-    sweep_orphans,
-    tier_bytes,
-    tier_dir,
-)
+from . import local
+from .local import *  # noqa: F403 - this package's names are its local tier's: tiers.local.__all__
 
-__all__ = ["SHARED_BASE", "IDENTITY", "DIR_ID", "COPIES", "default_base", "default_tier_dir", "tier_dir", "incarnation",
-           "resumable_tier", "stale_tier", "sweep_orphans", "tier_bytes", "check_fits", "promote",
-           "LocalTier"]
+__all__ = list(local.__all__)

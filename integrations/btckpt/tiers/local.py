@@ -56,7 +56,7 @@ from typing import Any
 from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
-from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, delete_checkpoint, new_tag, remove_stale_temps
+from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, new_tag, remove_stale_temps
 from ..saving.destination import LocalDir, commit_in_order
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
@@ -254,7 +254,8 @@ def sweep_orphans(root: Path) -> None:
         except CheckpointError:  # held: a live session's tier
             continue
         try:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_checkpoints(path)  # each un-committed before its files go, then the rest: scratch
+            _remove_scratch(path)
         finally:
             lock.release()
         log.info("btckpt: removed %s, the private local tier a crashed session of this job used", path)
@@ -300,17 +301,39 @@ def _arenas(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{ARENA}*") if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
 
 
-def _discard(root: Path) -> None:
-    """Empty the tier folder ``root`` (its lock held) but its lock: checkpoints renamed away first, the identity
-    record last, so a kill meanwhile leaves a folder the next start discards again."""
+def _remove_checkpoints(root: Path) -> None:
+    """Remove every checkpoint in the tier folder ``root`` (its lock held) and in the replica folders it holds,
+    complete or not, through :meth:`LocalDir.remove` (each renamed away before its files go: never a
+    ``checkpoint-<N>`` with files missing), then their unfinished temp folders."""
     for folder in [*_replica_folders(root), root]:
+        dest = LocalDir(folder)
         for info in scan(folder, own=True):
-            delete_checkpoint(info.path, retired=False)
+            dest.remove(info.path.name, retired=False)
+        remove_stale_temps(folder, locked=True)
+
+
+def _remove_scratch(path: Path) -> None:
+    """Remove a folder that holds no checkpoint (any there went first: :func:`_remove_checkpoints`): a rank's
+    staging arena, an emptied replica folder, a tier folder emptied of its checkpoints. As a whole (``rmtree``,
+    which never follows a link inside), and only when it is a real folder of this user's (checked with lstat:
+    never a link, never another uid's; /dev/shm is shared, and these live in a private tier folder)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(root: Path) -> None:
+    """Empty the tier folder ``root`` (its lock held) but its lock: checkpoints un-committed first, the identity
+    record last, so a kill meanwhile leaves a folder the next start discards again."""
+    _remove_checkpoints(root)
     for entry in os.scandir(root):
         if entry.name in (LOCK, IDENTITY):
             continue
         if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            _remove_scratch(Path(entry.path))  # no checkpoint left in it: arenas, replica folders
         else:
             os.unlink(entry.path)
     (root / IDENTITY).unlink(missing_ok=True)
@@ -344,7 +367,7 @@ def claim(root: Path, durable: Path, *, session: str) -> DirLock:
             left.unlink(missing_ok=True)
         for arena in _arenas(root):  # a crashed run's staging files; this session's ranks may have begun theirs
             if not arena.name.startswith(f"{ARENA}{session}-"):
-                shutil.rmtree(arena, ignore_errors=True)
+                _remove_scratch(arena)
         if rec is None:
             _write_json(root / IDENTITY, {"format": FORMAT, "dir": mine, "incarnation": inc}, replace=True)
     except BaseException:
@@ -774,13 +797,9 @@ class LocalTier:
             if removing:
                 # a kill at any instant leaves a tier a restart accepts: each checkpoint is renamed away before
                 # its files go (never a checkpoint-<N> with files missing), and the identity record goes last
-                for folder in [*_replica_folders(self.root), self.root]:
-                    for info in scan(folder, own=True):  # complete or not: each renamed away before its files go
-                        LocalDir(folder).remove(info.path.name, retired=False)
-                    remove_stale_temps(folder, locked=True)
-                for folder in [*_replica_folders(self.root), *_arenas(self.root)]:
-                    shutil.rmtree(folder, ignore_errors=True)
-                shutil.rmtree(self.root / REPLICAS, ignore_errors=True)
+                _remove_checkpoints(self.root)
+                for folder in [*_replica_folders(self.root), *_arenas(self.root), self.root / REPLICAS]:
+                    _remove_scratch(folder)
         finally:
             self.dir.release()
         if removing:
