@@ -249,7 +249,9 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
         if path.auto_delay and ref_seconds is not None:  # the reference trained all steps: this run trains the rest
             resumed = _restored(run.stdout())
             done = int(resumed) if resumed is not None and resumed.isdigit() else 0
-            bound = ref_seconds * max(0.0, path.final_step - done) / path.final_step
+            # three quarters of it: the reference may have trained on a busier machine than this run does (a
+            # shared box whose load drops), and a kill after the run's end lands nowhere
+            bound = 0.75 * ref_seconds * max(0.0, path.final_step - done) / path.final_step
         delay = share * bound
         if phase is None and run.alive():
             run.sleep(delay)
