@@ -82,7 +82,7 @@ def test_2d_fsdp_over_tp_four_ranks_reshards(tmp_path: Path) -> None:
 
 def test_shards_with_holes_are_refused() -> None:
     from btckpt import UnsupportedValue
-    from btckpt.distributed.shards import _merge
+    from btckpt.distributed.shards import ShardedPart, merge_trees
     from btckpt.format.manifest import tiling_problem
 
     def part(off: int, rank: int) -> dict:
@@ -90,7 +90,7 @@ def test_shards_with_holes_are_refused() -> None:
                                         "sizes": [1, 2], "file": f"m-{rank}", "key2": "", "node": 0}}}
 
     with pytest.raises(UnsupportedValue, match="do not tile its shape"):
-        _merge([{"w": part(0, 0)}, {"w": part(2, 1)}], path="model")
+        merge_trees([{"w": part(0, 0)}, {"w": part(2, 1)}], path="model", leaf=ShardedPart.merge_leaf)
     # at load, the manifest's parse refuses the same holes (manifest.tiling_problem), before any chunk is read
     assert tiling_problem([4, 2], [{"offsets": [0, 0], "sizes": [2, 2]}])
     assert tiling_problem([4, 2], [{"offsets": [0, 0], "sizes": [2, 2]}, {"offsets": [2, 0], "sizes": [2, 2]}]) is None
