@@ -10,9 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# --no-compile: no .pyc for every file of torch, transformers & co. at install (half the install's time); Python
-# compiles and caches just the modules imported, at their first import
-"$VENV/bin/python" -m pip install -q --no-compile -c .ci/constraints.txt -e ".[dev,deepspeed]"
+"$VENV/bin/python" -m pip install -q -c .ci/constraints.txt -e ".[dev,deepspeed]"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
@@ -28,7 +26,7 @@ if [ "${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
     CV=".venv-compat-$name"
     echo "== integration suites on the $name supported versions ($CV, $constraints)"
     [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
-    "$CV/bin/python" -m pip install -q --no-compile -c "$constraints" -e . transformers accelerate lightning peft \
+    "$CV/bin/python" -m pip install -q -c "$constraints" -e . transformers accelerate lightning peft \
       pytest pytest-timeout psutil tqdm
     "$CV/bin/python" -c 'import torch, transformers, accelerate, lightning; print("versions: torch", torch.__version__,
       "transformers", transformers.__version__, "accelerate", accelerate.__version__, "lightning", lightning.__version__)'
