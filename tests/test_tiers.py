@@ -804,7 +804,9 @@ def test_a_damaged_peer_replica_is_refused_and_the_node_falls_back_to_disk(tmp_p
     results = _two_nodes(tmp_path, "run", [])
     for node, (rc, out) in enumerate(results):
         assert rc == 0, out[-4000:]
-        assert f"rank {node}: resumed from 6 in" in out and "peer replica" not in out, out[-3000:]
+        # nothing of the damaged replica was taken ("fetched its part" is the fetch's success line; a replica
+        # exchange of a later step superseded under load is another line and says nothing of the restore)
+        assert f"rank {node}: resumed from 6 in" in out and "fetched its part" not in out, out[-3000:]
     assert "fetching its part of step 8 from node 0 failed" in results[1][1], results[1][1][-3000:]
     assert "checksum mismatch" in results[1][1]
     assert "removed" in results[0][1] and "ram-run-0/checkpoint-8: newer than the step every rank resumed from (6)" \
