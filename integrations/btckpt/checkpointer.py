@@ -1,12 +1,8 @@
-"""The Checkpointer: the public facade that wires the save engine, the policies, the tiers and the resume.
+"""The Checkpointer: the public facade wiring the save engine, the policies, the tiers and the resume.
 
-Mechanism lives in :mod:`btckpt.saving.engine` (snapshot, write, commit, the one error channel); policy in
-:mod:`btckpt.policies` (:class:`SaveSchedule`, :class:`Preemption`, :class:`KeepLast`, the exit hooks) and
-:mod:`btckpt.restore.policy`; the local tier and peer replicas in :mod:`btckpt.tiers.session`; what follows a
-durable commit (retention, upload, consolidation) in :mod:`btckpt.publish.publication`. Each rank creates
-one Checkpointer with the same arguments. ``save()`` is called by every rank at the same step; it returns once
-the snapshot is safe and the background worker writes and commits. A background error is logged at once and
-raised exactly once, from the next ``save()``, ``wait()`` or ``close()``.
+Mechanism: :mod:`btckpt.saving.engine` (snapshot, write, commit, the one error channel). Policy: :mod:`btckpt.policies`
+(schedule, routing, preemption, retention, exit) and :mod:`btckpt.restore.policy`. Tiers and replicas:
+:mod:`btckpt.tiers.session`; what follows a durable commit: :mod:`btckpt.publish.publication`.
 
 Public through ``btckpt``: :class:`Checkpointer` (``btckpt.Checkpointer``); import it from there. The module
 itself is internal: its path and its other names may change without notice.
@@ -14,13 +10,11 @@ itself is internal: its path and its other names may change without notice.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +22,11 @@ import torch
 
 from .config import CheckpointConfig, default_budget
 from .consolidate import Consolidator
-from .distributed.session import agree_session, session_identity
+from .distributed.session import OpTags, agree_session, session_identity
 from .distributed.world import World
 from .distributed.world import world as _world
 from .errors import CheckpointError, ConfigError
-from .policies import KeepLast, Preemption, SaveSchedule
+from .policies import KeepLast, Preemption, SaveRouting, SaveSchedule
 from .policies.exit import close_at_exit as _close_at_exit  # noqa: F401 - tests run the at-exit close themselves
 from .policies.exit import register_exit
 from .publish.publication import Publication
@@ -41,7 +35,7 @@ from .restore.load import RestoreReport, restore_reports
 from .restore.resume import Resume
 from .restore.rng import capture_rng
 from .saving.commit import DirLock
-from .saving.engine import SaveEngine, SaveRequest, Target
+from .saving.engine import SaveEngine, SaveRequest
 from .stats import CheckpointStats
 from .storage.discovery import CheckpointInfo
 from .tiers.session import TierSession
@@ -56,18 +50,17 @@ class Checkpointer:
 
     Usage: ``step = ckpt.restore(state)`` once at start (None: nothing to resume), then ``ckpt.save(step, state)``
     (or ``ckpt.maybe_save(step, state)`` every step), and ``ckpt.close()`` at the end (or use it as a context
-    manager). All ranks call every method. Retention is on by default: ``keep_last=3`` keeps the 3 newest
-    committed checkpoints and deletes this writer's older ``checkpoint-<N>`` folders in ``dir`` (pass
-    ``keep_last=None`` to keep all). ``world`` overrides the process's place (default: from torch.distributed);
-    ``World()`` makes a Checkpointer that coordinates with nobody, for frameworks where only rank 0 saves
-    (Lightning).
+    manager). Every rank creates one with the same arguments and calls every method (``save`` at the same step).
+    ``save`` returns once the snapshot is safe; a background worker writes and commits it, and a background error
+    is logged at once and raised exactly once, from the next ``save()``, ``wait()`` or ``close()``. Retention is on
+    by default: ``keep_last=3`` keeps the 3 newest committed checkpoints and deletes this writer's older
+    ``checkpoint-<N>`` folders in ``dir`` (``keep_last=None`` keeps all). ``world`` overrides the process's place
+    (default: from torch.distributed); ``World()`` coordinates with nobody (frameworks where only rank 0 saves).
 
-    Ranks find each other's Checkpointer by its identity (:func:`session_identity`): ``name`` when given, else
-    the ``dir`` argument as passed (unset: ``$BT_CHECKPOINT_DIR`` on every rank, whatever its value per node), so
-    Checkpointers on different dirs may be created in any order on each rank. Ones with the same identity are
-    told apart by how many came before in this process: create those one after another, in the same order on
-    every rank (a second one open at the same time is refused). Pass the same ``name`` on every rank when ranks
-    pass different ``dir`` strings for one Checkpointer (e.g. one folder per node on shared storage).
+    Ranks find each other's Checkpointer by ``name``, else the ``dir`` argument as passed (:func:`session_identity`):
+    ones on different dirs may be created in any order; ones with the same identity one after another, in the same
+    order on every rank (a second one open at once is refused). Pass the same ``name`` on every rank when ranks pass
+    different ``dir`` strings for one Checkpointer (e.g. one folder per node on shared storage).
     """
 
     def __init__(self, *, world: World | None = None, name: str | None = None, **options: Any) -> None:
@@ -81,12 +74,10 @@ class Checkpointer:
         self._crashed = False  # closed at exit after an uncaught exception: the local tier stays for the restart
         self._abandoned = False  # after SIGTERM, close() left work running when the grace ran out (exit now)
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
-        self._ops = itertools.count()  # per-Checkpointer collective counter: same sequence on every rank
         self.last_restore: RestoreReport | None = None  # what the last restore() loaded and skipped, per group
         self._session = agree_session(self.world, self._identity, owner=self, timeout=cfg.barrier_timeout)
+        self._tags = OpTags(self._session)  # per-Checkpointer collective counter: same sequence on every rank
         self._preemption = Preemption(self.world, f"{self._session}/preempt", grace=cfg.preemption_grace)
-        self._schedule = SaveSchedule(every_steps=cfg.every_steps, every_seconds=cfg.every_seconds,
-                                      local_every_steps=cfg.local_every_steps)
         consolidator = Consolidator.create(cfg, self.world, self.root)
         retention = KeepLast(self.root, keep_last=cfg.keep_last, protected=set(map(Path, cfg.protect)),
                              busy=lambda: self._publication.consolidating)
@@ -106,16 +97,16 @@ class Checkpointer:
             raise
         # threads start only once nothing above can fail (a failed constructor leaks nothing)
         self._engine = SaveEngine.create(cfg, self.world, rng=capture_rng if cfg.save_rng else None)
+        self._schedule = SaveSchedule(every_steps=cfg.every_steps, every_seconds=cfg.every_seconds,
+                                      local_every_steps=cfg.local_every_steps)
+        self._route = SaveRouting(engine=self._engine, tiers=self._tiers, publication=self._publication,
+                                  schedule=self._schedule, tags=self._tags, timeout=self._barrier_timeout,
+                                  busy=self._busy, check=self._check_open)
         self._publication.start(self._engine.errors)  # the uploader (node's leader); consolidation errors
         self._tiers.watch(self._engine.errors)
         if cfg.handle_sigterm:
             self._preemption.install()
         register_exit(weakref.ref(self))
-
-    def _op_tag(self, op: str) -> str:
-        """A tag of its own for one collective call (store keys, temp folder name): the session plus this
-        Checkpointer's counter, which every rank advances identically (every rank calls every method)."""
-        return f"{self._session}-{op}{next(self._ops)}"
 
     def _resumer(self, session: str) -> Resume:
         return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session,
@@ -164,7 +155,7 @@ class Checkpointer:
              meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
              peer_rng: Mapping[int, Mapping[str, Any]] | None = None,
              optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
-        """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see module doc).
+        """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see the class doc).
 
         ``extra_files`` (name -> bytes) are written into the folder too (integrations: ``config.json`` and the
         like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on the writer after the commit
@@ -184,7 +175,7 @@ class Checkpointer:
         tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json`` and comes
         back to that rank at restore; groups holding tensors are taken from local rank 0.
         """
-        self._save_durable(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
+        self._route.durable(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
 
     def save_local(self, step: int, state: Mapping[str, Any], *, extra_files: Mapping[str, bytes] | None = None,
                    meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
@@ -203,40 +194,7 @@ class Checkpointer:
         if not self._tiers.saving:
             raise ConfigError("save_local() needs a local tier: pass local_every_steps=K (and optionally "
                               "local_tier_dir=) to the Checkpointer, or call save()")
-        return self._save_local(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
-
-    def _save_local(self, request: SaveRequest) -> bool:
-        """Save into the local tier unless this Checkpointer saved that step there already; whether it saved."""
-        if self._tiers.saved(request.step):
-            return False
-        with self._busy:
-            if self._snapshot(request, self._tiers.target()):
-                self._tiers.saved_into(request.step)
-        return True
-
-    def _save_durable(self, request: SaveRequest) -> None:
-        """The durable checkpoint (:meth:`save`): a save into ``dir``, or with a local tier, a tier save of the
-        step (unless done) promoted into ``dir`` in the background, which then runs ``on_commit``."""
-        if not self._tiers.saving:  # no tier, or only one resumed from
-            with self._busy:
-                if self._snapshot(request, self._publication.target):
-                    self._schedule.saved(request.step)
-            return
-        self._save_local(replace(request, on_commit=None))
-        self._promote(request.step, on_commit=request.on_commit)
-
-    def _snapshot(self, request: SaveRequest, target: Target) -> bool:
-        self._check_open()
-        tag = self._op_tag("s")  # first: every rank advances the counter, even one that returns early
-        return self._engine.save(request, target, tag=tag, barrier_timeout=self._barrier_timeout())
-
-    def _promote(self, step: int, *, on_commit: Callable[[Path], None] | None = None) -> None:
-        """Queue the promotion of tier step ``step`` (after its save, still writing, committed); after the
-        durable commit: retention, upload, consolidation (:meth:`Publication.committed`), then ``on_commit``."""
-        tag = self._op_tag("p")  # every rank draws it: the counter stays in step
-        self._tiers.promote(step, after=self._engine.pending, tag=tag, timeout=self._barrier_timeout(),
-                            on_commit=self._publication.then(on_commit))
-        self._schedule.saved(step)
+        return self._route.local(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
 
     @property
     def consolidating(self) -> frozenset[Path]:
@@ -269,7 +227,7 @@ class Checkpointer:
         """
         pre = self._preemption
         pre.begin()
-        save = None if step == self._schedule.last_step else lambda: self._save_durable(SaveRequest(step, state))
+        save = None if step == self._schedule.last_step else lambda: self._route.durable(SaveRequest(step, state))
         if not pre.commit(step, engine=self._engine, tiers=self._tiers, save=save):
             return  # the grace ran out (logged): the process exits without it
         self.wait()
@@ -307,9 +265,7 @@ class Checkpointer:
                     self._abandoned = True  # after SIGTERM: the save still writing outlived the grace
                 else:
                     self._engine.drain()
-                    clean = self._tiers.closing(crashed=self._crashed, preempted=pre.saving,
-                                                key=lambda: f"{self._op_tag('f')}/tiers",
-                                                timeout=self._barrier_timeout(), promote=self._promote)
+                    clean = self._route.closing(crashed=self._crashed, preempted=pre.saving)
         finally:
             self._closed = True
             # after SIGTERM every wait below ends when the grace does (pre.left()); what is cut short stays for the
@@ -363,14 +319,7 @@ class Checkpointer:
         with self._busy:
             self._engine.drain()  # a save still writing is committed (or its error raised) before anything is read
             with restore_reports() as reports:
-                step = self._resumer(self._op_tag("r")).restore(state, strict=strict)
+                step = self._resumer(self._tags("r")).restore(state, strict=strict)
             self.last_restore = reports[-1] if reports else None
-            # a tier it resumed from is adopted (TierSession.adopt); the node's own checkpoints newer than the resumed
-            # step are an abandoned future: the tier's always go, the dir's with several nodes (a step complete on
-            # some nodes only)
-            self._tiers.resumed(step, key=lambda: f"{self._op_tag('a')}/adopt", timeout=self._barrier_timeout(),
-                                promote=self._promote)
-            if step is not None:
-                self._schedule.saved(step)
-            self._publication.resumed(step)
+            self._route.resumed(step)  # adopts the tier it came from; drops the node's newer, abandoned steps
         return step

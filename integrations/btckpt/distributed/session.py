@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..storage.local import is_url, local_path, new_tag
 from .world import World
 
-__all__ = ["session_identity", "agree_session"]
+__all__ = ["session_identity", "agree_session", "OpTags"]
 
 
 class _Closable(Protocol):
@@ -66,3 +66,15 @@ def agree_session(world: World, identity: str, *, owner: _Closable, timeout: flo
     if world.is_leader:
         world.publish(key, mine)
     return str(world.collect(key, timeout=timeout))
+
+
+class OpTags:
+    """The tags of one session's collective calls (store keys, temp folder names): ``tags(op)`` is the session,
+    ``op`` and a counter. Every rank makes the same calls in the same order, so every rank draws the same tag
+    for the same call; a caller that may return early draws its tag first."""
+
+    def __init__(self, session: str) -> None:
+        self.session, self._count = session, itertools.count()
+
+    def __call__(self, op: str) -> str:
+        return f"{self.session}-{op}{next(self._count)}"

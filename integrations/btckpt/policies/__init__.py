@@ -2,6 +2,8 @@
 
 - :mod:`.schedule`: :class:`SaveSchedule`, the durable cadence (``every_steps``/``every_seconds``) and the
   tier cadence (``local_every_steps``);
+- :mod:`.routing`: :class:`SaveRouting`, where a save goes (into ``dir``, or a tier save promoted into ``dir``
+  behind its commit) and what a restore or a close promotes;
 - :mod:`.preemption`: :class:`Preemption`, SIGTERM to one stop step agreed by every rank through the c10d
   store, and the grace every wait after it fits in (the Checkpointer, HF and Lightning all use it);
 - :mod:`.retention`: the :class:`Retention` interface (what a commit retires, protected folders) and
@@ -20,6 +22,7 @@ Internal: not a public API (the public surface is ``btckpt``'s ``__all__``, ``bt
 
 from .preemption import Preemption
 from .retention import KeepLast, LinkRefcount, Retention
+from .routing import SaveRouting
 from .schedule import SaveSchedule
 
-__all__ = ["Preemption", "Retention", "KeepLast", "LinkRefcount", "SaveSchedule"]
+__all__ = ["Preemption", "Retention", "KeepLast", "LinkRefcount", "SaveRouting", "SaveSchedule"]
