@@ -25,8 +25,10 @@ from btckpt.format.manifest import MANIFEST, read_manifest
 from btckpt.restore.reader import CheckpointReader
 from btckpt.saving.snapshot import Stager
 from btckpt.testing import faults
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis: a dev dependency (btckpt[dev]), not in the lowest-versions venv")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 def _model(widths: list[int]) -> torch.nn.Module:

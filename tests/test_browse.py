@@ -10,9 +10,12 @@ import asyncio
 from pathlib import Path
 
 import btckpt
+import pytest
 import torch
-from btckpt.cli.browse import BrowseApp, CheckpointScreen, fuzzy_score
-from test_upload import s3  # noqa: F401,F811 - fixtures
+
+pytest.importorskip("textual", reason="the browser needs the btckpt[tui] extra, not in the lowest-versions venv")
+from btckpt.cli.browse import BrowseApp, CheckpointScreen, fuzzy_score  # noqa: E402
+from test_upload import s3  # noqa: E402,F401,F811 - fixtures
 
 
 def _tree(root: Path) -> None:

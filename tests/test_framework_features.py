@@ -68,6 +68,7 @@ def _lightning_meta(folder: Path) -> dict:
     return json.loads((folder / "btckpt.json").read_text())["meta"]["lightning"]
 
 
+@pytest.mark.compat
 def test_lightning_weights_only_and_full_checkpoint_at_one_step_last_resumes(tmp_path: Path) -> None:
     """A weights-only ModelCheckpoint (called first) and a full one both save at steps 3 and 6: the full one's
     last.ckpt must name a full (resumable) folder and fit(ckpt_path="last") resumes at step 6 (before: it

@@ -48,8 +48,10 @@ import torch
 from btckpt import CheckpointError
 from btckpt.format.manifest import _ZERO, MANIFEST, _digest, _needle
 from btckpt.storage.discovery import scan
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis: a dev dependency (btckpt[dev]), not in the lowest-versions venv")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BTCKPT_FUZZ_EXAMPLES", "1000"))
 CASE_TIMEOUT = 60.0

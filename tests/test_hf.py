@@ -120,6 +120,7 @@ def test_kill_mid_epoch_then_resume_from_nested_load_dir_is_exact(tmp_path: Path
         shutil.rmtree(tmp)
 
 
+@pytest.mark.compat
 def test_kill_at_end_of_epoch_boundary_then_resume_is_exact(tmp_path: Path, baselines) -> None:
     kill = RNG.randint(8, 17)  # save_strategy=epoch: checkpoints 6, 12 (epoch boundaries)
     ck = tmp_path / "ck"
@@ -132,6 +133,7 @@ def test_kill_at_end_of_epoch_boundary_then_resume_is_exact(tmp_path: Path, base
     assert_identical(baselines("plain"), tmp_path / "final.st")
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("mode", ["btckpt", "native"])
 def test_kill_mid_second_epoch_then_resume_is_exact(tmp_path: Path, baselines, mode: str) -> None:
     """16 steps an epoch, killed at step 23, resumed from checkpoint-20 (4 steps into epoch 2). On transformers
@@ -152,6 +154,7 @@ def test_kill_mid_second_epoch_then_resume_is_exact(tmp_path: Path, baselines, m
     assert_identical(baselines("epoch2", *args), tmp_path / "final.st")
 
 
+@pytest.mark.compat
 def test_kill_with_gradient_accumulation_and_zero_touch_resume_is_exact(tmp_path: Path, baselines) -> None:
     kill = RNG.randint(3, 8)  # ga=2: 3 optimizer steps per epoch, checkpoints every 2
     ck = tmp_path / "ck"
@@ -165,6 +168,7 @@ def test_kill_with_gradient_accumulation_and_zero_touch_resume_is_exact(tmp_path
     assert_identical(baselines("ga2", "--ga", "2"), tmp_path / "final.st")
 
 
+@pytest.mark.compat
 def test_sigterm_saves_at_next_step_and_exits_zero_then_resume_is_exact(tmp_path: Path, baselines) -> None:
     ck, progress = tmp_path / "ck", tmp_path / "progress.txt"
     at = RNG.randint(5, 10)
@@ -265,6 +269,7 @@ def _tiny_trainer(out: Path, callbacks: list, **kw):
                    processing_class=hf_train.tiny_tokenizer(), callbacks=callbacks), hf_train
 
 
+@pytest.mark.compat
 def test_checkpoint_folder_is_servable_and_hf_writes_nothing(tmp_path: Path) -> None:
     from btckpt.hf import CheckpointCallback
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -291,6 +296,7 @@ def test_checkpoint_folder_is_servable_and_hf_writes_nothing(tmp_path: Path) -> 
     assert tok.convert_tokens_to_ids("t5") == 5
 
 
+@pytest.mark.compat
 def test_save_total_limit_and_best_model_match_plain_hf(tmp_path: Path) -> None:
     from btckpt.hf import CheckpointCallback
 
@@ -318,6 +324,7 @@ def test_save_total_limit_and_best_model_match_plain_hf(tmp_path: Path) -> None:
     assert all(torch.equal(v, native.model.state_dict()[k]) for k, v in live.items())
 
 
+@pytest.mark.compat
 def test_replaced_trainer_methods_are_checked_when_the_callback_attaches(tmp_path: Path) -> None:
     """A transformers release that reshaped or dropped a replaced private method fails when the Trainer is
     built, with the version and the method named, not mid-training."""
@@ -362,6 +369,7 @@ def test_resume_checkpoint_skips_incomplete_and_prefers_own_dir(tmp_path: Path, 
     assert resume_checkpoint() == str(load / "checkpoint-9")
 
 
+@pytest.mark.compat
 def test_peft_lora_saves_adapter_files_that_peft_loads_and_resumes(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     import hf_train  # transformers at import: only the tests that need it pay

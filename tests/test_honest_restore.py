@@ -144,6 +144,7 @@ def _t5() -> torch.nn.Module:  # three keys tied to one
                                                d_ff=16, vocab_size=32, decoder_start_token_id=0))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("build", [_gpt2, _llama, _bert, _t5], ids=["gpt2", "llama-tied", "bert", "t5"])
 def test_warm_start_from_save_pretrained_of_a_tied_model(tmp_path: Path, build):
     torch.manual_seed(0)

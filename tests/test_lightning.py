@@ -87,6 +87,7 @@ def _link_target(p: Path) -> str:
     return obj["checkpoint"]
 
 
+@pytest.mark.compat
 def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path: Path, reference: Path) -> None:
     seed = random.randrange(1 << 30)
     rnd = random.Random(seed)
@@ -144,6 +145,7 @@ def test_local_tier_kill_resumes_from_the_tier_step_and_teardown_promotes(tmp_pa
     assert all(inspect(ck / name).complete for name in links)
 
 
+@pytest.mark.compat
 def test_sigterm_saves_at_next_batch_end_exits_zero_and_resumes_exactly(tmp_path: Path, reference: Path) -> None:
     ck = tmp_path / "ck"
     proc = _start(["--dir", str(ck), "--steps", "30", "--sleep", "0.05", "--every", "100"])
@@ -172,6 +174,7 @@ def _names(d: Path) -> set[str]:
     return {p.name for p in d.glob("*.ckpt")}
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("args", [
     ["--steps", "12", "--every", "3", "--top-k", "2"],
     ["--steps", "10", "--every", "4", "--top-k", "-1", "--no-last"],
@@ -194,6 +197,7 @@ def test_topk_last_every_n_match_lightnings_own_io(tmp_path: Path, args: list[st
         assert _link_target(ours / "last.ckpt") == f"checkpoint-{step}"
 
 
+@pytest.mark.compat
 def test_train_time_interval_saves_as_lightnings_own_io(tmp_path: Path) -> None:
     """ModelCheckpoint(train_time_interval=4 s) against a clock advancing 1 s per step (patched in the child):
     the same checkpoints as TorchCheckpointIO, at the same steps, each named folder complete."""
@@ -427,6 +431,7 @@ def test_resume_path_prefers_own_dir_then_nested_load_dir(tmp_path: Path, monkey
     (own / ".checkpoint-9.tmp-1-x").rmdir()  # (the next Checkpointer start would remove it)
 
 
+@pytest.mark.compat
 def test_model_checkpoint_default_dir_is_bt_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from btckpt.lightning import ModelCheckpoint
 
@@ -455,6 +460,7 @@ def _steps_done(progress: Path) -> int:
     return max((int(x) for x in re.findall(r"STEP (\d+)", progress.read_text())), default=0)
 
 
+@pytest.mark.compat
 @pytest.mark.slow
 def test_ddp_two_ranks_sigkill_then_resume_is_exact_with_every_ranks_rng(tmp_path: Path) -> None:
     """SIGKILL a 2-process DDP job (agent and both ranks) after a commit, resume with resume_path():

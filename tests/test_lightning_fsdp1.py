@@ -66,6 +66,7 @@ def test_resume_on_one_rank_and_into_fsdp2_reshards(tmp_path: Path) -> None:
     assert man["meta"]["btckpt.sharded"] == {"model": "model", "optimizer": "optimizer"}
 
 
+@pytest.mark.compat
 def test_lightning_own_fsdp_strategy_with_the_plugin_is_refused() -> None:
     from btckpt import ConfigError
     from btckpt.lightning import FSDPStrategy, SafetensorsCheckpointIO, check_strategy

@@ -203,6 +203,7 @@ def test_any_saved_path_lands_in_bt_dir_and_is_found_by_that_path(tmp_path: Path
     io.teardown()
 
 
+@pytest.mark.compat
 def test_folder_choice_routed_for_this_plugins_trainers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ModelCheckpoint subclass's folder (setup and ckpt_path="last") is $BT_CHECKPOINT_DIR on a trainer with
     the plugin; a trainer without it, or with the variable unset, keeps Lightning's choice."""

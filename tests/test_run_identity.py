@@ -157,6 +157,7 @@ def test_hf_a_changed_run_in_a_used_dir_is_refused_and_the_same_run_resumes(tmp_
     assert (ck / "checkpoint-6" / "btckpt.json").is_file() and _same(kept, _weights(ck / "checkpoint-4"))
 
 
+@pytest.mark.compat
 def test_hf_rerun_of_a_finished_run_trains_nothing_and_ends_with_its_final_weights(tmp_path: Path) -> None:
     """Re-running a finished job resumed its final checkpoint and trained one step past ``max_steps`` (as the
     plain Trainer does from its own final checkpoint), saving checkpoint-5."""
@@ -172,6 +173,7 @@ def test_hf_rerun_of_a_finished_run_trains_nothing_and_ends_with_its_final_weigh
     assert all(torch.equal(live[k], v) for k, v in final.items())
 
 
+@pytest.mark.compat
 def test_hf_best_model_record_survives_a_restart_from_the_load_dir(tmp_path: Path) -> None:
     """A warm start from ``$BT_LOAD_CHECKPOINT_DIR`` kept the previous job's ``best_model_checkpoint`` path (gone
     on the new machine), so ``load_best_model_at_end`` silently ended with the last model."""
@@ -320,6 +322,7 @@ def test_lightning_fresh_fit_into_a_used_dir_never_names_the_earlier_runs_folder
     assert torch.equal(_lightning_weights(ck / "last.ckpt"), resumed.layer.weight.detach())
 
 
+@pytest.mark.compat
 def test_lightning_off_the_platform_the_default_dir_is_lightnings_own(tmp_path: Path) -> None:
     """Without ``$BT_CHECKPOINT_DIR``, btckpt's ModelCheckpoint wrote to ``./checkpoints`` whatever
     ``default_root_dir`` said, so two experiments shared one folder."""

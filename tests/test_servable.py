@@ -183,6 +183,7 @@ def test_lightning_checkpoint_serves_only_the_module(tmp_path: Path) -> None:
     assert_serves_exactly(tmp_path / "checkpoint-3", module.state_dict())
 
 
+@pytest.mark.compat
 def test_lightning_hf_model_checkpoint_serves_only_the_model(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
     pytest.importorskip("transformers")
