@@ -44,6 +44,24 @@ install() {  # install <python> <pip install arguments...>
   "$py" -m pip install -q "$@"
 }
 install "$VENV/bin/python" -c .ci/constraints.txt -e ".[dev,deepspeed]"
+COMPAT=${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}
+compat_venvs() {  # build one environment per .ci/constraints-<name>.txt (in the background, during the main suite)
+  for constraints in .ci/constraints-*.txt; do
+    local name CV
+    name=$(basename "$constraints" .txt)
+    name=${name#constraints-}
+    CV=".venv-compat-$name"
+    [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
+    install "$CV/bin/python" -c "$constraints" -e . transformers accelerate lightning peft \
+      pytest pytest-timeout psutil tqdm
+  done
+}
+if [ "$COMPAT" = 1 ]; then
+  COMPAT_LOG=$(mktemp)
+  compat_venvs > "$COMPAT_LOG" 2>&1 &
+  COMPAT_PID=$!
+  trap 'kill "$COMPAT_PID" 2>/dev/null || true; rm -f "$COMPAT_LOG"' EXIT
+fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
@@ -52,15 +70,16 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tes
 # BTCKPT_TEST_WORKERS=0 runs in one process.
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${BTCKPT_TEST_WORKERS:-2}" --dist worksteal --durations=40 "$@"
 
-if [ "${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
+if [ "$COMPAT" = 1 ]; then
+  status=0
+  wait "$COMPAT_PID" || status=$?
+  grep -v "^WARNING: Location" "$COMPAT_LOG" || true
+  if [ "$status" != 0 ]; then echo "== building the lowest-versions environments failed (status $status)"; exit "$status"; fi
   for constraints in .ci/constraints-*.txt; do
     name=$(basename "$constraints" .txt)
     name=${name#constraints-}
     CV=".venv-compat-$name"
     echo "== the version-sensitive tests (-m compat) on the $name supported versions ($CV, $constraints)"
-    [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
-    install "$CV/bin/python" -c "$constraints" -e . transformers accelerate lightning peft \
-      pytest pytest-timeout psutil tqdm
     "$CV/bin/python" -c 'import torch, transformers, accelerate, lightning; print("versions: torch", torch.__version__,
       "transformers", transformers.__version__, "accelerate", accelerate.__version__, "lightning", lightning.__version__)'
     # all of tests/ is collected (modules needing what this venv lacks, e.g. hypothesis or deepspeed, skip)
