@@ -29,7 +29,7 @@ from btckpt.storage.discovery import inspect, scan, verify
 from btckpt.testing import faults
 from btckpt.tiers import IDENTITY, default_tier_dir, resumable_tier
 from conftest import PY, run_py
-from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, torchrun
+from dist_launch import SCRIPTS, env_with, finish, free_port, kill_session, raw_rank, torchrun
 
 
 def _state(seed: int = 0) -> dict:
@@ -640,15 +640,20 @@ def test_torchrun_worker_killed_resumes_from_tier_bit_identical(tmp_path: Path, 
     assert not (tmp_path / "ram").exists() and not (tmp_path / "ram-ref").exists()  # clean close removed them
 
 
-def _two_nodes(tmp: Path, tag: str, args: list[str], **extra_env: str) -> list[tuple[int, str]]:
-    """A 2-node job on this machine (torchrun --nnodes=2, one rank each), each node with its own dir and tier."""
+def _two_nodes(tmp: Path, tag: str, args: list[str], *, agent: bool = False,
+               **extra_env: str) -> list[tuple[int, str]]:
+    """A 2-node job on this machine, one rank each, each node with its own dir and tier: two raw ranks
+    (``LOCAL_WORLD_SIZE=1``: what btckpt sees is the same, and a killed node's survivor runs on as it would),
+    or with ``agent`` two ``torchrun --nnodes=2`` launches (c10d rendezvous), as on a real cluster."""
     port = free_port()
     jobs = []
     try:
         for node in (0, 1):
             env = env_with(BT_CHECKPOINT_DIR=str(tmp / tag / f"node{node}"), BT_NODE_RANK=str(node), **extra_env)
-            jobs.append(torchrun("tier_train.py", ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args], nproc=1,
-                                 env=env, port=port, nnodes=2, node_rank=node, rdzv=True))
+            argv = ["--tier", str(tmp / f"ram-{tag}-{{node}}"), *args]
+            jobs.append(torchrun("tier_train.py", argv, nproc=1, env=env, port=port, nnodes=2, node_rank=node,
+                                 rdzv=True) if agent else
+                        raw_rank("tier_train.py", argv, rank=node, world=2, local_world=1, port=port, env=env))
         return [finish(j, timeout=240) for j in jobs]
     finally:
         for j in jobs:
@@ -657,7 +662,8 @@ def _two_nodes(tmp: Path, tag: str, args: list[str], **extra_env: str) -> list[t
 
 @pytest.mark.slow
 def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Path) -> None:
-    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors")]):
+    """The one two-node tier test under real ``torchrun --nnodes=2`` agents (the others launch raw ranks)."""
+    for rc, out in _two_nodes(tmp_path, "ref", ["--out", str(tmp_path / "ref.safetensors")], agent=True):
         assert rc == 0, out[-4000:]
     for node in (0, 1):
         durable = tmp_path / "ref" / f"node{node}"
@@ -667,13 +673,13 @@ def test_two_nodes_promote_their_parts_and_resume_from_their_tiers(tmp_path: Pat
         assert verify(inspect(durable / "checkpoint-12")) == []
         assert not (tmp_path / f"ram-ref-{node}").exists()
     # node 1's worker dies after its tier save of step 8 (no restarts): both tiers keep step 8
-    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")])
+    results = _two_nodes(tmp_path, "run", ["--kill-at", "8", "--kill-marker", str(tmp_path / "killed")], agent=True)
     assert results[1][0] != 0 and "rank 1: killing itself at step 8" in results[1][1]
     for node in (0, 1):
         assert _steps(tmp_path / f"ram-run-{node}") == [8], results[node][1][-3000:]
         assert _steps(tmp_path / "run" / f"node{node}") == [6]
     # the job is started again: both nodes resume from their own tier's step 8, and end bit-identical
-    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors")])
+    results = _two_nodes(tmp_path, "run", ["--out", str(tmp_path / "got.safetensors")], agent=True)
     for node, (rc, out) in enumerate(results):
         assert rc == 0, out[-4000:]
         assert f"resumed from 8 in {tmp_path / f'ram-run-{node}'}" in out, out[-3000:]

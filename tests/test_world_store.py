@@ -132,3 +132,58 @@ def test_proposals_settle_on_the_first_value(size: int):
     worlds = _ranks(size)
     got = _run(worlds, lambda w: w.propose("name", f"from-{w.rank}"))
     assert len(set(got)) == 1 and got[0].startswith("from-")
+
+
+# -- whole Checkpointers, one per rank-thread (the session, save and restore agreements go through the store) ------
+def test_checkpointers_as_threads_agree_on_sessions_created_in_a_different_order_per_rank(tmp_path):
+    """Two Checkpointers per rank, on two dirs, created in the opposite order on each rank (both open at once):
+    each finds its peer by identity, saves with it and restores its own rank's plain state (tests/test_sessions.py runs the
+    same under torchrun)."""
+    import btckpt
+    import torch
+
+    def body(w: World) -> dict:
+        dirs = ["a", "b"] if w.rank == 0 else ["b", "a"]
+        cks = {d: btckpt.Checkpointer(dir=tmp_path / d, world=w, handle_sigterm=False) for d in dirs}
+        try:
+            for d, ck in sorted(cks.items()):  # each save is collective: the same order on every rank
+                ck.save(1, {"model": torch.nn.Linear(2, 2), "extra": {"dir": d, "rank": w.rank}})
+                ck.wait()
+        finally:
+            for ck in cks.values():
+                ck.close()
+        got = {}
+        for d in ("a", "b"):
+            with btckpt.Checkpointer(dir=tmp_path / d, world=w, handle_sigterm=False) as ck:
+                state = {"model": torch.nn.Linear(2, 2), "extra": {}}
+                got[d] = (ck.restore(state), state["extra"])
+        return got
+
+    out = _run(_ranks(2, local_size=2), body)
+    for r in (0, 1):
+        assert out[r] == {d: (1, {"dir": d, "rank": r}) for d in ("a", "b")}, out[r]
+
+
+def test_checkpointers_as_threads_on_two_nodes_resume_from_the_newest_step_every_node_holds(tmp_path):
+    """Two nodes (one rank each, a dir each): node 1's part of step 2 is damaged, so both resume from step 1
+    (the agreed step), never node 0 from 2 and node 1 from 1."""
+    import btckpt
+    import torch
+
+    def save(w: World) -> None:
+        with btckpt.Checkpointer(dir=tmp_path / f"node{w.rank}", world=w, handle_sigterm=False, name="job") as ck:
+            for step in (1, 2):
+                ck.save(step, {"model": torch.nn.Linear(2, 2), "extra": {"step": step}})
+
+    _run(_ranks(2), save)
+    victim = next((tmp_path / "node1" / "checkpoint-2").glob("*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    def restore(w: World) -> tuple:
+        with btckpt.Checkpointer(dir=tmp_path / f"node{w.rank}", world=w, handle_sigterm=False, name="job") as ck:
+            state = {"model": torch.nn.Linear(2, 2), "extra": {}}
+            return ck.restore(state), state["extra"]
+
+    assert _run(_ranks(2), restore) == [(1, {"step": 1}), (1, {"step": 1})]

@@ -64,13 +64,19 @@ def torchrun(script: str, args: list[str], *, nproc: int = 2, env: dict[str, str
 def raw_ranks(script: str, args: list[str], *, world: int, env: dict[str, str]) -> list[subprocess.Popen[str]]:
     """Start ``world`` ranks directly (no elastic agent, so survivors of a dead rank keep running)."""
     port = free_port()
-    procs = []
-    for r in range(world):
-        e = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world),
-                 LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([PY, str(SCRIPTS / script), *args], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    return procs
+    return [raw_rank(script, args, rank=r, world=world, local_world=world, port=port, env=env) for r in range(world)]
+
+
+def raw_rank(script: str, args: list[str], *, rank: int, world: int, local_world: int, port: int,
+             env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start one rank directly, in its own session, with the variables torchrun would give it (no elastic agent):
+    ``local_world=1`` makes each rank a node of its own (a multi-node job on this machine; the agent's part in
+    it, the rendezvous and the teardown of survivors, is what such a launch leaves out)."""
+    e = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+             LOCAL_RANK=str(rank % local_world), LOCAL_WORLD_SIZE=str(local_world),
+             GROUP_RANK=str(rank // local_world))
+    return subprocess.Popen([PY, str(SCRIPTS / script), *args], env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:

@@ -21,8 +21,10 @@ class _Closable(Protocol):
     def closed(self) -> bool: ...
 
 
-_SESSIONS: dict[str, itertools.count[int]] = {}  # session identity -> sessions created on it so far
-_OPEN: dict[str, weakref.ref[_Closable]] = {}  # session identity -> the coordinating owner using it
+# keyed by (identity, rank): one rank per process in a job; ranks as threads of one process (World(store=), the
+# in-process agreement tests) each count their own, as separate processes would
+_SESSIONS: dict[tuple[str, int], itertools.count[int]] = {}  # -> sessions created on it so far
+_OPEN: dict[tuple[str, int], weakref.ref[_Closable]] = {}  # -> the coordinating owner using it
 _LOCK = threading.Lock()
 
 
@@ -51,13 +53,13 @@ def agree_session(world: World, identity: str, *, owner: _Closable, timeout: flo
     if world.size == 1 or world.store is None:
         return mine
     with _LOCK:
-        other = _OPEN.get(identity)
+        other = _OPEN.get((identity, world.rank))
         held = other() if other is not None else None
         if held is not None and not held.closed:
             raise ConfigError(f"another Checkpointer for {identity.split(':', 1)[1]!r} is still open in this process; "
                               "close it first, or give each its own name= (the same on every rank)")
-        _OPEN[identity] = weakref.ref(owner)
-        seq = next(_SESSIONS.setdefault(identity, itertools.count()))
+        _OPEN[identity, world.rank] = weakref.ref(owner)
+        seq = next(_SESSIONS.setdefault((identity, world.rank), itertools.count()))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     # torchrun --max-restarts may keep its store across restarts: a restarted worker must never pick up the
     # previous attempt's session (its keys hold that attempt's answers)
