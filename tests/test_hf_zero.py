@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from dist_launch import assert_same, env_with, finish, kill_when_paused, load_st, torchrun
+from dist_launch import assert_same, env_with, finish, finish_after_rank_death, kill_when_paused, load_st, torchrun
 
 pytest.importorskip("transformers")
 SCRIPT = "hf_zero_train.py"
@@ -246,8 +246,10 @@ def test_kill_during_one_ranks_partition_save_leaves_the_older_checkpoint_and_re
     only_zero_checkpoint(tmp_path / "run", 4)
 
     env = env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run"), DS_ACCELERATOR="cpu", BTCKPT_FAULT="write_data:kill@1")
-    rc, out = finish(torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), *common], env=env), timeout=280)
-    assert rc != 0 and re.search(r"exitcode\s*:\s*-9\b", out), out[-3000:]  # rank 1 died of the SIGKILL
+    rc, out = finish_after_rank_death(torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), *common], env=env),
+                                      timeout=280)
+    # rank 1 died of the SIGKILL, first (the agent's root cause; it SIGKILLs the waiting rank 0 after that)
+    assert rc != 0 and re.search(r"Root Cause.*?rank\s*:\s*1\b.*?exitcode\s*:\s*-9\b", out, re.S), out[-3000:]
     assert "rank 1: resumed from 4" in out
     ck4 = inspect(tmp_path / "run" / "checkpoint-4")
     assert ck4.complete and verify(ck4) == []

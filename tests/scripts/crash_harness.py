@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 from crash_paths import LOCAL_PHASES, SAVE_PATHS, UPLOAD_PHASES, SavePath
-from dist_launch import repo_pythonpath
+from dist_launch import AGENT_STOPS_WORKERS, kill_workers, repo_pythonpath
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -190,10 +190,22 @@ class Run:
             except psutil.Error:
                 pass
 
-    def wait(self, timeout: float) -> int:
+    def wait(self, timeout: float, *, rank_death: bool = False) -> int:
+        """Until the run ends. ``rank_death``: a fault kills one rank of a torchrun job; once the agent stops the
+        others (its log line :data:`dist_launch.AGENT_STOPS_WORKERS`), they are SIGKILLed (its report stands)."""
         deadline = time.monotonic() + timeout
+        seen, reaped = 0, not rank_death
         while self.alive():
             self.track()
+            if not reaped:
+                with open(self.err_file, "rb") as f:  # only what was added since the last look
+                    start = max(0, seen - len(AGENT_STOPS_WORKERS))
+                    f.seek(start)
+                    new = f.read()
+                seen = start + len(new)
+                if AGENT_STOPS_WORKERS.encode() in new:
+                    kill_workers(self.proc.pid)
+                    reaped = True
             if time.monotonic() > deadline:
                 self.kill()
                 self.proc.wait()
@@ -258,7 +270,7 @@ def kill_once(path: SavePath, root: Path, out: Path, *, phase: str | None, rng: 
             if run.alive():
                 run.kill()
                 trial.killed = True
-        rc = run.wait(timeout=300)
+        rc = run.wait(timeout=300, rank_death=phase is not None)
     finally:
         run.cleanup()
     trial.rc = rc

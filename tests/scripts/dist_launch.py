@@ -91,6 +91,66 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, out
 
 
+# torch elastic's agent logs this once a worker has failed and it stops the others: its report (the failed rank's
+# exit code, the root cause) is settled by then
+AGENT_STOPS_WORKERS = "closing signal SIGTERM"
+
+
+def kill_workers(agent_pid: int) -> None:
+    """SIGKILL every descendant of torchrun's agent ``agent_pid`` (its ranks), not the agent: it reports them.
+    A rank SIGTERMed after a peer died sits in a collective or a barrier waiting for that peer (gloo's and
+    btckpt's timeouts are minutes), so the agent waits its full 30 s before it SIGKILLs it itself (torch 2.13's
+    agent ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT there); killing it now ends the job the same way, earlier."""
+    import psutil
+
+    try:
+        kids = psutil.Process(agent_pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
+
+
+def finish_after_rank_death(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """:func:`finish` for a job one of whose ranks is meant to die (a ``BTCKPT_FAULT`` kill): once the agent
+    stops the other ranks (:data:`AGENT_STOPS_WORKERS`), SIGKILL them (:func:`kill_workers`) so the agent
+    reports at once. Returns (returncode, output) as :func:`finish` does."""
+    import threading
+
+    lines: list[str] = []
+    stop_seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if AGENT_STOPS_WORKERS in line:
+                stop_seen.set()
+
+    reader = threading.Thread(target=read, name="torchrun-output", daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    reaped = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if stop_seen.is_set() and not reaped:
+            kill_workers(proc.pid)
+            reaped = True
+        time.sleep(0.05)
+    timed_out = proc.poll() is None
+    if timed_out:
+        kill_session(proc)
+    proc.wait()
+    reader.join(60)
+    kill_session(proc)  # stray grandchildren, if any
+    out = "".join(lines)
+    if timed_out:
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
 def kill_session(proc: subprocess.Popen[str]) -> None:
     """SIGKILL the job at once: the launcher's process group and every descendant (torchrun starts each
     rank in a session of its own, so killing the group alone would leave the ranks running)."""
