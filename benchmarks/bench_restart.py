@@ -219,7 +219,13 @@ def run_size(gib: float, rounds: int, root: Path, with_s3: bool, *, tier: bool, 
     ck_dir = own / "checkpoint-2"
     files = sorted(p for p in ck_dir.iterdir() if p.is_file())
     only_files = sorted(p for p in (only / "checkpoint-2").iterdir() if p.is_file())
-    st_file = ck_dir / "model.safetensors"
+    st_files = [p for p in files if p.suffix == ".safetensors"]  # one, or the shards of a state over max_shard_size
+
+    def load_files() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for p in st_files:
+            out.update(load_file(str(p)))
+        return out
     shm = Path(tempfile.mkdtemp(prefix="btckpt-restart-tier-", dir="/dev/shm")) if tier else None
     if shm is not None:
         shutil.copytree(own, shm / "own")
@@ -288,7 +294,7 @@ def run_size(gib: float, rounds: int, root: Path, with_s3: bool, *, tier: bool, 
     def c_safetensors() -> float:
         model = fresh_model(tensors)
         t0 = time.perf_counter()
-        model.load_state_dict(load_file(str(st_file)))
+        model.load_state_dict(load_files())
         first_step(model)
         dt = time.perf_counter() - t0
         check(model, "safetensors")
@@ -297,7 +303,7 @@ def run_size(gib: float, rounds: int, root: Path, with_s3: bool, *, tier: bool, 
     def c_safetensors_assign() -> float:
         model = meta_model(shapes)
         t0 = time.perf_counter()
-        model.load_state_dict(load_file(str(st_file)), assign=True)
+        model.load_state_dict(load_files(), assign=True)
         first_step(model, every_page=True)
         dt = time.perf_counter() - t0
         check(model, "safetensors assign")

@@ -63,6 +63,21 @@ if [ "$COMPAT" = 1 ]; then
   trap 'kill "$COMPAT_PID" 2>/dev/null || true; rm -f "$COMPAT_LOG"' EXIT
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
+# DeepSpeed's JIT ops (fused_adam, deepspeed_shm_comm: 1.5-2.5 min on 2 cores) are built in the background, into the
+# folder the tests use (tests/scripts/dist_launch.py torch_extensions_dir), while lint, types and the first tests
+# run; a ZeRO test that starts earlier waits on the build's lock. A failed build is only reported here: the tests
+# then build the ops themselves (and fail if they cannot).
+if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
+  TORCH_EXTENSIONS_DIR=$(PYTHONPATH=tests/scripts "$VENV/bin/python" -c \
+    'from dist_launch import torch_extensions_dir; print(torch_extensions_dir())')
+  export TORCH_EXTENSIONS_DIR
+fi
+if "$VENV/bin/python" -c 'import deepspeed' >/dev/null 2>&1; then
+  ( "$VENV/bin/python" -c 'from deepspeed.accelerator import get_accelerator as acc
+for name in ("FusedAdamBuilder", "ShareMemCommBuilder"):
+    acc().create_op_builder(name).load(verbose=False)' >/dev/null 2>&1 \
+    || echo "== building DeepSpeed's JIT ops in the background failed; the ZeRO tests build them" ) &
+fi
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
 # Two workers (pytest-xdist): most tests wait on child processes, so two overlap well on 2 cores. worksteal hands

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist_launch import repo_pythonpath
+from dist_launch import repo_pythonpath, torch_extensions_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -26,21 +26,6 @@ def child_pythonpath():
         if "TORCH_EXTENSIONS_DIR" not in os.environ:
             mp.setenv("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
         yield
-
-
-def torch_extensions_dir() -> str:
-    """A JIT extension folder of this venv's own (DeepSpeed builds fused_adam and deepspeed_shm_comm in the
-    ZeRO ranks). torch's default, ``~/.cache/torch_extensions/py311_cpu``, is one folder for every venv, and
-    the build command names the venv's path (``-isystem <venv>/.../torch/include``): a run from another
-    checkout (a worktree, a CI clone) changes the command, so ninja rebuilds both (1.5-2.5 minutes of the
-    first ZeRO test on 2 cores) and the next run from this checkout rebuilds them back. Keyed by the
-    site-packages path and the Python version, each venv builds once."""
-    import hashlib
-    import sysconfig
-
-    key = f"{sysconfig.get_paths()['purelib']}|{sys.version}"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
-    return str(base / f"btckpt-tests-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
 
 
 @pytest.fixture(scope="session", autouse=True)

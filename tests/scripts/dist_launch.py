@@ -32,6 +32,22 @@ def repo_pythonpath(old: str | None = None) -> str:
     return os.pathsep.join(ours + [p for p in old.split(os.pathsep) if p and p not in ours])
 
 
+def torch_extensions_dir() -> str:
+    """A JIT extension folder of this venv's own (DeepSpeed builds fused_adam and deepspeed_shm_comm in the
+    ZeRO ranks). torch's default, ``~/.cache/torch_extensions/py311_cpu``, is one folder for every venv, and
+    the build command names the venv's path (``-isystem <venv>/.../torch/include``): a run from another
+    checkout (a worktree, a CI clone) changes the command, so ninja rebuilds both (1.5-2.5 minutes of the
+    first ZeRO test on 2 cores) and the next run from this checkout rebuilds them back. Keyed by the
+    site-packages path and the Python version, each venv builds once (scripts/test.sh builds them in the
+    background while lint, types and the first tests run)."""
+    import hashlib
+    import sysconfig
+
+    key = f"{sysconfig.get_paths()['purelib']}|{sys.version}"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    return str(base / f"btckpt-tests-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+
+
 def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
