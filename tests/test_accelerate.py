@@ -12,13 +12,14 @@ import pytest
 from dist_launch import SCRIPTS, assert_same, env_with, finish, free_port
 
 pytestmark = pytest.mark.slow
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
 def launch(ckdir: Path, *args: str) -> str:
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPTS / "dist_accel.py"),
-           *args]
+    # ``accelerate launch`` as ``python -m``: a plain invocation, so the launcher and its ranks start from the
+    # test zygote (tests/scripts/zygote.py) instead of importing torch and accelerate afresh (16.6 -> 9.1 s here)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(SCRIPTS / "dist_accel.py"), *args]
     p = subprocess.Popen(cmd, env=env_with(BT_CHECKPOINT_DIR=str(ckdir)), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rc, out = finish(p, timeout=240)
