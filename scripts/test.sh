@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (torch pinned to the CPU wheel) and run lint, types and the tests.
-# Without arguments (the whole suite) it then runs the version-sensitive tests (marked `compat`, pyproject.toml)
+# Without arguments (the whole suite) it also runs the version-sensitive tests (marked `compat`, pyproject.toml),
 # again in .venv-compat-<name>, one environment per .ci/constraints-<name>.txt, pinned to the lowest supported
 # releases (the main environment has the newest). BTCKPT_COMPAT=0 skips that step, BTCKPT_COMPAT=1 forces it.
 set -euo pipefail
@@ -45,23 +45,6 @@ install() {  # install <python> <pip install arguments...>
 }
 install "$VENV/bin/python" -c .ci/constraints.txt -e ".[dev,deepspeed]"
 COMPAT=${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}
-compat_venvs() {  # build one environment per .ci/constraints-<name>.txt (in the background, during the main suite)
-  for constraints in .ci/constraints-*.txt; do
-    local name CV
-    name=$(basename "$constraints" .txt)
-    name=${name#constraints-}
-    CV=".venv-compat-$name"
-    [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
-    install "$CV/bin/python" -c "$constraints" -e . transformers accelerate lightning peft \
-      pytest pytest-timeout psutil tqdm
-  done
-}
-if [ "$COMPAT" = 1 ]; then
-  COMPAT_LOG=$(mktemp)
-  compat_venvs > "$COMPAT_LOG" 2>&1 &
-  COMPAT_PID=$!
-  trap 'kill "$COMPAT_PID" 2>/dev/null || true; rm -f "$COMPAT_LOG"' EXIT
-fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
 # DeepSpeed's JIT ops (fused_adam, deepspeed_shm_comm: 1.5-2.5 min on 2 cores) are built in the background, into the
 # folder the tests use (tests/scripts/dist_launch.py torch_extensions_dir), while lint, types and the first tests
@@ -72,11 +55,41 @@ if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
     'from dist_launch import torch_extensions_dir; print(torch_extensions_dir())')
   export TORCH_EXTENSIONS_DIR
 fi
+JIT_DONE=$(mktemp)  # removed when the build starts, created again when it ended (either way)
+trap 'rm -f "$JIT_DONE"' EXIT
 if "$VENV/bin/python" -c 'import deepspeed' >/dev/null 2>&1; then
+  rm -f "$JIT_DONE"
   ( "$VENV/bin/python" -c 'from deepspeed.accelerator import get_accelerator as acc
 for name in ("FusedAdamBuilder", "ShareMemCommBuilder"):
     acc().create_op_builder(name).load(verbose=False)' >/dev/null 2>&1 \
-    || echo "== building DeepSpeed's JIT ops in the background failed; the ZeRO tests build them" ) &
+    || echo "== building DeepSpeed's JIT ops in the background failed; the ZeRO tests build them"
+    touch "$JIT_DONE" ) &
+fi
+# The version-sensitive tests (-m compat) on the lowest supported versions: one environment per
+# .ci/constraints-<name>.txt, built and run in the background beside the main suite (their run starts once the JIT
+# build is done, so at most two test processes share the cores); the output is printed after the main suite.
+compat_suites() {
+  for constraints in .ci/constraints-*.txt; do
+    local name CV
+    name=$(basename "$constraints" .txt)
+    name=${name#constraints-}
+    CV=".venv-compat-$name"
+    [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
+    install "$CV/bin/python" -c "$constraints" -e . transformers accelerate lightning peft \
+      pytest pytest-timeout psutil tqdm
+    for _ in $(seq 300); do [ -e "$JIT_DONE" ] && break; sleep 2; done  # at most 10 minutes
+    echo "== the version-sensitive tests (-m compat) on the $name supported versions ($CV, $constraints)"
+    "$CV/bin/python" -c 'import torch, transformers, accelerate, lightning; print("versions: torch", torch.__version__,
+      "transformers", transformers.__version__, "accelerate", accelerate.__version__, "lightning", lightning.__version__)'
+    # all of tests/ is collected (modules needing what this venv lacks, e.g. hypothesis or deepspeed, skip)
+    "$CV/bin/python" -m pytest -q -p no:cacheprovider -m compat tests/
+  done
+}
+if [ "$COMPAT" = 1 ]; then
+  COMPAT_LOG=$(mktemp)
+  compat_suites > "$COMPAT_LOG" 2>&1 &
+  COMPAT_PID=$!
+  trap 'pkill -P "$COMPAT_PID" 2>/dev/null; kill "$COMPAT_PID" 2>/dev/null; rm -f "$COMPAT_LOG" "$JIT_DONE"' EXIT
 fi
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
@@ -89,15 +102,5 @@ if [ "$COMPAT" = 1 ]; then
   status=0
   wait "$COMPAT_PID" || status=$?
   grep -v "^WARNING: Location" "$COMPAT_LOG" || true
-  if [ "$status" != 0 ]; then echo "== building the lowest-versions environments failed (status $status)"; exit "$status"; fi
-  for constraints in .ci/constraints-*.txt; do
-    name=$(basename "$constraints" .txt)
-    name=${name#constraints-}
-    CV=".venv-compat-$name"
-    echo "== the version-sensitive tests (-m compat) on the $name supported versions ($CV, $constraints)"
-    "$CV/bin/python" -c 'import torch, transformers, accelerate, lightning; print("versions: torch", torch.__version__,
-      "transformers", transformers.__version__, "accelerate", accelerate.__version__, "lightning", lightning.__version__)'
-    # all of tests/ is collected (modules needing what this venv lacks, e.g. hypothesis or deepspeed, skip)
-    "$CV/bin/python" -m pytest -q -p no:cacheprovider -m compat tests/
-  done
+  if [ "$status" != 0 ]; then echo "== the lowest-versions run failed (status $status)"; exit "$status"; fi
 fi
