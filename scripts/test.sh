@@ -89,7 +89,9 @@ if [ "$COMPAT" = 1 ]; then
   COMPAT_LOG=$(mktemp)
   compat_suites > "$COMPAT_LOG" 2>&1 &
   COMPAT_PID=$!
-  trap 'pkill -P "$COMPAT_PID" 2>/dev/null; kill "$COMPAT_PID" 2>/dev/null; rm -f "$COMPAT_LOG" "$JIT_DONE"' EXIT
+  # (errexit holds in a trap too: every command here must succeed, or the rest is skipped and the run fails)
+  trap 'pkill -P "$COMPAT_PID" 2>/dev/null || true; kill "$COMPAT_PID" 2>/dev/null || true
+        rm -f "$COMPAT_LOG" "$JIT_DONE"' EXIT
 fi
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
