@@ -55,15 +55,17 @@ if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
     'from dist_launch import torch_extensions_dir; print(torch_extensions_dir())')
   export TORCH_EXTENSIONS_DIR
 fi
-JIT_DONE=$(mktemp)  # removed when the build starts, created again when it ended (either way)
-trap 'rm -f "$JIT_DONE"' EXIT
+RUN_TMP=$(mktemp -d)  # private (0700): the background jobs' marker and log
+JIT_DONE="$RUN_TMP/jit-done"  # created when the build ended (either way), or at once without DeepSpeed
+trap 'rm -rf "$RUN_TMP"' EXIT
 if "$VENV/bin/python" -c 'import deepspeed' >/dev/null 2>&1; then
-  rm -f "$JIT_DONE"
   ( "$VENV/bin/python" -c 'from deepspeed.accelerator import get_accelerator as acc
 for name in ("FusedAdamBuilder", "ShareMemCommBuilder"):
     acc().create_op_builder(name).load(verbose=False)' >/dev/null 2>&1 \
     || echo "== building DeepSpeed's JIT ops in the background failed; the ZeRO tests build them"
-    touch "$JIT_DONE" ) &
+    : > "$JIT_DONE" ) &
+else
+  : > "$JIT_DONE"
 fi
 # The version-sensitive tests (-m compat) on the lowest supported versions: one environment per
 # .ci/constraints-<name>.txt, built and run in the background beside the main suite (their run starts once the JIT
@@ -86,13 +88,15 @@ compat_suites() {
   done
 }
 if [ "$COMPAT" = 1 ]; then
-  COMPAT_LOG=$(mktemp)
+  COMPAT_LOG="$RUN_TMP/compat.log"
   compat_suites > "$COMPAT_LOG" 2>&1 &
   COMPAT_PID=$!
-  # (errexit holds in a trap too: every command here must succeed, or the rest is skipped and the run fails)
-  trap 'pkill -P "$COMPAT_PID" 2>/dev/null || true; kill "$COMPAT_PID" 2>/dev/null || true
-        rm -f "$COMPAT_LOG" "$JIT_DONE"' EXIT
 fi
+# At exit a compat run cut short by a failure goes, then the folder; a JIT build still running is left to finish
+# (killed mid-build it would leave torch's lock file, and every later ZeRO run would wait on it for ever).
+# errexit holds in a trap too: every command here must succeed, or the rest is skipped and the run fails.
+trap 'if [ -n "${COMPAT_PID:-}" ]; then pkill -P "$COMPAT_PID" 2>/dev/null || true; kill "$COMPAT_PID" 2>/dev/null || true; fi
+      rm -rf "$RUN_TMP"' EXIT
 "$VENV/bin/python" -m ruff check integrations/btckpt
 "$VENV/bin/python" -m mypy integrations/btckpt
 # Two workers (pytest-xdist): most tests wait on child processes, so two overlap well on 2 cores. worksteal hands

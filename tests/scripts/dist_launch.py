@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = Path(__file__).resolve().parent
@@ -112,22 +113,24 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
 AGENT_STOPS_WORKERS = "closing signal SIGTERM"
 
 
-def kill_workers(agent_pid: int) -> None:
+def kill_workers(agent_pid: int) -> list[Any]:
     """SIGKILL every descendant of torchrun's agent ``agent_pid`` (its ranks), not the agent: it reports them.
     A rank SIGTERMed after a peer died sits in a collective or a barrier waiting for that peer (gloo's and
     btckpt's timeouts are minutes), so the agent waits its full 30 s before it SIGKILLs it itself (torch 2.13's
-    agent ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT there); killing it now ends the job the same way, earlier."""
+    agent ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT there); killing it now ends the job the same way, earlier.
+    Returns the ``psutil.Process`` objects signalled (for a wait)."""
     import psutil
 
     try:
         kids = psutil.Process(agent_pid).children(recursive=True)
     except psutil.Error:
-        return
+        return []
     for k in kids:
         try:
             k.kill()
         except psutil.Error:
             pass
+    return kids
 
 
 def finish_after_rank_death(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
@@ -172,15 +175,7 @@ def kill_session(proc: subprocess.Popen[str]) -> None:
     rank in a session of its own, so killing the group alone would leave the ranks running)."""
     import psutil
 
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        kids = []
-    for k in kids:
-        try:
-            k.kill()
-        except psutil.Error:
-            pass
+    kids = kill_workers(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
