@@ -20,6 +20,7 @@ import btckpt
 import numpy as np
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from crash_train import _plain, _tensors, script_args
 from rank_output import say
 
@@ -95,10 +96,8 @@ def main() -> int:
         say("DONE")
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # inside main(): DDP's Reducer still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 from crash_paths import LOCAL_PHASES, SAVE_PATHS, UPLOAD_PHASES, SavePath
-from dist_launch import AGENT_STOPS_WORKERS, kill_workers, repo_pythonpath
+from dist_launch import AGENT_STOPS_WORKERS, dump_stacks, kill_workers, repo_pythonpath
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -43,6 +43,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BT_", "BTCKPT_"))}
     env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))  # also run outside pytest (benchmarks/crash_soak)
     env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung run's stacks, on SIGABRT (Run.kill(dump=True))
     env.update(extra or {})
     return env
 
@@ -169,7 +170,7 @@ class Run:
         while self.alive() and marker not in self.stdout():
             self.track()
             if time.monotonic() > deadline:
-                self.kill()
+                self.kill(dump=True)
                 raise AssertionError(f"no {marker!r} within {timeout}s:\n{self.stderr()[-3000:]}")
             time.sleep(0.01)
 
@@ -179,9 +180,12 @@ class Run:
             self.track()
             time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
 
-    def kill(self) -> None:
-        """SIGKILL the whole tree at once: the session's process group, then every other descendant."""
+    def kill(self, *, dump: bool = False) -> None:
+        """SIGKILL the whole tree at once: the session's process group, then every other descendant. ``dump``
+        (a timeout): every process prints its threads' stacks first (:func:`dist_launch.dump_stacks`)."""
         self.track()
+        if dump:
+            dump_stacks(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -214,9 +218,9 @@ class Run:
                     kill_workers(self.proc.pid)
                     reaped = True
             if time.monotonic() > deadline:
-                self.kill()
+                self.kill(dump=True)
                 self.proc.wait()
-                raise AssertionError(f"still running after {timeout}s:\n{self.stderr()[-3000:]}")
+                raise AssertionError(f"still running after {timeout}s:\n{self.stderr()[-12000:]}")
             time.sleep(0.02)
         return int(self.proc.returncode)
 

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import torch
+from _rank_exit import exit_rank
 from crash_train import _plain, _tensors, script_args
 from rank_output import say
 
@@ -101,12 +102,10 @@ def _zero_digest(trainer, out: str, rank: int) -> int:
             json.dump({"step": trainer.state.global_step, "digest": h.hexdigest()}, f)
         say("DONE")
     dist.barrier()
-    return 0
+    exit_rank(0)  # inside main(): the DeepSpeed engine still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
     if "--zero" in sys.argv:  # a torchrun rank: leave without interpreter teardown (see _rank_exit)
-        from _rank_exit import exit_rank
-
         exit_rank(main())
     sys.exit(main())

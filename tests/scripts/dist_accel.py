@@ -13,6 +13,7 @@ import argparse
 
 import btckpt
 import torch
+from _rank_exit import exit_rank
 from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,10 +79,8 @@ def main() -> int:
         save_file({k: v.contiguous() for k, v in full.items()}, args.out)
     acc.wait_for_everyone()
     acc.end_training()  # destroy_process_group() while the interpreter is fully alive, after ckpt.close()
-    return 0
+    exit_rank(0)  # inside main(): DDP's Reducer still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

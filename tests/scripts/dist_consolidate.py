@@ -12,6 +12,7 @@ from pathlib import Path
 import btckpt
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from rank_output import say
 
 
@@ -42,10 +43,8 @@ def main() -> int:
         say(f"rank {rank}: consolidator on this rank: {ckpt._consolidator is not None}")
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # inside main(): what holds the group is still alive (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

@@ -21,6 +21,7 @@ from pathlib import Path
 import btckpt
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from dist_train import say
 
 
@@ -106,12 +107,10 @@ def main() -> int:
     else:
         preempt(Path(args.dir), rank, args.grace, ddp=not args.no_ddp)
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # inside main(): what holds the group is still alive (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     try:
         code = main()
     except SystemExit as exc:

@@ -8,6 +8,7 @@ from typing import Any
 import btckpt
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 
 
 def tiny_fsdp_llama() -> tuple[Any, Any]:
@@ -40,10 +41,8 @@ def main() -> int:
         save_file({k: v.contiguous() for k, v in full.items()}, out)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # inside main(): what holds the group is still alive (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

@@ -101,6 +101,7 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        dump_stacks(proc.pid)
         kill_session(proc)
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
@@ -160,6 +161,7 @@ def finish_after_rank_death(proc: subprocess.Popen[str], timeout: float) -> tupl
         time.sleep(0.05)
     timed_out = proc.poll() is None
     if timed_out:
+        dump_stacks(proc.pid)
         kill_session(proc)
     proc.wait()
     reader.join(60)
@@ -168,6 +170,26 @@ def finish_after_rank_death(proc: subprocess.Popen[str], timeout: float) -> tupl
     if timed_out:
         raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}")
     return proc.returncode, out
+
+
+def dump_stacks(root_pid: int, *, grace: float = 5.0) -> None:
+    """A hung job's last words: SIGABRT ``root_pid`` and every descendant, so each Python process started with
+    ``PYTHONFAULTHANDLER=1`` (:func:`env_with`, the crash harness's ``child_env``) prints every thread's stack to
+    its stderr (torchrun's ranks: into the agent's), one after another, waiting up to ``grace`` s for each to end.
+    Call it on a timeout, before the kill, so the failure says where each rank waited."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for p in procs:  # one at a time (their stacks do not interleave): the ranks first, then the agent
+        try:
+            p.send_signal(signal.SIGABRT)
+            p.wait(timeout=grace)
+        except (psutil.Error, psutil.TimeoutExpired):
+            pass
 
 
 def kill_session(proc: subprocess.Popen[str]) -> None:

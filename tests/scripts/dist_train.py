@@ -21,6 +21,7 @@ from typing import Any
 import btckpt
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from rank_output import say
 
 
@@ -93,7 +94,7 @@ def end_rank(mode: str, net: torch.nn.Module, opt: torch.optim.Optimizer, *, out
         dist.barrier()
         dist.destroy_process_group()
     say(f"rank {rank}: done at {step}")
-    return 0
+    exit_rank(0)  # inside the caller's main(): DDP's Reducer still holds the group (see _rank_exit)
 
 
 def main() -> int:
@@ -154,6 +155,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

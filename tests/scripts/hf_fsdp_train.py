@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from dist_train import as_flat, say
 from hf_train import SEQ, VOCAB, Synthetic
 
@@ -177,10 +178,8 @@ def main() -> int:
     if a.dump:
         dump(trainer, a.dump)
     say(f"rank {args.process_index}: done {trainer.state.global_step} best {trainer.state.best_model_checkpoint}")
-    return 0
+    exit_rank(0)  # inside main(): the Trainer's wrapped model still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

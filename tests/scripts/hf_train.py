@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _rank_exit import exit_rank
 from rank_output import say
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -216,10 +217,8 @@ def main() -> int:
     if a.count_collectives:
         say(f"BTCKPT_ALL_REDUCE rank={trainer.args.process_index} n={calls[0]}")
     say(f"DONE {trainer.state.global_step}")
-    return 0
+    exit_rank(0)  # inside main(): the Trainer's DDP model still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from dist_train import say
 from hf_train import SEQ, VOCAB, Synthetic
 
@@ -127,10 +128,8 @@ def main() -> int:
     if a.dump:
         dump(trainer, a.dump)
     say(f"rank {args.process_index}: done {trainer.state.global_step}")
-    return 0
+    exit_rank(0)  # inside main(): the DeepSpeed engine still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())

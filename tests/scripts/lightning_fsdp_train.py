@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _rank_exit import exit_rank
 from btckpt.lightning import FSDPStrategy, ModelCheckpoint, ModelParallelStrategy, SafetensorsCheckpointIO, resume_path
 from dist_train import as_flat
 from lightning_train import Batches, Tiny
@@ -180,10 +181,9 @@ def main() -> None:
     if a.dump:
         dump(model, a.dump)
     say(f"rank {rank}: done")
+    exit_rank(0)  # inside main(): the strategy's model still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     main()
     exit_rank(0)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from datetime import timedelta
 
 import lightning as L
 import torch
+from _rank_exit import exit_rank
 from btckpt.lightning import ModelCheckpoint, SafetensorsCheckpointIO, resume_path
 from rank_output import say
 from safetensors.torch import save_file
@@ -214,12 +214,9 @@ def main() -> None:
     if dump and (trainer.is_global_zero or dump != a.dump):
         dump_state(trainer, model, dump)
     say("done")
-    sys.stdout.flush()
-    os._exit(0) if os.environ.get("FAST_EXIT") else None
+    exit_rank(0)  # inside main(): the strategy's DDP model still holds the group (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     main()
     exit_rank(0)

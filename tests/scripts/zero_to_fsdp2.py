@@ -16,6 +16,7 @@ import json
 
 import torch
 import torch.distributed as dist
+from _rank_exit import exit_rank
 from dist_train import say
 from hf_zero_train import llama_config
 
@@ -58,10 +59,8 @@ def main() -> int:
         save_file(flat, a.dump, metadata={"step": str(step), "optim_steps": json.dumps(sorted(steps))})
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)  # inside main(): what holds the group is still alive (see _rank_exit)
 
 
 if __name__ == "__main__":
-    from _rank_exit import exit_rank
-
     exit_rank(main())
