@@ -10,7 +10,9 @@ plus Adam's two moments). Stall = time the save call blocks + time btckpt's step
 ``loop`` (issue 13 section 1): a CPU training loop over a ``--loop-mb`` model + AdamW state with torch on
 ``--threads`` threads (default: every core), a save every ``--every`` steps; contenders no save, btckpt
 async, btckpt sync, DCP ``async_save`` (default config) alternate round by round. Per-save loss = (loop
-time with saves - loop time without) / saves, each loop ending when its last save is durable.
+time with saves - loop time without) / saves, each loop ending when its last save is durable; the steady
+loss leaves that final wait out (what a long run pays per save), and each round prints where the seconds
+went (training steps slowed by the background work, the save calls, the final wait).
 ``cpu``: CPU seconds per saved GiB of each stage (arena copy, xxh3 checksum, write, fsync) and of whole
 saves (btckpt sync, btckpt async, DCP async_save), from the process's CPU clock.
 All figures come from public APIs (``Checkpointer.stats`` for the step gate).
@@ -346,8 +348,13 @@ class LoopNet(torch.nn.Module):
         return torch.tanh(self.layers(x)).pow(2).mean()
 
 
-def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int, saves: int) -> tuple[float, int]:
-    """One loop of ``every * (saves + 1)`` steps with ``saves`` saves; returns (seconds, saves)."""
+def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int,
+               saves: int) -> tuple[float, int, dict[str, float]]:
+    """One loop of ``every * (saves + 1)`` steps with ``saves`` saves; returns (seconds, saves, parts): the
+    seconds in training steps (``steps``), in the save calls (``save``: snapshot and any back-pressure wait for
+    the previous save; DCP: ``state_dict()``, the wait for the previous future and ``async_save``), in the
+    final wait for the last save (``final``: ``close()`` / the last future); btckpt's step gate (``gate``, part
+    of ``steps``) and the process's CPU seconds, every thread (``cpu``)."""
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)
@@ -367,9 +374,15 @@ def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int, saves: in
                                  async_save=kind == "btckpt async", handle_sigterm=False)
     fut: Any = None
     n = 0
-    t0 = time.perf_counter()
+    parts = {"steps": 0.0, "save": 0.0, "final": 0.0, "gate": 0.0, "cpu": 0.0}
+    clock = time.perf_counter
+    c0 = time.process_time()  # every thread of the process: training, the copy thread, the writer
+    t0 = clock()
     for i in range(1, every * (saves + 1) + 1):
+        ts = clock()
         train_step()
+        t1 = clock()
+        parts["steps"] += t1 - ts
         if kind == "no save" or i % every or n >= saves:
             continue
         n += 1
@@ -381,31 +394,47 @@ def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int, saves: in
                 fut.result()  # one DCP save in flight at a time
             sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
             fut = dcp.async_save(sd, checkpoint_id=str(root / f"dcp-{i}"), no_dist=True)
+        parts["save"] += clock() - t1
+    tf = clock()
     if ck is not None:
+        parts["gate"] = ck.stats.gate_wait_s  # optimizer.step() held for the snapshot's copies (in "steps")
         ck.close()
     if fut is not None:
         fut.result()
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
+    parts["final"] = clock() - tf
+    parts["cpu"] = time.process_time() - c0
     for p in root.iterdir():
         shutil.rmtree(p, ignore_errors=True)
-    return dt, n
+    return dt, n, parts
 
 
-def bench_loop(root: Path, rounds: int, mb: int, batch: int, every: int, saves: int) -> dict[str, list[float]]:
-    """Per-save loss (seconds) of each contender, one value per round (contenders alternate)."""
+def bench_loop(root: Path, rounds: int, mb: int, batch: int, every: int,
+               saves: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-save loss (seconds) of each contender, one value per round (contenders alternate): the whole loop's
+    (the final wait for the last save included), and the steady one (the same loop up to its last step: the
+    final wait left out, what a long run pays per save). Prints where each contender's seconds went."""
     kinds = ["no save", "btckpt async", "btckpt sync", "DCP async_save"]
     loss: dict[str, list[float]] = {k: [] for k in kinds[1:]}
+    steady: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     (root / "loop").mkdir(exist_ok=True)
     for r in range(rounds):
         order = kinds if r % 2 == 0 else [kinds[0]] + kinds[:0:-1]
         times = {k: _loop_once(k, root / "loop", mb, batch, every, saves) for k in order}
-        base = times["no save"][0]
+        base, _, base_parts = times["no save"]
         for k in kinds[1:]:
-            dt, n = times[k]
+            dt, n, parts = times[k]
             loss[k].append((dt - base) / max(1, n))
+            steady[k].append((dt - parts["final"] - base) / max(1, n))
         print(f"round {r + 1} (no save {base:.2f}s): " + ", ".join(f"{k} {v[-1] * 1e3:+.0f} ms/save"
                                                                  for k, v in loss.items()), flush=True)
-    return loss
+        for k in kinds[1:]:
+            dt, n, parts = times[k]
+            print(f"    {k}: per save: steps slower by {(parts['steps'] - base_parts['steps']) / n * 1e3:+.0f} ms "
+                  f"(step gate {parts['gate'] / n * 1e3:.0f} ms of it), in save() {parts['save'] / n * 1e3:.0f} ms, "
+                  f"extra CPU {(parts['cpu'] - base_parts['cpu']) / n * 1e3:+.0f} ms; final wait "
+                  f"{parts['final'] * 1e3:.0f} ms (steady {steady[k][-1] * 1e3:+.0f} ms/save)", flush=True)
+    return loss, steady
 
 
 def bench_cpu(root: Path, mb: int) -> dict[str, float]:
@@ -511,19 +540,21 @@ def main() -> None:
               f"{peaks[0] / nbytes:.3f}x, after save {len(peaks)} {peaks[-1] / nbytes:.3f}x (growth "
               f"{(peaks[-1] - peaks[0]) / 2**20:.1f} MiB)")
     if "loop" in parts:
-        loss = bench_loop(root, args.rounds, args.loop_mb, args.loop_batch, args.every, args.loop_saves)
-        print(f"\n| CPU loop ({args.loop_mb} MB state, {args.threads} threads, save every {args.every} steps) "
-              "| loss per save, ms |\n|---|---|")
-        for k, v in loss.items():
-            ms = [x * 1e3 for x in v]
-            print(f"| {k} | median {statistics.median(ms):+.0f} (min {min(ms):+.0f}, max {max(ms):+.0f}, "
-                  f"n={len(ms)}) |")
-        med = {k: statistics.median(v) for k, v in loss.items()}
-        for peer in ("DCP async_save", "btckpt sync"):
-            if med[peer] > 0:
-                print(f"  btckpt async / {peer} = {med['btckpt async'] / med[peer]:.2f}x")
-            else:
-                print(f"  btckpt async / {peer}: {peer} lost nothing measurable ({med[peer] * 1e3:+.0f} ms)")
+        loss, steady = bench_loop(root, args.rounds, args.loop_mb, args.loop_batch, args.every, args.loop_saves)
+        for title, table in (("loss per save, ms (final wait included)", loss),
+                             ("steady loss per save, ms (final wait left out)", steady)):
+            print(f"\n| CPU loop ({args.loop_mb} MB state, {args.threads} threads, save every {args.every} steps) "
+                  f"| {title} |\n|---|---|")
+            for k, v in table.items():
+                ms = [x * 1e3 for x in v]
+                print(f"| {k} | median {statistics.median(ms):+.0f} (min {min(ms):+.0f}, max {max(ms):+.0f}, "
+                      f"n={len(ms)}) |")
+            med = {k: statistics.median(v) for k, v in table.items()}
+            for peer in ("DCP async_save", "btckpt sync"):
+                if med[peer] > 0:
+                    print(f"  btckpt async / {peer} = {med['btckpt async'] / med[peer]:.2f}x")
+                else:
+                    print(f"  btckpt async / {peer}: {peer} lost nothing measurable ({med[peer] * 1e3:+.0f} ms)")
     if "cpu" in parts:
         cost = bench_cpu(root, args.loop_mb)
         print("\n| stage | CPU s per GiB |\n|---|---|")

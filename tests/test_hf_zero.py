@@ -64,11 +64,32 @@ def only_zero_checkpoint(run: Path, step: int) -> dict:
     return man
 
 
+@pytest.fixture(scope="module")
+def zero3_ref8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The uninterrupted 2-rank ZeRO-3 run of 8 steps (a checkpoint every 4), shared by the tests that compare
+    with it (read only): ``(folder, output)``; ``folder/ref`` holds ``checkpoint-4`` and ``checkpoint-8``,
+    ``folder/ref.st`` the full fp32 master weights + moments at its end."""
+    _needs_deepspeed()
+    tmp = tmp_path_factory.mktemp("zero3-ref8")
+    out = run(tmp, "ref", "--stage", "3", "--max-steps", "8", "--save-steps", "4", "--dump", str(tmp / "ref.st"))
+    return tmp, out
+
+
+def _reference8(tmp_path: Path, stage: int, request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """The uninterrupted 8-step run of ``stage``: ZeRO-3's is shared (:func:`zero3_ref8`), others run here."""
+    if stage == 3:
+        return request.getfixturevalue("zero3_ref8")
+    out = run(tmp_path, "ref", "--stage", str(stage), "--max-steps", "8", "--save-steps", "4",
+              "--dump", str(tmp_path / "ref.st"))
+    return tmp_path, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2, 1])
-def test_sigkill_whole_job_then_resume_is_bit_identical(tmp_path: Path, stage: int) -> None:
+def test_sigkill_whole_job_then_resume_is_bit_identical(tmp_path: Path, stage: int,
+                                                        request: pytest.FixtureRequest) -> None:
     _needs_deepspeed()
-    ref = run(tmp_path, "ref", "--stage", str(stage), "--max-steps", "8", "--dump", str(tmp_path / "ref.st"))
+    ref_dir, ref = _reference8(tmp_path, stage, request)
     assert set(resumed(ref, stage, 2).values()) == {"0"}
     env = env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run"), DS_ACCELERATOR="cpu")
     job = torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), "--stage", str(stage), "--max-steps", "8",
@@ -83,23 +104,22 @@ def test_sigkill_whole_job_then_resume_is_bit_identical(tmp_path: Path, stage: i
 
     out = run(tmp_path, "run", "--stage", str(stage), "--max-steps", "8", "--dump", str(tmp_path / "resumed.st"))
     assert resumed(out, stage, 2) == {"0": "4", "1": "4"}
-    assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")  # fp32 master + Adam moments, bit for bit
+    assert_same(ref_dir / "ref.st", tmp_path / "resumed.st")  # fp32 master + Adam moments, bit for bit
     ref_losses = sorted(set(re.findall(r"'loss': '([^']+)', 'grad_norm': '([^']+)'[^}]*'epoch': '([^']+)'", ref)))
     run_losses = set(re.findall(r"'loss': '([^']+)', 'grad_norm': '([^']+)'[^}]*'epoch': '([^']+)'", out))
     assert run_losses and run_losses <= set(ref_losses)  # steps 5-8: the reference's loss curve
 
 
 @pytest.mark.slow
-def test_zero3_from_nested_load_dir(tmp_path: Path) -> None:
-    _needs_deepspeed()
-    run(tmp_path, "a", "--stage", "3", "--max-steps", "8", "--save-steps", "4", "--dump", str(tmp_path / "ref.st"))
+def test_zero3_from_nested_load_dir(tmp_path: Path, zero3_ref8: tuple[Path, str]) -> None:
+    ref_dir, _ = zero3_ref8
     nested = tmp_path / "load" / "job-1" / "rank-0"
     nested.mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoint-4", nested / "checkpoint-4")
+    shutil.copytree(ref_dir / "ref" / "checkpoint-4", nested / "checkpoint-4")
     out = run(tmp_path, "b", "--stage", "3", "--max-steps", "8", "--dump", str(tmp_path / "resumed.st"),
               BT_LOAD_CHECKPOINT_DIR=str(tmp_path / "load"))
     assert resumed(out, 3, 2) == {"0": "4", "1": "4"}
-    assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")
+    assert_same(ref_dir / "ref.st", tmp_path / "resumed.st")
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +249,16 @@ def test_lightning_deepspeed_strategy_with_the_plugin_is_refused_naming_the_fix(
 
 
 @pytest.mark.slow
-def test_kill_during_one_ranks_partition_save_leaves_the_older_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+def test_kill_during_one_ranks_partition_save_leaves_the_older_checkpoint_and_resumes_exactly(
+        tmp_path: Path, zero3_ref8: tuple[Path, str]) -> None:
     """Crash harness, ZeRO path: rank 1 is SIGKILLed while writing its ZeRO-3 partition of checkpoint-8
     (``BTCKPT_FAULT=write_data:kill@1``; torchrun tears the job down). checkpoint-4 stays complete and verified,
     no checkpoint-8 is complete, and the restart resumes from 4, removes the torn temp folder and ends
-    bit-identical to an uninterrupted run."""
-    _needs_deepspeed()
+    bit-identical to an uninterrupted run (:func:`zero3_ref8`)."""
     from btckpt.storage.discovery import inspect, verify
 
-    common = ("--stage", "3", "--max-steps", "12")
-    run(tmp_path, "ref", *common, "--dump", str(tmp_path / "ref.st"))
+    ref_dir, _ = zero3_ref8
+    common = ("--stage", "3", "--max-steps", "8")
     env = env_with(BT_CHECKPOINT_DIR=str(tmp_path / "run"), DS_ACCELERATOR="cpu")
     job = torchrun(SCRIPT, ["--out", str(tmp_path / "out-run"), *common, "--pause-at", "6", "--pause-after", "4",
                             "--progress", str(tmp_path / "progress")], env=env)
@@ -258,4 +278,4 @@ def test_kill_during_one_ranks_partition_save_leaves_the_older_checkpoint_and_re
     out = run(tmp_path, "run", *common, "--dump", str(tmp_path / "resumed.st"))
     assert resumed(out, 3, 2) == {"0": "4", "1": "4"}
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".checkpoint-")]
-    assert_same(tmp_path / "ref.st", tmp_path / "resumed.st")
+    assert_same(ref_dir / "ref.st", tmp_path / "resumed.st")
