@@ -15,9 +15,10 @@ returns 2 or falls back to 1 (with checkpoint-1's weights loaded); a successful 
 checkpoint whose files verify; nothing in the tree changes (no write anywhere, the older checkpoint and the
 file outside untouched) except the Checkpointer's own lock file.
 
-CI runs ``BTCKPT_FUZZ_EXAMPLES`` cases (default 1,000, derandomized: the same cases every run);
-``BTCKPT_FUZZ_EXAMPLES=10000`` is the long run (about 12 minutes here; lift the suite's 300 s limit with
-``-o timeout=1500``). ``BTCKPT_FUZZ_REPORT=<file>`` writes the outcome counts as JSON.
+CI runs ``BTCKPT_FUZZ_EXAMPLES`` cases (default 1,000) in ``SHARDS`` tests of a fixed seed each (the same cases
+every run; pytest-xdist runs the shards side by side); ``BTCKPT_FUZZ_EXAMPLES=10000`` is the long run (about 12
+minutes here on one worker; lift the suite's 300 s limit with ``-o timeout=1500``). ``BTCKPT_FUZZ_REPORT=<file>``
+writes the outcome counts of all shards as JSON (each shard adds its own under a lock).
 
 Internals used: btckpt.cli, btckpt.format.manifest, btckpt.storage.discovery (the manifest's digest helpers to
 re-sign a mutated checkpoint, the command's ``verify``, discovery to judge the folders on disk (complete, verified),
@@ -50,10 +51,11 @@ from btckpt.format.manifest import _ZERO, MANIFEST, _digest, _needle
 from btckpt.storage.discovery import scan
 
 pytest.importorskip("hypothesis", reason="hypothesis: a dev dependency (btckpt[dev]), not in the lowest-versions venv")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BTCKPT_FUZZ_EXAMPLES", "1000"))
+SHARDS = 4  # tests of EXAMPLES / SHARDS cases each, one seed per shard
 CASE_TIMEOUT = 60.0
 VARIANTS = ("plain", "sharded", "dcp", "zero")  # zero: a flat partition's boxes (distributed/zero.py's layout)
 
@@ -498,14 +500,18 @@ def quiet() -> Any:
     log.setLevel(old)
 
 
-def test_fuzz_reading(pristine: dict[str, Path], tmp_path: Path, quiet: None) -> None:
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_fuzz_reading(pristine: dict[str, Path], tmp_path: Path, quiet: None, shard: int) -> None:
     STATS.clear()
     TIMES.clear()
     want1 = make_state(1)["model"][0].weight.detach().clone()
     count = [0]
     t_start = time.monotonic()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=False,
+    examples = -(-EXAMPLES // SHARDS)
+
+    @seed(shard)
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
               phases=(Phase.generate,), report_multiple_bugs=False,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
@@ -537,11 +543,31 @@ def test_fuzz_reading(pristine: dict[str, Path], tmp_path: Path, quiet: None) ->
 
     case()
     elapsed = time.monotonic() - t_start
-    report = {"cases": count[0], "seconds": round(elapsed, 1), "hangs": STATS["HANG"],
+    report = {"shard": shard, "cases": count[0], "seconds": round(elapsed, 1), "hangs": STATS["HANG"],
               "violations": sum(v for k, v in STATS.items() if "VIOLATION" in k),
               "slowest_case_s": round(max(TIMES, default=0.0), 2), "outcomes": dict(sorted(STATS.items()))}
     print(json.dumps(report, indent=1))
     if os.environ.get("BTCKPT_FUZZ_REPORT"):
-        Path(os.environ["BTCKPT_FUZZ_REPORT"]).write_text(json.dumps(report, indent=1))
-    assert count[0] >= min(EXAMPLES, 1000) * 0.9, count[0]
+        _add_report(Path(os.environ["BTCKPT_FUZZ_REPORT"]), report)
+    assert count[0] >= min(examples, 1000 // SHARDS) * 0.9, count[0]
     assert report["violations"] == 0 and report["hangs"] == 0
+
+
+def _add_report(path: Path, report: dict[str, Any]) -> None:
+    """Merge one shard's ``report`` into the JSON at ``path`` (the shards may run in parallel workers): the
+    totals of cases, hangs, violations and outcomes, the longest ``seconds`` and ``slowest_case_s``."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {}
+        shards = sorted({*old.get("shards", []), report["shard"]})
+        outcomes = Counter(old.get("outcomes", {}))
+        outcomes.update(report["outcomes"])
+        merged = {"shards": shards, "cases": old.get("cases", 0) + report["cases"],
+                  "seconds": max(old.get("seconds", 0.0), report["seconds"]),
+                  "hangs": old.get("hangs", 0) + report["hangs"],
+                  "violations": old.get("violations", 0) + report["violations"],
+                  "slowest_case_s": max(old.get("slowest_case_s", 0.0), report["slowest_case_s"]),
+                  "outcomes": dict(sorted(outcomes.items()))}
+        path.write_text(json.dumps(merged, indent=1))

@@ -104,7 +104,7 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
         dump_stacks(proc.pid)
         kill_session(proc)
         out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-12000:]}") from None
     kill_session(proc)  # stray grandchildren, if any
     return proc.returncode, out
 
@@ -168,7 +168,7 @@ def finish_after_rank_death(proc: subprocess.Popen[str], timeout: float) -> tupl
     kill_session(proc)  # stray grandchildren, if any
     out = "".join(lines)
     if timed_out:
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-12000:]}")
     return proc.returncode, out
 
 
@@ -181,11 +181,12 @@ def dump_stacks(root_pid: int, *, grace: float = 5.0) -> None:
 
     try:
         root = psutil.Process(root_pid)
-        procs = [*root.children(recursive=True), root]
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return
-    for p in procs:  # one at a time (their stacks do not interleave): the ranks first, then the agent
+    for p in procs:  # one at a time (their stacks do not interleave); the ranks last (the end of the output)
         try:
+            p.rlimit(psutil.RLIMIT_CORE, (0, 0))  # the abort leaves no core file, whatever the machine's limit
             p.send_signal(signal.SIGABRT)
             p.wait(timeout=grace)
         except (psutil.Error, psutil.TimeoutExpired):
