@@ -16,14 +16,18 @@ import torch
 
 
 def transformer_like_state(total_bytes: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state of ``total_bytes`` float32 tensors: a few large matrices and many small ones (~6% of bytes)."""
+    """A state of about ``total_bytes`` (down to a 48 KiB multiple) of float32 tensors: a few large matrices
+    (rows of 1024) and many small ones (~6% of the bytes at 1 GiB)."""
     g = torch.Generator().manual_seed(seed)
     small_n, small_bytes = 256, 256 << 10
     big_total = total_bytes - small_n * small_bytes
     big_n = 12
+    rows = big_total // big_n // 4 // 1024  # whole rows: any total_bytes gives matrices of 1024 columns
+    if rows < 1:
+        raise ValueError(f"total_bytes={total_bytes}: at least {small_n * small_bytes + big_n * 4096} bytes")
     out: dict[str, torch.Tensor] = {}
     for i in range(big_n):
-        out[f"layers_{i}_mlp_weight"] = torch.randn(big_total // big_n // 4, generator=g).view(-1, 1024)
+        out[f"layers_{i}_mlp_weight"] = torch.randn(rows * 1024, generator=g).view(rows, 1024)
     for i in range(small_n):
         out[f"layers_{i % 12}_norm{i}_weight"] = torch.randn(small_bytes // 4, generator=g)
     return out
