@@ -25,7 +25,7 @@ from .consolidate import Consolidator
 from .distributed.session import OpTags, agree_session, session_identity
 from .distributed.world import World
 from .distributed.world import world as _world
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .policies import KeepLast, Preemption, SaveRouting, SaveSchedule
 from .policies.exit import close_at_exit as _close_at_exit  # noqa: F401 - tests run the at-exit close themselves
 from .policies.exit import register_exit
@@ -70,9 +70,7 @@ class Checkpointer:
         # dir=URL: this node's checkpoints are committed into a staging root, then published at self.remote
         self.remote, self.root = commit_root(cfg, nodes=self.world.nodes, node_rank=self.world.node_rank)
         self._lock: DirLock | None = None
-        self._closed = False
         self._crashed = False  # closed at exit after an uncaught exception: the local tier stays for the restart
-        self._abandoned = False  # after SIGTERM, close() left work running when the grace ran out (exit now)
         self._busy = threading.Lock()  # one save / restore / wait at a time (threads share one Checkpointer)
         self.last_restore: RestoreReport | None = None  # what the last restore() loaded and skipped, per group
         self._session = agree_session(self.world, self._identity, owner=self, timeout=cfg.barrier_timeout)
@@ -84,10 +82,7 @@ class Checkpointer:
         self._publication = Publication(self.world, self.root, retention=retention, consolidator=consolidator,
                                         upload_to=cfg.upload_to, remote=self.remote)
         if self.world.is_local_leader:
-            self._lock = DirLock(self.root)
-            if self._lock.removed:
-                log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
-                            len(self._lock.removed), ", ".join(p.name for p in self._lock.removed))
+            self._lock = DirLock.taken(self.root)
         try:  # retention hands a retired tier step's files back to the arena they came from
             self._tiers = TierSession.create(cfg, self.world, self.root, session=self._session,
                                              salvage=lambda path: self._engine.stager.reclaim(path))
@@ -100,8 +95,8 @@ class Checkpointer:
         self._schedule = SaveSchedule(every_steps=cfg.every_steps, every_seconds=cfg.every_seconds,
                                       local_every_steps=cfg.local_every_steps)
         self._route = SaveRouting(engine=self._engine, tiers=self._tiers, publication=self._publication,
-                                  schedule=self._schedule, tags=self._tags, timeout=self._barrier_timeout,
-                                  busy=self._busy, check=self._check_open)
+                                  schedule=self._schedule, preemption=self._preemption, tags=self._tags,
+                                  timeout=lambda: self._preemption.timeout(cfg.barrier_timeout), busy=self._busy)
         self._publication.start(self._engine.errors)  # the uploader (node's leader); consolidation errors
         self._tiers.watch(self._engine.errors)
         if cfg.handle_sigterm:
@@ -112,9 +107,6 @@ class Checkpointer:
         return Resume(config=self.config, world=self.world, root=self.root, remote=self.remote, session=session,
                       local=self._tiers.resumable())
 
-    def _barrier_timeout(self) -> float:
-        return self._preemption.timeout(self.config.barrier_timeout)
-
     # the collaborators, for tests and tools that inspect or replace them
     _stager = property(lambda self: self._engine.stager,
                        lambda self, stager: setattr(self._engine, "stager", stager))
@@ -122,12 +114,14 @@ class Checkpointer:
     _pending = property(lambda self: self._engine.pending)
     _tier = property(lambda self: self._tiers.tier, lambda self, tier: setattr(self._tiers, "tier", tier))
     _consolidator = property(lambda self: self._publication.consolidator)
+    _closed = property(lambda self: self._route.closed)  # read by the at-exit close (policies.exit)
+    _abandoned = property(lambda self: self._route.abandoned)
 
     # -- saving -----------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` ran."""
-        return self._closed
+        return self._route.closed
 
     @property
     def stats(self) -> CheckpointStats:
@@ -157,23 +151,18 @@ class Checkpointer:
              optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
         """Snapshot ``state`` as checkpoint ``step``; returns once the snapshot is safe (see the class doc).
 
-        ``extra_files`` (name -> bytes) are written into the folder too (integrations: ``config.json`` and the
-        like); ``meta`` is stored in the manifest. ``on_commit(folder)`` runs on the writer after the commit
-        (integrations publish names that point at the folder); its error counts as the save's error. ``peer_rng``
-        (rank -> :func:`~btckpt.restore.rng.capture_rng` data) adds ``rng_state_<rank>.json``, inside the same
-        commit, for ranks that do not call ``save`` (frameworks where only rank 0 saves, e.g. Lightning).
-        ``optimizers``: for states given as plain tensors (framework dicts), the optimizers whose ``step()`` alone
-        writes their parameters and state; tensors of ``state`` sharing storage with those copy in the background
-        behind their step gate.
+        ``extra_files`` (name -> bytes) go into the folder too (``config.json`` and the like); ``meta`` into the
+        manifest. ``on_commit(folder)`` runs on the writer after the commit; its error is the save's error.
+        ``peer_rng`` (rank -> :func:`~btckpt.restore.rng.capture_rng` data) adds ``rng_state_<rank>.json`` in the
+        same commit, for ranks that do not call ``save`` (only rank 0 saves, e.g. Lightning). ``optimizers``: for
+        plain-tensor states, the optimizers whose ``step()`` alone writes their parameters and state; tensors
+        sharing storage with those copy in the background behind their step gate. With a local tier
+        (``local_every_steps``) it is a tier save of ``step`` (unless the tier holds it) promoted into ``dir`` in
+        the background; ``on_commit`` then gets the folder in ``dir`` (on the node's leader, which promotes).
 
-        With a local tier (``local_every_steps``) the checkpoint goes through it: a tier save of ``step`` (unless
-        the tier already holds it), then its promotion into ``dir`` in the background (one device copy);
-        ``on_commit`` then gets the folder in ``dir`` once the promotion committed (on the node's leader, the rank
-        that promotes).
-
-        Saves from several threads are serialized (each one's snapshot is taken alone). Plain-data groups (no
-        tensors) are saved per rank: another rank's ``{"shard": 1}`` goes to its ``state_<rank>.json`` and comes
-        back to that rank at restore; groups holding tensors are taken from local rank 0.
+        Saves from several threads are serialized. Plain-data groups (no tensors) are saved per rank (another
+        rank's ``{"shard": 1}`` goes to its ``state_<rank>.json`` and back to it at restore); groups holding
+        tensors are taken from local rank 0.
         """
         self._route.durable(SaveRequest(step, state, extra_files, meta, on_commit, peer_rng, tuple(optimizers)))
 
@@ -181,15 +170,13 @@ class Checkpointer:
                    meta: Mapping[str, Any] | None = None, on_commit: Callable[[Path], None] | None = None,
                    peer_rng: Mapping[int, Mapping[str, Any]] | None = None,
                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> bool:
-        """Snapshot ``state`` as checkpoint ``step`` into the local tier only (``local_every_steps``; the
-        keywords as in :meth:`save`, ``on_commit`` gets the tier folder).
+        """Snapshot ``state`` as checkpoint ``step`` into the local tier only (``local_every_steps``; keywords as
+        in :meth:`save`, ``on_commit`` gets the tier folder). Called like :meth:`save` (every rank, same step).
 
-        Called like :meth:`save`: by every rank that calls ``save``, at the same step, between two
-        training steps. It guarantees what a save guarantees, in the tier: returns once the snapshot is
-        safe, the checkpoint commits in the background, and a restart on this node resumes from it (the
-        tier keeps the newest step; :meth:`save`, the durable cadence of :meth:`maybe_save` and
-        ``close()`` promote it into ``dir``). A step the tier already holds from this Checkpointer is not
-        saved again (returns False; True when it saved). Raises ConfigError without a tier.
+        What a save guarantees, in the tier: returns once the snapshot is safe, commits in the background, and a
+        restart on this node resumes from it (:meth:`save`, the durable cadence of :meth:`maybe_save` and
+        ``close()`` promote it into ``dir``). A step the tier holds from this Checkpointer is not saved again
+        (returns False; True when it saved). Raises ConfigError without a tier.
         """
         if not self._tiers.saving:
             raise ConfigError("save_local() needs a local tier: pass local_every_steps=K (and optionally "
@@ -204,13 +191,12 @@ class Checkpointer:
         return frozenset(self._publication.consolidating)
 
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> bool:
-        """Call every step: saves when ``every_steps``/``every_seconds`` says so, or at preemption.
+        """Call every step: saves when ``every_steps``/``every_seconds`` says so, or at preemption; True when it saved.
 
-        With a local tier, also saves into it every ``local_every_steps`` steps (:meth:`save_local`); the
-        durable saves go through the tier (:meth:`save`). After SIGTERM it saves, waits for the commit (up
-        to ``preemption_grace`` seconds) and exits the process with status 0. With several ranks, a SIGTERM
-        on any rank makes every rank stop at the same step (agreed through the store, so ranks signalled at
-        different times still save one checkpoint together). Returns True when it saved.
+        With a local tier, also saves into it every ``local_every_steps`` steps (:meth:`save_local`). After SIGTERM
+        it saves, waits for the commit (up to ``preemption_grace`` seconds) and exits with status 0; a SIGTERM on any
+        rank makes every rank stop at the same step (agreed through the store: ranks signalled at different times
+        still save one checkpoint together).
         """
         if self._preemption.due(step):
             self.finish_preemption(step, state)
@@ -225,17 +211,8 @@ class Checkpointer:
 
         The grace covers everything: a save still writing from before, this save, and every wait for peers.
         """
-        pre = self._preemption
-        pre.begin()
         save = None if step == self._schedule.last_step else lambda: self._route.durable(SaveRequest(step, state))
-        if not pre.commit(step, engine=self._engine, tiers=self._tiers, save=save):
-            return  # the grace ran out (logged): the process exits without it
-        self.wait()
-        if self._tiers.tier is not None and not self.world.is_local_leader:  # the node's leader promotes
-            log.warning("btckpt: preemption checkpoint for step %d saved into the local tier; local rank 0 promotes "
-                        "it into the dir", step)
-        else:
-            log.warning("btckpt: preemption checkpoint for step %d committed", step)
+        self._route.preempt(step, save)
 
     def fence(self) -> None:
         """Block until the current snapshot's copies are done: call before writing into saved tensors in
@@ -247,44 +224,13 @@ class Checkpointer:
 
         With ``dir=URL`` that includes publishing: the uploader's pass over every commit so far.
         """
-        self._check_open()
-        with self._busy:
-            self._engine.drain()
-            self._tiers.wait()
-            self._engine.raise_pending()
-        self._publication.wait()
+        self._route.wait()
 
     def close(self) -> None:
-        """Wait for pending saves, release the arena, the lock and the hooks. Idempotent."""
-        if self._closed:
-            return
-        clean, pre = False, self._preemption
-        try:
-            with self._busy:
-                if pre.saving and not pre.settled(self._engine):
-                    self._abandoned = True  # after SIGTERM: the save still writing outlived the grace
-                else:
-                    self._engine.drain()
-                    clean = self._route.closing(crashed=self._crashed, preempted=pre.saving)
-        finally:
-            self._closed = True
-            # after SIGTERM every wait below ends when the grace does (pre.left()); what is cut short stays for the
-            # restart (a tier, a replica exchange, a consolidation, the uploader's journal)
-            errors = self._engine.errors
-            if not self._tiers.close(clean=clean, crashed=self._crashed, errors=errors, left=pre.left):
-                self._abandoned = True
-            if not self._publication.close(errors=errors, left=pre.left):
-                self._abandoned = True
-            # abandoned: the writer may still read the arena; it, the thread and the lock end with the process
-            self._engine.close(abandon=self._abandoned)
-            if not self._abandoned and self._lock is not None:
-                self._lock.release()
-            pre.close()  # after a preemption save the process is on its way out: SIGTERM stays handled
-        self._engine.raise_pending()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CheckpointError("this Checkpointer is closed; create a new one")
+        """Wait for pending saves, release the arena, the lock and the hooks; raise a background error not raised
+        yet (once). Idempotent."""
+        if not self._route.closed:
+            self._route.shutdown(crashed=self._crashed, lock=self._lock)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -307,15 +253,14 @@ class Checkpointer:
     def restore(self, state: MutableMapping[str, Any], *, strict: bool = True) -> int | None:
         """Load the newest complete checkpoint into ``state`` in place; return its step, or None.
 
-        Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A
-        damaged checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what
-        matches and says what it skipped: a warning per restore, and :attr:`last_restore` (a
-        :class:`~btckpt.RestoreReport`: per group, the keys loaded and skipped); it refuses
-        (``StateMismatch``) a load that matches nothing of a model, or that would load optimizer state for
-        parameters it did not load. Saves still writing are committed first. Raises ``NoCheckpointFound``
-        when ``load_dir`` is set but nothing is found anywhere (unless ``on_missing='start_fresh'``).
+        Every rank calls it. Groups of the checkpoint that ``state`` does not name are left alone. A damaged
+        checkpoint is skipped with a warning (older ones are tried). ``strict=False`` loads what matches and says
+        what it skipped: a warning, and :attr:`last_restore` (a :class:`~btckpt.RestoreReport`: per group, the keys
+        loaded and skipped); it refuses (``StateMismatch``) a load that matches nothing of a model, or optimizer
+        state for parameters it did not load. Saves still writing are committed first. Raises
+        ``NoCheckpointFound`` when ``load_dir`` is set but nothing is found (unless ``on_missing='start_fresh'``).
         """
-        self._check_open()
+        self._route.check()
         with self._busy:
             self._engine.drain()  # a save still writing is committed (or its error raised) before anything is read
             with restore_reports() as reports:

@@ -1,29 +1,37 @@
 """Where a save goes: into ``dir``, or through the local tier and then promoted into ``dir`` (policy only: the
-engine snapshots and writes, the tier session copies, the publication follows each durable commit)."""
+engine snapshots and writes, the tier session copies, the publication follows each durable commit); and the
+order in which a Checkpointer's parts end (:meth:`SaveRouting.shutdown`)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from ..distributed.session import OpTags
+from ..errors import CheckpointError
 from ..publish.publication import Publication
+from ..saving.commit import DirLock
 from ..saving.engine import SaveEngine, SaveRequest, Target
 from ..tiers.session import TierSession
+from .preemption import Preemption
 from .schedule import SaveSchedule
 
 __all__ = ["SaveRouting"]
 
+log = logging.getLogger("btckpt")
+
 
 class SaveRouting:
     """The Checkpointer's saves routed to their destination: :meth:`durable` (``save()``), :meth:`local`
-    (``save_local()``), :meth:`promote` (a tier step into ``dir``), :meth:`resumed` and :meth:`closing`.
+    (``save_local()``), :meth:`promote` (a tier step into ``dir``), :meth:`preempt` (the preemption save),
+    :meth:`resumed`, :meth:`wait`; and its end: :meth:`closing` (the final promotion), :meth:`shutdown`.
 
     Call order: every rank calls each method at the same step, in the same order (each draws op tags from
-    ``tags``), between two training steps; ``check()`` (the facade's "still open") runs under ``busy`` before
-    each snapshot. ``busy`` is the facade's lock (one save, restore, wait or close at a time).
+    ``tags``), between two training steps; :meth:`check` (still open) runs under ``busy`` before each snapshot;
+    :meth:`shutdown` once, last. ``busy`` is the facade's lock (one save, restore, wait or close at a time).
 
     Guarantees: without a tier a durable save is one engine save into ``dir`` (retention, upload and
     consolidation after its commit: :attr:`Publication.target`). With a tier (``local_every_steps``) it is the
@@ -34,10 +42,17 @@ class SaveRouting:
     """
 
     def __init__(self, *, engine: SaveEngine, tiers: TierSession, publication: Publication,
-                 schedule: SaveSchedule, tags: OpTags, timeout: Callable[[], float], busy: threading.Lock,
-                 check: Callable[[], None]) -> None:
+                 schedule: SaveSchedule, preemption: Preemption, tags: OpTags, timeout: Callable[[], float],
+                 busy: threading.Lock) -> None:
         self.engine, self.tiers, self.publication, self.schedule = engine, tiers, publication, schedule
-        self.tags, self.timeout, self.busy, self.check = tags, timeout, busy, check
+        self.preemption, self.tags, self.timeout, self.busy = preemption, tags, timeout, busy
+        self.closed = False  # shutdown() began: every later save, restore or wait is refused
+        self.abandoned = False  # after SIGTERM, shutdown() left work running when the grace ran out (exit now)
+
+    def check(self) -> None:
+        """Raise :class:`CheckpointError` once :meth:`shutdown` began."""
+        if self.closed:
+            raise CheckpointError("this Checkpointer is closed; create a new one")
 
     def durable(self, request: SaveRequest) -> None:
         """``save()``: into ``dir``, or a tier save of the step (unless done) promoted in the background."""
@@ -74,6 +89,59 @@ class SaveRouting:
         if step is not None:
             self.schedule.saved(step)
         self.publication.resumed(step)
+
+    def preempt(self, step: int, save: Callable[[], None] | None) -> None:
+        """After SIGTERM: ``save()`` (None: ``step`` is saved already) and wait for its commit (and promotion),
+        all within ``preemption_grace`` (:meth:`Preemption.commit`); logged either way."""
+        pre = self.preemption
+        pre.begin()
+        if not pre.commit(step, engine=self.engine, tiers=self.tiers, save=save):
+            return  # the grace ran out (logged): the process exits without it
+        self.wait()
+        if self.tiers.tier is not None and not self.engine.world.is_local_leader:  # the node's leader promotes
+            log.warning("btckpt: preemption checkpoint for step %d saved into the local tier; local rank 0 promotes "
+                        "it into the dir", step)
+        else:
+            log.warning("btckpt: preemption checkpoint for step %d committed", step)
+
+    def wait(self) -> None:
+        """Every save so far committed (tier saves and promotions too), then published (``dir=URL``); raise the
+        first background error, once."""
+        self.check()
+        with self.busy:
+            self.engine.drain()
+            self.tiers.wait()
+            self.engine.raise_pending()
+        self.publication.wait()
+
+    def shutdown(self, *, crashed: bool, lock: DirLock | None) -> None:
+        """``close()``, once: drain the writes, the final promotion (:meth:`closing`), then the tier session, the
+        publication, the engine and ``lock``, each bounded by the preemption grace after SIGTERM; what is cut
+        short stays for the restart (a tier, a replica exchange, a consolidation, the uploader's journal).
+
+        :attr:`closed` is set as soon as the writes drained (or that failed). When work outlived the grace,
+        :attr:`abandoned` is set, the engine is left to the process's end and ``lock`` is kept (the writer may
+        still read the arena). A background error is raised once, last."""
+        clean, pre = False, self.preemption
+        try:
+            with self.busy:
+                if pre.saving and not pre.settled(self.engine):
+                    self.abandoned = True  # after SIGTERM: the save still writing outlived the grace
+                else:
+                    self.engine.drain()
+                    clean = self.closing(crashed=crashed, preempted=pre.saving)
+        finally:
+            self.closed = True
+            errors = self.engine.errors
+            if not self.tiers.close(clean=clean, crashed=crashed, errors=errors, left=pre.left):
+                self.abandoned = True
+            if not self.publication.close(errors=errors, left=pre.left):
+                self.abandoned = True
+            self.engine.close(abandon=self.abandoned)
+            if not self.abandoned and lock is not None:
+                lock.release()
+            pre.close()  # after a preemption save the process is on its way out: SIGTERM stays handled
+        self.engine.raise_pending()
 
     def closing(self, *, crashed: bool, preempted: bool) -> bool:
         """At close, the writes drained: the final promotion (:meth:`TierSession.closing`); whether the tier may

@@ -143,6 +143,15 @@ class DirLock:
             self.release()
             raise
 
+    @classmethod
+    def taken(cls, root: Path) -> DirLock:
+        """The lock on ``root``, the unfinished folders of an earlier run it removed logged (a Checkpointer's start)."""
+        lock = cls(root)
+        if lock.removed:
+            log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
+                        len(lock.removed), ", ".join(p.name for p in lock.removed))
+        return lock
+
     def _flock(self, root: Path) -> bool:
         """Take the lock; True when held, False when running unlocked by request ($BTCKPT_NO_LOCK)."""
         assert self._fd is not None
