@@ -297,6 +297,31 @@ def test_a_start_removes_every_temp_folder_even_one_naming_a_live_pid(tmp_path: 
     assert _temps(tmp_path) == [".btckpt.lock"]
 
 
+def test_a_start_removes_a_killed_writers_temp_files_but_not_a_live_ones_or_a_link(tmp_path: Path) -> None:
+    """A kill inside an atomic small-file write (a Lightning link, a tier record) leaves ``.<name>.tmp-<tag>``;
+    the dir's next writer removes it when its pid is gone; a live pid's file, a link of that name and a user's
+    file stay."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f".last.ckpt.tmp-{dead.pid}-0123456789abcdef"
+    killed.write_bytes(b'{"format": "btck')
+    live = tmp_path / f".best.ckpt.tmp-{os.getppid()}-0123456789abcdef"
+    live.write_bytes(b"in flight")
+    target = tmp_path / "mine.txt"
+    target.write_text("user's")
+    link = tmp_path / f".x.ckpt.tmp-{dead.pid}-fedcba9876543210"
+    link.symlink_to(target)
+    user = tmp_path / ".notes.tmp-1-short"  # not a tag of new_tag()'s form
+    user.write_text("kept")
+    with btckpt.Checkpointer(dir=str(tmp_path)) as ck:
+        assert not killed.exists()
+        assert live.read_bytes() == b"in flight" and link.is_symlink() and user.read_text() == "kept"
+        ck.save(1, {"model": torch.nn.Linear(2, 2)})
+    assert target.read_text() == "user's"
+
+
 @pytest.mark.parametrize("err", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_a_filesystem_without_flock_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture, err: int) -> None:

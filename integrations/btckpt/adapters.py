@@ -97,8 +97,9 @@ from .restore.policy import ResumePolicy, other_run_error, same_run
 from .restore.reader import CheckpointReader, NodeParts
 from .restore.rng import apply_rng, capture_rng, read_rank_rng
 from .saving.commit import checkpoint_name, delete_checkpoint, write_small_file
+from .storage.atomic import replace_file
 from .storage.discovery import STEP_DIR, CheckpointInfo, inspect
-from .storage.local import fsync_dir, fsync_file, is_url, new_tag
+from .storage.local import fsync_dir, is_url
 from .tiers import resumable_tier
 
 __all__ = [
@@ -383,20 +384,6 @@ def refuse_taken_step(dir: str | os.PathLike[str], info: CheckpointInfo, *, resu
 
 
 # -- an adapter's own files beside the checkpoints -------------------------------------------------------------
-def replace_file(path: Path, data: bytes) -> None:
-    """Atomically make ``path`` hold ``data`` (temp file beside it, fsync, rename, fsync of the folder): a
-    small file of the adapter's own (Lightning's link files), whole or absent after a crash."""
-    tmp = path.parent / f".{path.name}.tmp-{new_tag()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        fsync_file(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def is_group_name(name: str) -> bool:
     """Whether ``name`` can be a group's name as it is (a framework's dict key kept as its group)."""
     return GROUP_NAME.match(name) is not None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..storage.atomic import LocalCommit, checkpoint_name, rename_noreplace, write_small_file
+from ..storage.atomic import TEMP_FILE, LocalCommit, checkpoint_name, rename_noreplace, write_small_file
 from ..storage.local import fsync_dir, make_dirs, new_tag, open_nofollow
 from ..testing import faults
 from .retired import record_retired
@@ -40,7 +40,7 @@ NO_LOCK_ENV = "BTCKPT_NO_LOCK"
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -48,26 +48,40 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(root: Path, *, locked: bool = False) -> list[Path]:
-    """Remove leftover ``.checkpoint-*.tmp-*`` folders under ``root``; return them.
+    """Remove leftover ``.checkpoint-*.tmp-*`` folders and :func:`~btckpt.storage.atomic.replace_file` temp files
+    (``.<name>.tmp-<pid>-<hex>``: a link file or record cut short by a kill) under ``root``; return them.
 
     ``locked``: the caller holds ``root``'s writer lock (:class:`DirLock`) and has created nothing yet, so
     every temp folder there is stale, whatever pid its name records (pids are reused, and repeat across
-    hosts). Without the lock, a temp folder whose tag names a live process on this host is left alone
-    (another writer may be mid-save).
+    hosts). Without the lock, a temp folder whose tag names another live process on this host is left alone
+    (another writer may be mid-save). A temp file is left alone while its pid lives (this process included),
+    lock or not: a tier's claimers write theirs into a dir another process holds. Links are never followed.
     """
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     for entry in root.iterdir():
         m = TMP_PATTERN.match(entry.name)
-        if not m or not entry.is_dir() or entry.is_symlink():
+        if m and entry.is_dir() and not entry.is_symlink():
+            if locked or not _live_writer(m.group(2).split("-")[0]):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
             continue
-        pid = m.group(2).split("-")[0]
-        if not locked and pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
+        f = TEMP_FILE.match(entry.name)
+        if f and not _pid_alive(int(f.group(2))):
+            try:
+                if stat.S_ISREG(entry.lstat().st_mode):
+                    entry.unlink()
+                    removed.append(entry)
+            except FileNotFoundError:
+                pass
     return removed
+
+
+def _live_writer(pid: str) -> bool:
+    """Whether a temp name's pid may be a writer still at work: another live process on this host (the caller
+    itself has none in flight)."""
+    return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
 
 
 def delete_checkpoint(path: Path, *, retired: bool = True, salvage: Callable[[Path], object] | None = None) -> None:
@@ -148,7 +162,7 @@ class DirLock:
         """The lock on ``root``, the unfinished folders of an earlier run it removed logged (a Checkpointer's start)."""
         lock = cls(root)
         if lock.removed:
-            log.warning("btckpt: removed %d unfinished checkpoint folder(s) from an earlier run: %s",
+            log.warning("btckpt: removed %d unfinished checkpoint folder(s) or file(s) from an earlier run: %s",
                         len(lock.removed), ", ".join(p.name for p in lock.removed))
         return lock
 

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from ..format.manifest import MANIFEST, Manifest
 from ..testing import faults
 from .local import fsync_dir, fsync_file, make_dirs, modes_in, new_tag, open_nofollow, space_error
 
-__all__ = ["LocalCommit", "checkpoint_name", "rename_noreplace", "write_small_file"]
+__all__ = ["LocalCommit", "TEMP_FILE", "checkpoint_name", "rename_noreplace", "replace_file", "write_small_file"]
 
 log = logging.getLogger("btckpt")
+
+TEMP_FILE = re.compile(r"^\.(.+)\.tmp-(\d+)-[0-9a-f]{16}$")  # replace_file's temp: ``.<name>.tmp-<new_tag()>``
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -62,6 +65,28 @@ def _libc() -> ctypes.CDLL | None:
 def checkpoint_name(step: int) -> str:
     """The folder name of a committed checkpoint (matches HF's ``get_last_checkpoint``)."""
     return f"checkpoint-{step}"
+
+
+def replace_file(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Make ``path`` hold ``data`` atomically: a temp file beside it (``.<name>.tmp-<tag>``, :data:`TEMP_FILE`;
+    the folder's privacy decides its mode, no link followed), fsync, rename over ``path`` (``replace=False``: a
+    hard link that fails when ``path`` exists, then False), fsync of the folder; True when ``path`` holds
+    ``data``. A crash leaves ``path`` whole or absent, and at most the temp file, which the dir's next writer
+    removes (:func:`btckpt.saving.commit.remove_stale_temps`); a failure here removes it at once."""
+    tmp = path.parent / f".{path.name}.tmp-{new_tag()}"
+    try:
+        write_small_file(tmp, data)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except FileExistsError:
+                return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 def write_small_file(path: Path, data: bytes) -> tuple[int, str]:

@@ -56,16 +56,15 @@ from typing import Any
 from ..distributed.world import World
 from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
-from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, new_tag, remove_stale_temps
+from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, remove_stale_temps
 from ..saving.destination import LocalDir, commit_in_order
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
+from ..storage.atomic import replace_file
 from ..storage.discovery import inspect, scan, verify
 from ..storage.local import (
     free_bytes,
-    fsync_dir,
-    fsync_file,
     is_private,
     make_dirs,
     open_nofollow,
@@ -134,27 +133,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: dict[str, Any], *, replace: bool) -> bool:
-    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename; ``replace=False``: a link that fails
-    when ``path`` exists, then False); the folder's privacy decides the file's mode."""
-    tmp = path.parent / f".{path.name}.tmp-{new_tag()}"
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.write(fd, json.dumps(obj).encode())
-        fsync_file(fd)
-    finally:
-        os.close(fd)
-    try:
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path, follow_symlinks=False)
-            except FileExistsError:
-                return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return True
+    """Write ``obj`` to ``path`` atomically (:func:`~btckpt.storage.atomic.replace_file`)."""
+    return replace_file(path, json.dumps(obj).encode(), replace=replace)
 
 
 def incarnation(durable: str | os.PathLike[str], *, create: bool = False) -> str | None:
