@@ -17,28 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-# Modules whose ranks need DeepSpeed's JIT ops, which scripts/test.sh builds in the background while the first
-# tests run (a rank that starts earlier waits on the build's lock).
-NEEDS_JIT_OPS = frozenset({"test_hf_zero.py"})
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules of :data:`NEEDS_JIT_OPS` move, whole, to the first module boundary past three quarters of the
-    other items. Under ``--dist worksteal`` the first worker takes the first half of the items and the second the
-    rest: alphabetically the ZeRO tests open the second half, so that worker spent its first ~50 s waiting for
-    the build (RESULTS.md, "Issue 26, item 4, sixth pass"); three quarters in, it reaches them minutes after the
-    build ended, and the short modules stay last, where the idle worker steals. Nothing is added or dropped."""
-    late = [it for it in items if it.path.name in NEEDS_JIT_OPS]
-    rest = [it for it in items if it.path.name not in NEEDS_JIT_OPS]
-    if not late or not rest:
-        return
-    at = 3 * len(rest) // 4
-    while 0 < at < len(rest) and rest[at].path == rest[at - 1].path:
-        at += 1
-    items[:] = rest[:at] + late + rest[at:]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def child_pythonpath():
     """Every child process (subprocess, torchrun rank, the btckpt CLI) imports this checkout's btckpt and

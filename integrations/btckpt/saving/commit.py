@@ -73,7 +73,7 @@ def remove_stale_temps(root: Path, *, locked: bool = False) -> list[Path]:
                 if stat.S_ISREG(entry.lstat().st_mode):
                     entry.unlink()
                     removed.append(entry)
-            except FileNotFoundError:
+            except OSError:  # gone already, or not ours to remove (a sticky folder): left as it is
                 pass
     return removed
 
