@@ -1039,3 +1039,69 @@ def test_discarding_a_tier_uncommits_its_checkpoints_and_never_follows_a_link(tm
         lock.release()
     assert sorted(p.name for p in root.iterdir()) == [LOCK]
     assert (victim / "keep.bin").read_bytes() == b"x" and sorted(p.name for p in victim.iterdir()) == ["keep.bin"]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_the_promoter_yields_to_training_and_gets_the_cpu_when_training_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The promoter copies a tier step into the dir under SCHED_IDLE while training runs; once training waits
+    for it (``wait()``, a preemption save's commit, ``close()``) it is scheduled normally. Before, a wait for a
+    promotion left it idle: on a busy machine the preemption's promotion starved past the grace and the exit
+    waited seconds for the idle thread (RESULTS.md, "A SIGTERM exit on a busy machine")."""
+    import btckpt.tiers.local as local_mod
+
+    seen: dict[str, int] = {}
+    started = threading.Event()
+    point = local_mod.faults.point
+
+    def spy(phase: str) -> None:  # the promoter thread, mid-promotion
+        if phase == "promote" and "running" not in seen:
+            seen["running"] = os.sched_getscheduler(0)
+            started.set()
+            deadline = time.monotonic() + 20
+            while os.sched_getscheduler(0) == os.SCHED_IDLE and time.monotonic() < deadline:
+                time.sleep(0.01)  # until training waits for this promotion (wait() below)
+            seen["waited"] = os.sched_getscheduler(0)
+        point(phase)
+
+    monkeypatch.setattr(local_mod.faults, "point", spy)
+    state = _state()
+    with _tier_ck(tmp_path, every_steps=2) as ck:
+        ck.save(2, state)
+        assert started.wait(20)
+        ck.wait()
+    assert seen == {"running": os.SCHED_IDLE, "waited": os.SCHED_OTHER}
+    assert _steps(tmp_path / "d") == [2]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_abandoning_the_background_threads_schedules_them_normally_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``exit_now`` (after SIGTERM, work still running when the grace ran out) first gives every background
+    thread normal scheduling: an idle thread on a busy machine holds the process's exit up until it gets CPU."""
+    from btckpt.saving import priority
+
+    policy: list[int] = []
+    go, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        priority.background_thread()
+        policy.append(os.sched_getscheduler(0))
+        go.wait(20)
+        policy.append(os.sched_getscheduler(0))
+        priority.leave()
+        done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not policy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        monkeypatch.setattr(priority, "_urgent", priority._urgent)  # for good: this process's, until teardown
+        priority.abandon()
+        go.set()
+        assert done.wait(20)
+    finally:
+        go.set()
+        t.join(20)
+    assert policy == [os.SCHED_IDLE, os.SCHED_OTHER]

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-__all__ = ["background_thread", "is_background", "leave", "urgent", "IDLE_POLICY"]
+__all__ = ["abandon", "background_thread", "is_background", "leave", "urgent", "IDLE_POLICY"]
 
 IDLE_POLICY = getattr(os, "SCHED_IDLE", None)
 _lock = threading.Lock()
@@ -73,3 +73,14 @@ def urgent() -> Iterator[None]:
             if _urgent == 0:
                 for tid in _threads:
                     _set(tid, idle=True)
+
+
+def abandon() -> None:
+    """The process is about to end with background work still running (``os._exit``): schedule those threads
+    normally for good, so that they get the CPU to die on a busy machine (a ``SCHED_IDLE`` thread may wait
+    seconds for it, and the exit waits for every thread)."""
+    global _urgent
+    with _lock:
+        _urgent += 1
+        for tid in _threads:
+            _set(tid, idle=False)

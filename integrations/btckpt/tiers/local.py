@@ -58,7 +58,7 @@ from ..errors import CheckpointError, TierMismatch, TierTooSmall
 from ..format.manifest import Manifest, entry_problem
 from ..saving.commit import LOCK, DirLock, LocalCommit, checkpoint_name, remove_stale_temps
 from ..saving.destination import LocalDir, commit_in_order
-from ..saving.priority import background_thread, leave
+from ..saving.priority import background_thread, leave, urgent
 from ..saving.retention import apply_retention
 from ..saving.writer import write_arena_file
 from ..storage.atomic import replace_file
@@ -742,10 +742,11 @@ class LocalTier:
         """Wait for every promotion so far (up to ``timeout`` s in all); False when some is still running then."""
         with self._mutex:
             futures = list(self._futures)
-        if timeout is None:
-            return settled(futures, None)
-        deadline = time.monotonic() + timeout
-        return all(settled([f], max(0.0, deadline - time.monotonic())) for f in futures)
+        with urgent():  # the caller waits for the promoter: it gets the CPU (btckpt.saving.priority)
+            if timeout is None:
+                return settled(futures, None)
+            deadline = time.monotonic() + timeout
+            return all(settled([f], max(0.0, deadline - time.monotonic())) for f in futures)
 
     # -- end ------------------------------------------------------------------------------------------------
     def close(self, *, remove: bool, timeout: float | None = None, kept: str | None = None) -> bool:
@@ -760,7 +761,8 @@ class LocalTier:
             with self._wake:
                 self._stopping = True
                 self._wake.notify_all()
-            thread.join(timeout)
+            with urgent():
+                thread.join(timeout)
             if thread.is_alive():
                 log.warning("btckpt: local tier %s kept as it is: a promotion was still copying when time ran out "
                             "(a restart resumes from the tier)", self.root)
