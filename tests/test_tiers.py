@@ -2,10 +2,11 @@
 crash mid-promotion, and a real torchrun job whose worker is SIGKILLed and resumes from the tier.
 
 Internals used: btckpt.adapters, btckpt.cli, btckpt.format.layout, btckpt.format.members, btckpt.saving.commit,
-btckpt.saving.snapshot, btckpt.saving.writer, btckpt.storage.discovery, btckpt.tiers, btckpt.tiers.local (the tier's
-internals (promotion, identity, copy bounds), a file arena written and mapped (layout, stager, arena writer), the
-members' lock patched, the dir lock held, the adapters' resume search, the command's ``main``, discovery to judge
-the folders on disk (complete, verified), which no public name reports).
+btckpt.saving.priority, btckpt.saving.snapshot, btckpt.saving.writer, btckpt.storage.discovery, btckpt.tiers,
+btckpt.tiers.local (the tier's internals (promotion, identity, copy bounds, the promoter's scheduling), a file arena
+written and mapped (layout, stager, arena writer), the members' lock patched, the dir lock held, the adapters' resume
+search, the command's ``main``, discovery to judge the folders on disk (complete, verified), which no public name
+reports).
 """
 
 from __future__ import annotations
