@@ -46,30 +46,12 @@ install() {  # install <python> <pip install arguments...>
 install "$VENV/bin/python" -c .ci/constraints.txt -e ".[dev,deepspeed]"
 COMPAT=${BTCKPT_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's CPU accelerator (tests/test_hf_zero.py: ZeRO over gloo)
-# DeepSpeed's JIT ops (fused_adam, deepspeed_shm_comm: 1.5-2.5 min on 2 cores) are built in the background, into the
-# folder the tests use (tests/scripts/dist_launch.py torch_extensions_dir), while lint, types and the first tests
-# run; a ZeRO test that starts earlier waits on the build's lock. A failed build is only reported here: the tests
-# then build the ops themselves (and fail if they cannot).
-if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
-  TORCH_EXTENSIONS_DIR=$(PYTHONPATH=tests/scripts "$VENV/bin/python" -c \
-    'from dist_launch import torch_extensions_dir; print(torch_extensions_dir())')
-  export TORCH_EXTENSIONS_DIR
-fi
-RUN_TMP=$(mktemp -d)  # private (0700): the background jobs' marker and log
-JIT_DONE="$RUN_TMP/jit-done"  # created when the build ended (either way), or at once without DeepSpeed
+# No DeepSpeed JIT op is built: the ZeRO tests' config (tests/scripts/hf_train.py zero_config) asks for none.
+RUN_TMP=$(mktemp -d)  # private (0700): the background compat run's log
 trap 'rm -rf "$RUN_TMP"' EXIT
-if "$VENV/bin/python" -c 'import deepspeed' >/dev/null 2>&1; then
-  ( "$VENV/bin/python" -c 'from deepspeed.accelerator import get_accelerator as acc
-for name in ("FusedAdamBuilder", "ShareMemCommBuilder"):
-    acc().create_op_builder(name).load(verbose=False)' >/dev/null 2>&1 \
-    || echo "== building DeepSpeed's JIT ops in the background failed; the ZeRO tests build them"
-    : > "$JIT_DONE" ) &
-else
-  : > "$JIT_DONE"
-fi
 # The version-sensitive tests (-m compat) on the lowest supported versions: one environment per
-# .ci/constraints-<name>.txt, built and run in the background beside the main suite (their run starts once the JIT
-# build is done, so at most two test processes share the cores); the output is printed after the main suite.
+# .ci/constraints-<name>.txt, built and run in the background beside the main suite; the output is printed after
+# the main suite.
 compat_suites() {
   for constraints in .ci/constraints-*.txt; do
     local name CV
@@ -79,7 +61,6 @@ compat_suites() {
     [ -x "$CV/bin/python" ] || python3 -m venv "$CV"
     install "$CV/bin/python" -c "$constraints" -e . transformers accelerate lightning peft \
       pytest pytest-timeout psutil tqdm
-    for _ in $(seq 300); do [ -e "$JIT_DONE" ] && break; sleep 2; done  # at most 10 minutes
     echo "== the version-sensitive tests (-m compat) on the $name supported versions ($CV, $constraints)"
     "$CV/bin/python" -c 'import torch, transformers, accelerate, lightning; print("versions: torch", torch.__version__,
       "transformers", transformers.__version__, "accelerate", accelerate.__version__, "lightning", lightning.__version__)'
@@ -92,8 +73,7 @@ if [ "$COMPAT" = 1 ]; then
   compat_suites > "$COMPAT_LOG" 2>&1 &
   COMPAT_PID=$!
 fi
-# At exit a compat run cut short by a failure goes, then the folder; a JIT build still running is left to finish
-# (killed mid-build it would leave torch's lock file, and every later ZeRO run would wait on it for ever).
+# At exit a compat run cut short by a failure goes, then the folder.
 # errexit holds in a trap too: every command here must succeed, or the rest is skipped and the run fails.
 trap 'if [ -n "${COMPAT_PID:-}" ]; then pkill -P "$COMPAT_PID" 2>/dev/null || true; kill "$COMPAT_PID" 2>/dev/null || true; fi
       rm -rf "$RUN_TMP"' EXIT

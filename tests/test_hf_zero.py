@@ -33,9 +33,11 @@ def _needs_deepspeed() -> None:
 
 
 def run(tmp: Path, ckdir: str, *args: str, nproc: int = 2, **env: str) -> str:
-    e = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir), DS_ACCELERATOR="cpu", **env)
+    jit = tmp / f"jit-{ckdir}"  # DeepSpeed builds nothing (hf_train.zero_config): a compiled op would land here
+    e = env_with(BT_CHECKPOINT_DIR=str(tmp / ckdir), DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(jit), **env)
     rc, out = finish(torchrun(SCRIPT, ["--out", str(tmp / f"out-{ckdir}"), *args], nproc=nproc, env=e), timeout=280)
     assert rc == 0, out[-4000:]
+    assert not jit.exists(), f"DeepSpeed JIT-built {sorted(p.name for p in jit.iterdir())} (minutes of CI)"
     return out
 
 

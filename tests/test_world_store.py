@@ -137,8 +137,8 @@ def test_proposals_settle_on_the_first_value(size: int):
 # -- whole Checkpointers, one per rank-thread (the session, save and restore agreements go through the store) ------
 def test_checkpointers_as_threads_agree_on_sessions_created_in_a_different_order_per_rank(tmp_path):
     """Two Checkpointers per rank, on two dirs, created in the opposite order on each rank (both open at once):
-    each finds its peer by identity, saves with it and restores its own rank's plain state (tests/test_sessions.py runs the
-    same under torchrun)."""
+    each finds its peer by identity, saves with it and restores its own rank's plain state (tests/test_sessions.py
+    runs the same under torchrun)."""
     import btckpt
     import torch
 

@@ -31,7 +31,7 @@ def main() -> int:
     a = script_args(keep_last=2, zero=0)
 
     from btckpt.hf import CheckpointCallback, resume_checkpoint
-    from hf_train import VOCAB, Synthetic
+    from hf_train import VOCAB, Synthetic, zero_config
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     class Announce(TrainerCallback):
@@ -45,11 +45,7 @@ def main() -> int:
                                        tie_word_embeddings=not a.zero))  # ZeRO: no tied (frozen-alias) params
     ds = None
     if a.zero:
-        ds = {"zero_optimization": {"stage": a.zero},
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
-                                                        "eps": "auto"}},
-              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": "auto"}
+        ds = zero_config(a.zero)
     keep = None if os.environ.get("CRASH_KEEP_ALL") else a.keep_last
     args = TrainingArguments(
         output_dir=a.dir.rstrip("/") + "-hf-output", per_device_train_batch_size=4, max_steps=a.steps,

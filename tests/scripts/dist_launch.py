@@ -34,13 +34,13 @@ def repo_pythonpath(old: str | None = None) -> str:
 
 
 def torch_extensions_dir() -> str:
-    """A JIT extension folder of this venv's own (DeepSpeed builds fused_adam and deepspeed_shm_comm in the
-    ZeRO ranks). torch's default, ``~/.cache/torch_extensions/py311_cpu``, is one folder for every venv, and
-    the build command names the venv's path (``-isystem <venv>/.../torch/include``): a run from another
-    checkout (a worktree, a CI clone) changes the command, so ninja rebuilds both (1.5-2.5 minutes of the
-    first ZeRO test on 2 cores) and the next run from this checkout rebuilds them back. Keyed by the
-    site-packages path and the Python version, each venv builds once (scripts/test.sh builds them in the
-    background while lint, types and the first tests run)."""
+    """A JIT extension folder of this venv's own, for a torch/DeepSpeed op a test run builds (the ZeRO tests
+    build none: tests/scripts/hf_train.py ``zero_config``; test_hf_zero.py checks it). torch's default,
+    ``~/.cache/torch_extensions/py311_cpu``, is one folder for every venv, and the build command names the
+    venv's path (``-isystem <venv>/.../torch/include``): a run from another checkout (a worktree, a CI clone)
+    changes the command, so ninja rebuilds (DeepSpeed's fused_adam and shm_comm took 1.5-2.5 minutes on 2
+    cores) and the next run from this checkout rebuilds back. Keyed by the
+    site-packages path and the Python version, each venv builds once."""
     import hashlib
     import sysconfig
 

@@ -42,6 +42,23 @@ class Synthetic(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def zero_config(stage: int) -> dict:
+    """The DeepSpeed config of the ZeRO tests (hf_zero_train.py, crash_hf.py): ZeRO ``stage``, AdamW with HF's
+    "auto" values, and no JIT-compiled op. DeepSpeed's "AdamW" would JIT-build its fused_adam and its CPU comm
+    backend deepspeed_shm_comm (together ~150 CPU-s, 1.5-2.5 min of a 2-core CI machine's both cores, per fresh
+    venv): ``torch_adam`` makes the engine's optimizer ``torch.optim.AdamW`` (the engine, its ZeRO partitioning
+    and checkpoint state are the same), and marking the shm op incompatible (DeepSpeed's own table, the same a
+    non-Linux host gets) makes its collectives plain gloo ones. Neither is what btckpt checkpoints differently."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return {"zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
+                                                      "eps": "auto", "torch_adam": True}},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto"}
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -1,9 +1,9 @@
 """A tiny HF Trainer run under DeepSpeed ZeRO (stage 1, 2 or 3) on CPU with gloo, for tests/test_hf_zero.py.
 
 Run under torchrun with ``DS_ACCELERATOR=cpu``. A 2-layer Llama built from a config (attention dropout on: RNG
-matters), a synthetic dataset, ``TrainingArguments(use_cpu=True, deepspeed={"zero_optimization": {"stage": S},
-"optimizer": {"type": "AdamW", ...}, ...})`` (``use_cpu``: without it accelerate leaves each rank a world of one
-and DeepSpeed refuses the batch sizes), ``btckpt.hf.CheckpointCallback`` saving every ``--save-steps``,
+matters), a synthetic dataset, ``TrainingArguments(use_cpu=True, deepspeed=zero_config(S))`` (hf_train.py: AdamW,
+no JIT-built op; ``use_cpu``: without it accelerate leaves each rank a world of one and DeepSpeed refuses the batch
+sizes), ``btckpt.hf.CheckpointCallback`` saving every ``--save-steps``,
 resume through ``trainer.train(resume_from_checkpoint=btckpt.hf.resume_checkpoint())``.
 
 Lines printed: ``rank R: zero S W`` (after checking the engine really is ZeRO stage S over W ranks) and
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from _rank_exit import exit_rank
 from dist_train import say
-from hf_train import SEQ, VOCAB, Synthetic
+from hf_train import SEQ, VOCAB, Synthetic, zero_config
 
 
 def full_state(trainer) -> dict[str, torch.Tensor]:
@@ -82,11 +82,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config())
-    ds = {"zero_optimization": {"stage": a.stage},
-          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
-                                                    "eps": "auto"}},
-          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto"}
+    ds = zero_config(a.stage)
     args = TrainingArguments(
         output_dir=a.out, per_device_train_batch_size=2, max_steps=a.max_steps, learning_rate=1e-3,
         warmup_steps=2, lr_scheduler_type="linear", weight_decay=0.01, save_strategy="steps",
