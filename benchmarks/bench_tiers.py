@@ -15,7 +15,9 @@ and in the local tier (``--tier-base``, default ``/dev/shm``). Contenders, alter
 - ``peer`` (sizes in ``--peer-mb``): a 2-node job on this machine (two processes, gloo, each its own tier and
   dir), node 1 started with its tier and dir empty (a replacement node): from its ``Checkpointer(...)``
   (connecting to node 0, fetching its part from node 0's memory, verified) through ``restore`` to the first
-  step, timed inside node 1's process.
+  step, timed inside node 1's process;
+- ``peer link`` (with ``peer``): the floor under it, the same bytes sent from node 0's memory to node 1's over
+  gloo (the replica link's 16 MiB messages into one reused buffer: no file, no hash, no restore).
 
 Each is timed from the call that starts the restore to the first step that reads a parameter, inside a
 process that already imported torch (what a process start adds is the same for every contender).
@@ -74,6 +76,19 @@ def peer_node(args: argparse.Namespace) -> int:
     os.environ.update(LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", BT_NODE_RANK=str(node))
     dist.init_process_group("gloo", store=store, rank=node, world_size=2)
     root = Path(args.peer_root)
+    if args.peer_phase == "link":  # the floor of any peer restore: the part's bytes across the link, nothing else
+        from btckpt.tiers.replicas import _CHUNK
+
+        buf = torch.empty(_CHUNK, dtype=torch.uint8) if node == 1 else torch.ones(_CHUNK, dtype=torch.uint8)
+        dist.barrier()
+        t0, left = time.perf_counter(), args.peer_mb << 20
+        while left > 0:  # the replica link's message size (16 MiB), node 0 -> node 1, as a fetch sends a part
+            n = min(left, _CHUNK)
+            (dist.send if node == 0 else dist.recv)(buf[:n], 1 - node)
+            left -= n
+        if node == 1:
+            print(f"LINK_S {time.perf_counter() - t0:.4f}", flush=True)
+        os._exit(0)
     opts = dict(dir=root / f"dir-{node}", local_every_steps=1, local_tier_dir=root / f"tier-{node}",
                 handle_sigterm=False, keep_last=None, barrier_timeout=300, name="bench-peer")
     model = StateModule(transformer_like_state(args.peer_mb << 20, seed=0 if args.peer_phase == "seed" else 1))
@@ -85,16 +100,20 @@ def peer_node(args: argparse.Namespace) -> int:
         os._exit(0)  # no close(): the tiers stay, as after a crash
     checkpointer = btckpt.Checkpointer  # imported before the clock starts, as in the other contenders' process
     dist.barrier()
+    import resource
+
     from btckpt.restore.reader import READS
 
-    t0 = time.perf_counter()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     ck = checkpointer(**opts)
     t1, c1, reads = time.perf_counter(), time.process_time(), dict(READS)
+    k1 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     got = ck.restore({"model": model})
     mb = {k: (READS[k] - reads[k]) / 1e6 for k in ("verify_bytes", "vouched_bytes", "direct_bytes")}
-    print(f"PEER_PARTS node {node}: connect+fetch {t1 - t0:.3f}s, restore {time.perf_counter() - t1:.3f}s (CPU "
-          f"{time.process_time() - c1:.3f}s; MB hashed first {mb['verify_bytes']:.0f}, vouched "
-          f"{mb['vouched_bytes']:.0f}, read into the model {mb['direct_bytes']:.0f})", flush=True)
+    print(f"PEER_PARTS node {node}: connect+fetch {t1 - t0:.3f}s (CPU {c1 - c0:.3f}s, {k1 - k0:.3f}s of it in the "
+          f"kernel), restore {time.perf_counter() - t1:.3f}s (CPU {time.process_time() - c1:.3f}s; MB hashed first "
+          f"{mb['verify_bytes']:.0f}, vouched {mb['vouched_bytes']:.0f}, read into the model "
+          f"{mb['direct_bytes']:.0f})", flush=True)
     float(next(iter(model.parameters())).sum())
     took = time.perf_counter() - t0
     assert got == 1, got
@@ -141,6 +160,12 @@ def peer_rounds(mb: int, rounds: int, disk: Path, tier_base: Path) -> list[float
     return out
 
 
+def link_round(mb: int, tier_base: Path) -> float:
+    """Seconds to move ``mb`` MiB from node 0's memory to node 1's over gloo on this machine's loopback, in the
+    replica link's 16 MiB messages (into one reused buffer: no file, no hash, no restore)."""
+    return float(_peer_job(mb, tier_base / f"link-{mb}", "link").split("LINK_S ")[1].split()[0])
+
+
 def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) -> dict[str, list[float]]:
     """Seconds from the restore's first call to the first step: from the tier, from disk, DCP load, a peer."""
     tensors = transformer_like_state(mb << 20)
@@ -160,10 +185,15 @@ def restart(mb: int, rounds: int, disk: Path, tier_base: Path, *, peer: bool) ->
     dcp.save({"model": StateModule(tensors).state_dict()}, checkpoint_id=str(dcp_dir), no_dist=True)
     del tensors
     target = StateModule(transformer_like_state(mb << 20, seed=1))
-    names = ["tier", "disk", "DCP load"] + (["peer"] if peer else [])
+    names = ["tier", "disk", "DCP load"] + (["peer", "peer link"] if peer else [])
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(-1, rounds):  # round -1 warms up (untimed)
         for name in (names if r % 2 == 0 else names[::-1]):
+            if name == "peer link":
+                got = link_round(mb, tier_base)
+                if r >= 0:
+                    out[name].append(got)
+                continue
             if name == "peer":
                 got_s = peer_rounds(mb, 1, disk, tier_base)
                 if r >= 0:

@@ -47,13 +47,12 @@ def _bytes(folder: Path) -> int:
 
 
 def worker(a: argparse.Namespace) -> None:
+    import btckpt
     import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import btckpt
     from btckpt.distributed.zero import ZeroState, plain_data
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

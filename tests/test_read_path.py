@@ -3,8 +3,8 @@ once (counted by the kernel: ``/proc/self/io`` ``rchar``), a flipped byte in any
 before anything reaches the live model, and a restore from ``s3://`` (moto server) still verifies.
 
 Internals used: btckpt.format.manifest, btckpt.restore.reader (the reader's byte counters (what the restore read,
-staged or verified) and its vouch for a copy this process checked as it wrote it; the manifest read to know which
-files to vouch for).
+staged or verified) and its vouch for a copy this process checked as it wrote it or verified whole; the manifest
+read to know which files to vouch for).
 """
 
 from __future__ import annotations
@@ -136,6 +136,56 @@ def test_a_copy_this_process_checked_as_it_wrote_it_is_read_once_with_its_checks
     assert reader.READS["verify_bytes"] == counts["verify_bytes"]
     assert reader.READS["vouched_bytes"] - counts["vouched_bytes"] == tensor_bytes
     assert reader.READS["direct_bytes"] > counts["direct_bytes"]  # read into the live tensors
+
+
+def test_a_copy_this_process_verified_whole_is_vouched_for_unless_it_changed_during_the_check(saved: Path,
+                                                                                               tmp_path: Path):
+    """:func:`reader.verify_and_vouch` (a node serving a peer's fetch checks its own copy meanwhile): a sound copy
+    is vouched for, so its restore as the only candidate hashes nothing first; a damaged one is reported and not
+    vouched for; a file rewritten between the stat taken before the check and the vouch is not vouched for."""
+    import os
+
+    from btckpt.format.manifest import read_manifest
+    from btckpt.storage.discovery import inspect
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(saved, root)
+    folder = root / "checkpoint-5"
+    tensor_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+    assert reader.verify_and_vouch(inspect(folder)) == []
+    state = make_state(99)
+    counts = dict(reader.READS)
+    with btckpt.Checkpointer(dir=root, async_save=False, handle_sigterm=False) as ck:
+        assert ck.restore(state) == 5
+    assert_equal_to_saved(state)
+    assert reader.READS["verify_bytes"] == counts["verify_bytes"]
+    assert reader.READS["vouched_bytes"] - counts["vouched_bytes"] == tensor_bytes
+
+    other = tmp_path / "other" / "checkpoint-5"  # a fresh copy (new inodes: nothing vouched for yet)
+    shutil.copytree(folder, other)
+    man = read_manifest(other)
+    before = reader.file_stats(other, man)
+    victim = other / "ema.safetensors"
+    data = victim.read_bytes()
+    with open(victim, "r+b") as f:  # the same bytes written again in place during the "check": ctime moves
+        f.write(data)
+    os.utime(victim, ns=(before[victim.name].st_atime_ns, before[victim.name].st_mtime_ns))
+    reader.vouch(other, man, before=before)
+    with open(victim, "rb") as f:
+        assert not reader.vouched(f, man.files[victim.name])
+    with open(other / "model-00001-of-00004.safetensors", "rb") as f:  # unchanged since the stat: vouched for
+        assert reader.vouched(f, man.files["model-00001-of-00004.safetensors"])
+
+    damaged = tmp_path / "damaged" / "checkpoint-5"
+    shutil.copytree(folder, damaged)
+    raw = bytearray((damaged / "ema.safetensors").read_bytes())
+    raw[-1] ^= 0x01
+    (damaged / "ema.safetensors").write_bytes(bytes(raw))
+    problems = reader.verify_and_vouch(inspect(damaged))
+    assert problems and "ema.safetensors" in problems[0], problems
+    for name in ("ema.safetensors", "model-00001-of-00004.safetensors"):
+        with open(damaged / name, "rb") as f:
+            assert not reader.vouched(f, read_manifest(damaged).files[name])
 
 
 @pytest.mark.parametrize("keep_mtime", [False, True])

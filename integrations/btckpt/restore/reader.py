@@ -48,11 +48,13 @@ from ..format.manifest import (
     read_upto,
 )
 from ..format.tree import decode_tree
+from ..storage.discovery import CheckpointInfo, verify
+from ..storage.store import LOCAL
 from ..streams import CudaStream
 
 __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_header", "read_safetensors",
            "read_verified_bytes", "verify_safetensors", "direct_target", "device_target", "tensor_bytes", "READS",
-           "vouch", "vouched"]
+           "vouch", "vouched", "file_stats", "verify_and_vouch"]
 
 READ_CHUNK = 16 << 20  # one pread per span
 READ_THREADS = 4  # spans in flight at once
@@ -78,14 +80,16 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def vouch(folder: Path, manifest: Manifest) -> None:
-    """Record that this process wrote the committed checkpoint ``folder``'s safetensors files itself, each checked
-    against ``manifest`` (size, checksum) as its bytes were written (e.g. a part fetched from a peer's replica:
-    :meth:`btckpt.tiers.replicas.PeerReplicas.recover`), so that a verify-first read of it soon after skips the
-    hash-only pass (:meth:`CheckpointReader.verify`): each file is then read once, into the state, and its
-    checksum still checked as it lands. A file is trusted only while it is the same file, unchanged: the same
-    inode, size, mtime and ctime (any write, truncate, replacement or ``utime`` since changes one of them) and its
-    manifest entry the same checksum; otherwise it is verified as usual."""
+def vouch(folder: Path, manifest: Manifest, *, before: Mapping[str, os.stat_result] | None = None) -> None:
+    """Record that this process checked the committed checkpoint ``folder``'s safetensors files itself against
+    ``manifest`` (size, checksum) as their bytes were written (e.g. a part fetched from a peer's replica:
+    :meth:`btckpt.tiers.replicas.PeerReplicas.recover`), or whole (:func:`verify_and_vouch`), so that a
+    verify-first read of it soon after skips the hash-only pass (:meth:`CheckpointReader.verify`): each file is
+    then read once, into the state, and its checksum still checked as it lands. A file is trusted only while it
+    is the same file, unchanged: the same inode, size, mtime and ctime (any write, truncate, replacement or
+    ``utime`` since changes one of them) and its manifest entry the same checksum; otherwise it is verified as
+    usual. ``before``: each file's ``os.stat`` from before the check (:func:`file_stats`); a file that is not
+    the same file, unchanged, since then is not recorded."""
     with _VOUCHED_LOCK:
         for name, entry in manifest.files.items():
             if not name.endswith(".safetensors"):
@@ -93,9 +97,34 @@ def vouch(folder: Path, manifest: Manifest) -> None:
             st = os.stat(safe_file(folder, name), follow_symlinks=False)
             key = (st.st_dev, st.st_ino)
             _VOUCHED.pop(key, None)
+            if before is not None and (name not in before or (before[name].st_dev, before[name].st_ino,
+                                                              *_stamp(before[name])) != (*key, *_stamp(st))):
+                continue
             _VOUCHED[key] = (*_stamp(st), str(entry[CHECKSUM]))
             while len(_VOUCHED) > MAX_VOUCHED:
                 _VOUCHED.popitem(last=False)
+
+
+def file_stats(folder: Path, manifest: Manifest) -> dict[str, os.stat_result]:
+    """``os.stat`` (no link followed) of each of ``manifest``'s files in ``folder`` there now (for :func:`vouch`)."""
+    out = {}
+    for name in manifest.files:
+        with contextlib.suppress(OSError, CorruptCheckpoint):
+            out[name] = os.stat(safe_file(folder, name), follow_symlinks=False)
+    return out
+
+
+def verify_and_vouch(info: CheckpointInfo) -> list[str]:
+    """:func:`btckpt.storage.discovery.verify` of a local committed checkpoint (its problems; empty when sound)
+    and, when sound, :func:`vouch` for the files that stayed the same files, unchanged, during the check: a
+    verify-first restore of it soon after reads each byte once instead of hashing every file again."""
+    man = info.manifest
+    before = file_stats(info.path, man) if man is not None and info.store is LOCAL else None
+    problems = verify(info)
+    if not problems and man is not None and before is not None:
+        with contextlib.suppress(OSError, CorruptCheckpoint):  # not recorded: the restore verifies it first
+            vouch(info.path, man, before=before)
+    return problems
 
 
 def vouched(f: BinaryIO, expect: Mapping[str, Any]) -> bool:

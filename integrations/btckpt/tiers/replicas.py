@@ -8,9 +8,12 @@ starts with its memory lost (a replacement node, a wiped ``/dev/shm``) fetches i
 its peer holds back into its own tier before anything resumes, so the usual resume policy and the multi-rank
 step agreement find it there; each file is checked against the manifest as it lands, and the fetched part is
 vouched for (:func:`btckpt.restore.reader.vouch`), so its restore reads each byte once (into the state, hashed as
-it lands) even when it is the only candidate, instead of hashing every file first again.
+it lands) even when it is the only candidate, instead of hashing every file first again. The node serving the
+fetch meanwhile verifies its own copy of the step when that copy is its only one (its restore would hash it first),
+and vouches for it the same way.
 
-Transport: a gloo process group of the node leaders alone, made from the job's c10d store under this
+Transport (16 MiB messages, two buffers a side: the next chunk is read or received while the last is on the wire
+or being written): a gloo process group of the node leaders alone, made from the job's c10d store under this
 Checkpointer's session prefix, never the training process group, so it cannot deadlock with training's
 collectives; every exchange runs on a background thread of its own, and every wait is bounded by
 ``barrier_timeout``. Call order: :meth:`PeerReplicas.create` in the Checkpointer's constructor (every rank;
@@ -44,12 +47,12 @@ from ..distributed.world import World
 from ..errors import CheckpointError
 from ..format.manifest import Manifest
 from ..restore.policy import ResumePolicy
-from ..restore.reader import vouch
+from ..restore.reader import verify_and_vouch, vouch
 from ..saving.commit import checkpoint_name, remove_stale_temps
 from ..saving.destination import LocalDir
 from ..saving.priority import background_thread, leave
 from ..saving.retention import apply_retention
-from ..storage.discovery import inspect, scan, verify
+from ..storage.discovery import CheckpointInfo, inspect, scan
 from ..storage.local import make_dirs, new_tag
 from ..testing import faults
 from .local import REPLICAS, LocalTier, copy_verified, resumable_tier, settled
@@ -108,31 +111,54 @@ class _Link:
 
     def send_files(self, folder: Path, man: Manifest, dst: int, step: int) -> None:
         """Every file ``man`` lists, in its order, as the manifest's sizes cut into :data:`_CHUNK`-byte messages:
-        the receiver cuts the same sizes the same way (gloo aborts the process on a message of another size)."""
-        buf = bytearray(_CHUNK)
-        t, view = torch.frombuffer(buf, dtype=torch.uint8), memoryview(buf)
-        for name, entry in man.files.items():
-            with open(folder / name, "rb", buffering=0) as f:
-                left = int(entry["size"])
-                while left > 0:
-                    n, got = min(left, _CHUNK), 0
-                    while got < n:
-                        k = f.readinto(view[got:n])
-                        if not k:
-                            raise CheckpointError(f"{folder / name}: shorter than its manifest says; not sent")
-                        got += k
-                    self._send(t[:n], dst, _tag(step, 2))
-                    left -= n
+        the receiver cuts the same sizes the same way (gloo aborts the process on a message of another size).
+        Two buffers: the next chunk is read while the one before it is on the wire."""
+        bufs = (bytearray(_CHUNK), bytearray(_CHUNK))
+        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in bufs]
+        views = [memoryview(b) for b in bufs]
+        pending: list[Any] = [None, None]  # each buffer's send in flight: waited for before the buffer is reused
+        i = 0
+        try:
+            for name, entry in man.files.items():
+                with open(folder / name, "rb", buffering=0) as f:
+                    left = int(entry["size"])
+                    while left > 0:
+                        n, got = min(left, _CHUNK), 0
+                        self._settle(pending[i])
+                        pending[i] = None
+                        while got < n:
+                            k = f.readinto(views[i][got:n])
+                            if not k:
+                                raise CheckpointError(f"{folder / name}: shorter than its manifest says; not sent")
+                            got += k
+                        pending[i] = self.pg.send([tensors[i][:n]], dst, _tag(step, 2))
+                        i ^= 1
+                        left -= n
+            for j in (i, i ^ 1):  # in the order sent
+                work, pending[j] = pending[j], None
+                self._settle(work)
+        finally:  # after a failure: the buffers stay alive until the sends in flight from them ended (or timed out)
+            for work in pending:
+                with contextlib.suppress(Exception):
+                    self._settle(work)
 
-    def recv_pieces(self, size: int, src: int, step: int, buf: bytearray) -> Iterator[memoryview]:
-        """The ``size`` bytes of one file from ``src``, chunk by chunk (``buf`` reused: consume each first)."""
-        t, view = torch.frombuffer(buf, dtype=torch.uint8), memoryview(buf)
-        left = size
-        while left > 0:
-            n = min(left, len(buf))
-            self._recv(t[:n], src, _tag(step, 2))
-            yield view[:n]
-            left -= n
+    def recv_pieces(self, size: int, src: int, step: int, bufs: tuple[bytearray, bytearray]) -> Iterator[memoryview]:
+        """The ``size`` bytes of one file from ``src``, chunk by chunk (consume each before the next): the next
+        chunk is received into the other of ``bufs`` (two buffers of the same size, reused) while this one is
+        consumed."""
+        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in bufs]
+        views = [memoryview(b) for b in bufs]
+        sizes = [min(len(bufs[0]), size - at) for at in range(0, size, len(bufs[0]))]
+        work = self.pg.recv([tensors[0][:sizes[0]]], src, _tag(step, 2)) if sizes else None
+        for k, n in enumerate(sizes):
+            self._settle(work)
+            if k + 1 < len(sizes):  # the next chunk lands in the other buffer while the caller consumes this one
+                work = self.pg.recv([tensors[(k + 1) % 2][:sizes[k + 1]]], src, _tag(step, 2))
+            yield views[k % 2][:n]
+
+    def _settle(self, work: Any) -> None:
+        if work is not None:
+            work.wait(self.timeout)
 
     def _send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         if t.numel():
@@ -166,7 +192,7 @@ class PeerReplicas:
         store = dist.PrefixStore(f"btckpt/{session}/replicas/", world.store)
         self._pg: Any = dist.ProcessGroupGloo(store, me, n, datetime.timedelta(seconds=timeout))
         self._link = _Link(self._pg, timeout)
-        self._buf = bytearray(_CHUNK)
+        self._bufs = (bytearray(_CHUNK), bytearray(_CHUNK))  # the receiving side's two chunk buffers
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btckpt-replica",
                                         initializer=background_thread)
         self._futures: list[Future[None]] = []
@@ -205,23 +231,24 @@ class PeerReplicas:
         return mine
 
     # -- at start: a node that lost its memory fetches its part back -------------------------------------------
-    def _own_newest(self, *, at_least: int) -> int:
+    def _own_newest(self, *, at_least: int) -> tuple[int, CheckpointInfo | None]:
         """The newest step this node has a verified copy of in its tier or its durable dir (the resume policy's
         copies, fastest first; a damaged copy is passed over with a warning), reading only steps of at least
         ``at_least`` (the step the holder keeps a replica of: below it the answer only has to be below it, so the
-        newest complete one is given unread); -1: none."""
+        newest complete one is given unread; with its folder when no other complete copy follows it, so that the
+        restore would hash it first); -1: none. A copy verified here is vouched for
+        (:func:`btckpt.restore.reader.verify_and_vouch`): the restore that follows does not hash it again."""
         policy = ResumePolicy.for_job(dir=self.tier.durable, load_dir=None, local=self.tier.root)
-        for info in policy.candidates():
-            if not info.complete:
-                continue
+        candidates = [info for info in policy.candidates() if info.complete]
+        for i, info in enumerate(candidates):
             if at_least < 0 or info.step < at_least:
-                return info.step
-            problems = verify(info)
+                return info.step, (info if i == len(candidates) - 1 else None)
+            problems = verify_and_vouch(info)
             if not problems:
-                return info.step
+                return info.step, None
             log.warning("btckpt: node %d: %s is damaged (%s); not counted as this node's copy of step %d",
                         self.world.node_rank, info.path, problems[0], info.step)
-        return -1
+        return -1, None
 
     def _held_newest(self) -> int:
         """The newest complete replica held for ``prev`` of this job's shape (-1: none)."""
@@ -234,12 +261,13 @@ class PeerReplicas:
 
     def recover(self, session: str) -> int | None:
         """Fetch this node's part of the newest step its holder (``next``) keeps when that is newer than anything
-        this node has, into this node's tier; serve ``prev`` the same way. Node leaders; the step fetched."""
+        this node has, into this node's tier; serve ``prev`` the same way (while serving, a node that fetches
+        nothing verifies and vouches for its own only copy of its newest step). Node leaders; the step fetched."""
         key = f"{session}/replicas/have"
         held = self._held_newest()
         self.world.publish(f"{key}/held/{self.world.node_rank}", held)
         holder = int(self.world.collect(f"{key}/held/{self.next}", timeout=self.timeout))
-        own = self._own_newest(at_least=holder)  # a copy counts as this node's only once its bytes verified
+        own, unread = self._own_newest(at_least=holder)  # a copy counts as this node's only once it verified
         self.world.publish(f"{key}/own/{self.world.node_rank}", own)
         owner = int(self.world.collect(f"{key}/own/{self.prev}", timeout=self.timeout))
         # both ends decide from the same published figures: the holder serves exactly when the owner fetches
@@ -250,6 +278,13 @@ class PeerReplicas:
             sender = threading.Thread(target=self._send_step, args=(self.held, serve, self.prev),
                                       name="btckpt-replica-serve", daemon=True)
             sender.start()
+            if fetch is None and unread is not None:
+                # while the peer fetches (this node waits for it anyway), check the copy this node's restore
+                # will read: vouched for, the restore then reads it once instead of hashing it first
+                problems = verify_and_vouch(unread)
+                if problems:
+                    log.warning("btckpt: node %d: %s is damaged (%s); the resume passes it over",
+                                self.world.node_rank, unread.path, problems[0])
         try:
             if fetch is not None:
                 t0 = time.perf_counter()
@@ -375,7 +410,7 @@ class PeerReplicas:
             raise CheckpointError(f"node {src} has no complete checkpoint-{step} to send")
         where = f"checkpoint-{step} from node {src}"
         man = Manifest.from_json(str(head["manifest"]).encode(), where=where)
-        streams = {name: self._link.recv_pieces(int(entry["size"]), src, step, self._buf)
+        streams = {name: self._link.recv_pieces(int(entry["size"]), src, step, self._bufs)
                    for name, entry in man.files.items()}
         final = root / checkpoint_name(step)
         # the folder of that step already there is retired only once the received copy committed
