@@ -2,9 +2,9 @@
 once (counted by the kernel: ``/proc/self/io`` ``rchar``), a flipped byte in any file fails verification
 before anything reaches the live model, and a restore from ``s3://`` (moto server) still verifies.
 
-Internals used: btckpt.format.manifest, btckpt.restore.reader (the reader's byte counters (what the restore read,
-staged or verified) and its vouch for a copy this process checked as it wrote it or verified whole; the manifest
-read to know which files to vouch for).
+Internals used: btckpt.format.manifest, btckpt.restore.reader, btckpt.storage.discovery (the reader's byte counters
+(what the restore read, staged or verified) and its vouch for a copy this process checked as it wrote it or verified
+whole; the manifest read to know which files to vouch for, and discovery's inspect of the folder to verify).
 """
 
 from __future__ import annotations
@@ -117,17 +117,25 @@ def assert_equal_to_saved(state: dict) -> None:
         assert torch.equal(got[k], v), k
 
 
-def test_a_copy_this_process_checked_as_it_wrote_it_is_read_once_with_its_checksums(saved: Path, tmp_path: Path):
+@pytest.mark.parametrize("how", ["as_written", "verified_whole"])
+def test_a_copy_this_process_checked_as_it_wrote_it_is_read_once_with_its_checksums(saved: Path, tmp_path: Path,
+                                                                                     how: str):
     """A part fetched from a peer's replica (every file checked against the manifest as it landed) is vouched for
-    (:func:`reader.vouch`): restoring it, the only candidate, skips the hash-only pass (each file read once, into
-    the state, its checksum still checked as it lands) and resumes exactly."""
+    (:func:`reader.vouch`), and so is a copy this process verified whole (:func:`reader.verify_and_vouch`: the
+    node serving a peer's fetch checks its own only copy meanwhile): restoring it, the only candidate, skips the
+    hash-only pass (each file read once, into the state, its checksum still checked as it lands) and resumes
+    exactly."""
     from btckpt.format.manifest import read_manifest
+    from btckpt.storage.discovery import inspect
 
     root = tmp_path / "ckpts"
     shutil.copytree(saved, root)
     folder = root / "checkpoint-5"
     tensor_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
-    reader.vouch(folder, read_manifest(folder))
+    if how == "as_written":
+        reader.vouch(folder, read_manifest(folder))
+    else:
+        assert reader.verify_and_vouch(inspect(folder)) == []
     state = make_state(99)
     counts = dict(reader.READS)
     with btckpt.Checkpointer(dir=root, async_save=False, handle_sigterm=False) as ck:
@@ -138,29 +146,16 @@ def test_a_copy_this_process_checked_as_it_wrote_it_is_read_once_with_its_checks
     assert reader.READS["direct_bytes"] > counts["direct_bytes"]  # read into the live tensors
 
 
-def test_a_copy_this_process_verified_whole_is_vouched_for_unless_it_changed_during_the_check(saved: Path,
-                                                                                               tmp_path: Path):
-    """:func:`reader.verify_and_vouch` (a node serving a peer's fetch checks its own copy meanwhile): a sound copy
-    is vouched for, so its restore as the only candidate hashes nothing first; a damaged one is reported and not
-    vouched for; a file rewritten between the stat taken before the check and the vouch is not vouched for."""
+def test_a_copy_changed_during_its_check_or_damaged_is_not_vouched_for(saved: Path, tmp_path: Path):
+    """:func:`reader.verify_and_vouch` vouches only for what it checked: a file rewritten between the stat taken
+    before the check and the vouch (the same bytes, in place: its ctime moves) is not vouched for while the others
+    are; a damaged copy is reported, naming the file, and none of its files is vouched for."""
     import os
 
     from btckpt.format.manifest import read_manifest
     from btckpt.storage.discovery import inspect
 
-    root = tmp_path / "ckpts"
-    shutil.copytree(saved, root)
-    folder = root / "checkpoint-5"
-    tensor_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
-    assert reader.verify_and_vouch(inspect(folder)) == []
-    state = make_state(99)
-    counts = dict(reader.READS)
-    with btckpt.Checkpointer(dir=root, async_save=False, handle_sigterm=False) as ck:
-        assert ck.restore(state) == 5
-    assert_equal_to_saved(state)
-    assert reader.READS["verify_bytes"] == counts["verify_bytes"]
-    assert reader.READS["vouched_bytes"] - counts["vouched_bytes"] == tensor_bytes
-
+    folder = saved / "checkpoint-5"
     other = tmp_path / "other" / "checkpoint-5"  # a fresh copy (new inodes: nothing vouched for yet)
     shutil.copytree(folder, other)
     man = read_manifest(other)
