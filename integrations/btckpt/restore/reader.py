@@ -80,6 +80,10 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _same_file_unchanged(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, *_stamp(a)) == (b.st_dev, b.st_ino, *_stamp(b))
+
+
 def vouch(folder: Path, manifest: Manifest, *, before: Mapping[str, os.stat_result] | None = None) -> None:
     """Record that this process checked the committed checkpoint ``folder``'s safetensors files itself against
     ``manifest`` (size, checksum) as their bytes were written (e.g. a part fetched from a peer's replica:
@@ -97,8 +101,7 @@ def vouch(folder: Path, manifest: Manifest, *, before: Mapping[str, os.stat_resu
             st = os.stat(safe_file(folder, name), follow_symlinks=False)
             key = (st.st_dev, st.st_ino)
             _VOUCHED.pop(key, None)
-            if before is not None and (name not in before or (before[name].st_dev, before[name].st_ino,
-                                                              *_stamp(before[name])) != (*key, *_stamp(st))):
+            if before is not None and (name not in before or not _same_file_unchanged(before[name], st)):
                 continue
             _VOUCHED[key] = (*_stamp(st), str(entry[CHECKSUM]))
             while len(_VOUCHED) > MAX_VOUCHED:

@@ -278,14 +278,14 @@ class PeerReplicas:
             sender = threading.Thread(target=self._send_step, args=(self.held, serve, self.prev),
                                       name="btckpt-replica-serve", daemon=True)
             sender.start()
-            if fetch is None and unread is not None:
+        try:
+            if sender is not None and fetch is None and unread is not None:
                 # while the peer fetches (this node waits for it anyway), check the copy this node's restore
                 # will read: vouched for, the restore then reads it once instead of hashing it first
                 problems = verify_and_vouch(unread)
                 if problems:
                     log.warning("btckpt: node %d: %s is damaged (%s); the resume passes it over",
                                 self.world.node_rank, unread.path, problems[0])
-        try:
             if fetch is not None:
                 t0 = time.perf_counter()
                 try:
