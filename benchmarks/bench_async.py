@@ -9,10 +9,13 @@ plus Adam's two moments). Stall = time the save call blocks + time btckpt's step
 
 ``loop`` (issue 13 section 1): a CPU training loop over a ``--loop-mb`` model + AdamW state with torch on
 ``--threads`` threads (default: every core), a save every ``--every`` steps; contenders no save, btckpt
-async, btckpt sync, DCP ``async_save`` (default config) alternate round by round. Per-save loss = (loop
-time with saves - loop time without) / saves, each loop ending when its last save is durable; the steady
-loss leaves that final wait out (what a long run pays per save), and each round prints where the seconds
-went (training steps slowed by the background work, the save calls, the final wait).
+async, btckpt sync, DCP ``async_save`` (default config) and two floors, their order rotated round by round
+(each, the baseline too, at every place over ``len(contenders)`` rounds). Per-save
+loss = (loop time with saves - loop time without) / saves, each loop ending when its last save is durable;
+the steady loss leaves that final wait out (what a long run pays per save), and each round prints where
+the seconds went (training steps slowed by the background work, the save calls, the final wait). The
+floors bound any background save from below: ``floor copy`` copies the state into a reused buffer on a
+thread (no gate, no write), ``floor copy+write`` also writes that buffer to one file and fsyncs it.
 ``cpu``: CPU seconds per saved GiB of each stage (arena copy, xxh3 checksum, write, fsync) and of whole
 saves (btckpt sync, btckpt async, DCP async_save), from the process's CPU clock.
 All figures come from public APIs (``Checkpointer.stats`` for the step gate).
@@ -348,6 +351,51 @@ class LoopNet(torch.nn.Module):
         return torch.tanh(self.layers(x)).pow(2).mean()
 
 
+class _Floor:
+    """The least any background save does (a lower bound, not a checkpoint: no step gate, so the copy may race
+    ``optimizer.step()``; no checksum, no manifest): one thread copies every tensor into a buffer allocated and
+    touched once, and with ``write`` writes the buffer to one file in 32 MiB pieces and fsyncs it (the previous
+    file removed). One save in flight; ``save`` waits for the one before."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, root: Path, *, write: bool) -> None:
+        self.sources = [t for t in flat_tensors(model, opt).values() if t.numel()]  # type: ignore[arg-type]
+        total = sum(t.numel() * t.element_size() for t in self.sources)
+        self.buf = torch.zeros(total, dtype=torch.uint8)
+        self.views, at = [], 0
+        for t in self.sources:
+            n = t.numel() * t.element_size()
+            self.views.append(self.buf[at:at + n].view(t.dtype).view(t.shape))
+            at += n
+        self.root, self.write, self.n = root, write, 0
+        self.thread: threading.Thread | None = None
+
+    def save(self) -> None:
+        self.settle()
+        self.n += 1
+        self.thread = threading.Thread(target=self._run, args=(self.n,), daemon=True)
+        self.thread.start()
+
+    def _run(self, n: int) -> None:
+        torch._foreach_copy_(self.views, self.sources)
+        if not self.write:
+            return
+        path = self.root / f"floor-{n}.bin"
+        mv = memoryview(self.buf.numpy())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for at in range(0, len(mv), 32 << 20):
+                os.write(fd, mv[at:at + (32 << 20)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        (self.root / f"floor-{n - 1}.bin").unlink(missing_ok=True)
+
+    def settle(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int,
                saves: int) -> tuple[float, int, dict[str, float]]:
     """One loop of ``every * (saves + 1)`` steps with ``saves`` saves; returns (seconds, saves, parts): the
@@ -372,6 +420,7 @@ def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int,
     if kind.startswith("btckpt"):
         ck = btckpt.Checkpointer(dir=root / kind.replace(" ", "_"), keep_last=1, save_rng=False,
                                  async_save=kind == "btckpt async", handle_sigterm=False)
+    floor = _Floor(model, opt, root, write=kind == "floor copy+write") if kind.startswith("floor") else None
     fut: Any = None
     n = 0
     parts = {"steps": 0.0, "save": 0.0, "final": 0.0, "gate": 0.0, "cpu": 0.0}
@@ -389,6 +438,8 @@ def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int,
         state = {"model": model, "optimizer": opt}
         if ck is not None:
             ck.save(i, state)
+        elif floor is not None:
+            floor.save()
         else:
             if fut is not None:
                 fut.result()  # one DCP save in flight at a time
@@ -401,11 +452,16 @@ def _loop_once(kind: str, root: Path, mb: int, batch: int, every: int,
         ck.close()
     if fut is not None:
         fut.result()
+    if floor is not None:
+        floor.settle()
     dt = clock() - t0
     parts["final"] = clock() - tf
     parts["cpu"] = time.process_time() - c0
     for p in root.iterdir():
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
     return dt, n, parts
 
 
@@ -414,20 +470,23 @@ def bench_loop(root: Path, rounds: int, mb: int, batch: int, every: int,
     """Per-save loss (seconds) of each contender, one value per round (contenders alternate): the whole loop's
     (the final wait for the last save included), and the steady one (the same loop up to its last step: the
     final wait left out, what a long run pays per save). Prints where each contender's seconds went."""
-    kinds = ["no save", "btckpt async", "btckpt sync", "DCP async_save"]
+    kinds = ["no save", "btckpt async", "btckpt sync", "DCP async_save", "floor copy", "floor copy+write"]
     loss: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     steady: dict[str, list[float]] = {k: [] for k in kinds[1:]}
     (root / "loop").mkdir(exist_ok=True)
     for r in range(rounds):
-        order = kinds if r % 2 == 0 else [kinds[0]] + kinds[:0:-1]
+        # rotated: every contender, the no-save baseline included, runs at every place in the round's order
+        # (with the baseline always first, its place alone moved every loss by up to ~700 ms per save here)
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
         times = {k: _loop_once(k, root / "loop", mb, batch, every, saves) for k in order}
         base, _, base_parts = times["no save"]
         for k in kinds[1:]:
             dt, n, parts = times[k]
             loss[k].append((dt - base) / max(1, n))
             steady[k].append((dt - parts["final"] - base) / max(1, n))
-        print(f"round {r + 1} (no save {base:.2f}s): " + ", ".join(f"{k} {v[-1] * 1e3:+.0f} ms/save"
-                                                                 for k, v in loss.items()), flush=True)
+        place = order.index("no save") + 1
+        print(f"round {r + 1} (no save {base:.2f}s, run {place} of {len(order)}): "
+              + ", ".join(f"{k} {v[-1] * 1e3:+.0f} ms/save" for k, v in loss.items()), flush=True)
         for k in kinds[1:]:
             dt, n, parts = times[k]
             print(f"    {k}: per save: steps slower by {(parts['steps'] - base_parts['steps']) / n * 1e3:+.0f} ms "
@@ -550,7 +609,7 @@ def main() -> None:
                 print(f"| {k} | median {statistics.median(ms):+.0f} (min {min(ms):+.0f}, max {max(ms):+.0f}, "
                       f"n={len(ms)}) |")
             med = {k: statistics.median(v) for k, v in table.items()}
-            for peer in ("DCP async_save", "btckpt sync"):
+            for peer in ("DCP async_save", "btckpt sync", "floor copy", "floor copy+write"):
                 if med[peer] > 0:
                     print(f"  btckpt async / {peer} = {med['btckpt async'] / med[peer]:.2f}x")
                 else:

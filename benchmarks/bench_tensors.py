@@ -147,6 +147,11 @@ def bench_saves(root: Path, n: int, nbytes: int, saves: int) -> dict[str, Any]:
     model, opt = build(n, nbytes)
     state = {"model": model, "optimizer": opt}
     r: dict[str, Any] = {"tensors": len(flat(model, opt)), "btckpt": btckpt.__file__}
+    # the floors under any first save, which must learn the state's tensors (a steady one holds them already):
+    # torch's own state_dict() of the model and the optimizer, and a bare walk listing the tensor references
+    r["state_dict"] = statistics.median(timed(lambda: (model.state_dict(), opt.state_dict())) for _ in range(3))
+    r["walk"] = statistics.median(timed(lambda: list(model.parameters()) + [
+        v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]) for _ in range(3))
     with btckpt.Checkpointer(dir=root / "async", keep_last=1, save_rng=False, handle_sigterm=False) as ck:
         blocks = []
         for i in range(1, saves + 2):
@@ -192,15 +197,21 @@ def ab(a: argparse.Namespace) -> None:
     print(f"\ncontenders: this = {contenders['this']}, against = {contenders['against']}; "
           f"torch {torch.__version__}, {a.threads} torch thread(s)")
     print("| contender | tensors | save() first | save() steady: median (min-max, n) | first / steady "
-          "| btckpt.save / save_file: median (min-max) |")
-    print("|---|---|---|---|---|---|")
+          "| btckpt.save / save_file: median (min-max) | floors: state_dict(), bare walk (/ steady) |")
+    print("|---|---|---|---|---|---|---|")
     for (name, _n), rs in res.items():
         firsts = [r["first"] for r in rs]
         steady = [x for r in rs for x in r["steady"]]
         ratios = [r["btckpt.save"] / r["save_file"] for r in rs]
         print(f"| {name} | {rs[0]['tensors']:,} | {_spread(firsts)} | {_spread(steady)} "
               f"| {statistics.median(firsts) / statistics.median(steady):.1f}x "
-              f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+              f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+              f"| {_floors(rs, statistics.median(steady))} |")
+
+
+def _floors(rs: list[dict[str, Any]], steady: float) -> str:
+    sd, walk = (statistics.median(r[k] for r in rs) for k in ("state_dict", "walk"))
+    return f"{sd * 1e3:.1f} ms ({sd / steady:.1f}x), {walk * 1e3:.1f} ms ({walk / steady:.1f}x)"
 
 
 def _size(tensors: int) -> tuple[int, int]:

@@ -57,7 +57,9 @@ __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_he
            "vouch", "vouched", "file_stats", "verify_and_vouch"]
 
 READ_CHUNK = 16 << 20  # one pread per span
-READ_THREADS = 4  # spans in flight at once
+# spans in flight at once. The kernel's readahead is left at its default: POSIX_FADV_SEQUENTIAL (a doubled window)
+# over 4 spans in flight made a cold 4 GiB read 1.42x slower here, in 10 rounds of 10 (benchmarks/RESULTS.md)
+READ_THREADS = 4
 MAX_INDEX = 256 * 1024 * 1024
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
@@ -215,10 +217,7 @@ def _read_pieces(fd: int, pieces: list[memoryview], base: int, h: Any, path: Pat
     (:func:`_spans`, one ``preadv`` each, :data:`READ_THREADS` in flight), and feed them to ``h`` in file order
     as they land. A short file is a CorruptCheckpoint; OSErrors propagate to the caller."""
     pieces = [p for p in pieces if len(p)]
-    n = sum(len(p) for p in pieces)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, base, n, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
-    spans = _spans(pieces, base)
+    spans = _spans(pieces, base)  # no POSIX_FADV_SEQUENTIAL: with spans in flight it slowed reads (see READ_THREADS)
     if len(spans) <= 1:
         for off, bufs in spans:
             _fill(fd, list(bufs), off, path)
@@ -344,8 +343,6 @@ def verify_safetensors(folder: Path, name: str, *, expect: dict[str, Any], f: Bi
             if size != expect["size"]:
                 raise CorruptCheckpoint(f"{path}: size is {size} bytes, the manifest says {expect['size']}; "
                                         "the file was truncated or replaced")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
             h = new_hasher()
             spans = [(pos, min(READ_CHUNK, size - pos)) for pos in range(0, size, READ_CHUNK)]
             ring = [bytearray(READ_CHUNK) for _ in range(min(READ_THREADS, len(spans)) or 1)]
