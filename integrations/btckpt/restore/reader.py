@@ -58,7 +58,8 @@ __all__ = ["CheckpointReader", "NodeParts", "part_folder", "safe_file", "read_he
 
 READ_CHUNK = 16 << 20  # one pread per span
 # spans in flight at once. The kernel's readahead is left at its default: POSIX_FADV_SEQUENTIAL (a doubled window)
-# over 4 spans in flight made a cold 4 GiB read 1.42x slower here, in 10 rounds of 10 (benchmarks/RESULTS.md)
+# over 4 spans in flight made a cold 4 GiB read slower here (median of 10: 2.75 s against 2.25 s;
+# benchmarks/bench_readahead.py, RESULTS.md)
 READ_THREADS = 4
 MAX_INDEX = 256 * 1024 * 1024
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
@@ -217,7 +218,7 @@ def _read_pieces(fd: int, pieces: list[memoryview], base: int, h: Any, path: Pat
     (:func:`_spans`, one ``preadv`` each, :data:`READ_THREADS` in flight), and feed them to ``h`` in file order
     as they land. A short file is a CorruptCheckpoint; OSErrors propagate to the caller."""
     pieces = [p for p in pieces if len(p)]
-    spans = _spans(pieces, base)  # no POSIX_FADV_SEQUENTIAL: with spans in flight it slowed reads (see READ_THREADS)
+    spans = _spans(pieces, base)  # no readahead hint (see READ_THREADS)
     if len(spans) <= 1:
         for off, bufs in spans:
             _fill(fd, list(bufs), off, path)
